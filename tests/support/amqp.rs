@@ -1,0 +1,61 @@
+//! Per-test RabbitMQ topology: the contract's layout under a unique base name.
+
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use shared::topology::Topology;
+
+/// A topology with a unique base and short retry delays, declared on the machine's broker.
+pub struct TestBroker {
+    pub topology: Topology,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl TestBroker {
+    pub async fn new(retry_delays: Vec<Duration>) -> Self {
+        let topology = Topology::new(super::unique("t.stripe.events"), retry_delays);
+        let connection = shared::amqp::connect(&super::amqp_url(), "system-tests")
+            .await
+            .expect("connect to the test broker");
+        let channel = connection.create_channel().await.expect("channel");
+        topology.declare(&channel).await.expect("declare topology");
+        Self {
+            topology,
+            connection,
+            channel,
+        }
+    }
+
+    /// Number of ready messages in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare")
+            .message_count()
+    }
+
+    /// Takes one message from `queue` (acked), if any.
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get")
+    }
+
+    /// Deletes the test's queues and exchange.
+    pub async fn cleanup(self) {
+        let _ = self.topology.delete(&self.channel).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
