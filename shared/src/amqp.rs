@@ -155,7 +155,7 @@ impl Publisher {
                     properties,
                 )
                 .await?;
-            Ok::<_, lapin::Error>(confirm.await?)
+            confirm.await
         };
         let outcome = match tokio::time::timeout(self.confirm_timeout, confirmed).await {
             Err(_) => Err(PublishError::Timeout(self.confirm_timeout)),

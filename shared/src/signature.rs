@@ -237,7 +237,12 @@ impl VerifiedWebhook {
             _ => return Err(PayloadError::MissingId),
         };
         let event_type = match envelope.event_type {
-            Some(serde_json::Value::String(t)) if !t.trim().is_empty() => t,
+            // The type becomes an AMQP short string (routing key and `type` property).
+            Some(serde_json::Value::String(t))
+                if !t.is_empty() && t.len() <= 255 && t.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                t
+            }
             _ => return Err(PayloadError::MissingType),
         };
         let created = envelope.created.and_then(|c| c.as_i64());

@@ -73,7 +73,8 @@ impl Topology {
         }
     }
 
-    /// Reads `RETRY_DELAYS`.
+    /// Reads `RETRY_DELAYS`, and `AMQP_TOPOLOGY_BASE` (default `stripe.events`), which lets a
+    /// benchmark or a second environment on the same broker use its own queues.
     ///
     /// # Errors
     /// When `RETRY_DELAYS` is not a comma-separated list of durations, or a delay is zero.
@@ -83,7 +84,14 @@ impl Topology {
         if delays.iter().any(Duration::is_zero) {
             return Err(ConfigError::new("RETRY_DELAYS", "delays must be positive"));
         }
-        Ok(Self::new(DEFAULT_BASE, delays))
+        let base = env.string_or("AMQP_TOPOLOGY_BASE", DEFAULT_BASE);
+        if base.contains(char::is_whitespace) {
+            return Err(ConfigError::new(
+                "AMQP_TOPOLOGY_BASE",
+                "must not contain spaces",
+            ));
+        }
+        Ok(Self::new(base, delays))
     }
 
     /// The same schedule under another base name (tests isolate themselves this way).

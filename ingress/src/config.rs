@@ -1,0 +1,124 @@
+//! The ingress configuration, read once from the environment and validated.
+//!
+//! Invariant: a `Config` holds at least one non-blank webhook secret and a positive tolerance;
+//! anything else fails at start-up naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use shared::config::{ConfigError, Env};
+use shared::signature::Verifier;
+use shared::telemetry::LogFormat;
+use shared::topology::Topology;
+
+/// Default `AMQP_URL` of the contract.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// How long a publish may wait for the broker's confirm before the request gets 503.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything ingress needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub addr: SocketAddr,
+    pub amqp_url: String,
+    pub verifier: Verifier,
+    pub max_body_bytes: usize,
+    pub topology: Topology,
+    pub confirm_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// # Errors
+    /// A [`ConfigError`] naming the first variable that is missing or invalid.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let addr = env.parse_or("INGRESS_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?;
+        let secrets: Vec<SecretString> = env
+            .required("STRIPE_WEBHOOK_SECRET")?
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| SecretString::from(s.to_owned()))
+            .collect();
+        if secrets.is_empty() {
+            return Err(ConfigError::new(
+                "STRIPE_WEBHOOK_SECRET",
+                "holds no secret (expected whsec_…, comma-separated during rotation)",
+            ));
+        }
+        let tolerance_var = if env.get("STRIPE_WEBHOOK_TOLERANCE_SECONDS").is_none()
+            && env.get("BILLING_WEBHOOK_TOLERANCE_SECONDS").is_some()
+        {
+            "BILLING_WEBHOOK_TOLERANCE_SECONDS"
+        } else {
+            "STRIPE_WEBHOOK_TOLERANCE_SECONDS"
+        };
+        let tolerance: u64 = env.parse_or(tolerance_var, 300)?;
+        if tolerance == 0 {
+            return Err(ConfigError::new(tolerance_var, "must be at least 1 second"));
+        }
+        let max_body_bytes: usize = env.parse_or("INGRESS_MAX_BODY_BYTES", 1_048_576)?;
+        if max_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "INGRESS_MAX_BODY_BYTES",
+                "must be positive",
+            ));
+        }
+        Ok(Self {
+            addr,
+            amqp_url: env.string_or("AMQP_URL", DEFAULT_AMQP_URL),
+            verifier: Verifier::new(secrets, Some(tolerance)),
+            max_body_bytes,
+            topology: Topology::from_env(env)?,
+            confirm_timeout: CONFIRM_TIMEOUT,
+            log_format: env.parse_or("LOG_FORMAT", LogFormat::Pretty)?,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_secret_is_named() {
+        let err = Config::from_env(&Env::default()).unwrap_err();
+        assert_eq!(err.var, "STRIPE_WEBHOOK_SECRET");
+        let err =
+            Config::from_env(&Env::from_pairs([("STRIPE_WEBHOOK_SECRET", " , ")])).unwrap_err();
+        assert_eq!(err.var, "STRIPE_WEBHOOK_SECRET");
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = Config::from_env(&Env::from_pairs([(
+            "STRIPE_WEBHOOK_SECRET",
+            "whsec_a,whsec_b",
+        )]))
+        .unwrap();
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(c.topology.exchange(), "stripe.events");
+    }
+
+    #[test]
+    fn tolerance_alias_and_bad_values_are_named() {
+        let env = Env::from_pairs([
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("BILLING_WEBHOOK_TOLERANCE_SECONDS", "soon"),
+        ]);
+        assert_eq!(
+            Config::from_env(&env).unwrap_err().var,
+            "BILLING_WEBHOOK_TOLERANCE_SECONDS"
+        );
+        let env = Env::from_pairs([
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("INGRESS_ADDR", "not an address"),
+        ]);
+        assert_eq!(Config::from_env(&env).unwrap_err().var, "INGRESS_ADDR");
+    }
+}
