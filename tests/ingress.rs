@@ -371,3 +371,85 @@ async fn metrics_count_requests_by_outcome() {
     ingress.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_broker_that_never_confirms_gives_503_after_the_confirm_deadline() {
+    let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
+    let proxy = ChaosProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let ingress = Ingress::start(&broker, &proxy.amqp_url(), &[]).await;
+    ingress.wait_ready().await;
+
+    proxy.stall();
+    let body = event("evt_black_hole");
+    let started = Instant::now();
+    let (status, json, retry_after) = ingress.post(&body, signed(&body)).await;
+    let waited = started.elapsed();
+    assert_eq!((status, json), (503, json!({"error": "unavailable"})));
+    assert!(retry_after.is_some());
+    assert!(
+        waited >= Duration::from_millis(4900),
+        "waited for the confirm deadline: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(6),
+        "never beyond the 5 s bound: {waited:?}"
+    );
+
+    proxy.restore();
+    ingress.wait_ready().await;
+    let body = event("evt_after_black_hole");
+    eventually(
+        Duration::from_secs(15),
+        "a webhook to be accepted again",
+        || async { (ingress.post(&body, signed(&body)).await.0 == 200).then_some(()) },
+    )
+    .await;
+
+    ingress.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_request_in_flight() {
+    let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
+    let mut ingress = Ingress::start(&broker, &amqp_url(), &[]).await;
+    ingress.wait_ready().await;
+
+    // A request whose body is still arriving when shutdown begins.
+    let body = event("evt_in_flight");
+    let signature = signed(&body).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let request = ingress
+        .http
+        .post(ingress.url("/webhooks/stripe"))
+        .header("Stripe-Signature", signature)
+        .header("Content-Length", body.len())
+        .body(reqwest::Body::wrap_stream(stream))
+        .send();
+    let in_flight = tokio::spawn(request);
+    let (first, rest) = body.as_bytes().split_at(100);
+    tx.send(Ok(first.to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let _ = ingress.stop.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send(Ok(rest.to_vec())).await.unwrap();
+    drop(tx);
+
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "in-flight request completed during shutdown"
+    );
+    ingress.task.await.unwrap().unwrap();
+    assert_eq!(broker.depth(&broker.topology.main_queue()).await, 1);
+    assert!(
+        tokio::net::TcpStream::connect(ingress.addr).await.is_err(),
+        "listener closed after shutdown"
+    );
+    broker.cleanup().await;
+}
