@@ -213,39 +213,65 @@ pub struct VerifiedWebhook {
     created: Option<i64>,
 }
 
+/// Only the envelope fields; everything else (notably `data`) is skipped without building a tree.
 #[derive(serde::Deserialize)]
-struct Envelope {
-    id: Option<serde_json::Value>,
-    #[serde(rename = "type")]
-    event_type: Option<serde_json::Value>,
-    created: Option<serde_json::Value>,
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    id: Option<JsonScalar<'a>>,
+    #[serde(rename = "type", borrow, default)]
+    event_type: Option<JsonScalar<'a>>,
+    #[serde(borrow, default)]
+    created: Option<JsonScalar<'a>>,
+}
+
+/// An envelope field: a string, an integer, or anything else (kept only as "something else").
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum JsonScalar<'a> {
+    Str(std::borrow::Cow<'a, str>),
+    Int(i64),
+    Other(serde::de::IgnoredAny),
+}
+
+impl JsonScalar<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Str(s) => Some(s),
+            Self::Int(_) | Self::Other(_) => None,
+        }
+    }
+
+    fn as_i64(&self) -> Option<i64> {
+        match self {
+            Self::Int(n) => Some(*n),
+            Self::Str(_) | Self::Other(_) => None,
+        }
+    }
 }
 
 impl VerifiedWebhook {
     fn from_signed_body(body: Bytes) -> Result<Self, PayloadError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|_| PayloadError::NotAnObject)?;
-        if !value.is_object() {
+        // serde would also accept a JSON array for a struct; the contract wants an object.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(PayloadError::NotAnObject);
         }
-        let envelope: Envelope =
-            serde_json::from_value(value).map_err(|_| PayloadError::NotAnObject)?;
-        let id = match envelope.id {
-            Some(serde_json::Value::String(id)) => {
-                StripeEventId::parse(&id).map_err(|_| PayloadError::MissingId)?
-            }
-            _ => return Err(PayloadError::MissingId),
-        };
-        let event_type = match envelope.event_type {
+        let envelope: Envelope<'_> =
+            serde_json::from_slice(&body).map_err(|_| PayloadError::NotAnObject)?;
+        let id = envelope
+            .id
+            .as_ref()
+            .and_then(JsonScalar::as_str)
+            .and_then(|id| StripeEventId::parse(id).ok())
+            .ok_or(PayloadError::MissingId)?;
+        let event_type = envelope
+            .event_type
+            .as_ref()
+            .and_then(JsonScalar::as_str)
             // The type becomes an AMQP short string (routing key and `type` property).
-            Some(serde_json::Value::String(t))
-                if !t.is_empty() && t.len() <= 255 && t.bytes().all(|b| b.is_ascii_graphic()) =>
-            {
-                t
-            }
-            _ => return Err(PayloadError::MissingType),
-        };
-        let created = envelope.created.and_then(|c| c.as_i64());
+            .filter(|t| !t.is_empty() && t.len() <= 255 && t.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or(PayloadError::MissingType)?
+            .to_owned();
+        let created = envelope.created.as_ref().and_then(JsonScalar::as_i64);
         Ok(Self {
             body,
             id,
@@ -324,6 +350,12 @@ mod tests {
         assert_eq!(hook.id().as_str(), "evt_1");
         assert_eq!(hook.event_type(), "checkout.session.completed");
         assert_eq!(hook.created(), Some(T));
+        let odd = Bytes::from_static(br#"{"id":"evt_2","type":"x.y","created":"yesterday","data":{"object":[1,{"a":null}]}}"#);
+        let header = signature_header(SECRET, T, &odd);
+        let odd = verifier(&[SECRET], Some(300))
+            .verify(Some(&header), odd, T)
+            .unwrap();
+        assert_eq!((odd.id().as_str(), odd.created()), ("evt_2", None));
         assert_eq!(hook.body(), &body);
     }
 
@@ -472,6 +504,11 @@ mod tests {
             (r#"{"id":7,"type":"x"}"#, PayloadError::MissingId),
             (r#"{"id":"evt_1"}"#, PayloadError::MissingType),
             (r#"{"id":"evt_1","type":null}"#, PayloadError::MissingType),
+            (r#"{"id":"evt_1","type":"a b"}"#, PayloadError::MissingType),
+            (
+                r#"{"id":"evt_1","id":"evt_2","type":"x"}"#,
+                PayloadError::NotAnObject,
+            ),
         ] {
             let body = Bytes::from(body);
             let header = signature_header(SECRET, T, &body);
