@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, property tests and the system tests against the real PostgreSQL,
+# Redis and RabbitMQ (started, or installed and started, when absent).
+# Usage: scripts/test.sh [--lint] [extra nextest/cargo test arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+lint=0
+if [ "${1:-}" = "--lint" ]; then lint=1; shift; fi
+
+scripts/services.sh
+
+if [ $lint = 1 ]; then
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets --quiet -- -D warnings
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
