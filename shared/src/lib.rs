@@ -4,6 +4,7 @@
 pub mod amqp;
 pub mod config;
 pub mod ids;
+pub mod samples;
 pub mod signature;
 pub mod telemetry;
 pub mod topology;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use serde_json::{Value, json};
+use shared::samples::{self, Sample};
 
 #[derive(Debug, Parser)]
 #[command(about = "Send a signed sample Stripe event to ingress", version)]
@@ -29,6 +29,9 @@ struct Args {
     /// payment (e.g. send checkout.session.completed then charge.refunded with the same --object).
     #[arg(long, default_value = "sample")]
     object: String,
+    /// Checkout in subscription mode (for checkout.session.* events).
+    #[arg(long)]
+    subscription: bool,
     /// Amount in cents.
     #[arg(long, default_value_t = 1999)]
     amount: i64,
@@ -57,17 +60,15 @@ async fn main() -> ExitCode {
         .id
         .clone()
         .unwrap_or_else(|| format!("evt_test_{}", uuid::Uuid::new_v4().simple()));
-    let event = json!({
-        "id": id,
-        "object": "event",
-        "api_version": "2025-03-31.basil",
-        "created": now,
-        "livemode": false,
-        "pending_webhooks": 1,
-        "request": {"id": null, "idempotency_key": null},
-        "type": args.event_type,
-        "data": {"object": sample_object(&args, now)},
-    });
+    let sample = Sample {
+        user: &args.user,
+        product: &args.product,
+        object: &args.object,
+        amount: args.amount,
+        created: now,
+        subscription: args.subscription,
+    };
+    let event = samples::event(&id, &args.event_type, &sample);
     let body = event.to_string();
     if args.print {
         println!("{body}");
@@ -97,59 +98,5 @@ async fn main() -> ExitCode {
             eprintln!("send-test-event: cannot reach {}: {error}", args.url);
             ExitCode::from(1)
         }
-    }
-}
-
-fn sample_object(args: &Args, now: i64) -> Value {
-    let o = &args.object;
-    let customer = format!("cus_{o}");
-    let pi = format!("pi_{o}");
-    let sub = format!("sub_{o}");
-    let metadata = json!({"user_id": args.user, "product_key": args.product});
-    let period_end = now + 30 * 86_400;
-    match args.event_type.as_str() {
-        "checkout.session.completed"
-        | "checkout.session.async_payment_succeeded"
-        | "checkout.session.async_payment_failed"
-        | "checkout.session.expired" => json!({
-            "id": format!("cs_{o}"), "object": "checkout.session", "mode": "payment",
-            "payment_status": if args.event_type == "checkout.session.expired" { "unpaid" } else { "paid" },
-            "status": if args.event_type == "checkout.session.expired" { "expired" } else { "complete" },
-            "client_reference_id": args.user, "customer": customer, "payment_intent": pi,
-            "amount_total": args.amount, "currency": "usd", "metadata": metadata,
-            "after_expiration": {"recovery": {"enabled": true, "url": format!("https://buy.stripe.com/r/{o}")}},
-        }),
-        "payment_intent.succeeded" => json!({
-            "id": pi, "object": "payment_intent", "amount": args.amount, "amount_received": args.amount,
-            "currency": "usd", "customer": customer, "status": "succeeded", "metadata": metadata,
-        }),
-        "charge.refunded" => json!({
-            "id": format!("ch_{o}"), "object": "charge", "amount": args.amount,
-            "amount_refunded": args.amount, "refunded": true, "currency": "usd",
-            "customer": customer, "payment_intent": pi, "metadata": metadata,
-            "refunds": {"data": [{"id": format!("re_{o}"), "amount": args.amount, "reason": "requested_by_customer"}]},
-        }),
-        "charge.dispute.created" | "charge.dispute.closed" => json!({
-            "id": format!("dp_{o}"), "object": "dispute", "amount": args.amount,
-            "charge": format!("ch_{o}"), "payment_intent": pi, "currency": "usd",
-            "status": if args.event_type == "charge.dispute.closed" { "lost" } else { "needs_response" },
-            "reason": "fraudulent",
-        }),
-        "invoice.paid" | "invoice.payment_failed" => json!({
-            "id": format!("in_{o}"), "object": "invoice", "customer": customer,
-            "status": if args.event_type == "invoice.paid" { "paid" } else { "open" },
-            "amount_paid": args.amount, "currency": "usd",
-            "parent": {"subscription_details": {"subscription": sub, "metadata": metadata}},
-            "lines": {"data": [{"period": {"start": now, "end": period_end}}]},
-            "period_end": period_end,
-        }),
-        t if t.starts_with("customer.subscription.") => json!({
-            "id": sub, "object": "subscription", "customer": customer,
-            "status": if t.ends_with("deleted") { "canceled" } else { "active" },
-            "cancel_at_period_end": false, "metadata": metadata,
-            "ended_at": if t.ends_with("deleted") { json!(now) } else { Value::Null },
-            "items": {"data": [{"current_period_end": period_end, "price": {"id": "price_sample"}}]},
-        }),
-        _ => json!({"id": format!("obj_{o}"), "object": "unknown", "metadata": metadata}),
     }
 }

@@ -1,0 +1,101 @@
+//! Stripe-shaped sample events, used by `send-test-event`, the benchmarks and tests.
+//!
+//! The shapes follow the API version pinned by the project (basil: `current_period_end` on the
+//! subscription items, the invoice's subscription under `parent.subscription_details`), with the
+//! fields the projection reads. Related events built with the same `object` suffix refer to the
+//! same customer, payment intent, charge and subscription.
+
+use serde_json::{Value, json};
+
+/// What a sample event is about.
+#[derive(Debug, Clone)]
+pub struct Sample<'a> {
+    /// The application's user id.
+    pub user: &'a str,
+    /// Product key written to the metadata.
+    pub product: &'a str,
+    /// Suffix of the Stripe object ids (`cus_{object}`, `pi_{object}`, `sub_{object}`, …).
+    pub object: &'a str,
+    /// Amount in cents.
+    pub amount: i64,
+    /// The event's `created` (unix seconds).
+    pub created: i64,
+    /// Checkout in subscription mode (carries `subscription`) instead of payment mode.
+    pub subscription: bool,
+}
+
+/// A complete event envelope of `event_type` with id `id`.
+#[must_use]
+pub fn event(id: &str, event_type: &str, sample: &Sample<'_>) -> Value {
+    json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": sample.created,
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "type": event_type,
+        "data": {"object": object(event_type, sample)},
+    })
+}
+
+/// The `data.object` of a sample event.
+#[must_use]
+pub fn object(event_type: &str, s: &Sample<'_>) -> Value {
+    let o = s.object;
+    let customer = format!("cus_{o}");
+    let pi = format!("pi_{o}");
+    let sub = format!("sub_{o}");
+    let metadata = json!({"user_id": s.user, "product_key": s.product});
+    let now = s.created;
+    let period_end = now + 30 * 86_400;
+    match event_type {
+        "checkout.session.completed"
+        | "checkout.session.async_payment_succeeded"
+        | "checkout.session.async_payment_failed"
+        | "checkout.session.expired" => json!({
+            "id": format!("cs_{o}"), "object": "checkout.session",
+            "mode": if s.subscription { "subscription" } else { "payment" },
+            "subscription": if s.subscription { json!(sub) } else { Value::Null },
+            "payment_status": if event_type == "checkout.session.expired" { "unpaid" } else { "paid" },
+            "status": if event_type == "checkout.session.expired" { "expired" } else { "complete" },
+            "client_reference_id": s.user, "customer": customer,
+            "payment_intent": if s.subscription { Value::Null } else { json!(pi) },
+            "amount_total": s.amount, "currency": "usd", "metadata": metadata,
+            "after_expiration": {"recovery": {"enabled": true, "url": format!("https://buy.stripe.com/r/{o}")}},
+        }),
+        "payment_intent.succeeded" => json!({
+            "id": pi, "object": "payment_intent", "amount": s.amount, "amount_received": s.amount,
+            "currency": "usd", "customer": customer, "status": "succeeded", "metadata": metadata,
+        }),
+        "charge.refunded" => json!({
+            "id": format!("ch_{o}"), "object": "charge", "amount": s.amount,
+            "amount_refunded": s.amount, "refunded": true, "currency": "usd",
+            "customer": customer, "payment_intent": pi, "metadata": metadata,
+            "refunds": {"data": [{"id": format!("re_{o}"), "amount": s.amount, "reason": "requested_by_customer"}]},
+        }),
+        "charge.dispute.created" | "charge.dispute.closed" => json!({
+            "id": format!("dp_{o}"), "object": "dispute", "amount": s.amount,
+            "charge": format!("ch_{o}"), "payment_intent": pi, "currency": "usd",
+            "status": if event_type == "charge.dispute.closed" { "lost" } else { "needs_response" },
+            "reason": "fraudulent",
+        }),
+        "invoice.paid" | "invoice.payment_failed" => json!({
+            "id": format!("in_{o}"), "object": "invoice", "customer": customer,
+            "status": if event_type == "invoice.paid" { "paid" } else { "open" },
+            "amount_paid": s.amount, "currency": "usd",
+            "parent": {"subscription_details": {"subscription": sub, "metadata": metadata}},
+            "lines": {"data": [{"period": {"start": now, "end": period_end}}]},
+            "period_end": period_end,
+        }),
+        t if t.starts_with("customer.subscription.") => json!({
+            "id": sub, "object": "subscription", "customer": customer,
+            "status": if t.ends_with("deleted") { "canceled" } else { "active" },
+            "cancel_at_period_end": false, "metadata": metadata,
+            "ended_at": if t.ends_with("deleted") { json!(now) } else { Value::Null },
+            "items": {"data": [{"current_period_end": period_end, "price": {"id": "price_sample"}}]},
+        }),
+        _ => json!({"id": format!("obj_{o}"), "object": "unknown", "metadata": metadata}),
+    }
+}
