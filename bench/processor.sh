@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Processor benchmark: sustained events per second from a pre-filled queue of mixed Stripe events
+# to committed Postgres rows and a refreshed cache, next to `pgbench -N -c 8 -j 2` TPS on the
+# same server in the same run, with the processor's RSS sampled every half second.
+# Usage: bench/processor.sh [events=50000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-50000}
+RUN=$$
+DB=bench_processor_$RUN
+BASE=bench.processor.$RUN
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB AMQP_TOPOLOGY_BASE=$BASE
+export RUST_LOG=${RUST_LOG:-warn} API_ADDR=127.0.0.1:18081 RETRY_DELAYS=5s,30s
+bin=$CARGO_TARGET_DIR/release
+psqlq() { psql -h 127.0.0.1 -U postgres -Atq "$@"; }
+
+cargo build --release -q -p processor --bin processor --example fill_queue
+work=$(mktemp -d)
+cleanup() {
+  [ -n "${WORKER_PID:-}" ] && kill "$WORKER_PID" 2>/dev/null || true
+  psqlq -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
+  psqlq -d postgres -c "DROP DATABASE IF EXISTS pgbench_$RUN WITH (FORCE)" || true
+  for q in q dlq retry.1 retry.2; do rabbitmqctl -q delete_queue "$BASE.$q" >/dev/null 2>&1 || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$bin/processor" migrate >/dev/null
+echo "== filling $BASE.q with $N mixed events"
+"$bin/examples/fill_queue" --base "$BASE" --count "$N" --run "$RUN"
+
+echo "== draining with one processor worker (PROCESSOR_PREFETCH=${PROCESSOR_PREFETCH:-64})"
+"$bin/processor" worker >"$work/worker.log" 2>&1 &
+WORKER_PID=$!
+start=$(date +%s.%N)
+rss_samples=()
+while :; do
+  done_count=$(psqlq -d "$DB" -c "select count(*) from processed_events")
+  rss_samples+=("$(awk '/VmRSS/ {print $2}' /proc/$WORKER_PID/status 2>/dev/null || echo 0)")
+  [ "$done_count" -ge "$N" ] && break
+  kill -0 $WORKER_PID 2>/dev/null || { echo "worker died"; tail -20 "$work/worker.log"; exit 1; }
+  sleep 0.5
+done
+end=$(date +%s.%N)
+peak_kb=$(awk '/VmHWM/ {print $2}' /proc/$WORKER_PID/status)
+kill -TERM $WORKER_PID; wait $WORKER_PID 2>/dev/null || true; WORKER_PID=
+rate=$(python3 -c "print(round($N/($end-$start)))")
+users=$(psqlq -d "$DB" -c "select count(distinct user_id) from entitlements")
+echo "processed=$N seconds=$(python3 -c "print(round($end-$start,1))") events_per_sec=$rate users_with_entitlements=$users"
+python3 - "${rss_samples[@]}" <<'PY'
+import sys
+s=[int(x)//1024 for x in sys.argv[1:] if x.isdigit() and int(x)>0]
+q=len(s)//4
+print(f"rss_mb first_quarter_max={max(s[:q] or s)} last_quarter_max={max(s[-q:] or s)} overall_max={max(s)} samples={len(s)}")
+PY
+echo "processor_peak_rss_mb=$((peak_kb / 1024))"
+
+echo "== pgbench -N -c 8 -j 2 on the same server"
+psqlq -d postgres -c "CREATE DATABASE pgbench_$RUN"
+pgbench -h 127.0.0.1 -U postgres -i -q -s 10 "pgbench_$RUN" >/dev/null 2>&1
+pgbench -h 127.0.0.1 -U postgres -N -c 8 -j 2 -T 20 "pgbench_$RUN" 2>/dev/null | grep -E "^tps" | tee "$work/pgbench.txt"
+tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/pgbench.txt" | cut -d. -f1)
+echo "== summary"
+echo "processor_events_per_sec=$rate pgbench_tps=$tps ratio=$(python3 -c "print(f'{$rate/$tps:.2f}')")"
