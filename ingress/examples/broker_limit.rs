@@ -7,24 +7,37 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use shared::topology::Topology;
 
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value = ingress::DEFAULT_AMQP_URL)]
+    url: String,
+    /// Topology base name (a throwaway one: it is deleted at the end).
+    #[arg(long, default_value = "bench.broker")]
+    base: String,
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Confirms in flight on the channel.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 2048)]
+    size: usize,
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.to_owned())
-    };
-    let url = arg("--url", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let base = arg("--base", "bench.broker");
-    let seconds: u64 = arg("--seconds", "15").parse().unwrap();
-    let inflight: usize = arg("--inflight", "64").parse().unwrap();
-    let size: usize = arg("--size", "2048").parse().unwrap();
+    let Args {
+        url,
+        base,
+        seconds,
+        inflight,
+        size,
+    } = Args::parse();
 
     let topology = Topology::new(base, vec![Duration::from_secs(5)]);
     let connection = Connection::connect(&url, ConnectionProperties::default())

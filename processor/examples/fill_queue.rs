@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use lapin::BasicProperties;
 use shared::amqp::Publisher;
 use shared::samples::{self, Sample};
@@ -33,19 +34,28 @@ fn scenario(k: usize) -> &'static [&'static str] {
     }
 }
 
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    url: String,
+    /// Topology base name whose main queue is filled.
+    #[arg(long, default_value = "bench.processor")]
+    base: String,
+    #[arg(long, default_value_t = 50_000)]
+    count: usize,
+    /// Distinguishes the ids of one run from another's.
+    #[arg(long, default_value = "r")]
+    run: String,
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.to_owned())
-    };
-    let url = arg("--url", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let base = arg("--base", "bench.processor");
-    let count: usize = arg("--count", "50000").parse().unwrap();
-    let run = arg("--run", "r");
+    let Args {
+        url,
+        base,
+        count,
+        run,
+    } = Args::parse();
 
     let topology = Topology::new(base, shared::config::parse_duration_list("5s,30s").unwrap());
     let (publisher, task) = Publisher::start(
