@@ -589,3 +589,55 @@ async fn export_then_replay_from_file_round_trips_the_bytes_exactly() {
     let _ = std::fs::remove_file(&file);
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_replay_interrupted_with_ctrl_c_says_so_and_a_rerun_finishes_it() {
+    let broker = Broker::new().await;
+    let parked = events(3000, "invoice.paid");
+    let all: HashSet<String> = parked.iter().map(|p| p.id.clone()).collect();
+    broker.park(&parked, Utc::now()).await;
+
+    let child = broker
+        .command(&["replay", "--all", "--yes"])
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    let started = Instant::now();
+    while broker.depth(&broker.main_queue()).await < 100 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the replay never started moving"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let signalled = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted") && stderr.contains("Rerun the same command"));
+    assert!(stderr.contains("dedupes by event id"));
+
+    let mut delivered: HashSet<String> = broker
+        .drain(&broker.main_queue())
+        .await
+        .iter()
+        .map(Got::id)
+        .collect();
+    let still_parked = broker.peek_ids(&broker.dlq()).await;
+    assert!(
+        !still_parked.is_empty(),
+        "the interrupt came after the replay finished"
+    );
+    assert_eq!(delivered.union(&still_parked).count(), all.len());
+
+    let rerun = broker.run(&["replay", "--all", "--yes"]).await;
+    assert!(rerun.status.success());
+    delivered.extend(broker.drain(&broker.main_queue()).await.iter().map(Got::id));
+    assert_eq!(delivered, all);
+    assert_eq!(broker.depth(&broker.dlq()).await, 0);
+    broker.cleanup().await;
+}
