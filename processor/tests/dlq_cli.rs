@@ -641,3 +641,67 @@ async fn a_replay_interrupted_with_ctrl_c_says_so_and_a_rerun_finishes_it() {
     assert_eq!(broker.depth(&broker.dlq()).await, 0);
     broker.cleanup().await;
 }
+
+/// Runs the command on a pseudo-terminal (util-linux `script`), typing `input`.
+async fn run_on_terminal(broker: &Broker, args: &[&str], input: &str) -> Output {
+    use tokio::io::AsyncWriteExt as _;
+    let mut line = format!(
+        "{} --topology-base {} dlq",
+        env!("CARGO_BIN_EXE_processor"),
+        broker.topology.exchange()
+    );
+    for arg in args {
+        line.push(' ');
+        line.push_str(arg);
+    }
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("AMQP_URL", amqp_url())
+        .env("RETRY_DELAYS", RETRY_DELAYS)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    // Keep stdin open until the command is done: closing it would end the terminal session.
+    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("the command finished")
+        .unwrap();
+    drop(stdin);
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+    output
+}
+
+#[tokio::test]
+async fn purge_on_a_terminal_offers_an_export_then_deletes_only_after_a_yes() {
+    let broker = Broker::new().await;
+    let parked = events(3, "invoice.paid");
+    broker.park(&parked, Utc::now()).await;
+    let file =
+        std::env::temp_dir().join(format!("dlq-before-purge-{}.jsonl", uuid::Uuid::new_v4()));
+
+    let declined = run_on_terminal(&broker, &["purge", "--event-id", &parked[0].id], "\nn\n").await;
+    assert!(declined.status.success());
+    assert!(stdout(&declined).contains("cancelled: nothing changed"));
+    assert_eq!(broker.depth(&broker.dlq()).await, 3);
+
+    let input = format!("{}\ny\n", file.display());
+    let accepted = run_on_terminal(&broker, &["purge", "--event-id", &parked[0].id], &input).await;
+    assert!(accepted.status.success());
+    let text = stdout(&accepted);
+    assert!(text.contains("Export these 1 events to a file first?"));
+    assert!(text.contains("purged 1 events"));
+    let exported = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(exported.lines().count(), 1);
+    assert!(exported.contains(&parked[0].id));
+
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &parked[1..]);
+    let _ = std::fs::remove_file(&file);
+    broker.cleanup().await;
+}
