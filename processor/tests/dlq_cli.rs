@@ -694,8 +694,8 @@ async fn purge_on_a_terminal_offers_an_export_then_deletes_only_after_a_yes() {
     let accepted = run_on_terminal(&broker, &["purge", "--event-id", &parked[0].id], &input).await;
     assert!(accepted.status.success());
     let text = stdout(&accepted);
-    assert!(text.contains("Export these 1 events to a file first?"));
-    assert!(text.contains("purged 1 events"));
+    assert!(text.contains("Export 1 event to a file first?"));
+    assert!(text.contains("purged 1 event from"));
     let exported = std::fs::read_to_string(&file).unwrap();
     assert_eq!(exported.lines().count(), 1);
     assert!(exported.contains(&parked[0].id));

@@ -78,6 +78,11 @@ impl ParkedMessage {
         Utc.timestamp_opt(secs, 0).single()
     }
 
+    /// The message a replay publishes: the same body with [`Self::replay_properties`].
+    pub(crate) fn for_replay(&self) -> Self {
+        Self::new(self.body.clone(), self.replay_properties())
+    }
+
     /// The properties a replay publishes: unchanged except for the headers (see the module doc).
     pub(crate) fn replay_properties(&self) -> BasicProperties {
         let mut table: BTreeMap<ShortString, AMQPValue> = self

@@ -1,11 +1,11 @@
 //! `processor dlq …`: the operator's view of the dead-letter queue — list, show, replay, purge
 //! and export parked events — plus the alerting that tells the operator to look
-//! ([`monitor`]).
+//! ([`monitor()`], [`record_attempts`]).
 //!
 //! Invariants:
 //! - Reading (`list`, `show`, `export`, the planning step of every command) never removes
 //!   anything: messages are held unacknowledged and handed back in their original order
-//!   (see [`browse`]).
+//!   (see the `browse` module).
 //! - `replay` removes a parked copy only after the broker confirmed its republication to the
 //!   main exchange; an interruption at any point leaves every event either parked, or
 //!   republished, or both (a duplicate the processor's dedupe by event id absorbs).
@@ -32,6 +32,7 @@ use browse::Snapshot;
 pub use browse::{BrowseError, queue_depth};
 use export::ExportRecord;
 use message::ParkedMessage;
+pub use monitor::{monitor, record_attempts};
 
 /// `processor dlq` and its subcommands.
 #[derive(Debug, clap::Args)]
@@ -279,7 +280,8 @@ async fn export_to_file(
         return Err(e.context(format!("write {}", args.out.display())));
     }
     println!(
-        "exported {count} parked events from {queue} to {} (they stay parked)",
+        "exported {} from {queue} to {} (they stay parked)",
+        n_events(count),
         args.out.display()
     );
     Ok(())
@@ -465,6 +467,15 @@ fn render_message(message: &ParkedMessage) -> String {
         }
     }
     out
+}
+
+/// "1 event", "2 events".
+fn n_events(n: usize) -> String {
+    if n == 1 {
+        "1 event".to_owned()
+    } else {
+        format!("{n} events")
+    }
 }
 
 /// Whether the operator can be asked (stdin is a terminal).

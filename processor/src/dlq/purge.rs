@@ -14,7 +14,9 @@ use shared::topology::Topology;
 
 use super::browse::{Held, Snapshot};
 use super::message::ParkedMessage;
-use super::{PurgeArgs, Selector, ask, confirmed, interactive, open_export, plan, write_export};
+use super::{
+    PurgeArgs, Selector, ask, confirmed, interactive, n_events, open_export, plan, write_export,
+};
 
 pub(super) async fn run(
     args: PurgeArgs,
@@ -67,7 +69,7 @@ async fn purge_held(
     if !yes && interactive() {
         offer_export(&messages).await?;
     }
-    let question = format!("Delete these {} events permanently?", selected.len());
+    let question = format!("Delete {} permanently?", n_events(selected.len()));
     let refusal = "pass --yes to purge without a terminal (keep a copy first with \
                    `processor dlq export --out FILE.jsonl`)";
     if !confirmed(yes, question, refusal).await? {
@@ -85,7 +87,7 @@ async fn purge_held(
         );
         purged += 1;
     }
-    println!("purged {purged} events from {queue}");
+    println!("purged {} from {queue}", n_events(purged));
     Ok(())
 }
 
@@ -93,8 +95,8 @@ async fn purge_held(
 async fn offer_export(messages: &[&ParkedMessage]) -> anyhow::Result<()> {
     loop {
         let answer = ask(format!(
-            "Export these {} events to a file first? Path to write (empty to skip): ",
-            messages.len()
+            "Export {} to a file first? Path to write (empty to skip): ",
+            n_events(messages.len())
         ))
         .await?;
         if answer.is_empty() {
@@ -103,7 +105,11 @@ async fn offer_export(messages: &[&ParkedMessage]) -> anyhow::Result<()> {
         let path = PathBuf::from(answer);
         match open_export(&path, false).and_then(|f| write_export(f, messages.iter().copied())) {
             Ok(()) => {
-                println!("exported {} events to {}", messages.len(), path.display());
+                println!(
+                    "exported {} to {}",
+                    n_events(messages.len()),
+                    path.display()
+                );
                 return Ok(());
             }
             Err(e) => eprintln!("cannot export there: {e:#}"),

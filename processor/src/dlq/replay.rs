@@ -18,7 +18,7 @@ use shared::topology::Topology;
 use super::browse::{Held, Snapshot};
 use super::export::ExportRecord;
 use super::message::ParkedMessage;
-use super::{ReplayArgs, Selector, UsageError, confirmed, plan};
+use super::{ReplayArgs, Selector, UsageError, confirmed, n_events, plan};
 
 /// Confirms waited for at once: throughput comes from confirms in flight, not faster publishes.
 const IN_FLIGHT: usize = 32;
@@ -108,14 +108,12 @@ async fn replay_parked(
         println!("dry run: nothing changed");
         return Ok(());
     }
-    let question = format!("Replay {} events?", selected.len());
+    let question = format!("Replay {}?", n_events(selected.len()));
     if !confirmed(yes, question, "pass --yes to replay without a terminal").await? {
         println!("cancelled: nothing changed");
         return Ok(());
     }
-    let items = selected
-        .into_iter()
-        .map(|h| (h.message.replay_properties_message(), Some(h)));
+    let items = selected.into_iter().map(|h| (&h.message, Some(h)));
     publish_all(items.collect(), amqp_url, topology).await
 }
 
@@ -146,9 +144,9 @@ async fn from_file(
     }
     let refs: Vec<&ParkedMessage> = messages.iter().collect();
     println!(
-        "{}{} events from {} {} to exchange {} (attempts reset to 0; the dead-letter queue is not touched)",
+        "{}{} from {} {} to exchange {} (attempts reset to 0; the dead-letter queue is not touched)",
         plan(&refs),
-        messages.len(),
+        n_events(messages.len()),
         path.display(),
         if dry_run {
             "would be replayed"
@@ -164,22 +162,13 @@ async fn from_file(
     if messages.is_empty() {
         return Ok(());
     }
-    let question = format!("Replay {} events?", messages.len());
+    let question = format!("Replay {}?", n_events(messages.len()));
     if !confirmed(yes, question, "pass --yes to replay without a terminal").await? {
         println!("cancelled: nothing changed");
         return Ok(());
     }
-    let items = messages
-        .iter()
-        .map(|m| (m.replay_properties_message(), None));
+    let items = messages.iter().map(|m| (m, None));
     publish_all(items.collect(), amqp_url, topology).await
-}
-
-impl ParkedMessage {
-    /// The message a replay publishes (same body, replay headers).
-    fn replay_properties_message(&self) -> ParkedMessage {
-        ParkedMessage::new(self.body.clone(), self.replay_properties())
-    }
 }
 
 /// Publishes each message with confirms, removing its parked copy (when it has one) right after
@@ -187,7 +176,7 @@ impl ParkedMessage {
 /// waits for those in flight, so an interruption never leaves a confirmed copy unremoved for
 /// longer than necessary.
 async fn publish_all(
-    items: Vec<(ParkedMessage, Option<&Held>)>,
+    items: Vec<(&ParkedMessage, Option<&Held>)>,
     amqp_url: &str,
     topology: &Topology,
 ) -> anyhow::Result<()> {
@@ -246,16 +235,20 @@ async fn publish_all(
              were. Rerun the same command to finish ({DEDUPE_NOTE})"
         );
     }
-    println!("replayed {replayed} events to exchange {exchange} ({DEDUPE_NOTE})");
+    println!(
+        "replayed {} to exchange {exchange} ({DEDUPE_NOTE})",
+        n_events(replayed)
+    );
     Ok(())
 }
 
 async fn replay_one(
     publisher: &Publisher,
     exchange: &str,
-    message: ParkedMessage,
+    parked: &ParkedMessage,
     held: Option<&Held>,
 ) -> anyhow::Result<()> {
+    let message = parked.for_replay();
     let event_id = message.event_id().unwrap_or_default();
     let routing_key = message.event_type().unwrap_or_default();
     let mut attempt = 0;
