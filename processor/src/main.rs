@@ -6,12 +6,9 @@ use shared::config::Env;
 use shared::telemetry::{LogFormat, init_tracing};
 use shared::topology::Topology;
 
+/// Stripe events to entitlements.
 #[derive(Debug, Parser)]
-#[command(
-    name = "processor",
-    version,
-    about = "Stripe events to entitlements: operator commands"
-)]
+#[command(name = "processor", version)]
 struct Cli {
     /// Base name of the RabbitMQ topology (tests isolate themselves with it).
     #[arg(long, global = true, hide = true)]
@@ -35,22 +32,24 @@ async fn main() -> ExitCode {
             .unwrap_or_default(),
         "warn",
     );
-    let topology = match Topology::from_env(&env) {
-        Ok(t) => cli
-            .topology_base
-            .map_or(t.clone(), |base| t.with_base(base)),
-        Err(e) => return (eprintln!("error: {e}"), ExitCode::from(2)).1,
-    };
-    let amqp_url = env.string_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let Command::Dlq(args) = cli.command;
-    match processor::dlq::execute(args, &amqp_url, &topology).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            (
-                eprintln!("error: {e:#}"),
-                ExitCode::from(processor::dlq::exit_code(&e)),
-            )
-                .1
+    let result = match Topology::from_env(&env) {
+        Err(e) => Err(anyhow::Error::new(processor::dlq::UsageError(
+            e.to_string(),
+        ))),
+        Ok(topology) => {
+            let topology = cli
+                .topology_base
+                .map_or(topology.clone(), |b| topology.with_base(b));
+            let amqp_url = env.string_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+            let Command::Dlq(args) = cli.command;
+            processor::dlq::execute(args, &amqp_url, &topology).await
         }
-    }
+    };
+    result.map_or_else(
+        |e| {
+            eprintln!("error: {e:#}");
+            ExitCode::from(processor::dlq::exit_code(&e))
+        },
+        |()| ExitCode::SUCCESS,
+    )
 }

@@ -49,7 +49,12 @@ impl ParkedMessage {
 
     fn body_field(&self, field: &str) -> Option<String> {
         let value: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        value.get(field)?.as_str().map(str::to_owned)
+        // Only what fits an AMQP short string can serve as a routing key or message id.
+        value
+            .get(field)?
+            .as_str()
+            .filter(|s| s.len() <= lapin::types::MAX_SHORT_STRING_LENGTH)
+            .map(str::to_owned)
     }
 
     pub(crate) fn header(&self, name: &str) -> Option<&AMQPValue> {
@@ -301,6 +306,9 @@ mod tests {
             ParkedMessage::new(vec![0xff], BasicProperties::default()).event_id(),
             None
         );
+        let long_type = format!(r#"{{"id":"evt_9","type":"{}"}}"#, "x".repeat(300));
+        let message = ParkedMessage::new(long_type.into_bytes(), BasicProperties::default());
+        assert_eq!(message.event_type(), None);
     }
 
     #[test]
