@@ -193,4 +193,32 @@ mod tests {
             assert_eq!(record.body.is_some(), body.starts_with(b"{\"id"));
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_body_and_text_headers_round_trip_through_a_line(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            id in "[a-zA-Z0-9_]{1,40}",
+            error in ".{0,80}",
+            attempts in proptest::num::i64::ANY,
+        ) {
+            let mut headers = FieldTable::default();
+            headers.insert("attempts".into(), AMQPValue::LongLongInt(attempts));
+            headers.insert("last_error".into(), AMQPValue::LongString(LongString::from(error)));
+            let message = ParkedMessage::new(
+                body,
+                BasicProperties::default().with_message_id(id.into()).with_headers(headers),
+            );
+            let line = serde_json::to_string(&ExportRecord::from_message(&message)).unwrap();
+            let back: ExportRecord = serde_json::from_str(&line).unwrap();
+            proptest::prop_assert_eq!(back.to_message().unwrap(), message);
+        }
+
+        #[test]
+        fn arbitrary_lines_never_panic(line in ".{0,200}") {
+            if let Ok(record) = serde_json::from_str::<ExportRecord>(&line) {
+                let _ = record.to_message();
+            }
+        }
+    }
 }
