@@ -1,0 +1,323 @@
+//! What the operator commands know about one parked message: its identity, the dead-letter
+//! headers the consumer wrote, and the exact body and properties it arrived with.
+//!
+//! Invariant: a replayed message carries the parked body and properties unchanged, except that
+//! its headers lose everything the dead-lettering added (`last_error`, `dead_lettered_at`,
+//! `x-death`, …) and `attempts` starts again at 0, so the processor gives it a full retry
+//! budget and never counts from an earlier life.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use shared::topology::headers;
+
+/// Headers that only describe the message's stay in the dead-letter queue or its path there,
+/// dropped on replay. `x-*` headers set by the broker (`x-death`, `x-first-death-*`, …) go too.
+const DEAD_LETTER_HEADERS: [&str; 2] = [headers::LAST_ERROR, headers::DEAD_LETTERED_AT];
+
+/// One message read from the dead-letter queue (or from an export file).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ParkedMessage {
+    pub(crate) body: Vec<u8>,
+    pub(crate) properties: BasicProperties,
+}
+
+impl ParkedMessage {
+    pub(crate) fn new(body: Vec<u8>, properties: BasicProperties) -> Self {
+        Self { body, properties }
+    }
+
+    /// The event id: `message_id`, or the body's `id` for a message published without one.
+    pub(crate) fn event_id(&self) -> Option<String> {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+            .or_else(|| self.body_field("id"))
+    }
+
+    /// The event type: the `type` property, or the body's `type`.
+    pub(crate) fn event_type(&self) -> Option<String> {
+        self.properties
+            .kind()
+            .as_ref()
+            .map(|t| t.as_str().to_owned())
+            .or_else(|| self.body_field("type"))
+    }
+
+    fn body_field(&self, field: &str) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        // Only what fits an AMQP short string can serve as a routing key or message id.
+        value
+            .get(field)?
+            .as_str()
+            .filter(|s| s.len() <= lapin::types::MAX_SHORT_STRING_LENGTH)
+            .map(str::to_owned)
+    }
+
+    pub(crate) fn header(&self, name: &str) -> Option<&AMQPValue> {
+        self.properties.headers().as_ref()?.inner().get(name)
+    }
+
+    pub(crate) fn attempts(&self) -> Option<i64> {
+        self.header(headers::ATTEMPTS).and_then(as_integer)
+    }
+
+    pub(crate) fn header_text(&self, name: &str) -> Option<String> {
+        self.header(name).and_then(as_text)
+    }
+
+    /// When the message was parked: the `dead_lettered_at` header, falling back to the message
+    /// timestamp (seconds since the epoch) for a message parked without it.
+    pub(crate) fn dead_lettered_at(&self) -> Option<DateTime<Utc>> {
+        self.header_text(headers::DEAD_LETTERED_AT)
+            .and_then(|raw| DateTime::parse_from_rfc3339(&raw).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|| self.timestamp())
+    }
+
+    pub(crate) fn timestamp(&self) -> Option<DateTime<Utc>> {
+        let secs = i64::try_from((*self.properties.timestamp())?).ok()?;
+        Utc.timestamp_opt(secs, 0).single()
+    }
+
+    /// The message a replay publishes: the same body with [`Self::replay_properties`].
+    pub(crate) fn for_replay(&self) -> Self {
+        Self::new(self.body.clone(), self.replay_properties())
+    }
+
+    /// The properties a replay publishes: unchanged except for the headers (see the module doc).
+    pub(crate) fn replay_properties(&self) -> BasicProperties {
+        let mut table: BTreeMap<ShortString, AMQPValue> = self
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().clone())
+            .unwrap_or_default();
+        table.retain(|name, _| {
+            !DEAD_LETTER_HEADERS.contains(&name.as_str()) && !name.as_str().starts_with("x-")
+        });
+        // Keep the integer width the consumer wrote, so whatever reads it back sees its own type.
+        let zero = match table.get(headers::ATTEMPTS) {
+            Some(AMQPValue::ShortShortInt(_)) => AMQPValue::ShortShortInt(0),
+            Some(AMQPValue::ShortShortUInt(_)) => AMQPValue::ShortShortUInt(0),
+            Some(AMQPValue::ShortInt(_)) => AMQPValue::ShortInt(0),
+            Some(AMQPValue::ShortUInt(_)) => AMQPValue::ShortUInt(0),
+            Some(AMQPValue::LongInt(_)) => AMQPValue::LongInt(0),
+            Some(AMQPValue::LongUInt(_)) => AMQPValue::LongUInt(0),
+            _ => AMQPValue::LongLongInt(0),
+        };
+        table.insert(ShortString::from(headers::ATTEMPTS), zero);
+        self.properties
+            .clone()
+            .with_headers(FieldTable::from(table))
+    }
+}
+
+/// Any AMQP integer as `i64` (the consumer's choice of width is its own).
+pub(crate) fn as_integer(value: &AMQPValue) -> Option<i64> {
+    match *value {
+        AMQPValue::ShortShortInt(v) => Some(v.into()),
+        AMQPValue::ShortShortUInt(v) => Some(v.into()),
+        AMQPValue::ShortInt(v) => Some(v.into()),
+        AMQPValue::ShortUInt(v) => Some(v.into()),
+        AMQPValue::LongInt(v) => Some(v.into()),
+        AMQPValue::LongUInt(v) => Some(v.into()),
+        AMQPValue::LongLongInt(v) => Some(v),
+        AMQPValue::Timestamp(v) => i64::try_from(v).ok(),
+        _ => None,
+    }
+}
+
+pub(crate) fn as_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header value as JSON, for `show --json`-style output and export files. Strings, numbers,
+/// booleans, arrays and tables map to their JSON kinds; byte arrays become their UTF-8 text
+/// when they are text; decimals become numbers.
+pub(crate) fn value_to_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::Float(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number)
+        }
+        AMQPValue::Double(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        AMQPValue::DecimalValue(d) => {
+            let v = f64::from(d.value) / 10f64.powi(i32::from(d.scale));
+            serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+        }
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+            Value::String(as_text(value).unwrap_or_default())
+        }
+        AMQPValue::ByteArray(b) => {
+            Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
+        }
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_json).collect()),
+        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::Void => Value::Null,
+        other => as_integer(other).map_or(Value::Null, Value::from),
+    }
+}
+
+pub(crate) fn table_to_json(table: &FieldTable) -> serde_json::Value {
+    serde_json::Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+/// The inverse of [`value_to_json`] by JSON kind: strings become long strings, integers 64-bit
+/// integers, other numbers doubles.
+///
+/// # Errors
+/// When a table key is longer than AMQP allows (255 bytes).
+pub(crate) fn json_to_value(value: &serde_json::Value) -> Result<AMQPValue, String> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => AMQPValue::LongString(s.as_str().into()),
+        Value::Array(items) => AMQPValue::FieldArray(
+            items
+                .iter()
+                .map(json_to_value)
+                .collect::<Result<Vec<_>, _>>()?
+                .into(),
+        ),
+        Value::Object(_) => AMQPValue::FieldTable(json_to_table(value)?),
+    })
+}
+
+/// # Errors
+/// When `value` is not an object, or a key is longer than 255 bytes.
+pub(crate) fn json_to_table(value: &serde_json::Value) -> Result<FieldTable, String> {
+    let object = value
+        .as_object()
+        .ok_or_else(|| "headers must be a JSON object".to_owned())?;
+    let mut table = BTreeMap::new();
+    for (key, value) in object {
+        let key = ShortString::try_new(key.as_str()).map_err(|e| e.to_string())?;
+        table.insert(key, json_to_value(value)?);
+    }
+    Ok(FieldTable::from(table))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use lapin::types::LongString;
+
+    fn parked(headers: &[(&str, AMQPValue)]) -> ParkedMessage {
+        let table: BTreeMap<ShortString, AMQPValue> = headers
+            .iter()
+            .map(|(k, v)| (ShortString::from(*k), v.clone()))
+            .collect();
+        ParkedMessage::new(
+            br#"{"id":"evt_1","type":"charge.refunded"}"#.to_vec(),
+            BasicProperties::default()
+                .with_message_id("evt_1".into())
+                .with_type("charge.refunded".into())
+                .with_timestamp(1_700_000_000)
+                .with_headers(FieldTable::from(table)),
+        )
+    }
+
+    #[test]
+    fn replay_resets_attempts_and_drops_only_dead_letter_headers() {
+        let message = parked(&[
+            ("attempts", AMQPValue::LongUInt(6)),
+            (
+                "last_error",
+                AMQPValue::LongString(LongString::from("boom")),
+            ),
+            (
+                "first_seen_at",
+                AMQPValue::LongString(LongString::from("2026-01-01T00:00:00Z")),
+            ),
+            (
+                "dead_lettered_at",
+                AMQPValue::LongString(LongString::from("2026-01-02T00:00:00Z")),
+            ),
+            (
+                "received_at",
+                AMQPValue::LongString(LongString::from("2026-01-01T00:00:00Z")),
+            ),
+            ("x-death", AMQPValue::FieldArray(Vec::new().into())),
+        ]);
+        let props = message.replay_properties();
+        let replayed = ParkedMessage::new(message.body.clone(), props.clone());
+        let names: Vec<&str> = props
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(ShortString::as_str)
+            .collect();
+        assert_eq!(names, ["attempts", "first_seen_at", "received_at"]);
+        assert_eq!(replayed.header("attempts"), Some(&AMQPValue::LongUInt(0)));
+        assert_eq!(props.message_id(), message.properties.message_id());
+        assert_eq!(props.kind(), message.properties.kind());
+        assert_eq!(props.timestamp(), message.properties.timestamp());
+    }
+
+    #[test]
+    fn age_comes_from_the_dead_letter_header_then_the_timestamp() {
+        let with_header = parked(&[(
+            "dead_lettered_at",
+            AMQPValue::LongString(LongString::from("2026-01-02T03:04:05Z")),
+        )]);
+        assert_eq!(
+            with_header.dead_lettered_at().unwrap().to_rfc3339(),
+            "2026-01-02T03:04:05+00:00"
+        );
+        let without = parked(&[]);
+        assert_eq!(
+            without.dead_lettered_at().unwrap().timestamp(),
+            1_700_000_000
+        );
+    }
+
+    #[test]
+    fn identity_falls_back_to_the_body() {
+        let message = ParkedMessage::new(
+            br#"{"id":"evt_9","type":"invoice.paid"}"#.to_vec(),
+            BasicProperties::default(),
+        );
+        assert_eq!(message.event_id().as_deref(), Some("evt_9"));
+        assert_eq!(message.event_type().as_deref(), Some("invoice.paid"));
+        assert_eq!(
+            ParkedMessage::new(vec![0xff], BasicProperties::default()).event_id(),
+            None
+        );
+        let long_type = format!(r#"{{"id":"evt_9","type":"{}"}}"#, "x".repeat(300));
+        let message = ParkedMessage::new(long_type.into_bytes(), BasicProperties::default());
+        assert_eq!(message.event_type(), None);
+    }
+
+    #[test]
+    fn header_tables_round_trip_through_json_by_kind() {
+        let json = serde_json::json!({
+            "attempts": 3, "last_error": "timeout", "ratio": 0.5, "ok": true,
+            "nested": {"list": [1, "two", null]}
+        });
+        let table = json_to_table(&json).unwrap();
+        assert_eq!(table_to_json(&table), json);
+    }
+}

@@ -1,0 +1,707 @@
+//! `processor dlq …` end to end: the real binary against the machine's RabbitMQ, each test on
+//! its own topology (`--topology-base`), with parked messages shaped like the consumer's.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::future::try_join_all;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use shared::topology::Topology;
+
+const RETRY_DELAYS: &str = "1s,2s";
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A parked event as the test wrote it.
+#[derive(Debug, Clone, PartialEq)]
+struct Parked {
+    id: String,
+    event_type: String,
+    body: Vec<u8>,
+    timestamp: u64,
+}
+
+/// A message read back from a queue.
+#[derive(Debug)]
+struct Got {
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+}
+
+impl Got {
+    fn id(&self) -> String {
+        self.properties.message_id().as_ref().unwrap().to_string()
+    }
+
+    fn header(&self, name: &str) -> Option<AMQPValue> {
+        self.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name).cloned())
+    }
+}
+
+struct Broker {
+    topology: Topology,
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Broker {
+    async fn new() -> Self {
+        let delays = shared::config::parse_duration_list(RETRY_DELAYS).unwrap();
+        let base = format!("t.dlq.{}", uuid::Uuid::new_v4().simple());
+        let topology = Topology::new(base, delays);
+        let connection = shared::amqp::connect(&amqp_url(), "dlq-tests")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        topology.declare(&channel).await.unwrap();
+        Self {
+            topology,
+            connection,
+            channel,
+        }
+    }
+
+    fn dlq(&self) -> String {
+        self.topology.dead_letter_queue()
+    }
+
+    fn main_queue(&self) -> String {
+        self.topology.main_queue()
+    }
+
+    /// Parks events in the test's dead-letter queue exactly as the consumer does: original body
+    /// and properties, plus the dead-letter headers; confirmed before returning.
+    async fn park(&self, events: &[Parked], dead_lettered_at: chrono::DateTime<Utc>) {
+        let dead_lettered_at = dead_lettered_at.to_rfc3339();
+        let mut confirms = Vec::new();
+        for event in events {
+            let mut headers = BTreeMap::new();
+            let mut text = |k: &str, v: &str| {
+                headers.insert(
+                    ShortString::from(k),
+                    AMQPValue::LongString(LongString::from(v)),
+                );
+            };
+            text("received_at", "2026-01-01T00:00:00Z");
+            text("first_seen_at", "2026-01-01T00:00:01Z");
+            text("last_error", "projection failed: db timeout");
+            text("dead_lettered_at", &dead_lettered_at);
+            headers.insert("attempts".into(), AMQPValue::LongUInt(6));
+            headers.insert("x-death".into(), AMQPValue::FieldArray(Vec::new().into()));
+            let properties = BasicProperties::default()
+                .with_message_id(event.id.as_str().into())
+                .with_type(event.event_type.as_str().into())
+                .with_timestamp(event.timestamp)
+                .with_delivery_mode(2)
+                .with_headers(FieldTable::from(headers));
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        "".into(),
+                        self.dlq().as_str().into(),
+                        BasicPublishOptions::default(),
+                        &event.body,
+                        properties,
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        for confirm in try_join_all(confirms).await.unwrap() {
+            assert!(confirm.is_ack());
+        }
+    }
+
+    /// Parks a message whose only age information is its timestamp.
+    async fn park_without_dead_letter_header(&self, event: &Parked) {
+        let properties = BasicProperties::default()
+            .with_message_id(event.id.as_str().into())
+            .with_type(event.event_type.as_str().into())
+            .with_timestamp(event.timestamp)
+            .with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.dlq().as_str().into(),
+                BasicPublishOptions::default(),
+                &event.body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let depth = processor::dlq::queue_depth(&channel, queue).await.unwrap();
+        let _ = channel.close(200, "done".into()).await;
+        depth
+    }
+
+    /// Takes every message out of `queue`, in order.
+    async fn drain(&self, queue: &str) -> Vec<Got> {
+        let mut got = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            got.push(Got {
+                routing_key: m.delivery.routing_key.to_string(),
+                body: m.delivery.data,
+                properties: m.delivery.properties,
+            });
+        }
+        got
+    }
+
+    /// The ids in `queue`, read without removing anything (held, then requeued by closing).
+    async fn peek_ids(&self, queue: &str) -> HashSet<String> {
+        let channel = self.connection.create_channel().await.unwrap();
+        let mut ids = HashSet::new();
+        while let Some(m) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            ids.insert(
+                m.delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        channel.close(200, "requeue".into()).await.unwrap();
+        ids
+    }
+
+    async fn cleanup(self) {
+        let _ = self.topology.delete(&self.channel).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_processor"));
+        command
+            .arg("--topology-base")
+            .arg(self.topology.exchange())
+            .arg("dlq")
+            .args(args)
+            .env("AMQP_URL", amqp_url())
+            .env("RETRY_DELAYS", RETRY_DELAYS)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let output = self.command(args).output().await.unwrap();
+        eprintln!(
+            "$ processor dlq {}\n-> {:?}\n{}{}",
+            args.join(" "),
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+}
+
+fn events(n: usize, event_type: &str) -> Vec<Parked> {
+    (0..n)
+        .map(|i| {
+            let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
+            Parked {
+                body: format!(r#"{{"id":"{id}","type":"{event_type}","n":{i}}}"#).into_bytes(),
+                id,
+                event_type: event_type.to_owned(),
+                timestamp: 1_700_000_000 + i as u64,
+            }
+        })
+        .collect()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn assert_same_messages(got: &[Got], parked: &[Parked]) {
+    let got: Vec<(String, &[u8])> = got.iter().map(|g| (g.id(), g.body.as_slice())).collect();
+    let want: Vec<(String, &[u8])> = parked
+        .iter()
+        .map(|p| (p.id.clone(), p.body.as_slice()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+fn assert_replayed_headers(got: &Got) {
+    // Reset to zero, whatever integer width the header travels in.
+    let attempts = match got.header("attempts") {
+        Some(AMQPValue::LongUInt(n)) => i64::from(n),
+        Some(AMQPValue::LongLongInt(n)) => n,
+        other => panic!("attempts header is {other:?}"),
+    };
+    assert_eq!(attempts, 0);
+    for gone in ["last_error", "dead_lettered_at", "x-death"] {
+        assert_eq!(got.header(gone), None, "{gone} survived the replay");
+    }
+    assert!(got.header("first_seen_at").is_some());
+    assert!(got.header("received_at").is_some());
+}
+
+#[tokio::test]
+async fn list_leaves_every_parked_message_in_place_and_in_order() {
+    let broker = Broker::new().await;
+    let mut parked = events(15, "invoice.paid");
+    parked.extend(events(5, "charge.refunded"));
+    broker.park(&parked, Utc::now()).await;
+
+    let table = broker.run(&["list"]).await;
+    assert!(table.status.success());
+    let table = stdout(&table);
+    assert!(table.contains("LAST ERROR"));
+    for p in &parked {
+        assert!(table.contains(&p.id), "{} missing from the table", p.id);
+    }
+    assert!(table.contains("projection failed: db timeout"));
+
+    let json = broker
+        .run(&[
+            "list",
+            "--json",
+            "--type",
+            "charge.refunded",
+            "--limit",
+            "3",
+        ])
+        .await;
+    assert!(json.status.success());
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&json.stdout).unwrap();
+    let ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r["eventId"].as_str().unwrap())
+        .collect();
+    let want: Vec<&str> = parked[15..18].iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, want);
+    assert_eq!(rows[0]["attempts"], 6);
+    assert_eq!(rows[0]["type"], "charge.refunded");
+
+    assert_eq!(broker.depth(&broker.dlq()).await, 20);
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &parked);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn show_prints_one_parked_event_and_fails_cleanly_for_a_missing_one() {
+    let broker = Broker::new().await;
+    let parked = events(3, "customer.subscription.updated");
+    broker.park(&parked, Utc::now()).await;
+
+    let shown = broker.run(&["show", &parked[1].id]).await;
+    assert!(shown.status.success());
+    let text = stdout(&shown);
+    assert!(text.contains("last_error: \"projection failed: db timeout\""));
+    assert!(text.contains("attempts: 6"));
+    assert!(
+        text.contains(&format!("\"id\": \"{}\"", parked[1].id)),
+        "body is pretty-printed"
+    );
+
+    let missing = broker.run(&["show", "evt_not_parked"]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("evt_not_parked is not parked"));
+
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &parked);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn replaying_a_thousand_parked_events_delivers_each_exactly_once_and_empties_the_queue() {
+    let broker = Broker::new().await;
+    let parked = events(1000, "checkout.session.completed");
+    broker.park(&parked, Utc::now()).await;
+
+    let output = broker.run(&["replay", "--all", "--yes"]).await;
+    assert!(output.status.success());
+    assert!(stdout(&output).contains("replayed 1000 events"));
+
+    assert_eq!(broker.depth(&broker.dlq()).await, 0);
+    let delivered = broker.drain(&broker.main_queue()).await;
+    assert_eq!(delivered.len(), 1000);
+    let ids: HashSet<String> = delivered.iter().map(Got::id).collect();
+    let want: HashSet<String> = parked.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(ids, want);
+    let by_id: BTreeMap<&str, &Parked> = parked.iter().map(|p| (p.id.as_str(), p)).collect();
+    for got in &delivered {
+        let original = by_id[got.id().as_str()];
+        assert_eq!(got.body, original.body);
+        assert_eq!(got.routing_key, original.event_type);
+        assert_eq!(
+            got.properties.kind().as_ref().unwrap().as_str(),
+            original.event_type
+        );
+        assert_eq!(*got.properties.timestamp(), Some(original.timestamp));
+        assert_replayed_headers(got);
+    }
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_replay_killed_midway_and_rerun_loses_no_event() {
+    let broker = Broker::new().await;
+    let parked = events(3000, "invoice.payment_failed");
+    let all: HashSet<String> = parked.iter().map(|p| p.id.clone()).collect();
+    broker.park(&parked, Utc::now()).await;
+
+    let mut child = broker
+        .command(&["replay", "--all", "--yes"])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while broker.depth(&broker.main_queue()).await < 100 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the replay never started moving"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().await.unwrap();
+
+    // Wait until the broker has taken back what the killed process held: every event is then
+    // visible either in the main queue or in the dead-letter queue.
+    let mut delivered: HashSet<String> = HashSet::new();
+    let started = Instant::now();
+    loop {
+        delivered.extend(broker.drain(&broker.main_queue()).await.iter().map(Got::id));
+        let parked_now = broker.peek_ids(&broker.dlq()).await;
+        if delivered.union(&parked_now).count() == all.len() {
+            assert!(
+                !parked_now.is_empty(),
+                "the kill came after the replay finished"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "events vanished after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let rerun = broker.run(&["replay", "--all", "--yes"]).await;
+    assert!(rerun.status.success());
+    delivered.extend(broker.drain(&broker.main_queue()).await.iter().map(Got::id));
+    assert_eq!(delivered, all);
+    assert_eq!(broker.depth(&broker.dlq()).await, 0);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn purge_without_yes_and_without_a_terminal_changes_nothing_and_exits_2() {
+    let broker = Broker::new().await;
+    let parked = events(5, "invoice.paid");
+    broker.park(&parked, Utc::now()).await;
+
+    let purge = broker.run(&["purge", "--all"]).await;
+    assert_eq!(purge.status.code(), Some(2));
+    assert!(
+        stdout(&purge).contains("5 of 5 parked events"),
+        "the plan is printed"
+    );
+    let stderr = String::from_utf8_lossy(&purge.stderr);
+    assert!(stderr.contains("--yes") && stderr.contains("dlq export"));
+
+    let replay = broker.run(&["replay", "--all"]).await;
+    assert_eq!(replay.status.code(), Some(2));
+
+    assert_eq!(broker.depth(&broker.main_queue()).await, 0);
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &parked);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn purge_older_than_removes_only_the_old_events() {
+    let broker = Broker::new().await;
+    let old = events(2, "invoice.paid");
+    let recent = events(2, "invoice.paid");
+    let ten_days_ago = Utc::now() - chrono::Duration::days(10);
+    broker.park(&old, ten_days_ago).await;
+    broker.park(&recent, Utc::now()).await;
+    let mut old_by_timestamp = events(1, "invoice.paid").remove(0);
+    old_by_timestamp.timestamp = u64::try_from(ten_days_ago.timestamp()).unwrap();
+    broker
+        .park_without_dead_letter_header(&old_by_timestamp)
+        .await;
+
+    let purge = broker.run(&["purge", "--older-than", "7d", "--yes"]).await;
+    assert!(purge.status.success());
+    assert!(stdout(&purge).contains("purged 3 events"));
+
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &recent);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn purge_by_id_with_yes_removes_exactly_those() {
+    let broker = Broker::new().await;
+    let parked = events(4, "invoice.paid");
+    broker.park(&parked, Utc::now()).await;
+
+    let purge = broker
+        .run(&["purge", "--event-id", &parked[0].id, &parked[2].id, "--yes"])
+        .await;
+    assert!(purge.status.success());
+
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &[parked[1].clone(), parked[3].clone()]);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_moves_nothing_and_a_selective_replay_moves_only_the_selection() {
+    let broker = Broker::new().await;
+    let paid = events(3, "invoice.paid");
+    let refunded = events(2, "charge.refunded");
+    broker.park(&paid, Utc::now()).await;
+    broker.park(&refunded, Utc::now()).await;
+
+    let dry = broker.run(&["replay", "--all", "--dry-run"]).await;
+    assert!(dry.status.success());
+    assert!(stdout(&dry).contains("5 of 5 parked events would be replayed"));
+    assert_eq!(broker.depth(&broker.main_queue()).await, 0);
+    assert_eq!(broker.depth(&broker.dlq()).await, 5);
+
+    let by_type = broker
+        .run(&["replay", "--type", "charge.refunded", "--yes"])
+        .await;
+    assert!(by_type.status.success());
+    let by_id = broker
+        .run(&["replay", "--event-id", &paid[1].id, "--yes"])
+        .await;
+    assert!(by_id.status.success());
+
+    let delivered = broker.drain(&broker.main_queue()).await;
+    let mut ids: Vec<String> = delivered.iter().map(Got::id).collect();
+    ids.sort();
+    let mut want = vec![
+        refunded[0].id.clone(),
+        refunded[1].id.clone(),
+        paid[1].id.clone(),
+    ];
+    want.sort();
+    assert_eq!(ids, want);
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &[paid[0].clone(), paid[2].clone()]);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn export_then_replay_from_file_round_trips_the_bytes_exactly() {
+    let broker = Broker::new().await;
+    let mut parked = events(2, "invoice.paid");
+    parked[1].body = vec![0xff, 0xfe, 0x00, b'{', 0x80];
+    let mut text = events(1, "invoice.paid").remove(0);
+    text.body = b"plain text, not JSON".to_vec();
+    parked.push(text);
+    broker.park(&parked, Utc::now()).await;
+
+    let file = std::env::temp_dir().join(format!("dlq-export-{}.jsonl", uuid::Uuid::new_v4()));
+    let path = file.to_str().unwrap();
+    let export = broker.run(&["export", "--out", path]).await;
+    assert!(export.status.success());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["eventId"], parked[0].id.as_str());
+    assert_eq!(lines[0]["headers"]["attempts"], 6);
+    assert_eq!(lines[0]["properties"]["messageId"], parked[0].id.as_str());
+    assert!(lines[0]["body"].is_string());
+    assert!(lines[1].get("body").is_none() && lines[1]["bodyBase64"].is_string());
+    assert_eq!(
+        broker.depth(&broker.dlq()).await,
+        3,
+        "export leaves everything parked"
+    );
+
+    let again = broker.run(&["export", "--out", path]).await;
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "an existing file is not overwritten"
+    );
+
+    let replay = broker.run(&["replay", "--from-file", path, "--yes"]).await;
+    assert!(replay.status.success());
+    // Replays pipeline their confirms, so arrival order is not part of the promise.
+    let mut delivered = broker.drain(&broker.main_queue()).await;
+    let position = |id: &str| parked.iter().position(|p| p.id == id).unwrap();
+    delivered.sort_by_key(|g| position(&g.id()));
+    assert_same_messages(&delivered, &parked);
+    for (got, original) in delivered.iter().zip(&parked) {
+        assert_eq!(*got.properties.timestamp(), Some(original.timestamp));
+        assert_eq!(got.routing_key, original.event_type);
+        assert_replayed_headers(got);
+    }
+    assert_eq!(
+        broker.depth(&broker.dlq()).await,
+        3,
+        "replay --from-file leaves the queue alone"
+    );
+    let _ = std::fs::remove_file(&file);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_replay_interrupted_with_ctrl_c_says_so_and_a_rerun_finishes_it() {
+    let broker = Broker::new().await;
+    let parked = events(3000, "invoice.paid");
+    let all: HashSet<String> = parked.iter().map(|p| p.id.clone()).collect();
+    broker.park(&parked, Utc::now()).await;
+
+    let child = broker
+        .command(&["replay", "--all", "--yes"])
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    let started = Instant::now();
+    while broker.depth(&broker.main_queue()).await < 100 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the replay never started moving"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let signalled = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted") && stderr.contains("Rerun the same command"));
+    assert!(stderr.contains("dedupes by event id"));
+
+    let mut delivered: HashSet<String> = broker
+        .drain(&broker.main_queue())
+        .await
+        .iter()
+        .map(Got::id)
+        .collect();
+    let still_parked = broker.peek_ids(&broker.dlq()).await;
+    assert!(
+        !still_parked.is_empty(),
+        "the interrupt came after the replay finished"
+    );
+    assert_eq!(delivered.union(&still_parked).count(), all.len());
+
+    let rerun = broker.run(&["replay", "--all", "--yes"]).await;
+    assert!(rerun.status.success());
+    delivered.extend(broker.drain(&broker.main_queue()).await.iter().map(Got::id));
+    assert_eq!(delivered, all);
+    assert_eq!(broker.depth(&broker.dlq()).await, 0);
+    broker.cleanup().await;
+}
+
+/// Runs the command on a pseudo-terminal (util-linux `script`), typing `input`.
+async fn run_on_terminal(broker: &Broker, args: &[&str], input: &str) -> Output {
+    use tokio::io::AsyncWriteExt as _;
+    let mut line = format!(
+        "{} --topology-base {} dlq",
+        env!("CARGO_BIN_EXE_processor"),
+        broker.topology.exchange()
+    );
+    for arg in args {
+        line.push(' ');
+        line.push_str(arg);
+    }
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("AMQP_URL", amqp_url())
+        .env("RETRY_DELAYS", RETRY_DELAYS)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    // Keep stdin open until the command is done: closing it would end the terminal session.
+    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("the command finished")
+        .unwrap();
+    drop(stdin);
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+    output
+}
+
+#[tokio::test]
+async fn purge_on_a_terminal_offers_an_export_then_deletes_only_after_a_yes() {
+    let broker = Broker::new().await;
+    let parked = events(3, "invoice.paid");
+    broker.park(&parked, Utc::now()).await;
+    let file =
+        std::env::temp_dir().join(format!("dlq-before-purge-{}.jsonl", uuid::Uuid::new_v4()));
+
+    let declined = run_on_terminal(&broker, &["purge", "--event-id", &parked[0].id], "\nn\n").await;
+    assert!(declined.status.success());
+    assert!(stdout(&declined).contains("cancelled: nothing changed"));
+    assert_eq!(broker.depth(&broker.dlq()).await, 3);
+
+    let input = format!("{}\ny\n", file.display());
+    let accepted = run_on_terminal(&broker, &["purge", "--event-id", &parked[0].id], &input).await;
+    assert!(accepted.status.success());
+    let text = stdout(&accepted);
+    assert!(text.contains("Export 1 event to a file first?"));
+    assert!(text.contains("purged 1 event from"));
+    let exported = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(exported.lines().count(), 1);
+    assert!(exported.contains(&parked[0].id));
+
+    let remaining = broker.drain(&broker.dlq()).await;
+    assert_same_messages(&remaining, &parked[1..]);
+    let _ = std::fs::remove_file(&file);
+    broker.cleanup().await;
+}
