@@ -18,12 +18,14 @@
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
-    self, AbandonedCheckout, CustomerLink, DerivedEntitlement, DisputeState, EntitlementStatus,
-    FeeSplit, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
+    self, AbandonedCheckout, CustomerLink, DerivedEntitlement, DisputeState, EntitlementSource,
+    EntitlementStatus, FeeSplit, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
 use chrono::{DateTime, Utc};
+use futures_util::future::{try_join_all, try_join3, try_join4};
 use shared::ids::UserId;
 use std::collections::{BTreeMap, BTreeSet};
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row, Transaction};
 
 /// A user's entitlements as cached in Redis and served by the API.
@@ -141,13 +143,13 @@ pub async fn user_snapshot(
 ) -> Result<UserSnapshot, StoreError> {
     // One statement, one MVCC snapshot: the version always matches the entitlements read.
     let rows = client
-        .query(
+        .query_typed(
             "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at
                FROM (SELECT COALESCE((SELECT version FROM user_entitlement_versions
                                        WHERE user_id = $1), 0) AS version) v
                LEFT JOIN entitlements e ON e.user_id = $1
               ORDER BY e.key",
-            &[&user.as_str()],
+            &[(&user.as_str(), Type::TEXT)],
         )
         .await?;
     let mut snapshot = UserSnapshot {
@@ -191,9 +193,9 @@ async fn lock(tx: &Transaction<'_>, keys: Vec<String>) -> Result<(), StoreError>
     ids.sort_unstable();
     ids.dedup();
     // A function scan yields the array in order and the lock call runs row by row.
-    tx.execute(
+    tx.execute_typed(
         "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k",
-        &[&LOCK_CLASS, &ids],
+        &[(&LOCK_CLASS, Type::INT4), (&ids, Type::INT4_ARRAY)],
     )
     .await?;
     Ok(())
@@ -218,14 +220,17 @@ async fn link_customer(
     users: &mut BTreeSet<String>,
 ) -> Result<(), StoreError> {
     let row = tx
-        .query_one(
+        .query_typed_one(
             "WITH ins AS (
                  INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
                  ON CONFLICT (customer_id) DO NOTHING
                  RETURNING user_id)
              SELECT (SELECT user_id FROM ins) AS inserted,
                     (SELECT user_id FROM customers WHERE customer_id = $1) AS existing",
-            &[&link.customer_id, &link.user_id.as_str()],
+            &[
+                (&link.customer_id, Type::TEXT),
+                (&link.user_id.as_str(), Type::TEXT),
+            ],
         )
         .await?;
     let inserted: Option<String> = row.try_get(0)?;
@@ -243,13 +248,13 @@ async fn link_customer(
         return Ok(());
     };
     let attached: i64 = tx
-        .query_one(
+        .query_typed_one(
             "WITH p AS (UPDATE purchases SET user_id = $2, updated_at = now()
                          WHERE customer_id = $1 AND user_id IS NULL RETURNING 1),
                   s AS (UPDATE subscriptions SET user_id = $2, updated_at = now()
                          WHERE customer_id = $1 AND user_id IS NULL RETURNING 1)
              SELECT (SELECT count(*) FROM p) + (SELECT count(*) FROM s)",
-            &[&link.customer_id, &user],
+            &[(&link.customer_id, Type::TEXT), (&user, Type::TEXT)],
         )
         .await?
         .try_get(0)?;
@@ -267,9 +272,9 @@ async fn customer_user(
         return Ok(None);
     };
     Ok(tx
-        .query_opt(
+        .query_typed_opt(
             "SELECT user_id FROM customers WHERE customer_id = $1",
-            &[customer],
+            &[(customer, Type::TEXT)],
         )
         .await?
         .map(|row| row.try_get(0))
@@ -320,16 +325,16 @@ async fn merge_purchase(
     users: &mut BTreeSet<String>,
 ) -> Result<(), StoreError> {
     let rows = tx
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {PURCHASE_COLUMNS} FROM purchases
                   WHERE checkout_session_id = $1 OR payment_intent_id = $2 OR charge_id = $3
                   ORDER BY id FOR UPDATE"
             ),
             &[
-                &delta.checkout_session_id,
-                &delta.payment_intent_id,
-                &delta.charge_id,
+                (&delta.checkout_session_id, Type::TEXT),
+                (&delta.payment_intent_id, Type::TEXT),
+                (&delta.charge_id, Type::TEXT),
             ],
         )
         .await?;
@@ -348,9 +353,9 @@ async fn merge_purchase(
 
     // Free the unique Stripe ids of the rows folded into the oldest one before writing it.
     if ids.len() > 1 {
-        tx.execute(
+        tx.execute_typed(
             "DELETE FROM purchases WHERE id = ANY($1)",
-            &[&ids[1..].to_vec()],
+            &[(&ids[1..].to_vec(), Type::INT8_ARRAY)],
         )
         .await?;
     }
@@ -360,33 +365,39 @@ async fn merge_purchase(
     let purchased_at = opt_timestamp(merged.paid_at)?;
     let refunded_at = opt_timestamp(merged.refunded_at)?;
     let dispute = merged.dispute.as_str();
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 22] = [
-        &merged.user_id,
-        &merged.customer_id,
-        &merged.product_key,
-        &merged.checkout_session_id,
-        &merged.payment_intent_id,
-        &merged.charge_id,
-        &merged.amount_cents,
-        &merged.currency,
-        &split.map(|s| s.platform_fee_cents),
-        &split.map(|s| s.organization_fee_cents),
-        &split.map(|s| s.creator_payout_cents),
-        &status,
-        &merged.paid,
-        &merged.failed,
-        &merged.fully_refunded,
-        &dispute,
-        &merged.dispute_id,
-        &purchased_at,
-        &refunded_at,
-        &refund.as_ref().and_then(|r| r.reason.clone()),
-        &refund.as_ref().map_or(0, |r| r.amount_cents),
-        &refund.as_ref().and_then(|r| r.refund_id.clone()),
+    let platform_fee = split.map(|s| s.platform_fee_cents);
+    let organization_fee = split.map(|s| s.organization_fee_cents);
+    let creator_payout = split.map(|s| s.creator_payout_cents);
+    let refund_reason = refund.as_ref().and_then(|r| r.reason.clone());
+    let refund_amount = refund.as_ref().map_or(0, |r| r.amount_cents);
+    let refund_id = refund.as_ref().and_then(|r| r.refund_id.clone());
+    let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+        (&merged.user_id, Type::TEXT),
+        (&merged.customer_id, Type::TEXT),
+        (&merged.product_key, Type::TEXT),
+        (&merged.checkout_session_id, Type::TEXT),
+        (&merged.payment_intent_id, Type::TEXT),
+        (&merged.charge_id, Type::TEXT),
+        (&merged.amount_cents, Type::INT8),
+        (&merged.currency, Type::TEXT),
+        (&platform_fee, Type::INT8),
+        (&organization_fee, Type::INT8),
+        (&creator_payout, Type::INT8),
+        (&status, Type::TEXT),
+        (&merged.paid, Type::BOOL),
+        (&merged.failed, Type::BOOL),
+        (&merged.fully_refunded, Type::BOOL),
+        (&dispute, Type::TEXT),
+        (&merged.dispute_id, Type::TEXT),
+        (&purchased_at, Type::TIMESTAMPTZ),
+        (&refunded_at, Type::TIMESTAMPTZ),
+        (&refund_reason, Type::TEXT),
+        (&refund_amount, Type::INT8),
+        (&refund_id, Type::TEXT),
     ];
     let result = match ids.first() {
         None => {
-            tx.execute(
+            tx.execute_typed(
                 "INSERT INTO purchases (user_id, customer_id, product_key, checkout_session_id,
                      payment_intent_id, charge_id, amount_paid_cents, currency,
                      platform_fee_cents, organization_fee_cents, creator_payout_cents, status,
@@ -400,9 +411,8 @@ async fn merge_purchase(
             .await
         }
         Some(id) => {
-            let mut with_id = params.to_vec();
-            with_id.push(id);
-            tx.execute(
+            params.push((id, Type::INT8));
+            tx.execute_typed(
                 "UPDATE purchases SET user_id = $1, customer_id = $2, product_key = $3,
                      checkout_session_id = $4, payment_intent_id = $5, charge_id = $6,
                      amount_paid_cents = $7, currency = $8, platform_fee_cents = $9,
@@ -412,7 +422,7 @@ async fn merge_purchase(
                      refunded_at = $19, refund_reason = $20, refund_amount_cents = $21,
                      stripe_refund_id = $22, updated_at = now()
                  WHERE id = $23",
-                &with_id,
+                &params,
             )
             .await
         }
@@ -471,9 +481,9 @@ async fn merge_subscription(
     users: &mut BTreeSet<String>,
 ) -> Result<(), StoreError> {
     let row = tx
-        .query_opt(
+        .query_typed_opt(
             &format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE"),
-            &[&delta.id],
+            &[(&delta.id, Type::TEXT)],
         )
         .await?;
     let mut merged = match row {
@@ -489,7 +499,13 @@ async fn merge_subscription(
     }
     users.extend(merged.user_id.clone());
     let claim_at = opt_timestamp(merged.claim.map(|c| c.at))?;
-    tx.execute(
+    let period_end = opt_timestamp(merged.current_period_end)?;
+    let ended_at = opt_timestamp(merged.ended_at)?;
+    let status = merged.status().as_str();
+    let claim = merged.claim.map(|c| c.status.as_str());
+    let terminal = merged.terminal.map(SubscriptionStatus::as_str);
+    let cancel_at_period_end = merged.cancel_at_period_end();
+    tx.execute_typed(
         "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
              status_claim, status_claim_at, terminal_status, current_period_end,
              cancel_at_period_end, ended_at)
@@ -499,17 +515,17 @@ async fn merge_subscription(
              current_period_end = $9, cancel_at_period_end = $10, ended_at = $11,
              updated_at = now()",
         &[
-            &merged.id,
-            &merged.user_id,
-            &merged.customer_id,
-            &merged.product_key,
-            &merged.status().as_str(),
-            &merged.claim.map(|c| c.status.as_str()),
-            &claim_at,
-            &merged.terminal.map(SubscriptionStatus::as_str),
-            &opt_timestamp(merged.current_period_end)?,
-            &merged.cancel_at_period_end(),
-            &opt_timestamp(merged.ended_at)?,
+            (&merged.id, Type::TEXT),
+            (&merged.user_id, Type::TEXT),
+            (&merged.customer_id, Type::TEXT),
+            (&merged.product_key, Type::TEXT),
+            (&status, Type::TEXT),
+            (&claim, Type::TEXT),
+            (&claim_at, Type::TIMESTAMPTZ),
+            (&terminal, Type::TEXT),
+            (&period_end, Type::TIMESTAMPTZ),
+            (&cancel_at_period_end, Type::BOOL),
+            (&ended_at, Type::TIMESTAMPTZ),
         ],
     )
     .await?;
@@ -529,14 +545,15 @@ async fn record_abandoned(
         "productKey": abandoned.product_key,
         "recoveryUrl": abandoned.recovery_url,
     });
-    tx.execute(
+    let dedupe_key = format!("checkout_abandoned:{}", abandoned.session_id);
+    tx.execute_typed(
         "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
          VALUES ('checkout_abandoned', $1, $2, $3)
          ON CONFLICT (dedupe_key) DO NOTHING",
         &[
-            &user,
-            &format!("checkout_abandoned:{}", abandoned.session_id),
-            &payload,
+            (&user, Type::TEXT),
+            (&dedupe_key, Type::TEXT),
+            (&payload, Type::JSONB),
         ],
     )
     .await?;
@@ -546,83 +563,91 @@ async fn record_abandoned(
 /// Recomputes one user's entitlements from their rows, writes what changed, queues
 /// notifications for transitions into `revoked`/`suspended`, bumps the version and returns
 /// the new snapshot. The caller holds the user's advisory lock.
+///
+/// Reads and writes are each sent as one pipeline (tokio-postgres sends concurrently polled
+/// queries back to back; the server runs them in order), so a recompute costs two round trips.
 async fn recompute(tx: &Transaction<'_>, user: &str) -> Result<UserSnapshot, StoreError> {
-    let purchases = tx
-        .query(
-            &format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = $1"),
-            &[&user],
-        )
-        .await?
+    let by_user: [(&(dyn ToSql + Sync), Type); 1] = [(&user, Type::TEXT)];
+    let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = $1");
+    let subscriptions_sql =
+        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1");
+    let (purchase_rows, subscription_rows, entitlement_rows) = try_join3(
+        tx.query_typed(&purchases_sql, &by_user),
+        tx.query_typed(&subscriptions_sql, &by_user),
+        tx.query_typed(
+            "SELECT n.now, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at
+               FROM (SELECT now() AS now) n
+               LEFT JOIN entitlements e ON e.user_id = $1",
+            &by_user,
+        ),
+    )
+    .await?;
+    let purchases = purchase_rows
         .iter()
         .map(|row| purchase_from_row(row).map(|(_, facts)| facts))
         .collect::<Result<Vec<_>, _>>()?;
-    let subscriptions = tx
-        .query(
-            &format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1"),
-            &[&user],
-        )
-        .await?
+    let subscriptions = subscription_rows
         .iter()
         .map(subscription_from_row)
         .collect::<Result<Vec<_>, _>>()?;
     let derived = projection::derive_entitlements(&purchases, &subscriptions);
 
-    let mut existing: BTreeMap<String, DerivedEntitlement> = BTreeMap::new();
-    for row in tx
-        .query(
-            "SELECT key, status, source, source_id, expires_at FROM entitlements
-              WHERE user_id = $1 FOR UPDATE",
-            &[&user],
-        )
-        .await?
-    {
-        let key: String = row.try_get(0)?;
-        let status: String = row.try_get(1)?;
-        let source: String = row.try_get(2)?;
-        existing.insert(
-            key.clone(),
-            DerivedEntitlement {
-                key,
-                status: EntitlementStatus::from_column(&status)
-                    .ok_or(StoreError::Corrupt { column: "status" })?,
-                source: match source.as_str() {
-                    "purchase" => projection::EntitlementSource::Purchase,
-                    "subscription" => projection::EntitlementSource::Subscription,
-                    _ => return Err(StoreError::Corrupt { column: "source" }),
-                },
-                source_id: row.try_get(3)?,
-                expires_at: secs(row.try_get(4)?),
+    let mut now: DateTime<Utc> = DateTime::UNIX_EPOCH;
+    let mut existing: BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)> = BTreeMap::new();
+    for row in &entitlement_rows {
+        now = row.try_get(0)?;
+        let Some(key) = row.try_get::<_, Option<String>>(1)? else {
+            continue;
+        };
+        let status: String = row.try_get(2)?;
+        let source: String = row.try_get(3)?;
+        let entitlement = DerivedEntitlement {
+            key: key.clone(),
+            status: EntitlementStatus::from_column(&status)
+                .ok_or(StoreError::Corrupt { column: "status" })?,
+            source: match source.as_str() {
+                "purchase" => EntitlementSource::Purchase,
+                "subscription" => EntitlementSource::Subscription,
+                _ => return Err(StoreError::Corrupt { column: "source" }),
             },
-        );
+            source_id: row.try_get(4)?,
+            expires_at: secs(row.try_get(5)?),
+        };
+        existing.insert(key, (entitlement, row.try_get(6)?));
     }
 
+    let mut views = Vec::with_capacity(derived.len());
+    let mut changed = Vec::new();
+    let mut notices = Vec::new();
     for entitlement in &derived {
         let before = existing.remove(&entitlement.key);
-        if before.as_ref() == Some(entitlement) {
-            continue;
-        }
-        tx.execute(
-            "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
-                 updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, now())
-             ON CONFLICT (user_id, key) DO UPDATE SET status = $3, source = $4,
-                 source_id = $5, expires_at = $6, updated_at = now()",
-            &[
-                &user,
-                &entitlement.key,
-                &entitlement.status.as_str(),
-                &entitlement.source.as_str(),
-                &entitlement.source_id,
-                &opt_timestamp(entitlement.expires_at)?,
-            ],
-        )
-        .await?;
+        let expires_at = opt_timestamp(entitlement.expires_at)?;
+        let updated_at = match &before {
+            Some((stored, updated_at)) if stored == entitlement => *updated_at,
+            _ => {
+                changed.push((
+                    entitlement,
+                    expires_at,
+                    entitlement.status.as_str(),
+                    entitlement.source.as_str(),
+                ));
+                now
+            }
+        };
+        views.push(EntitlementView {
+            key: entitlement.key.clone(),
+            status: entitlement.status.as_str().to_owned(),
+            source: entitlement.source.as_str().to_owned(),
+            source_id: entitlement.source_id.clone(),
+            expires_at,
+            updated_at,
+        });
         let kind = match entitlement.status {
             EntitlementStatus::Revoked => "entitlement_revoked",
             EntitlementStatus::Suspended => "entitlement_suspended",
             _ => continue,
         };
-        if before.is_some_and(|b| b.status == entitlement.status) {
+        if before.is_some_and(|(stored, _)| stored.status == entitlement.status) {
             continue;
         }
         // Keyed by the source, so the same revocation reached through another event order
@@ -640,57 +665,74 @@ async fn recompute(tx: &Transaction<'_>, user: &str) -> Result<UserSnapshot, Sto
             "source": entitlement.source.as_str(),
             "sourceId": entitlement.source_id,
         });
-        tx.execute(
-            "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (dedupe_key) DO NOTHING",
-            &[&kind, &user, &dedupe_key, &payload],
-        )
-        .await?;
+        notices.push((kind, dedupe_key, payload));
     }
     // Keys no source grants any more (a row moved to another user).
     let stale: Vec<String> = existing.into_keys().collect();
-    if !stale.is_empty() {
-        tx.execute(
-            "DELETE FROM entitlements WHERE user_id = $1 AND key = ANY($2)",
-            &[&user, &stale],
-        )
-        .await?;
-    }
 
-    let version: i64 = tx
-        .query_one(
-            "INSERT INTO user_entitlement_versions (user_id, version) VALUES ($1, 1)
-             ON CONFLICT (user_id) DO UPDATE
-                 SET version = user_entitlement_versions.version + 1
-             RETURNING version",
-            &[&user],
-        )
-        .await?
-        .try_get(0)?;
-    let entitlements = tx
-        .query(
-            "SELECT key, status, source, source_id, expires_at, updated_at FROM entitlements
-              WHERE user_id = $1 ORDER BY key",
-            &[&user],
-        )
-        .await?
+    let upsert_params: Vec<[(&(dyn ToSql + Sync), Type); 6]> = changed
         .iter()
-        .map(|row| {
-            Ok(EntitlementView {
-                key: row.try_get(0)?,
-                status: row.try_get(1)?,
-                source: row.try_get(2)?,
-                source_id: row.try_get(3)?,
-                expires_at: row.try_get(4)?,
-                updated_at: row.try_get(5)?,
-            })
+        .map(|(e, expires_at, status, source)| {
+            [
+                (&user as &(dyn ToSql + Sync), Type::TEXT),
+                (&e.key, Type::TEXT),
+                (status, Type::TEXT),
+                (source, Type::TEXT),
+                (&e.source_id, Type::TEXT),
+                (expires_at, Type::TIMESTAMPTZ),
+            ]
         })
-        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        .collect();
+    let notice_params: Vec<[(&(dyn ToSql + Sync), Type); 4]> = notices
+        .iter()
+        .map(|(kind, dedupe_key, payload)| {
+            [
+                (kind as &(dyn ToSql + Sync), Type::TEXT),
+                (&user, Type::TEXT),
+                (dedupe_key, Type::TEXT),
+                (payload, Type::JSONB),
+            ]
+        })
+        .collect();
+    let upserts = try_join_all(upsert_params.iter().map(|params| {
+        tx.execute_typed(
+            "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
+                 updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, now())
+             ON CONFLICT (user_id, key) DO UPDATE SET status = $3, source = $4,
+                 source_id = $5, expires_at = $6, updated_at = now()",
+            params,
+        )
+    }));
+    let inserts = try_join_all(notice_params.iter().map(|params| {
+        tx.execute_typed(
+            "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (dedupe_key) DO NOTHING",
+            params,
+        )
+    }));
+    let deletes = async {
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        tx.execute_typed(
+            "DELETE FROM entitlements WHERE user_id = $1 AND key = ANY($2)",
+            &[(&user, Type::TEXT), (&stale, Type::TEXT_ARRAY)],
+        )
+        .await
+    };
+    let bump = tx.query_typed_one(
+        "INSERT INTO user_entitlement_versions (user_id, version) VALUES ($1, 1)
+         ON CONFLICT (user_id) DO UPDATE SET version = user_entitlement_versions.version + 1
+         RETURNING version",
+        &by_user,
+    );
+    let (_, _, _, version_row) = try_join4(upserts, inserts, deletes, bump).await?;
     Ok(UserSnapshot {
         user_id: user.to_owned(),
-        version,
-        entitlements,
+        version: version_row.try_get(0)?,
+        entitlements: views,
     })
 }
 
