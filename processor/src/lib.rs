@@ -3,3 +3,6 @@
 //! the entitlement API and hosts the operator commands.
 
 pub mod dlq;
+pub mod events;
+pub mod projection;
+pub mod store;

@@ -1,0 +1,870 @@
+//! Typed Stripe events: the raw queue body parsed once, at the edge, into the few shapes the
+//! projection understands.
+//!
+//! Invariant: a body that is not JSON, lacks the envelope (`id`, `type`, `created`) or lacks a
+//! field the projection cannot do without (the object id, a dispute's status…) is a permanent
+//! [`EventError`]; every event type the projection does not use becomes [`EventKind::Unhandled`]
+//! without looking at its payload. Both the pre-2025-03-31 shapes and the "basil" shapes are
+//! read (`current_period_end` on the subscription or on its items; the invoice's subscription
+//! at `subscription` or `parent.subscription_details.subscription`), newest first.
+
+use serde_json::Value;
+use shared::ids::{StripeEventId, UserId};
+
+/// One Stripe event, envelope plus the typed part the projection uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: StripeEventId,
+    pub event_type: String,
+    /// Unix seconds; Stripe's only ordering signal (several events often share a second).
+    pub created: i64,
+    pub kind: EventKind,
+}
+
+/// The event types the projection acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    CheckoutSessionCompleted(CheckoutSession),
+    CheckoutSessionAsyncPaymentSucceeded(CheckoutSession),
+    CheckoutSessionAsyncPaymentFailed(CheckoutSession),
+    CheckoutSessionExpired(CheckoutSession),
+    PaymentIntentSucceeded(PaymentIntent),
+    ChargeRefunded(Charge),
+    ChargeDisputeCreated(Dispute),
+    ChargeDisputeClosed(Dispute),
+    InvoicePaid(Invoice),
+    InvoicePaymentFailed(Invoice),
+    SubscriptionCreated(Subscription),
+    SubscriptionUpdated(Subscription),
+    SubscriptionDeleted(Subscription),
+    /// Any other type: acknowledged and ignored.
+    Unhandled,
+}
+
+/// `checkout.session.*`'s `data.object`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckoutSession {
+    pub id: String,
+    pub mode: CheckoutMode,
+    pub payment_status: CheckoutPaymentStatus,
+    pub customer: Option<String>,
+    pub payment_intent: Option<String>,
+    pub subscription: Option<String>,
+    /// `client_reference_id`, else `metadata.user_id`.
+    pub user_id: Option<UserId>,
+    /// `metadata.product_key`.
+    pub product_key: Option<String>,
+    pub amount_total: Option<i64>,
+    pub currency: Option<String>,
+    /// `after_expiration.recovery.url` (only on expired sessions with recovery enabled).
+    pub recovery_url: Option<String>,
+}
+
+/// Checkout `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutMode {
+    Payment,
+    Subscription,
+    /// `setup` or a mode this code does not know: never grants anything.
+    Other,
+}
+
+/// Checkout `payment_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutPaymentStatus {
+    Paid,
+    Unpaid,
+    NoPaymentRequired,
+}
+
+/// `payment_intent.*`'s `data.object`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaymentIntent {
+    pub id: String,
+    pub customer: Option<String>,
+    /// `amount_received`, else `amount`.
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    /// `metadata.user_id` (set through Checkout's `payment_intent_data[metadata]`).
+    pub user_id: Option<UserId>,
+    /// `metadata.product_key`.
+    pub product_key: Option<String>,
+}
+
+/// `charge.*`'s `data.object`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charge {
+    pub id: String,
+    pub payment_intent: Option<String>,
+    pub customer: Option<String>,
+    pub amount: i64,
+    pub amount_refunded: i64,
+    /// True only when the charge is fully refunded.
+    pub refunded: bool,
+    pub currency: Option<String>,
+    /// The newest refund in `refunds.data`, when Stripe included the list.
+    pub latest_refund: Option<Refund>,
+    pub user_id: Option<UserId>,
+    pub product_key: Option<String>,
+}
+
+impl Charge {
+    /// Stripe sets `refunded` only on a full refund; `amount_refunded >= amount` covers shapes
+    /// where the flag is missing.
+    #[must_use]
+    pub fn is_fully_refunded(&self) -> bool {
+        self.refunded || (self.amount > 0 && self.amount_refunded >= self.amount)
+    }
+}
+
+/// One refund of a charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    pub id: String,
+    pub reason: Option<String>,
+}
+
+/// `charge.dispute.*`'s `data.object`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispute {
+    pub id: String,
+    pub charge: Option<String>,
+    pub payment_intent: Option<String>,
+    pub status: DisputeStatus,
+}
+
+/// A dispute's `status`, reduced to what matters for access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisputeStatus {
+    /// `needs_response`, `under_review`, `warning_needs_response`, `warning_under_review`, …
+    Open,
+    Won,
+    WarningClosed,
+    Lost,
+}
+
+/// `invoice.*`'s `data.object`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invoice {
+    pub id: String,
+    pub customer: Option<String>,
+    /// `parent.subscription_details.subscription` (basil), else `subscription`.
+    pub subscription: Option<String>,
+    pub billing_reason: Option<String>,
+    /// The latest `lines.data[].period.end`: the end of the period this invoice pays for.
+    pub period_end: Option<i64>,
+    /// From the subscription metadata copied onto the invoice (`subscription_details.metadata`).
+    pub user_id: Option<UserId>,
+    pub product_key: Option<String>,
+}
+
+/// `customer.subscription.*`'s `data.object`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub id: String,
+    pub customer: Option<String>,
+    pub status: SubscriptionStatus,
+    /// `current_period_end`, else the latest `items.data[].current_period_end` (basil).
+    pub current_period_end: Option<i64>,
+    pub cancel_at_period_end: bool,
+    /// `ended_at`, else `canceled_at` when the subscription is over.
+    pub ended_at: Option<i64>,
+    pub user_id: Option<UserId>,
+    pub product_key: Option<String>,
+}
+
+/// Stripe's subscription statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SubscriptionStatus {
+    Incomplete,
+    Trialing,
+    Active,
+    PastDue,
+    Unpaid,
+    Paused,
+    IncompleteExpired,
+    Canceled,
+}
+
+impl SubscriptionStatus {
+    /// Stripe's spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Incomplete => "incomplete",
+            Self::Trialing => "trialing",
+            Self::Active => "active",
+            Self::PastDue => "past_due",
+            Self::Unpaid => "unpaid",
+            Self::Paused => "paused",
+            Self::IncompleteExpired => "incomplete_expired",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    /// Parses Stripe's spelling.
+    #[must_use]
+    pub fn from_stripe(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "incomplete" => Self::Incomplete,
+            "trialing" => Self::Trialing,
+            "active" => Self::Active,
+            "past_due" => Self::PastDue,
+            "unpaid" => Self::Unpaid,
+            "paused" => Self::Paused,
+            "incomplete_expired" => Self::IncompleteExpired,
+            "canceled" => Self::Canceled,
+            _ => return None,
+        })
+    }
+
+    /// Statuses a subscription never leaves.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Canceled | Self::IncompleteExpired)
+    }
+}
+
+/// Why a body can never be projected (dead-letter it; retrying cannot help).
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("body is not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("missing or invalid required field `{0}`")]
+    MissingField(&'static str),
+    #[error("invalid value in field `{field}`")]
+    InvalidField { field: &'static str },
+}
+
+/// Parses a raw Stripe event body.
+///
+/// # Errors
+/// [`EventError`] when the body is not a JSON object with the event envelope, or when a handled
+/// event type lacks a field the projection requires.
+pub fn parse(body: &[u8]) -> Result<Event, EventError> {
+    let root: Value = serde_json::from_slice(body)?;
+    let id = root
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or(EventError::MissingField("id"))?;
+    let id = StripeEventId::parse(id).map_err(|_| EventError::InvalidField { field: "id" })?;
+    let event_type = root
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(EventError::MissingField("type"))?
+        .to_owned();
+    let created = root
+        .get("created")
+        .and_then(Value::as_i64)
+        .ok_or(EventError::MissingField("created"))?;
+
+    let kind = match event_type.as_str() {
+        "checkout.session.completed" => {
+            EventKind::CheckoutSessionCompleted(checkout_session(object(&root)?)?)
+        }
+        "checkout.session.async_payment_succeeded" => {
+            EventKind::CheckoutSessionAsyncPaymentSucceeded(checkout_session(object(&root)?)?)
+        }
+        "checkout.session.async_payment_failed" => {
+            EventKind::CheckoutSessionAsyncPaymentFailed(checkout_session(object(&root)?)?)
+        }
+        "checkout.session.expired" => {
+            EventKind::CheckoutSessionExpired(checkout_session(object(&root)?)?)
+        }
+        "payment_intent.succeeded" => {
+            EventKind::PaymentIntentSucceeded(payment_intent(object(&root)?)?)
+        }
+        "charge.refunded" => EventKind::ChargeRefunded(charge(object(&root)?)?),
+        "charge.dispute.created" => EventKind::ChargeDisputeCreated(dispute(object(&root)?)?),
+        "charge.dispute.closed" => EventKind::ChargeDisputeClosed(dispute(object(&root)?)?),
+        "invoice.paid" => EventKind::InvoicePaid(invoice(object(&root)?)?),
+        "invoice.payment_failed" => EventKind::InvoicePaymentFailed(invoice(object(&root)?)?),
+        "customer.subscription.created" => {
+            EventKind::SubscriptionCreated(subscription(object(&root)?)?)
+        }
+        "customer.subscription.updated" => {
+            EventKind::SubscriptionUpdated(subscription(object(&root)?)?)
+        }
+        "customer.subscription.deleted" => {
+            EventKind::SubscriptionDeleted(subscription(object(&root)?)?)
+        }
+        _ => EventKind::Unhandled,
+    };
+    Ok(Event {
+        id,
+        event_type,
+        created,
+        kind,
+    })
+}
+
+fn object(root: &Value) -> Result<&Value, EventError> {
+    root.get("data")
+        .and_then(|d| d.get("object"))
+        .filter(|o| o.is_object())
+        .ok_or(EventError::MissingField("data.object"))
+}
+
+fn required_str(obj: &Value, field: &'static str) -> Result<String, EventError> {
+    obj.get(field)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .ok_or(EventError::MissingField(field))
+}
+
+/// A string field, or the `id` of an expanded object in its place; `null`/absent is `None`.
+fn opt_id(obj: &Value, field: &str) -> Option<String> {
+    let value = obj.get(field)?;
+    let raw = match value {
+        Value::String(s) => s.as_str(),
+        Value::Object(_) => value.get("id")?.as_str()?,
+        _ => return None,
+    };
+    (!raw.is_empty()).then(|| raw.to_owned())
+}
+
+fn opt_str(obj: &Value, field: &str) -> Option<String> {
+    obj.get(field)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+fn metadata_str(obj: &Value, key: &str) -> Option<String> {
+    obj.get("metadata").and_then(|m| opt_str(m, key))
+}
+
+fn user_id(raw: Option<String>, field: &'static str) -> Result<Option<UserId>, EventError> {
+    raw.map(|raw| UserId::parse(&raw).map_err(|_| EventError::InvalidField { field }))
+        .transpose()
+}
+
+fn checkout_session(obj: &Value) -> Result<CheckoutSession, EventError> {
+    let id = required_str(obj, "id")?;
+    let mode = match obj.get("mode").and_then(Value::as_str) {
+        Some("payment") => CheckoutMode::Payment,
+        Some("subscription") => CheckoutMode::Subscription,
+        Some(_) => CheckoutMode::Other,
+        None => return Err(EventError::MissingField("mode")),
+    };
+    let payment_status = match obj.get("payment_status").and_then(Value::as_str) {
+        Some("paid") => CheckoutPaymentStatus::Paid,
+        Some("unpaid") => CheckoutPaymentStatus::Unpaid,
+        Some("no_payment_required") => CheckoutPaymentStatus::NoPaymentRequired,
+        Some(_) => {
+            return Err(EventError::InvalidField {
+                field: "payment_status",
+            });
+        }
+        None => return Err(EventError::MissingField("payment_status")),
+    };
+    let user = match opt_str(obj, "client_reference_id") {
+        Some(raw) => user_id(Some(raw), "client_reference_id")?,
+        None => user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
+    };
+    let recovery_url = obj
+        .get("after_expiration")
+        .and_then(|a| a.get("recovery"))
+        .and_then(|r| opt_str(r, "url"));
+    Ok(CheckoutSession {
+        id,
+        mode,
+        payment_status,
+        customer: opt_id(obj, "customer"),
+        payment_intent: opt_id(obj, "payment_intent"),
+        subscription: opt_id(obj, "subscription"),
+        user_id: user,
+        product_key: metadata_str(obj, "product_key"),
+        amount_total: obj.get("amount_total").and_then(Value::as_i64),
+        currency: opt_str(obj, "currency"),
+        recovery_url,
+    })
+}
+
+fn payment_intent(obj: &Value) -> Result<PaymentIntent, EventError> {
+    let amount = obj
+        .get("amount_received")
+        .and_then(Value::as_i64)
+        .filter(|a| *a > 0)
+        .or_else(|| obj.get("amount").and_then(Value::as_i64));
+    Ok(PaymentIntent {
+        id: required_str(obj, "id")?,
+        customer: opt_id(obj, "customer"),
+        amount,
+        currency: opt_str(obj, "currency"),
+        user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
+        product_key: metadata_str(obj, "product_key"),
+    })
+}
+
+fn charge(obj: &Value) -> Result<Charge, EventError> {
+    let amount = obj
+        .get("amount")
+        .and_then(Value::as_i64)
+        .ok_or(EventError::MissingField("amount"))?;
+    let amount_refunded = obj
+        .get("amount_refunded")
+        .and_then(Value::as_i64)
+        .ok_or(EventError::MissingField("amount_refunded"))?;
+    // Refund lists are newest first; fall back to the highest `created` if they are not.
+    let latest_refund = obj
+        .get("refunds")
+        .and_then(|r| r.get("data"))
+        .and_then(Value::as_array)
+        .and_then(|list| {
+            list.iter()
+                .filter_map(|r| {
+                    let id = opt_str(r, "id")?;
+                    let created = r.get("created").and_then(Value::as_i64).unwrap_or(0);
+                    Some((created, id, opt_str(r, "reason")))
+                })
+                .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
+        })
+        .map(|(_, id, reason)| Refund { id, reason });
+    Ok(Charge {
+        id: required_str(obj, "id")?,
+        payment_intent: opt_id(obj, "payment_intent"),
+        customer: opt_id(obj, "customer"),
+        amount,
+        amount_refunded,
+        refunded: obj
+            .get("refunded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        currency: opt_str(obj, "currency"),
+        latest_refund,
+        user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
+        product_key: metadata_str(obj, "product_key"),
+    })
+}
+
+fn dispute(obj: &Value) -> Result<Dispute, EventError> {
+    let status = match obj.get("status").and_then(Value::as_str) {
+        Some("won") => DisputeStatus::Won,
+        Some("lost") => DisputeStatus::Lost,
+        Some("warning_closed") => DisputeStatus::WarningClosed,
+        Some(_) => DisputeStatus::Open,
+        None => return Err(EventError::MissingField("status")),
+    };
+    let charge = opt_id(obj, "charge");
+    let payment_intent = opt_id(obj, "payment_intent");
+    if charge.is_none() && payment_intent.is_none() {
+        return Err(EventError::MissingField("charge"));
+    }
+    Ok(Dispute {
+        id: required_str(obj, "id")?,
+        charge,
+        payment_intent,
+        status,
+    })
+}
+
+fn invoice(obj: &Value) -> Result<Invoice, EventError> {
+    let details_new = obj
+        .get("parent")
+        .and_then(|p| p.get("subscription_details"))
+        .filter(|d| d.is_object());
+    let details_old = obj.get("subscription_details").filter(|d| d.is_object());
+    let subscription = details_new
+        .and_then(|d| opt_id(d, "subscription"))
+        .or_else(|| opt_id(obj, "subscription"));
+    let meta = |key: &str| {
+        details_new
+            .and_then(|d| metadata_str(d, key))
+            .or_else(|| details_old.and_then(|d| metadata_str(d, key)))
+    };
+    let period_end = obj
+        .get("lines")
+        .and_then(|l| l.get("data"))
+        .and_then(Value::as_array)
+        .and_then(|lines| {
+            lines
+                .iter()
+                .filter_map(|line| line.get("period")?.get("end")?.as_i64())
+                .max()
+        });
+    Ok(Invoice {
+        id: required_str(obj, "id")?,
+        customer: opt_id(obj, "customer"),
+        subscription,
+        billing_reason: opt_str(obj, "billing_reason"),
+        period_end,
+        user_id: user_id(meta("user_id"), "subscription_details.metadata.user_id")?,
+        product_key: meta("product_key"),
+    })
+}
+
+fn subscription(obj: &Value) -> Result<Subscription, EventError> {
+    let raw_status = obj
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or(EventError::MissingField("status"))?;
+    let status = SubscriptionStatus::from_stripe(raw_status)
+        .ok_or(EventError::InvalidField { field: "status" })?;
+    let current_period_end = obj
+        .get("current_period_end")
+        .and_then(Value::as_i64)
+        .or_else(|| {
+            obj.get("items")
+                .and_then(|i| i.get("data"))
+                .and_then(Value::as_array)
+                .and_then(|items| {
+                    items
+                        .iter()
+                        .filter_map(|item| item.get("current_period_end")?.as_i64())
+                        .max()
+                })
+        });
+    let ended_at = obj.get("ended_at").and_then(Value::as_i64).or_else(|| {
+        status
+            .is_terminal()
+            .then(|| obj.get("canceled_at").and_then(Value::as_i64))
+            .flatten()
+    });
+    Ok(Subscription {
+        id: required_str(obj, "id")?,
+        customer: opt_id(obj, "customer"),
+        status,
+        current_period_end,
+        cancel_at_period_end: obj
+            .get("cancel_at_period_end")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        ended_at,
+        user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
+        product_key: metadata_str(obj, "product_key"),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn envelope(event_type: &str, object: &Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "id": "evt_1", "object": "event", "type": event_type, "created": 1_700_000_000,
+            "api_version": "2025-03-31.basil", "livemode": false,
+            "data": { "object": object }, "pending_webhooks": 1,
+            "request": { "id": null, "idempotency_key": null }
+        }))
+        .unwrap()
+    }
+
+    fn parsed(event_type: &str, object: &Value) -> EventKind {
+        let event = parse(&envelope(event_type, object)).unwrap();
+        assert_eq!(event.event_type, event_type);
+        assert_eq!(event.created, 1_700_000_000);
+        assert_eq!(event.id.as_str(), "evt_1");
+        event.kind
+    }
+
+    #[test]
+    fn paid_checkout_session_reads_link_product_and_payment_intent() {
+        let kind = parsed(
+            "checkout.session.completed",
+            &json!({
+                "id": "cs_1", "object": "checkout.session", "mode": "payment",
+                "payment_status": "paid", "status": "complete", "customer": "cus_1",
+                "payment_intent": "pi_1", "subscription": null, "client_reference_id": "user_1",
+                "metadata": { "product_key": "pro", "user_id": "user_1" },
+                "amount_total": 4900, "currency": "usd", "after_expiration": null
+            }),
+        );
+        let EventKind::CheckoutSessionCompleted(s) = kind else {
+            panic!("wrong kind {kind:?}")
+        };
+        assert_eq!(s.mode, CheckoutMode::Payment);
+        assert_eq!(s.payment_status, CheckoutPaymentStatus::Paid);
+        assert_eq!(s.user_id.unwrap().as_str(), "user_1");
+        assert_eq!(s.payment_intent.as_deref(), Some("pi_1"));
+        assert_eq!(s.customer.as_deref(), Some("cus_1"));
+        assert_eq!(s.product_key.as_deref(), Some("pro"));
+        assert_eq!(s.amount_total, Some(4900));
+    }
+
+    #[test]
+    fn checkout_session_falls_back_to_metadata_user_and_reads_subscription_mode() {
+        for (event_type, status) in [
+            ("checkout.session.async_payment_succeeded", "paid"),
+            ("checkout.session.async_payment_failed", "unpaid"),
+            ("checkout.session.completed", "no_payment_required"),
+        ] {
+            let kind = parsed(
+                event_type,
+                &json!({
+                    "id": "cs_2", "mode": "subscription", "payment_status": status,
+                    "customer": { "id": "cus_2", "object": "customer" },
+                    "subscription": "sub_2", "payment_intent": null,
+                    "client_reference_id": null, "metadata": { "user_id": "user_2" }
+                }),
+            );
+            let s = match kind {
+                EventKind::CheckoutSessionCompleted(s)
+                | EventKind::CheckoutSessionAsyncPaymentSucceeded(s)
+                | EventKind::CheckoutSessionAsyncPaymentFailed(s) => s,
+                other => panic!("wrong kind {other:?}"),
+            };
+            assert_eq!(s.mode, CheckoutMode::Subscription);
+            assert_eq!(s.user_id.unwrap().as_str(), "user_2");
+            assert_eq!(s.customer.as_deref(), Some("cus_2"));
+            assert_eq!(s.subscription.as_deref(), Some("sub_2"));
+            assert_eq!(s.product_key, None);
+        }
+    }
+
+    #[test]
+    fn expired_checkout_session_carries_the_recovery_url() {
+        let kind = parsed(
+            "checkout.session.expired",
+            &json!({
+                "id": "cs_3", "mode": "payment", "payment_status": "unpaid", "status": "expired",
+                "client_reference_id": "user_3",
+                "after_expiration": { "recovery": { "enabled": true,
+                    "url": "https://buy.stripe.com/r/live_abc" } }
+            }),
+        );
+        let EventKind::CheckoutSessionExpired(s) = kind else {
+            panic!("wrong kind")
+        };
+        assert_eq!(
+            s.recovery_url.as_deref(),
+            Some("https://buy.stripe.com/r/live_abc")
+        );
+    }
+
+    #[test]
+    fn payment_intent_reads_metadata_and_received_amount() {
+        let kind = parsed(
+            "payment_intent.succeeded",
+            &json!({
+                "id": "pi_4", "object": "payment_intent", "amount": 4900,
+                "amount_received": 4900, "currency": "eur", "customer": "cus_4",
+                "metadata": { "user_id": "user_4", "product_key": "pro" }
+            }),
+        );
+        let EventKind::PaymentIntentSucceeded(pi) = kind else {
+            panic!("wrong kind")
+        };
+        assert_eq!(pi.amount, Some(4900));
+        assert_eq!(pi.user_id.unwrap().as_str(), "user_4");
+        assert_eq!(pi.product_key.as_deref(), Some("pro"));
+    }
+
+    #[test]
+    fn charge_refunded_tells_full_from_partial_refunds() {
+        let full = json!({
+            "id": "ch_5", "object": "charge", "amount": 4900, "amount_refunded": 4900,
+            "refunded": true, "payment_intent": "pi_5", "customer": "cus_5", "currency": "usd",
+            "refunds": { "object": "list", "data": [
+                { "id": "re_old", "created": 10, "reason": null },
+                { "id": "re_new", "created": 20, "reason": "requested_by_customer" }
+            ] }
+        });
+        let EventKind::ChargeRefunded(c) = parsed("charge.refunded", &full) else {
+            panic!("wrong kind")
+        };
+        assert!(c.is_fully_refunded());
+        let refund = c.latest_refund.unwrap();
+        assert_eq!(refund.id, "re_new");
+        assert_eq!(refund.reason.as_deref(), Some("requested_by_customer"));
+
+        // Newer API versions leave `refunds` out unless expanded, and the flag may be absent.
+        let partial = json!({ "id": "ch_5", "amount": 4900, "amount_refunded": 1000,
+            "refunded": false, "payment_intent": "pi_5" });
+        let EventKind::ChargeRefunded(c) = parsed("charge.refunded", &partial) else {
+            panic!("wrong kind")
+        };
+        assert!(!c.is_fully_refunded());
+        assert_eq!(c.latest_refund, None);
+        let flagless = json!({ "id": "ch_5", "amount": 4900, "amount_refunded": 4900 });
+        let EventKind::ChargeRefunded(c) = parsed("charge.refunded", &flagless) else {
+            panic!("wrong kind")
+        };
+        assert!(c.is_fully_refunded());
+    }
+
+    #[test]
+    fn dispute_statuses_map_to_open_won_warning_closed_and_lost() {
+        for (event_type, raw, expected) in [
+            (
+                "charge.dispute.created",
+                "needs_response",
+                DisputeStatus::Open,
+            ),
+            (
+                "charge.dispute.created",
+                "warning_needs_response",
+                DisputeStatus::Open,
+            ),
+            ("charge.dispute.closed", "won", DisputeStatus::Won),
+            ("charge.dispute.closed", "lost", DisputeStatus::Lost),
+            (
+                "charge.dispute.closed",
+                "warning_closed",
+                DisputeStatus::WarningClosed,
+            ),
+        ] {
+            let kind = parsed(
+                event_type,
+                &json!({ "id": "dp_6", "object": "dispute", "charge": "ch_6",
+                    "payment_intent": "pi_6", "status": raw, "amount": 4900 }),
+            );
+            let d = match kind {
+                EventKind::ChargeDisputeCreated(d) | EventKind::ChargeDisputeClosed(d) => d,
+                other => panic!("wrong kind {other:?}"),
+            };
+            assert_eq!(d.status, expected);
+            assert_eq!(d.charge.as_deref(), Some("ch_6"));
+            assert_eq!(d.payment_intent.as_deref(), Some("pi_6"));
+        }
+    }
+
+    #[test]
+    fn invoice_reads_subscription_from_old_and_basil_shapes() {
+        let old = json!({
+            "id": "in_7", "object": "invoice", "customer": "cus_7", "subscription": "sub_old",
+            "billing_reason": "subscription_cycle",
+            "subscription_details": { "metadata": { "user_id": "user_7" } },
+            "lines": { "data": [ { "period": { "start": 1, "end": 1_702_592_000 } } ] }
+        });
+        let EventKind::InvoicePaid(inv) = parsed("invoice.paid", &old) else {
+            panic!("wrong kind")
+        };
+        assert_eq!(inv.subscription.as_deref(), Some("sub_old"));
+        assert_eq!(inv.period_end, Some(1_702_592_000));
+        assert_eq!(inv.user_id.unwrap().as_str(), "user_7");
+
+        let basil = json!({
+            "id": "in_8", "object": "invoice", "customer": "cus_8",
+            "billing_reason": "subscription_create",
+            "parent": { "type": "subscription_details", "subscription_details": {
+                "subscription": "sub_new", "metadata": { "product_key": "team" } } },
+            "lines": { "data": [ { "period": { "start": 1, "end": 5 } },
+                                 { "period": { "start": 1, "end": 9 } } ] }
+        });
+        let EventKind::InvoicePaymentFailed(inv) = parsed("invoice.payment_failed", &basil) else {
+            panic!("wrong kind")
+        };
+        assert_eq!(inv.subscription.as_deref(), Some("sub_new"));
+        assert_eq!(inv.product_key.as_deref(), Some("team"));
+        assert_eq!(inv.billing_reason.as_deref(), Some("subscription_create"));
+        assert_eq!(inv.period_end, Some(9));
+    }
+
+    #[test]
+    fn subscription_reads_period_end_from_old_and_basil_shapes() {
+        let old = json!({ "id": "sub_9", "object": "subscription", "customer": "cus_9",
+            "status": "past_due", "current_period_end": 1_702_592_000,
+            "cancel_at_period_end": true, "metadata": { "user_id": "user_9" } });
+        let EventKind::SubscriptionUpdated(s) = parsed("customer.subscription.updated", &old)
+        else {
+            panic!("wrong kind")
+        };
+        assert_eq!(s.status, SubscriptionStatus::PastDue);
+        assert_eq!(s.current_period_end, Some(1_702_592_000));
+        assert!(s.cancel_at_period_end);
+
+        let basil = json!({ "id": "sub_9", "customer": "cus_9", "status": "canceled",
+            "ended_at": null, "canceled_at": 1_700_000_500,
+            "items": { "data": [ { "current_period_end": 1_702_000_000 } ] } });
+        let EventKind::SubscriptionDeleted(s) = parsed("customer.subscription.deleted", &basil)
+        else {
+            panic!("wrong kind")
+        };
+        assert_eq!(s.status, SubscriptionStatus::Canceled);
+        assert_eq!(s.current_period_end, Some(1_702_000_000));
+        assert_eq!(s.ended_at, Some(1_700_000_500));
+        assert!(matches!(
+            parsed(
+                "customer.subscription.created",
+                &json!({ "id": "sub_9", "status": "trialing" })
+            ),
+            EventKind::SubscriptionCreated(_)
+        ));
+    }
+
+    #[test]
+    fn other_event_types_are_unhandled_whatever_their_payload() {
+        assert_eq!(
+            parsed("customer.created", &json!({ "id": "cus_1" })),
+            EventKind::Unhandled
+        );
+        let body = br#"{"id":"evt_x","type":"product.updated","created":1}"#;
+        assert_eq!(parse(body).unwrap().kind, EventKind::Unhandled);
+    }
+
+    #[test]
+    fn bodies_without_envelope_or_required_fields_are_permanent_errors() {
+        assert!(matches!(parse(b"not json"), Err(EventError::NotJson(_))));
+        assert!(matches!(
+            parse(br#"{"type":"charge.refunded","created":1}"#),
+            Err(EventError::MissingField("id"))
+        ));
+        assert!(matches!(
+            parse(br#"{"id":"evt_1","created":1}"#),
+            Err(EventError::MissingField("type"))
+        ));
+        assert!(matches!(
+            parse(br#"{"id":"evt_1","type":"invoice.paid"}"#),
+            Err(EventError::MissingField("created"))
+        ));
+        assert!(matches!(
+            parse(br#"{"id":"evt_1","type":"invoice.paid","created":1,"data":{}}"#),
+            Err(EventError::MissingField("data.object"))
+        ));
+        let missing = [
+            (
+                "checkout.session.completed",
+                json!({ "mode": "payment", "payment_status": "paid" }),
+                "id",
+            ),
+            (
+                "checkout.session.completed",
+                json!({ "id": "cs_1", "payment_status": "paid" }),
+                "mode",
+            ),
+            (
+                "charge.refunded",
+                json!({ "id": "ch_1", "amount": 1 }),
+                "amount_refunded",
+            ),
+            (
+                "charge.dispute.closed",
+                json!({ "id": "dp_1", "charge": "ch_1" }),
+                "status",
+            ),
+            (
+                "charge.dispute.created",
+                json!({ "id": "dp_1", "status": "needs_response" }),
+                "charge",
+            ),
+            (
+                "customer.subscription.updated",
+                json!({ "id": "sub_1" }),
+                "status",
+            ),
+            ("invoice.paid", json!({ "customer": "cus_1" }), "id"),
+            ("payment_intent.succeeded", json!({ "amount": 1 }), "id"),
+        ];
+        for (event_type, object, field) in missing {
+            match parse(&envelope(event_type, &object)) {
+                Err(EventError::MissingField(f)) => assert_eq!(f, field, "{event_type}"),
+                other => panic!("{event_type}: expected missing {field}, got {other:?}"),
+            }
+        }
+        let bad_user = json!({ "id": "cs_1", "mode": "payment", "payment_status": "paid",
+            "client_reference_id": "has space" });
+        assert!(matches!(
+            parse(&envelope("checkout.session.completed", &bad_user)),
+            Err(EventError::InvalidField { .. })
+        ));
+        let bad_status = json!({ "id": "sub_1", "status": "sleeping" });
+        assert!(matches!(
+            parse(&envelope("customer.subscription.updated", &bad_status)),
+            Err(EventError::InvalidField { field: "status" })
+        ));
+    }
+}

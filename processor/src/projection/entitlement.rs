@@ -1,0 +1,177 @@
+//! Entitlements derived from a user's purchase and subscription rows.
+//!
+//! Invariant: [`derive_entitlements`] is a pure function of the rows (not of the order they
+//! were written in, nor of the clock), returning one entitlement per key, sorted by key: the
+//! best source under a fixed total order.
+//!
+//! Status mapping. Purchases: completed → active (lifetime); disputed → suspended; refunded
+//! (full refund or lost dispute) → revoked; pending/failed → nothing. Subscriptions:
+//! trialing/active → active and past_due → past_due (grace), both until `current_period_end`;
+//! unpaid/paused → suspended (payment is owed or collection is paused: the user had access and
+//! will get it back on payment); incomplete → nothing (the first payment never succeeded, there
+//! was never access to suspend); canceled/incomplete_expired → expired at `ended_at`. A lapsed
+//! `expires_at` is for readers to compare with their clock; the projection stays clock-free so
+//! replays converge.
+
+use super::{
+    DEFAULT_PRODUCT_KEY, PurchaseFacts, PurchaseStatus, SubscriptionFacts, entitlement_key,
+};
+use crate::events::SubscriptionStatus;
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+/// `entitlements.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntitlementStatus {
+    Active,
+    PastDue,
+    Suspended,
+    Revoked,
+    Expired,
+}
+
+impl EntitlementStatus {
+    /// The column / API spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::PastDue => "past_due",
+            Self::Suspended => "suspended",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Parses the column spelling.
+    #[must_use]
+    pub fn from_column(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "active" => Self::Active,
+            "past_due" => Self::PastDue,
+            "suspended" => Self::Suspended,
+            "revoked" => Self::Revoked,
+            "expired" => Self::Expired,
+            _ => return None,
+        })
+    }
+
+    /// Higher is better for the user; picks the source that decides a key.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Active => 5,
+            Self::PastDue => 4,
+            Self::Suspended => 3,
+            Self::Revoked => 2,
+            Self::Expired => 1,
+        }
+    }
+}
+
+/// `entitlements.source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EntitlementSource {
+    Purchase,
+    Subscription,
+}
+
+impl EntitlementSource {
+    /// The column / API spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Purchase => "purchase",
+            Self::Subscription => "subscription",
+        }
+    }
+}
+
+/// One derived entitlement of a user (the user is implied by the rows it came from).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DerivedEntitlement {
+    pub key: String,
+    pub status: EntitlementStatus,
+    pub source: EntitlementSource,
+    pub source_id: String,
+    /// Unix seconds; `None` is lifetime.
+    pub expires_at: Option<i64>,
+}
+
+fn from_purchase(p: &PurchaseFacts) -> Option<DerivedEntitlement> {
+    let status = match p.status() {
+        PurchaseStatus::Completed => EntitlementStatus::Active,
+        PurchaseStatus::Disputed => EntitlementStatus::Suspended,
+        PurchaseStatus::Refunded => EntitlementStatus::Revoked,
+        PurchaseStatus::Pending | PurchaseStatus::Failed => return None,
+    };
+    Some(DerivedEntitlement {
+        key: entitlement_key(p.product_key.as_deref()?),
+        status,
+        source: EntitlementSource::Purchase,
+        source_id: p.source_id()?.to_owned(),
+        expires_at: None,
+    })
+}
+
+fn from_subscription(s: &SubscriptionFacts) -> Option<DerivedEntitlement> {
+    let (status, expires_at) = match s.status() {
+        SubscriptionStatus::Trialing | SubscriptionStatus::Active => {
+            (EntitlementStatus::Active, s.current_period_end)
+        }
+        SubscriptionStatus::PastDue => (EntitlementStatus::PastDue, s.current_period_end),
+        SubscriptionStatus::Unpaid | SubscriptionStatus::Paused => {
+            (EntitlementStatus::Suspended, s.current_period_end)
+        }
+        SubscriptionStatus::Incomplete => return None,
+        SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired => (
+            EntitlementStatus::Expired,
+            s.ended_at.or(s.current_period_end),
+        ),
+    };
+    Some(DerivedEntitlement {
+        key: entitlement_key(s.product_key.as_deref().unwrap_or(DEFAULT_PRODUCT_KEY)),
+        status,
+        source: EntitlementSource::Subscription,
+        source_id: s.id.clone(),
+        expires_at,
+    })
+}
+
+/// Total order on candidates for one key: better status, then lifetime before dated, then the
+/// later expiry, then purchase before subscription, then the smaller source id.
+fn better(a: &DerivedEntitlement, b: &DerivedEntitlement) -> Ordering {
+    a.status
+        .rank()
+        .cmp(&b.status.rank())
+        .then_with(|| match (a.expires_at, b.expires_at) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(x), Some(y)) => x.cmp(&y),
+        })
+        .then_with(|| b.source.cmp(&a.source))
+        .then_with(|| b.source_id.cmp(&a.source_id))
+}
+
+/// The user's entitlements implied by their rows, one per key, sorted by key. Rows are
+/// expected to belong to one user; rows that grant nothing are skipped.
+#[must_use]
+pub fn derive_entitlements(
+    purchases: &[PurchaseFacts],
+    subscriptions: &[SubscriptionFacts],
+) -> Vec<DerivedEntitlement> {
+    let mut best: BTreeMap<String, DerivedEntitlement> = BTreeMap::new();
+    let candidates = purchases
+        .iter()
+        .filter_map(from_purchase)
+        .chain(subscriptions.iter().filter_map(from_subscription));
+    for candidate in candidates {
+        match best.get(&candidate.key) {
+            Some(current) if better(current, &candidate) != Ordering::Less => {}
+            _ => {
+                best.insert(candidate.key.clone(), candidate);
+            }
+        }
+    }
+    best.into_values().collect()
+}

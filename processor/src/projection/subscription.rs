@@ -1,0 +1,83 @@
+//! Subscriptions as a join of monotone facts.
+//!
+//! Invariant: the status is a last-writer-wins register ordered by (event `created`, status
+//! precedence, `cancel_at_period_end`) — a total order, so a stale event never overrides a newer
+//! one and two events of the same second resolve the same way in any order. Ending is terminal
+//! (`terminal` only grows), the period end only extends.
+
+use super::min_known;
+use crate::events::SubscriptionStatus;
+
+/// A status asserted by one event. The derived `Ord` compares `at` first, then the lifecycle
+/// precedence of [`SubscriptionStatus`] (incomplete < trialing < active < past_due < unpaid <
+/// paused < incomplete_expired < canceled): inside one second Stripe moves a subscription
+/// forward through that lifecycle, so the later stage is the better guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StatusClaim {
+    /// The `created` of the event that made the claim (unix seconds).
+    pub at: i64,
+    pub status: SubscriptionStatus,
+    pub cancel_at_period_end: bool,
+}
+
+/// Everything learned about one subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionFacts {
+    pub id: String,
+    pub user_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub product_key: Option<String>,
+    pub claim: Option<StatusClaim>,
+    /// Set once the subscription ended (canceled, deleted, incomplete_expired); wins over
+    /// every claim, however new.
+    pub terminal: Option<SubscriptionStatus>,
+    pub current_period_end: Option<i64>,
+    pub ended_at: Option<i64>,
+}
+
+impl SubscriptionFacts {
+    /// A subscription about which nothing is known yet.
+    #[must_use]
+    pub fn new(id: String) -> Self {
+        Self {
+            id,
+            user_id: None,
+            customer_id: None,
+            product_key: None,
+            claim: None,
+            terminal: None,
+            current_period_end: None,
+            ended_at: None,
+        }
+    }
+
+    /// The join of two fact sets about the same subscription (same `id`).
+    #[must_use]
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            id: self.id.max(other.id),
+            user_id: self.user_id.max(other.user_id),
+            customer_id: self.customer_id.max(other.customer_id),
+            product_key: self.product_key.max(other.product_key),
+            claim: self.claim.max(other.claim),
+            terminal: self.terminal.max(other.terminal),
+            current_period_end: self.current_period_end.max(other.current_period_end),
+            ended_at: min_known(self.ended_at, other.ended_at),
+        }
+    }
+
+    /// The effective Stripe status: terminal if ended, else the newest claim; `incomplete`
+    /// while no event has said anything about payment.
+    #[must_use]
+    pub fn status(&self) -> SubscriptionStatus {
+        self.terminal
+            .or(self.claim.map(|c| c.status))
+            .unwrap_or(SubscriptionStatus::Incomplete)
+    }
+
+    /// `cancel_at_period_end` of the newest claim.
+    #[must_use]
+    pub fn cancel_at_period_end(&self) -> bool {
+        self.claim.is_some_and(|c| c.cancel_at_period_end)
+    }
+}

@@ -1,0 +1,644 @@
+//! Order-independence of the projection: every permutation of a scenario's events, with
+//! duplicates, merged through the same pure functions the Postgres store uses, ends in the same
+//! rows and entitlements as the expected end state.
+
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::events::{self, Event};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+const T0: i64 = 1_700_000_000;
+const DAY: i64 = 86_400;
+
+/// Stripe-shaped event bodies, parsed through [`events::parse`] like the real ones.
+mod fx {
+    use super::*;
+
+    pub(super) fn event(id: &str, event_type: &str, created: i64, object: Value) -> Event {
+        let body = json!({
+            "id": id, "object": "event", "type": event_type, "created": created,
+            "api_version": "2025-03-31.basil", "livemode": false, "pending_webhooks": 1,
+            "request": { "id": null, "idempotency_key": null },
+            "data": { "object": object }
+        });
+        events::parse(&serde_json::to_vec(&body).unwrap()).unwrap()
+    }
+
+    pub(super) fn checkout(
+        id: &str,
+        event_type: &str,
+        created: i64,
+        payment_status: &str,
+        user: &str,
+    ) -> Event {
+        event(
+            id,
+            event_type,
+            created,
+            json!({
+                "id": "cs_1", "object": "checkout.session", "mode": "payment",
+                "payment_status": payment_status, "customer": "cus_1", "payment_intent": "pi_1",
+                "client_reference_id": user, "amount_total": 4900, "currency": "usd",
+                "metadata": { "user_id": user, "product_key": "pro" }
+            }),
+        )
+    }
+
+    pub(super) fn payment_intent_succeeded(id: &str, created: i64, user: &str) -> Event {
+        event(
+            id,
+            "payment_intent.succeeded",
+            created,
+            json!({ "id": "pi_1", "object": "payment_intent", "amount": 4900,
+                "amount_received": 4900, "currency": "usd", "customer": "cus_1",
+                "metadata": { "user_id": user, "product_key": "pro" } }),
+        )
+    }
+
+    /// A refund event WITHOUT user metadata: the purchase is found through its payment intent.
+    pub(super) fn refund(id: &str, created: i64, refunded: i64) -> Event {
+        event(
+            id,
+            "charge.refunded",
+            created,
+            json!({ "id": "ch_1", "object": "charge", "amount": 4900,
+                "amount_refunded": refunded, "refunded": refunded >= 4900,
+                "payment_intent": "pi_1", "customer": "cus_1", "currency": "usd",
+                "refunds": { "data": [ { "id": format!("re_{refunded}"), "created": created,
+                    "reason": "requested_by_customer" } ] } }),
+        )
+    }
+
+    /// Disputes carry neither user nor customer: only the charge and payment intent.
+    pub(super) fn dispute(id: &str, event_type: &str, created: i64, status: &str) -> Event {
+        event(
+            id,
+            event_type,
+            created,
+            json!({ "id": "dp_1", "object": "dispute", "charge": "ch_1",
+                "payment_intent": "pi_1", "amount": 4900, "status": status }),
+        )
+    }
+
+    /// Subscription events WITHOUT metadata: the user is known only through the customer.
+    pub(super) fn subscription(
+        id: &str,
+        event_type: &str,
+        created: i64,
+        status: &str,
+        period_end: i64,
+    ) -> Event {
+        let ended = matches!(status, "canceled" | "incomplete_expired");
+        event(
+            id,
+            event_type,
+            created,
+            json!({ "id": "sub_1", "object": "subscription", "customer": "cus_2",
+                "status": status, "cancel_at_period_end": false,
+                "ended_at": if ended { json!(created) } else { Value::Null },
+                "items": { "data": [ { "id": "si_1", "current_period_end": period_end } ] } }),
+        )
+    }
+
+    pub(super) fn invoice(
+        id: &str,
+        event_type: &str,
+        created: i64,
+        reason: &str,
+        period_end: i64,
+    ) -> Event {
+        event(
+            id,
+            event_type,
+            created,
+            json!({ "id": format!("in_{id}"), "object": "invoice", "customer": "cus_2",
+                "billing_reason": reason,
+                "parent": { "type": "subscription_details",
+                    "subscription_details": { "subscription": "sub_1" } },
+                "lines": { "data": [ { "period": { "start": period_end - 30 * DAY,
+                    "end": period_end } } ] } }),
+        )
+    }
+
+    pub(super) fn subscription_checkout(id: &str, created: i64, user: &str) -> Event {
+        event(
+            id,
+            "checkout.session.completed",
+            created,
+            json!({ "id": "cs_sub", "object": "checkout.session", "mode": "subscription",
+                "payment_status": "paid", "customer": "cus_2", "subscription": "sub_1",
+                "client_reference_id": user, "metadata": { "product_key": "pro" } }),
+        )
+    }
+}
+
+/// A tiny in-memory store applying the same pure functions as `store::apply`.
+#[derive(Debug, Default)]
+struct Memory {
+    purchases: Vec<PurchaseFacts>,
+    subscriptions: BTreeMap<String, SubscriptionFacts>,
+    customers: BTreeMap<String, String>,
+    abandoned: BTreeMap<String, AbandonedCheckout>,
+}
+
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    purchases: Vec<(PurchaseFacts, PurchaseStatus)>,
+    subscriptions: Vec<(SubscriptionFacts, SubscriptionStatus)>,
+    entitlements: BTreeMap<String, Vec<DerivedEntitlement>>,
+}
+
+use crate::events::SubscriptionStatus;
+
+impl Memory {
+    fn apply(&mut self, event: &Event) {
+        let plan = plan(event);
+        if let Some(link) = plan.link {
+            self.customers
+                .entry(link.customer_id)
+                .or_insert_with(|| link.user_id.as_str().to_owned());
+        }
+        if let Some(delta) = plan.purchase {
+            // Stored rows never share a key, so one pass finds every row the delta joins.
+            let (same, mut rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.purchases)
+                .into_iter()
+                .partition(|p| p.shares_key(&delta));
+            rest.push(same.into_iter().fold(delta, PurchaseFacts::merge));
+            self.purchases = rest;
+        }
+        if let Some(delta) = plan.subscription {
+            let merged = match self.subscriptions.remove(&delta.id) {
+                Some(row) => row.merge(delta),
+                None => delta,
+            };
+            self.subscriptions.insert(merged.id.clone(), merged);
+        }
+        if let Some(abandoned) = plan.abandoned {
+            self.abandoned
+                .entry(abandoned.session_id.clone())
+                .or_insert(abandoned);
+        }
+        let customers = &self.customers;
+        let resolve = |user: &mut Option<String>, customer: &Option<String>| {
+            if user.is_none() {
+                *user = customer.as_ref().and_then(|c| customers.get(c)).cloned();
+            }
+        };
+        for p in &mut self.purchases {
+            resolve(&mut p.user_id, &p.customer_id);
+        }
+        for s in self.subscriptions.values_mut() {
+            resolve(&mut s.user_id, &s.customer_id);
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        let mut purchases: Vec<_> = self
+            .purchases
+            .iter()
+            .map(|p| (p.clone(), p.status()))
+            .collect();
+        purchases.sort_by(|a, b| a.0.source_id().cmp(&b.0.source_id()));
+        let subscriptions = self
+            .subscriptions
+            .values()
+            .map(|s| (s.clone(), s.status()))
+            .collect();
+        let mut users: Vec<&String> = self
+            .purchases
+            .iter()
+            .filter_map(|p| p.user_id.as_ref())
+            .chain(
+                self.subscriptions
+                    .values()
+                    .filter_map(|s| s.user_id.as_ref()),
+            )
+            .collect();
+        users.sort();
+        users.dedup();
+        let entitlements = users
+            .into_iter()
+            .map(|user| {
+                let ps: Vec<_> = self
+                    .purchases
+                    .iter()
+                    .filter(|p| p.user_id.as_ref() == Some(user))
+                    .cloned()
+                    .collect();
+                let ss: Vec<_> = self
+                    .subscriptions
+                    .values()
+                    .filter(|s| s.user_id.as_ref() == Some(user))
+                    .cloned()
+                    .collect();
+                (user.clone(), derive_entitlements(&ps, &ss))
+            })
+            .collect();
+        Outcome {
+            purchases,
+            subscriptions,
+            entitlements,
+        }
+    }
+}
+
+fn run(events: &[Event], order: &[usize]) -> Outcome {
+    let mut memory = Memory::default();
+    for &i in order {
+        memory.apply(&events[i]);
+    }
+    memory.outcome()
+}
+
+/// A permutation of `0..n` with duplicates inserted at arbitrary places.
+fn orders(n: usize) -> impl Strategy<Value = Vec<usize>> {
+    let perm = Just((0..n).collect::<Vec<_>>()).prop_shuffle();
+    let dups = prop::collection::vec((0..n, any::<prop::sample::Index>()), 0..=n);
+    (perm, dups).prop_map(|(mut order, dups)| {
+        for (event, at) in dups {
+            let pos = at.index(order.len() + 1);
+            order.insert(pos, event);
+        }
+        order
+    })
+}
+
+fn only_entitlement(outcome: &Outcome, user: &str) -> DerivedEntitlement {
+    let list = &outcome.entitlements[user];
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0].clone()
+}
+
+fn purchase_scenario(tail: Vec<Event>) -> Vec<Event> {
+    let mut events = vec![
+        fx::checkout("evt_done", "checkout.session.completed", T0, "paid", "u1"),
+        fx::payment_intent_succeeded("evt_pi", T0, "u1"),
+    ];
+    events.extend(tail);
+    events
+}
+
+fn subscription_scenario(with_delete: bool) -> Vec<Event> {
+    let p1 = T0 + 30 * DAY;
+    let p2 = T0 + 60 * DAY;
+    let mut events = vec![
+        // The first payment: four events inside the same second.
+        fx::subscription(
+            "evt_s1",
+            "customer.subscription.created",
+            T0,
+            "incomplete",
+            p1,
+        ),
+        fx::invoice("evt_i1", "invoice.paid", T0, "subscription_create", p1),
+        fx::subscription("evt_s2", "customer.subscription.updated", T0, "active", p1),
+        fx::subscription_checkout("evt_cs", T0, "u2"),
+        // The first renewal fails…
+        fx::invoice(
+            "evt_i2",
+            "invoice.payment_failed",
+            p1,
+            "subscription_cycle",
+            p2,
+        ),
+        fx::subscription(
+            "evt_s3",
+            "customer.subscription.updated",
+            p1,
+            "past_due",
+            p2,
+        ),
+        // …and is paid three days later.
+        fx::invoice(
+            "evt_i3",
+            "invoice.paid",
+            p1 + 3 * DAY,
+            "subscription_cycle",
+            p2,
+        ),
+        fx::subscription(
+            "evt_s4",
+            "customer.subscription.updated",
+            p1 + 3 * DAY,
+            "active",
+            p2,
+        ),
+    ];
+    if with_delete {
+        events.push(fx::subscription(
+            "evt_s5",
+            "customer.subscription.deleted",
+            p1 + 10 * DAY,
+            "canceled",
+            p2,
+        ));
+    }
+    events
+}
+
+fn assert_converges(events: &[Event], order: &[usize]) -> Outcome {
+    let canonical = run(events, &(0..events.len()).collect::<Vec<_>>());
+    let permuted = run(events, order);
+    assert_eq!(permuted, canonical, "order {order:?}");
+    permuted
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn purchase_then_full_refund_revokes_in_any_order(order in orders(3)) {
+        let events = purchase_scenario(vec![fx::refund("evt_rf", T0 + DAY, 4900)]);
+        let outcome = assert_converges(&events, &order);
+        let (purchase, status) = &outcome.purchases[0];
+        prop_assert_eq!(*status, PurchaseStatus::Refunded);
+        prop_assert_eq!(purchase.refunded_cents(), 4900);
+        prop_assert_eq!(purchase.refunded_at, Some(T0 + DAY));
+        prop_assert_eq!(purchase.user_id.as_deref(), Some("u1"));
+        let e = only_entitlement(&outcome, "u1");
+        prop_assert_eq!(e.status, EntitlementStatus::Revoked);
+        prop_assert_eq!(e.source_id, "pi_1");
+    }
+
+    #[test]
+    fn purchase_then_partial_refund_keeps_access_in_any_order(order in orders(4)) {
+        let events = purchase_scenario(vec![
+            fx::refund("evt_rf1", T0 + DAY, 1000),
+            fx::refund("evt_rf2", T0 + 2 * DAY, 1500),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        let (purchase, status) = &outcome.purchases[0];
+        prop_assert_eq!(*status, PurchaseStatus::Completed);
+        prop_assert_eq!(purchase.refunded_cents(), 1500);
+        prop_assert_eq!(
+            purchase.refund.as_ref().and_then(|r| r.refund_id.as_deref()),
+            Some("re_1500")
+        );
+        prop_assert_eq!(purchase.refunded_at, None);
+        let e = only_entitlement(&outcome, "u1");
+        prop_assert_eq!(e.status, EntitlementStatus::Active);
+        prop_assert_eq!(e.expires_at, None);
+    }
+
+    #[test]
+    fn purchase_then_dispute_won_restores_in_any_order(order in orders(4)) {
+        let events = purchase_scenario(vec![
+            fx::dispute("evt_dc", "charge.dispute.created", T0 + DAY, "needs_response"),
+            fx::dispute("evt_dw", "charge.dispute.closed", T0 + 9 * DAY, "won"),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        let (purchase, status) = &outcome.purchases[0];
+        prop_assert_eq!(*status, PurchaseStatus::Completed);
+        prop_assert_eq!(purchase.dispute, DisputeState::Won);
+        prop_assert_eq!(purchase.charge_id.as_deref(), Some("ch_1"));
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Active);
+    }
+
+    #[test]
+    fn purchase_then_dispute_lost_revokes_in_any_order(order in orders(4)) {
+        let events = purchase_scenario(vec![
+            fx::dispute("evt_dc", "charge.dispute.created", T0 + DAY, "needs_response"),
+            fx::dispute("evt_dl", "charge.dispute.closed", T0 + 9 * DAY, "lost"),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(outcome.purchases.len(), 1);
+        prop_assert_eq!(outcome.purchases[0].1, PurchaseStatus::Refunded);
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Revoked);
+    }
+
+    #[test]
+    fn delayed_payment_then_async_success_grants_in_any_order(order in orders(3)) {
+        let events = vec![
+            fx::checkout("evt_done", "checkout.session.completed", T0, "unpaid", "u1"),
+            fx::checkout(
+                "evt_async", "checkout.session.async_payment_succeeded", T0 + DAY, "paid", "u1",
+            ),
+            fx::payment_intent_succeeded("evt_pi", T0 + DAY, "u1"),
+        ];
+        let outcome = assert_converges(&events, &order);
+        let (purchase, status) = &outcome.purchases[0];
+        prop_assert_eq!(*status, PurchaseStatus::Completed);
+        prop_assert_eq!(purchase.paid_at, Some(T0 + DAY));
+        prop_assert_eq!(purchase.amount_cents, Some(4900));
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Active);
+    }
+
+    #[test]
+    fn subscription_lifecycle_ending_in_deletion_expires_in_any_order(order in orders(9)) {
+        let events = subscription_scenario(true);
+        let outcome = assert_converges(&events, &order);
+        let (sub, status) = &outcome.subscriptions[0];
+        prop_assert_eq!(*status, SubscriptionStatus::Canceled);
+        prop_assert_eq!(sub.user_id.as_deref(), Some("u2"));
+        let e = only_entitlement(&outcome, "u2");
+        prop_assert_eq!(e.status, EntitlementStatus::Expired);
+        prop_assert_eq!(e.source, EntitlementSource::Subscription);
+        prop_assert_eq!(e.expires_at, Some(T0 + 40 * DAY));
+    }
+
+    #[test]
+    fn subscription_recovered_from_failed_renewal_is_active_in_any_order(order in orders(8)) {
+        let events = subscription_scenario(false);
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(outcome.subscriptions[0].1, SubscriptionStatus::Active);
+        let e = only_entitlement(&outcome, "u2");
+        prop_assert_eq!(e.status, EntitlementStatus::Active);
+        prop_assert_eq!(e.expires_at, Some(T0 + 60 * DAY));
+    }
+
+    #[test]
+    fn purchase_merge_is_a_semilattice(
+        a in arbitrary_purchase(), b in arbitrary_purchase(), c in arbitrary_purchase(),
+    ) {
+        prop_assert_eq!(a.clone().merge(b.clone()), b.clone().merge(a.clone()));
+        prop_assert_eq!(
+            a.clone().merge(b.clone()).merge(c.clone()),
+            a.clone().merge(b.clone().merge(c))
+        );
+        prop_assert_eq!(a.clone().merge(a.clone()), a);
+    }
+}
+
+fn arbitrary_purchase() -> impl Strategy<Value = PurchaseFacts> {
+    let id = || prop::option::of(prop::sample::select(vec!["a", "b"]).prop_map(String::from));
+    let time = || prop::option::of(0i64..3);
+    (
+        (id(), id(), id(), id(), prop::option::of(0i64..3)),
+        (any::<bool>(), time(), any::<bool>(), any::<bool>(), time()),
+        (
+            prop::option::of((0i64..3, id(), id())),
+            prop::sample::select(vec![
+                DisputeState::None,
+                DisputeState::Open,
+                DisputeState::Won,
+                DisputeState::Lost,
+            ]),
+        ),
+    )
+        .prop_map(
+            |(
+                (session, intent, user, product, amount),
+                (paid, paid_at, failed, full, refunded_at),
+                (refund, dispute),
+            )| PurchaseFacts {
+                checkout_session_id: session,
+                payment_intent_id: intent,
+                user_id: user,
+                product_key: product,
+                amount_cents: amount,
+                paid,
+                paid_at,
+                failed,
+                fully_refunded: full,
+                refunded_at,
+                refund: refund.map(|(amount_cents, refund_id, reason)| RefundFact {
+                    amount_cents,
+                    refund_id,
+                    reason,
+                }),
+                dispute,
+                ..PurchaseFacts::default()
+            },
+        )
+}
+
+#[test]
+fn refund_before_completion_never_grants() {
+    let events = purchase_scenario(vec![fx::refund("evt_rf", T0 + DAY, 4900)]);
+    let outcome = run(&events, &[2, 0, 1]);
+    assert_eq!(
+        only_entitlement(&outcome, "u1").status,
+        EntitlementStatus::Revoked
+    );
+}
+
+#[test]
+fn stale_subscription_update_never_overrides_a_newer_one() {
+    let newer = fx::subscription(
+        "evt_b",
+        "customer.subscription.updated",
+        T0 + 10,
+        "past_due",
+        T0,
+    );
+    let stale = fx::subscription("evt_a", "customer.subscription.updated", T0, "active", T0);
+    let outcome = run(&[newer, stale], &[0, 1]);
+    assert_eq!(outcome.subscriptions[0].1, SubscriptionStatus::PastDue);
+}
+
+#[test]
+fn same_second_subscription_events_resolve_by_lifecycle_precedence() {
+    let created = fx::subscription(
+        "evt_a",
+        "customer.subscription.created",
+        T0,
+        "incomplete",
+        T0,
+    );
+    let active = fx::subscription("evt_b", "customer.subscription.updated", T0, "active", T0);
+    for order in [[0, 1], [1, 0]] {
+        let outcome = run(&[created.clone(), active.clone()], &order);
+        assert_eq!(outcome.subscriptions[0].1, SubscriptionStatus::Active);
+    }
+}
+
+#[test]
+fn failed_first_invoice_does_not_open_a_grace_period() {
+    let failed = fx::invoice(
+        "evt_f",
+        "invoice.payment_failed",
+        T0,
+        "subscription_create",
+        T0,
+    );
+    let plan = plan(&failed);
+    assert_eq!(plan.subscription.unwrap().claim, None);
+}
+
+#[test]
+fn payment_intent_without_our_metadata_is_not_a_purchase() {
+    let pi = fx::event(
+        "evt_pi",
+        "payment_intent.succeeded",
+        T0,
+        json!({ "id": "pi_9", "amount": 900, "customer": "cus_1", "metadata": {} }),
+    );
+    assert!(plan(&pi).is_empty());
+}
+
+#[test]
+fn unpaid_and_incomplete_subscriptions_map_to_suspended_and_nothing() {
+    for (status, expected) in [
+        ("unpaid", Some(EntitlementStatus::Suspended)),
+        ("paused", Some(EntitlementStatus::Suspended)),
+        ("incomplete", None),
+        ("trialing", Some(EntitlementStatus::Active)),
+        ("incomplete_expired", Some(EntitlementStatus::Expired)),
+    ] {
+        let mut sub = plan(&fx::subscription(
+            "evt",
+            "customer.subscription.updated",
+            T0,
+            status,
+            T0 + DAY,
+        ))
+        .subscription
+        .unwrap();
+        sub.user_id = Some("u".into());
+        let derived = derive_entitlements(&[], &[sub]);
+        assert_eq!(derived.first().map(|e| e.status), expected, "{status}");
+    }
+}
+
+#[test]
+fn expired_checkout_plans_an_abandoned_notification_with_its_recovery_url() {
+    let expired = fx::event(
+        "evt_x",
+        "checkout.session.expired",
+        T0,
+        json!({ "id": "cs_9", "mode": "payment", "payment_status": "unpaid",
+            "client_reference_id": "u9",
+            "after_expiration": { "recovery": { "url": "https://buy.stripe.com/r/x" } } }),
+    );
+    let abandoned = plan(&expired).abandoned.unwrap();
+    assert_eq!(abandoned.session_id, "cs_9");
+    assert_eq!(abandoned.user_id.unwrap().as_str(), "u9");
+    assert_eq!(
+        abandoned.recovery_url.as_deref(),
+        Some("https://buy.stripe.com/r/x")
+    );
+}
+
+#[test]
+fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
+    let purchase = PurchaseFacts {
+        payment_intent_id: Some("pi".into()),
+        product_key: Some("pro".into()),
+        paid: true,
+        ..PurchaseFacts::default()
+    };
+    let sub = SubscriptionFacts {
+        terminal: Some(SubscriptionStatus::Canceled),
+        ended_at: Some(T0),
+        ..SubscriptionFacts::new("sub".into())
+    };
+    let refunded = PurchaseFacts {
+        payment_intent_id: Some("pi_old".into()),
+        fully_refunded: true,
+        ..purchase.clone()
+    };
+    // The choice must not depend on the order rows were loaded in.
+    for purchases in [
+        vec![refunded.clone(), purchase.clone()],
+        vec![purchase, refunded],
+    ] {
+        let derived = derive_entitlements(&purchases, std::slice::from_ref(&sub));
+        assert_eq!(derived.len(), 1);
+        assert_eq!(derived[0].source, EntitlementSource::Purchase);
+        assert_eq!(derived[0].source_id, "pi");
+        assert_eq!(derived[0].status, EntitlementStatus::Active);
+    }
+}

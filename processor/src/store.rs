@@ -1,0 +1,757 @@
+//! Postgres I/O around the pure projection: load the rows an event touches, merge them with
+//! the event's facts, write them back, recompute the affected users' entitlements, bump their
+//! versions and queue notifications — all inside the caller's transaction.
+//!
+//! Invariants:
+//! - Nothing here commits or rolls back: the caller owns the transaction (or savepoint) and
+//!   the `processed_events` insert that makes an event apply once.
+//! - Rows only ever hold the join of their facts ([`projection`]), so the final rows do not
+//!   depend on the order events arrive in; entitlements are always recomputed from the rows.
+//! - Serialization: every transaction first takes transaction-scoped advisory locks on the
+//!   Stripe objects its event names (customer, session, payment intent, charge, subscription),
+//!   sorted, then — once the rows have revealed them — on the users whose entitlements it
+//!   recomputes, sorted. Object locks are always all taken before any user lock, so the two
+//!   phases cannot wait on each other in a cycle. A user's entitlements are therefore
+//!   recomputed by one transaction at a time, and the last to commit saw every earlier commit.
+//! - A user's version is bumped in the same transaction as every recomputation of their
+//!   entitlements; [`user_snapshot`] reads version and entitlements in one statement.
+
+use crate::events::{Event, SubscriptionStatus};
+use crate::projection::{
+    self, AbandonedCheckout, CustomerLink, DerivedEntitlement, DisputeState, EntitlementSource,
+    EntitlementStatus, FeeSplit, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
+};
+use chrono::{DateTime, Utc};
+use futures_util::future::{try_join_all, try_join3, try_join4};
+use shared::ids::UserId;
+use std::collections::{BTreeMap, BTreeSet};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{GenericClient, Row, Transaction};
+
+/// A user's entitlements as cached in Redis and served by the API.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UserSnapshot {
+    pub user_id: String,
+    /// Bumped in every transaction that recomputes this user's entitlements; 0 if never.
+    pub version: i64,
+    /// Sorted by key.
+    pub entitlements: Vec<EntitlementView>,
+}
+
+/// One entitlement row.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EntitlementView {
+    pub key: String,
+    /// `active|past_due|suspended|revoked|expired`
+    pub status: String,
+    /// `purchase|subscription`
+    pub source: String,
+    pub source_id: String,
+    /// `None` is lifetime.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What [`apply`] changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    /// Users whose entitlements were recomputed, with their new version (sorted by user id).
+    pub users: Vec<UserSnapshot>,
+}
+
+/// Why [`apply`] or [`user_snapshot`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Connection loss, timeout, serialization or deadlock failure…: retry the event.
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// The user already owns a completed purchase of this product (the partial unique index
+    /// refused a second one). Retrying cannot help until an operator refunds one of them.
+    #[error("user already owns a completed purchase of product `{product_key}`")]
+    DuplicatePurchase { product_key: String },
+    /// The event carries a timestamp Postgres cannot store.
+    #[error("timestamp {0} is out of range")]
+    InvalidTimestamp(i64),
+    /// A stored value the projection does not recognise (a schema/code mismatch).
+    #[error("unexpected value in column `{column}`")]
+    Corrupt { column: &'static str },
+}
+
+/// Namespace of the projection's advisory locks (the two-key form keeps them apart from any
+/// single-key lock other code takes).
+const LOCK_CLASS: i32 = 0x454e_5431;
+
+const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, checkout_session_id, \
+     payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
+     payment_failed, refund_amount_cents, stripe_refund_id, refund_reason, fully_refunded, \
+     refunded_at, dispute_status, dispute_id";
+
+const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, status_claim, \
+     status_claim_at, cancel_at_period_end, terminal_status, current_period_end, ended_at";
+
+/// Applies one event inside the caller's transaction and returns the users whose entitlements
+/// it recomputed.
+///
+/// # Errors
+/// [`StoreError::Db`] for database failures (transient: retry the event),
+/// [`StoreError::DuplicatePurchase`], [`StoreError::InvalidTimestamp`] and
+/// [`StoreError::Corrupt`] for failures a retry cannot fix.
+pub async fn apply(tx: &Transaction<'_>, event: &Event) -> Result<Applied, StoreError> {
+    let plan = projection::plan(event);
+    if plan.is_empty() {
+        return Ok(Applied::default());
+    }
+    lock(tx, plan.lock_keys()).await?;
+
+    let mut users = BTreeSet::new();
+    if let Some(link) = &plan.link {
+        link_customer(tx, link, &mut users).await?;
+    }
+    if let Some(delta) = plan.purchase {
+        merge_purchase(tx, delta, &mut users).await?;
+    }
+    if let Some(delta) = plan.subscription {
+        merge_subscription(tx, delta, &mut users).await?;
+    }
+    if let Some(abandoned) = &plan.abandoned {
+        record_abandoned(tx, abandoned).await?;
+    }
+
+    lock(tx, users.iter().map(|u| format!("user:{u}")).collect()).await?;
+    let mut snapshots = Vec::with_capacity(users.len());
+    for user in &users {
+        snapshots.push(recompute(tx, user).await?);
+    }
+    tracing::debug!(
+        event_id = %event.id,
+        event_type = %event.event_type,
+        users = snapshots.len(),
+        "event projected"
+    );
+    Ok(Applied { users: snapshots })
+}
+
+/// Reads a user's current entitlements and version (0 and no entitlements for an unknown user).
+///
+/// # Errors
+/// [`StoreError::Db`] when the query fails, [`StoreError::Corrupt`] on an unexpected row.
+pub async fn user_snapshot(
+    client: &impl GenericClient,
+    user: &UserId,
+) -> Result<UserSnapshot, StoreError> {
+    // One statement, one MVCC snapshot: the version always matches the entitlements read.
+    let rows = client
+        .query_typed(
+            "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at
+               FROM (SELECT COALESCE((SELECT version FROM user_entitlement_versions
+                                       WHERE user_id = $1), 0) AS version) v
+               LEFT JOIN entitlements e ON e.user_id = $1
+              ORDER BY e.key",
+            &[(&user.as_str(), Type::TEXT)],
+        )
+        .await?;
+    let mut snapshot = UserSnapshot {
+        user_id: user.as_str().to_owned(),
+        version: 0,
+        entitlements: Vec::new(),
+    };
+    for row in rows {
+        snapshot.version = row.try_get(0)?;
+        if let Some(key) = row.try_get::<_, Option<String>>(1)? {
+            snapshot.entitlements.push(EntitlementView {
+                key,
+                status: row.try_get(2)?,
+                source: row.try_get(3)?,
+                source_id: row.try_get(4)?,
+                expires_at: row.try_get(5)?,
+                updated_at: row.try_get(6)?,
+            });
+        }
+    }
+    Ok(snapshot)
+}
+
+/// 32-bit FNV-1a: a stable hash, identical in every process, for advisory lock ids.
+fn lock_id(key: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Takes the advisory locks of `keys` in ascending id order (a global order, so lockers of
+/// overlapping sets never deadlock).
+async fn lock(tx: &Transaction<'_>, keys: Vec<String>) -> Result<(), StoreError> {
+    let mut ids: Vec<i32> = keys.iter().map(|k| lock_id(k)).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    // A function scan yields the array in order and the lock call runs row by row.
+    tx.execute_typed(
+        "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k",
+        &[(&LOCK_CLASS, Type::INT4), (&ids, Type::INT4_ARRAY)],
+    )
+    .await?;
+    Ok(())
+}
+
+fn timestamp(secs: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp(secs, 0).ok_or(StoreError::InvalidTimestamp(secs))
+}
+
+fn opt_timestamp(secs: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    secs.map(timestamp).transpose()
+}
+
+fn secs(at: Option<DateTime<Utc>>) -> Option<i64> {
+    at.map(|t| t.timestamp())
+}
+
+/// Records customer → user and, when the link is new, attaches that customer's orphan rows.
+async fn link_customer(
+    tx: &Transaction<'_>,
+    link: &CustomerLink,
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
+    let row = tx
+        .query_typed_one(
+            "WITH ins AS (
+                 INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
+                 ON CONFLICT (customer_id) DO NOTHING
+                 RETURNING user_id)
+             SELECT (SELECT user_id FROM ins) AS inserted,
+                    (SELECT user_id FROM customers WHERE customer_id = $1) AS existing",
+            &[
+                (&link.customer_id, Type::TEXT),
+                (&link.user_id.as_str(), Type::TEXT),
+            ],
+        )
+        .await?;
+    let inserted: Option<String> = row.try_get(0)?;
+    let existing: Option<String> = row.try_get(1)?;
+    if let Some(existing) = existing.filter(|e| e != link.user_id.as_str()) {
+        // The first link wins; a customer never moves between users by itself.
+        tracing::warn!(
+            customer_id = %link.customer_id,
+            kept_user = %existing,
+            refused_user = %link.user_id,
+            "customer already linked to another user"
+        );
+    }
+    let Some(user) = inserted else {
+        return Ok(());
+    };
+    let attached: i64 = tx
+        .query_typed_one(
+            "WITH p AS (UPDATE purchases SET user_id = $2, updated_at = now()
+                         WHERE customer_id = $1 AND user_id IS NULL RETURNING 1),
+                  s AS (UPDATE subscriptions SET user_id = $2, updated_at = now()
+                         WHERE customer_id = $1 AND user_id IS NULL RETURNING 1)
+             SELECT (SELECT count(*) FROM p) + (SELECT count(*) FROM s)",
+            &[(&link.customer_id, Type::TEXT), (&user, Type::TEXT)],
+        )
+        .await?
+        .try_get(0)?;
+    if attached > 0 {
+        users.insert(user);
+    }
+    Ok(())
+}
+
+async fn customer_user(
+    tx: &Transaction<'_>,
+    customer: Option<&String>,
+) -> Result<Option<String>, StoreError> {
+    let Some(customer) = customer else {
+        return Ok(None);
+    };
+    Ok(tx
+        .query_typed_opt(
+            "SELECT user_id FROM customers WHERE customer_id = $1",
+            &[(customer, Type::TEXT)],
+        )
+        .await?
+        .map(|row| row.try_get(0))
+        .transpose()?)
+}
+
+fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
+    let refund_amount: i64 = row.try_get("refund_amount_cents")?;
+    let refund_id: Option<String> = row.try_get("stripe_refund_id")?;
+    let reason: Option<String> = row.try_get("refund_reason")?;
+    let refund =
+        (refund_amount > 0 || refund_id.is_some() || reason.is_some()).then_some(RefundFact {
+            amount_cents: refund_amount,
+            refund_id,
+            reason,
+        });
+    let dispute: String = row.try_get("dispute_status")?;
+    Ok((
+        row.try_get("id")?,
+        PurchaseFacts {
+            checkout_session_id: row.try_get("checkout_session_id")?,
+            payment_intent_id: row.try_get("payment_intent_id")?,
+            charge_id: row.try_get("charge_id")?,
+            user_id: row.try_get("user_id")?,
+            customer_id: row.try_get("customer_id")?,
+            product_key: row.try_get("product_key")?,
+            amount_cents: row.try_get("amount_paid_cents")?,
+            currency: row.try_get("currency")?,
+            paid: row.try_get("paid")?,
+            paid_at: secs(row.try_get("purchased_at")?),
+            failed: row.try_get("payment_failed")?,
+            refund,
+            fully_refunded: row.try_get("fully_refunded")?,
+            refunded_at: secs(row.try_get("refunded_at")?),
+            dispute: DisputeState::from_column(&dispute).ok_or(StoreError::Corrupt {
+                column: "dispute_status",
+            })?,
+            dispute_id: row.try_get("dispute_id")?,
+        },
+    ))
+}
+
+/// Merges a purchase delta into every row sharing one of its Stripe ids (joining rows that
+/// turn out to be the same payment into the oldest one).
+async fn merge_purchase(
+    tx: &Transaction<'_>,
+    delta: PurchaseFacts,
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
+    let rows = tx
+        .query_typed(
+            &format!(
+                "SELECT {PURCHASE_COLUMNS} FROM purchases
+                  WHERE checkout_session_id = $1 OR payment_intent_id = $2 OR charge_id = $3
+                  ORDER BY id FOR UPDATE"
+            ),
+            &[
+                (&delta.checkout_session_id, Type::TEXT),
+                (&delta.payment_intent_id, Type::TEXT),
+                (&delta.charge_id, Type::TEXT),
+            ],
+        )
+        .await?;
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut merged = delta;
+    for row in &rows {
+        let (id, facts) = purchase_from_row(row)?;
+        users.extend(facts.user_id.clone());
+        ids.push(id);
+        merged = merged.merge(facts);
+    }
+    if merged.user_id.is_none() {
+        merged.user_id = customer_user(tx, merged.customer_id.as_ref()).await?;
+    }
+    users.extend(merged.user_id.clone());
+
+    // Free the unique Stripe ids of the rows folded into the oldest one before writing it.
+    if ids.len() > 1 {
+        tx.execute_typed(
+            "DELETE FROM purchases WHERE id = ANY($1)",
+            &[(&ids[1..].to_vec(), Type::INT8_ARRAY)],
+        )
+        .await?;
+    }
+    let status = merged.status().as_str();
+    let split = merged.amount_cents.map(FeeSplit::of);
+    let refund = merged.refund.clone();
+    let purchased_at = opt_timestamp(merged.paid_at)?;
+    let refunded_at = opt_timestamp(merged.refunded_at)?;
+    let dispute = merged.dispute.as_str();
+    let platform_fee = split.map(|s| s.platform_fee_cents);
+    let organization_fee = split.map(|s| s.organization_fee_cents);
+    let creator_payout = split.map(|s| s.creator_payout_cents);
+    let refund_reason = refund.as_ref().and_then(|r| r.reason.clone());
+    let refund_amount = refund.as_ref().map_or(0, |r| r.amount_cents);
+    let refund_id = refund.as_ref().and_then(|r| r.refund_id.clone());
+    let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+        (&merged.user_id, Type::TEXT),
+        (&merged.customer_id, Type::TEXT),
+        (&merged.product_key, Type::TEXT),
+        (&merged.checkout_session_id, Type::TEXT),
+        (&merged.payment_intent_id, Type::TEXT),
+        (&merged.charge_id, Type::TEXT),
+        (&merged.amount_cents, Type::INT8),
+        (&merged.currency, Type::TEXT),
+        (&platform_fee, Type::INT8),
+        (&organization_fee, Type::INT8),
+        (&creator_payout, Type::INT8),
+        (&status, Type::TEXT),
+        (&merged.paid, Type::BOOL),
+        (&merged.failed, Type::BOOL),
+        (&merged.fully_refunded, Type::BOOL),
+        (&dispute, Type::TEXT),
+        (&merged.dispute_id, Type::TEXT),
+        (&purchased_at, Type::TIMESTAMPTZ),
+        (&refunded_at, Type::TIMESTAMPTZ),
+        (&refund_reason, Type::TEXT),
+        (&refund_amount, Type::INT8),
+        (&refund_id, Type::TEXT),
+    ];
+    let result = match ids.first() {
+        None => {
+            tx.execute_typed(
+                "INSERT INTO purchases (user_id, customer_id, product_key, checkout_session_id,
+                     payment_intent_id, charge_id, amount_paid_cents, currency,
+                     platform_fee_cents, organization_fee_cents, creator_payout_cents, status,
+                     paid, payment_failed, fully_refunded, dispute_status, dispute_id,
+                     purchased_at, refunded_at, refund_reason, refund_amount_cents,
+                     stripe_refund_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                         $17, $18, $19, $20, $21, $22)",
+                &params,
+            )
+            .await
+        }
+        Some(id) => {
+            params.push((id, Type::INT8));
+            tx.execute_typed(
+                "UPDATE purchases SET user_id = $1, customer_id = $2, product_key = $3,
+                     checkout_session_id = $4, payment_intent_id = $5, charge_id = $6,
+                     amount_paid_cents = $7, currency = $8, platform_fee_cents = $9,
+                     organization_fee_cents = $10, creator_payout_cents = $11, status = $12,
+                     paid = $13, payment_failed = $14, fully_refunded = $15,
+                     dispute_status = $16, dispute_id = $17, purchased_at = $18,
+                     refunded_at = $19, refund_reason = $20, refund_amount_cents = $21,
+                     stripe_refund_id = $22, updated_at = now()
+                 WHERE id = $23",
+                &params,
+            )
+            .await
+        }
+    };
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if is_violation_of(&e, "purchases_one_completed_per_user_product") => {
+            Err(StoreError::DuplicatePurchase {
+                product_key: merged.product_key.unwrap_or_default(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_violation_of(error: &tokio_postgres::Error, constraint: &str) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && db.constraint() == Some(constraint)
+    })
+}
+
+fn subscription_status(raw: &str, column: &'static str) -> Result<SubscriptionStatus, StoreError> {
+    SubscriptionStatus::from_stripe(raw).ok_or(StoreError::Corrupt { column })
+}
+
+fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
+    let claim_status: Option<String> = row.try_get("status_claim")?;
+    let claim_at: Option<DateTime<Utc>> = row.try_get("status_claim_at")?;
+    let claim = match (claim_status, claim_at) {
+        (Some(status), Some(at)) => Some(StatusClaim {
+            at: at.timestamp(),
+            status: subscription_status(&status, "status_claim")?,
+            cancel_at_period_end: row.try_get("cancel_at_period_end")?,
+        }),
+        _ => None,
+    };
+    let terminal: Option<String> = row.try_get("terminal_status")?;
+    Ok(SubscriptionFacts {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        customer_id: row.try_get("customer_id")?,
+        product_key: row.try_get("product_key")?,
+        claim,
+        terminal: terminal
+            .map(|t| subscription_status(&t, "terminal_status"))
+            .transpose()?,
+        current_period_end: secs(row.try_get("current_period_end")?),
+        ended_at: secs(row.try_get("ended_at")?),
+    })
+}
+
+async fn merge_subscription(
+    tx: &Transaction<'_>,
+    delta: SubscriptionFacts,
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
+    let row = tx
+        .query_typed_opt(
+            &format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE"),
+            &[(&delta.id, Type::TEXT)],
+        )
+        .await?;
+    let mut merged = match row {
+        Some(row) => {
+            let stored = subscription_from_row(&row)?;
+            users.extend(stored.user_id.clone());
+            stored.merge(delta)
+        }
+        None => delta,
+    };
+    if merged.user_id.is_none() {
+        merged.user_id = customer_user(tx, merged.customer_id.as_ref()).await?;
+    }
+    users.extend(merged.user_id.clone());
+    let claim_at = opt_timestamp(merged.claim.map(|c| c.at))?;
+    let period_end = opt_timestamp(merged.current_period_end)?;
+    let ended_at = opt_timestamp(merged.ended_at)?;
+    let status = merged.status().as_str();
+    let claim = merged.claim.map(|c| c.status.as_str());
+    let terminal = merged.terminal.map(SubscriptionStatus::as_str);
+    let cancel_at_period_end = merged.cancel_at_period_end();
+    tx.execute_typed(
+        "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
+             status_claim, status_claim_at, terminal_status, current_period_end,
+             cancel_at_period_end, ended_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (id) DO UPDATE SET user_id = $2, customer_id = $3, product_key = $4,
+             status = $5, status_claim = $6, status_claim_at = $7, terminal_status = $8,
+             current_period_end = $9, cancel_at_period_end = $10, ended_at = $11,
+             updated_at = now()",
+        &[
+            (&merged.id, Type::TEXT),
+            (&merged.user_id, Type::TEXT),
+            (&merged.customer_id, Type::TEXT),
+            (&merged.product_key, Type::TEXT),
+            (&status, Type::TEXT),
+            (&claim, Type::TEXT),
+            (&claim_at, Type::TIMESTAMPTZ),
+            (&terminal, Type::TEXT),
+            (&period_end, Type::TIMESTAMPTZ),
+            (&cancel_at_period_end, Type::BOOL),
+            (&ended_at, Type::TIMESTAMPTZ),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn record_abandoned(
+    tx: &Transaction<'_>,
+    abandoned: &AbandonedCheckout,
+) -> Result<(), StoreError> {
+    let user = match &abandoned.user_id {
+        Some(user) => Some(user.as_str().to_owned()),
+        None => customer_user(tx, abandoned.customer_id.as_ref()).await?,
+    };
+    let payload = serde_json::json!({
+        "checkoutSessionId": abandoned.session_id,
+        "productKey": abandoned.product_key,
+        "recoveryUrl": abandoned.recovery_url,
+    });
+    let dedupe_key = format!("checkout_abandoned:{}", abandoned.session_id);
+    tx.execute_typed(
+        "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
+         VALUES ('checkout_abandoned', $1, $2, $3)
+         ON CONFLICT (dedupe_key) DO NOTHING",
+        &[
+            (&user, Type::TEXT),
+            (&dedupe_key, Type::TEXT),
+            (&payload, Type::JSONB),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Recomputes one user's entitlements from their rows, writes what changed, queues
+/// notifications for transitions into `revoked`/`suspended`, bumps the version and returns
+/// the new snapshot. The caller holds the user's advisory lock.
+///
+/// Reads and writes are each sent as one pipeline (tokio-postgres sends concurrently polled
+/// queries back to back; the server runs them in order), so a recompute costs two round trips.
+async fn recompute(tx: &Transaction<'_>, user: &str) -> Result<UserSnapshot, StoreError> {
+    let by_user: [(&(dyn ToSql + Sync), Type); 1] = [(&user, Type::TEXT)];
+    let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = $1");
+    let subscriptions_sql =
+        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1");
+    let (purchase_rows, subscription_rows, entitlement_rows) = try_join3(
+        tx.query_typed(&purchases_sql, &by_user),
+        tx.query_typed(&subscriptions_sql, &by_user),
+        tx.query_typed(
+            "SELECT n.now, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at
+               FROM (SELECT now() AS now) n
+               LEFT JOIN entitlements e ON e.user_id = $1",
+            &by_user,
+        ),
+    )
+    .await?;
+    let purchases = purchase_rows
+        .iter()
+        .map(|row| purchase_from_row(row).map(|(_, facts)| facts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let subscriptions = subscription_rows
+        .iter()
+        .map(subscription_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let derived = projection::derive_entitlements(&purchases, &subscriptions);
+
+    let mut now: DateTime<Utc> = DateTime::UNIX_EPOCH;
+    let mut existing: BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)> = BTreeMap::new();
+    for row in &entitlement_rows {
+        now = row.try_get(0)?;
+        let Some(key) = row.try_get::<_, Option<String>>(1)? else {
+            continue;
+        };
+        let status: String = row.try_get(2)?;
+        let source: String = row.try_get(3)?;
+        let entitlement = DerivedEntitlement {
+            key: key.clone(),
+            status: EntitlementStatus::from_column(&status)
+                .ok_or(StoreError::Corrupt { column: "status" })?,
+            source: match source.as_str() {
+                "purchase" => EntitlementSource::Purchase,
+                "subscription" => EntitlementSource::Subscription,
+                _ => return Err(StoreError::Corrupt { column: "source" }),
+            },
+            source_id: row.try_get(4)?,
+            expires_at: secs(row.try_get(5)?),
+        };
+        existing.insert(key, (entitlement, row.try_get(6)?));
+    }
+
+    let mut views = Vec::with_capacity(derived.len());
+    let mut changed = Vec::new();
+    let mut notices = Vec::new();
+    for entitlement in &derived {
+        let before = existing.remove(&entitlement.key);
+        let expires_at = opt_timestamp(entitlement.expires_at)?;
+        let updated_at = match &before {
+            Some((stored, updated_at)) if stored == entitlement => *updated_at,
+            _ => {
+                changed.push((
+                    entitlement,
+                    expires_at,
+                    entitlement.status.as_str(),
+                    entitlement.source.as_str(),
+                ));
+                now
+            }
+        };
+        views.push(EntitlementView {
+            key: entitlement.key.clone(),
+            status: entitlement.status.as_str().to_owned(),
+            source: entitlement.source.as_str().to_owned(),
+            source_id: entitlement.source_id.clone(),
+            expires_at,
+            updated_at,
+        });
+        let kind = match entitlement.status {
+            EntitlementStatus::Revoked => "entitlement_revoked",
+            EntitlementStatus::Suspended => "entitlement_suspended",
+            _ => continue,
+        };
+        if before.is_some_and(|(stored, _)| stored.status == entitlement.status) {
+            continue;
+        }
+        // Keyed by the source, so the same revocation reached through another event order
+        // (or a replay) is queued once.
+        let dedupe_key = format!(
+            "{kind}:{user}:{}:{}:{}",
+            entitlement.key,
+            entitlement.source.as_str(),
+            entitlement.source_id
+        );
+        let payload = serde_json::json!({
+            "userId": user,
+            "entitlementKey": entitlement.key,
+            "status": entitlement.status.as_str(),
+            "source": entitlement.source.as_str(),
+            "sourceId": entitlement.source_id,
+        });
+        notices.push((kind, dedupe_key, payload));
+    }
+    // Keys no source grants any more (a row moved to another user).
+    let stale: Vec<String> = existing.into_keys().collect();
+
+    let upsert_params: Vec<[(&(dyn ToSql + Sync), Type); 6]> = changed
+        .iter()
+        .map(|(e, expires_at, status, source)| {
+            [
+                (&user as &(dyn ToSql + Sync), Type::TEXT),
+                (&e.key, Type::TEXT),
+                (status, Type::TEXT),
+                (source, Type::TEXT),
+                (&e.source_id, Type::TEXT),
+                (expires_at, Type::TIMESTAMPTZ),
+            ]
+        })
+        .collect();
+    let notice_params: Vec<[(&(dyn ToSql + Sync), Type); 4]> = notices
+        .iter()
+        .map(|(kind, dedupe_key, payload)| {
+            [
+                (kind as &(dyn ToSql + Sync), Type::TEXT),
+                (&user, Type::TEXT),
+                (dedupe_key, Type::TEXT),
+                (payload, Type::JSONB),
+            ]
+        })
+        .collect();
+    let upserts = try_join_all(upsert_params.iter().map(|params| {
+        tx.execute_typed(
+            "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
+                 updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, now())
+             ON CONFLICT (user_id, key) DO UPDATE SET status = $3, source = $4,
+                 source_id = $5, expires_at = $6, updated_at = now()",
+            params,
+        )
+    }));
+    let inserts = try_join_all(notice_params.iter().map(|params| {
+        tx.execute_typed(
+            "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (dedupe_key) DO NOTHING",
+            params,
+        )
+    }));
+    let deletes = async {
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        tx.execute_typed(
+            "DELETE FROM entitlements WHERE user_id = $1 AND key = ANY($2)",
+            &[(&user, Type::TEXT), (&stale, Type::TEXT_ARRAY)],
+        )
+        .await
+    };
+    let bump = tx.query_typed_one(
+        "INSERT INTO user_entitlement_versions (user_id, version) VALUES ($1, 1)
+         ON CONFLICT (user_id) DO UPDATE SET version = user_entitlement_versions.version + 1
+         RETURNING version",
+        &by_user,
+    );
+    let (_, _, _, version_row) = try_join4(upserts, inserts, deletes, bump).await?;
+    Ok(UserSnapshot {
+        user_id: user.to_owned(),
+        version: version_row.try_get(0)?,
+        entitlements: views,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_ids_are_stable_across_processes() {
+        // FNV-1a test vectors: the ids must never change between releases, or two versions
+        // running side by side would stop serializing on the same keys.
+        assert_eq!(
+            lock_id(""),
+            i32::from_ne_bytes(0x811c_9dc5_u32.to_ne_bytes())
+        );
+        assert_eq!(
+            lock_id("a"),
+            i32::from_ne_bytes(0xe40c_292c_u32.to_ne_bytes())
+        );
+        assert_ne!(lock_id("user:u1"), lock_id("user:u2"));
+    }
+}
