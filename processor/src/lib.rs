@@ -1,3 +1,13 @@
 //! The processor: consumes Stripe events from RabbitMQ, dedupes them, projects purchases,
 //! subscriptions and entitlements into Postgres, refreshes the Redis entitlement cache, serves
 //! the entitlement API and hosts the operator commands.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod events;
+pub mod store;
+pub mod worker;
+
+pub use worker::run_worker;
