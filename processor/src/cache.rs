@@ -17,7 +17,7 @@
 //! but fails the command in flight.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
@@ -29,6 +29,9 @@ use crate::store::UserSnapshot;
 
 /// How long one Redis command or connection attempt may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// After a failed connection attempt, commands fail at once for this long.
+const RECONNECT_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// Takes a claim, or says why not: 1 = claimed, 2 = already done, 0 = claimed by someone else.
 const CLAIM_SCRIPT: &str = r"
@@ -59,6 +62,8 @@ pub enum CacheError {
     Redis(#[from] RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("redis unreachable at the last attempt; not retrying yet")]
+    Unavailable,
     #[error("cached snapshot is not valid JSON: {0}")]
     Corrupt(#[from] serde_json::Error),
 }
@@ -92,11 +97,18 @@ pub fn entitlements_key(user: &str) -> String {
     format!("entitlements:v1:{user}")
 }
 
+/// The shared connection, or when the last attempt to open it failed.
+#[derive(Default)]
+struct Slot {
+    connected: Option<ConnectionManager>,
+    failed_at: Option<Instant>,
+}
+
 /// Handle on Redis; cheap to clone.
 #[derive(Clone)]
 pub struct Cache {
     client: redis::Client,
-    manager: Arc<Mutex<Option<ConnectionManager>>>,
+    manager: Arc<Mutex<Slot>>,
     entitlement_ttl: Duration,
     dedupe_ttl: Duration,
     claim_ttl: Duration,
@@ -123,7 +135,7 @@ impl Cache {
     pub fn new(config: &Config) -> Result<Self, CacheError> {
         Ok(Self {
             client: redis::Client::open(config.redis_url.as_str())?,
-            manager: Arc::new(Mutex::new(None)),
+            manager: Arc::new(Mutex::new(Slot::default())),
             entitlement_ttl: config.entitlement_cache_ttl,
             dedupe_ttl: config.dedupe_ttl,
             claim_ttl: config.claim_ttl,
@@ -135,21 +147,39 @@ impl Cache {
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
         let mut slot = self.manager.lock().await;
-        if let Some(manager) = slot.as_ref() {
+        if let Some(manager) = slot.connected.as_ref() {
             return Ok(manager.clone());
+        }
+        // While Redis is down, fail fast instead of paying a connection attempt per command:
+        // the consumer must keep its pace without the cache.
+        if slot
+            .failed_at
+            .is_some_and(|at| at.elapsed() < RECONNECT_COOLDOWN)
+        {
+            return Err(CacheError::Unavailable);
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(REDIS_TIMEOUT)
             .set_response_timeout(REDIS_TIMEOUT)
             .set_number_of_retries(1);
-        let manager = tokio::time::timeout(
+        let connected = tokio::time::timeout(
             REDIS_TIMEOUT * 2,
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await
-        .map_err(|_| CacheError::Timeout(REDIS_TIMEOUT * 2))??;
-        *slot = Some(manager.clone());
-        Ok(manager)
+        .map_err(|_| CacheError::Timeout(REDIS_TIMEOUT * 2))
+        .and_then(|r| r.map_err(CacheError::from));
+        match connected {
+            Ok(manager) => {
+                slot.connected = Some(manager.clone());
+                slot.failed_at = None;
+                Ok(manager)
+            }
+            Err(error) => {
+                slot.failed_at = Some(Instant::now());
+                Err(error)
+            }
+        }
     }
 
     /// Runs `op` on the connection, once more if the first attempt hit a dropped connection.

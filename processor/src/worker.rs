@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
+use futures_util::future::FusedFuture;
 use futures_util::future::join_all;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -192,7 +193,15 @@ impl Worker {
         let (stop_depths, stopped) = tokio::sync::watch::channel(false);
         let depths = tokio::spawn(poll_queue_depths(self.config.clone(), stopped));
         let mut backoff = Duration::from_millis(200);
-        loop {
+        // Consuming before the publishing channel is open would only requeue the first retries.
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {}
+            ready = self.publisher.wait_ready(Duration::from_secs(10)) => if !ready {
+                tracing::warn!("publishing channel not ready; consuming anyway");
+            },
+        }
+        while !shutdown.is_terminated() {
             let opened = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -260,7 +269,7 @@ impl Worker {
         mut shutdown: std::pin::Pin<&mut S>,
     ) -> SessionEnd
     where
-        S: Future<Output = ()> + futures_util::future::FusedFuture,
+        S: Future<Output = ()> + FusedFuture,
     {
         loop {
             let first = tokio::select! {
@@ -573,9 +582,24 @@ impl Worker {
         table: FieldTable,
     ) -> Result<(), PublishError> {
         let properties: BasicProperties = item.delivery.properties.clone().with_headers(table);
-        self.publisher
-            .publish("", queue, &item.delivery.data, properties)
+        match self
+            .publisher
+            .publish("", queue, &item.delivery.data, properties.clone())
             .await
+        {
+            // The publishing connection is being re-established: give it a moment once.
+            Err(PublishError::Unavailable)
+                if self
+                    .publisher
+                    .wait_ready(self.config.publish_confirm_timeout)
+                    .await =>
+            {
+                self.publisher
+                    .publish("", queue, &item.delivery.data, properties)
+                    .await
+            }
+            other => other,
+        }
     }
 }
 
@@ -755,6 +779,14 @@ impl Item {
                 Some(Outcome::Replay) => tracing::info!("skipped replay"),
                 _ => tracing::debug!(users = self.users.len(), "applied"),
             },
+            Decision::Retry { queue, after, .. } if self.outcome == Some(Outcome::Busy) => {
+                tracing::info!(
+                    queue,
+                    ?after,
+                    settled,
+                    "claimed by another worker; deferred"
+                );
+            }
             Decision::Retry {
                 queue,
                 after,
