@@ -159,3 +159,27 @@ async fn an_event_that_exhausts_its_retries_is_dead_lettered_with_the_number_of_
     assert_eq!(processed_rows(&direct, &event).await, 0);
     setup.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_when_the_broker_goes_away() {
+    let setup = Setup::new(&[200, 400]).await;
+    let proxy = ChaosProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let direct = pg(&setup.db.url).await;
+    let mut config = config(&setup.db.url, &setup.broker);
+    config.amqp_url = proxy.amqp_url();
+    let worker = spawn_worker(config);
+    wait_consumers(&setup.broker, 1).await;
+    let (before, user) = (unique("evt"), unique("u"));
+    publish_event(&setup.broker, &before, &user).await;
+    wait_processed(&direct, &before).await;
+
+    proxy.break_all();
+    let during = unique("evt");
+    publish_event(&setup.broker, &during, &user).await;
+    proxy.restore();
+    wait_processed(&direct, &during).await;
+    wait_depth(&setup.broker, &setup.broker.topology.main_queue(), 0).await;
+    worker.stop().await;
+    assert_eq!(version(&direct, &user).await, 2);
+    setup.cleanup().await;
+}

@@ -125,6 +125,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
     with_worker: bool,
 ) -> anyhow::Result<()> {
+    // Installs the process-wide recorder before anything records.
+    let _ = shared::telemetry::metrics_handle();
     let pool = db::pool(&config)?;
     db::prepare(&config, &pool)
         .await

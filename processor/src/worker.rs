@@ -137,6 +137,8 @@ pub async fn run_worker(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
+    // Installs the process-wide recorder before anything records.
+    let _ = shared::telemetry::metrics_handle();
     let pool = db::pool(&config)?;
     db::prepare(&config, &pool).await?;
     let cache = Cache::new(&config)?;
