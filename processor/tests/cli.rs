@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 
 fn processor(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_processor"));
-    command.args(args).env("LOG_FORMAT", "json").env("RUST_LOG", "warn");
+    command
+        .args(args)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn");
     for (k, v) in env {
         command.env(k, v);
     }
