@@ -2,7 +2,14 @@
 //! subscriptions and entitlements into Postgres, refreshes the Redis entitlement cache, serves
 //! the entitlement API and hosts the operator commands.
 
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod db;
 pub mod dlq;
 pub mod events;
 pub mod projection;
 pub mod store;
+pub mod worker;
+
+pub use worker::run_worker;

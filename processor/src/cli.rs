@@ -1,0 +1,260 @@
+//! The `processor` command line: subcommands, exit codes, and the long-running service that
+//! combines the consumer with the HTTP server.
+//!
+//! Invariants: exit code 0 on success, 1 on a runtime failure, 2 on a usage or configuration
+//! error (the message names the variable); configuration is read once, before anything starts;
+//! on SIGINT/SIGTERM the consumer and the HTTP server both drain before the process exits.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use deadpool_postgres::Pool;
+use shared::amqp::Publisher;
+use shared::config::{ConfigError, Env};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::db;
+use crate::worker::Worker;
+
+/// How long a readiness probe waits for each dependency.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Consumes Stripe events into entitlements, serves the entitlement API and hosts operator
+/// commands. Configuration comes from the environment (and `.env`).
+#[derive(Debug, Parser)]
+#[command(name = "processor", version, about, long_about = None)]
+pub struct Cli {
+    /// Base name of the RabbitMQ topology, overriding AMQP_TOPOLOGY_BASE (tests isolate
+    /// themselves with it).
+    #[arg(long, global = true, hide = true)]
+    pub topology_base: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consumer and HTTP API in one process (the default).
+    Run,
+    /// Only the consumer (plus /healthz, /readyz and /metrics on API_ADDR).
+    Worker,
+    /// Only the HTTP API.
+    Api,
+    /// Create the database if needed and apply pending migrations, then exit.
+    Migrate,
+    /// Inspect, replay, purge and export the dead-letter queue.
+    Dlq(crate::dlq::DlqArgs),
+}
+
+/// Parses the arguments, runs the subcommand and maps the outcome to the exit code.
+pub async fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            // clap prints help/version (exit 0) or the usage error (exit 2).
+            let _ = error.print();
+            return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
+        }
+    };
+    let mut config = match Config::from_env(&Env::load()) {
+        Ok(config) => config,
+        Err(error) => return config_failure(&error),
+    };
+    if let Some(base) = cli.topology_base {
+        config.topology = config.topology.with_base(base);
+    }
+    let command = cli.command.unwrap_or(Command::Run);
+    // Operator commands print to stdout; only their warnings and errors are logged.
+    let default_filter = if matches!(command, Command::Dlq(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    shared::telemetry::init_tracing(config.log_format, default_filter);
+    match execute(command, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "processor failed");
+            eprintln!("processor: {error:#}");
+            // 2 for a usage error found after parsing (e.g. a destructive command without
+            // --yes and without a terminal), 1 for everything else.
+            ExitCode::from(crate::dlq::exit_code(&error))
+        }
+    }
+}
+
+fn config_failure(error: &ConfigError) -> ExitCode {
+    eprintln!("processor: {error}");
+    ExitCode::from(2)
+}
+
+async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            let pool = db::pool(&config)?;
+            let applied = db::prepare(&config, &pool)
+                .await
+                .context("migrating the database")?;
+            tracing::info!(applied = applied.len(), "database is up to date");
+            Ok(())
+        }
+        Command::Run | Command::Worker | Command::Api => {
+            let listener = TcpListener::bind(config.api_addr)
+                .await
+                .with_context(|| format!("binding API_ADDR {}", config.api_addr))?;
+            let with_worker = !matches!(command, Command::Api);
+            serve(config, listener, shared::shutdown_signal(), with_worker).await
+        }
+        Command::Dlq(args) => {
+            crate::dlq::execute(args, &config.amqp_url, &config.topology).await
+        }
+    }
+}
+
+/// What the HTTP handlers need.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub config: Config,
+    pub pool: Pool,
+    pub cache: Cache,
+    pub publisher: Publisher,
+}
+
+/// The long-running service: prepares the database, then runs the consumer (if `with_worker`)
+/// and the HTTP server on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// When the database cannot be prepared or the HTTP server fails.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    with_worker: bool,
+) -> anyhow::Result<()> {
+    // Installs the process-wide recorder before anything records.
+    let _ = shared::telemetry::metrics_handle();
+    let pool = db::pool(&config)?;
+    db::prepare(&config, &pool)
+        .await
+        .context("preparing the database")?;
+    let cache = Cache::new(&config)?;
+    let (publisher, publisher_task) = Publisher::start(
+        config.amqp_url.clone(),
+        "processor-publish".into(),
+        config.topology.clone(),
+        config.publish_confirm_timeout,
+    );
+    let state = AppState {
+        config: config.clone(),
+        pool: pool.clone(),
+        cache: cache.clone(),
+        publisher: publisher.clone(),
+    };
+    // The entitlement API's router is merged with the operational routes here.
+    let router = ops_router(state);
+
+    let (stop, stopped) = watch::channel(false);
+    let wait = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let consumer = async {
+        if with_worker {
+            Worker::new(config.clone(), pool, cache, publisher)
+                .run(wait())
+                .await;
+        }
+    };
+    let http = async {
+        tracing::info!(addr = ?listener.local_addr().ok(), "HTTP server listening");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(wait())
+            .await
+    };
+    let signal = async {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
+    let ((), (), served) = tokio::join!(signal, consumer, http);
+    publisher_task.shutdown().await;
+    served.context("HTTP server")
+}
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async { shared::telemetry::metrics_handle().render() }),
+        )
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let postgres = async {
+        let client = state.pool.get().await.ok()?;
+        client.simple_query("SELECT 1").await.ok().map(drop)
+    };
+    let (postgres, redis) = tokio::join!(
+        tokio::time::timeout(PROBE_TIMEOUT, postgres),
+        tokio::time::timeout(PROBE_TIMEOUT, state.cache.ping()),
+    );
+    let postgres = matches!(postgres, Ok(Some(())));
+    let redis = matches!(redis, Ok(Ok(())));
+    let broker = state.publisher.is_ready();
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let status = if postgres && redis && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({
+            "postgres": word(postgres),
+            "redis": word(redis),
+            "broker": word(broker),
+        })),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_subcommand_means_run() {
+        let cli = Cli::try_parse_from(["processor"]).map(|c| c.command);
+        assert!(matches!(cli, Ok(None)));
+        let cli = Cli::try_parse_from(["processor", "migrate"]).map(|c| c.command);
+        assert!(matches!(cli, Ok(Some(Command::Migrate))));
+        assert!(Cli::try_parse_from(["processor", "frobnicate"]).is_err());
+    }
+}

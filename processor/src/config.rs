@@ -1,0 +1,272 @@
+//! The processor's typed configuration, read once at start-up from [`shared::config::Env`].
+//!
+//! Invariant: every variable of the contract the processor uses is parsed here and nowhere else;
+//! a bad value fails fast with a [`ConfigError`] naming the variable (exit code 2). Variables only
+//! some routes need (Stripe, JWT, admin token) are `Option`s here and are checked by the code that
+//! needs them. Secrets are [`SecretString`]s and `Debug` never prints them or URL passwords.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use shared::config::{ConfigError, Env};
+use shared::telemetry::LogFormat;
+use shared::topology::Topology;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/entitlements";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8081";
+pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+
+/// Everything the processor's subcommands read from the environment.
+///
+/// The tuning fields after `api_addr` have no variable of their own in the contract; they are
+/// public so tests (and embedding programs) can shorten them.
+#[derive(Clone)]
+pub struct Config {
+    pub amqp_url: String,
+    pub database_url: String,
+    pub redis_url: String,
+    /// `ENTITLEMENT_CACHE_TTL_SECONDS`.
+    pub entitlement_cache_ttl: Duration,
+    /// `DEDUPE_TTL_SECONDS`: how long a `done` marker lives.
+    pub dedupe_ttl: Duration,
+    /// `PROCESSOR_PREFETCH`: unacked deliveries per consumer.
+    pub prefetch: u16,
+    /// Queue names and `RETRY_DELAYS`. Tests replace it with their own isolated topology.
+    pub topology: Topology,
+    pub log_format: LogFormat,
+    pub api_addr: SocketAddr,
+
+    pub stripe_secret_key: Option<SecretString>,
+    pub stripe_api_base: String,
+    /// `None` means the version pinned in code.
+    pub stripe_api_version: Option<String>,
+    pub stripe_price_pro_lifetime: Option<String>,
+    pub catalog_file: Option<PathBuf>,
+    pub checkout_success_url: Option<String>,
+    pub checkout_cancel_url: Option<String>,
+    pub billing_portal_return_url: Option<String>,
+    pub stripe_billing_portal_configuration_id: Option<String>,
+    pub auth_jwt_secret: Option<SecretString>,
+    pub auth_jwt_issuer: Option<String>,
+    pub auth_jwt_audience: Option<String>,
+    pub admin_api_token: Option<SecretString>,
+
+    /// Most deliveries processed in one Postgres transaction.
+    pub batch_size: usize,
+    /// How long a batch waits for more ready deliveries after the first one.
+    pub batch_wait: Duration,
+    /// Lifetime of a `processing` dedupe claim: how long a crashed worker can delay an event.
+    pub claim_ttl: Duration,
+    /// How long shutdown waits for the in-flight batch.
+    pub shutdown_grace: Duration,
+    /// How long a pool checkout, connect or recycle may take.
+    pub db_timeout: Duration,
+    /// Largest number of Postgres connections.
+    pub db_pool_size: usize,
+    /// How long a confirmed publish (retry, dead-letter) may wait for its confirm.
+    pub publish_confirm_timeout: Duration,
+    /// How often queue depths are sampled for metrics.
+    pub queue_depth_interval: Duration,
+}
+
+impl Config {
+    /// Reads and validates the processor's variables.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first variable that is set but unusable.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let prefetch: u16 = env.parse_or("PROCESSOR_PREFETCH", 64)?;
+        if prefetch == 0 {
+            return Err(ConfigError::new("PROCESSOR_PREFETCH", "must be at least 1"));
+        }
+        let entitlement_cache_ttl = positive_secs(env, "ENTITLEMENT_CACHE_TTL_SECONDS", 3600)?;
+        let dedupe_ttl = positive_secs(env, "DEDUPE_TTL_SECONDS", 259_200)?;
+        let api_addr = env.parse_or(
+            "API_ADDR",
+            DEFAULT_API_ADDR
+                .parse()
+                .map_err(|_| ConfigError::new("API_ADDR", "bad built-in default"))?,
+        )?;
+        let amqp_url = env.string_or("AMQP_URL", DEFAULT_AMQP_URL);
+        if !amqp_url.starts_with("amqp://") && !amqp_url.starts_with("amqps://") {
+            return Err(ConfigError::new(
+                "AMQP_URL",
+                "must start with amqp:// or amqps://",
+            ));
+        }
+        let database_url = env.string_or("DATABASE_URL", DEFAULT_DATABASE_URL);
+        database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::new("DATABASE_URL", format!("not a Postgres URL: {e}")))?;
+        let redis_url = env.string_or("REDIS_URL", DEFAULT_REDIS_URL);
+        redis::Client::open(redis_url.as_str())
+            .map_err(|e| ConfigError::new("REDIS_URL", format!("not a Redis URL: {e}")))?;
+
+        let topology = Topology::from_env(env)?;
+        if topology.retry_delays().is_empty() {
+            return Err(ConfigError::new("RETRY_DELAYS", "needs at least one delay"));
+        }
+
+        Ok(Self {
+            amqp_url,
+            database_url,
+            redis_url,
+            entitlement_cache_ttl,
+            dedupe_ttl,
+            prefetch,
+            topology,
+            log_format: env.parse_or("LOG_FORMAT", LogFormat::Pretty)?,
+            api_addr,
+            stripe_secret_key: env.secret("STRIPE_SECRET_KEY"),
+            stripe_api_base: env
+                .string_or("STRIPE_API_BASE", DEFAULT_STRIPE_API_BASE)
+                .trim_end_matches('/')
+                .to_owned(),
+            stripe_api_version: opt(env, "STRIPE_API_VERSION"),
+            stripe_price_pro_lifetime: opt(env, "STRIPE_PRICE_PRO_LIFETIME"),
+            catalog_file: env.get("CATALOG_FILE").map(PathBuf::from),
+            checkout_success_url: opt(env, "CHECKOUT_SUCCESS_URL"),
+            checkout_cancel_url: opt(env, "CHECKOUT_CANCEL_URL"),
+            billing_portal_return_url: opt(env, "BILLING_PORTAL_RETURN_URL"),
+            stripe_billing_portal_configuration_id: opt(
+                env,
+                "STRIPE_BILLING_PORTAL_CONFIGURATION_ID",
+            ),
+            auth_jwt_secret: env.secret("AUTH_JWT_SECRET"),
+            auth_jwt_issuer: opt(env, "AUTH_JWT_ISSUER"),
+            auth_jwt_audience: opt(env, "AUTH_JWT_AUDIENCE"),
+            admin_api_token: env.secret("ADMIN_API_TOKEN"),
+            batch_size: usize::from(prefetch).min(64),
+            batch_wait: Duration::from_millis(3),
+            claim_ttl: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(20),
+            db_timeout: Duration::from_secs(5),
+            db_pool_size: 8,
+            publish_confirm_timeout: Duration::from_secs(5),
+            queue_depth_interval: Duration::from_secs(10),
+        })
+    }
+}
+
+fn opt(env: &Env, var: &str) -> Option<String> {
+    env.get(var).map(|v| v.trim().to_owned())
+}
+
+fn positive_secs(env: &Env, var: &str, default: u64) -> Result<Duration, ConfigError> {
+    let secs: u64 = env.parse_or(var, default)?;
+    if secs == 0 {
+        return Err(ConfigError::new(
+            var,
+            "must be a positive number of seconds",
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// `scheme://user:***@host/...`: keeps the user and host, hides a password.
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let redacted_authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    if rest.contains('/') {
+        format!("{scheme}://{redacted_authority}/{path}")
+    } else {
+        format!("{scheme}://{redacted_authority}")
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |s: &Option<SecretString>| if s.is_some() { "set" } else { "unset" };
+        f.debug_struct("Config")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("database_url", &redact_url(&self.database_url))
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("entitlement_cache_ttl", &self.entitlement_cache_ttl)
+            .field("dedupe_ttl", &self.dedupe_ttl)
+            .field("prefetch", &self.prefetch)
+            .field("topology", &self.topology)
+            .field("log_format", &self.log_format)
+            .field("api_addr", &self.api_addr)
+            .field("stripe_secret_key", &set(&self.stripe_secret_key))
+            .field("stripe_api_base", &self.stripe_api_base)
+            .field("stripe_api_version", &self.stripe_api_version)
+            .field("stripe_price_pro_lifetime", &self.stripe_price_pro_lifetime)
+            .field("catalog_file", &self.catalog_file)
+            .field("auth_jwt_secret", &set(&self.auth_jwt_secret))
+            .field("admin_api_token", &set(&self.admin_api_token))
+            .field("batch_size", &self.batch_size)
+            .field("claim_ttl", &self.claim_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let config = Config::from_env(&Env::default()).unwrap();
+        assert_eq!(config.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(config.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(config.redis_url, DEFAULT_REDIS_URL);
+        assert_eq!(config.entitlement_cache_ttl, Duration::from_secs(3600));
+        assert_eq!(config.dedupe_ttl, Duration::from_secs(259_200));
+        assert_eq!(config.prefetch, 64);
+        assert_eq!(config.topology, Topology::default());
+        assert_eq!(config.api_addr.port(), 8081);
+        assert_eq!(config.stripe_api_base, DEFAULT_STRIPE_API_BASE);
+        assert!(config.stripe_secret_key.is_none());
+    }
+
+    #[test]
+    fn unusable_values_name_their_variable() {
+        for (var, value) in [
+            ("PROCESSOR_PREFETCH", "0"),
+            ("PROCESSOR_PREFETCH", "lots"),
+            ("DEDUPE_TTL_SECONDS", "-1"),
+            ("ENTITLEMENT_CACHE_TTL_SECONDS", "0"),
+            ("RETRY_DELAYS", "5s,never"),
+            ("LOG_FORMAT", "xml"),
+            ("API_ADDR", "localhost"),
+            ("AMQP_URL", "http://broker"),
+            ("REDIS_URL", "tcp://nowhere"),
+        ] {
+            let err = Config::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{value:?} for {var}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_secrets_and_url_passwords() {
+        let env = Env::from_pairs([
+            (
+                "DATABASE_URL",
+                "postgres://app:hunter2@db:5432/entitlements",
+            ),
+            ("STRIPE_SECRET_KEY", "sk_test_verysecret"),
+            ("ADMIN_API_TOKEN", "admintoken123"),
+        ]);
+        let shown = format!("{:?}", Config::from_env(&env).unwrap());
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("verysecret"));
+        assert!(!shown.contains("admintoken123"));
+        assert!(shown.contains("postgres://app:***@db:5432/entitlements"));
+    }
+}

@@ -1,0 +1,148 @@
+//! The entitlement cache: versioned compare-and-set, deletion on a failed write, and a Redis
+//! failure never failing an event.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod worker_common;
+
+use processor::cache::{Cache, entitlements_key};
+use processor::events;
+use processor::store;
+use shared::ids::UserId;
+use system_tests::{eventually, unique};
+use worker_common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_that_commit_in_one_order_and_write_in_the_other_leave_the_newer_version() {
+    let setup = Setup::new(&[200]).await;
+    let config = config(&setup.db.url, &setup.broker);
+    let pool = processor::db::pool(&config).unwrap();
+    processor::db::prepare(&config, &pool).await.unwrap();
+    let cache = Cache::new(&config).unwrap();
+    let user = unique("u");
+
+    // Two transactions for the same user commit one after the other...
+    let mut snapshots = Vec::new();
+    for _ in 0..2 {
+        let event = events::parse(&checkout_completed(&unique("evt"), &user)).unwrap();
+        let mut client = pool.get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let applied = store::apply(&tx, &event).await.unwrap();
+        tx.commit().await.unwrap();
+        snapshots.extend(applied.users.into_iter().filter(|s| s.user_id == user));
+    }
+    let (older, newer) = (&snapshots[0], &snapshots[1]);
+    assert!(newer.version > older.version);
+
+    // ...and their cache writes arrive in the other order.
+    assert!(cache.write_snapshot(newer).await.unwrap());
+    assert!(
+        !cache.write_snapshot(older).await.unwrap(),
+        "older version refused"
+    );
+    cache.refill(older).await;
+    let cached = cache
+        .read_snapshot(&UserId::parse(&user).unwrap())
+        .await
+        .expect("cached");
+    assert_eq!(&cached, newer);
+
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(entitlements_key(&user))
+        .query_async(&mut redis().await)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 3600, "ttl {ttl}");
+    cache.invalidate(&user).await;
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_writes_the_cache_after_commit_and_deletes_it_when_the_write_fails() {
+    let setup = Setup::new(&[200]).await;
+    let direct = pg(&setup.db.url).await;
+    let worker = spawn_worker(config(&setup.db.url, &setup.broker));
+    let mut redis = redis().await;
+
+    // A healthy write: the cache carries the committed version.
+    let (good_user, event) = (unique("u"), unique("evt"));
+    publish_event(&setup.broker, &event, &good_user).await;
+    wait_processed(&direct, &event).await;
+    let cached: Option<String> = eventually(WAIT, "cache written", || {
+        let mut redis = redis.clone();
+        let key = entitlements_key(&good_user);
+        async move {
+            redis::cmd("HGET")
+                .arg(key)
+                .arg("v")
+                .query_async::<Option<String>>(&mut redis)
+                .await
+                .unwrap()
+                .map(Some)
+        }
+    })
+    .await;
+    assert_eq!(cached.as_deref(), Some("1"));
+
+    // A key the script cannot update (wrong type) makes the write fail: it is deleted.
+    let bad_user = unique("u");
+    let key = entitlements_key(&bad_user);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("not a hash")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let event = unique("evt");
+    publish_event(&setup.broker, &event, &bad_user).await;
+    wait_processed(&direct, &event).await;
+    eventually(WAIT, "the unwritable key is deleted", || {
+        let mut redis = redis.clone();
+        let key = key.clone();
+        async move {
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            (exists == 0).then_some(())
+        }
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        setup
+            .broker
+            .depth(&setup.broker.topology.dead_letter_queue())
+            .await,
+        0
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(entitlements_key(&good_user))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_never_fails_an_event() {
+    let setup = Setup::new(&[200, 400]).await;
+    let direct = pg(&setup.db.url).await;
+    // Nothing listens on port 1.
+    let config = config_with(&setup.db.url, &setup.broker, "redis://127.0.0.1:1");
+    let worker = spawn_worker(config);
+    let (event, user) = (unique("evt"), unique("u"));
+    publish_event(&setup.broker, &event, &user).await;
+    wait_processed(&direct, &event).await;
+    wait_depth(&setup.broker, &setup.broker.topology.main_queue(), 0).await;
+    // Stopping closes the channel: an unacked delivery would come back now.
+    worker.stop().await;
+    let topology = &setup.broker.topology;
+    assert_eq!(setup.broker.depth(&topology.main_queue()).await, 0);
+    assert_eq!(setup.broker.depth(&topology.dead_letter_queue()).await, 0);
+    for n in 1..=topology.retry_delays().len() {
+        assert_eq!(setup.broker.depth(&topology.retry_queue(n)).await, 0);
+    }
+    assert_eq!(version(&direct, &user).await, 1);
+    setup.cleanup().await;
+}

@@ -1,0 +1,185 @@
+//! Failures: transient ones are retried through the delay queues until the dependency is back,
+//! permanent ones are parked at once, and retries end in the dead-letter queue with the count.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod worker_common;
+
+use lapin::types::AMQPValue;
+use shared::topology::headers;
+use system_tests::chaos::ChaosProxy;
+use system_tests::{eventually, unique};
+use worker_common::*;
+
+fn header<'a>(message: &'a lapin::message::BasicGetMessage, name: &str) -> Option<&'a AMQPValue> {
+    message
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name))
+}
+
+fn header_int(message: &lapin::message::BasicGetMessage, name: &str) -> Option<i64> {
+    match header(message, name)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+fn header_str(message: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    match header(message, name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+fn proxied_url(proxy: &ChaosProxy, database: &str) -> String {
+    format!("postgres://postgres@{}/{database}", proxy.addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_retried_through_the_delay_queues_while_postgres_is_down() {
+    let setup = Setup::new(&[400, 800, 1500, 3000, 6000]).await;
+    let proxy = ChaosProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let direct = pg(&setup.db.url).await;
+    let worker = spawn_worker(config(&proxied_url(&proxy, &setup.db.name), &setup.broker));
+    wait_consumers(&setup.broker, 1).await;
+
+    proxy.break_all();
+    let (event, user) = (unique("evt"), unique("u"));
+    publish_event(&setup.broker, &event, &user).await;
+    let topology = setup.broker.topology.clone();
+    eventually(WAIT, "the event waits in a retry queue", || async {
+        let mut waiting = 0;
+        for n in 1..=topology.retry_delays().len() {
+            waiting += setup.broker.depth(&topology.retry_queue(n)).await;
+        }
+        (waiting > 0).then_some(())
+    })
+    .await;
+    assert_eq!(processed_rows(&direct, &event).await, 0);
+
+    proxy.restore();
+    wait_processed(&direct, &event).await;
+    assert_eq!(version(&direct, &user).await, 1);
+    worker.stop().await;
+    assert_eq!(setup.broker.depth(&topology.dead_letter_queue()).await, 0);
+    assert_eq!(setup.broker.depth(&topology.main_queue()).await, 0);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_can_never_parse_go_straight_to_the_dead_letter_queue_with_headers() {
+    let setup = Setup::new(&[200, 400]).await;
+    let direct = pg(&setup.db.url).await;
+    let worker = spawn_worker(config(&setup.db.url, &setup.broker));
+    wait_consumers(&setup.broker, 1).await;
+
+    let not_json = b"this is not json".to_vec();
+    let missing_type = br#"{"id":"evt_missing_type","created":1700000000}"#.to_vec();
+    publish(&setup.broker, &not_json, "evt_not_json", "unknown").await;
+    publish(&setup.broker, &missing_type, "evt_missing_type", "unknown").await;
+
+    let topology = setup.broker.topology.clone();
+    wait_depth(&setup.broker, &topology.dead_letter_queue(), 2).await;
+    worker.stop().await;
+    for n in 1..=topology.retry_delays().len() {
+        assert_eq!(setup.broker.depth(&topology.retry_queue(n)).await, 0);
+    }
+
+    let mut bodies = Vec::new();
+    while let Some(parked) = setup.broker.get(&topology.dead_letter_queue()).await {
+        assert_eq!(header_int(&parked, headers::ATTEMPTS), Some(0));
+        let last_error = header_str(&parked, headers::LAST_ERROR).expect("last_error");
+        assert!(last_error.starts_with("invalid event"), "{last_error}");
+        assert!(last_error.len() <= 200);
+        for name in [headers::FIRST_SEEN_AT, headers::DEAD_LETTERED_AT] {
+            let at = header_str(&parked, name).expect(name);
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(&at).is_ok(),
+                "{name}={at}"
+            );
+        }
+        assert!(
+            header_str(&parked, "received_at").is_some(),
+            "original headers kept"
+        );
+        let props = &parked.delivery.properties;
+        let message_id = props.message_id().as_ref().unwrap().to_string();
+        assert_eq!(props.kind().as_ref().unwrap().as_str(), "unknown");
+        assert!(props.timestamp().is_some());
+        bodies.push((message_id, parked.delivery.data.clone()));
+    }
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![
+            ("evt_missing_type".to_owned(), missing_type),
+            ("evt_not_json".to_owned(), not_json)
+        ]
+    );
+    assert_eq!(processed_total(&direct).await, 0);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_exhausts_its_retries_is_dead_lettered_with_the_number_of_retries() {
+    let setup = Setup::new(&[100, 200]).await;
+    let proxy = ChaosProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let direct = pg(&setup.db.url).await;
+    let worker = spawn_worker(config(&proxied_url(&proxy, &setup.db.name), &setup.broker));
+    wait_consumers(&setup.broker, 1).await;
+
+    proxy.break_all();
+    let (event, user) = (unique("evt"), unique("u"));
+    let body = checkout_completed(&event, &user);
+    publish(&setup.broker, &body, &event, "checkout.session.completed").await;
+
+    let dlq = setup.broker.topology.dead_letter_queue();
+    wait_depth(&setup.broker, &dlq, 1).await;
+    worker.stop().await;
+    let parked = setup.broker.get(&dlq).await.expect("parked event");
+    assert_eq!(header_int(&parked, headers::ATTEMPTS), Some(2));
+    let last_error = header_str(&parked, headers::LAST_ERROR).expect("last_error");
+    assert!(last_error.contains("postgres"), "{last_error}");
+    assert!(header_str(&parked, headers::FIRST_SEEN_AT).is_some());
+    assert!(header_str(&parked, headers::DEAD_LETTERED_AT).is_some());
+    assert_eq!(parked.delivery.data, body);
+    assert_eq!(
+        parked
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        event
+    );
+    assert_eq!(processed_rows(&direct, &event).await, 0);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_when_the_broker_goes_away() {
+    let setup = Setup::new(&[200, 400]).await;
+    let proxy = ChaosProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let direct = pg(&setup.db.url).await;
+    let mut config = config(&setup.db.url, &setup.broker);
+    config.amqp_url = proxy.amqp_url();
+    let worker = spawn_worker(config);
+    wait_consumers(&setup.broker, 1).await;
+    let (before, user) = (unique("evt"), unique("u"));
+    publish_event(&setup.broker, &before, &user).await;
+    wait_processed(&direct, &before).await;
+
+    proxy.break_all();
+    let during = unique("evt");
+    publish_event(&setup.broker, &during, &user).await;
+    proxy.restore();
+    wait_processed(&direct, &during).await;
+    wait_depth(&setup.broker, &setup.broker.topology.main_queue(), 0).await;
+    worker.stop().await;
+    assert_eq!(version(&direct, &user).await, 2);
+    setup.cleanup().await;
+}

@@ -1,0 +1,56 @@
+//! The long-running service: consumer plus the operational HTTP routes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod worker_common;
+
+use system_tests::unique;
+use worker_common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_consumes_and_answers_health_readiness_and_metrics() {
+    let setup = Setup::new(&[200]).await;
+    let direct = pg(&setup.db.url).await;
+    let config = config(&setup.db.url, &setup.broker);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(processor::cli::serve(
+        config,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        true,
+    ));
+
+    let (event, user) = (unique("evt"), unique("u"));
+    publish_event(&setup.broker, &event, &user).await;
+    wait_processed(&direct, &event).await;
+
+    let http = reqwest::Client::new();
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = system_tests::eventually(WAIT, "ready", || async {
+        let response = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (response.status() == 200).then_some(response)
+    })
+    .await;
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"postgres": "ok", "redis": "ok", "broker": "ok"})
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("events_total"), "{metrics}");
+
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+    setup.cleanup().await;
+}
