@@ -22,7 +22,7 @@ use crate::projection::{
     EntitlementStatus, FeeSplit, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join_all, try_join3, try_join4};
+use futures_util::future::{try_join, try_join_all, try_join3, try_join4};
 use shared::ids::UserId;
 use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::types::{ToSql, Type};
@@ -103,27 +103,55 @@ pub async fn apply(tx: &Transaction<'_>, event: &Event) -> Result<Applied, Store
     if plan.is_empty() {
         return Ok(Applied::default());
     }
-    lock(tx, plan.lock_keys()).await?;
+    // Phase 1, one pipeline: the object locks first (the server runs pipelined statements in
+    // order, so every read below happens under them), then the independent reads and the link.
+    let (_, link, purchase_rows, subscription_row) = try_join4(
+        lock(tx, plan.lock_keys()),
+        async {
+            match &plan.link {
+                Some(link) => insert_link(tx, link).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &plan.purchase {
+                Some(delta) => load_purchases(tx, delta).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &plan.subscription {
+                Some(delta) => load_subscription(tx, delta).await.map(Some),
+                None => Ok(None),
+            }
+        },
+    )
+    .await?;
 
     let mut users = BTreeSet::new();
-    if let Some(link) = &plan.link {
-        link_customer(tx, link, &mut users).await?;
+    if let (Some(link), Some(row)) = (&plan.link, link) {
+        attach_link(tx, link, &row, &mut users).await?;
     }
-    if let Some(delta) = plan.purchase {
-        merge_purchase(tx, delta, &mut users).await?;
+    if let (Some(delta), Some(rows)) = (plan.purchase, purchase_rows) {
+        merge_purchase(tx, delta, &rows, &mut users).await?;
     }
-    if let Some(delta) = plan.subscription {
-        merge_subscription(tx, delta, &mut users).await?;
+    if let (Some(delta), Some(row)) = (plan.subscription, subscription_row) {
+        merge_subscription(tx, delta, row.as_ref(), &mut users).await?;
     }
     if let Some(abandoned) = &plan.abandoned {
         record_abandoned(tx, abandoned).await?;
     }
 
-    lock(tx, users.iter().map(|u| format!("user:{u}")).collect()).await?;
-    let mut snapshots = Vec::with_capacity(users.len());
-    for user in &users {
-        snapshots.push(recompute(tx, user).await?);
-    }
+    // Phase 2, one pipeline: the user locks, then the first recomputation's reads.
+    let user_keys = users.iter().map(|u| format!("user:{u}")).collect();
+    let (_, snapshots) = try_join(lock(tx, user_keys), async {
+        let mut snapshots = Vec::with_capacity(users.len());
+        for user in &users {
+            snapshots.push(recompute(tx, user).await?);
+        }
+        Ok(snapshots)
+    })
+    .await?;
     tracing::debug!(
         event_id = %event.id,
         event_type = %event.event_type,
@@ -213,13 +241,9 @@ fn secs(at: Option<DateTime<Utc>>) -> Option<i64> {
     at.map(|t| t.timestamp())
 }
 
-/// Records customer → user and, when the link is new, attaches that customer's orphan rows.
-async fn link_customer(
-    tx: &Transaction<'_>,
-    link: &CustomerLink,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let row = tx
+/// Records customer → user (the first link wins) and returns the row's state.
+async fn insert_link(tx: &Transaction<'_>, link: &CustomerLink) -> Result<Row, StoreError> {
+    Ok(tx
         .query_typed_one(
             "WITH ins AS (
                  INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
@@ -232,11 +256,20 @@ async fn link_customer(
                 (&link.user_id.as_str(), Type::TEXT),
             ],
         )
-        .await?;
+        .await?)
+}
+
+/// When the link is new, attaches the customer's rows that were waiting for a user.
+async fn attach_link(
+    tx: &Transaction<'_>,
+    link: &CustomerLink,
+    row: &Row,
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
     let inserted: Option<String> = row.try_get(0)?;
     let existing: Option<String> = row.try_get(1)?;
     if let Some(existing) = existing.filter(|e| e != link.user_id.as_str()) {
-        // The first link wins; a customer never moves between users by itself.
+        // A customer never moves between users by itself; an operator decides.
         tracing::warn!(
             customer_id = %link.customer_id,
             kept_user = %existing,
@@ -317,14 +350,12 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
     ))
 }
 
-/// Merges a purchase delta into every row sharing one of its Stripe ids (joining rows that
-/// turn out to be the same payment into the oldest one).
-async fn merge_purchase(
+/// The rows sharing one of the delta's Stripe ids, oldest first, locked.
+async fn load_purchases(
     tx: &Transaction<'_>,
-    delta: PurchaseFacts,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let rows = tx
+    delta: &PurchaseFacts,
+) -> Result<Vec<Row>, StoreError> {
+    Ok(tx
         .query_typed(
             &format!(
                 "SELECT {PURCHASE_COLUMNS} FROM purchases
@@ -337,10 +368,20 @@ async fn merge_purchase(
                 (&delta.charge_id, Type::TEXT),
             ],
         )
-        .await?;
+        .await?)
+}
+
+/// Merges a purchase delta into the rows sharing one of its Stripe ids (joining rows that
+/// turn out to be the same payment into the oldest one).
+async fn merge_purchase(
+    tx: &Transaction<'_>,
+    delta: PurchaseFacts,
+    rows: &[Row],
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
     let mut ids = Vec::with_capacity(rows.len());
     let mut merged = delta;
-    for row in &rows {
+    for row in rows {
         let (id, facts) = purchase_from_row(row)?;
         users.extend(facts.user_id.clone());
         ids.push(id);
@@ -475,20 +516,27 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
     })
 }
 
-async fn merge_subscription(
+async fn load_subscription(
     tx: &Transaction<'_>,
-    delta: SubscriptionFacts,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let row = tx
+    delta: &SubscriptionFacts,
+) -> Result<Option<Row>, StoreError> {
+    Ok(tx
         .query_typed_opt(
             &format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE"),
             &[(&delta.id, Type::TEXT)],
         )
-        .await?;
+        .await?)
+}
+
+async fn merge_subscription(
+    tx: &Transaction<'_>,
+    delta: SubscriptionFacts,
+    row: Option<&Row>,
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
     let mut merged = match row {
         Some(row) => {
-            let stored = subscription_from_row(&row)?;
+            let stored = subscription_from_row(row)?;
             users.extend(stored.user_id.clone());
             stored.merge(delta)
         }
