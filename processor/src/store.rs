@@ -15,6 +15,17 @@
 //!   recomputed by one transaction at a time, and the last to commit saw every earlier commit.
 //! - A user's version is bumped in the same transaction as every recomputation of their
 //!   entitlements; [`user_snapshot`] reads version and entitlements in one statement.
+//!
+//! For callers: run at READ COMMITTED (Postgres' default). Each statement then sees what
+//! committed before it, which is what makes "wait for the lock, then read" correct; a
+//! REPEATABLE READ snapshot taken before the wait would recompute from stale rows. Advisory
+//! locks are transaction-scoped, so in a batch transaction (a savepoint per event) they are
+//! held until the batch commits: two batching workers touching the same users in different
+//! orders can deadlock, and Postgres then aborts one with `40P01`, surfacing as the transient
+//! [`StoreError::Db`] — retry that batch.
+//!
+//! Statements carry explicit parameter types (one round trip each, no prepare), and
+//! independent statements are pipelined: an event costs about four round trips.
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
