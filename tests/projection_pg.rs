@@ -606,7 +606,7 @@ async fn expired_checkout_queues_one_abandoned_notification_with_the_recovery_ur
 }
 
 #[tokio::test]
-async fn second_completed_purchase_of_the_same_product_is_refused_as_a_duplicate() {
+async fn second_completed_purchase_is_refused_until_the_first_is_refunded() {
     let (db, mut client) = fresh_db().await;
     deliver(&mut client, &purchase(vec![])[0]).await.unwrap();
     let other = fx::event(
@@ -618,7 +618,12 @@ async fn second_completed_purchase_of_the_same_product_is_refused_as_a_duplicate
             "amount_total": 4900, "currency": "usd", "metadata": { "product_key": "pro" } }),
     );
     match deliver(&mut client, &other).await {
-        Err(StoreError::DuplicatePurchase { product_key }) => assert_eq!(product_key, "pro"),
+        Err(e @ StoreError::DuplicatePurchase { .. }) => {
+            assert!(
+                e.is_transient(),
+                "the earlier purchase's refund may still arrive"
+            );
+        }
         other => panic!("expected a duplicate purchase, got {other:?}"),
     }
     let purchases: i64 = client
@@ -627,6 +632,15 @@ async fn second_completed_purchase_of_the_same_product_is_refused_as_a_duplicate
         .unwrap()
         .get(0);
     assert_eq!(purchases, 1, "the refused event left nothing behind");
+
+    // The first purchase's refund arrives; the retried repurchase now applies.
+    deliver(&mut client, &fx::refund("evt_rf", T0 + 9, 4900))
+        .await
+        .unwrap();
+    let applied = deliver(&mut client, &other).await.unwrap().unwrap();
+    let pro = &applied.users[0].entitlements[0];
+    assert_eq!(pro.status, "active");
+    assert_eq!(pro.source_id, "pi_other");
     db.cleanup().await;
 }
 

@@ -79,7 +79,9 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
     /// The user already owns a completed purchase of this product (the partial unique index
-    /// refused a second one). Retrying cannot help until an operator refunds one of them.
+    /// refused a second one). Usually the refund of the earlier purchase is still on its way
+    /// (a repurchase after a refund, delivered out of order), so this is worth retrying with a
+    /// delay; if the retries run out it is a real double payment for an operator to refund.
     #[error("user already owns a completed purchase of product `{product_key}`")]
     DuplicatePurchase { product_key: String },
     /// The event carries a timestamp Postgres cannot store.
@@ -88,6 +90,16 @@ pub enum StoreError {
     /// A stored value the projection does not recognise (a schema/code mismatch).
     #[error("unexpected value in column `{column}`")]
     Corrupt { column: &'static str },
+}
+
+impl StoreError {
+    /// True when retrying the event later can succeed: database failures, and a duplicate
+    /// purchase whose earlier twin may still be refunded by an event not yet delivered. The
+    /// other variants are permanent (dead-letter at once).
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Db(_) | Self::DuplicatePurchase { .. })
+    }
 }
 
 /// Namespace of the projection's advisory locks (the two-key form keeps them apart from any
