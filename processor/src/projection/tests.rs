@@ -786,3 +786,46 @@ fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
         assert_eq!(derived[0].status, EntitlementStatus::Active);
     }
 }
+
+#[test]
+fn free_checkout_without_payment_intent_grants_by_session() {
+    let free = fx::event(
+        "evt_free",
+        "checkout.session.completed",
+        T0,
+        json!({ "id": "cs_free", "mode": "payment", "payment_status": "no_payment_required",
+            "payment_intent": null, "client_reference_id": "u5", "amount_total": 0 }),
+    );
+    let outcome = run(&[free], &[0]);
+    assert_eq!(outcome.purchases[0].1, PurchaseStatus::Completed);
+    let e = only_entitlement(&outcome, "u5");
+    assert_eq!(e.status, EntitlementStatus::Active);
+    assert_eq!(e.source_id, "cs_free");
+    assert_eq!(e.key, DEFAULT_PRODUCT_KEY);
+}
+
+#[test]
+fn failed_delayed_payment_marks_the_purchase_failed_and_grants_nothing() {
+    let events = [
+        fx::checkout("evt_done", "checkout.session.completed", T0, "unpaid", "u1"),
+        fx::checkout(
+            "evt_fail",
+            "checkout.session.async_payment_failed",
+            T0 + DAY,
+            "unpaid",
+            "u1",
+        ),
+    ];
+    for order in [[0, 1], [1, 0]] {
+        let outcome = run(&events, &order);
+        assert_eq!(outcome.purchases[0].1, PurchaseStatus::Failed);
+        assert!(outcome.entitlements["u1"].is_empty());
+    }
+}
+
+#[test]
+fn unhandled_events_plan_nothing() {
+    let other = fx::event("evt_o", "customer.updated", T0, json!({ "id": "cus_1" }));
+    assert!(plan(&other).is_empty());
+    assert!(plan(&other).lock_keys().is_empty());
+}
