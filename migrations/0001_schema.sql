@@ -18,6 +18,8 @@ CREATE TABLE processed_events (
     event_created timestamptz,
     processed_at  timestamptz NOT NULL DEFAULT now()
 );
+-- Lets operators prune old dedupe rows by age.
+CREATE INDEX processed_events_processed_at_idx ON processed_events (processed_at);
 
 -- Stripe customer -> application user. A customer belongs to exactly one user; a user may own
 -- several customers (for example one per livemode or after a support merge).

@@ -606,7 +606,7 @@ async fn expired_checkout_queues_one_abandoned_notification_with_the_recovery_ur
 }
 
 #[tokio::test]
-async fn second_completed_purchase_of_the_same_product_is_refused_as_a_duplicate() {
+async fn second_completed_purchase_is_refused_until_the_first_is_refunded() {
     let (db, mut client) = fresh_db().await;
     deliver(&mut client, &purchase(vec![])[0]).await.unwrap();
     let other = fx::event(
@@ -618,7 +618,12 @@ async fn second_completed_purchase_of_the_same_product_is_refused_as_a_duplicate
             "amount_total": 4900, "currency": "usd", "metadata": { "product_key": "pro" } }),
     );
     match deliver(&mut client, &other).await {
-        Err(StoreError::DuplicatePurchase { product_key }) => assert_eq!(product_key, "pro"),
+        Err(e @ StoreError::DuplicatePurchase { .. }) => {
+            assert!(
+                e.is_transient(),
+                "the earlier purchase's refund may still arrive"
+            );
+        }
         other => panic!("expected a duplicate purchase, got {other:?}"),
     }
     let purchases: i64 = client
@@ -627,6 +632,15 @@ async fn second_completed_purchase_of_the_same_product_is_refused_as_a_duplicate
         .unwrap()
         .get(0);
     assert_eq!(purchases, 1, "the refused event left nothing behind");
+
+    // The first purchase's refund arrives; the retried repurchase now applies.
+    deliver(&mut client, &fx::refund("evt_rf", T0 + 9, 4900))
+        .await
+        .unwrap();
+    let applied = deliver(&mut client, &other).await.unwrap().unwrap();
+    let pro = &applied.users[0].entitlements[0];
+    assert_eq!(pro.status, "active");
+    assert_eq!(pro.source_id, "pi_other");
     db.cleanup().await;
 }
 
@@ -707,4 +721,58 @@ async fn two_concurrent_writers_on_one_user_end_like_a_sequential_run() {
         assert_eq!(snapshot.entitlements[0].status, "active");
         db.cleanup().await;
     }
+}
+
+#[tokio::test]
+async fn a_writer_on_the_same_user_waits_for_the_first_to_commit_and_sees_its_changes() {
+    let (db, mut first) = fresh_db().await;
+    deliver(&mut first, &purchase(vec![])[0]).await.unwrap();
+
+    // The refund and the subscription checkout touch disjoint Stripe objects; only the user
+    // is shared. Without the per-user lock the second would recompute from a snapshot missing
+    // the refund, keep the purchase as the best source, and the refund would win at commit.
+    let refund = parse(&fx::refund("evt_rf", T0 + DAY, 4900));
+    let tx = first.transaction().await.unwrap();
+    let applied = store::apply(&tx, &refund).await.unwrap();
+    assert_eq!(applied.users[0].entitlements[0].status, "revoked");
+
+    let mut second = connect(&db).await;
+    let racer = tokio::spawn(async move {
+        deliver(&mut second, &fx::subscription_checkout("evt_cs", T0, "u1"))
+            .await
+            .unwrap()
+            .unwrap()
+    });
+    let observer = connect(&db).await;
+    system_tests::eventually(
+        std::time::Duration::from_secs(10),
+        "the second writer to wait on the user's advisory lock",
+        || async {
+            let waiting: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_locks
+                      WHERE locktype = 'advisory' AND NOT granted
+                        AND database = (SELECT oid FROM pg_database
+                                         WHERE datname = current_database())",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    tx.commit().await.unwrap();
+
+    let applied = racer.await.unwrap();
+    let snapshot = &applied.users[0];
+    assert_eq!(snapshot.version, 3, "completion, refund, then the racer");
+    assert_eq!(snapshot.entitlements[0].status, "active");
+    assert_eq!(snapshot.entitlements[0].source, "subscription");
+    let read = store::user_snapshot(&observer, &UserId::parse("u1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(&read, snapshot);
+    db.cleanup().await;
 }

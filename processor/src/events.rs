@@ -164,7 +164,7 @@ pub struct Subscription {
     pub id: String,
     pub customer: Option<String>,
     pub status: SubscriptionStatus,
-    /// `current_period_end`, else the latest `items.data[].current_period_end` (basil).
+    /// The latest `items.data[].current_period_end` (basil), else `current_period_end`.
     pub current_period_end: Option<i64>,
     pub cancel_at_period_end: bool,
     /// `ended_at`, else `canceled_at` when the subscription is over.
@@ -502,20 +502,18 @@ fn subscription(obj: &Value) -> Result<Subscription, EventError> {
         .ok_or(EventError::MissingField("status"))?;
     let status = SubscriptionStatus::from_stripe(raw_status)
         .ok_or(EventError::InvalidField { field: "status" })?;
+    // Newest shape first: basil moved the period onto the items.
     let current_period_end = obj
-        .get("current_period_end")
-        .and_then(Value::as_i64)
-        .or_else(|| {
-            obj.get("items")
-                .and_then(|i| i.get("data"))
-                .and_then(Value::as_array)
-                .and_then(|items| {
-                    items
-                        .iter()
-                        .filter_map(|item| item.get("current_period_end")?.as_i64())
-                        .max()
-                })
-        });
+        .get("items")
+        .and_then(|i| i.get("data"))
+        .and_then(Value::as_array)
+        .and_then(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.get("current_period_end")?.as_i64())
+                .max()
+        })
+        .or_else(|| obj.get("current_period_end").and_then(Value::as_i64));
     let ended_at = obj.get("ended_at").and_then(Value::as_i64).or_else(|| {
         status
             .is_terminal()
@@ -777,6 +775,17 @@ mod tests {
         assert_eq!(s.status, SubscriptionStatus::Canceled);
         assert_eq!(s.current_period_end, Some(1_702_000_000));
         assert_eq!(s.ended_at, Some(1_700_000_500));
+        let both = json!({ "id": "sub_9", "status": "active", "current_period_end": 5,
+            "items": { "data": [ { "current_period_end": 7 }, { "current_period_end": 6 } ] } });
+        let EventKind::SubscriptionUpdated(s) = parsed("customer.subscription.updated", &both)
+        else {
+            panic!("wrong kind")
+        };
+        assert_eq!(
+            s.current_period_end,
+            Some(7),
+            "the newest shape is read first"
+        );
         assert!(matches!(
             parsed(
                 "customer.subscription.created",

@@ -15,6 +15,17 @@
 //!   recomputed by one transaction at a time, and the last to commit saw every earlier commit.
 //! - A user's version is bumped in the same transaction as every recomputation of their
 //!   entitlements; [`user_snapshot`] reads version and entitlements in one statement.
+//!
+//! For callers: run at READ COMMITTED (Postgres' default). Each statement then sees what
+//! committed before it, which is what makes "wait for the lock, then read" correct; a
+//! REPEATABLE READ snapshot taken before the wait would recompute from stale rows. Advisory
+//! locks are transaction-scoped, so in a batch transaction (a savepoint per event) they are
+//! held until the batch commits: two batching workers touching the same users in different
+//! orders can deadlock, and Postgres then aborts one with `40P01`, surfacing as the transient
+//! [`StoreError::Db`] — retry that batch.
+//!
+//! Statements carry explicit parameter types (one round trip each, no prepare), and
+//! independent statements are pipelined: an event costs about four round trips.
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
@@ -22,7 +33,7 @@ use crate::projection::{
     EntitlementStatus, FeeSplit, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join_all, try_join3, try_join4};
+use futures_util::future::{try_join, try_join_all, try_join3, try_join4};
 use shared::ids::UserId;
 use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::types::{ToSql, Type};
@@ -68,7 +79,9 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
     /// The user already owns a completed purchase of this product (the partial unique index
-    /// refused a second one). Retrying cannot help until an operator refunds one of them.
+    /// refused a second one). Usually the refund of the earlier purchase is still on its way
+    /// (a repurchase after a refund, delivered out of order), so this is worth retrying with a
+    /// delay; if the retries run out it is a real double payment for an operator to refund.
     #[error("user already owns a completed purchase of product `{product_key}`")]
     DuplicatePurchase { product_key: String },
     /// The event carries a timestamp Postgres cannot store.
@@ -77,6 +90,16 @@ pub enum StoreError {
     /// A stored value the projection does not recognise (a schema/code mismatch).
     #[error("unexpected value in column `{column}`")]
     Corrupt { column: &'static str },
+}
+
+impl StoreError {
+    /// True when retrying the event later can succeed: database failures, and a duplicate
+    /// purchase whose earlier twin may still be refunded by an event not yet delivered. The
+    /// other variants are permanent (dead-letter at once).
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Db(_) | Self::DuplicatePurchase { .. })
+    }
 }
 
 /// Namespace of the projection's advisory locks (the two-key form keeps them apart from any
@@ -103,27 +126,55 @@ pub async fn apply(tx: &Transaction<'_>, event: &Event) -> Result<Applied, Store
     if plan.is_empty() {
         return Ok(Applied::default());
     }
-    lock(tx, plan.lock_keys()).await?;
+    // Phase 1, one pipeline: the object locks first (the server runs pipelined statements in
+    // order, so every read below happens under them), then the independent reads and the link.
+    let (_, link, purchase_rows, subscription_row) = try_join4(
+        lock(tx, plan.lock_keys()),
+        async {
+            match &plan.link {
+                Some(link) => insert_link(tx, link).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &plan.purchase {
+                Some(delta) => load_purchases(tx, delta).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &plan.subscription {
+                Some(delta) => load_subscription(tx, delta).await.map(Some),
+                None => Ok(None),
+            }
+        },
+    )
+    .await?;
 
     let mut users = BTreeSet::new();
-    if let Some(link) = &plan.link {
-        link_customer(tx, link, &mut users).await?;
+    if let (Some(link), Some(row)) = (&plan.link, link) {
+        attach_link(tx, link, &row, &mut users).await?;
     }
-    if let Some(delta) = plan.purchase {
-        merge_purchase(tx, delta, &mut users).await?;
+    if let (Some(delta), Some(rows)) = (plan.purchase, purchase_rows) {
+        merge_purchase(tx, delta, &rows, &mut users).await?;
     }
-    if let Some(delta) = plan.subscription {
-        merge_subscription(tx, delta, &mut users).await?;
+    if let (Some(delta), Some(row)) = (plan.subscription, subscription_row) {
+        merge_subscription(tx, delta, row.as_ref(), &mut users).await?;
     }
     if let Some(abandoned) = &plan.abandoned {
         record_abandoned(tx, abandoned).await?;
     }
 
-    lock(tx, users.iter().map(|u| format!("user:{u}")).collect()).await?;
-    let mut snapshots = Vec::with_capacity(users.len());
-    for user in &users {
-        snapshots.push(recompute(tx, user).await?);
-    }
+    // Phase 2, one pipeline: the user locks, then the first recomputation's reads.
+    let user_keys = users.iter().map(|u| format!("user:{u}")).collect();
+    let (_, snapshots) = try_join(lock(tx, user_keys), async {
+        let mut snapshots = Vec::with_capacity(users.len());
+        for user in &users {
+            snapshots.push(recompute(tx, user).await?);
+        }
+        Ok(snapshots)
+    })
+    .await?;
     tracing::debug!(
         event_id = %event.id,
         event_type = %event.event_type,
@@ -213,13 +264,9 @@ fn secs(at: Option<DateTime<Utc>>) -> Option<i64> {
     at.map(|t| t.timestamp())
 }
 
-/// Records customer → user and, when the link is new, attaches that customer's orphan rows.
-async fn link_customer(
-    tx: &Transaction<'_>,
-    link: &CustomerLink,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let row = tx
+/// Records customer → user (the first link wins) and returns the row's state.
+async fn insert_link(tx: &Transaction<'_>, link: &CustomerLink) -> Result<Row, StoreError> {
+    Ok(tx
         .query_typed_one(
             "WITH ins AS (
                  INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
@@ -232,11 +279,20 @@ async fn link_customer(
                 (&link.user_id.as_str(), Type::TEXT),
             ],
         )
-        .await?;
+        .await?)
+}
+
+/// When the link is new, attaches the customer's rows that were waiting for a user.
+async fn attach_link(
+    tx: &Transaction<'_>,
+    link: &CustomerLink,
+    row: &Row,
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
     let inserted: Option<String> = row.try_get(0)?;
     let existing: Option<String> = row.try_get(1)?;
     if let Some(existing) = existing.filter(|e| e != link.user_id.as_str()) {
-        // The first link wins; a customer never moves between users by itself.
+        // A customer never moves between users by itself; an operator decides.
         tracing::warn!(
             customer_id = %link.customer_id,
             kept_user = %existing,
@@ -317,14 +373,12 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
     ))
 }
 
-/// Merges a purchase delta into every row sharing one of its Stripe ids (joining rows that
-/// turn out to be the same payment into the oldest one).
-async fn merge_purchase(
+/// The rows sharing one of the delta's Stripe ids, oldest first, locked.
+async fn load_purchases(
     tx: &Transaction<'_>,
-    delta: PurchaseFacts,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let rows = tx
+    delta: &PurchaseFacts,
+) -> Result<Vec<Row>, StoreError> {
+    Ok(tx
         .query_typed(
             &format!(
                 "SELECT {PURCHASE_COLUMNS} FROM purchases
@@ -337,10 +391,20 @@ async fn merge_purchase(
                 (&delta.charge_id, Type::TEXT),
             ],
         )
-        .await?;
+        .await?)
+}
+
+/// Merges a purchase delta into the rows sharing one of its Stripe ids (joining rows that
+/// turn out to be the same payment into the oldest one).
+async fn merge_purchase(
+    tx: &Transaction<'_>,
+    delta: PurchaseFacts,
+    rows: &[Row],
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
     let mut ids = Vec::with_capacity(rows.len());
     let mut merged = delta;
-    for row in &rows {
+    for row in rows {
         let (id, facts) = purchase_from_row(row)?;
         users.extend(facts.user_id.clone());
         ids.push(id);
@@ -475,20 +539,27 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
     })
 }
 
-async fn merge_subscription(
+async fn load_subscription(
     tx: &Transaction<'_>,
-    delta: SubscriptionFacts,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let row = tx
+    delta: &SubscriptionFacts,
+) -> Result<Option<Row>, StoreError> {
+    Ok(tx
         .query_typed_opt(
             &format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE"),
             &[(&delta.id, Type::TEXT)],
         )
-        .await?;
+        .await?)
+}
+
+async fn merge_subscription(
+    tx: &Transaction<'_>,
+    delta: SubscriptionFacts,
+    row: Option<&Row>,
+    users: &mut BTreeSet<String>,
+) -> Result<(), StoreError> {
     let mut merged = match row {
         Some(row) => {
-            let stored = subscription_from_row(&row)?;
+            let stored = subscription_from_row(row)?;
             users.extend(stored.user_id.clone());
             stored.merge(delta)
         }

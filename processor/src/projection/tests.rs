@@ -5,9 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::events::{self, Event};
+use crate::events::{self, Event, EventKind};
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use shared::ids::UserId;
 use std::collections::BTreeMap;
 
 const T0: i64 = 1_700_000_000;
@@ -462,6 +463,149 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn one_user_with_a_disputed_purchase_and_a_subscription_converges_in_any_order(
+        order in orders(14),
+    ) {
+        // Both sources grant `pro`; the lifetime purchase (dispute won, partially refunded)
+        // outranks the canceled subscription whatever the order.
+        let mut events = purchase_scenario(vec![
+            fx::dispute("evt_dc", "charge.dispute.created", T0 + DAY, "needs_response"),
+            fx::dispute("evt_dw", "charge.dispute.closed", T0 + 9 * DAY, "won"),
+            fx::refund("evt_rf", T0 + 10 * DAY, 700),
+        ]);
+        events.extend(subscription_scenario(true).into_iter().map(|mut e| {
+            if let EventKind::CheckoutSessionCompleted(s) = &mut e.kind {
+                s.user_id = Some(UserId::parse("u1").unwrap());
+            }
+            e
+        }));
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(outcome.entitlements.len(), 1);
+        let e = only_entitlement(&outcome, "u1");
+        prop_assert_eq!(e.status, EntitlementStatus::Active);
+        prop_assert_eq!(e.source, EntitlementSource::Purchase);
+    }
+
+    #[test]
+    fn subscription_merge_is_a_semilattice(
+        a in arbitrary_subscription(), b in arbitrary_subscription(),
+        c in arbitrary_subscription(),
+    ) {
+        prop_assert_eq!(a.clone().merge(b.clone()), b.clone().merge(a.clone()));
+        prop_assert_eq!(
+            a.clone().merge(b.clone()).merge(c.clone()),
+            a.clone().merge(b.clone().merge(c))
+        );
+        prop_assert_eq!(a.clone().merge(a.clone()), a);
+    }
+
+    #[test]
+    fn parsing_arbitrary_bytes_never_panics(body in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = events::parse(&body);
+    }
+
+    #[test]
+    fn parsing_arbitrary_handled_events_never_panics(
+        event_type in prop::sample::select(vec![
+            "checkout.session.completed", "checkout.session.expired", "charge.refunded",
+            "charge.dispute.closed", "invoice.paid", "customer.subscription.updated",
+            "payment_intent.succeeded",
+        ]),
+        object in arbitrary_json(),
+    ) {
+        let body = json!({ "id": "evt_1", "type": event_type, "created": 1,
+            "data": { "object": object } });
+        if let Ok(event) = events::parse(&serde_json::to_vec(&body).unwrap()) {
+            let _ = plan(&event);
+        }
+    }
+}
+
+fn arbitrary_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        prop::sample::select(vec!["paid", "payment", "cus_1", "", "active", "lost"])
+            .prop_map(Value::from),
+    ];
+    let keys = prop::sample::select(vec![
+        "id",
+        "mode",
+        "payment_status",
+        "customer",
+        "status",
+        "amount",
+        "amount_refunded",
+        "refunded",
+        "subscription",
+        "parent",
+        "subscription_details",
+        "lines",
+        "data",
+        "period",
+        "end",
+        "items",
+        "current_period_end",
+        "metadata",
+        "user_id",
+        "refunds",
+        "after_expiration",
+        "recovery",
+        "url",
+        "charge",
+        "payment_intent",
+    ]);
+    leaf.prop_recursive(4, 32, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map(keys.clone().prop_map(String::from), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn arbitrary_subscription() -> impl Strategy<Value = SubscriptionFacts> {
+    let status = || {
+        prop::sample::select(vec![
+            SubscriptionStatus::Incomplete,
+            SubscriptionStatus::Active,
+            SubscriptionStatus::PastDue,
+            SubscriptionStatus::Canceled,
+        ])
+    };
+    let id = || prop::option::of(prop::sample::select(vec!["a", "b"]).prop_map(String::from));
+    (
+        (id(), id(), id()),
+        prop::option::of((0i64..3, status(), any::<bool>())),
+        prop::option::of(prop::sample::select(vec![
+            SubscriptionStatus::Canceled,
+            SubscriptionStatus::IncompleteExpired,
+        ])),
+        (prop::option::of(0i64..3), prop::option::of(0i64..3)),
+    )
+        .prop_map(
+            |((user, customer, product), claim, terminal, (end, ended))| SubscriptionFacts {
+                user_id: user,
+                customer_id: customer,
+                product_key: product,
+                claim: claim.map(|(at, status, cancel_at_period_end)| StatusClaim {
+                    at,
+                    status,
+                    cancel_at_period_end,
+                }),
+                terminal,
+                current_period_end: end,
+                ended_at: ended,
+                ..SubscriptionFacts::new("sub".into())
+            },
+        )
+}
+
 fn arbitrary_purchase() -> impl Strategy<Value = PurchaseFacts> {
     let id = || prop::option::of(prop::sample::select(vec!["a", "b"]).prop_map(String::from));
     let time = || prop::option::of(0i64..3);
@@ -641,4 +785,47 @@ fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
         assert_eq!(derived[0].source_id, "pi");
         assert_eq!(derived[0].status, EntitlementStatus::Active);
     }
+}
+
+#[test]
+fn free_checkout_without_payment_intent_grants_by_session() {
+    let free = fx::event(
+        "evt_free",
+        "checkout.session.completed",
+        T0,
+        json!({ "id": "cs_free", "mode": "payment", "payment_status": "no_payment_required",
+            "payment_intent": null, "client_reference_id": "u5", "amount_total": 0 }),
+    );
+    let outcome = run(&[free], &[0]);
+    assert_eq!(outcome.purchases[0].1, PurchaseStatus::Completed);
+    let e = only_entitlement(&outcome, "u5");
+    assert_eq!(e.status, EntitlementStatus::Active);
+    assert_eq!(e.source_id, "cs_free");
+    assert_eq!(e.key, DEFAULT_PRODUCT_KEY);
+}
+
+#[test]
+fn failed_delayed_payment_marks_the_purchase_failed_and_grants_nothing() {
+    let events = [
+        fx::checkout("evt_done", "checkout.session.completed", T0, "unpaid", "u1"),
+        fx::checkout(
+            "evt_fail",
+            "checkout.session.async_payment_failed",
+            T0 + DAY,
+            "unpaid",
+            "u1",
+        ),
+    ];
+    for order in [[0, 1], [1, 0]] {
+        let outcome = run(&events, &order);
+        assert_eq!(outcome.purchases[0].1, PurchaseStatus::Failed);
+        assert!(outcome.entitlements["u1"].is_empty());
+    }
+}
+
+#[test]
+fn unhandled_events_plan_nothing() {
+    let other = fx::event("evt_o", "customer.updated", T0, json!({ "id": "cus_1" }));
+    assert!(plan(&other).is_empty());
+    assert!(plan(&other).lock_keys().is_empty());
 }
