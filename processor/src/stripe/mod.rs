@@ -671,6 +671,30 @@ mod tests {
     }
 
     #[test]
+    fn error_messages_echoing_the_key_are_scrubbed() {
+        let config = StripeConfig::new(
+            SecretString::from("sk_test_leaky_key_42"),
+            "http://127.0.0.1:1",
+        )
+        .unwrap();
+        let client = StripeClient::new(config).unwrap();
+        let body = br#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided: sk_test_leaky_key_42"}}"#;
+        let err = client.api_error(401, body);
+        assert!(!err.to_string().contains("sk_test_leaky_key_42"), "{err}");
+        assert!(err.to_string().contains("[REDACTED]"), "{err}");
+        let conflict = client.api_error(
+            400,
+            br#"{"error":{"type":"idempotency_error","message":"Keys for idempotent requests..."}}"#,
+        );
+        assert!(matches!(conflict, StripeError::IdempotencyConflict { .. }));
+        let html = client.api_error(502, b"<html>bad gateway</html>");
+        assert!(
+            matches!(html, StripeError::Api { status: 502, .. }),
+            "{html:?}"
+        );
+    }
+
+    #[test]
     fn config_from_env_names_the_variable_and_redacts_the_key() {
         let err = StripeConfig::from_env(&Env::default()).unwrap_err();
         assert_eq!(err.var, "STRIPE_SECRET_KEY");
