@@ -167,6 +167,24 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// An independent decoder (the `url` crate's, as servers use) reads back exactly the
+        /// pairs that were pushed, in order, whatever the keys and values contain.
+        #[test]
+        fn any_pairs_round_trip_through_a_standard_decoder(
+            pairs in proptest::collection::vec(("[a-z_\\[\\]0-9]{1,12}", ".*"), 0..8)
+        ) {
+            let mut form = Form::new();
+            for (k, v) in &pairs {
+                form.push(k.as_str(), v.as_str());
+            }
+            let url = reqwest::Url::parse(&format!("http://stripe.test/?{}", form.encode())).unwrap();
+            let decoded: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            proptest::prop_assert_eq!(decoded, pairs);
+        }
+
         #[test]
         fn encoded_values_never_contain_separators(value in ".*") {
             let mut form = Form::new();
