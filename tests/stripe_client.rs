@@ -304,11 +304,12 @@ async fn a_slow_stripe_surfaces_as_a_timeout_after_bounded_retries() {
 async fn a_slow_answer_followed_by_a_fast_one_succeeds_without_a_duplicate() {
     let fake = FakeStripe::start().await;
     let mut config = fake.client_config();
-    config.request_timeout = Duration::from_millis(300);
+    config.request_timeout = Duration::from_secs(1);
     let stripe = StripeClient::new(config).unwrap();
-    // The first attempt is served, but too late: the client gives up and retries with the same
-    // key, and the fake replays the stored answer instead of creating a second customer.
-    fake.inject(Fault::Slow(Duration::from_millis(600)), 1);
+    // The first attempt is answered too late: the client gives up and retries with the same key.
+    // The retry creates the customer; were the late attempt still processed, the fake would
+    // replay that answer for it rather than create a second customer.
+    fake.inject(Fault::Slow(Duration::from_secs(5)), 1);
     let user = UserId::parse("user_6").unwrap();
 
     let customer = stripe.create_customer(&user, None).await.unwrap();

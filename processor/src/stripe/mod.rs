@@ -192,8 +192,8 @@ impl StripeClient {
             .collect()
     }
 
-    /// Creates a Checkout Session. `idempotency_key` should identify the user's intent (user,
-    /// product and a short time bucket) so a double click yields one session.
+    /// Creates a Checkout Session. `idempotency_key` (at most 255 characters) should identify the
+    /// user's intent (user, product and a short time bucket) so a double click yields one session.
     ///
     /// # Errors
     /// Any [`StripeError`]; [`StripeError::IdempotencyConflict`] when the key was used with
