@@ -2,7 +2,10 @@
 //! subscriptions and entitlements into Postgres, refreshes the Redis entitlement cache, serves
 //! the entitlement API and hosts the operator commands.
 
+pub mod api;
+pub mod auth;
 pub mod cache;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -10,6 +13,7 @@ pub mod dlq;
 pub mod events;
 pub mod projection;
 pub mod store;
+pub mod stripe;
 pub mod worker;
 
 pub use worker::run_worker;

@@ -11,6 +11,7 @@
 pub mod amqp;
 pub mod chaos;
 pub mod db;
+pub mod stripe_fake;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

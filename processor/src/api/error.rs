@@ -1,0 +1,217 @@
+//! The API's one error type and its HTTP rendering.
+//!
+//! Invariants: each variant has a stable `error` code that clients may branch on; the cause of a
+//! 5xx is logged once, here, when the response is built, and is never sent to the client.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::stripe::StripeError;
+
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything an API route can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Missing, malformed, expired or wrongly signed credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The resource does not exist, or belongs to another user (never 403: that would confirm
+    /// that it exists).
+    #[error("{0}")]
+    NotFound(String),
+    /// The user already holds what they are trying to buy.
+    #[error("you already have this entitlement")]
+    AlreadyEntitled,
+    /// The user has no Stripe customer yet (never bought anything).
+    #[error("no billing account exists for this user")]
+    NoBillingAccount,
+    /// Too many requests; `retry_after` becomes a `Retry-After` header.
+    #[error("too many requests, try again later")]
+    RateLimited { retry_after: Option<Duration> },
+    /// The product key is not in the catalog.
+    #[error("unknown product {0:?}")]
+    UnknownProduct(String),
+    /// The request is malformed (bad JSON, bad query parameter, …).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Stripe failed or could not be reached; the cause is logged, the client gets a generic text.
+    #[error("the payment provider is unavailable, try again later")]
+    StripeUnavailable(#[source] StripeError),
+    /// Anything else; the cause is logged, the client gets a generic text.
+    #[error("internal error")]
+    Internal(#[source] Cause),
+}
+
+impl ApiError {
+    /// Wraps any error as an internal error (500).
+    pub fn internal(cause: impl Into<Cause>) -> Self {
+        Self::Internal(cause.into())
+    }
+
+    /// The stable machine-readable code sent as `error`.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized(_) => "unauthorized",
+            Self::NotFound(_) => "not_found",
+            Self::AlreadyEntitled => "already_entitled",
+            Self::NoBillingAccount => "no_billing_account",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::UnknownProduct(_) => "unknown_product",
+            Self::BadRequest(_) => "bad_request",
+            Self::StripeUnavailable(_) => "stripe_unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) | Self::NoBillingAccount | Self::UnknownProduct(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::AlreadyEntitled => StatusCode::CONFLICT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::StripeUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<StripeError> for ApiError {
+    fn from(e: StripeError) -> Self {
+        Self::StripeUnavailable(e)
+    }
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, serde::Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // The Display of the 5xx variants is the generic text; the cause goes to the log only.
+        match &self {
+            Self::StripeUnavailable(cause) => {
+                tracing::error!(error = %cause, stripe_status = cause.status(), "stripe call failed");
+            }
+            Self::Internal(cause) => tracing::error!(error = %cause, "internal error"),
+            _ => {}
+        }
+        let status = self.status();
+        let body = ErrorBody {
+            error: self.code(),
+            message: self.to_string(),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if let Self::RateLimited {
+            retry_after: Some(after),
+        } = &self
+        {
+            // Whole seconds, rounded up, at least 1.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            if let Ok(value) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    async fn render(err: ApiError) -> (StatusCode, serde_json::Value, Option<String>) {
+        let response = err.into_response();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap(), retry_after)
+    }
+
+    #[tokio::test]
+    async fn every_variant_has_its_status_and_stable_code() {
+        let cases = [
+            (
+                ApiError::Unauthorized("token expired".into()),
+                401,
+                "unauthorized",
+            ),
+            (
+                ApiError::NotFound("no such purchase".into()),
+                404,
+                "not_found",
+            ),
+            (ApiError::AlreadyEntitled, 409, "already_entitled"),
+            (ApiError::NoBillingAccount, 404, "no_billing_account"),
+            (
+                ApiError::RateLimited { retry_after: None },
+                429,
+                "rate_limited",
+            ),
+            (
+                ApiError::UnknownProduct("gold".into()),
+                404,
+                "unknown_product",
+            ),
+            (ApiError::BadRequest("bad json".into()), 400, "bad_request"),
+            (
+                ApiError::StripeUnavailable(StripeError::Timeout),
+                502,
+                "stripe_unavailable",
+            ),
+            (ApiError::internal("boom"), 500, "internal"),
+        ];
+        for (err, status, code) in cases {
+            let (got_status, body, _) = render(err).await;
+            assert_eq!(got_status.as_u16(), status, "{code}");
+            assert_eq!(body["error"], code);
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn server_errors_never_send_their_cause() {
+        let (_, body, _) = render(ApiError::internal(
+            "database password rejected for db.internal",
+        ))
+        .await;
+        assert_eq!(body["message"], "internal error");
+        let stripe = StripeError::Api {
+            status: 500,
+            error_type: "api_error".into(),
+            code: None,
+            message: "secret internals".into(),
+            param: None,
+        };
+        let (status, body, _) = render(stripe.into()).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert!(!body.to_string().contains("secret internals"));
+    }
+
+    #[tokio::test]
+    async fn rate_limited_answers_carry_retry_after_in_whole_seconds() {
+        let err = ApiError::RateLimited {
+            retry_after: Some(Duration::from_millis(7_200)),
+        };
+        let (_, _, retry_after) = render(err).await;
+        assert_eq!(retry_after.as_deref(), Some("8"));
+    }
+}

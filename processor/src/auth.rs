@@ -1,0 +1,542 @@
+//! Who is calling: user bearer tokens (HS256 JWTs, `sub` = user id) and the admin token.
+//!
+//! Invariants:
+//! - only HS256 is accepted: `alg: none`, other HMAC sizes and asymmetric algorithms are refused
+//!   before any claim is trusted; `exp` is required; `iss`/`aud` are checked when configured;
+//! - a route that takes [`AuthUser`] only ever sees the user id of a token that passed all of
+//!   that, so it cannot act for anyone else;
+//! - the admin token is compared in constant time (over SHA-256 digests, so neither content nor
+//!   length leaks through timing);
+//! - with no `ADMIN_API_TOKEN` configured, admin routes answer 404 as if they did not exist,
+//!   rather than 401, which would invite guessing a token that can never match;
+//! - secrets and tokens are never logged and never appear in `Debug`.
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use shared::config::{ConfigError, Env};
+use shared::ids::UserId;
+use subtle::ConstantTimeEq;
+
+use crate::api::error::ApiError;
+
+/// Clock skew tolerated on `exp` (and `nbf` when present), in seconds.
+const LEEWAY_SECONDS: u64 = 30;
+
+/// Authentication settings of the API.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// `AUTH_JWT_SECRET`: the HS256 key (its raw UTF-8 bytes).
+    pub jwt_secret: SecretString,
+    /// `AUTH_JWT_ISSUER`: when set, tokens must carry exactly this `iss`.
+    pub issuer: Option<String>,
+    /// `AUTH_JWT_AUDIENCE`: when set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+    /// `ADMIN_API_TOKEN`: when unset, admin routes answer 404.
+    pub admin_token: Option<SecretString>,
+}
+
+impl AuthConfig {
+    /// # Errors
+    /// A [`ConfigError`] naming `AUTH_JWT_SECRET` when it is missing or shorter than 32 bytes
+    /// (an HS256 key shorter than the hash invites brute force).
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let secret = env.required("AUTH_JWT_SECRET")?;
+        if secret.len() < 32 {
+            return Err(ConfigError::new(
+                "AUTH_JWT_SECRET",
+                "must be at least 32 bytes long",
+            ));
+        }
+        Ok(Self {
+            jwt_secret: SecretString::from(secret.to_owned()),
+            issuer: env.get("AUTH_JWT_ISSUER").map(|s| s.trim().to_owned()),
+            audience: env.get("AUTH_JWT_AUDIENCE").map(|s| s.trim().to_owned()),
+            admin_token: env.secret("ADMIN_API_TOKEN"),
+        })
+    }
+}
+
+/// Why a bearer token was refused. The text is safe to show to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("malformed bearer token")]
+    Malformed,
+    #[error("token has expired")]
+    Expired,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token algorithm is not allowed")]
+    Algorithm,
+    #[error("token claims are invalid")]
+    Claims,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        Self::Unauthorized(e.to_string())
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Claims {
+    // Optional here so a token without `sub` reads as bad claims, not as malformed JSON.
+    #[serde(default)]
+    sub: Option<String>,
+}
+
+/// Verifies user tokens and the admin token. Cheap to clone; put it in the router state and let
+/// the state implement `FromRef` for it.
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    key: DecodingKey,
+    validation: Validation,
+    admin_digest: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("issuer", &self.inner.validation.iss)
+            .field("audience", &self.inner.validation.aud)
+            .field("admin_token_configured", &self.inner.admin_digest.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    #[must_use]
+    pub fn new(config: &AuthConfig) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECONDS;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        match &config.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            // Without a configured audience there is nothing to compare an `aud` claim with;
+            // the library would otherwise refuse every token that carries one.
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Self {
+            inner: Arc::new(Inner {
+                key: DecodingKey::from_secret(config.jwt_secret.expose_secret().as_bytes()),
+                validation,
+                admin_digest: config
+                    .admin_token
+                    .as_ref()
+                    .map(|t| digest(t.expose_secret())),
+            }),
+        }
+    }
+
+    /// Verifies an HS256 token and returns its subject.
+    ///
+    /// # Errors
+    /// An [`AuthError`] saying why the token is refused.
+    pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.inner.key, &self.inner.validation)
+            .map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
+            ErrorKind::InvalidIssuer
+            | ErrorKind::InvalidAudience
+            | ErrorKind::InvalidSubject
+            | ErrorKind::ImmatureSignature
+            | ErrorKind::MissingRequiredClaim(_) => AuthError::Claims,
+            _ => AuthError::Malformed,
+        })?;
+        let sub = data.claims.sub.ok_or(AuthError::Claims)?;
+        UserId::parse(&sub).map_err(|_| AuthError::Claims)
+    }
+
+    /// Checks an `Authorization` header value as a user bearer token.
+    ///
+    /// # Errors
+    /// An [`AuthError`]; [`AuthError::Missing`] when there is no header.
+    pub fn verify_header(&self, header: Option<&str>) -> Result<UserId, AuthError> {
+        self.verify(bearer(header)?)
+    }
+
+    /// Checks an `Authorization` header value against `ADMIN_API_TOKEN`.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] when no admin token is configured, [`ApiError::Unauthorized`] when
+    /// the header is missing or does not match.
+    pub fn verify_admin_header(&self, header: Option<&str>) -> Result<(), ApiError> {
+        let Some(expected) = &self.inner.admin_digest else {
+            return Err(ApiError::NotFound("not found".into()));
+        };
+        let presented = bearer(header)?;
+        if bool::from(digest(presented).ct_eq(expected)) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized("invalid admin token".into()))
+        }
+    }
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    let (scheme, token) = header.split_once(' ').ok_or(AuthError::Malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok(token)
+}
+
+fn authorization(parts: &Parts) -> Result<Option<&str>, AuthError> {
+    parts
+        .headers
+        .get(AUTHORIZATION)
+        .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
+        .transpose()
+}
+
+/// The authenticated user of a request. Rejects with 401
+/// `{"error":"unauthorized","message":"…"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUser(pub UserId);
+
+impl<S> axum::extract::FromRequestParts<S> for AuthUser
+where
+    S: Send + Sync,
+    Authenticator: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth = Authenticator::from_ref(state);
+        let header = authorization(parts)?;
+        let user = auth.verify_header(header).inspect_err(|e| {
+            tracing::debug!(reason = %e, "bearer token refused");
+        })?;
+        Ok(Self(user))
+    }
+}
+
+/// Proof that the request carried `ADMIN_API_TOKEN`. Rejects with 401 on a missing or wrong
+/// token, and with 404 when no admin token is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminToken;
+
+impl<S> axum::extract::FromRequestParts<S> for AdminToken
+where
+    S: Send + Sync,
+    Authenticator: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth = Authenticator::from_ref(state);
+        let header = authorization(parts)?;
+        auth.verify_admin_header(header)?;
+        Ok(Self)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::extract::FromRequestParts;
+    use axum::http::{Request, StatusCode};
+    use axum::response::IntoResponse;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+
+    fn config() -> AuthConfig {
+        AuthConfig {
+            jwt_secret: SecretString::from(SECRET),
+            issuer: None,
+            audience: None,
+            admin_token: Some(SecretString::from("admin-token-1")),
+        }
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    fn token(claims: &serde_json::Value) -> String {
+        token_with(Algorithm::HS256, SECRET, claims)
+    }
+
+    fn token_with(alg: Algorithm, secret: &str, claims: &serde_json::Value) -> String {
+        encode(
+            &Header::new(alg),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn b64(v: &serde_json::Value) -> String {
+        use base64_url::encode;
+        encode(&v.to_string())
+    }
+
+    /// Minimal unpadded base64url, enough to forge headers in tests.
+    mod base64_url {
+        pub(super) fn encode(text: &str) -> String {
+            const ALPHABET: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let bytes = text.as_bytes();
+            let mut out = String::new();
+            for chunk in bytes.chunks(3) {
+                let n = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+                for i in 0..=chunk.len() {
+                    out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn a_valid_token_yields_its_subject() {
+        let auth = Authenticator::new(&config());
+        let t = token(&json!({"sub": "user_42", "exp": now() + 600}));
+        assert_eq!(auth.verify(&t).unwrap().as_str(), "user_42");
+        let header = format!("Bearer {t}");
+        assert_eq!(
+            auth.verify_header(Some(&header)).unwrap().as_str(),
+            "user_42"
+        );
+    }
+
+    #[test]
+    fn missing_and_malformed_tokens_are_refused() {
+        let auth = Authenticator::new(&config());
+        assert_eq!(auth.verify_header(None), Err(AuthError::Missing));
+        assert_eq!(
+            auth.verify_header(Some("Bearer")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            auth.verify_header(Some("Bearer ")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            auth.verify_header(Some("Basic dXNlcjpwdw==")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(auth.verify("not.a.jwt"), Err(AuthError::Malformed));
+        assert_eq!(auth.verify("garbage"), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn an_expired_token_is_refused() {
+        let auth = Authenticator::new(&config());
+        let t = token(&json!({"sub": "u", "exp": now() - 3600}));
+        assert_eq!(auth.verify(&t), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn a_token_without_exp_or_sub_is_refused() {
+        let auth = Authenticator::new(&config());
+        assert_eq!(
+            auth.verify(&token(&json!({"sub": "u"}))),
+            Err(AuthError::Claims)
+        );
+        assert_eq!(
+            auth.verify(&token(&json!({"exp": now() + 600}))),
+            Err(AuthError::Claims)
+        );
+        let blank_sub = token(&json!({"sub": "a b", "exp": now() + 600}));
+        assert_eq!(auth.verify(&blank_sub), Err(AuthError::Claims));
+    }
+
+    #[test]
+    fn a_token_signed_with_another_key_is_refused() {
+        let auth = Authenticator::new(&config());
+        let t = token_with(
+            Algorithm::HS256,
+            "another-secret-another-secret-another",
+            &json!({"sub": "u", "exp": now() + 600}),
+        );
+        assert_eq!(auth.verify(&t), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn alg_none_and_other_algorithms_are_refused() {
+        let auth = Authenticator::new(&config());
+        let claims = json!({"sub": "u", "exp": now() + 600});
+        for header in [json!({"alg": "none", "typ": "JWT"}), json!({"alg": "None"})] {
+            let unsigned = format!("{}.{}.", b64(&header), b64(&claims));
+            assert!(auth.verify(&unsigned).is_err(), "{header}");
+        }
+        // Same secret, other HMAC size: still refused, only HS256 is allowed.
+        let hs512 = token_with(Algorithm::HS512, SECRET, &claims);
+        assert_eq!(auth.verify(&hs512), Err(AuthError::Algorithm));
+        // A valid HS256 signature under a header that claims another algorithm.
+        let valid = token(&claims);
+        let (_, rest) = valid.split_once('.').unwrap();
+        let swapped = format!("{}.{rest}", b64(&json!({"alg": "HS384", "typ": "JWT"})));
+        assert!(auth.verify(&swapped).is_err());
+    }
+
+    #[test]
+    fn issuer_and_audience_are_enforced_when_configured() {
+        let mut cfg = config();
+        cfg.issuer = Some("https://auth.app.test".into());
+        cfg.audience = Some("entitlements".into());
+        let auth = Authenticator::new(&cfg);
+        let exp = now() + 600;
+        let good =
+            json!({"sub": "u", "exp": exp, "iss": "https://auth.app.test", "aud": "entitlements"});
+        assert!(auth.verify(&token(&good)).is_ok());
+        let cases = [
+            json!({"sub": "u", "exp": exp, "iss": "https://evil.test", "aud": "entitlements"}),
+            json!({"sub": "u", "exp": exp, "iss": "https://auth.app.test", "aud": "other"}),
+            json!({"sub": "u", "exp": exp, "aud": "entitlements"}),
+            json!({"sub": "u", "exp": exp, "iss": "https://auth.app.test"}),
+        ];
+        for claims in cases {
+            assert_eq!(
+                auth.verify(&token(&claims)),
+                Err(AuthError::Claims),
+                "{claims}"
+            );
+        }
+        // Without configured audience, a token carrying one is still accepted.
+        let plain = Authenticator::new(&config());
+        assert!(plain.verify(&token(&good)).is_ok());
+    }
+
+    #[test]
+    fn config_requires_a_long_enough_secret() {
+        let err = AuthConfig::from_env(&Env::default()).unwrap_err();
+        assert_eq!(err.var, "AUTH_JWT_SECRET");
+        let err =
+            AuthConfig::from_env(&Env::from_pairs([("AUTH_JWT_SECRET", "short")])).unwrap_err();
+        assert_eq!(err.var, "AUTH_JWT_SECRET");
+        let cfg = AuthConfig::from_env(&Env::from_pairs([
+            ("AUTH_JWT_SECRET", SECRET),
+            ("AUTH_JWT_ISSUER", "iss"),
+            ("ADMIN_API_TOKEN", "adm"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.issuer.as_deref(), Some("iss"));
+        assert!(cfg.audience.is_none());
+        let auth = Authenticator::new(&cfg);
+        let shown = format!("{cfg:?} {auth:?}");
+        assert!(
+            !shown.contains(SECRET) && !shown.contains("adm\""),
+            "{shown}"
+        );
+    }
+
+    /// Runs one extractor on a request carrying `auth`, rendering a rejection as axum would.
+    async fn call(cfg: &AuthConfig, admin: bool, auth: Option<&str>) -> (StatusCode, String) {
+        let mut req = Request::get("/");
+        if let Some(a) = auth {
+            req = req.header(AUTHORIZATION, a);
+        }
+        let (mut parts, ()) = req.body(()).unwrap().into_parts();
+        let state = Authenticator::new(cfg);
+        let response = if admin {
+            match AdminToken::from_request_parts(&mut parts, &state).await {
+                Ok(AdminToken) => "ok".into_response(),
+                Err(e) => e.into_response(),
+            }
+        } else {
+            match AuthUser::from_request_parts(&mut parts, &state).await {
+                Ok(AuthUser(user)) => user.to_string().into_response(),
+                Err(e) => e.into_response(),
+            }
+        };
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_user_extractor_answers_401_with_the_error_body() {
+        let cfg = config();
+        let good = format!(
+            "Bearer {}",
+            token(&json!({"sub": "u_7", "exp": now() + 600}))
+        );
+        assert_eq!(
+            call(&cfg, false, Some(&good)).await,
+            (StatusCode::OK, "u_7".into())
+        );
+
+        let expired = format!(
+            "Bearer {}",
+            token(&json!({"sub": "u_7", "exp": now() - 3600}))
+        );
+        for header in [None, Some("Bearer x.y.z"), Some(expired.as_str())] {
+            let (status, body) = call(&cfg, false, header).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["error"], "unauthorized");
+            assert!(body["message"].is_string());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_admin_extractor_compares_the_token_and_hides_when_unconfigured() {
+        let cfg = config();
+        assert_eq!(
+            call(&cfg, true, Some("Bearer admin-token-1")).await.0,
+            StatusCode::OK
+        );
+        for header in [
+            None,
+            Some("Bearer admin-token-2"),
+            Some("Bearer admin-token-1x"),
+            Some("admin-token-1"),
+        ] {
+            assert_eq!(
+                call(&cfg, true, header).await.0,
+                StatusCode::UNAUTHORIZED,
+                "{header:?}"
+            );
+        }
+        // A user token is not an admin token.
+        let user = format!("Bearer {}", token(&json!({"sub": "u", "exp": now() + 600})));
+        assert_eq!(
+            call(&cfg, true, Some(&user)).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+
+        let mut unconfigured = config();
+        unconfigured.admin_token = None;
+        let (status, body) = call(&unconfigured, true, Some("Bearer admin-token-1")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("not_found"));
+    }
+}

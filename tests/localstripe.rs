@@ -1,0 +1,235 @@
+//! The Stripe client against `localstripe` (PyPI), a stateful fake Stripe: customers, plans,
+//! subscriptions, charges and events as a second, independent implementation of the API.
+//!
+//! `localstripe` binds every interface when started with its own command, so the tests start
+//! its aiohttp app from Python on a socket bound to 127.0.0.1, port 0, and read the port from the
+//! first line of its output. They also stop it from writing its state to `/tmp/localstripe.pickle`
+//! (shared by every instance on the machine). The tests are skipped, with a printed reason, only
+//! when the `localstripe` command is not installed (`pip install localstripe`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use processor::stripe::{EventQuery, StripeClient, StripeConfig};
+use secrecy::SecretString;
+use serde_json::Value;
+use shared::ids::UserId;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const LAUNCHER: &str = r#"
+import socket
+from aiohttp import web
+from localstripe.resources import store
+from localstripe.server import app
+store.dump_to_disk = lambda: None
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+web.run_app(app, sock=sock, print=None)
+"#;
+
+/// localstripe accepts any key that starts with `sk_`.
+const KEY: &str = "sk_test_localstripe_key";
+
+struct LocalStripe {
+    base_url: String,
+    _child: Child,
+}
+
+fn command_on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| Path::new(&dir).join(name).is_file())
+    })
+}
+
+/// Starts a private localstripe, or `None` (after printing why) when it is not installed.
+async fn start() -> Option<LocalStripe> {
+    if !command_on_path("localstripe") {
+        eprintln!(
+            "SKIPPED: the `localstripe` command is not installed (pip install localstripe); \
+             the Stripe client was not tested against it"
+        );
+        return None;
+    }
+    let python = std::env::var("LOCALSTRIPE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(&python)
+        .args(["-c", LAUNCHER])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("localstripe is installed but {python} cannot run: {e}"));
+    let stdout = child.stdout.take().unwrap();
+    let mut first = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        BufReader::new(stdout).read_line(&mut first),
+    )
+    .await
+    .expect("localstripe did not print its port within 20 s")
+    .unwrap();
+    let port: u16 = first.trim().parse().unwrap_or_else(|_| {
+        panic!("localstripe launcher printed {first:?} instead of a port (is localstripe importable by {python}?)")
+    });
+    Some(LocalStripe {
+        base_url: format!("http://127.0.0.1:{port}"),
+        _child: child,
+    })
+}
+
+fn client(ls: &LocalStripe) -> StripeClient {
+    let mut config = StripeConfig::new(SecretString::from(KEY), &ls.base_url).unwrap();
+    config.request_timeout = Duration::from_secs(10);
+    config.min_backoff = Duration::from_millis(50);
+    StripeClient::new(config).unwrap()
+}
+
+/// Set-up calls the service itself never makes (plans, cards, subscriptions), sent directly.
+async fn raw(
+    ls: &LocalStripe,
+    method: reqwest::Method,
+    path: &str,
+    form: &[(&str, &str)],
+) -> Value {
+    let response = reqwest::Client::new()
+        .request(method, format!("{}{path}", ls.base_url))
+        .bearer_auth(KEY)
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert!(status.is_success(), "{path}: {status} {body}");
+    body
+}
+
+#[tokio::test]
+async fn a_customer_created_by_the_client_is_found_by_email_with_its_user_id() {
+    let Some(ls) = start().await else { return };
+    let stripe = client(&ls);
+    let user = UserId::parse(&system_tests::unique("user")).unwrap();
+    let email = format!("{user}@app.test");
+
+    let created = stripe.create_customer(&user, Some(&email)).await.unwrap();
+
+    assert!(created.id.starts_with("cus_"));
+    let found = stripe.list_customers_by_email(&email).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, created.id);
+    assert_eq!(found[0].metadata["user_id"], user.as_str());
+    assert!(
+        stripe
+            .list_customers_by_email("nobody@app.test")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_are_listed_with_status_all_including_canceled_ones() {
+    let Some(ls) = start().await else { return };
+    let stripe = client(&ls);
+    let user = UserId::parse(&system_tests::unique("user")).unwrap();
+    let customer = stripe.create_customer(&user, None).await.unwrap();
+    raw(
+        &ls,
+        reqwest::Method::POST,
+        &format!("/v1/customers/{}/sources", customer.id),
+        &[
+            ("source[object]", "card"),
+            ("source[number]", "4242424242424242"),
+            ("source[exp_month]", "12"),
+            ("source[exp_year]", "2035"),
+            ("source[cvc]", "123"),
+        ],
+    )
+    .await;
+    let plan = system_tests::unique("plan_pro");
+    raw(
+        &ls,
+        reqwest::Method::POST,
+        "/v1/plans",
+        &[
+            ("id", plan.as_str()),
+            ("amount", "500"),
+            ("currency", "usd"),
+            ("interval", "month"),
+            ("product[name]", "Pro"),
+        ],
+    )
+    .await;
+    let sub = raw(
+        &ls,
+        reqwest::Method::POST,
+        "/v1/subscriptions",
+        &[
+            ("customer", customer.id.as_str()),
+            ("items[0][plan]", plan.as_str()),
+            ("metadata[user_id]", user.as_str()),
+        ],
+    )
+    .await;
+
+    let subs = stripe.list_subscriptions(&customer.id).await.unwrap();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0]["id"], sub["id"]);
+    assert_eq!(subs[0]["status"], "active");
+    assert_eq!(subs[0]["metadata"]["user_id"], user.as_str());
+    let charges = stripe.list_charges(&customer.id).await.unwrap();
+    assert_eq!(charges.len(), 1, "the first invoice was paid");
+    assert_eq!(charges[0]["amount"], 500);
+
+    let sub_id = sub["id"].as_str().unwrap();
+    raw(
+        &ls,
+        reqwest::Method::DELETE,
+        &format!("/v1/subscriptions/{sub_id}"),
+        &[],
+    )
+    .await;
+    let subs = stripe.list_subscriptions(&customer.id).await.unwrap();
+    assert_eq!(subs.len(), 1, "status=all keeps the canceled subscription");
+    assert_eq!(subs[0]["status"], "canceled");
+}
+
+#[tokio::test]
+async fn events_since_a_time_are_listed_with_their_objects() {
+    let Some(ls) = start().await else { return };
+    let stripe = client(&ls);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let user = UserId::parse(&system_tests::unique("user")).unwrap();
+        ids.push(stripe.create_customer(&user, None).await.unwrap().id);
+    }
+
+    let events = stripe
+        .list_events(&EventQuery {
+            created_gte: Some(0),
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    let created: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "customer.created")
+        .filter_map(|e| e["data"]["object"]["id"].as_str())
+        .collect();
+    for id in &ids {
+        assert!(
+            created.contains(&id.as_str()),
+            "{id} missing from {created:?}"
+        );
+    }
+    let page = stripe
+        .list_events_page(&EventQuery::default(), None)
+        .await
+        .unwrap();
+    assert!(!page.has_more);
+    assert_eq!(page.data.len(), events.len());
+}

@@ -1,0 +1,727 @@
+//! A Stripe-shaped fake HTTP server for tests: the endpoints the service calls, Stripe's list,
+//! error and idempotency behaviour, a record of every request, and injectable failures.
+//!
+//! It covers what `localstripe` lacks (Checkout Sessions, billing portal, paged events with
+//! `types[]`) and lets tests provoke what the real API does only under stress (429, 500 with
+//! `Stripe-Should-Retry`, slow answers).
+//!
+//! Invariants, as in Stripe: a request without the right bearer key gets 401; a POST replayed
+//! with the same `Idempotency-Key` and the same parameters gets the first answer again (with
+//! `Idempotent-Replayed: true`), with other parameters a 400 `idempotency_error`; only successful
+//! answers are remembered for replay; injected failures are remembered neither.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// A failure the fake answers with instead of serving the next request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// 429 `rate_limit` (no `Stripe-Should-Retry` header: the status alone says retry).
+    RateLimited,
+    /// 500 `api_error` with `Stripe-Should-Retry: true`.
+    ServerErrorShouldRetry,
+    /// 500 `api_error` with `Stripe-Should-Retry: false` (a retry would not help).
+    ServerErrorShouldNotRetry,
+    /// 400 `invalid_request_error` with `Stripe-Should-Retry: false`.
+    BadRequest,
+    /// 409 `lock_timeout` without the header (retryable by status).
+    Conflict,
+    /// Serve the request normally, but only after this delay.
+    Slow(Duration),
+}
+
+/// One request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    /// The query string exactly as sent (brackets and percent-escapes included).
+    pub raw_query: String,
+    /// The body exactly as sent.
+    pub raw_body: String,
+    /// Decoded parameters, in wire order: the query's for GET, the form body's for POST.
+    pub params: Vec<(String, String)>,
+    /// Header names lower-cased.
+    pub headers: HashMap<String, String>,
+}
+
+impl RecordedRequest {
+    /// The first parameter named `key` (e.g. `metadata[user_id]`).
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a repeated parameter (e.g. `types[]`).
+    pub fn params_named(&self, key: &str) -> Vec<&str> {
+        self.params
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.header("idempotency-key")
+    }
+}
+
+/// The fake's object collections, for seeding and inspection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collection {
+    Customers,
+    CheckoutSessions,
+    PaymentIntents,
+    Charges,
+    Subscriptions,
+    Events,
+    BillingPortalSessions,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Vec<RecordedRequest>,
+    faults: VecDeque<Fault>,
+    /// key → (fingerprint of method, path and body; status; answer)
+    idempotency: HashMap<String, (String, StatusCode, Value)>,
+    objects: HashMap<Collection, Vec<Value>>,
+    max_page_size: Option<usize>,
+    counter: u64,
+}
+
+struct Shared {
+    secret_key: String,
+    inner: Mutex<Inner>,
+}
+
+/// A running fake. Dropping it stops the server.
+pub struct FakeStripe {
+    base_url: String,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeStripe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeStripe {
+    /// Starts a fake on 127.0.0.1 with a random port and a random `sk_test_…` key.
+    pub async fn start() -> Self {
+        let shared = Arc::new(Shared {
+            secret_key: format!("sk_test_fake_{}", uuid::Uuid::new_v4().simple()),
+            inner: Mutex::new(Inner::default()),
+        });
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            base_url: format!("http://{addr}"),
+            shared,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`, for `STRIPE_API_BASE`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The only key the fake accepts, for `STRIPE_SECRET_KEY`.
+    pub fn secret_key(&self) -> &str {
+        &self.shared.secret_key
+    }
+
+    /// A client configuration pointing at the fake, with test-sized timeouts and backoff.
+    pub fn client_config(&self) -> processor::stripe::StripeConfig {
+        let mut config = processor::stripe::StripeConfig::new(
+            secrecy::SecretString::from(self.secret_key().to_owned()),
+            self.base_url(),
+        )
+        .unwrap();
+        config.connect_timeout = Duration::from_secs(2);
+        config.request_timeout = Duration::from_secs(2);
+        config.max_retries = 2;
+        config.min_backoff = Duration::from_millis(10);
+        config.max_backoff = Duration::from_millis(50);
+        config
+    }
+
+    /// Answers the next `n` requests with `fault` (after any faults already queued).
+    pub fn inject(&self, fault: Fault, n: usize) {
+        let mut inner = self.lock();
+        for _ in 0..n {
+            inner.faults.push_back(fault.clone());
+        }
+    }
+
+    /// Caps the page size of list answers, to exercise pagination with few objects.
+    pub fn set_max_page_size(&self, n: usize) {
+        self.lock().max_page_size = Some(n.max(1));
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// The requests to `path` (any method).
+    pub fn requests_to(&self, path: &str) -> Vec<RecordedRequest> {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Adds an object (it should carry an `id`; list filters read `customer`, `status`,
+    /// `created`, `type`, `email`).
+    pub fn seed(&self, collection: Collection, object: Value) {
+        self.lock()
+            .objects
+            .entry(collection)
+            .or_default()
+            .push(object);
+    }
+
+    /// Adds a customer `cus_…` with `metadata[user_id]` and returns its id.
+    pub fn seed_customer(&self, user_id: &str, email: Option<&str>) -> String {
+        let id = format!("cus_{}", self.next_number());
+        self.seed(
+            Collection::Customers,
+            json!({"id": id, "object": "customer", "email": email,
+                   "metadata": {"user_id": user_id}, "created": now()}),
+        );
+        id
+    }
+
+    /// The objects of a collection, in insertion order.
+    pub fn objects(&self, collection: Collection) -> Vec<Value> {
+        self.lock()
+            .objects
+            .get(&collection)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn next_number(&self) -> u64 {
+        let mut inner = self.lock();
+        inner.counter += 1;
+        inner.counter
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.shared.inner.lock().unwrap()
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Decodes `application/x-www-form-urlencoded` text into ordered pairs.
+fn decode_form(raw: &str) -> Vec<(String, String)> {
+    fn unescape(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = |c: u8| char::from(c).to_digit(16);
+                    match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                        (Some(hi), Some(lo)) => {
+                            out.push(u8::try_from(hi * 16 + lo).unwrap());
+                            i += 2;
+                        }
+                        _ => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (unescape(k), unescape(v))
+        })
+        .collect()
+}
+
+fn stripe_error(
+    status: StatusCode,
+    error_type: &str,
+    code: Option<&str>,
+    message: &str,
+    param: Option<&str>,
+) -> (StatusCode, Value) {
+    (
+        status,
+        json!({"error": {"type": error_type, "code": code, "message": message, "param": param}}),
+    )
+}
+
+fn fault_response(fault: &Fault) -> Response {
+    let (status, should_retry, body) = match fault {
+        Fault::RateLimited => (
+            StatusCode::TOO_MANY_REQUESTS,
+            None,
+            stripe_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "invalid_request_error",
+                Some("rate_limit"),
+                "Too many requests hit the API too quickly.",
+                None,
+            )
+            .1,
+        ),
+        Fault::ServerErrorShouldRetry | Fault::ServerErrorShouldNotRetry => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some(matches!(fault, Fault::ServerErrorShouldRetry)),
+            stripe_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                None,
+                "Something went wrong on Stripe's end.",
+                None,
+            )
+            .1,
+        ),
+        Fault::BadRequest => (
+            StatusCode::BAD_REQUEST,
+            Some(false),
+            stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("parameter_invalid"),
+                "Invalid request (injected).",
+                None,
+            )
+            .1,
+        ),
+        Fault::Conflict => (
+            StatusCode::CONFLICT,
+            None,
+            stripe_error(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("lock_timeout"),
+                "This object cannot be accessed right now because another API request or Stripe process is currently accessing it.",
+                None,
+            )
+            .1,
+        ),
+        Fault::Slow(_) => unreachable!("slow answers are served normally"),
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Some(retry) = should_retry {
+        response.headers_mut().insert(
+            "Stripe-Should-Retry",
+            if retry { "true" } else { "false" }.parse().unwrap(),
+        );
+    }
+    response
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let raw_query = uri.query().unwrap_or("").to_owned();
+    let raw_body = String::from_utf8_lossy(&body).into_owned();
+    let params = if method == Method::GET {
+        decode_form(&raw_query)
+    } else {
+        decode_form(&raw_body)
+    };
+    let request = RecordedRequest {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        raw_query,
+        raw_body,
+        params,
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    v.to_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect(),
+    };
+    let fault = {
+        let mut inner = shared.inner.lock().unwrap();
+        inner.requests.push(request.clone());
+        inner.faults.pop_front()
+    };
+    match fault {
+        Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
+        Some(fault) => return fault_response(&fault),
+        None => {}
+    }
+
+    if request.header("authorization") != Some(&format!("Bearer {}", shared.secret_key)) {
+        let (status, body) = stripe_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided.",
+            None,
+        );
+        return (status, axum::Json(body)).into_response();
+    }
+
+    let mut inner = shared.inner.lock().unwrap();
+    let idempotency = if request.method == "POST" {
+        request.idempotency_key().map(|key| {
+            let fingerprint = format!("{} {} {}", request.method, request.path, request.raw_body);
+            (key.to_owned(), fingerprint)
+        })
+    } else {
+        None
+    };
+    if let Some((key, fingerprint)) = &idempotency
+        && let Some((seen, status, body)) = inner.idempotency.get(key)
+    {
+        if seen == fingerprint {
+            let mut response = (*status, axum::Json(body.clone())).into_response();
+            response
+                .headers_mut()
+                .insert("Idempotent-Replayed", "true".parse().unwrap());
+            return response;
+        }
+        let (status, body) = stripe_error(
+            StatusCode::BAD_REQUEST,
+            "idempotency_error",
+            None,
+            &format!(
+                "Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{key}' if you meant to execute a different request."
+            ),
+            None,
+        );
+        return (status, axum::Json(body)).into_response();
+    }
+
+    let (status, body) = route(&mut inner, &request);
+    if let Some((key, fingerprint)) = idempotency
+        && status.is_success()
+    {
+        inner
+            .idempotency
+            .insert(key, (fingerprint, status, body.clone()));
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/v1/customers") => create_customer(inner, req),
+        ("GET", "/v1/customers") => list(inner, req, Collection::Customers, |o, r| {
+            r.param("email")
+                .is_none_or(|e| o["email"].as_str() == Some(e))
+        }),
+        ("POST", "/v1/checkout/sessions") => create_checkout_session(inner, req),
+        ("GET", "/v1/checkout/sessions") => {
+            list(inner, req, Collection::CheckoutSessions, by_customer)
+        }
+        ("POST", "/v1/billing_portal/sessions") => create_portal_session(inner, req),
+        ("GET", "/v1/payment_intents") => list(inner, req, Collection::PaymentIntents, by_customer),
+        ("GET", "/v1/charges") => list(inner, req, Collection::Charges, by_customer),
+        ("GET", "/v1/subscriptions") => list(inner, req, Collection::Subscriptions, |o, r| {
+            let status = o["status"].as_str().unwrap_or("");
+            let status_ok = match r.param("status") {
+                Some("all") => true,
+                Some(wanted) => status == wanted,
+                // As Stripe: without a status filter, canceled subscriptions are left out.
+                None => !matches!(status, "canceled" | "incomplete_expired"),
+            };
+            status_ok && by_customer(o, r)
+        }),
+        ("GET", "/v1/events") => list(inner, req, Collection::Events, |o, r| {
+            let created = o["created"].as_i64().unwrap_or(0);
+            let gte_ok = r
+                .param("created[gte]")
+                .and_then(|v| v.parse::<i64>().ok())
+                .is_none_or(|gte| created >= gte);
+            let types = r.params_named("types[]");
+            let ty = o["type"].as_str().unwrap_or("");
+            let type_ok = (types.is_empty() || types.contains(&ty))
+                && r.param("type").is_none_or(|t| t == ty);
+            gte_ok && type_ok
+        }),
+        (method, path) => stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            None,
+            &format!("Unrecognized request URL ({method}: {path})."),
+            None,
+        ),
+    }
+}
+
+fn by_customer(object: &Value, req: &RecordedRequest) -> bool {
+    req.param("customer")
+        .is_none_or(|c| object["customer"].as_str() == Some(c))
+}
+
+/// `prefix[...]` parameters as a JSON object (one level deep, as metadata is).
+fn sub_map(req: &RecordedRequest, prefix: &str) -> Value {
+    let open = format!("{prefix}[");
+    let map: serde_json::Map<String, Value> = req
+        .params
+        .iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix(&open)?.strip_suffix(']')?;
+            (!rest.contains('[')).then(|| (rest.to_owned(), Value::String(v.clone())))
+        })
+        .collect();
+    Value::Object(map)
+}
+
+fn missing(param: &str) -> (StatusCode, Value) {
+    stripe_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("parameter_missing"),
+        &format!("Missing required param: {param}."),
+        Some(param),
+    )
+}
+
+fn no_such_customer(id: &str) -> (StatusCode, Value) {
+    stripe_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("resource_missing"),
+        &format!("No such customer: '{id}'"),
+        Some("customer"),
+    )
+}
+
+fn customer_exists(inner: &Inner, id: &str) -> bool {
+    inner
+        .objects
+        .get(&Collection::Customers)
+        .is_some_and(|cs| cs.iter().any(|c| c["id"].as_str() == Some(id)))
+}
+
+fn next_id(inner: &mut Inner, prefix: &str) -> String {
+    inner.counter += 1;
+    format!("{prefix}_{}", inner.counter)
+}
+
+fn create_customer(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
+    let id = next_id(inner, "cus");
+    let customer = json!({
+        "id": id, "object": "customer", "email": req.param("email"),
+        "metadata": sub_map(req, "metadata"), "created": now(), "livemode": false,
+    });
+    inner
+        .objects
+        .entry(Collection::Customers)
+        .or_default()
+        .push(customer.clone());
+    (StatusCode::OK, customer)
+}
+
+fn create_checkout_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
+    for required in ["mode", "line_items[0][price]", "success_url"] {
+        if req.param(required).is_none() {
+            return missing(required);
+        }
+    }
+    let mode = req.param("mode").unwrap_or_default();
+    if !matches!(mode, "payment" | "subscription" | "setup") {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("parameter_invalid_string"),
+            &format!("Invalid mode: {mode}"),
+            Some("mode"),
+        );
+    }
+    if let Some(customer) = req.param("customer")
+        && !customer_exists(inner, customer)
+    {
+        return no_such_customer(customer);
+    }
+    let created = now();
+    let expires_at = match req.param("expires_at") {
+        None => created + 86_400,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(t) if t >= created + 1_800 - 5 && t <= created + 86_400 + 5 => t,
+            _ => {
+                return stripe_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("parameter_invalid_integer"),
+                    "The `expires_at` timestamp must be between 30 minutes and 24 hours from Checkout Session creation.",
+                    Some("expires_at"),
+                );
+            }
+        },
+    };
+    let id = next_id(inner, "cs_test");
+    let session = json!({
+        "id": id,
+        "object": "checkout.session",
+        "url": format!("https://checkout.stripe.com/c/pay/{id}"),
+        "mode": mode,
+        "status": "open",
+        "payment_status": "unpaid",
+        "customer": req.param("customer"),
+        "client_reference_id": req.param("client_reference_id"),
+        "metadata": sub_map(req, "metadata"),
+        "success_url": req.param("success_url"),
+        "cancel_url": req.param("cancel_url"),
+        "created": created,
+        "expires_at": expires_at,
+        "payment_intent": null,
+        "subscription": null,
+        "livemode": false,
+    });
+    inner
+        .objects
+        .entry(Collection::CheckoutSessions)
+        .or_default()
+        .push(session.clone());
+    (StatusCode::OK, session)
+}
+
+fn create_portal_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
+    let Some(customer) = req.param("customer") else {
+        return missing("customer");
+    };
+    if !customer_exists(inner, customer) {
+        return no_such_customer(customer);
+    }
+    let id = next_id(inner, "bps");
+    let session = json!({
+        "id": id,
+        "object": "billing_portal.session",
+        "customer": customer,
+        "return_url": req.param("return_url"),
+        "configuration": req.param("configuration").unwrap_or("bpc_default"),
+        "url": format!("https://billing.stripe.com/p/session/test_{id}"),
+        "created": now(),
+        "livemode": false,
+    });
+    inner
+        .objects
+        .entry(Collection::BillingPortalSessions)
+        .or_default()
+        .push(session.clone());
+    (StatusCode::OK, session)
+}
+
+/// A Stripe list answer: newest first, `limit` (default 10, at most 100), `starting_after`.
+fn list(
+    inner: &Inner,
+    req: &RecordedRequest,
+    collection: Collection,
+    keep: impl Fn(&Value, &RecordedRequest) -> bool,
+) -> (StatusCode, Value) {
+    let limit = match req.param("limit").map(str::parse::<usize>) {
+        None => 10,
+        Some(Ok(n)) if (1..=100).contains(&n) => n,
+        Some(_) => {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("parameter_invalid_integer"),
+                "Invalid limit: must be between 1 and 100",
+                Some("limit"),
+            );
+        }
+    };
+    let limit = inner.max_page_size.map_or(limit, |cap| limit.min(cap));
+    // Newest first; among equal `created`, the later inserted first (as Stripe orders).
+    let mut matching: Vec<Value> = inner
+        .objects
+        .get(&collection)
+        .map(|objects| {
+            objects
+                .iter()
+                .rev()
+                .filter(|o| keep(o, req))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    matching.sort_by_key(|o| std::cmp::Reverse(o["created"].as_i64().unwrap_or(0)));
+    let start = match req.param("starting_after") {
+        None => 0,
+        Some(cursor) => match matching
+            .iter()
+            .position(|o| o["id"].as_str() == Some(cursor))
+        {
+            Some(i) => i + 1,
+            None => {
+                return stripe_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    &format!("No such object: '{cursor}'"),
+                    Some("starting_after"),
+                );
+            }
+        },
+    };
+    let rest = &matching[start.min(matching.len())..];
+    let page: Vec<Value> = rest.iter().take(limit).cloned().collect();
+    (
+        StatusCode::OK,
+        json!({"object": "list", "url": req.path, "has_more": rest.len() > page.len(), "data": page}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_decoding_handles_brackets_escapes_and_plus() {
+        let pairs = decode_form("a=1&metadata%5Buser_id%5D=u%201&types[]=x+y&empty=&flag");
+        assert_eq!(
+            pairs,
+            vec![
+                ("a".into(), "1".into()),
+                ("metadata[user_id]".into(), "u 1".into()),
+                ("types[]".into(), "x y".into()),
+                ("empty".into(), String::new()),
+                ("flag".into(), String::new()),
+            ]
+        );
+    }
+}
