@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
         let base = args.nth(1).expect("topology base");
         let database_url = args.next().expect("database url");
         let config = bench_config(&base, &database_url)?;
+        shared::telemetry::init_tracing(config.log_format, "warn");
         processor::run_worker(config, shared::shutdown_signal()).await?;
         return Ok(());
     }

@@ -348,10 +348,24 @@ impl Worker {
             }
         }
 
+        let size = items.len();
+        let started = Instant::now();
         self.claim_all(&mut items).await;
+        let claimed = started.elapsed();
         self.apply_all(&mut items).await;
+        let committed = started.elapsed();
         self.after_commit(&items).await;
-        self.resolve_and_ack(channel, items).await
+        let cached = started.elapsed();
+        let healthy = self.resolve_and_ack(channel, items).await;
+        tracing::debug!(
+            size,
+            ?claimed,
+            ?committed,
+            ?cached,
+            settled = ?started.elapsed(),
+            "batch done"
+        );
+        healthy
     }
 
     /// Takes the dedupe claims of the batch's fresh events concurrently.
@@ -625,6 +639,10 @@ enum BatchError {
 
 /// One transaction, one savepoint per event: `processed_events` insert (a conflict means the
 /// event was committed before), then the projection.
+///
+/// The savepoints are issued by hand rather than through nested `Transaction`s so they can be
+/// pipelined: releasing the previous event's savepoint, opening the next one and inserting its
+/// `processed_events` row cost one round trip together.
 async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>, BatchError> {
     let mut client = pool.get().await?;
     let insert = client
@@ -633,27 +651,35 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
              VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
         )
         .await?;
-    let mut tx = client.transaction().await?;
+    let tx = client.transaction().await?;
     let mut results = Vec::with_capacity(events.len());
+    let mut savepoint_open = false;
     for event in events {
-        let savepoint = tx.transaction().await?;
+        let begin = if savepoint_open {
+            "RELEASE SAVEPOINT event; SAVEPOINT event"
+        } else {
+            "SAVEPOINT event"
+        };
         let created = chrono::DateTime::from_timestamp(event.created, 0);
-        let inserted = savepoint
-            .execute(&insert, &[&event.id.as_str(), &event.event_type, &created])
-            .await?;
-        if inserted == 0 {
-            savepoint.rollback().await?;
+        let id = event.id.as_str();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&id, &event.event_type, &created];
+        let (began, inserted) = tokio::join!(
+            tx.batch_execute(begin),
+            tx.execute(&insert, &params),
+        );
+        began?;
+        savepoint_open = true;
+        if inserted? == 0 {
             results.push(EventResult::Replay);
             continue;
         }
-        match store::apply(&savepoint, event).await {
-            Ok(applied) => {
-                savepoint.commit().await?;
-                results.push(EventResult::Applied(applied.users));
-            }
+        match store::apply(&tx, event).await {
+            Ok(applied) => results.push(EventResult::Applied(applied.users)),
             Err(error) => match permanent_reason(&error) {
                 Some(reason) => {
-                    savepoint.rollback().await?;
+                    // Undoes this event's writes, its processed_events row included.
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT event").await?;
                     results.push(EventResult::Permanent(reason));
                 }
                 None => return Err(BatchError::Store(error)),
