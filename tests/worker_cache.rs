@@ -165,7 +165,11 @@ async fn the_dedupe_marker_is_a_released_or_expiring_claim_until_the_commit_mark
         panic!("a released claim can be taken again");
     };
     cache.release(&event, &first).await;
-    assert_eq!(cache.claim(&event).await, Claim::HeldElsewhere, "stale token ignored");
+    assert_eq!(
+        cache.claim(&event).await,
+        Claim::HeldElsewhere,
+        "stale token ignored"
+    );
     // A crashed holder's claim expires on its own.
     let third = eventually(WAIT, "the claim expires", || async {
         match cache.claim(&event).await {

@@ -265,6 +265,9 @@ impl Worker {
         })
     }
 
+    /// Dispatches deliveries to `lanes` batch processors by user: the same user always lands in
+    /// the same lane, so concurrent batches of one process do not contend for (or deadlock on)
+    /// the per-user locks. Returns when shutdown is requested or the connection is lost.
     async fn consume<S>(
         &self,
         session: &mut Session,
@@ -273,48 +276,70 @@ impl Worker {
     where
         S: Future<Output = ()> + FusedFuture,
     {
-        loop {
-            let first = tokio::select! {
+        let lanes = self.config.lanes.max(1);
+        let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+        let mut senders = Vec::with_capacity(lanes);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..lanes {
+            let (tx, rx) = tokio::sync::mpsc::channel(usize::from(self.config.prefetch));
+            senders.push(tx);
+            tasks.spawn(self.clone().lane(rx, lost_tx.clone()));
+        }
+        drop(lost_tx);
+        let end = loop {
+            let next = tokio::select! {
                 biased;
-                () = &mut shutdown => {
-                    self.cancel(session).await;
-                    return SessionEnd::Shutdown;
-                }
+                () = &mut shutdown => break SessionEnd::Shutdown,
+                _ = lost_rx.wait_for(|lost| *lost) => break SessionEnd::Lost,
                 next = session.consumer.next() => next,
             };
-            let Some(Ok(first)) = first else {
-                return SessionEnd::Lost;
+            let Some(Ok(delivery)) = next else {
+                break SessionEnd::Lost;
             };
+            let lane = lane_of(&delivery.data, lanes);
+            if senders[lane].send(delivery).await.is_err() {
+                break SessionEnd::Lost;
+            }
+        };
+        if matches!(end, SessionEnd::Shutdown) {
+            self.cancel(session).await;
+        }
+        // Lanes finish the batch in hand and whatever was already dispatched to them.
+        drop(senders);
+        let grace = match end {
+            SessionEnd::Shutdown => self.config.shutdown_grace,
+            SessionEnd::Lost => Duration::from_secs(2),
+        };
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?grace,
+                "in-flight batches did not finish in time; their deliveries return to the queue"
+            );
+            tasks.shutdown().await;
+        }
+        end
+    }
+
+    /// One lane: batches what the dispatcher sends it and processes one batch at a time.
+    async fn lane(
+        self,
+        mut deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+        lost: tokio::sync::watch::Sender<bool>,
+    ) {
+        while let Some(first) = deliveries.recv().await {
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + self.config.batch_wait;
             while batch.len() < self.config.batch_size.max(1) {
-                match tokio::time::timeout_at(deadline, session.consumer.next()).await {
-                    Ok(Some(Ok(delivery))) => batch.push(delivery),
-                    // The channel is gone: its deliveries are back in the queue already.
-                    Ok(Some(Err(_)) | None) => return SessionEnd::Lost,
-                    Err(_) => break,
+                match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                    Ok(Some(delivery)) => batch.push(delivery),
+                    Ok(None) | Err(_) => break,
                 }
             }
-
-            let channel = session.channel.clone();
-            let mut processing = pin!(self.process_batch(&channel, batch));
-            let healthy = tokio::select! {
-                biased;
-                healthy = &mut processing => healthy,
-                () = &mut shutdown => {
-                    self.cancel(session).await;
-                    match tokio::time::timeout(self.config.shutdown_grace, processing).await {
-                        Ok(_) => tracing::info!("in-flight batch finished"),
-                        Err(_) => tracing::warn!(
-                            grace = ?self.config.shutdown_grace,
-                            "in-flight batch did not finish in time; its deliveries return to the queue"
-                        ),
-                    }
-                    return SessionEnd::Shutdown;
-                }
-            };
-            if !healthy {
-                return SessionEnd::Lost;
+            if !self.process_batch(batch).await {
+                let _ = lost.send(true);
+                return;
             }
         }
     }
@@ -332,7 +357,7 @@ impl Worker {
     }
 
     /// Handles one batch end to end. Returns false when the channel broke while acking.
-    async fn process_batch(&self, channel: &Channel, deliveries: Vec<Delivery>) -> bool {
+    async fn process_batch(&self, deliveries: Vec<Delivery>) -> bool {
         metrics::histogram!("worker_batch_size").record(deliveries.len() as f64);
         let mut items: Vec<Item> = deliveries.into_iter().map(Item::new).collect();
 
@@ -356,7 +381,7 @@ impl Worker {
         let committed = started.elapsed();
         self.after_commit(&items).await;
         let cached = started.elapsed();
-        let healthy = self.resolve_and_ack(channel, items).await;
+        let healthy = self.resolve_and_ack(items).await;
         tracing::debug!(
             size,
             ?claimed,
@@ -491,7 +516,7 @@ impl Worker {
 
     /// Makes every outcome durable (publishing retries and dead letters with confirms), then
     /// acks. A delivery whose republish failed is requeued instead of acked.
-    async fn resolve_and_ack(&self, channel: &Channel, items: Vec<Item>) -> bool {
+    async fn resolve_and_ack(&self, items: Vec<Item>) -> bool {
         let delays = self.config.topology.retry_delays();
         let decisions: Vec<Decision> = items
             .iter()
@@ -511,33 +536,23 @@ impl Worker {
         )
         .await;
 
-        let all_durable = durable.iter().all(|d| *d);
-        let mut healthy = true;
-        if all_durable {
-            // Batches run one at a time on this channel and every earlier tag is settled, so
-            // one multiple-ack covers exactly this batch.
-            if let Some(max) = items.iter().map(|i| i.delivery.delivery_tag).max() {
-                healthy = channel
-                    .basic_ack(max, BasicAckOptions { multiple: true })
+        // Lanes share the channel, so every delivery is settled on its own (no multiple-ack).
+        let settled = join_all(items.iter().zip(&durable).map(|(item, ok)| async move {
+            let sent = if *ok {
+                item.delivery.acker.ack(BasicAckOptions::default()).await
+            } else {
+                item.delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
                     .await
-                    .is_ok();
-            }
-        } else {
-            for (item, ok) in items.iter().zip(&durable) {
-                let sent = if *ok {
-                    item.delivery.acker.ack(BasicAckOptions::default()).await
-                } else {
-                    item.delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            multiple: false,
-                        })
-                        .await
-                };
-                healthy &= matches!(sent, Ok(true));
-            }
-        }
+            };
+            matches!(sent, Ok(true))
+        }))
+        .await;
+        let healthy = settled.iter().all(|s| *s);
         if !healthy {
             tracing::warn!("acknowledgement not sent; deliveries return to the queue");
         }
@@ -664,10 +679,8 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
         let id = event.id.as_str();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&id, &event.event_type, &created];
-        let (began, inserted) = tokio::join!(
-            tx.batch_execute(begin),
-            tx.execute(&insert, &params),
-        );
+        let (began, inserted) =
+            tokio::join!(tx.batch_execute(begin), tx.execute(&insert, &params),);
         began?;
         savepoint_open = true;
         if inserted? == 0 {
@@ -877,6 +890,34 @@ fn put_str(table: &mut FieldTable, key: &str, value: &str) {
 fn short(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default();
     line.chars().take(MAX_REASON_LEN).collect()
+}
+
+/// The lane of a delivery: a hash of the user it most likely concerns (Checkout's
+/// `client_reference_id`, `metadata.user_id`, else the customer), or of the whole body when none
+/// is visible. Only a routing hint: correctness never depends on it, the per-user lock in
+/// Postgres does.
+fn lane_of(body: &[u8], lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    if lanes <= 1 {
+        return 0;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let object = value.as_ref().and_then(|v| v.pointer("/data/object"));
+    let hint = object.and_then(|o| {
+        o.get("client_reference_id")
+            .and_then(serde_json::Value::as_str)
+            .or_else(|| {
+                o.pointer("/metadata/user_id")
+                    .and_then(serde_json::Value::as_str)
+            })
+            .or_else(|| o.get("customer").and_then(serde_json::Value::as_str))
+    });
+    match hint {
+        Some(hint) => hint.hash(&mut hasher),
+        None => body.hash(&mut hasher),
+    }
+    usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
 }
 
 /// Samples the depth of every queue of the topology into the `queue_depth` gauge.
