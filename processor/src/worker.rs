@@ -9,7 +9,9 @@
 //!   from an error taxonomy: transient failures (Postgres, pool, broker) are retried, permanent
 //!   ones (unparsable event, rejected data) are dead-lettered at once;
 //! - one Postgres transaction per batch, one savepoint per event: a permanent failure rolls back
-//!   only its own event. `processed_events` is written in the same transaction as the effects, so
+//!   only its own event. Several batches run at once in "lanes"; a dispatcher sends every
+//!   delivery of a user to the same lane, so batches of one process do not wait on each other's
+//!   per-user locks (across processes Postgres serializes them, and a deadlock is retried). `processed_events` is written in the same transaction as the effects, so
 //!   an event's effects are applied at most once whatever Redis says;
 //! - the Redis `done` marker and the cache are written after the commit, the cache only with the
 //!   newest version per user in the batch, and a Redis failure never fails an event.
@@ -730,6 +732,7 @@ struct Item {
     parsed: Result<Event, events::EventError>,
     attempts: u32,
     first_seen_at: String,
+    event_id: String,
     event_type: String,
     received: Instant,
     claim: Option<ClaimToken>,
@@ -777,6 +780,7 @@ impl Item {
             parsed,
             attempts,
             first_seen_at,
+            event_id,
             event_type,
             received: Instant::now(),
             claim: None,
@@ -817,7 +821,9 @@ impl Item {
         let _guard = self.span.enter();
         match decision {
             Decision::Ack => match self.outcome {
-                Some(Outcome::Replay) => tracing::info!("skipped replay"),
+                Some(Outcome::Replay) => {
+                    tracing::info!(event_id = %self.event_id, "skipped replay");
+                }
                 _ => tracing::debug!(users = self.users.len(), "applied"),
             },
             Decision::Retry { queue, after, .. } if self.outcome == Some(Outcome::Busy) => {
