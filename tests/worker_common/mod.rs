@@ -57,6 +57,14 @@ pub fn spawn_worker(config: Config) -> Running {
 }
 
 impl Running {
+    /// Aborts the worker task where it stands, as a crash would: its connections are dropped
+    /// without closing, nothing is acked, released or finished.
+    pub fn kill(mut self) {
+        self.handle.abort();
+        // Dropping the sender after the abort must not look like a graceful stop.
+        std::mem::forget(self.stop.take());
+    }
+
     /// Signals shutdown and waits for the worker to return.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
