@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Uses `BENCH_DATABASE_SERVER` (default `postgres://postgres@127.0.0.1:5432`), `AMQP_URL` and
-//! `REDIS_URL` (contract defaults). Creates a scratch database and topology of its own and
+//! `REDIS_URL` (contract defaults); `PROCESSOR_PREFETCH` applies to the worker. Creates a scratch database and topology of its own and
 //! removes them afterwards; it never touches the contract's queues.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -5,14 +5,16 @@
 //! - a delivery is acked only after its outcome is durable: its Postgres transaction committed
 //!   (applied, or found already processed), or a copy was republished to a retry queue or the
 //!   dead-letter queue and confirmed by the broker. Anything else goes back to the queue;
-//! - only the consume loop acks. Handling a batch yields one [`Decision`] per delivery, derived
-//!   from an error taxonomy: transient failures (Postgres, pool, broker) are retried, permanent
-//!   ones (unparsable event, rejected data) are dead-lettered at once;
+//! - only the consume loop acks (in its lanes, after the batch). Handling a batch yields one
+//!   [`Decision`] per delivery, derived from an error taxonomy: transient failures (Postgres,
+//!   pool, broker) are retried, permanent ones (unparsable event, rejected data) are
+//!   dead-lettered at once;
 //! - one Postgres transaction per batch, one savepoint per event: a permanent failure rolls back
-//!   only its own event. Several batches run at once in "lanes"; a dispatcher sends every
-//!   delivery of a user to the same lane, so batches of one process do not wait on each other's
-//!   per-user locks (across processes Postgres serializes them, and a deadlock is retried). `processed_events` is written in the same transaction as the effects, so
-//!   an event's effects are applied at most once whatever Redis says;
+//!   only its own event. `processed_events` is written in the same transaction as the effects,
+//!   so an event's effects are applied at most once whatever Redis says;
+//! - several batches run at once in lanes; a dispatcher sends every delivery of a user to the
+//!   same lane, so the batches of one process do not wait on each other's per-user locks
+//!   (across processes Postgres serializes them, and a deadlock is retried as transient);
 //! - the Redis `done` marker and the cache are written after the commit, the cache only with the
 //!   newest version per user in the batch, and a Redis failure never fails an event.
 
