@@ -44,6 +44,9 @@ use crate::db::{self, DbError};
 use crate::events::{self, Event};
 use crate::store::{self, StoreError, UserSnapshot};
 
+/// How long start-up waits for Postgres to become reachable before giving up.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Longest `last_error` header, so a header never carries a long driver message.
 const MAX_REASON_LEN: usize = 200;
 
@@ -144,7 +147,7 @@ pub async fn run_worker(
     // Installs the process-wide recorder before anything records.
     let _ = shared::telemetry::metrics_handle();
     let pool = db::pool(&config)?;
-    db::prepare(&config, &pool).await?;
+    db::prepare_patiently(&config, &pool, STARTUP_PATIENCE).await?;
     let cache = Cache::new(&config)?;
     let (publisher, publisher_task) = Publisher::start(
         config.amqp_url.clone(),
