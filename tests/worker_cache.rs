@@ -4,7 +4,7 @@
 
 mod worker_common;
 
-use processor::cache::{Cache, entitlements_key};
+use processor::cache::{Cache, Claim, entitlements_key};
 use processor::events;
 use processor::store;
 use shared::ids::UserId;
@@ -51,7 +51,8 @@ async fn writers_that_commit_in_one_order_and_write_in_the_other_leave_the_newer
         .query_async(&mut redis().await)
         .await
         .unwrap();
-    assert!(ttl > 0 && ttl <= 3600, "ttl {ttl}");
+    let configured = i64::try_from(config.entitlement_cache_ttl.as_secs()).unwrap();
+    assert!(ttl > configured - 60 && ttl <= configured, "ttl {ttl}");
     cache.invalidate(&user).await;
     setup.cleanup().await;
 }
@@ -144,5 +145,54 @@ async fn an_unreachable_redis_never_fails_an_event() {
         assert_eq!(setup.broker.depth(&topology.retry_queue(n)).await, 0);
     }
     assert_eq!(version(&direct, &user).await, 1);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dedupe_marker_is_a_released_or_expiring_claim_until_the_commit_marks_it_done() {
+    let setup = Setup::new(&[200]).await;
+    let mut config = config(&setup.db.url, &setup.broker);
+    config.claim_ttl = std::time::Duration::from_millis(300);
+    let cache = Cache::new(&config).unwrap();
+    let event = shared::ids::StripeEventId::parse(&unique("evt")).unwrap();
+
+    let Claim::Acquired(first) = cache.claim(&event).await else {
+        panic!("a fresh event can be claimed");
+    };
+    assert_eq!(cache.claim(&event).await, Claim::HeldElsewhere);
+    // A failed attempt releases its own claim only.
+    cache.release(&event, &first).await;
+    let Claim::Acquired(second) = cache.claim(&event).await else {
+        panic!("a released claim can be taken again");
+    };
+    cache.release(&event, &first).await;
+    assert_eq!(
+        cache.claim(&event).await,
+        Claim::HeldElsewhere,
+        "stale token ignored"
+    );
+    // A crashed holder's claim expires on its own.
+    let third = eventually(WAIT, "the claim expires", || async {
+        match cache.claim(&event).await {
+            Claim::Acquired(token) => Some(token),
+            _ => None,
+        }
+    })
+    .await;
+    assert_ne!(second, third);
+    // After the commit: done, which no release removes.
+    cache.mark_done(&event).await;
+    cache.release(&event, &third).await;
+    assert_eq!(cache.claim(&event).await, Claim::Done);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(processor::cache::dedupe_key(&event))
+        .query_async(&mut redis().await)
+        .await
+        .unwrap();
+    let configured = i64::try_from(config.dedupe_ttl.as_secs()).unwrap();
+    assert!(
+        ttl > configured - 60 && ttl <= configured,
+        "done lives for DEDUPE_TTL_SECONDS, got {ttl}"
+    );
     setup.cleanup().await;
 }

@@ -139,3 +139,39 @@ async fn a_worker_that_dies_between_claim_and_commit_never_loses_the_event() {
     );
     setup.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice() {
+    let setup = Setup::new(&[200, 400]).await;
+    let direct = pg(&setup.db.url).await;
+    let user = unique("u");
+    let total: i64 = 1000;
+    for _ in 0..total {
+        publish_event(&setup.broker, &unique("evt"), &user).await;
+    }
+    let config = config(&setup.db.url, &setup.broker);
+    let killed = spawn_worker(config.clone());
+    eventually(WAIT, "some events processed", || async {
+        (processed_total(&direct).await >= 30).then_some(())
+    })
+    .await;
+    // No graceful anything: claims stay behind in Redis, transactions are cut off.
+    killed.kill();
+
+    let worker = spawn_worker(config);
+    eventually(WAIT, "every event processed after the restart", || async {
+        (processed_total(&direct).await == total).then_some(())
+    })
+    .await;
+    wait_depth(&setup.broker, &setup.broker.topology.main_queue(), 0).await;
+    worker.stop().await;
+    assert_eq!(version(&direct, &user).await, total);
+    assert_eq!(
+        setup
+            .broker
+            .depth(&setup.broker.topology.dead_letter_queue())
+            .await,
+        0
+    );
+    setup.cleanup().await;
+}

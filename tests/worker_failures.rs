@@ -183,3 +183,21 @@ async fn the_worker_reconnects_when_the_broker_goes_away() {
     assert_eq!(version(&direct, &user).await, 2);
     setup.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_postgres_is_reachable_waits_for_it() {
+    let setup = Setup::new(&[200, 400]).await;
+    let proxy = ChaosProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    proxy.break_all();
+    let direct = pg(&setup.db.url).await;
+    let worker = spawn_worker(config(&proxied_url(&proxy, &setup.db.name), &setup.broker));
+    let (event, user) = (unique("evt"), unique("u"));
+    publish_event(&setup.broker, &event, &user).await;
+    // Still unreachable: nothing is migrated or consumed yet.
+    assert_eq!(processed_rows(&direct, &event).await, 0);
+    proxy.restore();
+    wait_processed(&direct, &event).await;
+    worker.stop().await;
+    assert_eq!(version(&direct, &user).await, 1);
+    setup.cleanup().await;
+}

@@ -40,15 +40,26 @@ async fn the_service_consumes_and_answers_health_readiness_and_metrics() {
         body,
         serde_json::json!({"postgres": "ok", "redis": "ok", "broker": "ok"})
     );
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("events_total"), "{metrics}");
+    let metrics = system_tests::eventually(WAIT, "queue depths sampled", || async {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("queue_depth").then_some(text)
+    })
+    .await;
+    for name in [
+        "events_total",
+        "event_processing_seconds",
+        "worker_batch_size",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    assert!(metrics.contains(&setup.broker.topology.main_queue()));
 
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Uses `BENCH_DATABASE_SERVER` (default `postgres://postgres@127.0.0.1:5432`), `AMQP_URL` and
-//! `REDIS_URL` (contract defaults). Creates a scratch database and topology of its own and
+//! `REDIS_URL` (contract defaults); `PROCESSOR_PREFETCH` applies to the worker. Creates a scratch database and topology of its own and
 //! removes them afterwards; it never touches the contract's queues.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
         let base = args.nth(1).expect("topology base");
         let database_url = args.next().expect("database url");
         let config = bench_config(&base, &database_url)?;
+        shared::telemetry::init_tracing(config.log_format, "warn");
         processor::run_worker(config, shared::shutdown_signal()).await?;
         return Ok(());
     }

@@ -148,7 +148,7 @@ pub async fn serve(
     // Installs the process-wide recorder before anything records.
     let _ = shared::telemetry::metrics_handle();
     let pool = db::pool(&config)?;
-    db::prepare(&config, &pool)
+    db::prepare_patiently(&config, &pool, crate::worker::STARTUP_PATIENCE)
         .await
         .context("preparing the database")?;
     let cache = Cache::new(&config)?;

@@ -58,6 +58,9 @@ pub struct Config {
 
     /// Most deliveries processed in one Postgres transaction.
     pub batch_size: usize,
+    /// Batches processed concurrently, each on its own connection; deliveries are spread over
+    /// them by user.
+    pub lanes: usize,
     /// How long a batch waits for more ready deliveries after the first one.
     pub batch_wait: Duration,
     /// Lifetime of a `processing` dedupe claim: how long a crashed worker can delay an event.
@@ -142,6 +145,7 @@ impl Config {
             auth_jwt_audience: opt(env, "AUTH_JWT_AUDIENCE"),
             admin_api_token: env.secret("ADMIN_API_TOKEN"),
             batch_size: usize::from(prefetch).min(64),
+            lanes: 4,
             batch_wait: Duration::from_millis(3),
             claim_ttl: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
@@ -210,6 +214,7 @@ impl fmt::Debug for Config {
             .field("auth_jwt_secret", &set(&self.auth_jwt_secret))
             .field("admin_api_token", &set(&self.admin_api_token))
             .field("batch_size", &self.batch_size)
+            .field("lanes", &self.lanes)
             .field("claim_ttl", &self.claim_ttl)
             .finish_non_exhaustive()
     }

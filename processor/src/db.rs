@@ -194,6 +194,51 @@ pub async fn prepare(config: &Config, pool: &Pool) -> Result<Vec<String>, DbErro
     migrate(pool).await
 }
 
+/// [`prepare`], retried with backoff for up to `patience` while Postgres is unreachable or still
+/// starting (a service started together with its database); other errors fail at once.
+///
+/// # Errors
+/// The last error when Postgres stays unreachable, or the first other error.
+pub async fn prepare_patiently(
+    config: &Config,
+    pool: &Pool,
+    patience: Duration,
+) -> Result<Vec<String>, DbError> {
+    use backon::{ExponentialBuilder, Retryable};
+    // `backon` rather than the unmaintained `backoff` crate (RUSTSEC-2025-0012).
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_total_delay(Some(patience))
+        .without_max_times();
+    (|| prepare(config, pool))
+        .retry(policy)
+        .when(DbError::is_unavailable)
+        .notify(|error, after| {
+            tracing::warn!(%error, retry_in = ?after, "database not reachable yet");
+        })
+        .await
+}
+
+impl DbError {
+    /// Whether the server could not be reached (or is starting up), as opposed to refusing
+    /// what was asked.
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Timeout(_) | Self::Pool(_) => true,
+            Self::Postgres(e) | Self::Migration { source: e, .. } => match e.code() {
+                None => true,
+                Some(code) => {
+                    *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                        || *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
+                }
+            },
+            Self::Url(_) => false,
+        }
+    }
+}
+
 async fn bounded<T, E: Into<DbError>>(
     timeout: Duration,
     fut: impl Future<Output = Result<T, E>>,
@@ -221,6 +266,13 @@ mod tests {
         sorted.sort_unstable();
         assert_eq!(names, sorted);
         assert!(MIGRATIONS.iter().all(|(_, sql)| !sql.trim().is_empty()));
+    }
+
+    #[test]
+    fn only_reachability_problems_are_waited_out() {
+        assert!(DbError::Timeout(Duration::from_secs(1)).is_unavailable());
+        assert!(DbError::Pool("timed out waiting for a connection".into()).is_unavailable());
+        assert!(!DbError::Url("no database name".into()).is_unavailable());
     }
 
     #[test]

@@ -5,12 +5,16 @@
 //! - a delivery is acked only after its outcome is durable: its Postgres transaction committed
 //!   (applied, or found already processed), or a copy was republished to a retry queue or the
 //!   dead-letter queue and confirmed by the broker. Anything else goes back to the queue;
-//! - only the consume loop acks. Handling a batch yields one [`Decision`] per delivery, derived
-//!   from an error taxonomy: transient failures (Postgres, pool, broker) are retried, permanent
-//!   ones (unparsable event, rejected data) are dead-lettered at once;
+//! - only the consume loop acks (in its lanes, after the batch). Handling a batch yields one
+//!   [`Decision`] per delivery, derived from an error taxonomy: transient failures (Postgres,
+//!   pool, broker) are retried, permanent ones (unparsable event, rejected data) are
+//!   dead-lettered at once;
 //! - one Postgres transaction per batch, one savepoint per event: a permanent failure rolls back
-//!   only its own event. `processed_events` is written in the same transaction as the effects, so
-//!   an event's effects are applied at most once whatever Redis says;
+//!   only its own event. `processed_events` is written in the same transaction as the effects,
+//!   so an event's effects are applied at most once whatever Redis says;
+//! - several batches run at once in lanes; a dispatcher sends every delivery of a user to the
+//!   same lane, so the batches of one process do not wait on each other's per-user locks
+//!   (across processes Postgres serializes them, and a deadlock is retried as transient);
 //! - the Redis `done` marker and the cache are written after the commit, the cache only with the
 //!   newest version per user in the batch, and a Redis failure never fails an event.
 
@@ -39,6 +43,9 @@ use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::events::{self, Event};
 use crate::store::{self, StoreError, UserSnapshot};
+
+/// How long start-up waits for Postgres to become reachable before giving up.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Longest `last_error` header, so a header never carries a long driver message.
 const MAX_REASON_LEN: usize = 200;
@@ -140,7 +147,7 @@ pub async fn run_worker(
     // Installs the process-wide recorder before anything records.
     let _ = shared::telemetry::metrics_handle();
     let pool = db::pool(&config)?;
-    db::prepare(&config, &pool).await?;
+    db::prepare_patiently(&config, &pool, STARTUP_PATIENCE).await?;
     let cache = Cache::new(&config)?;
     let (publisher, publisher_task) = Publisher::start(
         config.amqp_url.clone(),
@@ -265,6 +272,9 @@ impl Worker {
         })
     }
 
+    /// Dispatches deliveries to `lanes` batch processors by user: the same user always lands in
+    /// the same lane, so concurrent batches of one process do not contend for (or deadlock on)
+    /// the per-user locks. Returns when shutdown is requested or the connection is lost.
     async fn consume<S>(
         &self,
         session: &mut Session,
@@ -273,48 +283,70 @@ impl Worker {
     where
         S: Future<Output = ()> + FusedFuture,
     {
-        loop {
-            let first = tokio::select! {
+        let lanes = self.config.lanes.max(1);
+        let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+        let mut senders = Vec::with_capacity(lanes);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..lanes {
+            let (tx, rx) = tokio::sync::mpsc::channel(usize::from(self.config.prefetch));
+            senders.push(tx);
+            tasks.spawn(self.clone().lane(rx, lost_tx.clone()));
+        }
+        drop(lost_tx);
+        let end = loop {
+            let next = tokio::select! {
                 biased;
-                () = &mut shutdown => {
-                    self.cancel(session).await;
-                    return SessionEnd::Shutdown;
-                }
+                () = &mut shutdown => break SessionEnd::Shutdown,
+                _ = lost_rx.wait_for(|lost| *lost) => break SessionEnd::Lost,
                 next = session.consumer.next() => next,
             };
-            let Some(Ok(first)) = first else {
-                return SessionEnd::Lost;
+            let Some(Ok(delivery)) = next else {
+                break SessionEnd::Lost;
             };
+            let lane = lane_of(&delivery.data, lanes);
+            if senders[lane].send(delivery).await.is_err() {
+                break SessionEnd::Lost;
+            }
+        };
+        if matches!(end, SessionEnd::Shutdown) {
+            self.cancel(session).await;
+        }
+        // Lanes finish the batch in hand and whatever was already dispatched to them.
+        drop(senders);
+        let grace = match end {
+            SessionEnd::Shutdown => self.config.shutdown_grace,
+            SessionEnd::Lost => Duration::from_secs(2),
+        };
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?grace,
+                "in-flight batches did not finish in time; their deliveries return to the queue"
+            );
+            tasks.shutdown().await;
+        }
+        end
+    }
+
+    /// One lane: batches what the dispatcher sends it and processes one batch at a time.
+    async fn lane(
+        self,
+        mut deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+        lost: tokio::sync::watch::Sender<bool>,
+    ) {
+        while let Some(first) = deliveries.recv().await {
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + self.config.batch_wait;
             while batch.len() < self.config.batch_size.max(1) {
-                match tokio::time::timeout_at(deadline, session.consumer.next()).await {
-                    Ok(Some(Ok(delivery))) => batch.push(delivery),
-                    // The channel is gone: its deliveries are back in the queue already.
-                    Ok(Some(Err(_)) | None) => return SessionEnd::Lost,
-                    Err(_) => break,
+                match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                    Ok(Some(delivery)) => batch.push(delivery),
+                    Ok(None) | Err(_) => break,
                 }
             }
-
-            let channel = session.channel.clone();
-            let mut processing = pin!(self.process_batch(&channel, batch));
-            let healthy = tokio::select! {
-                biased;
-                healthy = &mut processing => healthy,
-                () = &mut shutdown => {
-                    self.cancel(session).await;
-                    match tokio::time::timeout(self.config.shutdown_grace, processing).await {
-                        Ok(_) => tracing::info!("in-flight batch finished"),
-                        Err(_) => tracing::warn!(
-                            grace = ?self.config.shutdown_grace,
-                            "in-flight batch did not finish in time; its deliveries return to the queue"
-                        ),
-                    }
-                    return SessionEnd::Shutdown;
-                }
-            };
-            if !healthy {
-                return SessionEnd::Lost;
+            if !self.process_batch(batch).await {
+                let _ = lost.send(true);
+                return;
             }
         }
     }
@@ -332,7 +364,7 @@ impl Worker {
     }
 
     /// Handles one batch end to end. Returns false when the channel broke while acking.
-    async fn process_batch(&self, channel: &Channel, deliveries: Vec<Delivery>) -> bool {
+    async fn process_batch(&self, deliveries: Vec<Delivery>) -> bool {
         metrics::histogram!("worker_batch_size").record(deliveries.len() as f64);
         let mut items: Vec<Item> = deliveries.into_iter().map(Item::new).collect();
 
@@ -348,10 +380,24 @@ impl Worker {
             }
         }
 
+        let size = items.len();
+        let started = Instant::now();
         self.claim_all(&mut items).await;
+        let claimed = started.elapsed();
         self.apply_all(&mut items).await;
+        let committed = started.elapsed();
         self.after_commit(&items).await;
-        self.resolve_and_ack(channel, items).await
+        let cached = started.elapsed();
+        let healthy = self.resolve_and_ack(items).await;
+        tracing::debug!(
+            size,
+            ?claimed,
+            ?committed,
+            ?cached,
+            settled = ?started.elapsed(),
+            "batch done"
+        );
+        healthy
     }
 
     /// Takes the dedupe claims of the batch's fresh events concurrently.
@@ -477,7 +523,7 @@ impl Worker {
 
     /// Makes every outcome durable (publishing retries and dead letters with confirms), then
     /// acks. A delivery whose republish failed is requeued instead of acked.
-    async fn resolve_and_ack(&self, channel: &Channel, items: Vec<Item>) -> bool {
+    async fn resolve_and_ack(&self, items: Vec<Item>) -> bool {
         let delays = self.config.topology.retry_delays();
         let decisions: Vec<Decision> = items
             .iter()
@@ -497,33 +543,23 @@ impl Worker {
         )
         .await;
 
-        let all_durable = durable.iter().all(|d| *d);
-        let mut healthy = true;
-        if all_durable {
-            // Batches run one at a time on this channel and every earlier tag is settled, so
-            // one multiple-ack covers exactly this batch.
-            if let Some(max) = items.iter().map(|i| i.delivery.delivery_tag).max() {
-                healthy = channel
-                    .basic_ack(max, BasicAckOptions { multiple: true })
+        // Lanes share the channel, so every delivery is settled on its own (no multiple-ack).
+        let settled = join_all(items.iter().zip(&durable).map(|(item, ok)| async move {
+            let sent = if *ok {
+                item.delivery.acker.ack(BasicAckOptions::default()).await
+            } else {
+                item.delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
                     .await
-                    .is_ok();
-            }
-        } else {
-            for (item, ok) in items.iter().zip(&durable) {
-                let sent = if *ok {
-                    item.delivery.acker.ack(BasicAckOptions::default()).await
-                } else {
-                    item.delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            multiple: false,
-                        })
-                        .await
-                };
-                healthy &= matches!(sent, Ok(true));
-            }
-        }
+            };
+            matches!(sent, Ok(true))
+        }))
+        .await;
+        let healthy = settled.iter().all(|s| *s);
         if !healthy {
             tracing::warn!("acknowledgement not sent; deliveries return to the queue");
         }
@@ -625,6 +661,10 @@ enum BatchError {
 
 /// One transaction, one savepoint per event: `processed_events` insert (a conflict means the
 /// event was committed before), then the projection.
+///
+/// The savepoints are issued by hand rather than through nested `Transaction`s so they can be
+/// pipelined: releasing the previous event's savepoint, opening the next one and inserting its
+/// `processed_events` row cost one round trip together.
 async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>, BatchError> {
     let mut client = pool.get().await?;
     let insert = client
@@ -633,27 +673,33 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
              VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
         )
         .await?;
-    let mut tx = client.transaction().await?;
+    let tx = client.transaction().await?;
     let mut results = Vec::with_capacity(events.len());
+    let mut savepoint_open = false;
     for event in events {
-        let savepoint = tx.transaction().await?;
+        let begin = if savepoint_open {
+            "RELEASE SAVEPOINT event; SAVEPOINT event"
+        } else {
+            "SAVEPOINT event"
+        };
         let created = chrono::DateTime::from_timestamp(event.created, 0);
-        let inserted = savepoint
-            .execute(&insert, &[&event.id.as_str(), &event.event_type, &created])
-            .await?;
-        if inserted == 0 {
-            savepoint.rollback().await?;
+        let id = event.id.as_str();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&id, &event.event_type, &created];
+        let (began, inserted) =
+            tokio::join!(tx.batch_execute(begin), tx.execute(&insert, &params),);
+        began?;
+        savepoint_open = true;
+        if inserted? == 0 {
             results.push(EventResult::Replay);
             continue;
         }
-        match store::apply(&savepoint, event).await {
-            Ok(applied) => {
-                savepoint.commit().await?;
-                results.push(EventResult::Applied(applied.users));
-            }
+        match store::apply(&tx, event).await {
+            Ok(applied) => results.push(EventResult::Applied(applied.users)),
             Err(error) => match permanent_reason(&error) {
                 Some(reason) => {
-                    savepoint.rollback().await?;
+                    // Undoes this event's writes, its processed_events row included.
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT event").await?;
                     results.push(EventResult::Permanent(reason));
                 }
                 None => return Err(BatchError::Store(error)),
@@ -691,6 +737,7 @@ struct Item {
     parsed: Result<Event, events::EventError>,
     attempts: u32,
     first_seen_at: String,
+    event_id: String,
     event_type: String,
     received: Instant,
     claim: Option<ClaimToken>,
@@ -738,6 +785,7 @@ impl Item {
             parsed,
             attempts,
             first_seen_at,
+            event_id,
             event_type,
             received: Instant::now(),
             claim: None,
@@ -778,7 +826,9 @@ impl Item {
         let _guard = self.span.enter();
         match decision {
             Decision::Ack => match self.outcome {
-                Some(Outcome::Replay) => tracing::info!("skipped replay"),
+                Some(Outcome::Replay) => {
+                    tracing::info!(event_id = %self.event_id, "skipped replay");
+                }
                 _ => tracing::debug!(users = self.users.len(), "applied"),
             },
             Decision::Retry { queue, after, .. } if self.outcome == Some(Outcome::Busy) => {
@@ -851,6 +901,34 @@ fn put_str(table: &mut FieldTable, key: &str, value: &str) {
 fn short(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default();
     line.chars().take(MAX_REASON_LEN).collect()
+}
+
+/// The lane of a delivery: a hash of the user it most likely concerns (Checkout's
+/// `client_reference_id`, `metadata.user_id`, else the customer), or of the whole body when none
+/// is visible. Only a routing hint: correctness never depends on it, the per-user lock in
+/// Postgres does.
+fn lane_of(body: &[u8], lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    if lanes <= 1 {
+        return 0;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let object = value.as_ref().and_then(|v| v.pointer("/data/object"));
+    let hint = object.and_then(|o| {
+        o.get("client_reference_id")
+            .and_then(serde_json::Value::as_str)
+            .or_else(|| {
+                o.pointer("/metadata/user_id")
+                    .and_then(serde_json::Value::as_str)
+            })
+            .or_else(|| o.get("customer").and_then(serde_json::Value::as_str))
+    });
+    match hint {
+        Some(hint) => hint.hash(&mut hasher),
+        None => body.hash(&mut hasher),
+    }
+    usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
 }
 
 /// Samples the depth of every queue of the topology into the `queue_depth` gauge.

@@ -32,6 +32,9 @@ pub fn config_with(database_url: &str, broker: &TestBroker, redis: &str) -> Conf
     let mut config = Config::from_env(&env).expect("test config");
     config.topology = broker.topology.clone();
     config.claim_ttl = Duration::from_secs(2);
+    // Tests share the machine's Redis: their markers and cache entries expire soon.
+    config.dedupe_ttl = Duration::from_secs(600);
+    config.entitlement_cache_ttl = Duration::from_secs(600);
     config.db_timeout = Duration::from_secs(2);
     config.shutdown_grace = Duration::from_secs(10);
     config.queue_depth_interval = Duration::from_millis(500);
@@ -57,6 +60,14 @@ pub fn spawn_worker(config: Config) -> Running {
 }
 
 impl Running {
+    /// Aborts the worker task where it stands, as a crash would: its connections are dropped
+    /// without closing, nothing is acked, released or finished.
+    pub fn kill(mut self) {
+        self.handle.abort();
+        // Dropping the sender after the abort must not look like a graceful stop.
+        std::mem::forget(self.stop.take());
+    }
+
     /// Signals shutdown and waits for the worker to return.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
