@@ -119,9 +119,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             let with_worker = !matches!(command, Command::Api);
             serve(config, listener, shared::shutdown_signal(), with_worker).await
         }
-        Command::Dlq(args) => {
-            crate::dlq::execute(args, &config.amqp_url, &config.topology).await
-        }
+        Command::Dlq(args) => crate::dlq::execute(args, &config.amqp_url, &config.topology).await,
     }
 }
 

@@ -472,6 +472,7 @@ impl Worker {
                         }
                         EventResult::Replay => Outcome::Replay,
                         EventResult::Permanent(reason) => Outcome::Permanent(reason),
+                        EventResult::Later(reason) => Outcome::Transient(reason),
                     });
                 }
             }
@@ -646,6 +647,9 @@ enum EventResult {
     Applied(Vec<UserSnapshot>),
     Replay,
     Permanent(String),
+    /// This event cannot be applied yet (e.g. a second completed purchase of a product whose
+    /// refund has not arrived): its savepoint is rolled back and it alone is retried later.
+    Later(String),
 }
 
 /// A failure that aborts the whole batch transaction.
@@ -702,6 +706,11 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
                     tx.batch_execute("ROLLBACK TO SAVEPOINT event").await?;
                     results.push(EventResult::Permanent(reason));
                 }
+                // A transient condition of this event's own data, not of the connection.
+                None if !matches!(error, StoreError::Db(_)) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT event").await?;
+                    results.push(EventResult::Later(short(&error.to_string())));
+                }
                 None => return Err(BatchError::Store(error)),
             },
         }
@@ -711,10 +720,9 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
 }
 
 /// `Some(reason)` when the store error can never go away for this event: data the database
-/// rejects (SQLSTATE classes 22 and 23), or any non-database store error. Connection trouble,
-/// deadlocks and serialization failures are transient.
+/// rejects (SQLSTATE classes 22 and 23), or a store error the store itself calls permanent.
+/// Connection trouble, deadlocks and serialization failures are transient.
 fn permanent_reason(error: &StoreError) -> Option<String> {
-    #[allow(unreachable_patterns)]
     match error {
         StoreError::Db(db) => {
             let code = db.code()?.code();
@@ -727,7 +735,8 @@ fn permanent_reason(error: &StoreError) -> Option<String> {
                 format!("database rejected the event: SQLSTATE {code}{constraint}")
             })
         }
-        other => Some(short(&other.to_string())),
+        other if !other.is_transient() => Some(short(&other.to_string())),
+        _ => None,
     }
 }
 

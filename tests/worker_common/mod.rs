@@ -82,8 +82,11 @@ impl Running {
 }
 
 /// A `checkout.session.completed` event (paid, payment mode) for `user`.
+/// A paid checkout of a product of its own (a user may hold only one completed purchase per
+/// product, so every call buys a different one).
 pub fn checkout_completed(event_id: &str, user: &str) -> Vec<u8> {
     let session = unique("cs");
+    let product = unique("prod");
     serde_json::json!({
         "id": event_id,
         "object": "event",
@@ -102,7 +105,7 @@ pub fn checkout_completed(event_id: &str, user: &str) -> Vec<u8> {
             "payment_intent": unique("pi"),
             "amount_total": 4900,
             "currency": "usd",
-            "metadata": {"user_id": user, "product_key": "pro"},
+            "metadata": {"user_id": user, "product_key": product},
         }},
     })
     .to_string()
