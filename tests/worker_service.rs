@@ -65,3 +65,57 @@ async fn the_service_consumes_and_answers_health_readiness_and_metrics() {
     service.await.unwrap().unwrap();
     setup.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_event_raises_the_dead_letter_gauge_until_it_is_drained() {
+    let setup = Setup::new(&[200]).await;
+    let mut config = config(&setup.db.url, &setup.broker);
+    config.queue_depth_interval = std::time::Duration::from_millis(200);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(processor::cli::serve(
+        config,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        true,
+    ));
+    let http = reqwest::Client::new();
+    let gauge = |expected: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}/metrics");
+        async move {
+            let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .any(|l| l.starts_with("dlq_depth ") && l.ends_with(expected))
+                .then_some(())
+        }
+    };
+    system_tests::eventually(WAIT, "dlq_depth 0 while nothing is parked", || gauge(" 0")).await;
+
+    let dlq = setup.broker.topology.dead_letter_queue();
+    setup
+        .broker
+        .channel
+        .basic_publish(
+            "".into(),
+            dlq.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            br#"{"id":"evt_parked","type":"x.y"}"#,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    system_tests::eventually(WAIT, "dlq_depth 1 once an event is parked", || gauge(" 1")).await;
+
+    assert!(setup.broker.get(&dlq).await.is_some());
+    system_tests::eventually(WAIT, "dlq_depth back to 0 after draining", || gauge(" 0")).await;
+
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+    setup.cleanup().await;
+}

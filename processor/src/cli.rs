@@ -174,9 +174,16 @@ pub async fn serve(
     };
     let consumer = async {
         if with_worker {
-            Worker::new(config.clone(), pool, cache, publisher)
-                .run(wait())
-                .await;
+            // The dead-letter alert runs beside the consumer and stops with it.
+            let monitor = crate::dlq::monitor(
+                config.amqp_url.clone(),
+                config.topology.clone(),
+                config.attempts_alert_threshold,
+                config.queue_depth_interval,
+                wait(),
+            );
+            let worker = Worker::new(config.clone(), pool, cache, publisher);
+            tokio::join!(monitor, worker.run(wait()));
         }
     };
     let http = async {

@@ -75,6 +75,9 @@ pub struct Config {
     pub publish_confirm_timeout: Duration,
     /// How often queue depths are sampled for metrics.
     pub queue_depth_interval: Duration,
+    /// An event retried more than this many times is logged at ERROR and counted
+    /// (`events_attempts_over_threshold_total`), ahead of its dead-lettering.
+    pub attempts_alert_threshold: u32,
 }
 
 impl Config {
@@ -153,6 +156,7 @@ impl Config {
             db_pool_size: 8,
             publish_confirm_timeout: Duration::from_secs(5),
             queue_depth_interval: Duration::from_secs(10),
+            attempts_alert_threshold: 3,
         })
     }
 }

@@ -580,6 +580,11 @@ impl Worker {
                 reason,
                 ..
             } => {
+                crate::dlq::record_attempts(
+                    &item.event_id,
+                    *attempts,
+                    self.config.attempts_alert_threshold,
+                );
                 let mut table = item.headers();
                 put_int(&mut table, headers::ATTEMPTS, *attempts);
                 put_str(&mut table, headers::FIRST_SEEN_AT, &item.first_seen_at);
