@@ -4,16 +4,18 @@
 mod worker_common;
 
 use system_tests::unique;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use worker_common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_service_consumes_and_answers_health_readiness_and_metrics() {
-    let setup = Setup::new(&[200]).await;
-    let direct = pg(&setup.db.url).await;
-    let config = config(&setup.db.url, &setup.broker);
+/// Runs the whole service (consumer and HTTP) on an ephemeral port: its base URL, the switch
+/// that stops it, and its task.
+async fn start_service(
+    config: processor::config::Config,
+) -> (String, oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, stopped) = oneshot::channel::<()>();
     let service = tokio::spawn(processor::cli::serve(
         config,
         listener,
@@ -22,6 +24,14 @@ async fn the_service_consumes_and_answers_health_readiness_and_metrics() {
         },
         true,
     ));
+    (base, stop, service)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_consumes_and_answers_health_readiness_and_metrics() {
+    let setup = Setup::new(&[200]).await;
+    let direct = pg(&setup.db.url).await;
+    let (base, stop, service) = start_service(config(&setup.db.url, &setup.broker)).await;
 
     let (event, user) = (unique("evt"), unique("u"));
     publish_event(&setup.broker, &event, &user).await;
@@ -71,17 +81,7 @@ async fn a_parked_event_raises_the_dead_letter_gauge_until_it_is_drained() {
     let setup = Setup::new(&[200]).await;
     let mut config = config(&setup.db.url, &setup.broker);
     config.queue_depth_interval = std::time::Duration::from_millis(200);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(processor::cli::serve(
-        config,
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-        true,
-    ));
+    let (base, stop, service) = start_service(config).await;
     let http = reqwest::Client::new();
     let gauge = |expected: &'static str| {
         let http = http.clone();
