@@ -4,7 +4,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin ingress --bin processor --bin send-test-event \
+    cargo build --release --locked -p ingress -p processor --bins \
  && mkdir -p /out && cp target/release/ingress target/release/processor target/release/send-test-event /out/
 
 FROM debian:bookworm-slim AS runtime

@@ -21,7 +21,7 @@ fi
 set -a; . ./.env; set +a
 
 echo "building (release)…"
-cargo build --release --quiet --bin ingress --bin processor --bin send-test-event
+cargo build --release --quiet -p ingress -p processor --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 mkdir -p .run
 
