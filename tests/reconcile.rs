@@ -152,7 +152,7 @@ async fn every_event_in_the_window_lands_once_in_the_main_queue_as_ingress_would
     assert!(out.contains("pages read: 3"), "{out}");
     assert!(out.contains("enqueued 8 events"), "{out}");
     assert!(out.contains("dedupes by event id"), "{out}");
-    assert!(out.contains("window: "), "{out}");
+    assert!(out.contains("(2h 0m)"), "window of 2 hours: {out}");
 
     let pages = fake.requests_to("/v1/events");
     assert_eq!(pages.len(), 3);

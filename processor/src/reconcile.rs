@@ -73,13 +73,13 @@ pub enum ReconcileError {
     #[error("{0}")]
     Usage(String),
     /// Stripe could not be read (after the client's retries).
-    #[error("reading events from Stripe failed: {0}")]
+    #[error("reading events from Stripe failed")]
     Stripe(#[source] StripeError),
     /// No broker channel could be opened.
     #[error("the broker at {url} is unreachable (no channel within {waited:?})")]
     BrokerUnavailable { url: String, waited: Duration },
     /// The broker did not confirm an event after several attempts.
-    #[error("the broker did not take event {event_id}: {source}")]
+    #[error("the broker did not take event {event_id}")]
     Publish {
         event_id: String,
         #[source]
@@ -121,13 +121,16 @@ impl Summary {
 
     fn write(&self, out: &mut dyn Write, exchange: &str, complete: bool) -> std::io::Result<()> {
         let window = self.until - self.since;
+        let span = if window.num_days() > 0 {
+            format!("{}d {}h", window.num_days(), window.num_hours() % 24)
+        } else {
+            format!("{}h {}m", window.num_hours(), window.num_minutes() % 60)
+        };
         writeln!(
             out,
-            "window: {} .. {} ({}h{:02}m)",
+            "window: {} .. {} ({span})",
             rfc3339(self.since),
             rfc3339(self.until),
-            window.num_hours(),
-            window.num_minutes() % 60
         )?;
         writeln!(out, "pages read: {}", self.pages)?;
         let verb = if self.dry_run {
@@ -459,7 +462,7 @@ pub fn parse_since(raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Recon
     let since = if let Ok(time) = DateTime::parse_from_rfc3339(raw) {
         time.with_timezone(&Utc)
     } else {
-        let back = shared::config::parse_duration(raw)
+        shared::config::parse_duration(raw)
             .ok()
             .and_then(|d| chrono::Duration::from_std(d).ok())
             .and_then(|d| now.checked_sub_signed(d))
@@ -468,8 +471,7 @@ pub fn parse_since(raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Recon
                     "--since {raw:?} is neither an RFC3339 time (e.g. 2026-11-20T00:00:00Z) \
                      nor a duration back from now (e.g. 72h or 30d)"
                 ))
-            })?;
-        back
+            })?
     };
     if since > now {
         return Err(ReconcileError::Usage(format!(
@@ -640,6 +642,12 @@ mod tests {
         let err = ReconcileError::Stripe(StripeError::Timeout);
         assert_eq!(err.exit_code(), 1);
         assert!(err.to_string().contains("Stripe"), "{err}");
+        // The command line prints the whole chain: the cause once, after what failed.
+        let text = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(
+            text,
+            "reading events from Stripe failed: stripe did not answer in time"
+        );
     }
 
     #[test]
