@@ -54,6 +54,8 @@ pub enum Command {
     Migrate,
     /// Inspect, replay, purge and export the dead-letter queue.
     Dlq(crate::dlq::DlqArgs),
+    /// Re-enqueue events Stripe still lists (GET /v1/events, 30 days) through the normal queue.
+    Reconcile(crate::reconcile::ReconcileArgs),
 }
 
 /// Parses the arguments, runs the subcommand and maps the outcome to the exit code.
@@ -79,7 +81,7 @@ where
     }
     let command = cli.command.unwrap_or(Command::Run);
     // Operator commands print to stdout; only their warnings and errors are logged.
-    let default_filter = if matches!(command, Command::Dlq(_)) {
+    let default_filter = if matches!(command, Command::Dlq(_) | Command::Reconcile(_)) {
         "warn"
     } else {
         "info"
@@ -120,6 +122,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             serve(config, listener, shared::shutdown_signal(), with_worker).await
         }
         Command::Dlq(args) => crate::dlq::execute(args, &config.amqp_url, &config.topology).await,
+        Command::Reconcile(args) => crate::reconcile::execute(args, &config).await,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod db;
 pub mod dlq;
 pub mod events;
 pub mod projection;
+pub mod reconcile;
 pub mod store;
 pub mod stripe;
 pub mod worker;
