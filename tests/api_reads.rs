@@ -318,3 +318,69 @@ async fn the_served_openapi_document_lists_every_route() {
     }
     api.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_serves_the_api_next_to_the_operational_routes() {
+    let db = system_tests::db::TestDb::create().await;
+    let redis = system_tests::redis_url();
+    let amqp = system_tests::amqp_url();
+    let env = shared::config::Env::from_pairs([
+        ("DATABASE_URL", db.url.as_str()),
+        ("REDIS_URL", redis.as_str()),
+        ("AMQP_URL", amqp.as_str()),
+        ("AUTH_JWT_SECRET", SECRET),
+        ("STRIPE_PRICE_PRO_LIFETIME", "price_pro"),
+    ]);
+    let config = processor::config::Config::from_env(&env).unwrap();
+    let api = processor::api::ApiConfig::from_env(&env).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(processor::cli::serve_with_api(
+        config,
+        Some(api),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        false,
+    ));
+    let http = reqwest::Client::new();
+    let user = unique("u");
+    let pro = system_tests::eventually(
+        std::time::Duration::from_secs(30),
+        "API answers",
+        || async {
+            let response = http
+                .get(format!("{base}/api/pro/entitlement"))
+                .header("authorization", token(&user))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(response)
+        },
+    )
+    .await;
+    let pro: serde_json::Value = pro.json().await.unwrap();
+    assert_eq!(pro["userId"], user.as_str());
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // Without STRIPE_SECRET_KEY the Stripe routes say so instead of failing obscurely.
+    let checkout = http
+        .post(format!("{base}/api/checkout/session"))
+        .header("authorization", token(&user))
+        .json(&json!({"productKey": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(checkout.status(), 503);
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("api_requests_total") && metrics.contains("/api/pro/entitlement"),
+        "per-route request metrics"
+    );
+    let _ = stop.send(());
+    service.await.unwrap().unwrap();
+    db.cleanup().await;
+}
