@@ -8,6 +8,9 @@
 //! the object's id and content, so restoring an unchanged object twice applies it once
 //! (`processed_events`, as for real events); all of a restore commits in one transaction and the
 //! cache is refreshed after the commit; one restore per user per 10 s (429 otherwise).
+//!
+//! Disputes are restored only when a charge carries its dispute expanded; the client has no
+//! `GET /v1/disputes` walk yet, so a bare `disputed: true` is left to the webhooks.
 
 use std::time::Duration;
 
@@ -65,18 +68,19 @@ pub fn synthetic_events(kind: ObjectKind, object: &Value, now: i64) -> Vec<Value
     };
     let created = object.get("created").and_then(Value::as_i64).unwrap_or(now);
     let str_field = |name: &str| object.get(name).and_then(Value::as_str).unwrap_or("");
-    // (event type, event created): facts keep the object's time; state registers (refunds,
-    // subscription status) take the restore time, since the object shows the state as of now.
-    let mut types: Vec<(&str, i64)> = Vec::new();
+    // (event type, event created, data.object): facts keep the object's time; state registers
+    // (refunds, disputes, subscription status) take the restore time, since the object shows
+    // the state as of now.
+    let mut types: Vec<(&str, i64, Value)> = Vec::new();
     match kind {
         ObjectKind::CheckoutSession => match str_field("status") {
-            "complete" => types.push(("checkout.session.completed", created)),
-            "expired" => types.push(("checkout.session.expired", created)),
+            "complete" => types.push(("checkout.session.completed", created, object.clone())),
+            "expired" => types.push(("checkout.session.expired", created, object.clone())),
             _ => {}
         },
         ObjectKind::PaymentIntent => {
             if str_field("status") == "succeeded" {
-                types.push(("payment_intent.succeeded", created));
+                types.push(("payment_intent.succeeded", created, object.clone()));
             }
         }
         ObjectKind::Charge => {
@@ -87,7 +91,19 @@ pub fn synthetic_events(kind: ObjectKind, object: &Value, now: i64) -> Vec<Value
                     .unwrap_or(0)
                     > 0;
             if refunded {
-                types.push(("charge.refunded", now));
+                types.push(("charge.refunded", now, object.clone()));
+            }
+            if let Some(dispute) = charge_dispute(object, id) {
+                let closed = matches!(
+                    dispute.get("status").and_then(Value::as_str),
+                    Some("won" | "lost" | "warning_closed")
+                );
+                let ty = if closed {
+                    "charge.dispute.closed"
+                } else {
+                    "charge.dispute.created"
+                };
+                types.push((ty, now, dispute));
             }
         }
         ObjectKind::Subscription => {
@@ -97,23 +113,41 @@ pub fn synthetic_events(kind: ObjectKind, object: &Value, now: i64) -> Vec<Value
             } else {
                 "customer.subscription.updated"
             };
-            types.push((ty, now));
+            types.push((ty, now, object.clone()));
         }
     }
     let digest = Sha256::digest(object.to_string().as_bytes());
     let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     types
         .into_iter()
-        .map(|(ty, created)| {
+        .map(|(ty, created, data)| {
             json!({
                 "id": format!("restore:{ty}:{id}:{hash}"),
                 "object": "event",
                 "type": ty,
                 "created": created,
-                "data": {"object": object},
+                "data": {"object": data},
             })
         })
         .collect()
+}
+
+/// The dispute of a disputed charge, when the charge carries it expanded (`dispute` as an
+/// object, as with `expand[]=data.dispute` or older API versions). A bare `disputed: true` says
+/// nothing about the dispute's id or status, so it yields nothing.
+fn charge_dispute(charge: &Value, charge_id: &str) -> Option<Value> {
+    let mut dispute = charge.get("dispute").filter(|d| d.is_object())?.clone();
+    dispute.get("id").and_then(Value::as_str)?;
+    dispute.get("status").and_then(Value::as_str)?;
+    if dispute.get("charge").is_none_or(Value::is_null) {
+        dispute["charge"] = json!(charge_id);
+    }
+    if dispute.get("payment_intent").is_none_or(Value::is_null)
+        && let Some(pi) = charge.get("payment_intent").filter(|p| !p.is_null())
+    {
+        dispute["payment_intent"] = pi.clone();
+    }
+    Some(dispute)
 }
 
 /// Every Stripe object of `customer` the projection uses, as synthetic events in apply order.
@@ -293,6 +327,28 @@ mod tests {
         active["status"] = json!("active");
         let events = parse_all(ObjectKind::Subscription, &active);
         assert_eq!(events[0].event_type, "customer.subscription.updated");
+    }
+
+    #[test]
+    fn an_expanded_dispute_on_a_charge_becomes_a_dispute_event() {
+        let mut charge = json!({"id": "ch_1", "object": "charge", "amount": 4900,
+            "amount_refunded": 0, "refunded": false, "disputed": true, "payment_intent": "pi_1",
+            "customer": "cus_1", "currency": "usd", "created": 1,
+            "dispute": {"id": "dp_1", "object": "dispute", "status": "needs_response"}});
+        let events = parse_all(ObjectKind::Charge, &charge);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_type, "charge.dispute.created");
+        let EventKind::ChargeDisputeCreated(dispute) = &events[0].kind else {
+            panic!("{:?}", events[0].kind);
+        };
+        assert_eq!(dispute.charge.as_deref(), Some("ch_1"));
+        assert_eq!(dispute.payment_intent.as_deref(), Some("pi_1"));
+        charge["dispute"]["status"] = json!("lost");
+        let events = parse_all(ObjectKind::Charge, &charge);
+        assert_eq!(events[0].event_type, "charge.dispute.closed");
+        // A bare flag names no dispute.
+        charge["dispute"] = json!("dp_1");
+        assert!(parse_all(ObjectKind::Charge, &charge).is_empty());
     }
 
     #[test]
