@@ -302,3 +302,43 @@ async fn restore_grants_an_active_subscription_and_nothing_without_a_customer() 
     assert!(list["entitlements"][0]["expiresAt"].is_string());
     api.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_applies_a_refund_it_finds_in_stripe() {
+    let fake = FakeStripe::start().await;
+    let api = Api::start(Some(&fake)).await;
+    let user = unique("u");
+    let o = unique("o");
+    let s = sample(&user, "pro", &o, false);
+    // The purchase was projected from its webhook; the refund's webhook was lost.
+    api.apply(&shared::samples::event(
+        &unique("evt"),
+        "checkout.session.completed",
+        &s,
+    ))
+    .await;
+    let (_, before) = api.get("/api/pro/entitlement", &user).await;
+    assert_eq!(before["isPro"], true);
+    for (collection, ty) in [
+        (Collection::CheckoutSessions, "checkout.session.completed"),
+        (Collection::PaymentIntents, "payment_intent.succeeded"),
+        (Collection::Charges, "charge.refunded"),
+    ] {
+        fake.seed(collection, object(ty, &s));
+    }
+    api.map_customer(&format!("cus_{o}"), &user).await;
+
+    let (status, body) = api.post("/api/pro/restore", &user, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entitlement"]["isPro"], false);
+    assert_eq!(body["entitlement"]["status"], "revoked");
+    let (_, purchases) = api.get("/api/purchases", &user).await;
+    assert_eq!(
+        purchases["pagination"]["totalCount"], 1,
+        "no duplicate purchase"
+    );
+    assert_eq!(purchases["data"][0]["status"], "refunded");
+    let (status, access) = api.get("/api/access/pro", &user).await;
+    assert_eq!((status, access["reason"].as_str()), (403, Some("revoked")));
+    api.cleanup().await;
+}

@@ -181,7 +181,8 @@ impl Api {
         let client = self.pool.get().await.unwrap();
         client
             .execute(
-                "INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)",
+                "INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
+                 ON CONFLICT (customer_id) DO NOTHING",
                 &[&customer, &user],
             )
             .await
