@@ -208,6 +208,39 @@ impl Cache {
             .map(drop)
     }
 
+    /// `SET key 1 NX EX ttl`: `Ok(true)` when this call set the key, `Ok(false)` when it already
+    /// existed (rate limits), with the remaining TTL in that case.
+    ///
+    /// # Errors
+    /// [`CacheError`] when Redis fails.
+    pub async fn set_once(
+        &self,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(bool, Option<Duration>), CacheError> {
+        let secs = ttl.as_secs().max(1);
+        let set = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(secs)
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+            })
+            .await?;
+        if set.is_some() {
+            return Ok((true, None));
+        }
+        let remaining = self
+            .run(|mut c| async move { redis::cmd("TTL").arg(key).query_async::<i64>(&mut c).await })
+            .await?;
+        let remaining = u64::try_from(remaining).ok().map(Duration::from_secs);
+        Ok((false, remaining))
+    }
+
     /// Takes the short-lived `processing` claim on `event`. Never fails: an unreachable Redis
     /// yields [`Claim::Unavailable`] (logged and counted), and the caller relies on Postgres.
     pub async fn claim(&self, event: &StripeEventId) -> Claim {

@@ -21,6 +21,7 @@ use shared::config::{ConfigError, Env};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::{ApiConfig, ApiState};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::db;
@@ -72,7 +73,8 @@ where
             return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
         }
     };
-    let mut config = match Config::from_env(&Env::load()) {
+    let env = Env::load();
+    let mut config = match Config::from_env(&env) {
         Ok(config) => config,
         Err(error) => return config_failure(&error),
     };
@@ -80,6 +82,16 @@ where
         config.topology = config.topology.with_base(base);
     }
     let command = cli.command.unwrap_or(Command::Run);
+    // The API's settings are read with the rest of the configuration: `run` and `api` refuse
+    // to start (exit 2, naming the variable) without AUTH_JWT_SECRET; `worker` needs none.
+    let api = if matches!(command, Command::Run | Command::Api) {
+        match ApiConfig::from_env(&env) {
+            Ok(api) => Some(api),
+            Err(error) => return config_failure(&error),
+        }
+    } else {
+        None
+    };
     // Operator commands print to stdout; only their warnings and errors are logged.
     let default_filter = if matches!(command, Command::Dlq(_) | Command::Reconcile(_)) {
         "warn"
@@ -87,7 +99,7 @@ where
         "info"
     };
     shared::telemetry::init_tracing(config.log_format, default_filter);
-    match execute(command, config).await {
+    match execute(command, config, api).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "processor failed");
@@ -104,7 +116,7 @@ fn config_failure(error: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+async fn execute(command: Command, config: Config, api: Option<ApiConfig>) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
             let pool = db::pool(&config)?;
@@ -119,7 +131,14 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding API_ADDR {}", config.api_addr))?;
             let with_worker = !matches!(command, Command::Api);
-            serve(config, listener, shared::shutdown_signal(), with_worker).await
+            serve_with_api(
+                config,
+                api,
+                listener,
+                shared::shutdown_signal(),
+                with_worker,
+            )
+            .await
         }
         Command::Dlq(args) => crate::dlq::execute(args, &config.amqp_url, &config.topology).await,
         Command::Reconcile(args) => crate::reconcile::execute(args, &config).await,
@@ -135,13 +154,30 @@ pub struct AppState {
     pub publisher: Publisher,
 }
 
-/// The long-running service: prepares the database, then runs the consumer (if `with_worker`)
-/// and the HTTP server on `listener` until `shutdown` resolves.
+/// The long-running service without the entitlement API: prepares the database, then runs the
+/// consumer (if `with_worker`) and the operational routes on `listener` until `shutdown`
+/// resolves.
 ///
 /// # Errors
 /// When the database cannot be prepared or the HTTP server fails.
 pub async fn serve(
     config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    with_worker: bool,
+) -> anyhow::Result<()> {
+    serve_with_api(config, None, listener, shutdown, with_worker).await
+}
+
+/// [`serve`], plus the entitlement API routes when `api` is given (`run` and `api` always give
+/// it; without it the API paths answer 404 and only the operational routes exist).
+///
+/// # Errors
+/// When the database cannot be prepared, the Stripe client cannot be built or the HTTP server
+/// fails.
+pub async fn serve_with_api(
+    config: Config,
+    api: Option<ApiConfig>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
     with_worker: bool,
@@ -166,7 +202,12 @@ pub async fn serve(
         publisher: publisher.clone(),
     };
     // The entitlement API's router is merged with the operational routes here.
-    let router = ops_router(state);
+    let mut router = ops_router(state);
+    if let Some(api) = api {
+        let api_state = ApiState::new(api, pool.clone(), cache.clone())
+            .context("building the Stripe client")?;
+        router = router.merge(crate::api::router(api_state));
+    }
 
     let (stop, stopped) = watch::channel(false);
     let wait = move || {

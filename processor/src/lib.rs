@@ -2,6 +2,7 @@
 //! subscriptions and entitlements into Postgres, refreshes the Redis entitlement cache, serves
 //! the entitlement API and hosts the operator commands.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod cache;

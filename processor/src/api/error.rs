@@ -41,6 +41,9 @@ pub enum ApiError {
     /// Stripe failed or could not be reached; the cause is logged, the client gets a generic text.
     #[error("the payment provider is unavailable, try again later")]
     StripeUnavailable(#[source] StripeError),
+    /// A feature this deployment has not configured (e.g. no Stripe key or no return URLs).
+    #[error("this feature is not configured")]
+    NotConfigured(&'static str),
     /// Anything else; the cause is logged, the client gets a generic text.
     #[error("internal error")]
     Internal(#[source] Cause),
@@ -64,6 +67,7 @@ impl ApiError {
             Self::UnknownProduct(_) => "unknown_product",
             Self::BadRequest(_) => "bad_request",
             Self::StripeUnavailable(_) => "stripe_unavailable",
+            Self::NotConfigured(_) => "not_configured",
             Self::Internal(_) => "internal",
         }
     }
@@ -79,6 +83,7 @@ impl ApiError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::StripeUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,6 +110,7 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %cause, stripe_status = cause.status(), "stripe call failed");
             }
             Self::Internal(cause) => tracing::error!(error = %cause, "internal error"),
+            Self::NotConfigured(what) => tracing::warn!(missing = what, "feature not configured"),
             _ => {}
         }
         let status = self.status();
@@ -175,6 +181,11 @@ mod tests {
                 ApiError::StripeUnavailable(StripeError::Timeout),
                 502,
                 "stripe_unavailable",
+            ),
+            (
+                ApiError::NotConfigured("STRIPE_SECRET_KEY"),
+                503,
+                "not_configured",
             ),
             (ApiError::internal("boom"), 500, "internal"),
         ];

@@ -1,6 +1,226 @@
 //! The entitlement API served by `processor` (see CONTRACT.md, "Entitlement API").
 //!
-//! Invariant: every failure leaves through [`error::ApiError`], so clients only ever see
-//! `{"error":"<stable_code>","message":"…"}` and 5xx bodies never carry internals.
+//! Invariants: every failure leaves through [`error::ApiError`], so clients only ever see
+//! `{"error":"<stable_code>","message":"…"}` and 5xx bodies never carry internals; every user
+//! route takes its user from the verified bearer token ([`crate::auth::AuthUser`]) and never from
+//! the request, so no route reads or acts on another user's data; the route table
+//! ([`routes`]) is the single list both the router and the OpenAPI document are checked against.
 
+pub mod checkout;
+pub mod entitlements;
 pub mod error;
+pub mod openapi;
+pub mod purchases;
+pub mod restore;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{FromRef, MatchedPath, Request};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{MethodRouter, get, post};
+use deadpool_postgres::Pool;
+use secrecy::SecretString;
+use shared::config::{ConfigError, Env};
+
+use crate::auth::{AuthConfig, Authenticator};
+use crate::cache::Cache;
+use crate::catalog::Catalog;
+use crate::stripe::{StripeClient, StripeConfig, StripeError};
+
+/// Where Stripe sends the user back to; server-controlled, never taken from a request.
+#[derive(Debug, Clone, Default)]
+pub struct ReturnUrls {
+    /// `CHECKOUT_SUCCESS_URL`
+    pub checkout_success: Option<String>,
+    /// `CHECKOUT_CANCEL_URL`
+    pub checkout_cancel: Option<String>,
+    /// `BILLING_PORTAL_RETURN_URL`
+    pub portal_return: Option<String>,
+    /// `STRIPE_BILLING_PORTAL_CONFIGURATION_ID`
+    pub portal_configuration: Option<String>,
+}
+
+/// Everything the API needs besides Postgres and Redis.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub auth: AuthConfig,
+    pub catalog: Catalog,
+    /// `None` without `STRIPE_SECRET_KEY`: reads work, the Stripe routes answer 503.
+    pub stripe: Option<StripeConfig>,
+    pub urls: ReturnUrls,
+}
+
+impl ApiConfig {
+    /// Reads `AUTH_JWT_*`, `ADMIN_API_TOKEN`, the catalog (`STRIPE_PRICE_PRO_LIFETIME`,
+    /// `CATALOG_FILE`), `STRIPE_*` and the return URLs.
+    ///
+    /// `AUTH_JWT_SECRET` is required (the API cannot serve a single user route without it);
+    /// `STRIPE_SECRET_KEY` and the return URLs are optional so a read-only deployment works.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the variable that is missing or malformed.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let auth = AuthConfig::from_env(env)?;
+        let catalog = Catalog::from_env(env)?;
+        let stripe = match env.get("STRIPE_SECRET_KEY") {
+            Some(_) => Some(StripeConfig::from_env(env)?),
+            None => None,
+        };
+        let opt = |var: &str| {
+            env.get(var)
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        Ok(Self {
+            auth,
+            catalog,
+            stripe,
+            urls: ReturnUrls {
+                checkout_success: opt("CHECKOUT_SUCCESS_URL"),
+                checkout_cancel: opt("CHECKOUT_CANCEL_URL"),
+                portal_return: opt("BILLING_PORTAL_RETURN_URL"),
+                portal_configuration: opt("STRIPE_BILLING_PORTAL_CONFIGURATION_ID"),
+            },
+        })
+    }
+
+    /// A configuration with only the JWT secret set (tests and read-only deployments).
+    #[must_use]
+    pub fn with_jwt_secret(secret: &str) -> Self {
+        Self {
+            auth: AuthConfig {
+                jwt_secret: SecretString::from(secret.to_owned()),
+                issuer: None,
+                audience: None,
+                admin_token: None,
+            },
+            catalog: Catalog::default(),
+            stripe: None,
+            urls: ReturnUrls::default(),
+        }
+    }
+}
+
+/// The router state of the API routes. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub pool: Pool,
+    pub cache: Cache,
+    pub auth: Authenticator,
+    pub catalog: Arc<Catalog>,
+    pub stripe: Option<StripeClient>,
+    pub urls: Arc<ReturnUrls>,
+}
+
+impl ApiState {
+    /// # Errors
+    /// [`StripeError::Transport`] when the Stripe HTTP client cannot be built.
+    pub fn new(config: ApiConfig, pool: Pool, cache: Cache) -> Result<Self, StripeError> {
+        let stripe = config.stripe.map(StripeClient::new).transpose()?;
+        Ok(Self {
+            pool,
+            cache,
+            auth: Authenticator::new(&config.auth),
+            catalog: Arc::new(config.catalog),
+            stripe,
+            urls: Arc::new(config.urls),
+        })
+    }
+
+    /// The Stripe client, or 503 `not_configured` without `STRIPE_SECRET_KEY`.
+    pub(crate) fn stripe(&self) -> Result<&StripeClient, error::ApiError> {
+        self.stripe
+            .as_ref()
+            .ok_or(error::ApiError::NotConfigured("STRIPE_SECRET_KEY"))
+    }
+}
+
+impl FromRef<ApiState> for Authenticator {
+    fn from_ref(state: &ApiState) -> Self {
+        state.auth.clone()
+    }
+}
+
+/// One row of the route table.
+#[derive(Debug)]
+pub struct Route {
+    pub method: Method,
+    /// axum's path syntax (`{param}`), which is also OpenAPI's.
+    pub path: &'static str,
+    handler: MethodRouter<ApiState>,
+}
+
+/// Every API route. The router is built from this table and the OpenAPI test compares it with
+/// the document.
+#[must_use]
+pub fn routes() -> Vec<Route> {
+    let route = |method: Method, path, handler| Route {
+        method,
+        path,
+        handler,
+    };
+    vec![
+        route(
+            Method::GET,
+            "/api/pro/entitlement",
+            get(entitlements::pro_entitlement),
+        ),
+        route(
+            Method::GET,
+            "/api/entitlements",
+            get(entitlements::my_entitlements),
+        ),
+        route(
+            Method::GET,
+            "/api/access/{entitlementKey}",
+            get(entitlements::access),
+        ),
+        route(
+            Method::GET,
+            "/v1/entitlements/{userId}",
+            get(entitlements::admin_entitlements),
+        ),
+        route(Method::GET, "/api/purchases", get(purchases::list)),
+        route(Method::GET, "/api/purchases/{id}", get(purchases::one)),
+        route(
+            Method::POST,
+            "/api/checkout/session",
+            post(checkout::create_session),
+        ),
+        route(Method::POST, "/api/billing/portal", post(checkout::portal)),
+        route(Method::POST, "/api/pro/restore", post(restore::restore)),
+        route(Method::GET, "/openapi.json", get(openapi::serve_document)),
+    ]
+}
+
+/// The API router, with per-route request counters and latency histograms.
+pub fn router(state: ApiState) -> Router {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, r| router.route(r.path, r.handler))
+        .layer(axum::middleware::from_fn(record_metrics))
+        .with_state(state)
+}
+
+/// `api_requests_total{route,method,status}` and `api_request_duration_seconds{route,method}`,
+/// labelled by the route template (never the raw path, which carries user ids).
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("api_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("api_request_duration_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

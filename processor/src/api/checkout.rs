@@ -1,0 +1,246 @@
+//! `POST /api/checkout/session` and `POST /api/billing/portal`.
+//!
+//! Invariants: everything sent to Stripe except the product key comes from the server (the user
+//! from the token, prices from the catalog, return URLs from the configuration); a double click
+//! yields one Checkout Session (the `Idempotency-Key` and every parameter, `expires_at` included,
+//! are the same within a ten-minute bucket); a user who already holds the product's entitlement
+//! gets 409 instead of a second payment; Stripe failures surface as 502 with a generic text.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use shared::ids::UserId;
+use tokio_postgres::types::Type;
+
+use super::ApiState;
+use super::entitlements::load_snapshot;
+use super::error::ApiError;
+use crate::access;
+use crate::auth::AuthUser;
+use crate::stripe::{CheckoutSessionRequest, StripeClient};
+
+/// Width of the idempotency bucket: clicks within it reuse one session.
+pub const IDEMPOTENCY_BUCKET_SECONDS: i64 = 600;
+/// A session lives at least this long (Stripe's minimum is 30 minutes).
+const SESSION_LIFETIME_SECONDS: i64 = 3600;
+
+/// The request body of `POST /api/checkout/session`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutBody {
+    pub product_key: String,
+}
+
+/// The answer of `POST /api/checkout/session`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutAnswer {
+    pub session_id: String,
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The answer of `POST /api/billing/portal`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PortalAnswer {
+    pub url: String,
+}
+
+/// The idempotency key and `expires_at` of a checkout of `product` by `user` at unix time `now`:
+/// both constant within one bucket, so a replayed request carries identical parameters.
+#[must_use]
+pub fn checkout_identity(user: &UserId, product: &str, now: i64) -> (String, i64) {
+    let bucket = now.div_euclid(IDEMPOTENCY_BUCKET_SECONDS);
+    let mut hash = Sha256::new();
+    // Length-prefixed so ("ab","c") and ("a","bc") differ.
+    for part in [user.as_str(), product] {
+        hash.update(part.len().to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.update(bucket.to_be_bytes());
+    let digest = hash.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let expires_at = (bucket + 1) * IDEMPOTENCY_BUCKET_SECONDS + SESSION_LIFETIME_SECONDS;
+    (format!("checkout-v1-{hex}"), expires_at)
+}
+
+/// The user's Stripe customer ids from the `customers` table, oldest first.
+///
+/// # Errors
+/// [`ApiError::Internal`] when Postgres fails.
+pub async fn customers_of(state: &ApiState, user: &UserId) -> Result<Vec<String>, ApiError> {
+    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let rows = client
+        .query_typed(
+            "SELECT customer_id FROM customers WHERE user_id = $1
+              ORDER BY created_at, customer_id",
+            &[(&user.as_str(), Type::TEXT)],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    rows.iter()
+        .map(|r| r.try_get(0).map_err(ApiError::internal))
+        .collect()
+}
+
+/// The user's Stripe customer: the oldest mapped one, else a new one (created with a per-user
+/// idempotency key, so concurrent first checkouts share it) whose mapping is stored.
+async fn ensure_customer(
+    state: &ApiState,
+    stripe: &StripeClient,
+    user: &UserId,
+) -> Result<String, ApiError> {
+    if let Some(existing) = customers_of(state, user).await?.into_iter().next() {
+        return Ok(existing);
+    }
+    let customer = stripe.create_customer(user, None).await?;
+    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    // The projection attributes this customer's payments to the user through this row.
+    client
+        .execute_typed(
+            "INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
+             ON CONFLICT (customer_id) DO NOTHING",
+            &[
+                (&customer.id.as_str(), Type::TEXT),
+                (&user.as_str(), Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(user_id = %user, customer = %customer.id, "stripe customer created");
+    Ok(customer.id)
+}
+
+pub(crate) async fn create_session(
+    State(state): State<ApiState>,
+    AuthUser(user): AuthUser,
+    body: Result<Json<CheckoutBody>, JsonRejection>,
+) -> Result<Json<CheckoutAnswer>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let product = state
+        .catalog
+        .get(&body.product_key)
+        .ok_or_else(|| ApiError::UnknownProduct(body.product_key.clone()))?;
+    let snapshot = load_snapshot(&state, &user).await?;
+    let held = access::status_of(
+        &snapshot.entitlements,
+        product.entitlement().as_str(),
+        Utc::now(),
+    );
+    if held.is_allowed() {
+        return Err(ApiError::AlreadyEntitled);
+    }
+    let stripe = state.stripe()?;
+    let success_url = state
+        .urls
+        .checkout_success
+        .clone()
+        .ok_or(ApiError::NotConfigured("CHECKOUT_SUCCESS_URL"))?;
+    let cancel_url = state
+        .urls
+        .checkout_cancel
+        .clone()
+        .ok_or(ApiError::NotConfigured("CHECKOUT_CANCEL_URL"))?;
+    let customer = ensure_customer(&state, stripe, &user).await?;
+    let (idempotency_key, expires_at) =
+        checkout_identity(&user, product.key(), Utc::now().timestamp());
+    let metadata = BTreeMap::from([
+        ("user_id".to_owned(), user.as_str().to_owned()),
+        ("product_key".to_owned(), product.key().to_owned()),
+    ]);
+    let request = CheckoutSessionRequest {
+        mode: product.mode(),
+        price_id: product.price_id().to_owned(),
+        quantity: 1,
+        success_url,
+        cancel_url,
+        client_reference_id: user.as_str().to_owned(),
+        customer: Some(customer),
+        metadata,
+        expires_at: Some(expires_at),
+    };
+    let session = stripe
+        .create_checkout_session(&request, &idempotency_key)
+        .await?;
+    let url = session
+        .url
+        .ok_or_else(|| ApiError::internal("checkout session answered without a url"))?;
+    tracing::info!(user_id = %user, product = product.key(), session = %session.id, "checkout session created");
+    Ok(Json(CheckoutAnswer {
+        session_id: session.id,
+        url,
+        expires_at: DateTime::from_timestamp(session.expires_at, 0)
+            .ok_or_else(|| ApiError::internal("checkout session expiry out of range"))?,
+    }))
+}
+
+pub(crate) async fn portal(
+    State(state): State<ApiState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<PortalAnswer>, ApiError> {
+    let customer = customers_of(&state, &user)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(ApiError::NoBillingAccount)?;
+    let stripe = state.stripe()?;
+    let return_url = state
+        .urls
+        .portal_return
+        .as_deref()
+        .ok_or(ApiError::NotConfigured("BILLING_PORTAL_RETURN_URL"))?;
+    let session = stripe
+        .create_billing_portal_session(
+            &customer,
+            return_url,
+            state.urls.portal_configuration.as_deref(),
+        )
+        .await
+        .map_err(|e| {
+            if e.is_resource_missing() {
+                ApiError::NoBillingAccount
+            } else {
+                e.into()
+            }
+        })?;
+    Ok(Json(PortalAnswer { url: session.url }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_double_click_within_the_bucket_has_one_identity() {
+        let user = UserId::parse("u1").unwrap();
+        let t = 1_700_000_400; // a bucket boundary
+        let first = checkout_identity(&user, "pro", t + 1);
+        assert_eq!(first, checkout_identity(&user, "pro", t + 599));
+        assert_ne!(first.0, checkout_identity(&user, "pro", t + 600).0);
+        assert_ne!(first.0, checkout_identity(&user, "team", t + 1).0);
+        assert_ne!(
+            first.0,
+            checkout_identity(&UserId::parse("u2").unwrap(), "pro", t + 1).0
+        );
+        assert!(first.0.len() <= 255);
+    }
+
+    #[test]
+    fn sessions_expire_between_one_hour_and_one_hour_ten_from_now() {
+        let user = UserId::parse("u1").unwrap();
+        for now in [1_700_000_400, 1_700_000_401, 1_700_000_999] {
+            let (_, expires_at) = checkout_identity(&user, "pro", now);
+            let lifetime = expires_at - now;
+            assert!(
+                (SESSION_LIFETIME_SECONDS..=SESSION_LIFETIME_SECONDS + IDEMPOTENCY_BUCKET_SECONDS)
+                    .contains(&lifetime),
+                "{lifetime}"
+            );
+        }
+    }
+}

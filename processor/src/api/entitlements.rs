@@ -1,0 +1,234 @@
+//! Entitlement reads: `/api/pro/entitlement`, `/api/entitlements`, `/api/access/{key}` and the
+//! admin `/v1/entitlements/{userId}`.
+//!
+//! Invariants: Redis is read first and Postgres only on a miss, after which the cache is refilled
+//! through the versioned compare-and-set (a reader never overwrites a newer snapshot); the status
+//! reported is the read-time status of [`crate::access`], so an ended period reads as `expired`
+//! even when the cached or stored row still says `active`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use shared::ids::UserId;
+
+use super::ApiState;
+use super::error::ApiError;
+use crate::access::{self, AccessStatus};
+use crate::auth::{AdminToken, AuthUser};
+use crate::store::{self, UserSnapshot};
+
+/// The entitlement key `/api/pro/entitlement` reports.
+pub const PRO_KEY: &str = "pro";
+
+/// `GET /api/pro/entitlement`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProEntitlement {
+    pub user_id: String,
+    pub is_pro: bool,
+    pub status: AccessStatus,
+    pub source: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// One entry of `GET /api/entitlements`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntitlementItem {
+    pub key: String,
+    pub status: AccessStatus,
+    pub active: bool,
+    pub source: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `GET /api/entitlements` and `GET /v1/entitlements/{userId}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntitlementList {
+    pub user_id: String,
+    pub entitlements: Vec<EntitlementItem>,
+}
+
+/// The user's snapshot: Redis first, Postgres on a miss (then refilled into Redis).
+///
+/// # Errors
+/// [`ApiError::Internal`] when Postgres cannot be read.
+pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<UserSnapshot, ApiError> {
+    if let Some(snapshot) = state.cache.read_snapshot(user).await {
+        return Ok(snapshot);
+    }
+    let snapshot = read_from_postgres(state, user).await?;
+    state.cache.refill(&snapshot).await;
+    Ok(snapshot)
+}
+
+/// The user's snapshot straight from Postgres (for callers that just wrote it).
+///
+/// # Errors
+/// [`ApiError::Internal`] when Postgres cannot be read.
+pub async fn read_from_postgres(state: &ApiState, user: &UserId) -> Result<UserSnapshot, ApiError> {
+    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let client: &tokio_postgres::Client = &client;
+    store::user_snapshot(client, user)
+        .await
+        .map_err(ApiError::internal)
+}
+
+/// The `pro` view of a snapshot at `now`.
+#[must_use]
+pub fn pro_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> ProEntitlement {
+    let row = snapshot.entitlements.iter().find(|e| e.key == PRO_KEY);
+    let status = access::status_of(&snapshot.entitlements, PRO_KEY, now);
+    ProEntitlement {
+        user_id: snapshot.user_id.clone(),
+        is_pro: status.is_allowed(),
+        status,
+        source: row.map(|r| r.source.clone()),
+        expires_at: row.and_then(|r| r.expires_at),
+        updated_at: row.map(|r| r.updated_at),
+    }
+}
+
+/// Every entitlement of a snapshot at `now`.
+#[must_use]
+pub fn list_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> EntitlementList {
+    EntitlementList {
+        user_id: snapshot.user_id.clone(),
+        entitlements: snapshot
+            .entitlements
+            .iter()
+            .map(|e| {
+                let status = access::effective_status(e, now);
+                EntitlementItem {
+                    key: e.key.clone(),
+                    status,
+                    active: status.is_allowed(),
+                    source: e.source.clone(),
+                    expires_at: e.expires_at,
+                    updated_at: e.updated_at,
+                }
+            })
+            .collect(),
+    }
+}
+
+pub(crate) async fn pro_entitlement(
+    State(state): State<ApiState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<ProEntitlement>, ApiError> {
+    let snapshot = load_snapshot(&state, &user).await?;
+    Ok(Json(pro_view(&snapshot, Utc::now())))
+}
+
+pub(crate) async fn my_entitlements(
+    State(state): State<ApiState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<EntitlementList>, ApiError> {
+    let snapshot = load_snapshot(&state, &user).await?;
+    Ok(Json(list_view(&snapshot, Utc::now())))
+}
+
+pub(crate) async fn access(
+    State(state): State<ApiState>,
+    AuthUser(user): AuthUser,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let snapshot = load_snapshot(&state, &user).await?;
+    let status = access::status_of(&snapshot.entitlements, &key, Utc::now());
+    Ok(match status.denial_reason() {
+        None => Json(serde_json::json!({"allowed": true})).into_response(),
+        Some(reason) => (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({"allowed": false, "reason": reason})),
+        )
+            .into_response(),
+    })
+}
+
+pub(crate) async fn admin_entitlements(
+    State(state): State<ApiState>,
+    _admin: AdminToken,
+    Path(user): Path<String>,
+) -> Result<Json<EntitlementList>, ApiError> {
+    let user = UserId::parse(&user).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let snapshot = load_snapshot(&state, &user).await?;
+    Ok(Json(list_view(&snapshot, Utc::now())))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::EntitlementView;
+    use chrono::Duration;
+
+    fn snapshot(entitlements: Vec<EntitlementView>) -> UserSnapshot {
+        UserSnapshot {
+            user_id: "u1".into(),
+            version: 3,
+            entitlements,
+        }
+    }
+
+    fn row(key: &str, status: &str, expires_at: Option<DateTime<Utc>>) -> EntitlementView {
+        EntitlementView {
+            key: key.into(),
+            status: status.into(),
+            source: "purchase".into(),
+            source_id: "cs_1".into(),
+            expires_at,
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn pro_view_of_a_user_without_entitlements_is_none() {
+        let view = serde_json::to_value(pro_view(&snapshot(vec![]), Utc::now())).unwrap();
+        assert_eq!(
+            view,
+            serde_json::json!({"userId": "u1", "isPro": false, "status": "none",
+                               "source": null, "expiresAt": null, "updatedAt": null})
+        );
+    }
+
+    #[test]
+    fn pro_view_reports_grace_as_pro_and_an_ended_period_as_expired() {
+        let now = Utc::now();
+        let grace = snapshot(vec![row("pro", "past_due", Some(now + Duration::days(2)))]);
+        let view = pro_view(&grace, now);
+        assert!(view.is_pro);
+        assert_eq!(view.status, AccessStatus::PastDue);
+        let ended = snapshot(vec![row("pro", "active", Some(now - Duration::hours(1)))]);
+        let view = pro_view(&ended, now);
+        assert!(!view.is_pro);
+        assert_eq!(view.status, AccessStatus::Expired);
+    }
+
+    #[test]
+    fn list_view_uses_camel_case_and_read_time_status() {
+        let now = Utc::now();
+        let list = list_view(
+            &snapshot(vec![
+                row("pro", "active", None),
+                row("team", "active", Some(now - Duration::seconds(5))),
+            ]),
+            now,
+        );
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(json["userId"], "u1");
+        assert_eq!(json["entitlements"][0]["status"], "active");
+        assert_eq!(json["entitlements"][0]["active"], true);
+        assert_eq!(
+            json["entitlements"][0]["expiresAt"],
+            serde_json::Value::Null
+        );
+        assert_eq!(json["entitlements"][1]["status"], "expired");
+        assert_eq!(json["entitlements"][1]["active"], false);
+        assert!(json["entitlements"][1]["updatedAt"].is_string());
+    }
+}

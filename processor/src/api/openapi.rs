@@ -1,0 +1,256 @@
+//! The OpenAPI 3.1 document of the entitlement API, served at `GET /openapi.json`.
+//!
+//! Written out as JSON rather than derived: the API is small, and the shapes stay next to each
+//! other here. Invariant: the document lists exactly the routes of [`super::routes`] — a test
+//! compares both ways, so a route cannot be added or removed without updating this document.
+
+use axum::Json;
+use serde_json::{Value, json};
+
+use super::purchases::STATUSES;
+
+/// The document.
+#[must_use]
+pub fn document() -> Value {
+    let bearer = json!([{"bearerAuth": []}]);
+    let admin = json!([{"adminToken": []}]);
+    let error = |description: &str| {
+        json!({"description": description,
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+    };
+    let ok = |schema: &str| {
+        json!({"description": "OK",
+               "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+    };
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Entitlement API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Entitlements, purchases, checkout and billing portal of the \
+                            authenticated user (bearer JWT, user = `sub`).",
+        },
+        "paths": {
+            "/api/pro/entitlement": {"get": {
+                "operationId": "getProEntitlement",
+                "summary": "The caller's `pro` entitlement, with its status at read time.",
+                "security": bearer,
+                "responses": {"200": ok("ProEntitlement"), "401": error("Missing or invalid token")},
+            }},
+            "/api/entitlements": {"get": {
+                "operationId": "listEntitlements",
+                "summary": "All of the caller's entitlements.",
+                "security": bearer,
+                "responses": {"200": ok("EntitlementList"), "401": error("Missing or invalid token")},
+            }},
+            "/api/access/{entitlementKey}": {"get": {
+                "operationId": "checkAccess",
+                "summary": "Whether the caller may use an entitlement now.",
+                "security": bearer,
+                "parameters": [{"name": "entitlementKey", "in": "path", "required": true,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": ok("AccessAllowed"),
+                    "401": error("Missing or invalid token"),
+                    "403": {"description": "Access refused", "content": {"application/json":
+                        {"schema": {"$ref": "#/components/schemas/AccessDenied"}}}},
+                },
+            }},
+            "/v1/entitlements/{userId}": {"get": {
+                "operationId": "adminListEntitlements",
+                "summary": "Any user's entitlements (operators; ADMIN_API_TOKEN).",
+                "security": admin,
+                "parameters": [{"name": "userId", "in": "path", "required": true,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": ok("EntitlementList"),
+                    "401": error("Missing or wrong admin token"),
+                    "404": error("Admin API not enabled"),
+                },
+            }},
+            "/api/purchases": {"get": {
+                "operationId": "listPurchases",
+                "summary": "The caller's purchases, newest first.",
+                "security": bearer,
+                "parameters": [
+                    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+                    {"name": "pageSize", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                    {"name": "status", "in": "query", "schema": {"type": "string", "enum": STATUSES}},
+                ],
+                "responses": {
+                    "200": ok("PurchasePage"),
+                    "400": error("Invalid query parameter"),
+                    "401": error("Missing or invalid token"),
+                },
+            }},
+            "/api/purchases/{id}": {"get": {
+                "operationId": "getPurchase",
+                "summary": "One of the caller's purchases.",
+                "security": bearer,
+                "parameters": [{"name": "id", "in": "path", "required": true,
+                                "schema": {"type": "integer"}}],
+                "responses": {
+                    "200": ok("Purchase"),
+                    "401": error("Missing or invalid token"),
+                    "404": error("No such purchase of the caller"),
+                },
+            }},
+            "/api/checkout/session": {"post": {
+                "operationId": "createCheckoutSession",
+                "summary": "A Stripe Checkout Session for a catalog product.",
+                "security": bearer,
+                "requestBody": {"required": true, "content": {"application/json": {"schema":
+                    {"type": "object", "required": ["productKey"],
+                     "properties": {"productKey": {"type": "string"}}}}}},
+                "responses": {
+                    "200": ok("CheckoutSession"),
+                    "400": error("Malformed body"),
+                    "401": error("Missing or invalid token"),
+                    "404": error("unknown_product"),
+                    "409": error("already_entitled"),
+                    "502": error("Stripe failed"),
+                    "503": error("Checkout not configured"),
+                },
+            }},
+            "/api/billing/portal": {"post": {
+                "operationId": "createBillingPortalSession",
+                "summary": "A Stripe billing portal URL for the caller's customer.",
+                "security": bearer,
+                "responses": {
+                    "200": ok("PortalSession"),
+                    "401": error("Missing or invalid token"),
+                    "404": error("no_billing_account"),
+                    "502": error("Stripe failed"),
+                    "503": error("Billing portal not configured"),
+                },
+            }},
+            "/api/pro/restore": {"post": {
+                "operationId": "restorePurchases",
+                "summary": "Re-read the caller's state from Stripe and re-project it.",
+                "security": bearer,
+                "responses": {
+                    "200": ok("RestoreResult"),
+                    "401": error("Missing or invalid token"),
+                    "429": error("rate_limited (one restore per 10 s)"),
+                    "502": error("Stripe failed"),
+                },
+            }},
+            "/openapi.json": {"get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI document",
+                                      "content": {"application/json": {}}}},
+            }},
+        },
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "adminToken": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": schemas(),
+        },
+    })
+}
+
+fn schemas() -> Value {
+    let status = json!({"type": "string",
+        "enum": ["active", "past_due", "suspended", "revoked", "expired", "none"]});
+    let time = json!({"type": "string", "format": "date-time"});
+    let nullable_time = json!({"type": ["string", "null"], "format": "date-time"});
+    let nullable_int = json!({"type": ["integer", "null"]});
+    let nullable_str = json!({"type": ["string", "null"]});
+    json!({
+        "Error": {"type": "object", "required": ["error", "message"],
+                  "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
+        "ProEntitlement": {"type": "object",
+            "required": ["userId", "isPro", "status", "source", "expiresAt", "updatedAt"],
+            "properties": {
+                "userId": {"type": "string"}, "isPro": {"type": "boolean"}, "status": status,
+                "source": {"type": ["string", "null"], "enum": ["purchase", "subscription", null]},
+                "expiresAt": nullable_time, "updatedAt": nullable_time}},
+        "Entitlement": {"type": "object",
+            "required": ["key", "status", "active", "source", "expiresAt", "updatedAt"],
+            "properties": {
+                "key": {"type": "string"}, "status": status, "active": {"type": "boolean"},
+                "source": {"type": "string", "enum": ["purchase", "subscription"]},
+                "expiresAt": nullable_time, "updatedAt": time}},
+        "EntitlementList": {"type": "object", "required": ["userId", "entitlements"],
+            "properties": {"userId": {"type": "string"}, "entitlements":
+                {"type": "array", "items": {"$ref": "#/components/schemas/Entitlement"}}}},
+        "AccessAllowed": {"type": "object", "required": ["allowed"],
+            "properties": {"allowed": {"const": true}}},
+        "AccessDenied": {"type": "object", "required": ["allowed", "reason"],
+            "properties": {"allowed": {"const": false}, "reason":
+                {"type": "string", "enum": ["none", "expired", "revoked", "suspended"]}}},
+        "Purchase": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "productKey": nullable_str,
+            "status": {"type": "string", "enum": STATUSES},
+            "amountPaidCents": nullable_int, "currency": nullable_str,
+            "platformFeeCents": nullable_int, "organizationFeeCents": nullable_int,
+            "creatorPayoutCents": nullable_int, "checkoutSessionId": nullable_str,
+            "paymentIntentId": nullable_str, "purchasedAt": nullable_time,
+            "refundedAt": nullable_time, "refundAmountCents": {"type": "integer"},
+            "refundReason": nullable_str, "createdAt": time}},
+        "PurchasePage": {"type": "object", "required": ["data", "pagination"], "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/Purchase"}},
+            "pagination": {"type": "object",
+                "required": ["page", "pageSize", "totalCount", "totalPages"],
+                "properties": {"page": {"type": "integer"}, "pageSize": {"type": "integer"},
+                               "totalCount": {"type": "integer"}, "totalPages": {"type": "integer"}}}}},
+        "CheckoutSession": {"type": "object", "required": ["sessionId", "url", "expiresAt"],
+            "properties": {"sessionId": {"type": "string"}, "url": {"type": "string"},
+                           "expiresAt": time}},
+        "PortalSession": {"type": "object", "required": ["url"],
+            "properties": {"url": {"type": "string"}}},
+        "RestoreResult": {"type": "object", "required": ["restored", "entitlement"],
+            "properties": {"restored": {"type": "boolean"},
+                           "entitlement": {"$ref": "#/components/schemas/ProEntitlement"}}},
+    })
+}
+
+pub(crate) async fn serve_document() -> Json<Value> {
+    Json(document())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn the_document_lists_exactly_the_routes_of_the_router() {
+        let doc = document();
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|m| (m.to_uppercase(), path.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let routed: BTreeSet<(String, String)> = crate::api::routes()
+            .iter()
+            .map(|r| (r.method.as_str().to_owned(), r.path.to_owned()))
+            .collect();
+        assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn every_schema_reference_resolves() {
+        let doc = document();
+        let text = doc.to_string();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for part in text.split("#/components/schemas/").skip(1) {
+            let name: String = part.chars().take_while(|c| c.is_alphanumeric()).collect();
+            assert!(schemas.contains_key(&name), "{name} is not defined");
+        }
+    }
+}

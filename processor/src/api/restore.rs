@@ -1,0 +1,366 @@
+//! `POST /api/pro/restore`: rebuild a user's purchases, subscriptions and entitlements from the
+//! Stripe API when webhooks were missed.
+//!
+//! Invariants: nothing the client sends is used (the route takes no body; the customers come from
+//! the `customers` table, the objects from Stripe); every Stripe object becomes a synthetic event
+//! of the type the real webhook would have had, parsed by [`crate::events::parse`] and applied by
+//! [`crate::store::apply`], the processor's own projection; a synthetic event's id is derived from
+//! the object's id and content, so restoring an unchanged object twice applies it once
+//! (`processed_events`, as for real events); all of a restore commits in one transaction and the
+//! cache is refreshed after the commit; one restore per user per 10 s (429 otherwise).
+//!
+//! Disputes are restored only when a charge carries its dispute expanded; the client has no
+//! `GET /v1/disputes` walk yet, so a bare `disputed: true` is left to the webhooks.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use chrono::Utc;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use shared::ids::UserId;
+use tokio_postgres::types::Type;
+
+use super::ApiState;
+use super::checkout::customers_of;
+use super::entitlements::{ProEntitlement, pro_view, read_from_postgres};
+use super::error::ApiError;
+use crate::auth::AuthUser;
+use crate::events::{self, Event};
+use crate::store::{self, StoreError};
+use crate::stripe::StripeClient;
+
+/// The minimum interval between two restores of one user.
+pub const RESTORE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Redis key of the per-user restore rate limit.
+#[must_use]
+pub fn rate_limit_key(user: &UserId) -> String {
+    format!("restore:v1:{user}")
+}
+
+/// The answer of `POST /api/pro/restore`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RestoreAnswer {
+    /// Whether Stripe holds anything of this user that the projection acts on (whether or not
+    /// it had been applied before).
+    pub restored: bool,
+    pub entitlement: ProEntitlement,
+}
+
+/// The kinds of Stripe objects a restore reads, in the order their events are applied (a
+/// purchase exists before its refund).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    CheckoutSession,
+    PaymentIntent,
+    Charge,
+    Subscription,
+}
+
+/// The synthetic event bodies for one Stripe object (none when the object says nothing the
+/// projection uses, e.g. an open checkout session). `now` is the restore time (unix seconds).
+#[must_use]
+pub fn synthetic_events(kind: ObjectKind, object: &Value, now: i64) -> Vec<Value> {
+    let Some(id) = object.get("id").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let created = object.get("created").and_then(Value::as_i64).unwrap_or(now);
+    let str_field = |name: &str| object.get(name).and_then(Value::as_str).unwrap_or("");
+    // (event type, event created, data.object): facts keep the object's time; state registers
+    // (refunds, disputes, subscription status) take the restore time, since the object shows
+    // the state as of now.
+    let mut types: Vec<(&str, i64, Value)> = Vec::new();
+    match kind {
+        ObjectKind::CheckoutSession => match str_field("status") {
+            "complete" => types.push(("checkout.session.completed", created, object.clone())),
+            "expired" => types.push(("checkout.session.expired", created, object.clone())),
+            _ => {}
+        },
+        ObjectKind::PaymentIntent => {
+            if str_field("status") == "succeeded" {
+                types.push(("payment_intent.succeeded", created, object.clone()));
+            }
+        }
+        ObjectKind::Charge => {
+            let refunded = object.get("refunded").and_then(Value::as_bool) == Some(true)
+                || object
+                    .get("amount_refunded")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0)
+                    > 0;
+            if refunded {
+                types.push(("charge.refunded", now, object.clone()));
+            }
+            if let Some(dispute) = charge_dispute(object, id) {
+                let closed = matches!(
+                    dispute.get("status").and_then(Value::as_str),
+                    Some("won" | "lost" | "warning_closed")
+                );
+                let ty = if closed {
+                    "charge.dispute.closed"
+                } else {
+                    "charge.dispute.created"
+                };
+                types.push((ty, now, dispute));
+            }
+        }
+        ObjectKind::Subscription => {
+            let ended = matches!(str_field("status"), "canceled" | "incomplete_expired");
+            let ty = if ended {
+                "customer.subscription.deleted"
+            } else {
+                "customer.subscription.updated"
+            };
+            types.push((ty, now, object.clone()));
+        }
+    }
+    let digest = Sha256::digest(object.to_string().as_bytes());
+    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    types
+        .into_iter()
+        .map(|(ty, created, data)| {
+            json!({
+                "id": format!("restore:{ty}:{id}:{hash}"),
+                "object": "event",
+                "type": ty,
+                "created": created,
+                "data": {"object": data},
+            })
+        })
+        .collect()
+}
+
+/// The dispute of a disputed charge, when the charge carries it expanded (`dispute` as an
+/// object, as with `expand[]=data.dispute` or older API versions). A bare `disputed: true` says
+/// nothing about the dispute's id or status, so it yields nothing.
+fn charge_dispute(charge: &Value, charge_id: &str) -> Option<Value> {
+    let mut dispute = charge.get("dispute").filter(|d| d.is_object())?.clone();
+    dispute.get("id").and_then(Value::as_str)?;
+    dispute.get("status").and_then(Value::as_str)?;
+    if dispute.get("charge").is_none_or(Value::is_null) {
+        dispute["charge"] = json!(charge_id);
+    }
+    if dispute.get("payment_intent").is_none_or(Value::is_null)
+        && let Some(pi) = charge.get("payment_intent").filter(|p| !p.is_null())
+    {
+        dispute["payment_intent"] = pi.clone();
+    }
+    Some(dispute)
+}
+
+/// Every Stripe object of `customer` the projection uses, as synthetic events in apply order.
+async fn read_customer(
+    stripe: &StripeClient,
+    customer: &str,
+    now: i64,
+) -> Result<Vec<Event>, ApiError> {
+    let (sessions, intents, charges, subscriptions) = tokio::try_join!(
+        stripe.list_checkout_sessions(customer),
+        stripe.list_payment_intents(customer),
+        stripe.list_charges(customer),
+        stripe.list_subscriptions(customer),
+    )?;
+    let mut out = Vec::new();
+    for (kind, objects) in [
+        (ObjectKind::CheckoutSession, sessions),
+        (ObjectKind::PaymentIntent, intents),
+        (ObjectKind::Charge, charges),
+        (ObjectKind::Subscription, subscriptions),
+    ] {
+        // Lists come newest first; apply oldest first, as the webhooks would have arrived.
+        for object in objects.iter().rev() {
+            for body in synthetic_events(kind, object, now) {
+                match events::parse(body.to_string().as_bytes()) {
+                    Ok(event) => out.push(event),
+                    // One malformed object must not block the rest of the user's restore.
+                    Err(error) => {
+                        let object_id = object.get("id").and_then(Value::as_str).unwrap_or("");
+                        tracing::warn!(customer, object_id, %error, "stripe object skipped by restore");
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Applies `events` in one transaction; returns how many were new.
+async fn apply_all(state: &ApiState, events: &[Event]) -> Result<usize, ApiError> {
+    let mut client = state.pool.get().await.map_err(ApiError::internal)?;
+    let mut tx = client.transaction().await.map_err(ApiError::internal)?;
+    let mut applied = 0;
+    for event in events {
+        let created = chrono::DateTime::from_timestamp(event.created, 0);
+        let inserted = tx
+            .execute_typed(
+                "INSERT INTO processed_events (event_id, event_type, event_created)
+                 VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+                &[
+                    (&event.id.as_str(), Type::TEXT),
+                    (&event.event_type.as_str(), Type::TEXT),
+                    (&created, Type::TIMESTAMPTZ),
+                ],
+            )
+            .await
+            .map_err(ApiError::internal)?;
+        if inserted == 0 {
+            continue;
+        }
+        // A savepoint per event: data the projection refuses undoes that event alone.
+        let savepoint = tx
+            .savepoint("restore_event")
+            .await
+            .map_err(ApiError::internal)?;
+        match store::apply(&savepoint, event).await {
+            Ok(_) => {
+                savepoint.commit().await.map_err(ApiError::internal)?;
+                applied += 1;
+            }
+            Err(StoreError::Db(error)) => return Err(ApiError::internal(error)),
+            Err(error) => {
+                tracing::warn!(event_id = %event.id, event_type = %event.event_type, %error,
+                    "restore event refused by the projection");
+                savepoint.rollback().await.map_err(ApiError::internal)?;
+            }
+        }
+    }
+    tx.commit().await.map_err(ApiError::internal)?;
+    Ok(applied)
+}
+
+pub(crate) async fn restore(
+    State(state): State<ApiState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<RestoreAnswer>, ApiError> {
+    let stripe = state.stripe()?;
+    match state
+        .cache
+        .set_once(&rate_limit_key(&user), RESTORE_INTERVAL)
+        .await
+    {
+        Ok((true, _)) => {}
+        Ok((false, remaining)) => {
+            return Err(ApiError::RateLimited {
+                retry_after: Some(remaining.unwrap_or(RESTORE_INTERVAL)),
+            });
+        }
+        // Restores are idempotent: without Redis they are only not rate limited.
+        Err(error) => tracing::warn!(%error, "restore rate limit unavailable"),
+    }
+    let now = Utc::now().timestamp();
+    let mut events = Vec::new();
+    for customer in customers_of(&state, &user).await? {
+        events.extend(read_customer(stripe, &customer, now).await?);
+    }
+    let applied = if events.is_empty() {
+        0
+    } else {
+        apply_all(&state, &events).await?
+    };
+    let snapshot = read_from_postgres(&state, &user).await?;
+    state.cache.refresh(&snapshot).await;
+    tracing::info!(user_id = %user, found = events.len(), applied, "restore finished");
+    Ok(Json(RestoreAnswer {
+        restored: !events.is_empty(),
+        entitlement: pro_view(&snapshot, Utc::now()),
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+
+    fn parse_all(kind: ObjectKind, object: &Value) -> Vec<Event> {
+        synthetic_events(kind, object, 1_800_000_000)
+            .iter()
+            .map(|b| events::parse(b.to_string().as_bytes()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_paid_checkout_session_becomes_a_completion_at_its_own_time() {
+        let session = json!({"id": "cs_1", "object": "checkout.session", "status": "complete",
+            "mode": "payment", "payment_status": "paid", "customer": "cus_1",
+            "client_reference_id": "u1", "metadata": {"product_key": "pro"},
+            "amount_total": 4900, "currency": "usd", "created": 1_700_000_000});
+        let events = parse_all(ObjectKind::CheckoutSession, &session);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_type, "checkout.session.completed");
+        assert_eq!(events[0].created, 1_700_000_000);
+        assert!(matches!(
+            events[0].kind,
+            EventKind::CheckoutSessionCompleted(_)
+        ));
+    }
+
+    #[test]
+    fn open_sessions_and_unfinished_intents_say_nothing() {
+        let open = json!({"id": "cs_2", "status": "open", "mode": "payment"});
+        assert!(synthetic_events(ObjectKind::CheckoutSession, &open, 1).is_empty());
+        let pending = json!({"id": "pi_1", "status": "requires_payment_method"});
+        assert!(synthetic_events(ObjectKind::PaymentIntent, &pending, 1).is_empty());
+        let paid_charge = json!({"id": "ch_1", "refunded": false, "amount_refunded": 0});
+        assert!(synthetic_events(ObjectKind::Charge, &paid_charge, 1).is_empty());
+        assert!(
+            synthetic_events(ObjectKind::Subscription, &json!({"status": "active"}), 1).is_empty()
+        );
+    }
+
+    #[test]
+    fn refunds_and_subscriptions_take_the_restore_time() {
+        let charge = json!({"id": "ch_1", "object": "charge", "amount": 4900,
+            "amount_refunded": 4900, "refunded": true, "payment_intent": "pi_1",
+            "customer": "cus_1", "currency": "usd", "created": 1});
+        let events = parse_all(ObjectKind::Charge, &charge);
+        assert_eq!(events[0].event_type, "charge.refunded");
+        assert_eq!(events[0].created, 1_800_000_000);
+        let canceled = json!({"id": "sub_1", "object": "subscription", "status": "canceled",
+            "customer": "cus_1", "cancel_at_period_end": false, "ended_at": 5, "created": 1,
+            "metadata": {"user_id": "u1", "product_key": "pro"}});
+        let events = parse_all(ObjectKind::Subscription, &canceled);
+        assert_eq!(events[0].event_type, "customer.subscription.deleted");
+        let mut active = canceled.clone();
+        active["status"] = json!("active");
+        let events = parse_all(ObjectKind::Subscription, &active);
+        assert_eq!(events[0].event_type, "customer.subscription.updated");
+    }
+
+    #[test]
+    fn an_expanded_dispute_on_a_charge_becomes_a_dispute_event() {
+        let mut charge = json!({"id": "ch_1", "object": "charge", "amount": 4900,
+            "amount_refunded": 0, "refunded": false, "disputed": true, "payment_intent": "pi_1",
+            "customer": "cus_1", "currency": "usd", "created": 1,
+            "dispute": {"id": "dp_1", "object": "dispute", "status": "needs_response"}});
+        let events = parse_all(ObjectKind::Charge, &charge);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_type, "charge.dispute.created");
+        let EventKind::ChargeDisputeCreated(dispute) = &events[0].kind else {
+            panic!("{:?}", events[0].kind);
+        };
+        assert_eq!(dispute.charge.as_deref(), Some("ch_1"));
+        assert_eq!(dispute.payment_intent.as_deref(), Some("pi_1"));
+        charge["dispute"]["status"] = json!("lost");
+        let events = parse_all(ObjectKind::Charge, &charge);
+        assert_eq!(events[0].event_type, "charge.dispute.closed");
+        // A bare flag names no dispute.
+        charge["dispute"] = json!("dp_1");
+        assert!(parse_all(ObjectKind::Charge, &charge).is_empty());
+    }
+
+    #[test]
+    fn ids_are_stable_for_an_unchanged_object_and_change_with_it() {
+        let sub = json!({"id": "sub_1", "status": "active", "customer": "cus_1"});
+        let a = synthetic_events(ObjectKind::Subscription, &sub, 10);
+        let b = synthetic_events(ObjectKind::Subscription, &sub, 20);
+        assert_eq!(a[0]["id"], b[0]["id"]);
+        let mut changed = sub.clone();
+        changed["status"] = json!("past_due");
+        let c = synthetic_events(ObjectKind::Subscription, &changed, 10);
+        assert_ne!(a[0]["id"], c[0]["id"]);
+        assert!(a[0]["id"].as_str().unwrap().starts_with("restore:"));
+    }
+}
