@@ -12,7 +12,8 @@ async fn shutdown_finishes_in_flight_events_and_returns_the_rest_to_the_queue() 
     let setup = Setup::new(&[200, 400]).await;
     let direct = pg(&setup.db.url).await;
     let user = unique("u");
-    let total: i64 = 1500;
+    // Enough that deliveries are still prefetched and in flight when the stop comes.
+    let total: i64 = 600;
     for _ in 0..total {
         publish_event(&setup.broker, &unique("evt"), &user).await;
     }
