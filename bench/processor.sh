@@ -43,6 +43,14 @@ while :; do
   sleep 0.5
 done
 end=$(date +%s.%N)
+# Acks follow the commit and the cache refresh: the queue must be empty, nothing dead-lettered.
+for _ in $(seq 1 20); do
+  depth=$(rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$BASE.q" '$1 == q {print $2}')
+  [ "${depth:-1}" = 0 ] && break
+  sleep 0.5
+done
+dead=$(rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$BASE.dlq" '$1 == q {print $2}')
+echo "main_queue_left=${depth:-?} dead_lettered=${dead:-?}"
 peak_kb=$(awk '/VmHWM/ {print $2}' /proc/$WORKER_PID/status)
 kill -TERM $WORKER_PID; wait $WORKER_PID 2>/dev/null || true; WORKER_PID=
 rate=$(python3 -c "print(round($N/($end-$start)))")

@@ -24,8 +24,9 @@
 //! orders can deadlock, and Postgres then aborts one with `40P01`, surfacing as the transient
 //! [`StoreError::Db`] — retry that batch.
 //!
-//! Statements carry explicit parameter types (one round trip each, no prepare), and
-//! independent statements are pipelined: an event costs about four round trips.
+//! Statements carry explicit parameter types. Through [`apply_prepared`] each one is prepared
+//! once per connection (the worker's path); [`apply`] sends them unnamed (one round trip each,
+//! no prepare). Independent statements are pipelined: an event costs about four round trips.
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
@@ -33,11 +34,12 @@ use crate::projection::{
     EntitlementStatus, FeeSplit, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
 use chrono::{DateTime, Utc};
+use deadpool_postgres::StatementCache;
 use futures_util::future::{try_join, try_join_all, try_join3, try_join4};
 use shared::ids::UserId;
 use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{GenericClient, Row, Transaction};
+use tokio_postgres::{GenericClient, Row, Statement, Transaction};
 
 /// A user's entitlements as cached in Redis and served by the API.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -122,55 +124,48 @@ const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, statu
 /// [`StoreError::DuplicatePurchase`], [`StoreError::InvalidTimestamp`] and
 /// [`StoreError::Corrupt`] for failures a retry cannot fix.
 pub async fn apply(tx: &Transaction<'_>, event: &Event) -> Result<Applied, StoreError> {
-    let plan = projection::plan(event);
-    if plan.is_empty() {
+    apply_in(
+        Db {
+            tx,
+            statements: None,
+        },
+        event,
+    )
+    .await
+}
+
+/// [`apply`] with the connection's statement cache: each statement is prepared once per
+/// connection and then only bound and executed, which spares the server parsing and planning
+/// it for every event (the round trips stay the same).
+///
+/// # Errors
+/// As [`apply`].
+pub async fn apply_prepared(
+    tx: &Transaction<'_>,
+    statements: &StatementCache,
+    event: &Event,
+) -> Result<Applied, StoreError> {
+    apply_in(
+        Db {
+            tx,
+            statements: Some(statements),
+        },
+        event,
+    )
+    .await
+}
+
+async fn apply_in(db: Db<'_>, event: &Event) -> Result<Applied, StoreError> {
+    let users = apply_facts_in(db, event).await?;
+    if users.is_empty() {
         return Ok(Applied::default());
     }
-    // Phase 1, one pipeline: the object locks first (the server runs pipelined statements in
-    // order, so every read below happens under them), then the independent reads and the link.
-    let (_, link, purchase_rows, subscription_row) = try_join4(
-        lock(tx, plan.lock_keys()),
-        async {
-            match &plan.link {
-                Some(link) => insert_link(tx, link).await.map(Some),
-                None => Ok(None),
-            }
-        },
-        async {
-            match &plan.purchase {
-                Some(delta) => load_purchases(tx, delta).await.map(Some),
-                None => Ok(None),
-            }
-        },
-        async {
-            match &plan.subscription {
-                Some(delta) => load_subscription(tx, delta).await.map(Some),
-                None => Ok(None),
-            }
-        },
-    )
-    .await?;
-
-    let mut users = BTreeSet::new();
-    if let (Some(link), Some(row)) = (&plan.link, link) {
-        attach_link(tx, link, &row, &mut users).await?;
-    }
-    if let (Some(delta), Some(rows)) = (plan.purchase, purchase_rows) {
-        merge_purchase(tx, delta, &rows, &mut users).await?;
-    }
-    if let (Some(delta), Some(row)) = (plan.subscription, subscription_row) {
-        merge_subscription(tx, delta, row.as_ref(), &mut users).await?;
-    }
-    if let Some(abandoned) = &plan.abandoned {
-        record_abandoned(tx, abandoned).await?;
-    }
-
     // Phase 2, one pipeline: the user locks, then the first recomputation's reads.
     let user_keys = users.iter().map(|u| format!("user:{u}")).collect();
-    let (_, snapshots) = try_join(lock(tx, user_keys), async {
+    let (_, snapshots) = try_join(lock(db, user_keys), async {
         let mut snapshots = Vec::with_capacity(users.len());
         for user in &users {
-            snapshots.push(recompute(tx, user).await?);
+            snapshots.push(recompute(db, user, 1).await?);
         }
         Ok(snapshots)
     })
@@ -182,6 +177,123 @@ pub async fn apply(tx: &Transaction<'_>, event: &Event) -> Result<Applied, Store
         "event projected"
     );
     Ok(Applied { users: snapshots })
+}
+
+/// The first half of [`apply_prepared`], for a batch transaction: merges the event's facts into
+/// the rows (under the object locks) and returns the users whose entitlements that affects,
+/// without recomputing them. The caller must then call [`recompute_users`] in the same
+/// transaction, after the batch's last event, with every user returned for an event it kept.
+///
+/// Recomputing once per batch gives the same rows as recomputing after every event: the
+/// entitlements are a function of the rows alone, and the recomputation runs under the user
+/// locks, after every write of the batch. Only states that never committed are skipped (a
+/// notification is queued for a transition between two committed states).
+///
+/// # Errors
+/// As [`apply`].
+pub async fn apply_facts(
+    tx: &Transaction<'_>,
+    statements: &StatementCache,
+    event: &Event,
+) -> Result<BTreeSet<String>, StoreError> {
+    let users = apply_facts_in(
+        Db {
+            tx,
+            statements: Some(statements),
+        },
+        event,
+    )
+    .await?;
+    tracing::debug!(
+        event_id = %event.id,
+        event_type = %event.event_type,
+        users = users.len(),
+        "event facts merged"
+    );
+    Ok(users)
+}
+
+/// Recomputes the entitlements of `users` (user id → number of events of the batch that
+/// concerned them) under their advisory locks, taken here all at once in the global order,
+/// and bumps each version by that number, so a version still counts the applied events that
+/// concerned the user. All users are recomputed in two pipelined round trips. Returns the new
+/// snapshots, sorted by user id.
+///
+/// # Errors
+/// [`StoreError::Db`] for database failures, [`StoreError::Corrupt`] or
+/// [`StoreError::InvalidTimestamp`] for a stored row the projection cannot read.
+pub async fn recompute_users(
+    tx: &Transaction<'_>,
+    statements: &StatementCache,
+    users: &BTreeMap<String, i64>,
+) -> Result<Vec<UserSnapshot>, StoreError> {
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let db = Db {
+        tx,
+        statements: Some(statements),
+    };
+    let user_keys = users.keys().map(|u| format!("user:{u}")).collect();
+    // The lock statement goes first in the pipeline: every read below runs under the locks.
+    let (_, snapshots) = try_join(
+        lock(db, user_keys),
+        try_join_all(
+            users
+                .iter()
+                .map(|(user, events)| recompute(db, user, *events)),
+        ),
+    )
+    .await?;
+    Ok(snapshots)
+}
+
+/// Phase 1 of [`apply`]: the object locks, the facts merged into the rows; returns the users
+/// whose entitlements need recomputing.
+async fn apply_facts_in(db: Db<'_>, event: &Event) -> Result<BTreeSet<String>, StoreError> {
+    let plan = projection::plan(event);
+    if plan.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    // Phase 1, one pipeline: the object locks first (the server runs pipelined statements in
+    // order, so every read below happens under them), then the independent reads and the link.
+    let (_, link, purchase_rows, subscription_row) = try_join4(
+        lock(db, plan.lock_keys()),
+        async {
+            match &plan.link {
+                Some(link) => insert_link(db, link).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &plan.purchase {
+                Some(delta) => load_purchases(db, delta).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &plan.subscription {
+                Some(delta) => load_subscription(db, delta).await.map(Some),
+                None => Ok(None),
+            }
+        },
+    )
+    .await?;
+
+    let mut users = BTreeSet::new();
+    if let (Some(link), Some(row)) = (&plan.link, link) {
+        attach_link(db, link, &row, &mut users).await?;
+    }
+    if let (Some(delta), Some(rows)) = (plan.purchase, purchase_rows) {
+        merge_purchase(db, delta, &rows, &mut users).await?;
+    }
+    if let (Some(delta), Some(row)) = (plan.subscription, subscription_row) {
+        merge_subscription(db, delta, row.as_ref(), &mut users).await?;
+    }
+    if let Some(abandoned) = &plan.abandoned {
+        record_abandoned(db, abandoned).await?;
+    }
+    Ok(users)
 }
 
 /// Reads a user's current entitlements and version (0 and no entitlements for an unknown user).
@@ -224,6 +336,78 @@ pub async fn user_snapshot(
     Ok(snapshot)
 }
 
+/// The caller's transaction, with the connection's statement cache when it has one.
+#[derive(Clone, Copy)]
+struct Db<'a> {
+    tx: &'a Transaction<'a>,
+    statements: Option<&'a StatementCache>,
+}
+
+type Param<'p> = (&'p (dyn ToSql + Sync), Type);
+
+impl Db<'_> {
+    /// The prepared form of `sql` (from the cache, or prepared now and cached), or `None`
+    /// without a cache: the statement is then sent unnamed with its parameter types.
+    async fn prepared(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<Statement>, tokio_postgres::Error> {
+        let Some(cache) = self.statements else {
+            return Ok(None);
+        };
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        cache
+            .prepare_typed(self.tx.client(), sql, &types)
+            .await
+            .map(Some)
+    }
+
+    fn values<'p>(params: &'p [Param<'p>]) -> Vec<&'p (dyn ToSql + Sync)> {
+        params.iter().map(|(v, _)| *v).collect()
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        match self.prepared(sql, params).await? {
+            Some(statement) => self.tx.query(&statement, &Self::values(params)).await,
+            None => self.tx.query_typed(sql, params).await,
+        }
+    }
+
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Row, tokio_postgres::Error> {
+        match self.prepared(sql, params).await? {
+            Some(statement) => self.tx.query_one(&statement, &Self::values(params)).await,
+            None => self.tx.query_typed_one(sql, params).await,
+        }
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        match self.prepared(sql, params).await? {
+            Some(statement) => self.tx.query_opt(&statement, &Self::values(params)).await,
+            None => self.tx.query_typed_opt(sql, params).await,
+        }
+    }
+
+    async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, tokio_postgres::Error> {
+        match self.prepared(sql, params).await? {
+            Some(statement) => self.tx.execute(&statement, &Self::values(params)).await,
+            None => self.tx.execute_typed(sql, params).await,
+        }
+    }
+}
+
 /// 32-bit FNV-1a: a stable hash, identical in every process, for advisory lock ids.
 fn lock_id(key: &str) -> i32 {
     let mut hash: u32 = 0x811c_9dc5;
@@ -236,7 +420,7 @@ fn lock_id(key: &str) -> i32 {
 
 /// Takes the advisory locks of `keys` in ascending id order (a global order, so lockers of
 /// overlapping sets never deadlock).
-async fn lock(tx: &Transaction<'_>, keys: Vec<String>) -> Result<(), StoreError> {
+async fn lock(db: Db<'_>, keys: Vec<String>) -> Result<(), StoreError> {
     let mut ids: Vec<i32> = keys.iter().map(|k| lock_id(k)).collect();
     if ids.is_empty() {
         return Ok(());
@@ -244,7 +428,7 @@ async fn lock(tx: &Transaction<'_>, keys: Vec<String>) -> Result<(), StoreError>
     ids.sort_unstable();
     ids.dedup();
     // A function scan yields the array in order and the lock call runs row by row.
-    tx.execute_typed(
+    db.execute(
         "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k",
         &[(&LOCK_CLASS, Type::INT4), (&ids, Type::INT4_ARRAY)],
     )
@@ -265,9 +449,9 @@ fn secs(at: Option<DateTime<Utc>>) -> Option<i64> {
 }
 
 /// Records customer → user (the first link wins) and returns the row's state.
-async fn insert_link(tx: &Transaction<'_>, link: &CustomerLink) -> Result<Row, StoreError> {
-    Ok(tx
-        .query_typed_one(
+async fn insert_link(db: Db<'_>, link: &CustomerLink) -> Result<Row, StoreError> {
+    Ok(db
+        .query_one(
             "WITH ins AS (
                  INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
                  ON CONFLICT (customer_id) DO NOTHING
@@ -284,7 +468,7 @@ async fn insert_link(tx: &Transaction<'_>, link: &CustomerLink) -> Result<Row, S
 
 /// When the link is new, attaches the customer's rows that were waiting for a user.
 async fn attach_link(
-    tx: &Transaction<'_>,
+    db: Db<'_>,
     link: &CustomerLink,
     row: &Row,
     users: &mut BTreeSet<String>,
@@ -303,8 +487,8 @@ async fn attach_link(
     let Some(user) = inserted else {
         return Ok(());
     };
-    let attached: i64 = tx
-        .query_typed_one(
+    let attached: i64 = db
+        .query_one(
             "WITH p AS (UPDATE purchases SET user_id = $2, updated_at = now()
                          WHERE customer_id = $1 AND user_id IS NULL RETURNING 1),
                   s AS (UPDATE subscriptions SET user_id = $2, updated_at = now()
@@ -321,14 +505,14 @@ async fn attach_link(
 }
 
 async fn customer_user(
-    tx: &Transaction<'_>,
+    db: Db<'_>,
     customer: Option<&String>,
 ) -> Result<Option<String>, StoreError> {
     let Some(customer) = customer else {
         return Ok(None);
     };
-    Ok(tx
-        .query_typed_opt(
+    Ok(db
+        .query_opt(
             "SELECT user_id FROM customers WHERE customer_id = $1",
             &[(customer, Type::TEXT)],
         )
@@ -374,12 +558,9 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
 }
 
 /// The rows sharing one of the delta's Stripe ids, oldest first, locked.
-async fn load_purchases(
-    tx: &Transaction<'_>,
-    delta: &PurchaseFacts,
-) -> Result<Vec<Row>, StoreError> {
-    Ok(tx
-        .query_typed(
+async fn load_purchases(db: Db<'_>, delta: &PurchaseFacts) -> Result<Vec<Row>, StoreError> {
+    Ok(db
+        .query(
             &format!(
                 "SELECT {PURCHASE_COLUMNS} FROM purchases
                   WHERE checkout_session_id = $1 OR payment_intent_id = $2 OR charge_id = $3
@@ -397,7 +578,7 @@ async fn load_purchases(
 /// Merges a purchase delta into the rows sharing one of its Stripe ids (joining rows that
 /// turn out to be the same payment into the oldest one).
 async fn merge_purchase(
-    tx: &Transaction<'_>,
+    db: Db<'_>,
     delta: PurchaseFacts,
     rows: &[Row],
     users: &mut BTreeSet<String>,
@@ -411,13 +592,13 @@ async fn merge_purchase(
         merged = merged.merge(facts);
     }
     if merged.user_id.is_none() {
-        merged.user_id = customer_user(tx, merged.customer_id.as_ref()).await?;
+        merged.user_id = customer_user(db, merged.customer_id.as_ref()).await?;
     }
     users.extend(merged.user_id.clone());
 
     // Free the unique Stripe ids of the rows folded into the oldest one before writing it.
     if ids.len() > 1 {
-        tx.execute_typed(
+        db.execute(
             "DELETE FROM purchases WHERE id = ANY($1)",
             &[(&ids[1..].to_vec(), Type::INT8_ARRAY)],
         )
@@ -461,7 +642,7 @@ async fn merge_purchase(
     ];
     let result = match ids.first() {
         None => {
-            tx.execute_typed(
+            db.execute(
                 "INSERT INTO purchases (user_id, customer_id, product_key, checkout_session_id,
                      payment_intent_id, charge_id, amount_paid_cents, currency,
                      platform_fee_cents, organization_fee_cents, creator_payout_cents, status,
@@ -476,7 +657,7 @@ async fn merge_purchase(
         }
         Some(id) => {
             params.push((id, Type::INT8));
-            tx.execute_typed(
+            db.execute(
                 "UPDATE purchases SET user_id = $1, customer_id = $2, product_key = $3,
                      checkout_session_id = $4, payment_intent_id = $5, charge_id = $6,
                      amount_paid_cents = $7, currency = $8, platform_fee_cents = $9,
@@ -540,11 +721,11 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
 }
 
 async fn load_subscription(
-    tx: &Transaction<'_>,
+    db: Db<'_>,
     delta: &SubscriptionFacts,
 ) -> Result<Option<Row>, StoreError> {
-    Ok(tx
-        .query_typed_opt(
+    Ok(db
+        .query_opt(
             &format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE"),
             &[(&delta.id, Type::TEXT)],
         )
@@ -552,7 +733,7 @@ async fn load_subscription(
 }
 
 async fn merge_subscription(
-    tx: &Transaction<'_>,
+    db: Db<'_>,
     delta: SubscriptionFacts,
     row: Option<&Row>,
     users: &mut BTreeSet<String>,
@@ -566,7 +747,7 @@ async fn merge_subscription(
         None => delta,
     };
     if merged.user_id.is_none() {
-        merged.user_id = customer_user(tx, merged.customer_id.as_ref()).await?;
+        merged.user_id = customer_user(db, merged.customer_id.as_ref()).await?;
     }
     users.extend(merged.user_id.clone());
     let claim_at = opt_timestamp(merged.claim.map(|c| c.at))?;
@@ -576,7 +757,7 @@ async fn merge_subscription(
     let claim = merged.claim.map(|c| c.status.as_str());
     let terminal = merged.terminal.map(SubscriptionStatus::as_str);
     let cancel_at_period_end = merged.cancel_at_period_end();
-    tx.execute_typed(
+    db.execute(
         "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
              status_claim, status_claim_at, terminal_status, current_period_end,
              cancel_at_period_end, ended_at)
@@ -603,13 +784,10 @@ async fn merge_subscription(
     Ok(())
 }
 
-async fn record_abandoned(
-    tx: &Transaction<'_>,
-    abandoned: &AbandonedCheckout,
-) -> Result<(), StoreError> {
+async fn record_abandoned(db: Db<'_>, abandoned: &AbandonedCheckout) -> Result<(), StoreError> {
     let user = match &abandoned.user_id {
         Some(user) => Some(user.as_str().to_owned()),
-        None => customer_user(tx, abandoned.customer_id.as_ref()).await?,
+        None => customer_user(db, abandoned.customer_id.as_ref()).await?,
     };
     let payload = serde_json::json!({
         "checkoutSessionId": abandoned.session_id,
@@ -617,7 +795,7 @@ async fn record_abandoned(
         "recoveryUrl": abandoned.recovery_url,
     });
     let dedupe_key = format!("checkout_abandoned:{}", abandoned.session_id);
-    tx.execute_typed(
+    db.execute(
         "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
          VALUES ('checkout_abandoned', $1, $2, $3)
          ON CONFLICT (dedupe_key) DO NOTHING",
@@ -632,20 +810,21 @@ async fn record_abandoned(
 }
 
 /// Recomputes one user's entitlements from their rows, writes what changed, queues
-/// notifications for transitions into `revoked`/`suspended`, bumps the version and returns
+/// notifications for transitions into `revoked`/`suspended`, bumps the version by `events`
+/// (the applied events that concerned the user) and returns
 /// the new snapshot. The caller holds the user's advisory lock.
 ///
 /// Reads and writes are each sent as one pipeline (tokio-postgres sends concurrently polled
 /// queries back to back; the server runs them in order), so a recompute costs two round trips.
-async fn recompute(tx: &Transaction<'_>, user: &str) -> Result<UserSnapshot, StoreError> {
+async fn recompute(db: Db<'_>, user: &str, events: i64) -> Result<UserSnapshot, StoreError> {
     let by_user: [(&(dyn ToSql + Sync), Type); 1] = [(&user, Type::TEXT)];
     let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = $1");
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1");
     let (purchase_rows, subscription_rows, entitlement_rows) = try_join3(
-        tx.query_typed(&purchases_sql, &by_user),
-        tx.query_typed(&subscriptions_sql, &by_user),
-        tx.query_typed(
+        db.query(&purchases_sql, &by_user),
+        db.query(&subscriptions_sql, &by_user),
+        db.query(
             "SELECT n.now, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at
                FROM (SELECT now() AS now) n
                LEFT JOIN entitlements e ON e.user_id = $1",
@@ -766,7 +945,7 @@ async fn recompute(tx: &Transaction<'_>, user: &str) -> Result<UserSnapshot, Sto
         })
         .collect();
     let upserts = try_join_all(upsert_params.iter().map(|params| {
-        tx.execute_typed(
+        db.execute(
             "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
                  updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, now())
@@ -776,7 +955,7 @@ async fn recompute(tx: &Transaction<'_>, user: &str) -> Result<UserSnapshot, Sto
         )
     }));
     let inserts = try_join_all(notice_params.iter().map(|params| {
-        tx.execute_typed(
+        db.execute(
             "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (dedupe_key) DO NOTHING",
@@ -787,17 +966,18 @@ async fn recompute(tx: &Transaction<'_>, user: &str) -> Result<UserSnapshot, Sto
         if stale.is_empty() {
             return Ok(0);
         }
-        tx.execute_typed(
+        db.execute(
             "DELETE FROM entitlements WHERE user_id = $1 AND key = ANY($2)",
             &[(&user, Type::TEXT), (&stale, Type::TEXT_ARRAY)],
         )
         .await
     };
-    let bump = tx.query_typed_one(
-        "INSERT INTO user_entitlement_versions (user_id, version) VALUES ($1, 1)
-         ON CONFLICT (user_id) DO UPDATE SET version = user_entitlement_versions.version + 1
+    let bump_params: [Param<'_>; 2] = [(&user, Type::TEXT), (&events, Type::INT8)];
+    let bump = db.query_one(
+        "INSERT INTO user_entitlement_versions (user_id, version) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET version = user_entitlement_versions.version + $2
          RETURNING version",
-        &by_user,
+        &bump_params,
     );
     let (_, _, _, version_row) = try_join4(upserts, inserts, deletes, bump).await?;
     Ok(UserSnapshot {

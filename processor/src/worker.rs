@@ -18,7 +18,7 @@
 //! - the Redis `done` marker and the cache are written after the commit, the cache only with the
 //!   newest version per user in the batch, and a Redis failure never fails an event.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::pin;
 use std::time::{Duration, Instant};
@@ -455,13 +455,24 @@ impl Worker {
             .with_max_delay(Duration::from_millis(400))
             .with_max_times(3)
             .with_jitter();
-        let result = (|| apply_batch(&self.pool, &events))
+        let mut result = (|| apply_batch(&self.pool, &events, Recompute::PerBatch))
             .retry(policy)
+            .when(|error| !matches!(error, BatchError::Recompute(_)))
             .notify(|error, after| {
                 metrics::counter!("worker_inprocess_retries_total").increment(1);
                 tracing::warn!(%error, retry_in = ?after, events = events.len(), "batch failed; retrying");
             })
             .await;
+        if let Err(BatchError::Recompute(error)) = &result {
+            tracing::warn!(%error, events = events.len(), "batch recomputation failed; redoing it per event");
+            result = (|| apply_batch(&self.pool, &events, Recompute::PerEvent))
+                .retry(policy)
+                .notify(|error, after| {
+                    metrics::counter!("worker_inprocess_retries_total").increment(1);
+                    tracing::warn!(%error, retry_in = ?after, events = events.len(), "batch failed; retrying");
+                })
+                .await;
+        }
         match result {
             Ok(results) => {
                 for (i, result) in todo.into_iter().zip(results) {
@@ -666,6 +677,9 @@ enum BatchError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("store error: {0}")]
     Store(StoreError),
+    /// The batch's recomputation read a row it cannot use: redo the batch per event.
+    #[error("recomputation failed: {0}")]
+    Recompute(StoreError),
 }
 
 /// One transaction, one savepoint per event: `processed_events` insert (a conflict means the
@@ -674,7 +688,11 @@ enum BatchError {
 /// The savepoints are issued by hand rather than through nested `Transaction`s so they can be
 /// pipelined: releasing the previous event's savepoint, opening the next one and inserting its
 /// `processed_events` row cost one round trip together.
-async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>, BatchError> {
+async fn apply_batch(
+    pool: &Pool,
+    events: &[&Event],
+    mode: Recompute,
+) -> Result<Vec<EventResult>, BatchError> {
     let mut client = pool.get().await?;
     let insert = client
         .prepare_cached(
@@ -682,8 +700,11 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
              VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
         )
         .await?;
+    let statements = std::sync::Arc::clone(&client.statement_cache);
     let tx = client.transaction().await?;
     let mut results = Vec::with_capacity(events.len());
+    // Per batch: the users each kept event concerns, recomputed once after the last event.
+    let mut touched: Vec<(usize, BTreeSet<String>)> = Vec::new();
     let mut savepoint_open = false;
     for event in events {
         let begin = if savepoint_open {
@@ -703,8 +724,21 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
             results.push(EventResult::Replay);
             continue;
         }
-        match store::apply(&tx, event).await {
-            Ok(applied) => results.push(EventResult::Applied(applied.users)),
+        let applied = match mode {
+            Recompute::PerBatch => store::apply_facts(&tx, &statements, event)
+                .await
+                .map(|users| {
+                    if !users.is_empty() {
+                        touched.push((results.len(), users));
+                    }
+                    Vec::new()
+                }),
+            Recompute::PerEvent => store::apply_prepared(&tx, &statements, event)
+                .await
+                .map(|applied| applied.users),
+        };
+        match applied {
+            Ok(users) => results.push(EventResult::Applied(users)),
             Err(error) => match permanent_reason(&error) {
                 Some(reason) => {
                     // Undoes this event's writes, its processed_events row included.
@@ -720,8 +754,45 @@ async fn apply_batch(pool: &Pool, events: &[&Event]) -> Result<Vec<EventResult>,
             },
         }
     }
+    if !touched.is_empty() {
+        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+        for user in touched.iter().flat_map(|(_, users)| users) {
+            *counts.entry(user.clone()).or_default() += 1;
+        }
+        let snapshots = match store::recompute_users(&tx, &statements, &counts).await {
+            Ok(snapshots) => snapshots,
+            // Which event brought the unreadable row in is unknown here: the caller redoes the
+            // batch with a recomputation per event, which isolates it.
+            Err(error) if !matches!(error, StoreError::Db(_)) => {
+                return Err(BatchError::Recompute(error));
+            }
+            Err(error) => return Err(BatchError::Store(error)),
+        };
+        let by_user: HashMap<&str, &UserSnapshot> = snapshots
+            .iter()
+            .map(|snapshot| (snapshot.user_id.as_str(), snapshot))
+            .collect();
+        for (index, users) in touched {
+            if let Some(EventResult::Applied(views)) = results.get_mut(index) {
+                views.extend(
+                    users
+                        .iter()
+                        .filter_map(|user| by_user.get(user.as_str()).map(|s| (*s).clone())),
+                );
+            }
+        }
+    }
     tx.commit().await?;
     Ok(results)
+}
+
+/// When a batch recomputes its users' entitlements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recompute {
+    /// Once per user after the batch's last event (the usual path).
+    PerBatch,
+    /// After every event, so a failing recomputation is charged to its own event alone.
+    PerEvent,
 }
 
 /// `Some(reason)` when the store error can never go away for this event: data the database
