@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${1:-20}
 CONNS=64
+WRK_THREADS=${WRK_THREADS:-2}
 PORT=${BENCH_PORT:-18080}
 BASE="bench.ingress.$$"
 SECRET=whsec_bench_secret
@@ -58,8 +59,8 @@ curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "ingress did not b
 echo "== broker limit (plain lapin, $CONNS confirms in flight, persistent 2 KB, quorum queue)"
 "$CARGO_TARGET_DIR/release/examples/broker_limit" --base "bench.broker.$$" --seconds "$SECONDS_PER_RUN" --inflight $CONNS --size 2048 | tee "$work/broker.txt"
 
-echo "== ingress (wrk, $CONNS connections, 2 threads, valid signed 2 KB events)"
-wrk -t2 -c$CONNS -d"${SECONDS_PER_RUN}s" --latency -s "$work/post.lua" "http://127.0.0.1:$PORT/webhooks/stripe" > "$work/wrk.txt"
+echo "== ingress (wrk, $CONNS connections, $WRK_THREADS threads, valid signed 2 KB events)"
+wrk -t$WRK_THREADS -c$CONNS -d"${SECONDS_PER_RUN}s" --latency -s "$work/post.lua" "http://127.0.0.1:$PORT/webhooks/stripe" > "$work/wrk.txt"
 grep -E "Requests/sec|Latency|Non-2xx|WRK" "$work/wrk.txt"
 
 rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$INGRESS_PID/status)
