@@ -8,6 +8,7 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::projection::EntitlementStatus;
 use crate::store::EntitlementView;
 
 /// The status of one entitlement as the API reports it.
@@ -27,16 +28,28 @@ pub enum AccessStatus {
     None,
 }
 
+impl From<EntitlementStatus> for AccessStatus {
+    fn from(status: EntitlementStatus) -> Self {
+        match status {
+            EntitlementStatus::Active => Self::Active,
+            EntitlementStatus::PastDue => Self::PastDue,
+            EntitlementStatus::Suspended => Self::Suspended,
+            EntitlementStatus::Revoked => Self::Revoked,
+            EntitlementStatus::Expired => Self::Expired,
+        }
+    }
+}
+
 impl AccessStatus {
-    /// The wire text (`active`, `past_due`, …).
+    /// The wire text (`active`, `past_due`, …): the stored spelling, or `none`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Active => "active",
-            Self::PastDue => "past_due",
-            Self::Suspended => "suspended",
-            Self::Revoked => "revoked",
-            Self::Expired => "expired",
+            Self::Active => EntitlementStatus::Active.as_str(),
+            Self::PastDue => EntitlementStatus::PastDue.as_str(),
+            Self::Suspended => EntitlementStatus::Suspended.as_str(),
+            Self::Revoked => EntitlementStatus::Revoked.as_str(),
+            Self::Expired => EntitlementStatus::Expired.as_str(),
             Self::None => "none",
         }
     }
@@ -50,26 +63,13 @@ impl AccessStatus {
     /// Why access is refused (`none|expired|revoked|suspended`), or `None` when it is allowed.
     #[must_use]
     pub fn denial_reason(self) -> Option<&'static str> {
-        match self {
-            Self::Active | Self::PastDue => None,
-            Self::Suspended => Some("suspended"),
-            Self::Revoked => Some("revoked"),
-            Self::Expired => Some("expired"),
-            Self::None => Some("none"),
-        }
+        (!self.is_allowed()).then(|| self.as_str())
     }
 
     /// Parses a stored status. An unknown text (a newer writer's vocabulary) grants nothing.
     #[must_use]
     pub fn from_stored(text: &str) -> Self {
-        match text {
-            "active" => Self::Active,
-            "past_due" => Self::PastDue,
-            "suspended" => Self::Suspended,
-            "revoked" => Self::Revoked,
-            "expired" => Self::Expired,
-            _ => Self::None,
-        }
+        EntitlementStatus::from_column(text).map_or(Self::None, Self::from)
     }
 }
 
