@@ -28,8 +28,8 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use shared::topology::{Topology, headers};
 
-use browse::Snapshot;
 pub use browse::{BrowseError, queue_depth};
+use browse::{Held, Snapshot};
 use export::ExportRecord;
 use message::ParkedMessage;
 pub use monitor::{monitor, record_attempts};
@@ -201,6 +201,21 @@ impl Selector {
         let mut missing: Vec<String> = ids.difference(&found).cloned().collect();
         missing.sort();
         missing
+    }
+
+    /// The held messages this selector picks, in queue order; requested ids that are not
+    /// parked are reported on stderr.
+    fn select<'a>(&self, snapshot: &'a Snapshot) -> Vec<&'a Held> {
+        let selected: Vec<&Held> = snapshot
+            .held
+            .iter()
+            .filter(|h| self.matches(&h.message))
+            .collect();
+        let missing = self.missing(selected.iter().map(|h| &h.message));
+        if !missing.is_empty() {
+            eprintln!("not parked (skipped): {}", missing.join(", "));
+        }
+        selected
     }
 }
 

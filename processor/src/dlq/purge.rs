@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use chrono::Utc;
 use shared::topology::Topology;
 
-use super::browse::{Held, Snapshot};
+use super::browse::Snapshot;
 use super::message::ParkedMessage;
 use super::{
     PurgeArgs, Selector, ask, confirmed, interactive, n_events, open_export, plan, write_export,
@@ -46,16 +46,8 @@ async fn purge_held(
     yes: bool,
     queue: &str,
 ) -> anyhow::Result<()> {
-    let selected: Vec<&Held> = snapshot
-        .held
-        .iter()
-        .filter(|h| selector.matches(&h.message))
-        .collect();
+    let selected = selector.select(snapshot);
     let messages: Vec<&ParkedMessage> = selected.iter().map(|h| &h.message).collect();
-    let missing = selector.missing(messages.iter().copied());
-    if !missing.is_empty() {
-        eprintln!("not parked (skipped): {}", missing.join(", "));
-    }
     if selected.is_empty() {
         println!("nothing to purge ({} parked in {queue})", snapshot.depth);
         return Ok(());

@@ -74,16 +74,8 @@ async fn replay_parked(
     amqp_url: &str,
     topology: &Topology,
 ) -> anyhow::Result<()> {
-    let selected: Vec<&Held> = snapshot
-        .held
-        .iter()
-        .filter(|h| selector.matches(&h.message))
-        .collect();
+    let selected = selector.select(snapshot);
     let messages: Vec<&ParkedMessage> = selected.iter().map(|h| &h.message).collect();
-    let missing = selector.missing(messages.iter().copied());
-    if !missing.is_empty() {
-        eprintln!("not parked (skipped): {}", missing.join(", "));
-    }
     if selected.is_empty() {
         println!(
             "nothing to replay ({} parked in {})",
