@@ -182,19 +182,14 @@ pub async fn serve_with_api(
     shutdown: impl Future<Output = ()> + Send,
     with_worker: bool,
 ) -> anyhow::Result<()> {
-    // Installs the process-wide recorder before anything records.
-    let _ = shared::telemetry::metrics_handle();
-    let pool = db::pool(&config)?;
-    db::prepare_patiently(&config, &pool, crate::worker::STARTUP_PATIENCE)
+    let (deps, publisher_task) = crate::worker::Dependencies::start(&config)
         .await
-        .context("preparing the database")?;
-    let cache = Cache::new(&config)?;
-    let (publisher, publisher_task) = Publisher::start(
-        config.amqp_url.clone(),
-        "processor-publish".into(),
-        config.topology.clone(),
-        config.publish_confirm_timeout,
-    );
+        .context("preparing the database and connections")?;
+    let crate::worker::Dependencies {
+        pool,
+        cache,
+        publisher,
+    } = deps;
     let state = AppState {
         config: config.clone(),
         pool: pool.clone(),

@@ -35,7 +35,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
-use shared::amqp::{PublishError, Publisher};
+use shared::amqp::{PublishError, Publisher, PublisherTask};
 use shared::topology::headers;
 
 use crate::cache::{Cache, CacheError, Claim, ClaimToken};
@@ -144,22 +144,51 @@ pub async fn run_worker(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
-    // Installs the process-wide recorder before anything records.
-    let _ = shared::telemetry::metrics_handle();
-    let pool = db::pool(&config)?;
-    db::prepare_patiently(&config, &pool, STARTUP_PATIENCE).await?;
-    let cache = Cache::new(&config)?;
-    let (publisher, publisher_task) = Publisher::start(
-        config.amqp_url.clone(),
-        "processor-publish".into(),
-        config.topology.clone(),
-        config.publish_confirm_timeout,
-    );
-    Worker::new(config, pool, cache, publisher)
+    let (deps, publisher_task) = Dependencies::start(&config).await?;
+    Worker::new(config, deps.pool, deps.cache, deps.publisher)
         .run(shutdown)
         .await;
     publisher_task.shutdown().await;
     Ok(())
+}
+
+/// What the consumer and the API share: the Postgres pool (database prepared), the Redis cache
+/// and the confirmed publisher.
+#[derive(Debug, Clone)]
+pub struct Dependencies {
+    pub pool: Pool,
+    pub cache: Cache,
+    pub publisher: Publisher,
+}
+
+impl Dependencies {
+    /// Installs the metrics recorder, prepares the database (waiting up to [`STARTUP_PATIENCE`]
+    /// for Postgres), and starts the cache client and the publisher. Stop the returned task after
+    /// the last publish.
+    ///
+    /// # Errors
+    /// [`WorkerError`] when the database cannot be prepared or the configuration is unusable.
+    pub async fn start(config: &Config) -> Result<(Self, PublisherTask), WorkerError> {
+        // Installs the process-wide recorder before anything records.
+        let _ = shared::telemetry::metrics_handle();
+        let pool = db::pool(config)?;
+        db::prepare_patiently(config, &pool, STARTUP_PATIENCE).await?;
+        let cache = Cache::new(config)?;
+        let (publisher, publisher_task) = Publisher::start(
+            config.amqp_url.clone(),
+            "processor-publish".into(),
+            config.topology.clone(),
+            config.publish_confirm_timeout,
+        );
+        Ok((
+            Self {
+                pool,
+                cache,
+                publisher,
+            },
+            publisher_task,
+        ))
+    }
 }
 
 /// The consumer with its dependencies, for callers that share them (e.g. with the API).
