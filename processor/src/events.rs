@@ -21,6 +21,33 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+impl Event {
+    /// Who the event most likely concerns: the application user when the payload names one,
+    /// else the Stripe customer. A routing hint for spreading work; correctness never depends
+    /// on it.
+    #[must_use]
+    pub fn routing_hint(&self) -> Option<&str> {
+        let (user, customer) = match &self.kind {
+            EventKind::CheckoutSessionCompleted(o)
+            | EventKind::CheckoutSessionAsyncPaymentSucceeded(o)
+            | EventKind::CheckoutSessionAsyncPaymentFailed(o)
+            | EventKind::CheckoutSessionExpired(o) => (&o.user_id, &o.customer),
+            EventKind::PaymentIntentSucceeded(o) => (&o.user_id, &o.customer),
+            EventKind::ChargeRefunded(o) => (&o.user_id, &o.customer),
+            EventKind::InvoicePaid(o) | EventKind::InvoicePaymentFailed(o) => {
+                (&o.user_id, &o.customer)
+            }
+            EventKind::SubscriptionCreated(o)
+            | EventKind::SubscriptionUpdated(o)
+            | EventKind::SubscriptionDeleted(o) => (&o.user_id, &o.customer),
+            EventKind::ChargeDisputeCreated(_)
+            | EventKind::ChargeDisputeClosed(_)
+            | EventKind::Unhandled => return None,
+        };
+        user.as_ref().map(UserId::as_str).or(customer.as_deref())
+    }
+}
+
 /// The event types the projection acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
@@ -875,5 +902,36 @@ mod tests {
             parse(&envelope("customer.subscription.updated", &bad_status)),
             Err(EventError::InvalidField { field: "status" })
         ));
+    }
+}
+
+#[cfg(test)]
+mod routing_hint_tests {
+    use super::*;
+    use shared::samples::{self, Sample};
+
+    fn sample_event(event_type: &str, user: &str) -> Event {
+        let sample = Sample {
+            user,
+            product: "pro",
+            object: "hint",
+            amount: 100,
+            created: 1_700_000_000,
+            subscription: false,
+        };
+        let body = samples::event("evt_hint", event_type, &sample).to_string();
+        parse(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn events_route_by_their_user_else_their_customer_else_not_at_all() {
+        let checkout = sample_event("checkout.session.completed", "u_hint");
+        assert_eq!(checkout.routing_hint(), Some("u_hint"));
+        let refund = sample_event("charge.refunded", "u_hint");
+        assert_eq!(refund.routing_hint(), Some("u_hint"));
+        let dispute = sample_event("charge.dispute.created", "u_hint");
+        assert_eq!(dispute.routing_hint(), None);
+        let ignored = sample_event("customer.updated", "u_hint");
+        assert_eq!(ignored.routing_hint(), None);
     }
 }

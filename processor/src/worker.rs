@@ -332,8 +332,10 @@ impl Worker {
             let Some(Ok(delivery)) = next else {
                 break SessionEnd::Lost;
             };
-            let lane = lane_of(&delivery.data, lanes);
-            if senders[lane].send(delivery).await.is_err() {
+            // Parsed once, here: the lane gets the parsed event with the delivery.
+            let item = Item::new(delivery);
+            let lane = lane_of(&item, lanes);
+            if senders[lane].send(item).await.is_err() {
                 break SessionEnd::Lost;
             }
         };
@@ -361,7 +363,7 @@ impl Worker {
     /// One lane: batches what the dispatcher sends it and processes one batch at a time.
     async fn lane(
         self,
-        mut deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+        mut deliveries: tokio::sync::mpsc::Receiver<Item>,
         lost: tokio::sync::watch::Sender<bool>,
     ) {
         while let Some(first) = deliveries.recv().await {
@@ -393,9 +395,8 @@ impl Worker {
     }
 
     /// Handles one batch end to end. Returns false when the channel broke while acking.
-    async fn process_batch(&self, deliveries: Vec<Delivery>) -> bool {
-        metrics::histogram!("worker_batch_size").record(deliveries.len() as f64);
-        let mut items: Vec<Item> = deliveries.into_iter().map(Item::new).collect();
+    async fn process_batch(&self, mut items: Vec<Item>) -> bool {
+        metrics::histogram!("worker_batch_size").record(items.len() as f64);
 
         // In-batch duplicates share the first copy's work and are acked with it.
         let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -1017,30 +1018,18 @@ fn short(text: &str) -> String {
     line.chars().take(MAX_REASON_LEN).collect()
 }
 
-/// The lane of a delivery: a hash of the user it most likely concerns (Checkout's
-/// `client_reference_id`, `metadata.user_id`, else the customer), or of the whole body when none
-/// is visible. Only a routing hint: correctness never depends on it, the per-user lock in
-/// Postgres does.
-fn lane_of(body: &[u8], lanes: usize) -> usize {
+/// The lane of a delivery: a hash of the user it most likely concerns
+/// ([`Event::routing_hint`]), or of the whole body when the event names none or did not parse.
+/// Only a routing hint: correctness never depends on it, the per-user lock in Postgres does.
+fn lane_of(item: &Item, lanes: usize) -> usize {
     use std::hash::{Hash, Hasher};
     if lanes <= 1 {
         return 0;
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let object = value.as_ref().and_then(|v| v.pointer("/data/object"));
-    let hint = object.and_then(|o| {
-        o.get("client_reference_id")
-            .and_then(serde_json::Value::as_str)
-            .or_else(|| {
-                o.pointer("/metadata/user_id")
-                    .and_then(serde_json::Value::as_str)
-            })
-            .or_else(|| o.get("customer").and_then(serde_json::Value::as_str))
-    });
-    match hint {
+    match item.parsed.as_ref().ok().and_then(Event::routing_hint) {
         Some(hint) => hint.hash(&mut hasher),
-        None => body.hash(&mut hasher),
+        None => item.delivery.data.hash(&mut hasher),
     }
     usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
 }
