@@ -1,6 +1,9 @@
 //! The Stripe client against `localstripe` (PyPI), a stateful fake Stripe: customers, plans,
 //! subscriptions, charges and events as a second, independent implementation of the API.
 //!
+//! The last test runs the API's restore against it, with the Stripe fake in front serving only
+//! what localstripe lacks (Checkout Sessions, disputes, payment intents listed by customer).
+//!
 //! `localstripe` binds every interface when started with its own command, so the tests start
 //! its aiohttp app from Python on a socket bound to 127.0.0.1, port 0, and read the port from the
 //! first line of its output. They also stop it from writing its state to `/tmp/localstripe.pickle`
@@ -12,10 +15,14 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+mod api_common;
+
+use api_common::Api;
 use processor::stripe::{EventQuery, StripeClient, StripeConfig};
 use secrecy::SecretString;
-use serde_json::Value;
+use serde_json::{Value, json};
 use shared::ids::UserId;
+use system_tests::stripe_fake::FakeStripe;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -108,6 +115,41 @@ async fn raw(
     body
 }
 
+/// Gives `customer` a card and a monthly 5.00 USD subscription with `metadata`; returns the
+/// subscription (its first invoice is paid at once).
+async fn subscribe(ls: &LocalStripe, customer: &str, metadata: &[(&str, &str)]) -> Value {
+    raw(
+        ls,
+        reqwest::Method::POST,
+        &format!("/v1/customers/{customer}/sources"),
+        &[
+            ("source[object]", "card"),
+            ("source[number]", "4242424242424242"),
+            ("source[exp_month]", "12"),
+            ("source[exp_year]", "2035"),
+            ("source[cvc]", "123"),
+        ],
+    )
+    .await;
+    let plan = system_tests::unique("plan");
+    raw(
+        ls,
+        reqwest::Method::POST,
+        "/v1/plans",
+        &[
+            ("id", plan.as_str()),
+            ("amount", "500"),
+            ("currency", "usd"),
+            ("interval", "month"),
+            ("product[name]", "Plan"),
+        ],
+    )
+    .await;
+    let mut form = vec![("customer", customer), ("items[0][plan]", plan.as_str())];
+    form.extend_from_slice(metadata);
+    raw(ls, reqwest::Method::POST, "/v1/subscriptions", &form).await
+}
+
 #[tokio::test]
 async fn a_customer_created_by_the_client_is_found_by_email_with_its_user_id() {
     let Some(ls) = start().await else { return };
@@ -137,44 +179,7 @@ async fn subscriptions_are_listed_with_status_all_including_canceled_ones() {
     let stripe = client(&ls);
     let user = UserId::parse(&system_tests::unique("user")).unwrap();
     let customer = stripe.create_customer(&user, None).await.unwrap();
-    raw(
-        &ls,
-        reqwest::Method::POST,
-        &format!("/v1/customers/{}/sources", customer.id),
-        &[
-            ("source[object]", "card"),
-            ("source[number]", "4242424242424242"),
-            ("source[exp_month]", "12"),
-            ("source[exp_year]", "2035"),
-            ("source[cvc]", "123"),
-        ],
-    )
-    .await;
-    let plan = system_tests::unique("plan_pro");
-    raw(
-        &ls,
-        reqwest::Method::POST,
-        "/v1/plans",
-        &[
-            ("id", plan.as_str()),
-            ("amount", "500"),
-            ("currency", "usd"),
-            ("interval", "month"),
-            ("product[name]", "Pro"),
-        ],
-    )
-    .await;
-    let sub = raw(
-        &ls,
-        reqwest::Method::POST,
-        "/v1/subscriptions",
-        &[
-            ("customer", customer.id.as_str()),
-            ("items[0][plan]", plan.as_str()),
-            ("metadata[user_id]", user.as_str()),
-        ],
-    )
-    .await;
+    let sub = subscribe(&ls, &customer.id, &[("metadata[user_id]", user.as_str())]).await;
 
     let subs = stripe.list_subscriptions(&customer.id).await.unwrap();
     assert_eq!(subs.len(), 1);
@@ -232,4 +237,105 @@ async fn events_since_a_time_are_listed_with_their_objects() {
         .unwrap();
     assert!(!page.has_more);
     assert_eq!(page.data.len(), events.len());
+}
+
+/// The whole restore path against a second Stripe implementation: the API creates the customer
+/// in localstripe at checkout, the subscription is created there while every webhook is lost,
+/// and restore alone must find it. The Stripe fake stands in front of localstripe only for the
+/// endpoints localstripe lacks (Checkout Sessions, disputes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_subscription_is_created_there_restore_yields_an_active_entitlement() {
+    let Some(ls) = start().await else { return };
+    let front = FakeStripe::start_in_front_of(&ls.base_url).await;
+    let api = Api::start(Some(&front)).await;
+    let user = system_tests::unique("user");
+
+    let (status, body) = api.checkout(&user, "team").await;
+    assert_eq!(status, 200, "{body}");
+    let customer: String = api
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT customer_id FROM customers WHERE user_id = $1 AND gone_at IS NULL",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let found = raw(
+        &ls,
+        reqwest::Method::GET,
+        &format!("/v1/customers/{customer}"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        found["metadata"]["user_id"],
+        user.as_str(),
+        "the customer lives in localstripe"
+    );
+
+    // The user pays; Checkout creates the subscription with the session's metadata. Every
+    // webhook about it is lost.
+    let subscription = subscribe(
+        &ls,
+        &customer,
+        &[
+            ("metadata[user_id]", user.as_str()),
+            ("metadata[product_key]", "team"),
+        ],
+    )
+    .await;
+    assert_eq!(subscription["status"], "active");
+    let (status, _) = api.get("/api/access/team", &user).await;
+    assert_eq!(status, 403, "nothing was projected yet");
+
+    let (status, body) = api.post("/api/pro/restore", &user, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restored"], true);
+    let (status, access) = api.get("/api/access/team", &user).await;
+    assert_eq!((status, access), (200, json!({"allowed": true})));
+    let (_, list) = api.get("/api/entitlements", &user).await;
+    let team = &list["entitlements"][0];
+    assert_eq!(team["key"], "team", "{list}");
+    assert_eq!(team["status"], "active");
+    assert_eq!(team["source"], "subscription");
+    let sub_id = subscription["id"].as_str().unwrap();
+    assert_eq!(
+        api.count(&format!(
+            "SELECT count(*) FROM entitlements WHERE user_id = '{user}' AND source_id = '{sub_id}'"
+        ))
+        .await,
+        1,
+        "granted by that subscription"
+    );
+    let expires_at = chrono::DateTime::parse_from_rfc3339(team["expiresAt"].as_str().unwrap())
+        .unwrap()
+        .timestamp();
+    assert_eq!(
+        Some(expires_at),
+        subscription["current_period_end"].as_i64(),
+        "access runs to the end of the paid period"
+    );
+    assert_eq!(
+        api.count("SELECT count(*) FROM purchases").await,
+        0,
+        "the subscription's invoice payment is not a one-time purchase"
+    );
+
+    // Canceled there, restored again: access ends.
+    raw(
+        &ls,
+        reqwest::Method::DELETE,
+        &format!("/v1/subscriptions/{sub_id}"),
+        &[],
+    )
+    .await;
+    let (status, body) = api.restore_again(&user).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, access) = api.get("/api/access/team", &user).await;
+    assert_eq!(status, 403, "{access}");
+    api.cleanup().await;
 }

@@ -101,6 +101,25 @@ impl Api {
             .await
     }
 
+    /// `POST /api/checkout/session` for `product` as `user`.
+    pub async fn checkout(&self, user: &str, product: &str) -> (u16, Value) {
+        self.post(
+            "/api/checkout/session",
+            user,
+            Some(json!({ "productKey": product })),
+        )
+        .await
+    }
+
+    /// `POST /api/pro/restore` as `user`, after clearing the user's 10 s rate limit (which
+    /// stands in for waiting it out).
+    pub async fn restore_again(&self, user: &str) -> (u16, Value) {
+        let user_id = shared::ids::UserId::parse(user).unwrap();
+        self.forget(&processor::api::restore::rate_limit_key(&user_id))
+            .await;
+        self.post("/api/pro/restore", user, None).await
+    }
+
     /// Any request with an optional raw `Authorization` value.
     pub async fn send(
         &self,
@@ -130,6 +149,11 @@ impl Api {
         let tx = client.transaction().await.unwrap();
         store::apply(&tx, &event).await.unwrap();
         tx.commit().await.unwrap();
+    }
+
+    /// Applies the sample event `event_type` of `sample` under a fresh event id.
+    pub async fn apply_sample(&self, event_type: &str, sample: &Sample<'_>) {
+        self.apply(&event(&unique("evt"), event_type, sample)).await;
     }
 
     /// A completed one-time checkout of `product` by `user`.

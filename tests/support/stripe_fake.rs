@@ -1,9 +1,10 @@
 //! A Stripe-shaped fake HTTP server for tests: the endpoints the service calls, Stripe's list,
 //! error and idempotency behaviour, a record of every request, and injectable failures.
 //!
-//! It covers what `localstripe` lacks (Checkout Sessions, billing portal, paged events with
-//! `types[]`) and lets tests provoke what the real API does only under stress (429, 500 with
-//! `Stripe-Should-Retry`, slow answers).
+//! It covers what `localstripe` lacks (Checkout Sessions, billing portal, disputes, paged events
+//! with `types[]`) and lets tests provoke what the real API does only under stress (429, 500
+//! with `Stripe-Should-Retry`, slow answers). Started in front of `localstripe`, it serves only
+//! what `localstripe` lacks and forwards the rest there.
 //!
 //! Invariants, as in Stripe: a request without the right bearer key gets 401; a POST replayed
 //! with the same `Idempotency-Key` and the same parameters gets the first answer again (with
@@ -90,6 +91,7 @@ pub enum Collection {
     PaymentIntents,
     Charges,
     Subscriptions,
+    Disputes,
     Events,
     BillingPortalSessions,
 }
@@ -103,11 +105,31 @@ struct Inner {
     objects: HashMap<Collection, Vec<Value>>,
     max_page_size: Option<usize>,
     counter: u64,
+    /// In front of another implementation, customers live there: any id is taken as known.
+    customers_upstream: bool,
 }
 
 struct Shared {
     secret_key: String,
     inner: Mutex<Inner>,
+    /// In front of another Stripe implementation (`localstripe`): every request this fake does
+    /// not serve itself ([`SERVED_IN_FRONT`]) is forwarded there.
+    upstream: Option<(String, reqwest::Client)>,
+}
+
+/// The endpoints the fake serves itself in front of `localstripe`, which lacks them (`None`:
+/// every method). localstripe lists payment intents, but not by customer.
+const SERVED_IN_FRONT: [(Option<&str>, &str); 4] = [
+    (None, "/v1/checkout/sessions"),
+    (None, "/v1/billing_portal/sessions"),
+    (None, "/v1/disputes"),
+    (Some("GET"), "/v1/payment_intents"),
+];
+
+fn served_in_front(method: &str, path: &str) -> bool {
+    SERVED_IN_FRONT
+        .iter()
+        .any(|(m, p)| *p == path && m.is_none_or(|m| m == method))
 }
 
 /// A running fake. Dropping it stops the server.
@@ -126,9 +148,25 @@ impl Drop for FakeStripe {
 impl FakeStripe {
     /// Starts a fake on 127.0.0.1 with a random port and a random `sk_test_…` key.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts a fake in front of the Stripe implementation at `upstream` (`localstripe`, which
+    /// accepts any `sk_…` key): Checkout Sessions, billing portal sessions, disputes and the
+    /// payment intent list are served here, every other request is forwarded there with its method, path, query, body
+    /// and headers, and its answer returned as it came.
+    pub async fn start_in_front_of(upstream: &str) -> Self {
+        Self::start_with(Some(upstream.trim_end_matches('/').to_owned())).await
+    }
+
+    async fn start_with(upstream: Option<String>) -> Self {
         let shared = Arc::new(Shared {
             secret_key: format!("sk_test_fake_{}", uuid::Uuid::new_v4().simple()),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                customers_upstream: upstream.is_some(),
+                ..Inner::default()
+            }),
+            upstream: upstream.map(|url| (url, reqwest::Client::new())),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -206,15 +244,31 @@ impl FakeStripe {
             .push(object);
     }
 
+    /// Replaces the object of the same `id` (as Stripe changes an object's state).
+    pub fn update(&self, collection: Collection, object: Value) {
+        let mut inner = self.lock();
+        let objects = inner.objects.entry(collection).or_default();
+        let slot = objects
+            .iter_mut()
+            .find(|o| o["id"] == object["id"])
+            .expect("update of an object that was never seeded");
+        *slot = object;
+    }
+
     /// Adds a customer `cus_…` with `metadata[user_id]` and returns its id.
     pub fn seed_customer(&self, user_id: &str, email: Option<&str>) -> String {
         let id = format!("cus_{}", self.next_number());
+        self.seed_customer_with_id(&id, user_id, email);
+        id
+    }
+
+    /// Adds the customer `id` with `metadata[user_id]`.
+    pub fn seed_customer_with_id(&self, id: &str, user_id: &str, email: Option<&str>) {
         self.seed(
             Collection::Customers,
             json!({"id": id, "object": "customer", "email": email,
                    "metadata": {"user_id": user_id}, "created": now()}),
         );
-        id
     }
 
     /// The objects of a collection, in insertion order.
@@ -402,6 +456,12 @@ async fn handle(
         return (status, axum::Json(body)).into_response();
     }
 
+    if let Some((upstream, http)) = &shared.upstream
+        && !served_in_front(&request.method, &request.path)
+    {
+        return forward(upstream, http, method, &uri, &headers, body).await;
+    }
+
     let mut inner = shared.inner.lock().unwrap();
     let idempotency = if request.method == "POST" {
         request.idempotency_key().map(|key| {
@@ -444,6 +504,49 @@ async fn handle(
     (status, axum::Json(body)).into_response()
 }
 
+/// Sends the request on to `upstream` and returns its answer unchanged.
+async fn forward(
+    upstream: &str,
+    http: &reqwest::Client,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let target = format!(
+        "{upstream}{}",
+        uri.path_and_query().map_or("/", |pq| pq.as_str())
+    );
+    let mut request = http.request(method, target).body(body);
+    for name in [
+        "authorization",
+        "content-type",
+        "idempotency-key",
+        "stripe-version",
+    ] {
+        if let Some(value) = headers.get(name) {
+            request = request.header(name, value);
+        }
+    }
+    match request.send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let content_type = answer.headers().get("content-type").cloned();
+            let bytes = answer.bytes().await.unwrap_or_default();
+            let mut response = (status, bytes).into_response();
+            if let Some(content_type) = content_type {
+                response.headers_mut().insert("content-type", content_type);
+            }
+            response
+        }
+        Err(error) => (
+            StatusCode::BAD_GATEWAY,
+            format!("upstream {upstream} unreachable: {error}"),
+        )
+            .into_response(),
+    }
+}
+
 fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/v1/customers") => create_customer(inner, req),
@@ -468,6 +571,16 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
             };
             status_ok && by_customer(o, r)
         }),
+        ("GET", "/v1/disputes") => list(inner, req, Collection::Disputes, |o, r| {
+            let matches = |field: &str| {
+                r.param(field)
+                    .is_none_or(|wanted| o[field].as_str() == Some(wanted))
+            };
+            matches("charge") && matches("payment_intent")
+        }),
+        ("DELETE", path) if path.starts_with("/v1/customers/") => {
+            delete_customer(inner, &path["/v1/customers/".len()..])
+        }
         ("GET", "/v1/events") => list(inner, req, Collection::Events, |o, r| {
             let created = o["created"].as_i64().unwrap_or(0);
             let gte_ok = r
@@ -530,10 +643,11 @@ fn no_such_customer(id: &str) -> (StatusCode, Value) {
 }
 
 fn customer_exists(inner: &Inner, id: &str) -> bool {
-    inner
-        .objects
-        .get(&Collection::Customers)
-        .is_some_and(|cs| cs.iter().any(|c| c["id"].as_str() == Some(id)))
+    inner.customers_upstream
+        || inner
+            .objects
+            .get(&Collection::Customers)
+            .is_some_and(|cs| cs.iter().any(|c| c["id"].as_str() == Some(id)))
 }
 
 fn next_id(inner: &mut Inner, prefix: &str) -> String {
@@ -553,6 +667,20 @@ fn create_customer(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Val
         .or_default()
         .push(customer.clone());
     (StatusCode::OK, customer)
+}
+
+/// As Stripe: the customer is gone for good; requests naming it get `resource_missing`.
+fn delete_customer(inner: &mut Inner, id: &str) -> (StatusCode, Value) {
+    let customers = inner.objects.entry(Collection::Customers).or_default();
+    let before = customers.len();
+    customers.retain(|c| c["id"].as_str() != Some(id));
+    if customers.len() == before {
+        return no_such_customer(id);
+    }
+    (
+        StatusCode::OK,
+        json!({"id": id, "object": "customer", "deleted": true}),
+    )
 }
 
 fn create_checkout_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
@@ -666,6 +794,11 @@ fn list(
         }
     };
     let limit = inner.max_page_size.map_or(limit, |cap| limit.min(cap));
+    if let Some(customer) = req.param("customer")
+        && !customer_exists(inner, customer)
+    {
+        return no_such_customer(customer);
+    }
     // Newest first; among equal `created`, the later inserted first (as Stripe orders).
     let mut matching: Vec<Value> = inner
         .objects

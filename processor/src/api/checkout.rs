@@ -4,7 +4,9 @@
 //! from the token, prices from the catalog, return URLs from the configuration); a double click
 //! yields one Checkout Session (the `Idempotency-Key` and every parameter, `expires_at` included,
 //! are the same within a ten-minute bucket); a user who already holds the product's entitlement
-//! gets 409 instead of a second payment; Stripe failures surface as 502 with a generic text.
+//! gets 409 instead of a second payment; a customer Stripe no longer knows is marked gone and
+//! replaced by a new one (checkout) or skipped (portal), never reported as an outage; other
+//! Stripe failures surface as 502 with a generic text.
 
 use std::collections::BTreeMap;
 
@@ -14,14 +16,14 @@ use axum::extract::rejection::JsonRejection;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use shared::ids::UserId;
-use tokio_postgres::types::Type;
 
 use super::ApiState;
+use super::customers::{customers_of, ensure_customer, mark_gone};
 use super::entitlements::load_snapshot;
 use super::error::ApiError;
 use crate::access;
 use crate::auth::AuthUser;
-use crate::stripe::{CheckoutSessionRequest, StripeClient};
+use crate::stripe::CheckoutSessionRequest;
 
 /// Width of the idempotency bucket: clicks within it reuse one session.
 pub const IDEMPOTENCY_BUCKET_SECONDS: i64 = 600;
@@ -50,14 +52,16 @@ pub struct PortalAnswer {
     pub url: String,
 }
 
-/// The idempotency key and `expires_at` of a checkout of `product` by `user` at unix time `now`:
-/// both constant within one bucket, so a replayed request carries identical parameters.
+/// The idempotency key and `expires_at` of a checkout of `product` by `user` as `customer` at
+/// unix time `now`: both constant within one bucket, so a replayed request carries identical
+/// parameters. The customer is part of the key: a checkout retried with a replacement customer
+/// is a new request, not a replay with other parameters.
 #[must_use]
-pub fn checkout_identity(user: &UserId, product: &str, now: i64) -> (String, i64) {
+pub fn checkout_identity(user: &UserId, product: &str, customer: &str, now: i64) -> (String, i64) {
     let bucket = now.div_euclid(IDEMPOTENCY_BUCKET_SECONDS);
     let mut hash = Sha256::new();
     // Length-prefixed so ("ab","c") and ("a","bc") differ.
-    for part in [user.as_str(), product] {
+    for part in [user.as_str(), product, customer] {
         hash.update(part.len().to_be_bytes());
         hash.update(part.as_bytes());
     }
@@ -66,53 +70,6 @@ pub fn checkout_identity(user: &UserId, product: &str, now: i64) -> (String, i64
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let expires_at = (bucket + 1) * IDEMPOTENCY_BUCKET_SECONDS + SESSION_LIFETIME_SECONDS;
     (format!("checkout-v1-{hex}"), expires_at)
-}
-
-/// The user's Stripe customer ids from the `customers` table, oldest first.
-///
-/// # Errors
-/// [`ApiError::Internal`] when Postgres fails.
-pub async fn customers_of(state: &ApiState, user: &UserId) -> Result<Vec<String>, ApiError> {
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
-    let rows = client
-        .query_typed(
-            "SELECT customer_id FROM customers WHERE user_id = $1
-              ORDER BY created_at, customer_id",
-            &[(&user.as_str(), Type::TEXT)],
-        )
-        .await
-        .map_err(ApiError::internal)?;
-    rows.iter()
-        .map(|r| r.try_get(0).map_err(ApiError::internal))
-        .collect()
-}
-
-/// The user's Stripe customer: the oldest mapped one, else a new one (created with a per-user
-/// idempotency key, so concurrent first checkouts share it) whose mapping is stored.
-async fn ensure_customer(
-    state: &ApiState,
-    stripe: &StripeClient,
-    user: &UserId,
-) -> Result<String, ApiError> {
-    if let Some(existing) = customers_of(state, user).await?.into_iter().next() {
-        return Ok(existing);
-    }
-    let customer = stripe.create_customer(user, None).await?;
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
-    // The projection attributes this customer's payments to the user through this row.
-    client
-        .execute_typed(
-            "INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
-             ON CONFLICT (customer_id) DO NOTHING",
-            &[
-                (&customer.id.as_str(), Type::TEXT),
-                (&user.as_str(), Type::TEXT),
-            ],
-        )
-        .await
-        .map_err(ApiError::internal)?;
-    tracing::info!(user_id = %user, customer = %customer.id, "stripe customer created");
-    Ok(customer.id)
 }
 
 pub(crate) async fn create_session(
@@ -145,27 +102,40 @@ pub(crate) async fn create_session(
         .checkout_cancel
         .clone()
         .ok_or(ApiError::NotConfigured("CHECKOUT_CANCEL_URL"))?;
-    let customer = ensure_customer(&state, stripe, &user).await?;
-    let (idempotency_key, expires_at) =
-        checkout_identity(&user, product.key(), Utc::now().timestamp());
-    let metadata = BTreeMap::from([
-        ("user_id".to_owned(), user.as_str().to_owned()),
-        ("product_key".to_owned(), product.key().to_owned()),
-    ]);
-    let request = CheckoutSessionRequest {
+    let mut customer = ensure_customer(&state, stripe, &user).await?;
+    let mut request = CheckoutSessionRequest {
         mode: product.mode(),
         price_id: product.price_id().to_owned(),
         quantity: 1,
         success_url,
         cancel_url,
         client_reference_id: user.as_str().to_owned(),
-        customer: Some(customer),
-        metadata,
-        expires_at: Some(expires_at),
+        customer: None,
+        metadata: BTreeMap::from([
+            ("user_id".to_owned(), user.as_str().to_owned()),
+            ("product_key".to_owned(), product.key().to_owned()),
+        ]),
+        expires_at: None,
     };
-    let session = stripe
-        .create_checkout_session(&request, &idempotency_key)
-        .await?;
+    // A customer Stripe no longer knows is replaced, once.
+    let mut replaced = false;
+    let session = loop {
+        let (idempotency_key, expires_at) =
+            checkout_identity(&user, product.key(), &customer, Utc::now().timestamp());
+        request.customer = Some(customer.clone());
+        request.expires_at = Some(expires_at);
+        match stripe
+            .create_checkout_session(&request, &idempotency_key)
+            .await
+        {
+            Err(error) if error.is_missing_customer() && !replaced => {
+                mark_gone(&state, &customer).await?;
+                customer = ensure_customer(&state, stripe, &user).await?;
+                replaced = true;
+            }
+            other => break other?,
+        }
+    };
     let url = session
         .url
         .ok_or_else(|| ApiError::internal("checkout session answered without a url"))?;
@@ -182,32 +152,32 @@ pub(crate) async fn portal(
     State(state): State<ApiState>,
     AuthUser(user): AuthUser,
 ) -> Result<Json<PortalAnswer>, ApiError> {
-    let customer = customers_of(&state, &user)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or(ApiError::NoBillingAccount)?;
+    let customers = customers_of(&state, &user).await?;
+    if customers.is_empty() {
+        return Err(ApiError::NoBillingAccount);
+    }
     let stripe = state.stripe()?;
     let return_url = state
         .urls
         .portal_return
         .as_deref()
         .ok_or(ApiError::NotConfigured("BILLING_PORTAL_RETURN_URL"))?;
-    let session = stripe
-        .create_billing_portal_session(
-            &customer,
-            return_url,
-            state.urls.portal_configuration.as_deref(),
-        )
-        .await
-        .map_err(|e| {
-            if e.is_resource_missing() {
-                ApiError::NoBillingAccount
-            } else {
-                e.into()
-            }
-        })?;
-    Ok(Json(PortalAnswer { url: session.url }))
+    // The oldest customer Stripe still knows; the ones it lost are marked and skipped.
+    for customer in customers {
+        match stripe
+            .create_billing_portal_session(
+                &customer,
+                return_url,
+                state.urls.portal_configuration.as_deref(),
+            )
+            .await
+        {
+            Ok(session) => return Ok(Json(PortalAnswer { url: session.url })),
+            Err(error) if error.is_missing_customer() => mark_gone(&state, &customer).await?,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(ApiError::NoBillingAccount)
 }
 
 #[cfg(test)]
@@ -219,13 +189,14 @@ mod tests {
     fn a_double_click_within_the_bucket_has_one_identity() {
         let user = UserId::parse("u1").unwrap();
         let t = 1_700_000_400; // a bucket boundary
-        let first = checkout_identity(&user, "pro", t + 1);
-        assert_eq!(first, checkout_identity(&user, "pro", t + 599));
-        assert_ne!(first.0, checkout_identity(&user, "pro", t + 600).0);
-        assert_ne!(first.0, checkout_identity(&user, "team", t + 1).0);
+        let first = checkout_identity(&user, "pro", "cus_1", t + 1);
+        assert_eq!(first, checkout_identity(&user, "pro", "cus_1", t + 599));
+        assert_ne!(first.0, checkout_identity(&user, "pro", "cus_1", t + 600).0);
+        assert_ne!(first.0, checkout_identity(&user, "team", "cus_1", t + 1).0);
+        assert_ne!(first.0, checkout_identity(&user, "pro", "cus_2", t + 1).0);
         assert_ne!(
             first.0,
-            checkout_identity(&UserId::parse("u2").unwrap(), "pro", t + 1).0
+            checkout_identity(&UserId::parse("u2").unwrap(), "pro", "cus_1", t + 1).0
         );
         assert!(first.0.len() <= 255);
     }
@@ -234,7 +205,7 @@ mod tests {
     fn sessions_expire_between_one_hour_and_one_hour_ten_from_now() {
         let user = UserId::parse("u1").unwrap();
         for now in [1_700_000_400, 1_700_000_401, 1_700_000_999] {
-            let (_, expires_at) = checkout_identity(&user, "pro", now);
+            let (_, expires_at) = checkout_identity(&user, "pro", "cus_1", now);
             let lifetime = expires_at - now;
             assert!(
                 (SESSION_LIFETIME_SECONDS..=SESSION_LIFETIME_SECONDS + IDEMPOTENCY_BUCKET_SECONDS)

@@ -7,6 +7,7 @@
 //! ([`routes`]) is the single list both the router and the OpenAPI document are checked against.
 
 pub mod checkout;
+pub mod customers;
 pub mod entitlements;
 pub mod error;
 pub mod openapi;

@@ -9,8 +9,9 @@
 //! (`processed_events`, as for real events); all of a restore commits in one transaction and the
 //! cache is refreshed after the commit; one restore per user per 10 s (429 otherwise).
 //!
-//! Disputes are restored only when a charge carries its dispute expanded; the client has no
-//! `GET /v1/disputes` walk yet, so a bare `disputed: true` is left to the webhooks.
+//! Disputes come from the charge when it carries them expanded, otherwise from
+//! `GET /v1/disputes?charge=…` for every charge marked `disputed`. A customer Stripe answers
+//! `resource_missing` for is marked gone and skipped.
 
 use std::time::Duration;
 
@@ -23,13 +24,13 @@ use shared::ids::UserId;
 use tokio_postgres::types::Type;
 
 use super::ApiState;
-use super::checkout::customers_of;
+use super::customers::{customers_of, mark_gone};
 use super::entitlements::{ProEntitlement, pro_view, read_from_postgres};
 use super::error::ApiError;
 use crate::auth::AuthUser;
 use crate::events::{self, Event};
 use crate::store::{self, StoreError};
-use crate::stripe::StripeClient;
+use crate::stripe::{StripeClient, StripeError};
 
 /// The minimum interval between two restores of one user.
 pub const RESTORE_INTERVAL: Duration = Duration::from_secs(10);
@@ -56,6 +57,7 @@ pub enum ObjectKind {
     CheckoutSession,
     PaymentIntent,
     Charge,
+    Dispute,
     Subscription,
 }
 
@@ -93,18 +95,14 @@ pub fn synthetic_events(kind: ObjectKind, object: &Value, now: i64) -> Vec<Value
             if refunded {
                 types.push(("charge.refunded", now, object.clone()));
             }
-            if let Some(dispute) = charge_dispute(object, id) {
-                let closed = matches!(
-                    dispute.get("status").and_then(Value::as_str),
-                    Some("won" | "lost" | "warning_closed")
-                );
-                let ty = if closed {
-                    "charge.dispute.closed"
-                } else {
-                    "charge.dispute.created"
-                };
-                types.push((ty, now, dispute));
-            }
+        }
+        ObjectKind::Dispute => {
+            let ty = match str_field("status") {
+                "won" | "lost" | "warning_closed" => "charge.dispute.closed",
+                "" => return Vec::new(),
+                _ => "charge.dispute.created",
+            };
+            types.push((ty, now, object.clone()));
         }
         ObjectKind::Subscription => {
             let ended = matches!(str_field("status"), "canceled" | "incomplete_expired");
@@ -132,41 +130,78 @@ pub fn synthetic_events(kind: ObjectKind, object: &Value, now: i64) -> Vec<Value
         .collect()
 }
 
-/// The dispute of a disputed charge, when the charge carries it expanded (`dispute` as an
-/// object, as with `expand[]=data.dispute` or older API versions). A bare `disputed: true` says
-/// nothing about the dispute's id or status, so it yields nothing.
-fn charge_dispute(charge: &Value, charge_id: &str) -> Option<Value> {
-    let mut dispute = charge.get("dispute").filter(|d| d.is_object())?.clone();
+/// The dispute a charge carries expanded (`dispute` as an object, as with
+/// `expand[]=data.dispute` or older API versions), completed with the charge's ids.
+fn expanded_dispute(charge: &Value) -> Option<Value> {
+    let dispute = charge.get("dispute").filter(|d| d.is_object())?;
     dispute.get("id").and_then(Value::as_str)?;
-    dispute.get("status").and_then(Value::as_str)?;
-    if dispute.get("charge").is_none_or(Value::is_null) {
-        dispute["charge"] = json!(charge_id);
+    Some(with_charge_ids(dispute.clone(), charge))
+}
+
+/// A dispute with `charge` and `payment_intent` filled from its charge when it lacks them (the
+/// projection finds the purchase through either).
+fn with_charge_ids(mut dispute: Value, charge: &Value) -> Value {
+    for field in ["charge", "payment_intent"] {
+        let source = if field == "charge" { "id" } else { field };
+        if dispute.get(field).is_none_or(Value::is_null)
+            && let Some(id) = charge.get(source).filter(|v| !v.is_null())
+        {
+            dispute[field] = id.clone();
+        }
     }
-    if dispute.get("payment_intent").is_none_or(Value::is_null)
-        && let Some(pi) = charge.get("payment_intent").filter(|p| !p.is_null())
-    {
-        dispute["payment_intent"] = pi.clone();
+    dispute
+}
+
+/// The disputes of `charges` (newest charge first, as listed): the expanded ones as they are,
+/// the others of each charge marked `disputed` read from `GET /v1/disputes`. Newest first.
+async fn disputes_of(stripe: &StripeClient, charges: &[Value]) -> Result<Vec<Value>, StripeError> {
+    let mut expanded = Vec::new();
+    let mut to_fetch = Vec::new();
+    for charge in charges {
+        if let Some(dispute) = expanded_dispute(charge) {
+            expanded.push(dispute);
+        } else if charge.get("disputed").and_then(Value::as_bool) == Some(true)
+            && let Some(id) = charge.get("id").and_then(Value::as_str)
+        {
+            to_fetch.push((id, charge));
+        }
     }
-    Some(dispute)
+    let fetched =
+        futures_util::future::try_join_all(to_fetch.iter().map(|(id, _)| stripe.list_disputes(id)))
+            .await?;
+    let mut all = expanded;
+    for ((_, charge), disputes) in to_fetch.iter().zip(fetched) {
+        all.extend(disputes.into_iter().map(|d| with_charge_ids(d, charge)));
+    }
+    all.sort_by_key(|d| std::cmp::Reverse(d.get("created").and_then(Value::as_i64)));
+    Ok(all)
 }
 
 /// Every Stripe object of `customer` the projection uses, as synthetic events in apply order.
+/// `None` when Stripe no longer knows the customer.
 async fn read_customer(
     stripe: &StripeClient,
     customer: &str,
     now: i64,
-) -> Result<Vec<Event>, ApiError> {
-    let (sessions, intents, charges, subscriptions) = tokio::try_join!(
+) -> Result<Option<Vec<Event>>, StripeError> {
+    let listed = tokio::try_join!(
         stripe.list_checkout_sessions(customer),
         stripe.list_payment_intents(customer),
         stripe.list_charges(customer),
         stripe.list_subscriptions(customer),
-    )?;
+    );
+    let (sessions, intents, charges, subscriptions) = match listed {
+        Ok(lists) => lists,
+        Err(error) if error.is_missing_customer() => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let disputes = disputes_of(stripe, &charges).await?;
     let mut out = Vec::new();
     for (kind, objects) in [
         (ObjectKind::CheckoutSession, sessions),
         (ObjectKind::PaymentIntent, intents),
         (ObjectKind::Charge, charges),
+        (ObjectKind::Dispute, disputes),
         (ObjectKind::Subscription, subscriptions),
     ] {
         // Lists come newest first; apply oldest first, as the webhooks would have arrived.
@@ -183,7 +218,7 @@ async fn read_customer(
             }
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Applies `events` in one transaction; returns how many were new.
@@ -252,7 +287,10 @@ pub(crate) async fn restore(
     let now = Utc::now().timestamp();
     let mut events = Vec::new();
     for customer in customers_of(&state, &user).await? {
-        events.extend(read_customer(stripe, &customer, now).await?);
+        match read_customer(stripe, &customer, now).await? {
+            Some(found) => events.extend(found),
+            None => mark_gone(&state, &customer).await?,
+        }
     }
     let applied = if events.is_empty() {
         0
@@ -330,25 +368,51 @@ mod tests {
     }
 
     #[test]
-    fn an_expanded_dispute_on_a_charge_becomes_a_dispute_event() {
+    fn an_expanded_dispute_on_a_charge_becomes_a_dispute_event_with_the_charge_ids() {
         let mut charge = json!({"id": "ch_1", "object": "charge", "amount": 4900,
             "amount_refunded": 0, "refunded": false, "disputed": true, "payment_intent": "pi_1",
             "customer": "cus_1", "currency": "usd", "created": 1,
             "dispute": {"id": "dp_1", "object": "dispute", "status": "needs_response"}});
-        let events = parse_all(ObjectKind::Charge, &charge);
+        assert!(
+            parse_all(ObjectKind::Charge, &charge).is_empty(),
+            "a charge yields its refund only; its disputes are objects of their own"
+        );
+        let dispute = expanded_dispute(&charge).unwrap();
+        let events = parse_all(ObjectKind::Dispute, &dispute);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].event_type, "charge.dispute.created");
-        let EventKind::ChargeDisputeCreated(dispute) = &events[0].kind else {
+        let EventKind::ChargeDisputeCreated(parsed) = &events[0].kind else {
             panic!("{:?}", events[0].kind);
         };
-        assert_eq!(dispute.charge.as_deref(), Some("ch_1"));
-        assert_eq!(dispute.payment_intent.as_deref(), Some("pi_1"));
-        charge["dispute"]["status"] = json!("lost");
-        let events = parse_all(ObjectKind::Charge, &charge);
-        assert_eq!(events[0].event_type, "charge.dispute.closed");
-        // A bare flag names no dispute.
+        assert_eq!(parsed.charge.as_deref(), Some("ch_1"));
+        assert_eq!(parsed.payment_intent.as_deref(), Some("pi_1"));
+        // A bare id names no status: it is read from the disputes list instead.
         charge["dispute"] = json!("dp_1");
-        assert!(parse_all(ObjectKind::Charge, &charge).is_empty());
+        assert!(expanded_dispute(&charge).is_none());
+    }
+
+    #[test]
+    fn closed_disputes_become_closures_and_listed_ids_are_kept() {
+        let charge = json!({"id": "ch_1", "payment_intent": "pi_1"});
+        for (status, ty) in [
+            ("needs_response", "charge.dispute.created"),
+            ("under_review", "charge.dispute.created"),
+            ("won", "charge.dispute.closed"),
+            ("lost", "charge.dispute.closed"),
+            ("warning_closed", "charge.dispute.closed"),
+        ] {
+            // As listed by GET /v1/disputes: the dispute names its own charge.
+            let dispute = with_charge_ids(
+                json!({"id": "dp_1", "object": "dispute", "status": status,
+                       "charge": "ch_own", "payment_intent": null, "created": 5}),
+                &charge,
+            );
+            assert_eq!(dispute["charge"], "ch_own");
+            assert_eq!(dispute["payment_intent"], "pi_1");
+            let events = parse_all(ObjectKind::Dispute, &dispute);
+            assert_eq!(events[0].event_type, ty, "{status}");
+        }
+        assert!(synthetic_events(ObjectKind::Dispute, &json!({"id": "dp_2"}), 1).is_empty());
     }
 
     #[test]

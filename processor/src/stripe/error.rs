@@ -64,6 +64,14 @@ impl StripeError {
     pub fn is_resource_missing(&self) -> bool {
         matches!(self, Self::Api { code: Some(code), .. } if code == "resource_missing")
     }
+
+    /// True when Stripe does not know the `customer` the request named (deleted, or from
+    /// another account or mode).
+    #[must_use]
+    pub fn is_missing_customer(&self) -> bool {
+        self.is_resource_missing()
+            && matches!(self, Self::Api { param: Some(param), .. } if param == "customer")
+    }
 }
 
 #[cfg(test)]
@@ -84,6 +92,16 @@ mod tests {
             "stripe answered 404 invalid_request_error (resource_missing): No such customer: 'cus_x'"
         );
         assert!(err.is_resource_missing());
+        assert!(err.is_missing_customer());
+        let missing_price = StripeError::Api {
+            status: 400,
+            error_type: "invalid_request_error".into(),
+            code: Some("resource_missing".into()),
+            message: "No such price: 'price_x'".into(),
+            param: Some("line_items[0][price]".into()),
+        };
+        assert!(missing_price.is_resource_missing());
+        assert!(!missing_price.is_missing_customer());
         assert!(!err.is_transient());
         assert!(StripeError::Timeout.is_transient());
         assert_eq!(StripeError::RateLimited.status(), Some(429));

@@ -23,6 +23,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use shared::config::{ConfigError, Env};
 use shared::ids::UserId;
 
@@ -172,11 +173,43 @@ impl StripeClient {
         user_id: &UserId,
         email: Option<&str>,
     ) -> Result<Customer, StripeError> {
+        self.create_customer_keyed(user_id, email, &format!("customer-create-v1-{user_id}"))
+            .await
+    }
+
+    /// Creates a new Stripe customer of `user_id` in place of `gone`, a customer Stripe no longer
+    /// knows. The idempotency key names the replaced customer: concurrent replacements of one
+    /// customer create one, while the first creation's key (kept by Stripe for at least 24 h)
+    /// is not replayed with the customer that is gone.
+    ///
+    /// # Errors
+    /// Any [`StripeError`].
+    pub async fn replace_customer(
+        &self,
+        user_id: &UserId,
+        gone: &str,
+    ) -> Result<Customer, StripeError> {
+        // Hashed: a 200-byte user id and a customer id would not fit Stripe's 255 characters.
+        let mut hash = Sha256::new();
+        for part in [user_id.as_str(), gone] {
+            hash.update(part.len().to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!("customer-replace-v1-{hex}");
+        self.create_customer_keyed(user_id, None, &key).await
+    }
+
+    async fn create_customer_keyed(
+        &self,
+        user_id: &UserId,
+        email: Option<&str>,
+        key: &str,
+    ) -> Result<Customer, StripeError> {
         let mut form = Form::new();
         form.push_opt("email", email)
             .push("metadata[user_id]", user_id.as_str());
-        let key = format!("customer-create-v1-{user_id}");
-        self.post("/v1/customers", &form, Some(&key)).await
+        self.post("/v1/customers", &form, Some(key)).await
     }
 
     /// Customers whose email is exactly `email` (all pages).
@@ -253,6 +286,17 @@ impl StripeClient {
     /// Any [`StripeError`].
     pub async fn list_charges(&self, customer: &str) -> Result<Vec<Value>, StripeError> {
         self.list_by_customer("/v1/charges", customer, &[]).await
+    }
+
+    /// All disputes of one charge, newest first, as raw objects (`GET /v1/disputes` filters by
+    /// charge or payment intent, not by customer).
+    ///
+    /// # Errors
+    /// Any [`StripeError`].
+    pub async fn list_disputes(&self, charge: &str) -> Result<Vec<Value>, StripeError> {
+        let mut form = Form::new();
+        form.push("charge", charge);
+        self.list_all("/v1/disputes", &form).await
     }
 
     /// All subscriptions of `customer` including canceled ones (`status=all`), as raw objects.
