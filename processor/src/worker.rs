@@ -485,7 +485,7 @@ impl Worker {
             .with_max_delay(Duration::from_millis(400))
             .with_max_times(3)
             .with_jitter();
-        let mut result = (|| apply_batch(&self.pool, &events, Recompute::PerBatch))
+        let mut result = (|| apply_batch(&self.pool, &events, Recompute::SetBased))
             .retry(policy)
             .when(|error| !matches!(error, BatchError::Recompute(_)))
             .notify(|error, after| {
@@ -724,6 +724,29 @@ async fn apply_batch(
     mode: Recompute,
 ) -> Result<Vec<EventResult>, BatchError> {
     let mut client = pool.get().await?;
+    if mode == Recompute::SetBased {
+        let statements = std::sync::Arc::clone(&client.statement_cache);
+        let tx = client.transaction().await?;
+        match store::batch::apply(&tx, &statements, events).await {
+            Ok(results) => {
+                tx.commit().await?;
+                return Ok(results
+                    .into_iter()
+                    .map(|result| match result {
+                        Some(users) => EventResult::Applied(users),
+                        None => EventResult::Replay,
+                    })
+                    .collect());
+            }
+            // Whatever failed (an event the projection refuses, a second completed purchase,
+            // a deadlock), the per-event path redoes the batch and charges it to one event.
+            Err(error) => {
+                metrics::counter!("worker_batch_fallbacks_total").increment(1);
+                tracing::debug!(%error, events = events.len(), "set-based batch failed; applying it event by event");
+                tx.rollback().await?;
+            }
+        }
+    }
     let insert = client
         .prepare_cached(
             "INSERT INTO processed_events (event_id, event_type, event_created)
@@ -755,7 +778,7 @@ async fn apply_batch(
             continue;
         }
         let applied = match mode {
-            Recompute::PerBatch => store::apply_facts(&tx, &statements, event)
+            Recompute::SetBased => store::apply_facts(&tx, &statements, event)
                 .await
                 .map(|users| {
                     if !users.is_empty() {
@@ -816,11 +839,13 @@ async fn apply_batch(
     Ok(results)
 }
 
-/// When a batch recomputes its users' entitlements.
+/// How a batch is applied, and when it recomputes its users' entitlements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recompute {
-    /// Once per user after the batch's last event (the usual path).
-    PerBatch,
+    /// The whole batch in a few set-based statements ([`store::batch`]); when any part of
+    /// it fails, in the same call, a savepoint per event with each user recomputed once after
+    /// the batch's last event (the usual path).
+    SetBased,
     /// After every event, so a failing recomputation is charged to its own event alone.
     PerEvent,
 }

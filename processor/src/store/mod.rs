@@ -28,6 +28,8 @@
 //! once per connection (the worker's path); [`apply`] sends them unnamed (one round trip each,
 //! no prepare). Independent statements are pipelined: an event costs about four round trips.
 
+pub mod batch;
+
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
     self, AbandonedCheckout, CustomerLink, DerivedEntitlement, DisputeState, EntitlementSource,

@@ -1,0 +1,833 @@
+//! The batch path of the store: a whole batch of events deduplicated, merged into the rows and
+//! recomputed with a fixed number of set-based statements, whatever the batch size.
+//!
+//! It gives the rows the per-event path ([`super::apply_facts`] then [`super::recompute_users`])
+//! would give, because the merge is a join of facts: a row only ever holds the join of the
+//! facts that share one of its Stripe ids, so the rows after a batch are the connected
+//! components (by shared checkout session, payment intent or charge id) of the stored rows and
+//! the batch's facts, each folded with [`PurchaseFacts::merge`], in any order. Subscriptions are
+//! grouped by id the same way.
+//!
+//! Invariants:
+//! - All or nothing: the caller runs it in a fresh transaction and, on any error, rolls back and
+//!   replays the batch on the per-event path (a savepoint per event), which isolates the event
+//!   at fault (an invalid timestamp, a second completed purchase refused by the partial unique
+//!   index). Nothing here commits.
+//! - Locks as in the per-event path, in the same order: every object lock of the batch at once
+//!   (sorted), then every user lock at once (sorted), so batches never wait on each other in a
+//!   cycle through object locks.
+//! - The `processed_events` rows are inserted in the first statement; an event whose row
+//!   existed (or that repeats an earlier id of the batch) is a replay and contributes nothing.
+//!
+//! Round trips: dedupe and object locks; links and reads; writes; user locks and recomputation
+//! reads; recomputation writes — five pipelines for the whole batch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::StatementCache;
+use futures_util::future::{try_join, try_join_all, try_join4};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Row, Transaction};
+
+use super::{
+    Db, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot, lock,
+    opt_timestamp, purchase_from_row, recompute, subscription_from_row,
+};
+use crate::events::{Event, SubscriptionStatus};
+use crate::projection::{self, FeeSplit, Plan, PurchaseFacts, SubscriptionFacts};
+
+/// What became of each event of a batch, in input order: `None` for a replay (already
+/// processed, or a repeat of an earlier id in the batch), else the snapshots of the users whose
+/// entitlements it concerned (possibly none).
+pub type BatchResults = Vec<Option<Vec<UserSnapshot>>>;
+
+type Pending<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Applies `events` in the caller's transaction. See the module documentation.
+///
+/// # Errors
+/// Any [`StoreError`]: the caller rolls the transaction back and uses the per-event path.
+pub async fn apply(
+    tx: &Transaction<'_>,
+    statements: &StatementCache,
+    events: &[&Event],
+) -> Result<BatchResults, StoreError> {
+    let db = Db {
+        tx,
+        statements: Some(statements),
+    };
+    let plans: Vec<Plan> = events.iter().map(|e| projection::plan(e)).collect();
+    let fresh = dedupe_and_lock(db, events, &plans).await?;
+
+    // The facts of the fresh events.
+    let mut links: Vec<(&str, &str, Vec<usize>)> = Vec::new();
+    let mut purchase_deltas: Vec<(usize, &PurchaseFacts)> = Vec::new();
+    let mut subscription_deltas: Vec<(usize, &SubscriptionFacts)> = Vec::new();
+    let mut abandoned = Vec::new();
+    let mut customers: BTreeSet<&str> = BTreeSet::new();
+    for (i, plan) in plans.iter().enumerate().filter(|(i, _)| fresh[*i]) {
+        if let Some(link) = &plan.link {
+            customers.insert(&link.customer_id);
+            // The first link of a customer wins, as in the table.
+            match links.iter_mut().find(|(c, _, _)| *c == link.customer_id) {
+                Some((_, _, owners)) => owners.push(i),
+                None => links.push((&link.customer_id, link.user_id.as_str(), vec![i])),
+            }
+        }
+        if let Some(delta) = &plan.purchase {
+            customers.extend(delta.customer_id.as_deref());
+            purchase_deltas.push((i, delta));
+        }
+        if let Some(delta) = &plan.subscription {
+            customers.extend(delta.customer_id.as_deref());
+            subscription_deltas.push((i, delta));
+        }
+        if let Some(a) = &plan.abandoned {
+            customers.extend(a.customer_id.as_deref());
+            abandoned.push(a);
+        }
+    }
+
+    let reads = read_state(
+        db,
+        &links,
+        &purchase_deltas,
+        &subscription_deltas,
+        &customers,
+    )
+    .await?;
+    let mut owners = reads.customer_users;
+    resolve_missing_customers(
+        db,
+        &reads.purchase_rows,
+        &reads.subscription_rows,
+        &mut owners,
+    )
+    .await?;
+    for (customer, user, _) in &links {
+        if let Some(kept) = owners.get(*customer).filter(|kept| kept != user) {
+            tracing::warn!(customer_id = %customer, kept_user = %kept, refused_user = %user,
+                "customer already linked to another user");
+        }
+    }
+
+    // users[i]: the users whose entitlements event i concerns.
+    let mut users: Vec<BTreeSet<String>> = vec![BTreeSet::new(); events.len()];
+    let purchases = merge_purchases(&reads.purchase_rows, &purchase_deltas, &owners, &mut users)?;
+    let subscriptions = merge_subscriptions(
+        &reads.subscription_rows,
+        &subscription_deltas,
+        &owners,
+        &mut users,
+    )?;
+    let notices = abandoned_notices(&abandoned, &owners);
+    let new_links: Vec<(&str, &str)> = links
+        .iter()
+        .filter(|(c, _, _)| reads.new_links.contains(*c))
+        .map(|(c, u, _)| (*c, *u))
+        .collect();
+
+    let attached = write_state(db, &new_links, &purchases, &subscriptions, &notices).await?;
+    for (customer, user, owners) in &links {
+        if attached.contains(*customer) {
+            for &i in owners {
+                users[i].insert((*user).to_owned());
+            }
+        }
+    }
+
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for user in users.iter().flatten() {
+        *counts.entry(user.clone()).or_default() += 1;
+    }
+    let snapshots = if counts.is_empty() {
+        Vec::new()
+    } else {
+        let user_keys = counts.keys().map(|u| format!("user:{u}")).collect();
+        try_join(lock(db, user_keys), recompute(db, &counts))
+            .await?
+            .1
+    };
+    let by_user: HashMap<&str, &UserSnapshot> =
+        snapshots.iter().map(|s| (s.user_id.as_str(), s)).collect();
+    Ok(fresh
+        .iter()
+        .zip(&users)
+        .map(|(fresh, users)| {
+            fresh.then(|| {
+                users
+                    .iter()
+                    .filter_map(|u| by_user.get(u.as_str()).map(|s| (*s).clone()))
+                    .collect()
+            })
+        })
+        .collect())
+}
+
+/// Inserts every event's `processed_events` row and takes every object lock, in one pipeline;
+/// returns which events are fresh.
+async fn dedupe_and_lock(
+    db: Db<'_>,
+    events: &[&Event],
+    plans: &[Plan],
+) -> Result<Vec<bool>, StoreError> {
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let created: Vec<Option<DateTime<Utc>>> = events
+        .iter()
+        .map(|e| DateTime::from_timestamp(e.created, 0))
+        .collect();
+    let params: [Param<'_>; 3] = [
+        (&ids, Type::TEXT_ARRAY),
+        (&types, Type::TEXT_ARRAY),
+        (&created, Type::TIMESTAMPTZ_ARRAY),
+    ];
+    let keys = plans.iter().flat_map(|p| p.lock_keys()).collect();
+    let (inserted, ()) = try_join(
+        async {
+            Ok(db
+                .query(
+                    "INSERT INTO processed_events (event_id, event_type, event_created)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+                     ON CONFLICT (event_id) DO NOTHING
+                     RETURNING event_id",
+                    &params,
+                )
+                .await?)
+        },
+        lock(db, keys),
+    )
+    .await?;
+    let mut new: HashSet<String> = inserted
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    // `remove`: a repeated id is fresh at its first occurrence only.
+    Ok(ids.iter().map(|id| new.remove(*id)).collect())
+}
+
+/// What the batch reads before merging.
+struct State {
+    /// Customers whose link this batch inserted.
+    new_links: HashSet<String>,
+    purchase_rows: Vec<Row>,
+    subscription_rows: Vec<Row>,
+    /// customer → user, after the batch's links.
+    customer_users: HashMap<String, String>,
+}
+
+/// One pipeline: the links inserted first (so the customer lookup sees them), then the purchase
+/// rows sharing an id with a delta, the subscription rows, and the customers' users.
+async fn read_state(
+    db: Db<'_>,
+    links: &[(&str, &str, Vec<usize>)],
+    purchase_deltas: &[(usize, &PurchaseFacts)],
+    subscription_deltas: &[(usize, &SubscriptionFacts)],
+    customers: &BTreeSet<&str>,
+) -> Result<State, StoreError> {
+    let link_customers: Vec<&str> = links.iter().map(|(c, _, _)| *c).collect();
+    let link_users: Vec<&str> = links.iter().map(|(_, u, _)| *u).collect();
+    let ids = |f: fn(&PurchaseFacts) -> Option<&String>| -> Vec<&str> {
+        purchase_deltas
+            .iter()
+            .filter_map(|(_, d)| f(d).map(String::as_str))
+            .collect()
+    };
+    let sessions = ids(|d| d.checkout_session_id.as_ref());
+    let intents = ids(|d| d.payment_intent_id.as_ref());
+    let charges = ids(|d| d.charge_id.as_ref());
+    let subscription_ids: Vec<&str> = subscription_deltas
+        .iter()
+        .map(|(_, d)| d.id.as_str())
+        .collect();
+    let customer_ids: Vec<&str> = customers.iter().copied().collect();
+    let link_params: [Param<'_>; 2] = [
+        (&link_customers, Type::TEXT_ARRAY),
+        (&link_users, Type::TEXT_ARRAY),
+    ];
+    let purchase_params: [Param<'_>; 3] = [
+        (&sessions, Type::TEXT_ARRAY),
+        (&intents, Type::TEXT_ARRAY),
+        (&charges, Type::TEXT_ARRAY),
+    ];
+    let purchases_sql = format!(
+        "SELECT {PURCHASE_COLUMNS} FROM purchases
+          WHERE checkout_session_id = ANY($1) OR payment_intent_id = ANY($2)
+             OR charge_id = ANY($3)
+          ORDER BY id FOR UPDATE"
+    );
+    let subscription_params: [Param<'_>; 1] = [(&subscription_ids, Type::TEXT_ARRAY)];
+    let subscriptions_sql =
+        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) FOR UPDATE");
+    let customer_params: [Param<'_>; 1] = [(&customer_ids, Type::TEXT_ARRAY)];
+    let (new_links, purchase_rows, subscription_rows, customer_rows) = try_join4(
+        when(!links.is_empty(), async {
+            db.query(
+                "INSERT INTO customers (customer_id, user_id)
+                 SELECT * FROM unnest($1::text[], $2::text[])
+                 ON CONFLICT (customer_id) DO NOTHING
+                 RETURNING customer_id",
+                &link_params,
+            )
+            .await
+        }),
+        when(!purchase_deltas.is_empty(), async {
+            db.query(&purchases_sql, &purchase_params).await
+        }),
+        when(!subscription_deltas.is_empty(), async {
+            db.query(&subscriptions_sql, &subscription_params).await
+        }),
+        when(!customer_ids.is_empty(), async {
+            db.query(
+                "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
+                &customer_params,
+            )
+            .await
+        }),
+    )
+    .await?;
+    Ok(State {
+        new_links: new_links
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?,
+        purchase_rows,
+        subscription_rows,
+        customer_users: customer_rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?,
+    })
+}
+
+/// Runs `query` only when `needed`, else yields no rows without a round trip.
+async fn when(
+    needed: bool,
+    query: impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    if needed { query.await } else { Ok(Vec::new()) }
+}
+
+/// Looks up the users of customers that only stored rows named (rare: an extra round trip).
+async fn resolve_missing_customers(
+    db: Db<'_>,
+    purchase_rows: &[Row],
+    subscription_rows: &[Row],
+    owners: &mut HashMap<String, String>,
+) -> Result<(), StoreError> {
+    let mut missing: BTreeSet<String> = BTreeSet::new();
+    for row in purchase_rows.iter().chain(subscription_rows) {
+        let user: Option<String> = row.try_get("user_id")?;
+        let customer: Option<String> = row.try_get("customer_id")?;
+        if let (None, Some(customer)) = (user, customer)
+            && !owners.contains_key(&customer)
+        {
+            missing.insert(customer);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = missing.iter().map(String::as_str).collect();
+    let rows = db
+        .query(
+            "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
+            &[(&ids, Type::TEXT_ARRAY)],
+        )
+        .await?;
+    for row in rows {
+        owners.insert(row.try_get(0)?, row.try_get(1)?);
+    }
+    Ok(())
+}
+
+/// One purchase row to write: the stored row it updates (`None`: a new row) and its facts.
+struct PurchaseWrite {
+    id: Option<i64>,
+    facts: PurchaseFacts,
+}
+
+/// The merged purchase rows, and the stored rows folded into another one (to delete).
+struct Purchases {
+    writes: Vec<PurchaseWrite>,
+    deletes: Vec<i64>,
+}
+
+/// Folds the stored rows and the deltas into connected components by shared Stripe ids.
+fn merge_purchases(
+    rows: &[Row],
+    deltas: &[(usize, &PurchaseFacts)],
+    owners: &HashMap<String, String>,
+    users: &mut [BTreeSet<String>],
+) -> Result<Purchases, StoreError> {
+    // Nodes: the stored rows (with their ids), then the deltas (with their events).
+    let mut nodes: Vec<(Option<i64>, Option<usize>, PurchaseFacts)> = Vec::new();
+    for row in rows {
+        let (id, facts) = purchase_from_row(row)?;
+        nodes.push((Some(id), None, facts));
+    }
+    for (event, delta) in deltas {
+        nodes.push((None, Some(*event), (*delta).clone()));
+    }
+    let mut parent: Vec<usize> = (0..nodes.len()).collect();
+    fn root(parent: &mut [usize], mut n: usize) -> usize {
+        while parent[n] != n {
+            parent[n] = parent[parent[n]];
+            n = parent[n];
+        }
+        n
+    }
+    let mut seen: HashMap<(u8, &str), usize> = HashMap::new();
+    for (n, (_, _, facts)) in nodes.iter().enumerate() {
+        for (column, id) in [
+            (0, &facts.checkout_session_id),
+            (1, &facts.payment_intent_id),
+            (2, &facts.charge_id),
+        ] {
+            let Some(id) = id else { continue };
+            match seen.get(&(column, id.as_str())) {
+                Some(&other) => {
+                    let (a, b) = (root(&mut parent, n), root(&mut parent, other));
+                    parent[a.max(b)] = a.min(b);
+                }
+                None => {
+                    seen.insert((column, id.as_str()), n);
+                }
+            }
+        }
+    }
+    let mut components: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for n in 0..nodes.len() {
+        let r = root(&mut parent, n);
+        components.entry(r).or_default().push(n);
+    }
+    let mut out = Purchases {
+        writes: Vec::with_capacity(components.len()),
+        deletes: Vec::new(),
+    };
+    for members in components.values() {
+        let mut stored_ids: Vec<i64> = Vec::new();
+        let mut concerned: BTreeSet<String> = BTreeSet::new();
+        let mut events = Vec::new();
+        let mut merged: Option<PurchaseFacts> = None;
+        for &n in members {
+            let (id, event, facts) = &nodes[n];
+            match (id, event) {
+                (Some(id), _) => {
+                    stored_ids.push(*id);
+                    concerned.extend(facts.user_id.clone());
+                }
+                (None, Some(event)) => events.push(*event),
+                (None, None) => {}
+            }
+            merged = Some(match merged {
+                Some(m) => m.merge(facts.clone()),
+                None => facts.clone(),
+            });
+        }
+        let Some(mut merged) = merged else { continue };
+        if events.is_empty() {
+            // Stored rows no delta reached (cannot happen: every row was read through a delta).
+            continue;
+        }
+        resolve_user(
+            &mut merged.user_id,
+            merged.customer_id.as_ref(),
+            owners,
+            concerned,
+            &events,
+            users,
+        );
+        stored_ids.sort_unstable();
+        out.deletes.extend(stored_ids.iter().skip(1));
+        out.writes.push(PurchaseWrite {
+            id: stored_ids.first().copied(),
+            facts: merged,
+        });
+    }
+    Ok(out)
+}
+
+/// Gives a merged row without a user its customer's user, and charges the row's users (`concerned`:
+/// those of the stored rows it folds, and its own) to each of its `events`.
+fn resolve_user(
+    user: &mut Option<String>,
+    customer: Option<&String>,
+    owners: &HashMap<String, String>,
+    mut concerned: BTreeSet<String>,
+    events: &[usize],
+    users: &mut [BTreeSet<String>],
+) {
+    if user.is_none() {
+        *user = customer.and_then(|c| owners.get(c).cloned());
+    }
+    concerned.extend(user.clone());
+    for &event in events {
+        users[event].extend(concerned.iter().cloned());
+    }
+}
+
+/// Folds each subscription's stored row and deltas.
+fn merge_subscriptions(
+    rows: &[Row],
+    deltas: &[(usize, &SubscriptionFacts)],
+    owners: &HashMap<String, String>,
+    users: &mut [BTreeSet<String>],
+) -> Result<Vec<SubscriptionFacts>, StoreError> {
+    let mut stored: HashMap<String, SubscriptionFacts> = HashMap::new();
+    for row in rows {
+        let facts = subscription_from_row(row)?;
+        stored.insert(facts.id.clone(), facts);
+    }
+    let mut grouped: BTreeMap<&str, (Vec<usize>, SubscriptionFacts)> = BTreeMap::new();
+    for (event, delta) in deltas {
+        grouped
+            .entry(delta.id.as_str())
+            .and_modify(|(events, merged)| {
+                events.push(*event);
+                *merged = merged.clone().merge((*delta).clone());
+            })
+            .or_insert_with(|| (vec![*event], (*delta).clone()));
+    }
+    let mut out = Vec::with_capacity(grouped.len());
+    for (id, (events, merged)) in grouped {
+        let mut concerned = BTreeSet::new();
+        let mut merged = match stored.remove(id) {
+            Some(row) => {
+                concerned.extend(row.user_id.clone());
+                row.merge(merged)
+            }
+            None => merged,
+        };
+        resolve_user(
+            &mut merged.user_id,
+            merged.customer_id.as_ref(),
+            owners,
+            concerned,
+            &events,
+            users,
+        );
+        out.push(merged);
+    }
+    Ok(out)
+}
+
+/// `(user, dedupe key, payload)` of each `checkout_abandoned` notification.
+fn abandoned_notices(
+    abandoned: &[&projection::AbandonedCheckout],
+    owners: &HashMap<String, String>,
+) -> Vec<(Option<String>, String, serde_json::Value)> {
+    abandoned
+        .iter()
+        .map(|a| {
+            let user = match &a.user_id {
+                Some(user) => Some(user.as_str().to_owned()),
+                None => a.customer_id.as_ref().and_then(|c| owners.get(c).cloned()),
+            };
+            let payload = serde_json::json!({
+                "checkoutSessionId": a.session_id,
+                "productKey": a.product_key,
+                "recoveryUrl": a.recovery_url,
+            });
+            (
+                user,
+                format!("checkout_abandoned:{}", a.session_id),
+                payload,
+            )
+        })
+        .collect()
+}
+
+/// The purchase columns of the rows to write, one array per column.
+#[derive(Default)]
+struct PurchaseColumns {
+    id: Vec<i64>,
+    user_id: Vec<Option<String>>,
+    customer_id: Vec<Option<String>>,
+    product_key: Vec<Option<String>>,
+    checkout_session_id: Vec<Option<String>>,
+    payment_intent_id: Vec<Option<String>>,
+    charge_id: Vec<Option<String>>,
+    amount: Vec<Option<i64>>,
+    currency: Vec<Option<String>>,
+    platform_fee: Vec<Option<i64>>,
+    organization_fee: Vec<Option<i64>>,
+    creator_payout: Vec<Option<i64>>,
+    status: Vec<&'static str>,
+    paid: Vec<bool>,
+    failed: Vec<bool>,
+    fully_refunded: Vec<bool>,
+    dispute: Vec<&'static str>,
+    dispute_id: Vec<Option<String>>,
+    purchased_at: Vec<Option<DateTime<Utc>>>,
+    refunded_at: Vec<Option<DateTime<Utc>>>,
+    refund_reason: Vec<Option<String>>,
+    refund_amount: Vec<i64>,
+    refund_id: Vec<Option<String>>,
+}
+
+impl PurchaseColumns {
+    fn push(&mut self, id: Option<i64>, f: &PurchaseFacts) -> Result<(), StoreError> {
+        let split = f.amount_cents.map(FeeSplit::of);
+        self.id.extend(id);
+        self.user_id.push(f.user_id.clone());
+        self.customer_id.push(f.customer_id.clone());
+        self.product_key.push(f.product_key.clone());
+        self.checkout_session_id.push(f.checkout_session_id.clone());
+        self.payment_intent_id.push(f.payment_intent_id.clone());
+        self.charge_id.push(f.charge_id.clone());
+        self.amount.push(f.amount_cents);
+        self.currency.push(f.currency.clone());
+        self.platform_fee.push(split.map(|s| s.platform_fee_cents));
+        self.organization_fee
+            .push(split.map(|s| s.organization_fee_cents));
+        self.creator_payout
+            .push(split.map(|s| s.creator_payout_cents));
+        self.status.push(f.status().as_str());
+        self.paid.push(f.paid);
+        self.failed.push(f.failed);
+        self.fully_refunded.push(f.fully_refunded);
+        self.dispute.push(f.dispute.as_str());
+        self.dispute_id.push(f.dispute_id.clone());
+        self.purchased_at.push(opt_timestamp(f.paid_at)?);
+        self.refunded_at.push(opt_timestamp(f.refunded_at)?);
+        self.refund_reason
+            .push(f.refund.as_ref().and_then(|r| r.reason.clone()));
+        self.refund_amount
+            .push(f.refund.as_ref().map_or(0, |r| r.amount_cents));
+        self.refund_id
+            .push(f.refund.as_ref().and_then(|r| r.refund_id.clone()));
+        Ok(())
+    }
+
+    /// The 22 data columns in table order ($1…$22), for both the insert and the update.
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![
+            (&self.user_id, Type::TEXT_ARRAY),
+            (&self.customer_id, Type::TEXT_ARRAY),
+            (&self.product_key, Type::TEXT_ARRAY),
+            (&self.checkout_session_id, Type::TEXT_ARRAY),
+            (&self.payment_intent_id, Type::TEXT_ARRAY),
+            (&self.charge_id, Type::TEXT_ARRAY),
+            (&self.amount, Type::INT8_ARRAY),
+            (&self.currency, Type::TEXT_ARRAY),
+            (&self.platform_fee, Type::INT8_ARRAY),
+            (&self.organization_fee, Type::INT8_ARRAY),
+            (&self.creator_payout, Type::INT8_ARRAY),
+            (&self.status, Type::TEXT_ARRAY),
+            (&self.paid, Type::BOOL_ARRAY),
+            (&self.failed, Type::BOOL_ARRAY),
+            (&self.fully_refunded, Type::BOOL_ARRAY),
+            (&self.dispute, Type::TEXT_ARRAY),
+            (&self.dispute_id, Type::TEXT_ARRAY),
+            (&self.purchased_at, Type::TIMESTAMPTZ_ARRAY),
+            (&self.refunded_at, Type::TIMESTAMPTZ_ARRAY),
+            (&self.refund_reason, Type::TEXT_ARRAY),
+            (&self.refund_amount, Type::INT8_ARRAY),
+            (&self.refund_id, Type::TEXT_ARRAY),
+        ]
+    }
+}
+
+/// `unnest` of the 22 purchase data columns (`$1…$22`) as `u(...)`, with the row id as `$23`
+/// when `with_id`.
+fn purchase_unnest(with_id: bool) -> String {
+    let (id_param, id_column) = if with_id {
+        (", $23::int8[]", ", id")
+    } else {
+        ("", "")
+    };
+    format!(
+        "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::int8[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
+         $13::bool[], $14::bool[], $15::bool[], $16::text[], $17::text[], \
+         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[]\
+         {id_param}) \
+         AS u(user_id, customer_id, product_key, checkout_session_id, payment_intent_id, \
+         charge_id, amount_paid_cents, currency, platform_fee_cents, organization_fee_cents, \
+         creator_payout_cents, status, paid, payment_failed, fully_refunded, dispute_status, \
+         dispute_id, purchased_at, refunded_at, refund_reason, refund_amount_cents, \
+         stripe_refund_id{id_column})"
+    )
+}
+
+/// The subscription rows to upsert, one array per column.
+#[derive(Default)]
+struct SubscriptionColumns {
+    id: Vec<String>,
+    user_id: Vec<Option<String>>,
+    customer_id: Vec<Option<String>>,
+    product_key: Vec<Option<String>>,
+    status: Vec<&'static str>,
+    claim: Vec<Option<&'static str>>,
+    claim_at: Vec<Option<DateTime<Utc>>>,
+    terminal: Vec<Option<&'static str>>,
+    period_end: Vec<Option<DateTime<Utc>>>,
+    cancel_at_period_end: Vec<bool>,
+    ended_at: Vec<Option<DateTime<Utc>>>,
+}
+
+impl SubscriptionColumns {
+    fn push(&mut self, s: &SubscriptionFacts) -> Result<(), StoreError> {
+        self.id.push(s.id.clone());
+        self.user_id.push(s.user_id.clone());
+        self.customer_id.push(s.customer_id.clone());
+        self.product_key.push(s.product_key.clone());
+        self.status.push(s.status().as_str());
+        self.claim.push(s.claim.map(|c| c.status.as_str()));
+        self.claim_at.push(opt_timestamp(s.claim.map(|c| c.at))?);
+        self.terminal
+            .push(s.terminal.map(SubscriptionStatus::as_str));
+        self.period_end.push(opt_timestamp(s.current_period_end)?);
+        self.cancel_at_period_end.push(s.cancel_at_period_end());
+        self.ended_at.push(opt_timestamp(s.ended_at)?);
+        Ok(())
+    }
+}
+
+/// One pipeline: the new links attach the rows that waited for a user, then the folded rows
+/// are deleted, the purchases updated and inserted, the subscriptions upserted and the
+/// abandoned checkouts queued. Returns the customers whose link attached a stored row.
+async fn write_state(
+    db: Db<'_>,
+    new_links: &[(&str, &str)],
+    purchases: &Purchases,
+    subscriptions: &[SubscriptionFacts],
+    notices: &[(Option<String>, String, serde_json::Value)],
+) -> Result<HashSet<String>, StoreError> {
+    let link_customers: Vec<&str> = new_links.iter().map(|(c, _)| *c).collect();
+    let link_users: Vec<&str> = new_links.iter().map(|(_, u)| *u).collect();
+    let link_params: [Param<'_>; 2] = [
+        (&link_customers, Type::TEXT_ARRAY),
+        (&link_users, Type::TEXT_ARRAY),
+    ];
+    let deletes: [Param<'_>; 1] = [(&purchases.deletes, Type::INT8_ARRAY)];
+    let mut updates = PurchaseColumns::default();
+    let mut inserts = PurchaseColumns::default();
+    for write in &purchases.writes {
+        match write.id {
+            Some(id) => updates.push(Some(id), &write.facts)?,
+            None => inserts.push(None, &write.facts)?,
+        }
+    }
+    let mut update_params = updates.params();
+    update_params.push((&updates.id, Type::INT8_ARRAY));
+    let insert_params = inserts.params();
+    let mut subs = SubscriptionColumns::default();
+    for s in subscriptions {
+        subs.push(s)?;
+    }
+    let subscription_params: [Param<'_>; 11] = [
+        (&subs.id, Type::TEXT_ARRAY),
+        (&subs.user_id, Type::TEXT_ARRAY),
+        (&subs.customer_id, Type::TEXT_ARRAY),
+        (&subs.product_key, Type::TEXT_ARRAY),
+        (&subs.status, Type::TEXT_ARRAY),
+        (&subs.claim, Type::TEXT_ARRAY),
+        (&subs.claim_at, Type::TIMESTAMPTZ_ARRAY),
+        (&subs.terminal, Type::TEXT_ARRAY),
+        (&subs.period_end, Type::TIMESTAMPTZ_ARRAY),
+        (&subs.cancel_at_period_end, Type::BOOL_ARRAY),
+        (&subs.ended_at, Type::TIMESTAMPTZ_ARRAY),
+    ];
+    let notice_users: Vec<Option<&str>> = notices.iter().map(|(u, _, _)| u.as_deref()).collect();
+    let notice_keys: Vec<&str> = notices.iter().map(|(_, k, _)| k.as_str()).collect();
+    let notice_payloads: Vec<&serde_json::Value> = notices.iter().map(|(_, _, p)| p).collect();
+    let notice_params: [Param<'_>; 3] = [
+        (&notice_users, Type::TEXT_ARRAY),
+        (&notice_keys, Type::TEXT_ARRAY),
+        (&notice_payloads, Type::JSONB_ARRAY),
+    ];
+    let update_sql = format!(
+        "UPDATE purchases p SET user_id = u.user_id, customer_id = u.customer_id,
+             product_key = u.product_key, checkout_session_id = u.checkout_session_id,
+             payment_intent_id = u.payment_intent_id, charge_id = u.charge_id,
+             amount_paid_cents = u.amount_paid_cents, currency = u.currency,
+             platform_fee_cents = u.platform_fee_cents,
+             organization_fee_cents = u.organization_fee_cents,
+             creator_payout_cents = u.creator_payout_cents, status = u.status, paid = u.paid,
+             payment_failed = u.payment_failed, fully_refunded = u.fully_refunded,
+             dispute_status = u.dispute_status, dispute_id = u.dispute_id,
+             purchased_at = u.purchased_at, refunded_at = u.refunded_at,
+             refund_reason = u.refund_reason, refund_amount_cents = u.refund_amount_cents,
+             stripe_refund_id = u.stripe_refund_id, updated_at = now()
+           FROM {}
+          WHERE p.id = u.id",
+        purchase_unnest(true)
+    );
+    let insert_sql = format!(
+        "INSERT INTO purchases (user_id, customer_id, product_key, checkout_session_id,
+             payment_intent_id, charge_id, amount_paid_cents, currency, platform_fee_cents,
+             organization_fee_cents, creator_payout_cents, status, paid, payment_failed,
+             fully_refunded, dispute_status, dispute_id, purchased_at, refunded_at,
+             refund_reason, refund_amount_cents, stripe_refund_id)
+         SELECT * FROM {}",
+        purchase_unnest(false)
+    );
+    let mut pending: Vec<Pending<'_>> = Vec::new();
+    if !new_links.is_empty() {
+        pending.push(Box::pin(db.query(
+            "WITH l AS (SELECT * FROM unnest($1::text[], $2::text[]) AS l(c, u)),
+                  p AS (UPDATE purchases SET user_id = l.u, updated_at = now() FROM l
+                         WHERE purchases.customer_id = l.c AND purchases.user_id IS NULL
+                         RETURNING l.c),
+                  s AS (UPDATE subscriptions SET user_id = l.u, updated_at = now() FROM l
+                         WHERE subscriptions.customer_id = l.c AND subscriptions.user_id IS NULL
+                         RETURNING l.c)
+             SELECT c FROM p UNION ALL SELECT c FROM s",
+            &link_params,
+        )));
+    }
+    if !purchases.deletes.is_empty() {
+        pending.push(Box::pin(
+            db.query("DELETE FROM purchases WHERE id = ANY($1)", &deletes),
+        ));
+    }
+    if !updates.id.is_empty() {
+        pending.push(Box::pin(db.query(&update_sql, &update_params)));
+    }
+    if !inserts.status.is_empty() {
+        pending.push(Box::pin(db.query(&insert_sql, &insert_params)));
+    }
+    if !subs.id.is_empty() {
+        pending.push(Box::pin(db.query(
+            "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
+                 status_claim, status_claim_at, terminal_status, current_period_end,
+                 cancel_at_period_end, ended_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 $6::text[], $7::timestamptz[], $8::text[], $9::timestamptz[], $10::bool[],
+                 $11::timestamptz[])
+             ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
+                 customer_id = EXCLUDED.customer_id, product_key = EXCLUDED.product_key,
+                 status = EXCLUDED.status, status_claim = EXCLUDED.status_claim,
+                 status_claim_at = EXCLUDED.status_claim_at,
+                 terminal_status = EXCLUDED.terminal_status,
+                 current_period_end = EXCLUDED.current_period_end,
+                 cancel_at_period_end = EXCLUDED.cancel_at_period_end,
+                 ended_at = EXCLUDED.ended_at, updated_at = now()",
+            &subscription_params,
+        )));
+    }
+    if !notices.is_empty() {
+        pending.push(Box::pin(db.query(
+            "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
+             SELECT 'checkout_abandoned', * FROM unnest($1::text[], $2::text[], $3::jsonb[])
+             ON CONFLICT (dedupe_key) DO NOTHING",
+            &notice_params,
+        )));
+    }
+    let results = try_join_all(pending).await?;
+    let attached = if new_links.is_empty() {
+        HashSet::new()
+    } else {
+        results[0]
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?
+    };
+    Ok(attached)
+}
