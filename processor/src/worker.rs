@@ -9,7 +9,8 @@
 //!   [`Decision`] per delivery, derived from an error taxonomy: transient failures (Postgres,
 //!   pool, broker) are retried, permanent ones (unparsable event, rejected data) are
 //!   dead-lettered at once;
-//! - one Postgres transaction per batch, one savepoint per event: a permanent failure rolls back
+//! - one Postgres transaction per batch, applied as a set ([`store::batch`]); if any of it
+//!   fails, the batch is redone with one savepoint per event, so a permanent failure rolls back
 //!   only its own event. `processed_events` is written in the same transaction as the effects,
 //!   so an event's effects are applied at most once whatever Redis says;
 //! - several batches run at once in lanes; a dispatcher sends every delivery of a user to the

@@ -27,6 +27,7 @@
 //! Statements carry explicit parameter types. Through [`apply_prepared`] each one is prepared
 //! once per connection (the worker's path); [`apply`] sends them unnamed (one round trip each,
 //! no prepare). Independent statements are pipelined: an event costs about four round trips.
+//! The worker's usual path is [`batch`], which applies a whole batch in five.
 
 pub mod batch;
 
