@@ -70,7 +70,7 @@ impl TryFrom<&Row> for Purchase {
     }
 }
 
-/// The raw query string of `GET /api/purchases`; validated by [`ListQuery::validate`].
+/// The raw query string of `GET /api/purchases`; validated by [`RawListQuery::validate`].
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RawListQuery {
