@@ -201,3 +201,76 @@ async fn a_worker_started_before_postgres_is_reachable_waits_for_it() {
     assert_eq!(version(&direct, &user).await, 1);
     setup.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_event_in_a_batch_is_retried_alone_and_the_rest_commits() {
+    let setup = Setup::new(&[60_000]).await;
+    let direct = pg(&setup.db.url).await;
+    let user = unique("u");
+    let now = chrono::Utc::now().timestamp();
+    // Two paid purchases of one product by one user: the second is refused by the partial
+    // unique index (its refund may still be on its way), which fails the set-based batch.
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let o = unique("o");
+        let sample = shared::samples::Sample {
+            user: &user,
+            product: "pro",
+            object: &o,
+            amount: 4900,
+            created: now + n,
+            subscription: false,
+        };
+        let id = unique("evt");
+        let body = shared::samples::event(&id, "checkout.session.completed", &sample);
+        publish(
+            &setup.broker,
+            body.to_string().as_bytes(),
+            &id,
+            "checkout.session.completed",
+        )
+        .await;
+        ids.push(id);
+    }
+    let mut others = Vec::new();
+    for _ in 0..10 {
+        let id = unique("evt");
+        publish_event(&setup.broker, &id, &unique("u")).await;
+        others.push(id);
+    }
+
+    // Started after the publishing, so the twelve deliveries share a batch.
+    let worker = spawn_worker(config(&setup.db.url, &setup.broker));
+    let retry = setup.broker.topology.retry_queue(1);
+    wait_depth(&setup.broker, &retry, 1).await;
+    for id in &others {
+        wait_processed(&direct, id).await;
+    }
+    worker.stop().await;
+    let applied: Vec<i64> =
+        futures_util::future::join_all(ids.iter().map(|id| processed_rows(&direct, id))).await;
+    assert_eq!(
+        applied,
+        vec![1, 0],
+        "the first purchase commits, the second waits"
+    );
+    let parked = setup.broker.get(&retry).await.expect("retried event");
+    assert_eq!(
+        parked
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        ids[1]
+    );
+    assert_eq!(
+        setup
+            .broker
+            .depth(&setup.broker.topology.main_queue())
+            .await,
+        0
+    );
+    setup.cleanup().await;
+}
