@@ -294,3 +294,33 @@ async fn batches_of_any_size_leave_the_rows_one_event_at_a_time_leaves() {
     reference_db.cleanup().await;
     batched_db.cleanup().await;
 }
+
+#[tokio::test]
+async fn pooled_connections_plan_every_execution_and_keep_the_urls_own_options() {
+    let db = TestDb::create().await;
+    for (url, search_path) in [
+        (db.url.clone(), "\"$user\", public"),
+        (
+            format!("{}?options=-c%20search_path%3Dpg_catalog", db.url),
+            "pg_catalog",
+        ),
+    ] {
+        let env = Env::from_pairs([
+            ("DATABASE_URL", url.as_str()),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("AMQP_URL", "amqp://127.0.0.1:5672"),
+        ]);
+        let pool = processor::db::pool(&Config::from_env(&env).unwrap()).unwrap();
+        let client = pool.get().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT current_setting('plan_cache_mode'), current_setting('search_path')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "force_custom_plan", "{url}");
+        assert_eq!(row.get::<_, String>(1), search_path, "{url}");
+    }
+    db.cleanup().await;
+}

@@ -43,6 +43,9 @@ pub enum DbError {
     Pool(String),
 }
 
+/// The server setting every pooled connection starts with (see [`pool`]).
+const CUSTOM_PLANS: &str = "-c plan_cache_mode=force_custom_plan";
+
 /// Builds the pool. Connections are opened lazily, so this succeeds while Postgres is down.
 ///
 /// `RecyclingMethod::Fast` only checks that the connection is not closed: a connection cut by the
@@ -59,6 +62,16 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
         .map_err(|e: tokio_postgres::Error| DbError::Url(e.to_string()))?;
     pg.connect_timeout(config.db_timeout);
     pg.application_name("processor");
+    // Statements are prepared once per connection, and after five runs Postgres switches a
+    // prepared statement to a generic plan. For the batch's `= ANY($1)` reads the generic plan
+    // chosen while the tables were small is a sequential scan, which then grows with them
+    // (BENCHMARKS.md: 20,000 events/s fell to 3,000 by 100,000 rows). Planning each execution
+    // for its arrays costs far less than one scan. Appended to any options the URL carries.
+    let options = match pg.get_options() {
+        Some(own) if !own.trim().is_empty() => format!("{own} {CUSTOM_PLANS}"),
+        _ => CUSTOM_PLANS.to_owned(),
+    };
+    pg.options(&options);
     let manager = Manager::from_config(
         pg,
         NoTls,

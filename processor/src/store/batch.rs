@@ -28,7 +28,7 @@ use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::StatementCache;
-use futures_util::future::{try_join, try_join_all, try_join3, try_join4};
+use futures_util::future::{try_join, try_join_all, try_join4};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Row, Transaction};
 
@@ -187,17 +187,7 @@ async fn dedupe_and_lock(
         (&created, Type::TIMESTAMPTZ_ARRAY),
     ];
     let keys = plans.iter().flat_map(|p| p.lock_keys()).collect();
-    // Prepared statements switch to a generic plan after five runs, and the generic plan of
-    // `= ANY($1)` chosen while the tables were small is a sequential scan, which then grows
-    // with them (20 000 events/s fell to 3 000 at 100 000 rows). Planning each statement for
-    // its arrays costs far less than one scan.
-    let (_, inserted, ()) = try_join3(
-        async {
-            db.tx
-                .batch_execute("SET LOCAL plan_cache_mode = force_custom_plan")
-                .await
-                .map_err(StoreError::from)
-        },
+    let (inserted, ()) = try_join(
         async {
             Ok(db
                 .query(
