@@ -486,7 +486,7 @@ impl Worker {
             .with_max_delay(Duration::from_millis(400))
             .with_max_times(3)
             .with_jitter();
-        let mut result = (|| apply_batch(&self.pool, &events, Recompute::SetBased))
+        let mut result = (|| apply_batch(&self.pool, &events, BatchMode::SetBased))
             .retry(policy)
             .when(|error| !matches!(error, BatchError::Recompute(_)))
             .notify(|error, after| {
@@ -496,7 +496,7 @@ impl Worker {
             .await;
         if let Err(BatchError::Recompute(error)) = &result {
             tracing::warn!(%error, events = events.len(), "batch recomputation failed; redoing it per event");
-            result = (|| apply_batch(&self.pool, &events, Recompute::PerEvent))
+            result = (|| apply_batch(&self.pool, &events, BatchMode::PerEvent))
                 .retry(policy)
                 .notify(|error, after| {
                     metrics::counter!("worker_inprocess_retries_total").increment(1);
@@ -722,10 +722,10 @@ enum BatchError {
 async fn apply_batch(
     pool: &Pool,
     events: &[&Event],
-    mode: Recompute,
+    mode: BatchMode,
 ) -> Result<Vec<EventResult>, BatchError> {
     let mut client = pool.get().await?;
-    if mode == Recompute::SetBased {
+    if mode == BatchMode::SetBased {
         let statements = std::sync::Arc::clone(&client.statement_cache);
         let tx = client.transaction().await?;
         match store::batch::apply(&tx, &statements, events).await {
@@ -779,7 +779,7 @@ async fn apply_batch(
             continue;
         }
         let applied = match mode {
-            Recompute::SetBased => store::apply_facts(&tx, &statements, event)
+            BatchMode::SetBased => store::apply_facts(&tx, &statements, event)
                 .await
                 .map(|users| {
                     if !users.is_empty() {
@@ -787,7 +787,7 @@ async fn apply_batch(
                     }
                     Vec::new()
                 }),
-            Recompute::PerEvent => store::apply_prepared(&tx, &statements, event)
+            BatchMode::PerEvent => store::apply_prepared(&tx, &statements, event)
                 .await
                 .map(|applied| applied.users),
         };
@@ -842,12 +842,13 @@ async fn apply_batch(
 
 /// How a batch is applied, and when it recomputes its users' entitlements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Recompute {
+enum BatchMode {
     /// The whole batch in a few set-based statements ([`store::batch`]); when any part of
     /// it fails, in the same call, a savepoint per event with each user recomputed once after
     /// the batch's last event (the usual path).
     SetBased,
-    /// After every event, so a failing recomputation is charged to its own event alone.
+    /// A savepoint per event, each recomputed after it, so a failing recomputation is charged
+    /// to its own event alone.
     PerEvent,
 }
 

@@ -141,8 +141,7 @@ fn expanded_dispute(charge: &Value) -> Option<Value> {
 /// A dispute with `charge` and `payment_intent` filled from its charge when it lacks them (the
 /// projection finds the purchase through either).
 fn with_charge_ids(mut dispute: Value, charge: &Value) -> Value {
-    for field in ["charge", "payment_intent"] {
-        let source = if field == "charge" { "id" } else { field };
+    for (field, source) in [("charge", "id"), ("payment_intent", "payment_intent")] {
         if dispute.get(field).is_none_or(Value::is_null)
             && let Some(id) = charge.get(source).filter(|v| !v.is_null())
         {

@@ -351,6 +351,14 @@ struct PurchaseWrite {
     facts: PurchaseFacts,
 }
 
+/// Where a purchase node of [`merge_purchases`] comes from.
+enum Origin {
+    /// A stored row, by id.
+    Stored(i64),
+    /// A delta, by its event's index in the batch.
+    Event(usize),
+}
+
 /// The merged purchase rows, and the stored rows folded into another one (to delete).
 struct Purchases {
     writes: Vec<PurchaseWrite>,
@@ -364,14 +372,14 @@ fn merge_purchases(
     owners: &HashMap<String, String>,
     users: &mut [BTreeSet<String>],
 ) -> Result<Purchases, StoreError> {
-    // Nodes: the stored rows (with their ids), then the deltas (with their events).
-    let mut nodes: Vec<(Option<i64>, Option<usize>, PurchaseFacts)> = Vec::new();
+    // Nodes: the stored rows, then the deltas.
+    let mut nodes: Vec<(Origin, PurchaseFacts)> = Vec::with_capacity(rows.len() + deltas.len());
     for row in rows {
         let (id, facts) = purchase_from_row(row)?;
-        nodes.push((Some(id), None, facts));
+        nodes.push((Origin::Stored(id), facts));
     }
     for (event, delta) in deltas {
-        nodes.push((None, Some(*event), (*delta).clone()));
+        nodes.push((Origin::Event(*event), (*delta).clone()));
     }
     let mut parent: Vec<usize> = (0..nodes.len()).collect();
     fn root(parent: &mut [usize], mut n: usize) -> usize {
@@ -382,7 +390,7 @@ fn merge_purchases(
         n
     }
     let mut seen: HashMap<(u8, &str), usize> = HashMap::new();
-    for (n, (_, _, facts)) in nodes.iter().enumerate() {
+    for (n, (_, facts)) in nodes.iter().enumerate() {
         for (column, id) in [
             (0, &facts.checkout_session_id),
             (1, &facts.payment_intent_id),
@@ -413,27 +421,23 @@ fn merge_purchases(
         let mut stored_ids: Vec<i64> = Vec::new();
         let mut concerned: BTreeSet<String> = BTreeSet::new();
         let mut events = Vec::new();
-        let mut merged: Option<PurchaseFacts> = None;
         for &n in members {
-            let (id, event, facts) = &nodes[n];
-            match (id, event) {
-                (Some(id), _) => {
+            match &nodes[n] {
+                (Origin::Stored(id), facts) => {
                     stored_ids.push(*id);
                     concerned.extend(facts.user_id.clone());
                 }
-                (None, Some(event)) => events.push(*event),
-                (None, None) => {}
+                (Origin::Event(event), _) => events.push(*event),
             }
-            merged = Some(match merged {
-                Some(m) => m.merge(facts.clone()),
-                None => facts.clone(),
-            });
         }
-        let Some(mut merged) = merged else { continue };
-        if events.is_empty() {
-            // Stored rows no delta reached (cannot happen: every row was read through a delta).
+        // A component is never empty.
+        let Some(mut merged) = members
+            .iter()
+            .map(|&n| nodes[n].1.clone())
+            .reduce(PurchaseFacts::merge)
+        else {
             continue;
-        }
+        };
         resolve_user(
             &mut merged.user_id,
             merged.customer_id.as_ref(),
