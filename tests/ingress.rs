@@ -198,7 +198,7 @@ async fn rejected_webhooks_publish_nothing() {
     // A valid one afterwards proves the queue was reachable all along.
     let (status, _, _) = ingress.post(&body, signed(&body)).await;
     assert_eq!(status, 200);
-    assert_eq!(broker.depth(&broker.topology.main_queue()).await, 1);
+    assert_eq!(broker.main_depth().await, 1);
     let message = broker.get(&broker.topology.main_queue()).await.unwrap();
     assert_eq!(message.delivery.data, body.as_bytes());
 
@@ -293,7 +293,7 @@ async fn ingress_starts_while_the_broker_is_down_and_connects_when_it_appears() 
     proxy.restore();
     ingress.wait_ready().await;
     assert_eq!(ingress.post(&body, signed(&body)).await.0, 200);
-    assert_eq!(broker.depth(&broker.topology.main_queue()).await, 1);
+    assert_eq!(broker.main_depth().await, 1);
 
     ingress.stop().await;
     broker.cleanup().await;
@@ -448,7 +448,7 @@ async fn shutdown_finishes_the_request_in_flight() {
         "in-flight request completed during shutdown"
     );
     ingress.task.await.unwrap().unwrap();
-    assert_eq!(broker.depth(&broker.topology.main_queue()).await, 1);
+    assert_eq!(broker.main_depth().await, 1);
     assert!(
         tokio::net::TcpStream::connect(ingress.addr).await.is_err(),
         "listener closed after shutdown"

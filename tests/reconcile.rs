@@ -221,7 +221,7 @@ async fn a_dry_run_lists_the_events_and_publishes_nothing() {
         assert!(out.contains(&line), "{line:?} missing from {out}");
     }
     assert!(out.contains("dry run: nothing was published"), "{out}");
-    assert_eq!(broker.depth(&broker.topology.main_queue()).await, 0);
+    assert_eq!(broker.main_depth().await, 0);
     broker.cleanup().await;
 }
 
@@ -313,7 +313,7 @@ async fn a_stripe_failure_that_must_not_be_retried_stops_the_run_with_exit_code_
     assert!(error.to_string().contains("Stripe"), "{error}");
     assert!(out.contains("enqueued 0 events"), "{out}");
     assert_eq!(fake.requests_to("/v1/events").len(), 1, "not retried");
-    assert_eq!(broker.depth(&broker.topology.main_queue()).await, 0);
+    assert_eq!(broker.main_depth().await, 0);
     broker.cleanup().await;
 }
 
@@ -343,7 +343,7 @@ async fn an_unreachable_broker_fails_with_exit_code_one_and_claims_nothing_enque
         fake.requests_to("/v1/events").is_empty(),
         "Stripe is not read while there is nowhere to put the events"
     );
-    assert_eq!(broker.depth(&broker.topology.main_queue()).await, 0);
+    assert_eq!(broker.main_depth().await, 0);
     broker.cleanup().await;
 }
 
@@ -393,7 +393,7 @@ async fn reconciling_an_event_the_processor_already_handled_does_not_apply_it_tw
     assert_eq!(processed_rows(&direct, &event_id).await, 1);
     assert_eq!(version(&direct, &user).await, 1, "applied once");
     assert_eq!(
-        broker.depth(&broker.topology.dead_letter_queue()).await,
+        broker.dead_letter_depth().await,
         0,
         "the copy was deduped, not parked"
     );

@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicGetOptions;
 use lapin::{Channel, Connection};
 use shared::topology::Topology;
 
@@ -31,18 +30,19 @@ impl TestBroker {
 
     /// Number of ready messages in `queue`.
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        processor::dlq::queue_depth(&self.channel, queue)
             .await
             .expect("passive declare")
-            .message_count()
+    }
+
+    /// Number of ready messages in the main queue.
+    pub async fn main_depth(&self) -> u32 {
+        self.depth(&self.topology.main_queue()).await
+    }
+
+    /// Number of ready messages in the dead-letter queue.
+    pub async fn dead_letter_depth(&self) -> u32 {
+        self.depth(&self.topology.dead_letter_queue()).await
     }
 
     /// Takes one message from `queue` (acked), if any.

@@ -96,17 +96,8 @@ async fn replay_parked(
         },
         topology.exchange()
     );
-    if dry_run {
-        println!("dry run: nothing changed");
-        return Ok(());
-    }
-    let question = format!("Replay {}?", n_events(selected.len()));
-    if !confirmed(yes, question, "pass --yes to replay without a terminal").await? {
-        println!("cancelled: nothing changed");
-        return Ok(());
-    }
     let items = selected.into_iter().map(|h| (&h.message, Some(h)));
-    publish_all(items.collect(), amqp_url, topology).await
+    confirm_and_publish(items.collect(), dry_run, yes, amqp_url, topology).await
 }
 
 async fn from_file(
@@ -147,20 +138,32 @@ async fn from_file(
         },
         topology.exchange()
     );
+    let items = messages.iter().map(|m| (m, None));
+    confirm_and_publish(items.collect(), dry_run, yes, amqp_url, topology).await
+}
+
+/// Publishes `items` unless this is a dry run or the operator does not confirm (each says
+/// that nothing changed).
+async fn confirm_and_publish(
+    items: Vec<(&ParkedMessage, Option<&Held>)>,
+    dry_run: bool,
+    yes: bool,
+    amqp_url: &str,
+    topology: &Topology,
+) -> anyhow::Result<()> {
     if dry_run {
         println!("dry run: nothing changed");
         return Ok(());
     }
-    if messages.is_empty() {
+    if items.is_empty() {
         return Ok(());
     }
-    let question = format!("Replay {}?", n_events(messages.len()));
+    let question = format!("Replay {}?", n_events(items.len()));
     if !confirmed(yes, question, "pass --yes to replay without a terminal").await? {
         println!("cancelled: nothing changed");
         return Ok(());
     }
-    let items = messages.iter().map(|m| (m, None));
-    publish_all(items.collect(), amqp_url, topology).await
+    publish_all(items, amqp_url, topology).await
 }
 
 /// Publishes each message with confirms, removing its parked copy (when it has one) right after
