@@ -12,7 +12,7 @@ scripts/services.sh
 # localstripe (PyPI) is the stateful fake Stripe some tests run against.
 if ! command -v localstripe >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check localstripe >/dev/null 2>&1 \
-    || echo "test.sh: could not install localstripe; its tests will say SKIPPED" >&2
+    || echo "test.sh: could not install localstripe; its tests will skip (or fail under REQUIRE_LOCALSTRIPE)" >&2
 fi
 
 if [ $lint = 1 ]; then

@@ -8,7 +8,8 @@
 //! its aiohttp app from Python on a socket bound to 127.0.0.1, port 0, and read the port from the
 //! first line of its output. They also stop it from writing its state to `/tmp/localstripe.pickle`
 //! (shared by every instance on the machine). The tests are skipped, with a printed reason, only
-//! when the `localstripe` command is not installed (`pip install localstripe`).
+//! when the `localstripe` command is not installed (`pip install localstripe`), and fail instead
+//! when `REQUIRE_LOCALSTRIPE` is set, as `.ci/run` does.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -56,6 +57,11 @@ fn command_on_path(name: &str) -> bool {
 /// Starts a private localstripe, or `None` (after printing why) when it is not installed.
 async fn start() -> Option<LocalStripe> {
     if !command_on_path("localstripe") {
+        // CI sets this: there, a missing localstripe must fail rather than pass unseen.
+        assert!(
+            std::env::var_os("REQUIRE_LOCALSTRIPE").is_none(),
+            "REQUIRE_LOCALSTRIPE is set but the `localstripe` command is not installed"
+        );
         eprintln!(
             "SKIPPED: the `localstripe` command is not installed (pip install localstripe); \
              the Stripe client was not tested against it"
