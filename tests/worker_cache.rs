@@ -110,13 +110,7 @@ async fn the_worker_writes_the_cache_after_commit_and_deletes_it_when_the_write_
     })
     .await;
     worker.stop().await;
-    assert_eq!(
-        setup
-            .broker
-            .depth(&setup.broker.topology.dead_letter_queue())
-            .await,
-        0
-    );
+    assert_eq!(setup.broker.dead_letter_depth().await, 0);
     let _: () = redis::cmd("DEL")
         .arg(entitlements_key(&good_user))
         .query_async(&mut redis)
@@ -139,8 +133,8 @@ async fn an_unreachable_redis_never_fails_an_event() {
     // Stopping closes the channel: an unacked delivery would come back now.
     worker.stop().await;
     let topology = &setup.broker.topology;
-    assert_eq!(setup.broker.depth(&topology.main_queue()).await, 0);
-    assert_eq!(setup.broker.depth(&topology.dead_letter_queue()).await, 0);
+    assert_eq!(setup.broker.main_depth().await, 0);
+    assert_eq!(setup.broker.dead_letter_depth().await, 0);
     for n in 1..=topology.retry_delays().len() {
         assert_eq!(setup.broker.depth(&topology.retry_queue(n)).await, 0);
     }

@@ -66,13 +66,7 @@ async fn run(
         worker.stop().await;
     }
     assert_eq!(processed_total(&direct).await, distinct.len() as i64);
-    assert_eq!(
-        setup
-            .broker
-            .depth(&setup.broker.topology.dead_letter_queue())
-            .await,
-        0
-    );
+    assert_eq!(setup.broker.dead_letter_depth().await, 0);
     let mut states = Vec::new();
     for user in users {
         states.push(state(&direct, user).await);

@@ -58,9 +58,8 @@ async fn the_same_event_delivered_many_times_has_the_effect_of_one() {
         4,
         "one effect per distinct event"
     );
-    let topology = &setup.broker.topology;
-    assert_eq!(setup.broker.depth(&topology.main_queue()).await, 0);
-    assert_eq!(setup.broker.depth(&topology.dead_letter_queue()).await, 0);
+    assert_eq!(setup.broker.main_depth().await, 0);
+    assert_eq!(setup.broker.dead_letter_depth().await, 0);
     let marker_state: Option<String> = redis::cmd("GET")
         .arg(format!("dedupe:v1:{repeated}"))
         .query_async(&mut redis().await)
@@ -93,13 +92,7 @@ async fn copies_already_marked_done_are_skipped_even_when_postgres_never_saw_the
     worker.stop().await;
     assert_eq!(processed_rows(&direct, &event).await, 0);
     assert_eq!(version(&direct, &user).await, 1);
-    assert_eq!(
-        setup
-            .broker
-            .depth(&setup.broker.topology.main_queue())
-            .await,
-        0
-    );
+    assert_eq!(setup.broker.main_depth().await, 0);
     setup.cleanup().await;
 }
 
@@ -130,13 +123,7 @@ async fn a_worker_that_dies_between_claim_and_commit_never_loses_the_event() {
     wait_depth(&setup.broker, &setup.broker.topology.main_queue(), 0).await;
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, 1);
-    assert_eq!(
-        setup
-            .broker
-            .depth(&setup.broker.topology.dead_letter_queue())
-            .await,
-        0
-    );
+    assert_eq!(setup.broker.dead_letter_depth().await, 0);
     setup.cleanup().await;
 }
 
@@ -166,12 +153,6 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice() {
     wait_depth(&setup.broker, &setup.broker.topology.main_queue(), 0).await;
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, total);
-    assert_eq!(
-        setup
-            .broker
-            .depth(&setup.broker.topology.dead_letter_queue())
-            .await,
-        0
-    );
+    assert_eq!(setup.broker.dead_letter_depth().await, 0);
     setup.cleanup().await;
 }

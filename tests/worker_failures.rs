@@ -64,8 +64,8 @@ async fn events_are_retried_through_the_delay_queues_while_postgres_is_down() {
     wait_processed(&direct, &event).await;
     assert_eq!(version(&direct, &user).await, 1);
     worker.stop().await;
-    assert_eq!(setup.broker.depth(&topology.dead_letter_queue()).await, 0);
-    assert_eq!(setup.broker.depth(&topology.main_queue()).await, 0);
+    assert_eq!(setup.broker.dead_letter_depth().await, 0);
+    assert_eq!(setup.broker.main_depth().await, 0);
     setup.cleanup().await;
 }
 
@@ -265,12 +265,6 @@ async fn one_refused_event_in_a_batch_is_retried_alone_and_the_rest_commits() {
             .as_str(),
         ids[1]
     );
-    assert_eq!(
-        setup
-            .broker
-            .depth(&setup.broker.topology.main_queue())
-            .await,
-        0
-    );
+    assert_eq!(setup.broker.main_depth().await, 0);
     setup.cleanup().await;
 }
