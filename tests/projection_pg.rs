@@ -1,10 +1,10 @@
-//! `store::apply` against a real Postgres: the projection scenarios in several orders (refund
+//! `store::apply_events` against a real Postgres: the projection scenarios in several orders (refund
 //! first, duplicates, a user linked only later) end in the same rows, entitlements and
 //! notifications; versions are bumped; two concurrent writers on one user end like one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use processor::events::{self, Event};
-use processor::store::{self, Applied, StoreError};
+use processor::store::{self, Outcome, StoreError, UserSnapshot};
 use serde_json::{Value, json};
 use shared::ids::UserId;
 use system_tests::db::TestDb;
@@ -217,28 +217,57 @@ fn parse(body: &Value) -> Event {
     events::parse(&serde_json::to_vec(body).unwrap()).unwrap()
 }
 
-/// What the consumer does per delivery: dedupe on `processed_events`, then apply, then commit.
-/// `None` for a duplicate.
-async fn deliver(client: &mut Client, body: &Value) -> Result<Option<Applied>, StoreError> {
+/// What one delivery changed: the users whose entitlements it recomputed.
+#[derive(Debug)]
+struct Applied {
+    users: Vec<UserSnapshot>,
+}
+
+/// Why [`deliver`] applied nothing.
+#[derive(Debug)]
+enum Refusal {
+    /// The database failed the whole transaction: deliver again.
+    Unavailable(StoreError),
+    /// The store charged this outcome to the event (rolled back alone).
+    Event(Outcome),
+}
+
+/// What the consumer does per delivery: the store's one apply path (dedupe on
+/// `processed_events`, then the projection) in a transaction of its own, then commit. `None`
+/// for a duplicate.
+async fn deliver(client: &mut Client, body: &Value) -> Result<Option<Applied>, Refusal> {
     let event = parse(body);
-    let tx = client.transaction().await?;
-    let fresh = tx
-        .execute(
-            "INSERT INTO processed_events (event_id, event_type, event_created)
-             VALUES ($1, $2, to_timestamp($3)) ON CONFLICT DO NOTHING",
-            &[
-                &event.id.as_str(),
-                &event.event_type,
-                &(event.created as f64),
-            ],
-        )
-        .await?;
-    if fresh == 0 {
-        return Ok(None);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Refusal::Unavailable(e.into()))?;
+    let outcome = store::apply_events(&tx, None, &[&event])
+        .await
+        .map_err(Refusal::Unavailable)?
+        .remove(0);
+    tx.commit()
+        .await
+        .map_err(|e| Refusal::Unavailable(e.into()))?;
+    match outcome {
+        Outcome::Applied(users) => Ok(Some(Applied { users })),
+        Outcome::Replay => Ok(None),
+        other => Err(Refusal::Event(other)),
     }
-    let applied = store::apply(&tx, &event).await?;
-    tx.commit().await?;
-    Ok(Some(applied))
+}
+
+/// Applies `body` again as if it had never been processed: its facts merged a second time.
+async fn reapply(client: &mut Client, body: &Value) {
+    let event = parse(body);
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "DELETE FROM processed_events WHERE event_id = $1",
+        &[&event.id.as_str()],
+    )
+    .await
+    .unwrap();
+    let outcome = store::apply_events(&tx, None, &[&event]).await.unwrap();
+    assert!(matches!(outcome[0], Outcome::Applied(_)), "{outcome:?}");
+    tx.commit().await.unwrap();
 }
 
 async fn deliver_all(client: &mut Client, events: &[Value], order: &[usize]) {
@@ -559,9 +588,7 @@ async fn reapplying_events_without_dedupe_neither_changes_rows_nor_duplicates_no
     deliver_all(&mut client, &events, &[0, 1, 2, 3]).await;
     let once = state(&client).await;
     for body in &events {
-        let tx = client.transaction().await.unwrap();
-        store::apply(&tx, &parse(body)).await.unwrap();
-        tx.commit().await.unwrap();
+        reapply(&mut client, body).await;
     }
     assert_eq!(state(&client).await, once);
     assert_eq!(
@@ -586,9 +613,7 @@ async fn expired_checkout_queues_one_abandoned_notification_with_the_recovery_ur
     );
     let (db, mut client) = fresh_db().await;
     for _ in 0..2 {
-        let tx = client.transaction().await.unwrap();
-        store::apply(&tx, &parse(&expired)).await.unwrap();
-        tx.commit().await.unwrap();
+        reapply(&mut client, &expired).await;
     }
     let rows = client
         .query(
@@ -618,10 +643,11 @@ async fn second_completed_purchase_is_refused_until_the_first_is_refunded() {
             "amount_total": 4900, "currency": "usd", "metadata": { "product_key": "pro" } }),
     );
     match deliver(&mut client, &other).await {
-        Err(e @ StoreError::DuplicatePurchase { .. }) => {
+        // `Later`: transient, the earlier purchase's refund may still arrive.
+        Err(Refusal::Event(Outcome::Later(reason))) => {
             assert!(
-                e.is_transient(),
-                "the earlier purchase's refund may still arrive"
+                reason.contains("already owns a completed purchase of product `pro`"),
+                "{reason}"
             );
         }
         other => panic!("expected a duplicate purchase, got {other:?}"),
@@ -668,11 +694,11 @@ async fn deliver_with_retries(mut client: Client, bodies: Vec<Value>) {
         loop {
             match deliver(&mut client, body).await {
                 Ok(_) => break,
-                Err(StoreError::Db(e)) if attempts < 10 => {
+                Err(Refusal::Unavailable(e)) if attempts < 10 => {
                     attempts += 1;
                     eprintln!("retrying after transient error: {e}");
                 }
-                Err(e) => panic!("permanent failure: {e}"),
+                Err(e) => panic!("permanent failure: {e:?}"),
             }
         }
     }
@@ -733,8 +759,14 @@ async fn a_writer_on_the_same_user_waits_for_the_first_to_commit_and_sees_its_ch
     // the refund, keep the purchase as the best source, and the refund would win at commit.
     let refund = parse(&fx::refund("evt_rf", T0 + DAY, 4900));
     let tx = first.transaction().await.unwrap();
-    let applied = store::apply(&tx, &refund).await.unwrap();
-    assert_eq!(applied.users[0].entitlements[0].status, "revoked");
+    let Outcome::Applied(users) = store::apply_events(&tx, None, &[&refund])
+        .await
+        .unwrap()
+        .remove(0)
+    else {
+        panic!("the refund applies");
+    };
+    assert_eq!(users[0].entitlements[0].status, "revoked");
 
     let mut second = connect(&db).await;
     let racer = tokio::spawn(async move {

@@ -1,15 +1,13 @@
-//! The set-based batch path (`store::batch::apply`, the worker's usual path) against the
-//! per-event path (`store::apply`): the same events, shuffled and with duplicates, applied in
-//! batches of random sizes to one database and one by one to another, must leave the same
+//! The store's one apply path is independent of how events are grouped: the same events,
+//! shuffled and with duplicates, applied in sets of random sizes (`store::apply_events`, the
+//! worker's usual path) to one database and one per transaction to another, must leave the same
 //! purchases, subscriptions, customers, entitlements, versions and notifications.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use processor::config::Config;
 use processor::events::{self, Event};
-use processor::store;
+use processor::store::{self, Outcome};
 use serde_json::{Value, json};
 use shared::config::Env;
 use shared::samples::{Sample, event};
@@ -127,31 +125,19 @@ async fn database() -> (TestDb, Pool) {
     (db, pool)
 }
 
-/// The reference: one transaction per event, as `store::apply` documents.
+/// The reference: one transaction per event.
 async fn apply_one_by_one(pool: &Pool, events: &[Event]) {
-    let mut client = pool.get().await.unwrap();
     for event in events {
-        let tx = client.transaction().await.unwrap();
-        let created = chrono::DateTime::from_timestamp(event.created, 0);
-        let inserted = tx
-            .execute(
-                "INSERT INTO processed_events (event_id, event_type, event_created)
-                 VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
-                &[&event.id.as_str(), &event.event_type, &created],
-            )
-            .await
-            .unwrap();
-        if inserted == 1 {
-            store::apply(&tx, event).await.unwrap();
-        }
-        tx.commit().await.unwrap();
+        let outcomes = store::apply_and_commit(pool, &[event]).await.unwrap();
+        assert!(
+            matches!(outcomes[0], Outcome::Applied(_) | Outcome::Replay),
+            "{outcomes:?}"
+        );
     }
 }
 
-/// Batches of 1 to 40 events; returns how many events the batches called replays.
+/// Sets of 1 to 40 events; returns how many events the sets called replays.
 async fn apply_in_batches(pool: &Pool, events: &[Event], rng: &mut Rng) -> usize {
-    let mut client = pool.get().await.unwrap();
-    let statements = Arc::clone(&client.statement_cache);
     let mut replays = 0;
     let mut rest = events;
     while !rest.is_empty() {
@@ -159,13 +145,17 @@ async fn apply_in_batches(pool: &Pool, events: &[Event], rng: &mut Rng) -> usize
         let (batch, tail) = rest.split_at(n);
         rest = tail;
         let refs: Vec<&Event> = batch.iter().collect();
-        let tx = client.transaction().await.unwrap();
-        let results = store::batch::apply(&tx, &statements, &refs)
+        let outcomes = store::apply_and_commit(pool, &refs)
             .await
             .unwrap_or_else(|e| panic!("batch of {n} failed: {e}"));
-        tx.commit().await.unwrap();
-        assert_eq!(results.len(), n);
-        replays += results.iter().filter(|r| r.is_none()).count();
+        assert_eq!(outcomes.len(), n);
+        for outcome in &outcomes {
+            match outcome {
+                Outcome::Replay => replays += 1,
+                Outcome::Applied(_) => {}
+                other => panic!("batch of {n}: {other:?}"),
+            }
+        }
     }
     replays
 }

@@ -6,7 +6,7 @@ mod worker_common;
 
 use processor::cache::{Cache, Claim, entitlements_key};
 use processor::events;
-use processor::store;
+use processor::store::{self, Outcome};
 use shared::ids::UserId;
 use system_tests::{eventually, unique};
 use worker_common::*;
@@ -24,11 +24,14 @@ async fn writers_that_commit_in_one_order_and_write_in_the_other_leave_the_newer
     let mut snapshots = Vec::new();
     for _ in 0..2 {
         let event = events::parse(&checkout_completed(&unique("evt"), &user)).unwrap();
-        let mut client = pool.get().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        let applied = store::apply(&tx, &event).await.unwrap();
-        tx.commit().await.unwrap();
-        snapshots.extend(applied.users.into_iter().filter(|s| s.user_id == user));
+        let Outcome::Applied(users) = store::apply_and_commit(&pool, &[&event])
+            .await
+            .unwrap()
+            .remove(0)
+        else {
+            panic!("a fresh purchase applies");
+        };
+        snapshots.extend(users.into_iter().filter(|s| s.user_id == user));
     }
     let (older, newer) = (&snapshots[0], &snapshots[1]);
     assert!(newer.version > older.version);

@@ -182,10 +182,10 @@ pub async fn serve_with_api(
     shutdown: impl Future<Output = ()> + Send,
     with_worker: bool,
 ) -> anyhow::Result<()> {
-    let (deps, publisher_task) = crate::worker::Dependencies::start(&config)
+    let (deps, publisher_task) = crate::service::Dependencies::start(&config)
         .await
         .context("preparing the database and connections")?;
-    let crate::worker::Dependencies {
+    let crate::service::Dependencies {
         pool,
         cache,
         publisher,

@@ -44,6 +44,72 @@ pub mod headers {
     pub const FIRST_SEEN_AT: &str = "first_seen_at";
     /// When the event was parked in the dead-letter queue (RFC 3339).
     pub const DEAD_LETTERED_AT: &str = "dead_lettered_at";
+
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    /// An integer header, whatever integer type (or decimal text) the publisher chose.
+    #[must_use]
+    pub fn integer(value: &AMQPValue) -> Option<i64> {
+        match value {
+            AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+            AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+            AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+            AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+            AMQPValue::LongInt(v) => Some(i64::from(*v)),
+            AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+            AMQPValue::LongLongInt(v) => Some(*v),
+            AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+            AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// A text header (long or short string).
+    #[must_use]
+    pub fn text(value: &AMQPValue) -> Option<String> {
+        match value {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        }
+    }
+
+    /// Sets an integer header (as a signed 64-bit integer).
+    pub fn put_integer(table: &mut FieldTable, key: &str, value: i64) {
+        table.insert(key.into(), AMQPValue::LongLongInt(value));
+    }
+
+    /// Sets a text header (as a long string).
+    pub fn put_text(table: &mut FieldTable, key: &str, value: &str) {
+        table.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn integer_headers_are_read_whatever_their_type() {
+            assert_eq!(integer(&AMQPValue::LongLongInt(3)), Some(3));
+            assert_eq!(integer(&AMQPValue::ShortShortUInt(2)), Some(2));
+            assert_eq!(integer(&AMQPValue::LongString("4".into())), Some(4));
+            assert_eq!(integer(&AMQPValue::LongLongInt(-1)), Some(-1));
+            assert_eq!(integer(&AMQPValue::Boolean(true)), None);
+        }
+
+        #[test]
+        fn written_headers_read_back() {
+            let mut table = FieldTable::default();
+            put_integer(&mut table, ATTEMPTS, 7);
+            put_text(&mut table, LAST_ERROR, "down");
+            assert_eq!(table.inner().get(ATTEMPTS).and_then(integer), Some(7));
+            assert_eq!(
+                table.inner().get(LAST_ERROR).and_then(text).as_deref(),
+                Some("down")
+            );
+        }
+    }
 }
 
 /// Queue and exchange names plus the retry schedule.

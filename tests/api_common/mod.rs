@@ -145,10 +145,13 @@ impl Api {
     /// Applies a Stripe-shaped event through the processor's own projection and commits.
     pub async fn apply(&self, body: &Value) {
         let event = events::parse(body.to_string().as_bytes()).unwrap();
-        let mut client = self.pool.get().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        store::apply(&tx, &event).await.unwrap();
-        tx.commit().await.unwrap();
+        let outcomes = store::apply_and_commit(&self.pool, &[&event])
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcomes[0], store::Outcome::Applied(_)),
+            "{outcomes:?}"
+        );
     }
 
     /// Applies the sample event `event_type` of `sample` under a fresh event id.

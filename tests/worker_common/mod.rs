@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use processor::config::Config;
-use processor::worker::WorkerError;
+use processor::service::StartError as WorkerError;
 use shared::config::Env;
 use system_tests::amqp::TestBroker;
 use system_tests::db::TestDb;

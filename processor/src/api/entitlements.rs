@@ -17,6 +17,7 @@ use super::ApiState;
 use super::error::ApiError;
 use crate::access::{self, AccessStatus};
 use crate::auth::{AdminToken, AuthUser};
+use crate::projection::EntitlementSource;
 use crate::store::{self, UserSnapshot};
 
 /// The entitlement key `/api/pro/entitlement` reports.
@@ -29,7 +30,7 @@ pub struct ProEntitlement {
     pub user_id: String,
     pub is_pro: bool,
     pub status: AccessStatus,
-    pub source: Option<String>,
+    pub source: Option<EntitlementSource>,
     pub expires_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
 }
@@ -41,7 +42,7 @@ pub struct EntitlementItem {
     pub key: String,
     pub status: AccessStatus,
     pub active: bool,
-    pub source: String,
+    pub source: EntitlementSource,
     pub expires_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
@@ -88,7 +89,7 @@ pub fn pro_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> ProEntitlement {
         user_id: snapshot.user_id.clone(),
         is_pro: status.is_allowed(),
         status,
-        source: row.map(|r| r.source.clone()),
+        source: row.map(|r| r.source),
         expires_at: row.and_then(|r| r.expires_at),
         updated_at: row.map(|r| r.updated_at),
     }
@@ -108,7 +109,7 @@ pub fn list_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> EntitlementList
                     key: e.key.clone(),
                     status,
                     active: status.is_allowed(),
-                    source: e.source.clone(),
+                    source: e.source,
                     expires_at: e.expires_at,
                     updated_at: e.updated_at,
                 }
@@ -178,8 +179,8 @@ mod tests {
     fn row(key: &str, status: &str, expires_at: Option<DateTime<Utc>>) -> EntitlementView {
         EntitlementView {
             key: key.into(),
-            status: status.into(),
-            source: "purchase".into(),
+            status: crate::projection::EntitlementStatus::from_column(status).unwrap(),
+            source: EntitlementSource::Purchase,
             source_id: "cs_1".into(),
             expires_at,
             updated_at: Utc::now(),

@@ -4,7 +4,7 @@
 //! Invariants: nothing the client sends is used (the route takes no body; the customers come from
 //! the `customers` table, the objects from Stripe); every Stripe object becomes a synthetic event
 //! of the type the real webhook would have had, parsed by [`crate::events::parse`] and applied by
-//! [`crate::store::apply`], the processor's own projection; a synthetic event's id is derived from
+//! [`crate::store::apply_events`], the processor's own apply path; a synthetic event's id is derived from
 //! the object's id and content, so restoring an unchanged object twice applies it once
 //! (`processed_events`, as for real events); all of a restore commits in one transaction and the
 //! cache is refreshed after the commit; one restore per user per 10 s (429 otherwise).
@@ -21,7 +21,6 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use shared::ids::UserId;
-use tokio_postgres::types::Type;
 
 use super::ApiState;
 use super::customers::{customers_of, mark_gone};
@@ -29,7 +28,7 @@ use super::entitlements::{ProEntitlement, pro_view, read_from_postgres};
 use super::error::ApiError;
 use crate::auth::AuthUser;
 use crate::events::{self, Event};
-use crate::store::{self, StoreError};
+use crate::store::{self, Outcome};
 use crate::stripe::{StripeClient, StripeError};
 
 /// The minimum interval between two restores of one user.
@@ -220,47 +219,24 @@ async fn read_customer(
     Ok(Some(out))
 }
 
-/// Applies `events` in one transaction; returns how many were new.
+/// Applies `events` through the processor's own apply path, in one transaction; returns how
+/// many were new. An event the projection refuses is rolled back alone and logged.
 async fn apply_all(state: &ApiState, events: &[Event]) -> Result<usize, ApiError> {
-    let mut client = state.pool.get().await.map_err(ApiError::internal)?;
-    let mut tx = client.transaction().await.map_err(ApiError::internal)?;
+    let refs: Vec<&Event> = events.iter().collect();
+    let outcomes = store::apply_and_commit(&state.pool, &refs)
+        .await
+        .map_err(ApiError::internal)?;
     let mut applied = 0;
-    for event in events {
-        let created = chrono::DateTime::from_timestamp(event.created, 0);
-        let inserted = tx
-            .execute_typed(
-                "INSERT INTO processed_events (event_id, event_type, event_created)
-                 VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
-                &[
-                    (&event.id.as_str(), Type::TEXT),
-                    (&event.event_type.as_str(), Type::TEXT),
-                    (&created, Type::TIMESTAMPTZ),
-                ],
-            )
-            .await
-            .map_err(ApiError::internal)?;
-        if inserted == 0 {
-            continue;
-        }
-        // A savepoint per event: data the projection refuses undoes that event alone.
-        let savepoint = tx
-            .savepoint("restore_event")
-            .await
-            .map_err(ApiError::internal)?;
-        match store::apply(&savepoint, event).await {
-            Ok(_) => {
-                savepoint.commit().await.map_err(ApiError::internal)?;
-                applied += 1;
-            }
-            Err(StoreError::Db(error)) => return Err(ApiError::internal(error)),
-            Err(error) => {
-                tracing::warn!(event_id = %event.id, event_type = %event.event_type, %error,
+    for (event, outcome) in events.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Applied(_) => applied += 1,
+            Outcome::Rejected(reason) | Outcome::Later(reason) => {
+                tracing::warn!(event_id = %event.id, event_type = %event.event_type, %reason,
                     "restore event refused by the projection");
-                savepoint.rollback().await.map_err(ApiError::internal)?;
             }
+            Outcome::Replay | Outcome::Busy => {}
         }
     }
-    tx.commit().await.map_err(ApiError::internal)?;
     Ok(applied)
 }
 

@@ -20,8 +20,9 @@ use crate::events::SubscriptionStatus;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-/// `entitlements.status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// `entitlements.status`; serialized in its column spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EntitlementStatus {
     Active,
     PastDue,
@@ -68,8 +69,11 @@ impl EntitlementStatus {
     }
 }
 
-/// `entitlements.source`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// `entitlements.source`; serialized in its column spelling.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum EntitlementSource {
     Purchase,
     Subscription,
@@ -83,6 +87,28 @@ impl EntitlementSource {
             Self::Purchase => "purchase",
             Self::Subscription => "subscription",
         }
+    }
+
+    /// Parses the column spelling.
+    #[must_use]
+    pub fn from_column(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "purchase" => Self::Purchase,
+            "subscription" => Self::Subscription,
+            _ => return None,
+        })
+    }
+}
+
+impl PartialEq<&str> for EntitlementStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<&str> for EntitlementSource {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 

@@ -1,46 +1,53 @@
-//! Postgres I/O around the pure projection: load the rows an event touches, merge them with
-//! the event's facts, write them back, recompute the affected users' entitlements, bump their
-//! versions and queue notifications — all inside the caller's transaction.
+//! Postgres I/O around the pure projection: the one way to apply events. [`apply_events`]
+//! dedupes a set of events on `processed_events`, merges their facts into the rows,
+//! recomputes the affected users' entitlements, bumps their versions and queues
+//! notifications — all inside the caller's transaction — and says what became of each event.
 //!
 //! Invariants:
-//! - Nothing here commits or rolls back: the caller owns the transaction (or savepoint) and
-//!   the `processed_events` insert that makes an event apply once.
+//! - Nothing here commits: the caller owns the transaction. What this module undoes, it undoes
+//!   with its own savepoints, so an event the projection refuses leaves nothing behind, its
+//!   `processed_events` row included, and the rest of the set still applies.
 //! - Rows only ever hold the join of their facts ([`projection`]), so the final rows do not
-//!   depend on the order events arrive in; entitlements are always recomputed from the rows.
-//! - Serialization: every transaction first takes transaction-scoped advisory locks on the
-//!   Stripe objects its event names (customer, session, payment intent, charge, subscription),
-//!   sorted, then — once the rows have revealed them — on the users whose entitlements it
-//!   recomputes, sorted. Object locks are always all taken before any user lock, so the two
-//!   phases cannot wait on each other in a cycle. A user's entitlements are therefore
-//!   recomputed by one transaction at a time, and the last to commit saw every earlier commit.
+//!   depend on the order events arrive in, nor on how they are grouped into sets;
+//!   entitlements are always recomputed from the rows.
+//! - Serialization: a transaction first takes transaction-scoped advisory locks on the Stripe
+//!   objects its events name (customer, session, payment intent, charge, subscription), sorted,
+//!   then — once the rows have revealed them — on the users whose entitlements it recomputes,
+//!   sorted. Object locks are always all taken before any user lock, so two transactions
+//!   cannot wait on each other in a cycle. A user's entitlements are therefore recomputed by
+//!   one transaction at a time, and the last to commit saw every earlier commit.
 //! - A user's version is bumped in the same transaction as every recomputation of their
 //!   entitlements; [`user_snapshot`] reads version and entitlements in one statement.
+//! - Failures are sorted in one place, [`StoreError::failure`]: the database being unavailable
+//!   fails the whole call (nothing of it may commit); anything else is charged to its event.
 //!
 //! For callers: run at READ COMMITTED (Postgres' default). Each statement then sees what
 //! committed before it, which is what makes "wait for the lock, then read" correct; a
-//! REPEATABLE READ snapshot taken before the wait would recompute from stale rows. Advisory
-//! locks are transaction-scoped, so in a batch transaction (a savepoint per event) they are
-//! held until the batch commits: two batching workers touching the same users in different
-//! orders can deadlock, and Postgres then aborts one with `40P01`, surfacing as the transient
-//! [`StoreError::Db`] — retry that batch.
+//! REPEATABLE READ snapshot taken before the wait would recompute from stale rows. Two
+//! transactions touching the same users in different orders can still deadlock on the user
+//! locks; Postgres then aborts one with `40P01`, a [`Failure::Unavailable`]: apply that set
+//! again.
 //!
-//! Statements carry explicit parameter types. Through [`apply_prepared`] each one is prepared
-//! once per connection (the worker's path); [`apply`] sends them unnamed (one round trip each,
-//! no prepare). Independent statements are pipelined: an event costs about four round trips.
-//! The worker's usual path is [`batch`], which applies a whole batch in five.
+//! How: [`merge`] handles any number of events in a fixed number of set-based, pipelined
+//! statements, and [`recompute`] any number of users in two. The whole set goes through them at
+//! once (five round trips). If any event makes that fail, the set is redone with a savepoint
+//! per event, so the failure is charged to its own event, and the users are recomputed once
+//! after the last; if even that recomputation fails (a stored row the projection cannot read),
+//! each event is recomputed inside its own savepoint.
 
-pub mod batch;
+mod merge;
+mod recompute;
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
-    self, AbandonedCheckout, CustomerLink, DerivedEntitlement, DisputeState, EntitlementSource,
-    EntitlementStatus, FeeSplit, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
+    DisputeState, EntitlementSource, EntitlementStatus, PurchaseFacts, RefundFact, StatusClaim,
+    SubscriptionFacts,
 };
 use chrono::{DateTime, Utc};
 use deadpool_postgres::StatementCache;
-use futures_util::future::{try_join, try_join3, try_join4};
+use futures_util::future::try_join;
 use shared::ids::UserId;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row, Statement, Transaction};
 
@@ -60,29 +67,53 @@ pub struct UserSnapshot {
 #[serde(rename_all = "camelCase")]
 pub struct EntitlementView {
     pub key: String,
-    /// `active|past_due|suspended|revoked|expired`
-    pub status: String,
-    /// `purchase|subscription`
-    pub source: String,
+    pub status: EntitlementStatus,
+    pub source: EntitlementSource,
     pub source_id: String,
     /// `None` is lifetime.
     pub expires_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
-/// What [`apply`] changed.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Applied {
-    /// Users whose entitlements were recomputed, with their new version (sorted by user id).
-    pub users: Vec<UserSnapshot>,
+/// What became of one event. The store yields every variant but [`Outcome::Busy`], which the
+/// consumer sets before asking the store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Applied now (its effects, possibly none), with the snapshots of the users whose
+    /// entitlements it concerned.
+    Applied(Vec<UserSnapshot>),
+    /// Applied before (`processed_events` has it, or it repeats an earlier event of the set).
+    Replay,
+    /// Can never be applied: the event or the data it leads to is refused.
+    Rejected(String),
+    /// Cannot be applied yet; retrying later may succeed. Nothing of it was kept.
+    Later(String),
+    /// Another consumer holds the event's claim right now.
+    Busy,
 }
 
-/// Why [`apply`] or [`user_snapshot`] failed.
+/// How a failure is handled. [`StoreError::failure`] is the one place that decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database is unreachable, or aborted the transaction (connection loss, timeout,
+    /// deadlock, serialization failure): the whole set must be applied again later.
+    Unavailable,
+    /// This event cannot be applied yet ([`StoreError::DuplicatePurchase`]).
+    Later,
+    /// This event can never be applied: data the database or the projection refuses.
+    Rejected,
+}
+
+/// Why applying events, or reading a snapshot, failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Connection loss, timeout, serialization or deadlock failure…: retry the event.
+    /// A database error: the database is unavailable, or (SQLSTATE classes 22 and 23) it
+    /// refuses the data.
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// No connection could be had from the pool in time.
+    #[error("postgres unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
     /// The user already owns a completed purchase of this product (the partial unique index
     /// refused a second one). Usually the refund of the earlier purchase is still on its way
     /// (a repurchase after a refund, delivered out of order), so this is worth retrying with a
@@ -98,13 +129,52 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True when retrying the event later can succeed: database failures, and a duplicate
-    /// purchase whose earlier twin may still be refunded by an event not yet delivered. The
-    /// other variants are permanent (dead-letter at once).
+    /// How this failure is handled; see [`Failure`].
+    #[must_use]
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::Db(error) if refused_data(error).is_none() => Failure::Unavailable,
+            Self::Pool(_) => Failure::Unavailable,
+            Self::DuplicatePurchase { .. } => Failure::Later,
+            Self::Db(_) | Self::InvalidTimestamp(_) | Self::Corrupt { .. } => Failure::Rejected,
+        }
+    }
+
+    /// True when retrying later can succeed.
     #[must_use]
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Db(_) | Self::DuplicatePurchase { .. })
+        self.failure() != Failure::Rejected
     }
+
+    /// A one-line reason for logs and the dead-letter header, without driver detail.
+    #[must_use]
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Db(error) => refused_data(error).unwrap_or_else(|| self.to_string()),
+            other => other.to_string(),
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self.failure() {
+            Failure::Rejected => Outcome::Rejected(self.reason()),
+            Failure::Later | Failure::Unavailable => Outcome::Later(self.reason()),
+        }
+    }
+}
+
+/// `Some(reason)` when the database refused the data itself (SQLSTATE classes 22 and 23): no
+/// retry of the same event can succeed.
+fn refused_data(error: &tokio_postgres::Error) -> Option<String> {
+    let code = error.code()?.code();
+    (code.starts_with("22") || code.starts_with("23")).then(|| {
+        let constraint = error
+            .as_db_error()
+            .and_then(|d| d.constraint())
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
+        format!("database rejected the event: SQLSTATE {code}{constraint}")
+    })
 }
 
 /// Namespace of the projection's advisory locks (the two-key form keeps them apart from any
@@ -119,170 +189,174 @@ const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, checkout_
 const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, status_claim, \
      status_claim_at, cancel_at_period_end, terminal_status, current_period_end, ended_at";
 
-/// Applies one event inside the caller's transaction and returns the users whose entitlements
-/// it recomputed.
+/// Applies `events` inside the caller's transaction and returns what became of each, in input
+/// order. `statements` is the connection's statement cache, when it has one: each statement is
+/// then prepared once per connection. See the module documentation for how.
 ///
 /// # Errors
-/// [`StoreError::Db`] for database failures (transient: retry the event),
-/// [`StoreError::DuplicatePurchase`], [`StoreError::InvalidTimestamp`] and
-/// [`StoreError::Corrupt`] for failures a retry cannot fix.
-pub async fn apply(tx: &Transaction<'_>, event: &Event) -> Result<Applied, StoreError> {
-    apply_in(
-        Db {
-            tx,
-            statements: None,
-        },
-        event,
-    )
-    .await
-}
-
-/// [`apply`] with the connection's statement cache: each statement is prepared once per
-/// connection and then only bound and executed, which spares the server parsing and planning
-/// it for every event (the round trips stay the same).
-///
-/// # Errors
-/// As [`apply`].
-pub async fn apply_prepared(
+/// A [`StoreError`] whose [`failure`](StoreError::failure) is [`Failure::Unavailable`]: the
+/// transaction is unusable, roll it back and apply the set again later. Every other failure is
+/// charged to its event as [`Outcome::Rejected`] or [`Outcome::Later`].
+pub async fn apply_events(
     tx: &Transaction<'_>,
-    statements: &StatementCache,
-    event: &Event,
-) -> Result<Applied, StoreError> {
-    apply_in(
-        Db {
-            tx,
-            statements: Some(statements),
-        },
-        event,
-    )
-    .await
-}
-
-async fn apply_in(db: Db<'_>, event: &Event) -> Result<Applied, StoreError> {
-    let users = apply_facts_in(db, event).await?;
-    if users.is_empty() {
-        return Ok(Applied::default());
-    }
-    // Phase 2, one pipeline: the user locks, then the first recomputation's reads.
-    let user_keys = users.iter().map(|u| format!("user:{u}")).collect();
-    let counts = users.into_iter().map(|user| (user, 1)).collect();
-    let (_, snapshots) = try_join(lock(db, user_keys), recompute(db, &counts)).await?;
-    tracing::debug!(
-        event_id = %event.id,
-        event_type = %event.event_type,
-        users = snapshots.len(),
-        "event projected"
-    );
-    Ok(Applied { users: snapshots })
-}
-
-/// The first half of [`apply_prepared`], for a batch transaction: merges the event's facts into
-/// the rows (under the object locks) and returns the users whose entitlements that affects,
-/// without recomputing them. The caller must then call [`recompute_users`] in the same
-/// transaction, after the batch's last event, with every user returned for an event it kept.
-///
-/// Recomputing once per batch gives the same rows as recomputing after every event: the
-/// entitlements are a function of the rows alone, and the recomputation runs under the user
-/// locks, after every write of the batch. Only states that never committed are skipped (a
-/// notification is queued for a transition between two committed states).
-///
-/// # Errors
-/// As [`apply`].
-pub async fn apply_facts(
-    tx: &Transaction<'_>,
-    statements: &StatementCache,
-    event: &Event,
-) -> Result<BTreeSet<String>, StoreError> {
-    let users = apply_facts_in(
-        Db {
-            tx,
-            statements: Some(statements),
-        },
-        event,
-    )
-    .await?;
-    tracing::debug!(
-        event_id = %event.id,
-        event_type = %event.event_type,
-        users = users.len(),
-        "event facts merged"
-    );
-    Ok(users)
-}
-
-/// Recomputes the entitlements of `users` (user id → number of events of the batch that
-/// concerned them) under their advisory locks, taken here all at once in the global order,
-/// and bumps each version by that number, so a version still counts the applied events that
-/// concerned the user. All users are recomputed in two pipelined round trips. Returns the new
-/// snapshots, sorted by user id.
-///
-/// # Errors
-/// [`StoreError::Db`] for database failures, [`StoreError::Corrupt`] or
-/// [`StoreError::InvalidTimestamp`] for a stored row the projection cannot read.
-pub async fn recompute_users(
-    tx: &Transaction<'_>,
-    statements: &StatementCache,
-    users: &BTreeMap<String, i64>,
-) -> Result<Vec<UserSnapshot>, StoreError> {
-    if users.is_empty() {
+    statements: Option<&StatementCache>,
+    events: &[&Event],
+) -> Result<Vec<Outcome>, StoreError> {
+    if events.is_empty() {
         return Ok(Vec::new());
     }
-    let db = Db {
-        tx,
-        statements: Some(statements),
+    let db = Db { tx, statements };
+    // The savepoint is pipelined with the set's first statement.
+    let whole = try_join(
+        async { Ok::<_, StoreError>(tx.batch_execute("SAVEPOINT apply_set").await?) },
+        all_at_once(db, events),
+    )
+    .await;
+    let error = match whole {
+        Ok(((), outcomes)) => return Ok(outcomes),
+        Err(error) if error.failure() == Failure::Unavailable => return Err(error),
+        Err(error) => error,
     };
-    let user_keys = users.keys().map(|u| format!("user:{u}")).collect();
-    // The lock statement goes first in the pipeline: every read below runs under the locks.
-    let (_, snapshots) = try_join(lock(db, user_keys), recompute(db, users)).await?;
+    metrics::counter!("worker_batch_fallbacks_total").increment(1);
+    tracing::debug!(%error, events = events.len(), "set failed as a whole; applying it event by event");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT apply_set").await?;
+    match one_by_one(db, events, RecomputeAt::End).await {
+        Err(error) if error.failure() != Failure::Unavailable => {
+            // Which event brought the unreadable row in is unknown: recompute after each.
+            tracing::warn!(%error, events = events.len(), "recomputation failed; recomputing event by event");
+            tx.batch_execute("ROLLBACK TO SAVEPOINT apply_set").await?;
+            one_by_one(db, events, RecomputeAt::EachEvent).await
+        }
+        other => other,
+    }
+}
+
+/// [`apply_events`] in a transaction of its own on a pooled connection (with its statement
+/// cache), committed before returning.
+///
+/// # Errors
+/// As [`apply_events`]; nothing is committed then.
+pub async fn apply_and_commit(
+    pool: &deadpool_postgres::Pool,
+    events: &[&Event],
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut client = pool.get().await?;
+    let statements = std::sync::Arc::clone(&client.statement_cache);
+    let tx = client.transaction().await?;
+    let outcomes = apply_events(&tx, Some(&statements), events).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// The whole set in one go: merge, then recompute every concerned user.
+async fn all_at_once(db: Db<'_>, events: &[&Event]) -> Result<Vec<Outcome>, StoreError> {
+    let merged = merge::merge(db, events).await?;
+    let snapshots = recompute_users(db, merged.users.iter().flatten()).await?;
+    Ok(merged.outcomes(&snapshots))
+}
+
+/// When [`one_by_one`] recomputes the users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecomputeAt {
+    /// Once, after the last event: every user lock is taken after every object lock.
+    End,
+    /// Inside each event's savepoint, so a failing recomputation is charged to its event.
+    EachEvent,
+}
+
+/// A savepoint per event: an event that fails is rolled back alone and charged its failure.
+async fn one_by_one(
+    db: Db<'_>,
+    events: &[&Event],
+    recompute_at: RecomputeAt,
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(events.len());
+    // The users each kept event concerns, when recomputed at the end.
+    let mut kept: Vec<(usize, BTreeSet<String>)> = Vec::new();
+    let mut savepoint_open = false;
+    for event in events {
+        // Releasing the previous savepoint and opening the next are pipelined with the
+        // event's first statement.
+        let begin = if savepoint_open {
+            "RELEASE SAVEPOINT apply_event; SAVEPOINT apply_event"
+        } else {
+            "SAVEPOINT apply_event"
+        };
+        let attempt = try_join(
+            async { Ok::<_, StoreError>(db.tx.batch_execute(begin).await?) },
+            async {
+                let merged = merge::merge(db, std::slice::from_ref(event)).await?;
+                match recompute_at {
+                    RecomputeAt::End => Ok((merged, None)),
+                    RecomputeAt::EachEvent => {
+                        let snapshots = recompute_users(db, merged.users.iter().flatten()).await?;
+                        Ok((merged, Some(snapshots)))
+                    }
+                }
+            },
+        )
+        .await;
+        savepoint_open = true;
+        match attempt {
+            Ok(((), (merged, Some(snapshots)))) => outcomes.extend(merged.outcomes(&snapshots)),
+            Ok(((), (mut merged, None))) => {
+                if merged.fresh[0] {
+                    kept.push((outcomes.len(), merged.users.swap_remove(0)));
+                    outcomes.push(Outcome::Applied(Vec::new()));
+                } else {
+                    outcomes.push(Outcome::Replay);
+                }
+            }
+            Err(error) if error.failure() == Failure::Unavailable => return Err(error),
+            Err(error) => {
+                // Undoes this event's writes, its processed_events row included.
+                db.tx
+                    .batch_execute("ROLLBACK TO SAVEPOINT apply_event")
+                    .await?;
+                tracing::debug!(event_id = %event.id, %error, "event not applied");
+                outcomes.push(error.outcome());
+            }
+        }
+    }
+    if !kept.is_empty() {
+        let snapshots = recompute_users(db, kept.iter().flat_map(|(_, users)| users)).await?;
+        let by_user: HashMap<&str, &UserSnapshot> =
+            snapshots.iter().map(|s| (s.user_id.as_str(), s)).collect();
+        for (index, users) in kept {
+            outcomes[index] = Outcome::Applied(snapshots_of(&users, &by_user));
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Locks and recomputes every user named (once per event that concerned them: the version
+/// grows by that count), returning the new snapshots sorted by user id.
+async fn recompute_users<'u>(
+    db: Db<'_>,
+    users: impl Iterator<Item = &'u String>,
+) -> Result<Vec<UserSnapshot>, StoreError> {
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for user in users {
+        *counts.entry(user.clone()).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let user_keys = counts.keys().map(|u| format!("user:{u}")).collect();
+    // The lock statement goes first in the pipeline: every read runs under the locks.
+    let ((), snapshots) = try_join(lock(db, user_keys), recompute::recompute(db, &counts)).await?;
     Ok(snapshots)
 }
 
-/// Phase 1 of [`apply`]: the object locks, the facts merged into the rows; returns the users
-/// whose entitlements need recomputing.
-async fn apply_facts_in(db: Db<'_>, event: &Event) -> Result<BTreeSet<String>, StoreError> {
-    let plan = projection::plan(event);
-    if plan.is_empty() {
-        return Ok(BTreeSet::new());
-    }
-    // Phase 1, one pipeline: the object locks first (the server runs pipelined statements in
-    // order, so every read below happens under them), then the independent reads and the link.
-    let (_, link, purchase_rows, subscription_row) = try_join4(
-        lock(db, plan.lock_keys()),
-        async {
-            match &plan.link {
-                Some(link) => insert_link(db, link).await.map(Some),
-                None => Ok(None),
-            }
-        },
-        async {
-            match &plan.purchase {
-                Some(delta) => load_purchases(db, delta).await.map(Some),
-                None => Ok(None),
-            }
-        },
-        async {
-            match &plan.subscription {
-                Some(delta) => load_subscription(db, delta).await.map(Some),
-                None => Ok(None),
-            }
-        },
-    )
-    .await?;
-
-    let mut users = BTreeSet::new();
-    if let (Some(link), Some(row)) = (&plan.link, link) {
-        attach_link(db, link, &row, &mut users).await?;
-    }
-    if let (Some(delta), Some(rows)) = (plan.purchase, purchase_rows) {
-        merge_purchase(db, delta, &rows, &mut users).await?;
-    }
-    if let (Some(delta), Some(row)) = (plan.subscription, subscription_row) {
-        merge_subscription(db, delta, row.as_ref(), &mut users).await?;
-    }
-    if let Some(abandoned) = &plan.abandoned {
-        record_abandoned(db, abandoned).await?;
-    }
-    Ok(users)
+/// The snapshots of `users`, from `by_user`.
+fn snapshots_of(
+    users: &BTreeSet<String>,
+    by_user: &HashMap<&str, &UserSnapshot>,
+) -> Vec<UserSnapshot> {
+    users
+        .iter()
+        .filter_map(|u| by_user.get(u.as_str()).map(|s| (*s).clone()))
+        .collect()
 }
 
 /// Reads a user's current entitlements and version (0 and no entitlements for an unknown user).
@@ -314,8 +388,8 @@ pub async fn user_snapshot(
         if let Some(key) = row.try_get::<_, Option<String>>(1)? {
             snapshot.entitlements.push(EntitlementView {
                 key,
-                status: row.try_get(2)?,
-                source: row.try_get(3)?,
+                status: entitlement_status(row.try_get(2)?)?,
+                source: entitlement_source(row.try_get(3)?)?,
                 source_id: row.try_get(4)?,
                 expires_at: row.try_get(5)?,
                 updated_at: row.try_get(6)?,
@@ -367,28 +441,6 @@ impl Db<'_> {
         }
     }
 
-    async fn query_one(
-        &self,
-        sql: &str,
-        params: &[Param<'_>],
-    ) -> Result<Row, tokio_postgres::Error> {
-        match self.prepared(sql, params).await? {
-            Some(statement) => self.tx.query_one(&statement, &Self::values(params)).await,
-            None => self.tx.query_typed_one(sql, params).await,
-        }
-    }
-
-    async fn query_opt(
-        &self,
-        sql: &str,
-        params: &[Param<'_>],
-    ) -> Result<Option<Row>, tokio_postgres::Error> {
-        match self.prepared(sql, params).await? {
-            Some(statement) => self.tx.query_opt(&statement, &Self::values(params)).await,
-            None => self.tx.query_typed_opt(sql, params).await,
-        }
-    }
-
     async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, tokio_postgres::Error> {
         match self.prepared(sql, params).await? {
             Some(statement) => self.tx.execute(&statement, &Self::values(params)).await,
@@ -437,79 +489,6 @@ fn secs(at: Option<DateTime<Utc>>) -> Option<i64> {
     at.map(|t| t.timestamp())
 }
 
-/// Records customer → user (the first link wins) and returns the row's state.
-async fn insert_link(db: Db<'_>, link: &CustomerLink) -> Result<Row, StoreError> {
-    Ok(db
-        .query_one(
-            "WITH ins AS (
-                 INSERT INTO customers (customer_id, user_id) VALUES ($1, $2)
-                 ON CONFLICT (customer_id) DO NOTHING
-                 RETURNING user_id)
-             SELECT (SELECT user_id FROM ins) AS inserted,
-                    (SELECT user_id FROM customers WHERE customer_id = $1) AS existing",
-            &[
-                (&link.customer_id, Type::TEXT),
-                (&link.user_id.as_str(), Type::TEXT),
-            ],
-        )
-        .await?)
-}
-
-/// When the link is new, attaches the customer's rows that were waiting for a user.
-async fn attach_link(
-    db: Db<'_>,
-    link: &CustomerLink,
-    row: &Row,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let inserted: Option<String> = row.try_get(0)?;
-    let existing: Option<String> = row.try_get(1)?;
-    if let Some(existing) = existing.filter(|e| e != link.user_id.as_str()) {
-        // A customer never moves between users by itself; an operator decides.
-        tracing::warn!(
-            customer_id = %link.customer_id,
-            kept_user = %existing,
-            refused_user = %link.user_id,
-            "customer already linked to another user"
-        );
-    }
-    let Some(user) = inserted else {
-        return Ok(());
-    };
-    let attached: i64 = db
-        .query_one(
-            "WITH p AS (UPDATE purchases SET user_id = $2, updated_at = now()
-                         WHERE customer_id = $1 AND user_id IS NULL RETURNING 1),
-                  s AS (UPDATE subscriptions SET user_id = $2, updated_at = now()
-                         WHERE customer_id = $1 AND user_id IS NULL RETURNING 1)
-             SELECT (SELECT count(*) FROM p) + (SELECT count(*) FROM s)",
-            &[(&link.customer_id, Type::TEXT), (&user, Type::TEXT)],
-        )
-        .await?
-        .try_get(0)?;
-    if attached > 0 {
-        users.insert(user);
-    }
-    Ok(())
-}
-
-async fn customer_user(
-    db: Db<'_>,
-    customer: Option<&String>,
-) -> Result<Option<String>, StoreError> {
-    let Some(customer) = customer else {
-        return Ok(None);
-    };
-    Ok(db
-        .query_opt(
-            "SELECT user_id FROM customers WHERE customer_id = $1",
-            &[(customer, Type::TEXT)],
-        )
-        .await?
-        .map(|row| row.try_get(0))
-        .transpose()?)
-}
-
 fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
     let refund_amount: i64 = row.try_get("refund_amount_cents")?;
     let refund_id: Option<String> = row.try_get("stripe_refund_id")?;
@@ -544,132 +523,6 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
             dispute_id: row.try_get("dispute_id")?,
         },
     ))
-}
-
-/// The rows sharing one of the delta's Stripe ids, oldest first, locked.
-async fn load_purchases(db: Db<'_>, delta: &PurchaseFacts) -> Result<Vec<Row>, StoreError> {
-    Ok(db
-        .query(
-            &format!(
-                "SELECT {PURCHASE_COLUMNS} FROM purchases
-                  WHERE checkout_session_id = $1 OR payment_intent_id = $2 OR charge_id = $3
-                  ORDER BY id FOR UPDATE"
-            ),
-            &[
-                (&delta.checkout_session_id, Type::TEXT),
-                (&delta.payment_intent_id, Type::TEXT),
-                (&delta.charge_id, Type::TEXT),
-            ],
-        )
-        .await?)
-}
-
-/// Merges a purchase delta into the rows sharing one of its Stripe ids (joining rows that
-/// turn out to be the same payment into the oldest one).
-async fn merge_purchase(
-    db: Db<'_>,
-    delta: PurchaseFacts,
-    rows: &[Row],
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut merged = delta;
-    for row in rows {
-        let (id, facts) = purchase_from_row(row)?;
-        users.extend(facts.user_id.clone());
-        ids.push(id);
-        merged = merged.merge(facts);
-    }
-    if merged.user_id.is_none() {
-        merged.user_id = customer_user(db, merged.customer_id.as_ref()).await?;
-    }
-    users.extend(merged.user_id.clone());
-
-    // Free the unique Stripe ids of the rows folded into the oldest one before writing it.
-    if ids.len() > 1 {
-        db.execute(
-            "DELETE FROM purchases WHERE id = ANY($1)",
-            &[(&ids[1..].to_vec(), Type::INT8_ARRAY)],
-        )
-        .await?;
-    }
-    let status = merged.status().as_str();
-    let split = merged.amount_cents.map(FeeSplit::of);
-    let refund = merged.refund.clone();
-    let purchased_at = opt_timestamp(merged.paid_at)?;
-    let refunded_at = opt_timestamp(merged.refunded_at)?;
-    let dispute = merged.dispute.as_str();
-    let platform_fee = split.map(|s| s.platform_fee_cents);
-    let organization_fee = split.map(|s| s.organization_fee_cents);
-    let creator_payout = split.map(|s| s.creator_payout_cents);
-    let refund_reason = refund.as_ref().and_then(|r| r.reason.clone());
-    let refund_amount = refund.as_ref().map_or(0, |r| r.amount_cents);
-    let refund_id = refund.as_ref().and_then(|r| r.refund_id.clone());
-    let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
-        (&merged.user_id, Type::TEXT),
-        (&merged.customer_id, Type::TEXT),
-        (&merged.product_key, Type::TEXT),
-        (&merged.checkout_session_id, Type::TEXT),
-        (&merged.payment_intent_id, Type::TEXT),
-        (&merged.charge_id, Type::TEXT),
-        (&merged.amount_cents, Type::INT8),
-        (&merged.currency, Type::TEXT),
-        (&platform_fee, Type::INT8),
-        (&organization_fee, Type::INT8),
-        (&creator_payout, Type::INT8),
-        (&status, Type::TEXT),
-        (&merged.paid, Type::BOOL),
-        (&merged.failed, Type::BOOL),
-        (&merged.fully_refunded, Type::BOOL),
-        (&dispute, Type::TEXT),
-        (&merged.dispute_id, Type::TEXT),
-        (&purchased_at, Type::TIMESTAMPTZ),
-        (&refunded_at, Type::TIMESTAMPTZ),
-        (&refund_reason, Type::TEXT),
-        (&refund_amount, Type::INT8),
-        (&refund_id, Type::TEXT),
-    ];
-    let result = match ids.first() {
-        None => {
-            db.execute(
-                "INSERT INTO purchases (user_id, customer_id, product_key, checkout_session_id,
-                     payment_intent_id, charge_id, amount_paid_cents, currency,
-                     platform_fee_cents, organization_fee_cents, creator_payout_cents, status,
-                     paid, payment_failed, fully_refunded, dispute_status, dispute_id,
-                     purchased_at, refunded_at, refund_reason, refund_amount_cents,
-                     stripe_refund_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                         $17, $18, $19, $20, $21, $22)",
-                &params,
-            )
-            .await
-        }
-        Some(id) => {
-            params.push((id, Type::INT8));
-            db.execute(
-                "UPDATE purchases SET user_id = $1, customer_id = $2, product_key = $3,
-                     checkout_session_id = $4, payment_intent_id = $5, charge_id = $6,
-                     amount_paid_cents = $7, currency = $8, platform_fee_cents = $9,
-                     organization_fee_cents = $10, creator_payout_cents = $11, status = $12,
-                     paid = $13, payment_failed = $14, fully_refunded = $15,
-                     dispute_status = $16, dispute_id = $17, purchased_at = $18,
-                     refunded_at = $19, refund_reason = $20, refund_amount_cents = $21,
-                     stripe_refund_id = $22, updated_at = now()
-                 WHERE id = $23",
-                &params,
-            )
-            .await
-        }
-    };
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) if is_violation_of(&e, "purchases_one_completed_per_user_product") => {
-            Err(StoreError::DuplicatePurchase {
-                product_key: merged.product_key.unwrap_or_default(),
-            })
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn is_violation_of(error: &tokio_postgres::Error, constraint: &str) -> bool {
@@ -709,399 +562,12 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
     })
 }
 
-async fn load_subscription(
-    db: Db<'_>,
-    delta: &SubscriptionFacts,
-) -> Result<Option<Row>, StoreError> {
-    Ok(db
-        .query_opt(
-            &format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE"),
-            &[(&delta.id, Type::TEXT)],
-        )
-        .await?)
+fn entitlement_status(raw: &str) -> Result<EntitlementStatus, StoreError> {
+    EntitlementStatus::from_column(raw).ok_or(StoreError::Corrupt { column: "status" })
 }
 
-async fn merge_subscription(
-    db: Db<'_>,
-    delta: SubscriptionFacts,
-    row: Option<&Row>,
-    users: &mut BTreeSet<String>,
-) -> Result<(), StoreError> {
-    let mut merged = match row {
-        Some(row) => {
-            let stored = subscription_from_row(row)?;
-            users.extend(stored.user_id.clone());
-            stored.merge(delta)
-        }
-        None => delta,
-    };
-    if merged.user_id.is_none() {
-        merged.user_id = customer_user(db, merged.customer_id.as_ref()).await?;
-    }
-    users.extend(merged.user_id.clone());
-    let claim_at = opt_timestamp(merged.claim.map(|c| c.at))?;
-    let period_end = opt_timestamp(merged.current_period_end)?;
-    let ended_at = opt_timestamp(merged.ended_at)?;
-    let status = merged.status().as_str();
-    let claim = merged.claim.map(|c| c.status.as_str());
-    let terminal = merged.terminal.map(SubscriptionStatus::as_str);
-    let cancel_at_period_end = merged.cancel_at_period_end();
-    db.execute(
-        "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
-             status_claim, status_claim_at, terminal_status, current_period_end,
-             cancel_at_period_end, ended_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-         ON CONFLICT (id) DO UPDATE SET user_id = $2, customer_id = $3, product_key = $4,
-             status = $5, status_claim = $6, status_claim_at = $7, terminal_status = $8,
-             current_period_end = $9, cancel_at_period_end = $10, ended_at = $11,
-             updated_at = now()",
-        &[
-            (&merged.id, Type::TEXT),
-            (&merged.user_id, Type::TEXT),
-            (&merged.customer_id, Type::TEXT),
-            (&merged.product_key, Type::TEXT),
-            (&status, Type::TEXT),
-            (&claim, Type::TEXT),
-            (&claim_at, Type::TIMESTAMPTZ),
-            (&terminal, Type::TEXT),
-            (&period_end, Type::TIMESTAMPTZ),
-            (&cancel_at_period_end, Type::BOOL),
-            (&ended_at, Type::TIMESTAMPTZ),
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-async fn record_abandoned(db: Db<'_>, abandoned: &AbandonedCheckout) -> Result<(), StoreError> {
-    let user = match &abandoned.user_id {
-        Some(user) => Some(user.as_str().to_owned()),
-        None => customer_user(db, abandoned.customer_id.as_ref()).await?,
-    };
-    let payload = serde_json::json!({
-        "checkoutSessionId": abandoned.session_id,
-        "productKey": abandoned.product_key,
-        "recoveryUrl": abandoned.recovery_url,
-    });
-    let dedupe_key = format!("checkout_abandoned:{}", abandoned.session_id);
-    db.execute(
-        "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
-         VALUES ('checkout_abandoned', $1, $2, $3)
-         ON CONFLICT (dedupe_key) DO NOTHING",
-        &[
-            (&user, Type::TEXT),
-            (&dedupe_key, Type::TEXT),
-            (&payload, Type::JSONB),
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-/// One user's recomputation, before it is written.
-struct Recomputed {
-    user: String,
-    views: Vec<EntitlementView>,
-    /// Entitlements whose stored row differs (or is missing).
-    changed: Vec<DerivedEntitlement>,
-    /// `(kind, dedupe key, payload)` of the notifications to queue.
-    notices: Vec<(&'static str, String, serde_json::Value)>,
-    /// Stored keys no source grants any more (a row moved to another user).
-    stale: Vec<String>,
-}
-
-/// Compares `derived` with the user's stored entitlements (`existing`: key → row and its
-/// `updated_at`) at the server's `now`.
-fn diff_entitlements(
-    user: &str,
-    derived: Vec<DerivedEntitlement>,
-    mut existing: BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)>,
-    now: DateTime<Utc>,
-) -> Result<Recomputed, StoreError> {
-    let mut views = Vec::with_capacity(derived.len());
-    let mut changed = Vec::new();
-    let mut notices = Vec::new();
-    for entitlement in derived {
-        let before = existing.remove(&entitlement.key);
-        let expires_at = opt_timestamp(entitlement.expires_at)?;
-        let updated_at = match &before {
-            Some((stored, updated_at)) if *stored == entitlement => *updated_at,
-            _ => now,
-        };
-        views.push(EntitlementView {
-            key: entitlement.key.clone(),
-            status: entitlement.status.as_str().to_owned(),
-            source: entitlement.source.as_str().to_owned(),
-            source_id: entitlement.source_id.clone(),
-            expires_at,
-            updated_at,
-        });
-        let kind = match entitlement.status {
-            EntitlementStatus::Revoked => Some("entitlement_revoked"),
-            EntitlementStatus::Suspended => Some("entitlement_suspended"),
-            _ => None,
-        };
-        let unchanged_status = before
-            .as_ref()
-            .is_some_and(|(stored, _)| stored.status == entitlement.status);
-        if let Some(kind) = kind.filter(|_| !unchanged_status) {
-            // Keyed by the source, so the same revocation reached through another event order
-            // (or a replay) is queued once.
-            let dedupe_key = format!(
-                "{kind}:{user}:{}:{}:{}",
-                entitlement.key,
-                entitlement.source.as_str(),
-                entitlement.source_id
-            );
-            let payload = serde_json::json!({
-                "userId": user,
-                "entitlementKey": entitlement.key,
-                "status": entitlement.status.as_str(),
-                "source": entitlement.source.as_str(),
-                "sourceId": entitlement.source_id,
-            });
-            notices.push((kind, dedupe_key, payload));
-        }
-        if !matches!(&before, Some((stored, _)) if *stored == entitlement) {
-            changed.push(entitlement);
-        }
-    }
-    Ok(Recomputed {
-        user: user.to_owned(),
-        views,
-        changed,
-        notices,
-        stale: existing.into_keys().collect(),
-    })
-}
-
-fn entitlement_from_row(row: &Row) -> Result<DerivedEntitlement, StoreError> {
-    let status: String = row.try_get("status")?;
-    let source: String = row.try_get("source")?;
-    Ok(DerivedEntitlement {
-        key: row.try_get("key")?,
-        status: EntitlementStatus::from_column(&status)
-            .ok_or(StoreError::Corrupt { column: "status" })?,
-        source: match source.as_str() {
-            "purchase" => EntitlementSource::Purchase,
-            "subscription" => EntitlementSource::Subscription,
-            _ => return Err(StoreError::Corrupt { column: "source" }),
-        },
-        source_id: row.try_get("source_id")?,
-        expires_at: secs(row.try_get("expires_at")?),
-    })
-}
-
-/// Recomputes the entitlements of `users` (user id → applied events that concerned them) from
-/// their rows, writes what changed, queues notifications for transitions into
-/// `revoked`/`suspended`, bumps each version by the user's event count and returns the new
-/// snapshots, sorted by user id. The caller holds the users' advisory locks.
-///
-/// Set-based: whatever the number of users, the reads are one pipeline of three statements and
-/// the writes one pipeline of at most four, so a recomputation costs two round trips.
-async fn recompute(
-    db: Db<'_>,
-    users: &BTreeMap<String, i64>,
-) -> Result<Vec<UserSnapshot>, StoreError> {
-    let ids: Vec<&str> = users.keys().map(String::as_str).collect();
-    let by_users: [Param<'_>; 1] = [(&ids, Type::TEXT_ARRAY)];
-    let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = ANY($1)");
-    let subscriptions_sql =
-        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = ANY($1)");
-    let (purchase_rows, subscription_rows, entitlement_rows) = try_join3(
-        db.query(&purchases_sql, &by_users),
-        db.query(&subscriptions_sql, &by_users),
-        db.query(
-            "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
-                    e.updated_at
-               FROM (SELECT now() AS now) n
-               LEFT JOIN entitlements e ON e.user_id = ANY($1)",
-            &by_users,
-        ),
-    )
-    .await?;
-    let mut purchases: BTreeMap<String, Vec<PurchaseFacts>> = BTreeMap::new();
-    for row in &purchase_rows {
-        let (_, facts) = purchase_from_row(row)?;
-        if let Some(user) = facts.user_id.clone() {
-            purchases.entry(user).or_default().push(facts);
-        }
-    }
-    let mut subscriptions: BTreeMap<String, Vec<SubscriptionFacts>> = BTreeMap::new();
-    for row in &subscription_rows {
-        let facts = subscription_from_row(row)?;
-        if let Some(user) = facts.user_id.clone() {
-            subscriptions.entry(user).or_default().push(facts);
-        }
-    }
-    let mut now: DateTime<Utc> = DateTime::UNIX_EPOCH;
-    let mut existing: BTreeMap<String, BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)>> =
-        BTreeMap::new();
-    for row in &entitlement_rows {
-        now = row.try_get("now")?;
-        let Some(user) = row.try_get::<_, Option<String>>("user_id")? else {
-            continue;
-        };
-        let entitlement = entitlement_from_row(row)?;
-        existing.entry(user).or_default().insert(
-            entitlement.key.clone(),
-            (entitlement, row.try_get("updated_at")?),
-        );
-    }
-    let recomputed = users
-        .keys()
-        .map(|user| {
-            let derived = projection::derive_entitlements(
-                purchases.get(user).map_or(&[], Vec::as_slice),
-                subscriptions.get(user).map_or(&[], Vec::as_slice),
-            );
-            diff_entitlements(
-                user,
-                derived,
-                existing.remove(user).unwrap_or_default(),
-                now,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let versions = write_recomputed(db, &recomputed, users).await?;
-    recomputed
-        .into_iter()
-        .map(|r| {
-            let version = versions
-                .get(&r.user)
-                .copied()
-                .ok_or(StoreError::Corrupt { column: "version" })?;
-            Ok(UserSnapshot {
-                user_id: r.user,
-                version,
-                entitlements: r.views,
-            })
-        })
-        .collect()
-}
-
-/// Writes recomputations in one pipeline; returns each user's new version.
-async fn write_recomputed(
-    db: Db<'_>,
-    recomputed: &[Recomputed],
-    users: &BTreeMap<String, i64>,
-) -> Result<BTreeMap<String, i64>, StoreError> {
-    let mut upsert = EntitlementColumns::default();
-    let (mut kinds, mut notice_users, mut dedupe_keys, mut payloads) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut stale_users, mut stale_keys) = (Vec::new(), Vec::new());
-    for r in recomputed {
-        for e in &r.changed {
-            upsert.push(&r.user, e)?;
-        }
-        for (kind, dedupe_key, payload) in &r.notices {
-            kinds.push(*kind);
-            notice_users.push(r.user.as_str());
-            dedupe_keys.push(dedupe_key.as_str());
-            payloads.push(payload);
-        }
-        for key in &r.stale {
-            stale_users.push(r.user.as_str());
-            stale_keys.push(key.as_str());
-        }
-    }
-    let upserts = async {
-        if upsert.users.is_empty() {
-            return Ok(0);
-        }
-        db.execute(
-            "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
-                 updated_at)
-             SELECT u, k, st, src, sid, exp, now()
-               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                           $6::timestamptz[]) AS e(u, k, st, src, sid, exp)
-             ON CONFLICT (user_id, key) DO UPDATE SET status = EXCLUDED.status,
-                 source = EXCLUDED.source, source_id = EXCLUDED.source_id,
-                 expires_at = EXCLUDED.expires_at, updated_at = now()",
-            &[
-                (&upsert.users, Type::TEXT_ARRAY),
-                (&upsert.keys, Type::TEXT_ARRAY),
-                (&upsert.statuses, Type::TEXT_ARRAY),
-                (&upsert.sources, Type::TEXT_ARRAY),
-                (&upsert.source_ids, Type::TEXT_ARRAY),
-                (&upsert.expires_at, Type::TIMESTAMPTZ_ARRAY),
-            ],
-        )
-        .await
-    };
-    let inserts = async {
-        if kinds.is_empty() {
-            return Ok(0);
-        }
-        db.execute(
-            "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
-             ON CONFLICT (dedupe_key) DO NOTHING",
-            &[
-                (&kinds, Type::TEXT_ARRAY),
-                (&notice_users, Type::TEXT_ARRAY),
-                (&dedupe_keys, Type::TEXT_ARRAY),
-                (&payloads, Type::JSONB_ARRAY),
-            ],
-        )
-        .await
-    };
-    let deletes = async {
-        if stale_users.is_empty() {
-            return Ok(0);
-        }
-        db.execute(
-            "DELETE FROM entitlements e USING unnest($1::text[], $2::text[]) AS d(u, k)
-              WHERE e.user_id = d.u AND e.key = d.k",
-            &[
-                (&stale_users, Type::TEXT_ARRAY),
-                (&stale_keys, Type::TEXT_ARRAY),
-            ],
-        )
-        .await
-    };
-    let bump_users: Vec<&str> = users.keys().map(String::as_str).collect();
-    let bump_counts: Vec<i64> = users.values().copied().collect();
-    let bump_params: [Param<'_>; 2] = [
-        (&bump_users, Type::TEXT_ARRAY),
-        (&bump_counts, Type::INT8_ARRAY),
-    ];
-    let bump = db.query(
-        "INSERT INTO user_entitlement_versions (user_id, version)
-         SELECT * FROM unnest($1::text[], $2::int8[])
-         ON CONFLICT (user_id) DO UPDATE
-             SET version = user_entitlement_versions.version + EXCLUDED.version
-         RETURNING user_id, version",
-        &bump_params,
-    );
-    let (_, _, _, version_rows) = try_join4(upserts, inserts, deletes, bump).await?;
-    version_rows
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-        .collect()
-}
-
-/// The entitlement rows to upsert, as one array per column.
-#[derive(Default)]
-struct EntitlementColumns<'a> {
-    users: Vec<&'a str>,
-    keys: Vec<&'a str>,
-    statuses: Vec<&'static str>,
-    sources: Vec<&'static str>,
-    source_ids: Vec<&'a str>,
-    expires_at: Vec<Option<DateTime<Utc>>>,
-}
-
-impl<'a> EntitlementColumns<'a> {
-    fn push(&mut self, user: &'a str, e: &'a DerivedEntitlement) -> Result<(), StoreError> {
-        self.users.push(user);
-        self.keys.push(&e.key);
-        self.statuses.push(e.status.as_str());
-        self.sources.push(e.source.as_str());
-        self.source_ids.push(&e.source_id);
-        self.expires_at.push(opt_timestamp(e.expires_at)?);
-        Ok(())
-    }
+fn entitlement_source(raw: &str) -> Result<EntitlementSource, StoreError> {
+    EntitlementSource::from_column(raw).ok_or(StoreError::Corrupt { column: "source" })
 }
 
 #[cfg(test)]

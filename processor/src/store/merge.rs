@@ -1,65 +1,73 @@
-//! The batch path of the store: a whole batch of events deduplicated, merged into the rows and
-//! recomputed with a fixed number of set-based statements, whatever the batch size.
+//! Events merged into the rows as a set: deduplicated on `processed_events`, their facts joined
+//! with the stored rows and written back, with a fixed number of set-based statements whatever
+//! the number of events.
 //!
-//! It gives the rows the per-event path ([`super::apply_facts`] then [`super::recompute_users`])
-//! would give, because the merge is a join of facts: a row only ever holds the join of the
-//! facts that share one of its Stripe ids, so the rows after a batch are the connected
-//! components (by shared checkout session, payment intent or charge id) of the stored rows and
-//! the batch's facts, each folded with [`PurchaseFacts::merge`], in any order. Subscriptions are
-//! grouped by id the same way.
+//! Any grouping of events gives the same rows, because the merge is a join of facts: a row only
+//! ever holds the join of the facts that share one of its Stripe ids, so the rows after a set
+//! are the connected components (by shared checkout session, payment intent or charge id) of
+//! the stored rows and the set's facts, each folded with [`PurchaseFacts::merge`], in any
+//! order. Subscriptions are grouped by id the same way. (`tests/store_batch.rs` checks it.)
 //!
 //! Invariants:
-//! - All or nothing: the caller runs it in a fresh transaction and, on any error, rolls back and
-//!   replays the batch on the per-event path (a savepoint per event), which isolates the event
-//!   at fault (an invalid timestamp, a second completed purchase refused by the partial unique
-//!   index). Nothing here commits.
-//! - Locks as in the per-event path, in the same order: every object lock of the batch at once
-//!   (sorted), then every user lock at once (sorted), so batches never wait on each other in a
-//!   cycle through object locks.
+//! - All or nothing: on any error the caller rolls back to its savepoint. Nothing here commits.
+//! - Every object lock of the set is taken at once, sorted, in the first pipeline, before any
+//!   user lock (those are the recomputation's).
 //! - The `processed_events` rows are inserted in the first statement; an event whose row
-//!   existed (or that repeats an earlier id of the batch) is a replay and contributes nothing.
+//!   existed (or that repeats an earlier id of the set) is a replay and contributes nothing.
 //!
-//! Round trips: dedupe and object locks; links and reads; writes; user locks and recomputation
-//! reads; recomputation writes — five pipelines for the whole batch.
+//! Round trips: dedupe and object locks; links and reads; writes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::StatementCache;
 use futures_util::future::{try_join, try_join_all, try_join4};
+use tokio_postgres::Row;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Row, Transaction};
 
 use super::{
-    Db, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot, lock,
-    opt_timestamp, purchase_from_row, recompute, subscription_from_row,
+    Db, Outcome, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot,
+    is_violation_of, lock, opt_timestamp, purchase_from_row, snapshots_of, subscription_from_row,
 };
 use crate::events::{Event, SubscriptionStatus};
-use crate::projection::{self, FeeSplit, Plan, PurchaseFacts, SubscriptionFacts};
+use crate::projection::{self, FeeSplit, Plan, PurchaseFacts, PurchaseStatus, SubscriptionFacts};
 
-/// What became of each event of a batch, in input order: `None` for a replay (already
-/// processed, or a repeat of an earlier id in the batch), else the snapshots of the users whose
-/// entitlements it concerned (possibly none).
-pub type BatchResults = Vec<Option<Vec<UserSnapshot>>>;
+/// What merging found, per event in input order.
+pub(super) struct Merged {
+    /// Whether the event is new: its `processed_events` row was inserted here.
+    pub(super) fresh: Vec<bool>,
+    /// The users whose entitlements each event concerns (none for a replay).
+    pub(super) users: Vec<BTreeSet<String>>,
+}
+
+impl Merged {
+    /// Each event's outcome, given the recomputed snapshots of its users.
+    pub(super) fn outcomes(&self, snapshots: &[UserSnapshot]) -> Vec<Outcome> {
+        let by_user: HashMap<&str, &UserSnapshot> =
+            snapshots.iter().map(|s| (s.user_id.as_str(), s)).collect();
+        self.fresh
+            .iter()
+            .zip(&self.users)
+            .map(|(fresh, users)| {
+                if *fresh {
+                    Outcome::Applied(snapshots_of(users, &by_user))
+                } else {
+                    Outcome::Replay
+                }
+            })
+            .collect()
+    }
+}
 
 type Pending<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
 
-/// Applies `events` in the caller's transaction. See the module documentation.
+/// Merges `events` into the rows in the caller's transaction. See the module documentation.
 ///
 /// # Errors
-/// Any [`StoreError`]: the caller rolls the transaction back and uses the per-event path.
-pub async fn apply(
-    tx: &Transaction<'_>,
-    statements: &StatementCache,
-    events: &[&Event],
-) -> Result<BatchResults, StoreError> {
-    let db = Db {
-        tx,
-        statements: Some(statements),
-    };
+/// Any [`StoreError`]: the caller rolls back to its savepoint.
+pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, StoreError> {
     let plans: Vec<Plan> = events.iter().map(|e| projection::plan(e)).collect();
     let fresh = dedupe_and_lock(db, events, &plans).await?;
 
@@ -140,32 +148,7 @@ pub async fn apply(
         }
     }
 
-    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
-    for user in users.iter().flatten() {
-        *counts.entry(user.clone()).or_default() += 1;
-    }
-    let snapshots = if counts.is_empty() {
-        Vec::new()
-    } else {
-        let user_keys = counts.keys().map(|u| format!("user:{u}")).collect();
-        try_join(lock(db, user_keys), recompute(db, &counts))
-            .await?
-            .1
-    };
-    let by_user: HashMap<&str, &UserSnapshot> =
-        snapshots.iter().map(|s| (s.user_id.as_str(), s)).collect();
-    Ok(fresh
-        .iter()
-        .zip(&users)
-        .map(|(fresh, users)| {
-            fresh.then(|| {
-                users
-                    .iter()
-                    .filter_map(|u| by_user.get(u.as_str()).map(|s| (*s).clone()))
-                    .collect()
-            })
-        })
-        .collect())
+    Ok(Merged { fresh, users })
 }
 
 /// Inserts every event's `processed_events` row and takes every object lock, in one pipeline;
@@ -824,7 +807,9 @@ async fn write_state(
             &notice_params,
         )));
     }
-    let results = try_join_all(pending).await?;
+    let results = try_join_all(pending)
+        .await
+        .map_err(|error| refused_purchase(error, purchases))?;
     let attached = if new_links.is_empty() {
         HashSet::new()
     } else {
@@ -834,4 +819,19 @@ async fn write_state(
             .collect::<Result<_, _>>()?
     };
     Ok(attached)
+}
+
+/// A second completed purchase of one product by one user, refused by the partial unique
+/// index, as [`StoreError::DuplicatePurchase`]; any other error unchanged.
+fn refused_purchase(error: tokio_postgres::Error, purchases: &Purchases) -> StoreError {
+    if !is_violation_of(&error, "purchases_one_completed_per_user_product") {
+        return error.into();
+    }
+    let product_key = purchases
+        .writes
+        .iter()
+        .find(|w| w.facts.status() == PurchaseStatus::Completed)
+        .and_then(|w| w.facts.product_key.clone())
+        .unwrap_or_default();
+    StoreError::DuplicatePurchase { product_key }
 }

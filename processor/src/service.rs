@@ -1,0 +1,62 @@
+//! What the consumer and the API share, started once per process: the metrics recorder, the
+//! Postgres pool (database created and migrated), the Redis cache client and the confirmed
+//! publisher.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use shared::amqp::{Publisher, PublisherTask};
+
+use crate::cache::{Cache, CacheError};
+use crate::config::Config;
+use crate::db::{self, DbError};
+
+/// How long start-up waits for Postgres to become reachable before giving up.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Why the process could not start its dependencies.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// The Postgres pool (database prepared), the Redis cache and the confirmed publisher.
+#[derive(Debug, Clone)]
+pub struct Dependencies {
+    pub pool: Pool,
+    pub cache: Cache,
+    pub publisher: Publisher,
+}
+
+impl Dependencies {
+    /// Installs the metrics recorder, prepares the database (waiting up to [`STARTUP_PATIENCE`]
+    /// for Postgres), and starts the cache client and the publisher. Stop the returned task after
+    /// the last publish.
+    ///
+    /// # Errors
+    /// [`StartError`] when the database cannot be prepared or the configuration is unusable.
+    pub async fn start(config: &Config) -> Result<(Self, PublisherTask), StartError> {
+        // Installs the process-wide recorder before anything records.
+        let _ = shared::telemetry::metrics_handle();
+        let pool = db::pool(config)?;
+        db::prepare_patiently(config, &pool, STARTUP_PATIENCE).await?;
+        let cache = Cache::new(config)?;
+        let (publisher, publisher_task) = Publisher::start(
+            config.amqp_url.clone(),
+            "processor-publish".into(),
+            config.topology.clone(),
+            config.publish_confirm_timeout,
+        );
+        Ok((
+            Self {
+                pool,
+                cache,
+                publisher,
+            },
+            publisher_task,
+        ))
+    }
+}

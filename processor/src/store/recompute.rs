@@ -1,0 +1,321 @@
+//! A user's entitlements recomputed from their rows: derived by the projection, compared with
+//! what is stored, written where they changed, with the notifications of transitions into
+//! `revoked` or `suspended` and the version bump — for any number of users in two round trips.
+//!
+//! Invariant: the caller holds the users' advisory locks, so the rows read here are the latest
+//! committed, and the version bump lands in the same transaction as the entitlements.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::{try_join3, try_join4};
+use tokio_postgres::Row;
+use tokio_postgres::types::Type;
+
+use super::{
+    Db, EntitlementView, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot,
+    entitlement_source, entitlement_status, opt_timestamp, purchase_from_row, secs,
+    subscription_from_row,
+};
+use crate::projection::{
+    self, DerivedEntitlement, EntitlementStatus, PurchaseFacts, SubscriptionFacts,
+};
+
+/// One user's recomputation, before it is written.
+struct Recomputed {
+    user: String,
+    views: Vec<EntitlementView>,
+    /// Entitlements whose stored row differs (or is missing).
+    changed: Vec<DerivedEntitlement>,
+    /// `(kind, dedupe key, payload)` of the notifications to queue.
+    notices: Vec<(&'static str, String, serde_json::Value)>,
+    /// Stored keys no source grants any more (a row moved to another user).
+    stale: Vec<String>,
+}
+
+/// Compares `derived` with the user's stored entitlements (`existing`: key → row and its
+/// `updated_at`) at the server's `now`.
+fn diff_entitlements(
+    user: &str,
+    derived: Vec<DerivedEntitlement>,
+    mut existing: BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)>,
+    now: DateTime<Utc>,
+) -> Result<Recomputed, StoreError> {
+    let mut views = Vec::with_capacity(derived.len());
+    let mut changed = Vec::new();
+    let mut notices = Vec::new();
+    for entitlement in derived {
+        let before = existing.remove(&entitlement.key);
+        let expires_at = opt_timestamp(entitlement.expires_at)?;
+        let updated_at = match &before {
+            Some((stored, updated_at)) if *stored == entitlement => *updated_at,
+            _ => now,
+        };
+        views.push(EntitlementView {
+            key: entitlement.key.clone(),
+            status: entitlement.status,
+            source: entitlement.source,
+            source_id: entitlement.source_id.clone(),
+            expires_at,
+            updated_at,
+        });
+        let kind = match entitlement.status {
+            EntitlementStatus::Revoked => Some("entitlement_revoked"),
+            EntitlementStatus::Suspended => Some("entitlement_suspended"),
+            _ => None,
+        };
+        let unchanged_status = before
+            .as_ref()
+            .is_some_and(|(stored, _)| stored.status == entitlement.status);
+        if let Some(kind) = kind.filter(|_| !unchanged_status) {
+            // Keyed by the source, so the same revocation reached through another event order
+            // (or a replay) is queued once.
+            let dedupe_key = format!(
+                "{kind}:{user}:{}:{}:{}",
+                entitlement.key,
+                entitlement.source.as_str(),
+                entitlement.source_id
+            );
+            let payload = serde_json::json!({
+                "userId": user,
+                "entitlementKey": entitlement.key,
+                "status": entitlement.status.as_str(),
+                "source": entitlement.source.as_str(),
+                "sourceId": entitlement.source_id,
+            });
+            notices.push((kind, dedupe_key, payload));
+        }
+        if !matches!(&before, Some((stored, _)) if *stored == entitlement) {
+            changed.push(entitlement);
+        }
+    }
+    Ok(Recomputed {
+        user: user.to_owned(),
+        views,
+        changed,
+        notices,
+        stale: existing.into_keys().collect(),
+    })
+}
+
+fn entitlement_from_row(row: &Row) -> Result<DerivedEntitlement, StoreError> {
+    Ok(DerivedEntitlement {
+        key: row.try_get("key")?,
+        status: entitlement_status(row.try_get("status")?)?,
+        source: entitlement_source(row.try_get("source")?)?,
+        source_id: row.try_get("source_id")?,
+        expires_at: secs(row.try_get("expires_at")?),
+    })
+}
+
+/// Recomputes the entitlements of `users` (user id → applied events that concerned them) from
+/// their rows, writes what changed, queues notifications for transitions into
+/// `revoked`/`suspended`, bumps each version by the user's event count and returns the new
+/// snapshots, sorted by user id. The caller holds the users' advisory locks.
+///
+/// Set-based: whatever the number of users, the reads are one pipeline of three statements and
+/// the writes one pipeline of at most four, so a recomputation costs two round trips.
+pub(super) async fn recompute(
+    db: Db<'_>,
+    users: &BTreeMap<String, i64>,
+) -> Result<Vec<UserSnapshot>, StoreError> {
+    let ids: Vec<&str> = users.keys().map(String::as_str).collect();
+    let by_users: [Param<'_>; 1] = [(&ids, Type::TEXT_ARRAY)];
+    let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = ANY($1)");
+    let subscriptions_sql =
+        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = ANY($1)");
+    let (purchase_rows, subscription_rows, entitlement_rows) = try_join3(
+        db.query(&purchases_sql, &by_users),
+        db.query(&subscriptions_sql, &by_users),
+        db.query(
+            "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
+                    e.updated_at
+               FROM (SELECT now() AS now) n
+               LEFT JOIN entitlements e ON e.user_id = ANY($1)",
+            &by_users,
+        ),
+    )
+    .await?;
+    let mut purchases: BTreeMap<String, Vec<PurchaseFacts>> = BTreeMap::new();
+    for row in &purchase_rows {
+        let (_, facts) = purchase_from_row(row)?;
+        if let Some(user) = facts.user_id.clone() {
+            purchases.entry(user).or_default().push(facts);
+        }
+    }
+    let mut subscriptions: BTreeMap<String, Vec<SubscriptionFacts>> = BTreeMap::new();
+    for row in &subscription_rows {
+        let facts = subscription_from_row(row)?;
+        if let Some(user) = facts.user_id.clone() {
+            subscriptions.entry(user).or_default().push(facts);
+        }
+    }
+    let mut now: DateTime<Utc> = DateTime::UNIX_EPOCH;
+    let mut existing: BTreeMap<String, BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)>> =
+        BTreeMap::new();
+    for row in &entitlement_rows {
+        now = row.try_get("now")?;
+        let Some(user) = row.try_get::<_, Option<String>>("user_id")? else {
+            continue;
+        };
+        let entitlement = entitlement_from_row(row)?;
+        existing.entry(user).or_default().insert(
+            entitlement.key.clone(),
+            (entitlement, row.try_get("updated_at")?),
+        );
+    }
+    let recomputed = users
+        .keys()
+        .map(|user| {
+            let derived = projection::derive_entitlements(
+                purchases.get(user).map_or(&[], Vec::as_slice),
+                subscriptions.get(user).map_or(&[], Vec::as_slice),
+            );
+            diff_entitlements(
+                user,
+                derived,
+                existing.remove(user).unwrap_or_default(),
+                now,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let versions = write_recomputed(db, &recomputed, users).await?;
+    recomputed
+        .into_iter()
+        .map(|r| {
+            let version = versions
+                .get(&r.user)
+                .copied()
+                .ok_or(StoreError::Corrupt { column: "version" })?;
+            Ok(UserSnapshot {
+                user_id: r.user,
+                version,
+                entitlements: r.views,
+            })
+        })
+        .collect()
+}
+
+/// Writes recomputations in one pipeline; returns each user's new version.
+async fn write_recomputed(
+    db: Db<'_>,
+    recomputed: &[Recomputed],
+    users: &BTreeMap<String, i64>,
+) -> Result<BTreeMap<String, i64>, StoreError> {
+    let mut upsert = EntitlementColumns::default();
+    let (mut kinds, mut notice_users, mut dedupe_keys, mut payloads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut stale_users, mut stale_keys) = (Vec::new(), Vec::new());
+    for r in recomputed {
+        for e in &r.changed {
+            upsert.push(&r.user, e)?;
+        }
+        for (kind, dedupe_key, payload) in &r.notices {
+            kinds.push(*kind);
+            notice_users.push(r.user.as_str());
+            dedupe_keys.push(dedupe_key.as_str());
+            payloads.push(payload);
+        }
+        for key in &r.stale {
+            stale_users.push(r.user.as_str());
+            stale_keys.push(key.as_str());
+        }
+    }
+    let upserts = async {
+        if upsert.users.is_empty() {
+            return Ok(0);
+        }
+        db.execute(
+            "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
+                 updated_at)
+             SELECT u, k, st, src, sid, exp, now()
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                           $6::timestamptz[]) AS e(u, k, st, src, sid, exp)
+             ON CONFLICT (user_id, key) DO UPDATE SET status = EXCLUDED.status,
+                 source = EXCLUDED.source, source_id = EXCLUDED.source_id,
+                 expires_at = EXCLUDED.expires_at, updated_at = now()",
+            &[
+                (&upsert.users, Type::TEXT_ARRAY),
+                (&upsert.keys, Type::TEXT_ARRAY),
+                (&upsert.statuses, Type::TEXT_ARRAY),
+                (&upsert.sources, Type::TEXT_ARRAY),
+                (&upsert.source_ids, Type::TEXT_ARRAY),
+                (&upsert.expires_at, Type::TIMESTAMPTZ_ARRAY),
+            ],
+        )
+        .await
+    };
+    let inserts = async {
+        if kinds.is_empty() {
+            return Ok(0);
+        }
+        db.execute(
+            "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
+             ON CONFLICT (dedupe_key) DO NOTHING",
+            &[
+                (&kinds, Type::TEXT_ARRAY),
+                (&notice_users, Type::TEXT_ARRAY),
+                (&dedupe_keys, Type::TEXT_ARRAY),
+                (&payloads, Type::JSONB_ARRAY),
+            ],
+        )
+        .await
+    };
+    let deletes = async {
+        if stale_users.is_empty() {
+            return Ok(0);
+        }
+        db.execute(
+            "DELETE FROM entitlements e USING unnest($1::text[], $2::text[]) AS d(u, k)
+              WHERE e.user_id = d.u AND e.key = d.k",
+            &[
+                (&stale_users, Type::TEXT_ARRAY),
+                (&stale_keys, Type::TEXT_ARRAY),
+            ],
+        )
+        .await
+    };
+    let bump_users: Vec<&str> = users.keys().map(String::as_str).collect();
+    let bump_counts: Vec<i64> = users.values().copied().collect();
+    let bump_params: [Param<'_>; 2] = [
+        (&bump_users, Type::TEXT_ARRAY),
+        (&bump_counts, Type::INT8_ARRAY),
+    ];
+    let bump = db.query(
+        "INSERT INTO user_entitlement_versions (user_id, version)
+         SELECT * FROM unnest($1::text[], $2::int8[])
+         ON CONFLICT (user_id) DO UPDATE
+             SET version = user_entitlement_versions.version + EXCLUDED.version
+         RETURNING user_id, version",
+        &bump_params,
+    );
+    let (_, _, _, version_rows) = try_join4(upserts, inserts, deletes, bump).await?;
+    version_rows
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
+}
+
+/// The entitlement rows to upsert, as one array per column.
+#[derive(Default)]
+struct EntitlementColumns<'a> {
+    users: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    statuses: Vec<&'static str>,
+    sources: Vec<&'static str>,
+    source_ids: Vec<&'a str>,
+    expires_at: Vec<Option<DateTime<Utc>>>,
+}
+
+impl<'a> EntitlementColumns<'a> {
+    fn push(&mut self, user: &'a str, e: &'a DerivedEntitlement) -> Result<(), StoreError> {
+        self.users.push(user);
+        self.keys.push(&e.key);
+        self.statuses.push(e.status.as_str());
+        self.sources.push(e.source.as_str());
+        self.source_ids.push(&e.source_id);
+        self.expires_at.push(opt_timestamp(e.expires_at)?);
+        Ok(())
+    }
+}

@@ -1,0 +1,133 @@
+//! The consumer: takes Stripe events from the main queue and applies them to Postgres in small
+//! batches, then refreshes the Redis cache and acknowledges.
+//!
+//! Invariants:
+//! - a delivery is acked only after its outcome is durable: its Postgres transaction committed
+//!   (applied, or found already processed), or a copy was republished to a retry queue or the
+//!   dead-letter queue and confirmed by the broker. Anything else goes back to the queue;
+//! - only the consume loop acks (in its lanes, after the batch). The store says what became of
+//!   each event (a [`store::Outcome`]); [`settle::decide`] alone turns that into ack, retry or
+//!   park;
+//! - one Postgres transaction per batch, through the store's one apply path
+//!   ([`store::apply_events`]), which charges a failure to its own event;
+//! - several batches run at once in lanes; a dispatcher sends every delivery of a user to the
+//!   same lane, so the batches of one process do not wait on each other's per-user locks
+//!   (across processes Postgres serializes them, and a deadlock is retried as transient);
+//! - the Redis `done` marker and the cache are written after the commit, the cache only with the
+//!   newest version per user in the batch, and a Redis failure never fails an event.
+//!
+//! Modules: [`consume`] (broker session, dispatch to lanes), [`batch`] (claim, apply, after
+//! commit), [`settle`] (decision, republish, ack, metrics), [`depths`] (queue depth gauge).
+
+mod batch;
+mod consume;
+mod depths;
+mod settle;
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures_util::future::FusedFuture;
+use shared::amqp::Publisher;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::service::{Dependencies, StartError};
+#[cfg(doc)]
+use crate::store;
+
+pub use settle::{Decision, decide};
+
+/// Runs the consumer until `shutdown` resolves: prepares the database (creates it, migrates),
+/// then consumes, reconnecting to the broker whenever it goes away.
+///
+/// # Errors
+/// [`StartError`] when the database cannot be prepared at start-up or the config is unusable.
+pub async fn run_worker(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let (deps, publisher_task) = Dependencies::start(&config).await?;
+    Worker::new(config, deps.pool, deps.cache, deps.publisher)
+        .run(shutdown)
+        .await;
+    publisher_task.shutdown().await;
+    Ok(())
+}
+
+/// The consumer with its dependencies, for callers that share them (e.g. with the API).
+#[derive(Debug, Clone)]
+pub struct Worker {
+    config: Config,
+    pool: Pool,
+    cache: Cache,
+    publisher: Publisher,
+}
+
+impl Worker {
+    #[must_use]
+    pub fn new(config: Config, pool: Pool, cache: Cache, publisher: Publisher) -> Self {
+        Self {
+            config,
+            pool,
+            cache,
+            publisher,
+        }
+    }
+
+    /// Consumes until `shutdown` resolves. On shutdown it cancels the consumer, lets the
+    /// in-flight batch finish within `shutdown_grace`, and closes the connection, which returns
+    /// every unacked delivery to the queue.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
+        let mut shutdown = pin!(futures_util::FutureExt::fuse(shutdown));
+        let (stop_depths, stopped) = tokio::sync::watch::channel(false);
+        let depths = tokio::spawn(depths::poll(self.config.clone(), stopped));
+        let mut backoff = Duration::from_millis(200);
+        // Consuming before the publishing channel is open would only requeue the first retries.
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {}
+            ready = self.publisher.wait_ready(Duration::from_secs(10)) => if !ready {
+                tracing::warn!("publishing channel not ready; consuming anyway");
+            },
+        }
+        while !shutdown.is_terminated() {
+            let opened = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                opened = consume::Session::open(&self.config) => opened,
+            };
+            let mut session = match opened {
+                Ok(session) => session,
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "cannot consume; broker unavailable");
+                    metrics::gauge!("amqp_connected", "connection" => "consume").set(0.0);
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            metrics::gauge!("amqp_connected", "connection" => "consume").set(1.0);
+            tracing::info!(queue = %self.config.topology.main_queue(), "consuming");
+            let end = self.consume(&mut session, shutdown.as_mut()).await;
+            metrics::gauge!("amqp_connected", "connection" => "consume").set(0.0);
+            session.close().await;
+            match end {
+                consume::SessionEnd::Shutdown => break,
+                consume::SessionEnd::Lost => {
+                    tracing::warn!("consuming connection lost; reconnecting");
+                }
+            }
+        }
+        let _ = stop_depths.send(true);
+        let _ = depths.await;
+        tracing::info!("consumer stopped");
+    }
+}
