@@ -24,7 +24,7 @@ cleanup() {
   [ -n "${API_PID:-}" ] && kill "$API_PID" 2>/dev/null || true
   psqlq -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
   redis-cli --scan --pattern 'entitlements:v1:ub_*' | xargs -r -n 1000 redis-cli del >/dev/null
-  for q in q dlq retry.1 retry.2 retry.3 retry.4 retry.5; do rabbitmqctl -q delete_queue "bench.api.$RUN.$q" >/dev/null 2>&1 || true; done
+  scripts/delete-queues.sh "bench.api.$RUN" || true
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -65,10 +65,7 @@ grep -E "Requests/sec|Latency|Non-2xx|WRK" "$work/wrk.txt"
 
 rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$INGRESS_PID/status)
 kill -TERM $INGRESS_PID; wait $INGRESS_PID 2>/dev/null || true
-rabbitmqctl -q delete_queue "$BASE.q" >/dev/null 2>&1 || true
-rabbitmqctl -q delete_queue "$BASE.dlq" >/dev/null 2>&1 || true
-rabbitmqctl -q delete_queue "$BASE.retry.1" >/dev/null 2>&1 || true
-for n in 2 3 4 5; do rabbitmqctl -q delete_queue "$BASE.retry.$n" >/dev/null 2>&1 || true; done
+scripts/delete-queues.sh "$BASE" || true
 
 broker=$(sed -n 's/.*msgs_per_sec=\([0-9]*\).*/\1/p' "$work/broker.txt")
 ingress=$(sed -n 's/^WRK rps=\([0-9]*\).*/\1/p' "$work/wrk.txt")

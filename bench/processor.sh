@@ -21,7 +21,7 @@ cleanup() {
   [ -n "${WORKER_PID:-}" ] && kill "$WORKER_PID" 2>/dev/null || true
   psqlq -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
   psqlq -d postgres -c "DROP DATABASE IF EXISTS pgbench_$RUN WITH (FORCE)" || true
-  for q in q dlq retry.1 retry.2; do rabbitmqctl -q delete_queue "$BASE.$q" >/dev/null 2>&1 || true; done
+  scripts/delete-queues.sh "$BASE" || true
   rm -rf "$work"
 }
 trap cleanup EXIT

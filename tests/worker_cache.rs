@@ -193,3 +193,62 @@ async fn the_dedupe_marker_is_a_released_or_expiring_claim_until_the_commit_mark
     );
     setup.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_while_redis_was_unreachable_reaches_the_cache_once_it_answers() {
+    let setup = Setup::new(&[200, 400]).await;
+    let direct = pg(&setup.db.url).await;
+    let proxy = system_tests::chaos::ChaosProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let through_proxy = format!("redis://{}", proxy.addr);
+    let worker = spawn_worker(config_with(&setup.db.url, &setup.broker, &through_proxy));
+    let mut redis = redis().await;
+    let user = unique("u");
+    let cached_version = |redis: &redis::aio::MultiplexedConnection| {
+        let mut redis = redis.clone();
+        let key = entitlements_key(&user);
+        async move {
+            redis::cmd("HGET")
+                .arg(key)
+                .arg("v")
+                .query_async::<Option<i64>>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+
+    let first = unique("evt");
+    publish_event(&setup.broker, &first, &user).await;
+    eventually(WAIT, "the first purchase cached", || async {
+        (cached_version(&redis).await == Some(1)).then_some(())
+    })
+    .await;
+
+    // Redis goes away: the second purchase commits, its cache write and the fallback delete
+    // both fail, and the entry still says version 1.
+    proxy.break_all();
+    let second = unique("evt");
+    publish_event(&setup.broker, &second, &user).await;
+    wait_processed(&direct, &second).await;
+    assert_eq!(version(&direct, &user).await, 2);
+    assert_eq!(
+        cached_version(&redis).await,
+        Some(1),
+        "stale while Redis is away"
+    );
+
+    proxy.restore();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the entry healed within seconds",
+        || async { (cached_version(&redis).await != Some(1)).then_some(()) },
+    )
+    .await;
+    assert!(matches!(cached_version(&redis).await, None | Some(2)));
+    worker.stop().await;
+    let _: () = redis::cmd("DEL")
+        .arg(entitlements_key(&user))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    setup.cleanup().await;
+}

@@ -7,7 +7,7 @@ mod worker_common;
 use lapin::types::AMQPValue;
 use shared::topology::headers;
 use system_tests::chaos::ChaosProxy;
-use system_tests::{eventually, unique};
+use system_tests::unique;
 use worker_common::*;
 
 fn header<'a>(message: &'a lapin::message::BasicGetMessage, name: &str) -> Option<&'a AMQPValue> {
@@ -39,33 +39,42 @@ fn proxied_url(proxy: &ChaosProxy, database: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_are_retried_through_the_delay_queues_while_postgres_is_down() {
-    let setup = Setup::new(&[400, 800, 1500, 3000, 6000]).await;
+async fn a_postgres_outage_longer_than_every_retry_parks_nothing_and_applies_everything() {
+    // The whole retry schedule (0.6 s) is over long before the outage (several seconds) ends.
+    let setup = Setup::new(&[100, 200, 300]).await;
     let proxy = ChaosProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let direct = pg(&setup.db.url).await;
     let worker = spawn_worker(config(&proxied_url(&proxy, &setup.db.name), &setup.broker));
     wait_consumers(&setup.broker, 1).await;
 
     proxy.break_all();
-    let (event, user) = (unique("evt"), unique("u"));
-    publish_event(&setup.broker, &event, &user).await;
-    let topology = setup.broker.topology.clone();
-    eventually(WAIT, "the event waits in a retry queue", || async {
-        let mut waiting = 0;
-        for n in 1..=topology.retry_delays().len() {
-            waiting += setup.broker.depth(&topology.retry_queue(n)).await;
+    let user = unique("u");
+    let events: Vec<String> = (0..40).map(|_| unique("evt")).collect();
+    for (i, event) in events.iter().enumerate() {
+        publish_event(&setup.broker, event, &user).await;
+        if i % 10 == 9 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        (waiting > 0).then_some(())
-    })
-    .await;
-    assert_eq!(processed_rows(&direct, &event).await, 0);
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let topology = setup.broker.topology.clone();
+    assert_eq!(setup.broker.dead_letter_depth().await, 0, "nothing parked");
+    for n in 1..=topology.retry_delays().len() {
+        assert_eq!(
+            setup.broker.depth(&topology.retry_queue(n)).await,
+            0,
+            "an outage spends no retry"
+        );
+    }
 
     proxy.restore();
-    wait_processed(&direct, &event).await;
-    assert_eq!(version(&direct, &user).await, 1);
+    for event in &events {
+        wait_processed(&direct, event).await;
+    }
+    wait_depth(&setup.broker, &topology.main_queue(), 0).await;
     worker.stop().await;
+    assert_eq!(version(&direct, &user).await, 40);
     assert_eq!(setup.broker.dead_letter_depth().await, 0);
-    assert_eq!(setup.broker.main_depth().await, 0);
     setup.cleanup().await;
 }
 
@@ -123,17 +132,30 @@ async fn events_that_can_never_parse_go_straight_to_the_dead_letter_queue_with_h
     setup.cleanup().await;
 }
 
+/// A paid checkout of `product` by `user` (a second one, unrefunded, can never be applied).
+fn purchase_of(event_id: &str, user: &str, product: &str) -> Vec<u8> {
+    let mut body: serde_json::Value =
+        serde_json::from_slice(&checkout_completed(event_id, user)).unwrap();
+    body["data"]["object"]["metadata"]["product_key"] = product.into();
+    body.to_string().into_bytes()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_exhausts_its_retries_is_dead_lettered_with_the_number_of_retries() {
     let setup = Setup::new(&[100, 200]).await;
-    let proxy = ChaosProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let direct = pg(&setup.db.url).await;
-    let worker = spawn_worker(config(&proxied_url(&proxy, &setup.db.name), &setup.broker));
+    let worker = spawn_worker(config(&setup.db.url, &setup.broker));
     wait_consumers(&setup.broker, 1).await;
 
-    proxy.break_all();
-    let (event, user) = (unique("evt"), unique("u"));
-    let body = checkout_completed(&event, &user);
+    // A second completed purchase of one product waits for the first one's refund, which
+    // never comes.
+    let (user, product) = (unique("u"), unique("prod"));
+    let first = unique("evt");
+    let body = purchase_of(&first, &user, &product);
+    publish(&setup.broker, &body, &first, "checkout.session.completed").await;
+    wait_processed(&direct, &first).await;
+    let event = unique("evt");
+    let body = purchase_of(&event, &user, &product);
     publish(&setup.broker, &body, &event, "checkout.session.completed").await;
 
     let dlq = setup.broker.topology.dead_letter_queue();
@@ -142,7 +164,10 @@ async fn an_event_that_exhausts_its_retries_is_dead_lettered_with_the_number_of_
     let parked = setup.broker.get(&dlq).await.expect("parked event");
     assert_eq!(header_int(&parked, headers::ATTEMPTS), Some(2));
     let last_error = header_str(&parked, headers::LAST_ERROR).expect("last_error");
-    assert!(last_error.contains("postgres"), "{last_error}");
+    assert!(
+        last_error.contains("already owns a completed purchase"),
+        "{last_error}"
+    );
     assert!(header_str(&parked, headers::FIRST_SEEN_AT).is_some());
     assert!(header_str(&parked, headers::DEAD_LETTERED_AT).is_some());
     assert_eq!(parked.delivery.data, body);
@@ -266,5 +291,102 @@ async fn one_refused_event_in_a_batch_is_retried_alone_and_the_rest_commits() {
         ids[1]
     );
     assert_eq!(setup.broker.main_depth().await, 0);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_queues_are_quorum_queues_that_dead_letter_at_least_once() {
+    let setup = Setup::new(&[1500, 60_000]).await;
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "type", "arguments"])
+        .output()
+        .expect("rabbitmqctl");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for n in 1..=2 {
+        let name = setup.broker.topology.retry_queue(n);
+        let line = listed
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("{name} declared:\n{listed}"));
+        assert!(line.contains("quorum"), "{line}");
+        assert!(line.contains("at-least-once"), "{line}");
+        assert!(line.contains("reject-publish"), "{line}");
+    }
+    assert!(
+        setup
+            .broker
+            .topology
+            .retry_queue(1)
+            .ends_with(".delay.1500ms")
+    );
+    assert!(setup.broker.topology.retry_queue(2).ends_with(".delay.1m"));
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_waiting_in_an_old_classic_retry_queue_are_moved_and_applied_at_start_up() {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::{FieldTable, LongString};
+
+    let setup = Setup::new(&[200, 400]).await;
+    let direct = pg(&setup.db.url).await;
+    let topology = setup.broker.topology.clone();
+    // The layout of earlier releases: a classic queue with an hour's TTL.
+    let legacy = topology.legacy_retry_queue(2);
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(3_600_000));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(topology.main_queue())),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    setup
+        .broker
+        .channel
+        .queue_declare(legacy.as_str().into(), durable, args)
+        .await
+        .unwrap();
+    let (event, user) = (unique("evt"), unique("u"));
+    setup
+        .broker
+        .channel
+        .basic_publish(
+            "".into(),
+            legacy.as_str().into(),
+            BasicPublishOptions::default(),
+            &checkout_completed(&event, &user),
+            lapin::BasicProperties::default().with_message_id(event.as_str().into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let worker = spawn_worker(config(&setup.db.url, &setup.broker));
+    wait_processed(&direct, &event).await;
+    worker.stop().await;
+    let gone = setup
+        .broker
+        .connection
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            legacy.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(gone.is_err(), "the drained classic queue is deleted");
     setup.cleanup().await;
 }

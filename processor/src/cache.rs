@@ -310,6 +310,22 @@ impl Cache {
         }
     }
 
+    /// The version each user's entry holds (`None`: no entry), in one pipeline.
+    ///
+    /// # Errors
+    /// [`CacheError`] when Redis fails.
+    pub async fn cached_versions(&self, users: &[String]) -> Result<Vec<Option<i64>>, CacheError> {
+        let keys: Vec<String> = users.iter().map(|u| entitlements_key(u)).collect();
+        self.run(|mut c| {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("HGET").arg(key).arg("v");
+            }
+            async move { pipe.query_async::<Vec<Option<i64>>>(&mut c).await }
+        })
+        .await
+    }
+
     /// Compare-and-set of a user's snapshot. Returns `Ok(false)` when the cache already holds a
     /// newer version (the write was refused).
     ///
@@ -360,8 +376,9 @@ impl Cache {
         self.refresh(snapshot).await;
     }
 
-    /// Deletes a user's cache entry. Never fails (logged and counted).
-    pub async fn invalidate(&self, user_id: &str) {
+    /// Deletes a user's cache entry. Never fails (logged and counted); returns whether Redis
+    /// confirmed the delete.
+    pub async fn invalidate(&self, user_id: &str) -> bool {
         let key = entitlements_key(user_id);
         let result = self
             .run(|mut c| {
@@ -369,9 +386,10 @@ impl Cache {
                 async move { redis::cmd("DEL").arg(key).query_async::<i64>(&mut c).await }
             })
             .await;
-        if let Err(error) = result {
-            failed("invalidate", &error);
+        if let Err(error) = &result {
+            failed("invalidate", error);
         }
+        result.is_ok()
     }
 
     /// The cached snapshot of `user`, or `None` on a miss, an unreadable entry or a Redis

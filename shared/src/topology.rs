@@ -5,15 +5,18 @@
 //!   ingress ──publish──▶ stripe.events (topic) ──#──▶ stripe.events.q (quorum)
 //!                                                        │  ▲
 //!                        processor: retry n ─────────────┘  │ TTL expiry dead-letters back
-//!                                   ▼                       │
-//!                        stripe.events.retry.<n> (classic, x-message-ttl) ──┘
+//!                                   ▼                       │   at least once
+//!                        stripe.events.delay.<delay> (quorum, x-message-ttl) ──┘
 //!                        processor: give up ──▶ stripe.events.dlq (classic, parked)
 //! ```
 //!
-//! Invariants: retry queues hold one delay each (per-message TTL only expires at the head, so
-//! delays never mix in a queue); the main queue dead-letters at-least-once (with
-//! `reject-publish` overflow), and its delivery limit is a crash-loop backstop, not the retry
-//! policy.
+//! Invariants: delay queues hold one delay each (per-message TTL only expires at the head, so
+//! delays never mix in a queue) and are named by it (`stripe.events.delay.30s`), so a changed
+//! `RETRY_DELAYS` declares new queues instead of clashing with old ones; every queue that
+//! dead-letters (the main queue and the delay queues) is a quorum queue with the
+//! `at-least-once` strategy and `reject-publish` overflow, because classic queues dead-letter
+//! at most once and lose what they hold across a broker restart; the main queue's delivery
+//! limit is a crash-loop backstop, not the retry policy.
 
 use std::time::Duration;
 
@@ -177,9 +180,26 @@ impl Topology {
         format!("{}.q", self.base)
     }
 
-    /// The queue holding messages for their `n`-th retry (1-based).
+    /// The delay queue holding messages for their `n`-th retry (1-based), named by its delay:
+    /// `<base>.delay.<delay>`, e.g. `stripe.events.delay.30s`.
+    ///
+    /// # Panics
+    /// Never for `n` in `1..=retry_delays().len()`; other `n` name no queue of the schedule but
+    /// still yield a name (of a zero delay).
     #[must_use]
     pub fn retry_queue(&self, n: usize) -> String {
+        let delay = n
+            .checked_sub(1)
+            .and_then(|i| self.retry_delays.get(i))
+            .copied()
+            .unwrap_or_default();
+        format!("{}.delay.{}", self.base, delay_name(delay))
+    }
+
+    /// The classic `<base>.retry.<n>` queue of releases before durable delays: never declared
+    /// any more, only drained by `processor migrate` (see the README's upgrade notes).
+    #[must_use]
+    pub fn legacy_retry_queue(&self, n: usize) -> String {
         format!("{}.retry.{n}", self.base)
     }
 
@@ -253,13 +273,16 @@ impl Topology {
 
         for (i, delay) in self.retry_delays.iter().enumerate() {
             let mut args = FieldTable::default();
-            insert_str(&mut args, "x-queue-type", "classic");
+            insert_str(&mut args, "x-queue-type", "quorum");
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
             );
             insert_str(&mut args, "x-dead-letter-exchange", "");
             insert_str(&mut args, "x-dead-letter-routing-key", &self.main_queue());
+            // Without both, a quorum queue silently falls back to at-most-once dead-lettering.
+            insert_str(&mut args, "x-dead-letter-strategy", "at-least-once");
+            insert_str(&mut args, "x-overflow", "reject-publish");
             channel
                 .queue_declare(self.retry_queue(i + 1).as_str().into(), durable_queue, args)
                 .await?;
@@ -285,6 +308,17 @@ impl Topology {
     }
 }
 
+/// A delay in the largest unit that states it exactly: `1h`, `2m`, `30s`, `1500ms`.
+fn delay_name(delay: Duration) -> String {
+    let ms = delay.as_millis();
+    match ms {
+        _ if ms > 0 && ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms > 0 && ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms > 0 && ms.is_multiple_of(1_000) => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
+    }
+}
+
 fn insert_str(table: &mut FieldTable, key: &str, value: &str) {
     table.insert(
         ShortString::from(key),
@@ -301,10 +335,26 @@ mod tests {
         let t = Topology::default();
         assert_eq!(t.exchange(), "stripe.events");
         assert_eq!(t.main_queue(), "stripe.events.q");
-        assert_eq!(t.retry_queue(1), "stripe.events.retry.1");
+        assert_eq!(t.retry_queue(1), "stripe.events.delay.5s");
+        assert_eq!(t.retry_queue(3), "stripe.events.delay.2m");
+        assert_eq!(t.retry_queue(5), "stripe.events.delay.1h");
+        assert_eq!(t.legacy_retry_queue(1), "stripe.events.retry.1");
         assert_eq!(t.dead_letter_queue(), "stripe.events.dlq");
         assert_eq!(t.retry_delays().len(), 5);
         assert_eq!(t.retry_delays()[4], Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn delay_queues_are_named_by_their_delay() {
+        assert_eq!(delay_name(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(delay_name(Duration::from_secs(90)), "90s");
+        assert_eq!(delay_name(Duration::from_secs(7200)), "2h");
+        let t = Topology::new("b", vec![Duration::from_secs(1), Duration::from_secs(1)]);
+        assert_eq!(
+            t.retry_queue(1),
+            t.retry_queue(2),
+            "one queue per distinct delay"
+        );
     }
 
     #[test]

@@ -283,11 +283,20 @@ async fn write_recomputed(
         (&bump_counts, Type::INT8_ARRAY),
     ];
     let bump = db.query(
-        "INSERT INTO user_entitlement_versions (user_id, version)
-         SELECT * FROM unnest($1::text[], $2::int8[])
-         ON CONFLICT (user_id) DO UPDATE
-             SET version = user_entitlement_versions.version + EXCLUDED.version
-         RETURNING user_id, version",
+        // The new versions are also marked pending for the cache healer, in this transaction:
+        // a cache write that never happens (Redis down, the process killed) is repaired.
+        "WITH bumped AS (
+             INSERT INTO user_entitlement_versions (user_id, version)
+             SELECT * FROM unnest($1::text[], $2::int8[])
+             ON CONFLICT (user_id) DO UPDATE
+                 SET version = user_entitlement_versions.version + EXCLUDED.version
+             RETURNING user_id, version),
+         pending AS (
+             INSERT INTO cache_pending (user_id, version)
+             SELECT user_id, version FROM bumped
+             ON CONFLICT (user_id) DO UPDATE
+                 SET version = EXCLUDED.version, marked_at = now())
+         SELECT user_id, version FROM bumped",
         &bump_params,
     );
     let (_, _, _, version_rows) = try_join4(upserts, inserts, deletes, bump).await?;

@@ -18,7 +18,7 @@ use super::Worker;
 use super::settle::short;
 use crate::cache::{Claim, ClaimToken};
 use crate::events::{self, Event};
-use crate::store::{self, Outcome, UserSnapshot};
+use crate::store::{self, Failure, Outcome, UserSnapshot};
 
 /// One delivery in a batch, with what was learned about it.
 pub(super) struct Item {
@@ -149,8 +149,8 @@ impl Worker {
         }
     }
 
-    /// Applies the batch's fresh events in one transaction, retrying an unavailable database
-    /// briefly in process before handing the events to the delay queues.
+    /// Applies the batch's fresh events in one transaction. An unavailable database is retried
+    /// briefly in process, then waited for: an outage parks nothing and counts no attempt.
     async fn apply_all(&self, items: &mut [Item]) {
         let mut todo = Vec::new();
         for (i, item) in items.iter_mut().enumerate() {
@@ -175,14 +175,25 @@ impl Worker {
             .with_max_delay(Duration::from_millis(400))
             .with_max_times(3)
             .with_jitter();
-        let result = (|| store::apply_and_commit(&self.pool, &events))
-            .retry(policy)
-            .notify(|error, after| {
-                metrics::counter!("worker_inprocess_retries_total").increment(1);
-                tracing::warn!(%error, retry_in = ?after, events = events.len(), "batch failed; retrying");
-            })
-            .await;
-        match result {
+        let outcomes = loop {
+            let result = (|| store::apply_and_commit(&self.pool, &events))
+                .retry(policy)
+                .notify(|error, after| {
+                    metrics::counter!("worker_inprocess_retries_total").increment(1);
+                    tracing::warn!(%error, retry_in = ?after, events = events.len(), "batch failed; retrying");
+                })
+                .await;
+            match result {
+                Ok(outcomes) => break Ok(outcomes),
+                // An outage is no fault of the events: they wait here, unacked and uncounted,
+                // and this lane takes nothing new until the database answers again.
+                Err(error) if error.failure() == Failure::Unavailable => {
+                    self.wait_for_database(&error).await;
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        match outcomes {
             Ok(outcomes) => {
                 for (i, outcome) in todo.into_iter().zip(outcomes) {
                     items[i].outcome = Some(outcome);
@@ -195,6 +206,31 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Waits until Postgres answers a query again, with a capped backoff, while the
+    /// `worker_paused{reason="database"}` gauge says why nothing moves.
+    async fn wait_for_database(&self, error: &store::StoreError) {
+        let _paused = Paused::database();
+        tracing::warn!(%error, "database unavailable; holding the batch until it answers");
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            tokio::time::sleep(backoff).await;
+            let probe = async {
+                let client = self.pool.get().await.ok()?;
+                client.simple_query("SELECT 1").await.ok()
+            };
+            if tokio::time::timeout(self.config.db_timeout, probe)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                break;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        tracing::info!("database answers again; resuming");
     }
 
     /// Post-commit side effects in Redis: `done` markers, claim releases, cache refresh with the
@@ -251,5 +287,21 @@ fn mark_duplicates(items: &mut [Item]) {
             item.outcome = Some(Outcome::Replay);
             item.batch_duplicate = true;
         }
+    }
+}
+
+/// Counts a lane in `worker_paused{reason}` while it lives (also when its task is aborted).
+struct Paused(&'static str);
+
+impl Paused {
+    fn database() -> Self {
+        metrics::gauge!("worker_paused", "reason" => "database").increment(1.0);
+        Self("database")
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        metrics::gauge!("worker_paused", "reason" => self.0).decrement(1.0);
     }
 }

@@ -17,11 +17,14 @@
 //!   newest version per user in the batch, and a Redis failure never fails an event.
 //!
 //! Modules: [`consume`] (broker session, dispatch to lanes), [`batch`] (claim, apply, after
-//! commit), [`settle`] (decision, republish, ack, metrics), [`depths`] (queue depth gauge).
+//! commit), [`settle`] (decision, republish, ack, metrics), [`depths`] (queue depth gauge),
+//! [`heal`] (cache entries a failed write left stale), [`legacy`] (upgrade from classic delays).
 
 mod batch;
 mod consume;
 mod depths;
+mod heal;
+mod legacy;
 mod settle;
 
 use std::future::Future;
@@ -83,7 +86,8 @@ impl Worker {
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
         let mut shutdown = pin!(futures_util::FutureExt::fuse(shutdown));
         let (stop_depths, stopped) = tokio::sync::watch::channel(false);
-        let depths = tokio::spawn(depths::poll(self.config.clone(), stopped));
+        let depths = tokio::spawn(depths::poll(self.config.clone(), stopped.clone()));
+        let healer = tokio::spawn(heal::run(self.pool.clone(), self.cache.clone(), stopped));
         let mut backoff = Duration::from_millis(200);
         // Consuming before the publishing channel is open would only requeue the first retries.
         tokio::select! {
@@ -93,6 +97,10 @@ impl Worker {
                 tracing::warn!("publishing channel not ready; consuming anyway");
             },
         }
+        let upgrade = {
+            let (config, publisher) = (self.config.clone(), self.publisher.clone());
+            tokio::spawn(async move { legacy::drain(&config, &publisher).await })
+        };
         while !shutdown.is_terminated() {
             let opened = tokio::select! {
                 biased;
@@ -126,8 +134,10 @@ impl Worker {
                 }
             }
         }
+        upgrade.abort();
         let _ = stop_depths.send(true);
         let _ = depths.await;
+        let _ = healer.await;
         tracing::info!("consumer stopped");
     }
 }
