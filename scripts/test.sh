@@ -20,8 +20,13 @@ if [ $lint = 1 ]; then
   cargo clippy --workspace --all-targets --quiet -- -D warnings
 fi
 
+# The chaos suite (tests/chaos.rs) restarts servers of its own, never the shared ones; it runs
+# alone, after the rest, against the binaries it drives.
+cargo build --quiet -p ingress -p processor --bins
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --test chaos --run-ignored only --no-capture "$@"
 else
   cargo test --workspace --no-fail-fast "$@"
+  cargo test --test chaos -- --ignored --nocapture "$@"
 fi

@@ -11,6 +11,8 @@
 pub mod amqp;
 pub mod chaos;
 pub mod db;
+pub mod scenarios;
+pub mod servers;
 pub mod stripe_fake;
 
 use std::future::Future;

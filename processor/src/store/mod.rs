@@ -95,10 +95,11 @@ pub enum Outcome {
 /// How a failure is handled. [`StoreError::failure`] is the one place that decides it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The database is unreachable, or aborted the transaction (connection loss, timeout,
-    /// deadlock, serialization failure): the whole set must be applied again later.
+    /// The database is unreachable, or gave up on the transaction (connection loss, timeout,
+    /// deadlock, serialization failure, shutdown): the whole set must be applied again later.
     Unavailable,
-    /// This event cannot be applied yet ([`StoreError::DuplicatePurchase`]).
+    /// This event cannot be applied yet ([`StoreError::DuplicatePurchase`], or an error the
+    /// server reported that is neither an outage nor refused data): retry it later.
     Later,
     /// This event can never be applied: data the database or the projection refuses.
     Rejected,
@@ -133,10 +134,14 @@ impl StoreError {
     #[must_use]
     pub fn failure(&self) -> Failure {
         match self {
-            Self::Db(error) if refused_data(error).is_none() => Failure::Unavailable,
             Self::Pool(_) => Failure::Unavailable,
-            Self::DuplicatePurchase { .. } => Failure::Later,
-            Self::Db(_) | Self::InvalidTimestamp(_) | Self::Corrupt { .. } => Failure::Rejected,
+            Self::Db(error) if refused_data(error).is_some() => Failure::Rejected,
+            Self::Db(error) if unavailable(error) => Failure::Unavailable,
+            // Anything else the server says (an aborted transaction reported by a pipelined
+            // statement instead of the one that failed, a schema mismatch…) is charged to the
+            // event, to be retried: the set is redone event by event.
+            Self::Db(_) | Self::DuplicatePurchase { .. } => Failure::Later,
+            Self::InvalidTimestamp(_) | Self::Corrupt { .. } => Failure::Rejected,
         }
     }
 
@@ -174,6 +179,18 @@ fn refused_data(error: &tokio_postgres::Error) -> Option<String> {
             .map(|c| format!(" ({c})"))
             .unwrap_or_default();
         format!("database rejected the event: SQLSTATE {code}{constraint}")
+    })
+}
+
+/// True when the database itself is unavailable or gave up on the transaction: no SQLSTATE
+/// (connection closed, I/O, timeout) or classes 08 (connection), 40 (deadlock, serialization),
+/// 53 (insufficient resources), 55 (lock not available), 57 (shutdown, cancel), 58 (system) and
+/// XX (internal).
+fn unavailable(error: &tokio_postgres::Error) -> bool {
+    error.code().is_none_or(|code| {
+        ["08", "40", "53", "55", "57", "58", "XX"]
+            .iter()
+            .any(|class| code.code().starts_with(class))
     })
 }
 

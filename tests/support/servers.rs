@@ -1,0 +1,328 @@
+//! Private PostgreSQL, Redis and RabbitMQ servers for the chaos suite: started from the
+//! machine's installed packages on free loopback ports, with their data in a temporary
+//! directory, so a test can stop, kill and restart them without touching the shared instances
+//! every other test uses. Dropping a server stops it and removes its data.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < deadline, "{what} within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run(command: &mut Command, what: &str) {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A directory owned by `user` (the servers drop root privileges), removed on drop.
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str, user: &str) -> Self {
+        let path = std::env::temp_dir().join(super::unique(name));
+        std::fs::create_dir_all(&path).expect("scratch dir");
+        run(
+            Command::new("chown").arg("-R").arg(user).arg(&path),
+            "chown scratch dir",
+        );
+        Self { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The directory of PostgreSQL's server binaries (the newest installed version).
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL installed under /usr/lib/postgresql")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL version").join("bin")
+}
+
+/// A PostgreSQL cluster of its own (trust authentication, user `postgres`).
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: Scratch,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let dir = Scratch::new("chaos-pg", "postgres");
+        let data = dir.path.join("data");
+        run(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(pg_bin().join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+                .stdout(Stdio::null()),
+            "initdb",
+        );
+        let server = Self {
+            port: free_port(),
+            dir,
+        };
+        server.start_again();
+        server
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path.join("data")
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// `pg_ctl` as the `postgres` user on this cluster's data directory.
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .args(args)
+            .stdout(Stdio::null());
+        command
+    }
+
+    /// Starts the stopped cluster and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            self.port,
+            self.dir.path.display()
+        );
+        let log = self.dir.path.join("log");
+        let log = log.to_string_lossy();
+        run(
+            &mut self.pg_ctl(&["-o", &options, "-l", &log, "-w", "start"]),
+            "pg_ctl start",
+        );
+    }
+
+    /// Stops the cluster at once, as a crash would (`-m immediate`: no checkpoint, connections
+    /// cut).
+    pub fn stop(&self) {
+        run(
+            &mut self.pg_ctl(&["-m", "immediate", "-w", "stop"]),
+            "pg_ctl stop",
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .pg_ctl(&["-m", "immediate", "-w", "stop"])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A Redis server of its own, without persistence: a restart comes back empty.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_again(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("redis up", Duration::from_secs(10), || port_open(port));
+    }
+
+    /// Kills the server (SIGKILL): every key is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A RabbitMQ node of its own (`guest`/`guest` on loopback), with its own node name, ports and
+/// data directory.
+pub struct PrivateRabbit {
+    pub port: u16,
+    node: String,
+    dir: Scratch,
+}
+
+impl PrivateRabbit {
+    pub fn start() -> Self {
+        let dir = Scratch::new("chaos-rabbit", "rabbitmq:rabbitmq");
+        let port = free_port();
+        let node = format!("chaos{port}@localhost");
+        let conf = dir.path.join("rabbitmq.conf");
+        std::fs::write(&conf, format!("listeners.tcp.local = 127.0.0.1:{port}\n"))
+            .expect("rabbitmq.conf");
+        std::fs::write(
+            dir.path.join("rabbitmq-env.conf"),
+            format!("NODENAME={node}\nERL_EPMD_ADDRESS=127.0.0.1\n"),
+        )
+        .expect("rabbitmq-env.conf");
+        std::fs::write(dir.path.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.path.join(sub)).expect("rabbit dirs");
+        }
+        run(
+            Command::new("chown")
+                .args(["-R", "rabbitmq:rabbitmq"])
+                .arg(&dir.path),
+            "chown rabbit dir",
+        );
+        let server = Self { port, node, dir };
+        let path = &server.dir.path;
+        run(
+            Command::new("rabbitmq-server")
+                .arg("-detached")
+                .env("RABBITMQ_NODENAME", &server.node)
+                .env("RABBITMQ_NODE_PORT", port.to_string())
+                .env("RABBITMQ_DIST_PORT", free_port().to_string())
+                .env("RABBITMQ_CONFIG_FILE", path.join("rabbitmq.conf"))
+                .env("RABBITMQ_CONF_ENV_FILE", path.join("rabbitmq-env.conf"))
+                .env(
+                    "RABBITMQ_ENABLED_PLUGINS_FILE",
+                    path.join("enabled_plugins"),
+                )
+                .env("RABBITMQ_FEATURE_FLAGS_FILE", path.join("feature_flags"))
+                .env("RABBITMQ_MNESIA_BASE", path.join("mnesia"))
+                .env("RABBITMQ_LOG_BASE", path.join("log"))
+                .env("RABBITMQ_PID_FILE", path.join("pid"))
+                .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+                .stdout(Stdio::null()),
+            "rabbitmq-server -detached",
+        );
+        wait_until("rabbitmq up", Duration::from_secs(90), || {
+            port_open(port) && server.ctl(&["-q", "await_startup", "--timeout", "5"])
+        });
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn ctl(&self, args: &[&str]) -> bool {
+        Command::new("rabbitmqctl")
+            .args(["-n", &self.node])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// `rabbitmqctl stop_app`: the broker goes away, its durable queues stay on disk.
+    pub fn stop_app(&self) {
+        assert!(self.ctl(&["stop_app"]), "rabbitmqctl stop_app");
+    }
+
+    /// `rabbitmqctl start_app`, waiting until the listener answers.
+    pub fn start_app(&self) {
+        assert!(self.ctl(&["start_app"]), "rabbitmqctl start_app");
+        let port = self.port;
+        wait_until("rabbitmq app up", Duration::from_secs(60), || {
+            port_open(port)
+        });
+    }
+
+    /// Ready and unacknowledged messages of `queue` (0, 0 when absent).
+    pub fn depth(&self, queue: &str) -> (u64, u64) {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "-n",
+                &self.node,
+                "-q",
+                "list_queues",
+                "name",
+                "messages_ready",
+            ])
+            .arg("messages_unacknowledged")
+            .output()
+            .expect("rabbitmqctl list_queues");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| {
+                let mut cols = line.split_whitespace();
+                let name = cols.next()?;
+                let ready = cols.next()?.parse().ok()?;
+                let unacked = cols.next()?.parse().ok()?;
+                (name == queue).then_some((ready, unacked))
+            })
+            .next()
+            .unwrap_or((0, 0))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir.path
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        let _ = self.ctl(&["stop"]);
+    }
+}
