@@ -16,6 +16,7 @@ pub mod projection;
 pub mod reconcile;
 pub mod store;
 pub mod stripe;
+pub mod tls;
 pub mod worker;
 
 pub use worker::run_worker;
