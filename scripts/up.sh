@@ -15,7 +15,9 @@ if [ ! -f .env ]; then
   rand() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
   sed -e "s/^STRIPE_WEBHOOK_SECRET=.*/STRIPE_WEBHOOK_SECRET=whsec_dev_$(rand)/" \
       -e "s/^AUTH_JWT_SECRET=.*/AUTH_JWT_SECRET=dev_$(rand)/" \
-      -e "s/^ADMIN_API_TOKEN=.*/ADMIN_API_TOKEN=admin_$(rand)/" .env.example > .env
+      -e "s/^ADMIN_API_TOKEN=.*/ADMIN_API_TOKEN=admin_$(rand)/" \
+      -e "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$(rand)/" \
+      -e "s/^RABBITMQ_PASSWORD=.*/RABBITMQ_PASSWORD=$(rand)/" .env.example > .env
   echo "created .env with development secrets"
 fi
 set -a; . ./.env; set +a

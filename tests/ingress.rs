@@ -3,90 +3,15 @@
 //! 503s and heals without a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lapin::types::AMQPValue;
 use serde_json::json;
-use shared::config::Env;
 use shared::signature::signature_header;
 use system_tests::amqp::TestBroker;
 use system_tests::chaos::ChaosProxy;
+use system_tests::ingress::{Ingress, SECRET};
 use system_tests::{amqp_url, eventually};
-use tokio::sync::oneshot;
-
-const SECRET: &str = "whsec_ingress_test";
-
-struct Ingress {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-    http: reqwest::Client,
-}
-
-impl Ingress {
-    async fn start(broker: &TestBroker, amqp: &str, extra: &[(&str, &str)]) -> Self {
-        let mut pairs = vec![("STRIPE_WEBHOOK_SECRET", SECRET), ("AMQP_URL", amqp)];
-        pairs.extend_from_slice(extra);
-        let mut config = ingress::Config::from_env(&Env::from_pairs(pairs)).unwrap();
-        config.topology = broker.topology.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(ingress::run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Self {
-            addr,
-            stop: Some(tx),
-            task,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn wait_ready(&self) {
-        eventually(
-            Duration::from_secs(10),
-            "ingress /readyz to say ready",
-            || async {
-                let r = self.http.get(self.url("/readyz")).send().await.ok()?;
-                (r.status() == 200).then_some(())
-            },
-        )
-        .await;
-    }
-
-    async fn post(
-        &self,
-        body: &str,
-        signature: Option<String>,
-    ) -> (u16, serde_json::Value, Option<String>) {
-        let mut request = self
-            .http
-            .post(self.url("/webhooks/stripe"))
-            .body(body.to_owned());
-        if let Some(signature) = signature {
-            request = request.header("Stripe-Signature", signature);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let json = response.json().await.unwrap_or(serde_json::Value::Null);
-        (status, json, retry_after)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()

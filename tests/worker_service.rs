@@ -119,3 +119,64 @@ async fn a_parked_event_raises_the_dead_letter_gauge_until_it_is_drained() {
     service.await.unwrap().unwrap();
     setup.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_listener_cuts_stalled_heads_caps_connections_and_serves_metrics_apart() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let setup = Setup::new(&[200]).await;
+    let mut config = config(&setup.db.url, &setup.broker);
+    config.api_limits.header_read_timeout = Duration::from_millis(500);
+    config.api_limits.max_connections = 2;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.metrics_addr = Some(free.local_addr().unwrap());
+    drop(free);
+    let metrics_url = format!("http://{}/metrics", config.metrics_addr.unwrap());
+    let (base, stop, service) = start_service(config).await;
+    let addr = base.trim_start_matches("http://").to_owned();
+    let http = reqwest::Client::new();
+    system_tests::eventually(WAIT, "metrics on their own address", || async {
+        let response = http.get(&metrics_url).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let on_api = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(on_api.status(), 404);
+
+    // Two stalled heads take both connection slots: a third connection is refused with 503.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    third.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The stalled ones are cut off after the header read timeout, freeing their slots.
+    let started = Instant::now();
+    for mut stream in stalled {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+    setup.cleanup().await;
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use shared::config::{ConfigError, Env};
+use shared::server::{ServerLimits, optional_addr};
 use shared::signature::Verifier;
 use shared::telemetry::LogFormat;
 use shared::topology::Topology;
@@ -17,6 +18,10 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// How long a publish may wait for the broker's confirm before the request gets 503.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Upper bound on a whole request by default (`INGRESS_REQUEST_TIMEOUT`), so a client that
+/// trickles its body cannot hold a task forever.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Everything ingress needs.
 #[derive(Debug, Clone)]
@@ -28,6 +33,11 @@ pub struct Config {
     pub topology: Topology,
     pub confirm_timeout: Duration,
     pub log_format: LogFormat,
+    /// The listener's limits (`INGRESS_HEADER_READ_TIMEOUT`, `INGRESS_REQUEST_TIMEOUT`,
+    /// `INGRESS_MAX_CONNECTIONS`, `INGRESS_MAX_IN_FLIGHT`).
+    pub limits: ServerLimits,
+    /// `INGRESS_METRICS_ADDR`: when set, `/metrics` is served there instead of on `addr`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -74,6 +84,12 @@ impl Config {
             topology: Topology::from_env(env)?,
             confirm_timeout: CONFIRM_TIMEOUT,
             log_format: env.parse_or("LOG_FORMAT", LogFormat::Pretty)?,
+            limits: ServerLimits::from_env(
+                env,
+                "INGRESS",
+                &ServerLimits::with_request_timeout(DEFAULT_REQUEST_TIMEOUT),
+            )?,
+            metrics_addr: optional_addr(env, "INGRESS_METRICS_ADDR")?,
         })
     }
 }
@@ -103,6 +119,33 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
         assert_eq!(c.topology.exchange(), "stripe.events");
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(
+            (c.limits.max_connections, c.limits.max_in_flight),
+            (1024, 256)
+        );
+        assert_eq!(c.metrics_addr, None);
+    }
+
+    #[test]
+    fn listener_limits_and_the_metrics_address_are_read_and_named() {
+        let c = Config::from_env(&Env::from_pairs([
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("INGRESS_MAX_CONNECTIONS", "64"),
+            ("INGRESS_METRICS_ADDR", "127.0.0.1:9180"),
+        ]))
+        .unwrap();
+        assert_eq!(c.limits.max_connections, 64);
+        assert_eq!(c.metrics_addr.map(|a| a.port()), Some(9180));
+        let env = Env::from_pairs([
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("INGRESS_HEADER_READ_TIMEOUT", "0s"),
+        ]);
+        assert_eq!(
+            Config::from_env(&env).unwrap_err().var,
+            "INGRESS_HEADER_READ_TIMEOUT"
+        );
     }
 
     #[test]

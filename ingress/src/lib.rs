@@ -12,19 +12,24 @@ use std::future::Future;
 use shared::amqp::Publisher;
 use tokio::net::TcpListener;
 
-pub use config::{CONFIRM_TIMEOUT, Config, DEFAULT_AMQP_URL};
+pub use config::{CONFIRM_TIMEOUT, Config, DEFAULT_AMQP_URL, DEFAULT_REQUEST_TIMEOUT};
 pub use routes::router;
 
-/// Serves ingress on `listener` until `shutdown` resolves, then finishes in-flight requests and
+/// Serves ingress on `listener` (and `/metrics` on `INGRESS_METRICS_ADDR` when set) under the
+/// configured listener limits until `shutdown` resolves, then finishes in-flight requests and
 /// closes the broker connection. Starts even while the broker is unreachable.
 ///
 /// # Errors
-/// When the HTTP server fails.
+/// When the metrics address cannot be bound or the HTTP server fails.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
     let (publisher, publisher_task) = Publisher::start(
         config.amqp_url.clone(),
         "ingress".to_owned(),
@@ -33,10 +38,35 @@ pub async fn run(
     );
     let app = router(&config, publisher);
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let stop = shared::server::Stop::default();
+    let metrics = async {
+        let Some(listener) = metrics_listener else {
+            return Ok(());
+        };
+        tracing::info!(addr = %listener.local_addr()?, "ingress metrics listening");
+        shared::server::serve(
+            listener,
+            shared::server::metrics_router(),
+            &config.limits,
+            stop.wait(),
+        )
+        .await
+    };
+    let served = async {
+        let served = shared::server::serve(listener, app, &config.limits, stop.wait()).await;
+        // The main listener ending (for any reason) ends the metrics listener too.
+        stop.trigger();
+        served
+    };
+    let signal = async {
+        tokio::select! {
+            () = shutdown => {}
+            () = stop.wait() => {}
+        }
+        stop.trigger();
+    };
+    let ((), served, metrics) = tokio::join!(signal, served, metrics);
     publisher_task.shutdown().await;
     tracing::info!("ingress stopped");
-    served
+    served.and(metrics)
 }

@@ -5,7 +5,7 @@
 //! never echo the signature, the secret or the payload.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -20,16 +20,12 @@ use serde_json::json;
 use shared::amqp::Publisher;
 use shared::signature::{VerifiedWebhook, Verifier, WebhookError};
 use shared::topology::{Topology, headers};
-use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use crate::Config;
 
 /// Seconds Stripe (or any client) is asked to wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
-
-/// Upper bound on a whole request, so a client that trickles its body cannot hold a task forever.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug)]
 struct AppState {
@@ -38,15 +34,16 @@ struct AppState {
     topology: Topology,
 }
 
-/// Builds the ingress router around a running publisher.
+/// Builds the ingress router around a running publisher. `/metrics` is on it unless
+/// `INGRESS_METRICS_ADDR` moves it to its own listener. The listener's limits (request timeout,
+/// in-flight cap) are added by [`shared::server::serve`].
 pub fn router(config: &Config, publisher: Publisher) -> Router {
     let state = Arc::new(AppState {
         verifier: config.verifier.clone(),
         publisher,
         topology: config.topology.clone(),
     });
-    let metrics = shared::telemetry::metrics_handle();
-    Router::new()
+    let router = Router::new()
         .route(
             "/webhooks/stripe",
             post(webhook).layer(DefaultBodyLimit::max(config.max_body_bytes)),
@@ -56,15 +53,12 @@ pub fn router(config: &Config, publisher: Publisher) -> Router {
             get(|| async { Json::ok(json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
-        .with_state(state)
+        .with_state(state);
+    if config.metrics_addr.is_some() {
+        router
+    } else {
+        router.merge(shared::server::metrics_router())
+    }
 }
 
 /// A JSON response with a status; small enough not to need axum's `Json` wrapper semantics.

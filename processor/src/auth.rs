@@ -2,7 +2,9 @@
 //!
 //! Invariants:
 //! - only HS256 is accepted: `alg: none`, other HMAC sizes and asymmetric algorithms are refused
-//!   before any claim is trusted; `exp` is required; `iss`/`aud` are checked when configured;
+//!   before any claim is trusted; `exp` is required; `nbf`, when present, is honoured (a token
+//!   is refused until then, with the same leeway as `exp`); `iss`/`aud` are checked when
+//!   configured, and `AUTH_JWT_REQUIRE_AUDIENCE` refuses to start without an audience;
 //! - a route that takes [`AuthUser`] only ever sees the user id of a token that passed all of
 //!   that, so it cannot act for anyone else;
 //! - the admin token is compared in constant time (over SHA-256 digests, so neither content nor
@@ -10,6 +12,9 @@
 //! - with no `ADMIN_API_TOKEN` configured, admin routes answer 404 as if they did not exist,
 //!   rather than 401, which would invite guessing a token that can never match;
 //! - secrets and tokens are never logged and never appear in `Debug`.
+//!
+//! This module sits below the HTTP API: it fails with its own [`AuthError`], which the API's
+//! error type wraps (`crate::api::error`), never the other way round.
 
 use std::sync::Arc;
 
@@ -24,8 +29,6 @@ use shared::config::{ConfigError, Env};
 use shared::ids::UserId;
 use subtle::ConstantTimeEq;
 
-use crate::api::error::ApiError;
-
 /// Clock skew tolerated on `exp` (and `nbf` when present), in seconds.
 const LEEWAY_SECONDS: u64 = 30;
 
@@ -36,7 +39,8 @@ pub struct AuthConfig {
     pub jwt_secret: SecretString,
     /// `AUTH_JWT_ISSUER`: when set, tokens must carry exactly this `iss`.
     pub issuer: Option<String>,
-    /// `AUTH_JWT_AUDIENCE`: when set, tokens must carry this `aud`.
+    /// `AUTH_JWT_AUDIENCE`: when set, tokens must carry this `aud`. Required when
+    /// `AUTH_JWT_REQUIRE_AUDIENCE` is true.
     pub audience: Option<String>,
     /// `ADMIN_API_TOKEN`: when unset, admin routes answer 404.
     pub admin_token: Option<SecretString>,
@@ -45,7 +49,8 @@ pub struct AuthConfig {
 impl AuthConfig {
     /// # Errors
     /// A [`ConfigError`] naming `AUTH_JWT_SECRET` when it is missing or shorter than 32 bytes
-    /// (an HS256 key shorter than the hash invites brute force).
+    /// (an HS256 key shorter than the hash invites brute force), `AUTH_JWT_REQUIRE_AUDIENCE` when
+    /// it is not a boolean, and `AUTH_JWT_AUDIENCE` when it is required but unset.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let secret = env.required("AUTH_JWT_SECRET")?;
         if secret.len() < 32 {
@@ -54,16 +59,26 @@ impl AuthConfig {
                 "must be at least 32 bytes long",
             ));
         }
+        let audience = env.get("AUTH_JWT_AUDIENCE").map(|s| s.trim().to_owned());
+        // A shared signing key may also sign tokens meant for other services; requiring an
+        // audience is how a deployment makes sure only tokens minted for this one are taken.
+        if env.parse_or("AUTH_JWT_REQUIRE_AUDIENCE", false)? && audience.is_none() {
+            return Err(ConfigError::new(
+                "AUTH_JWT_AUDIENCE",
+                "is required because AUTH_JWT_REQUIRE_AUDIENCE is true",
+            ));
+        }
         Ok(Self {
             jwt_secret: SecretString::from(secret.to_owned()),
             issuer: env.get("AUTH_JWT_ISSUER").map(|s| s.trim().to_owned()),
-            audience: env.get("AUTH_JWT_AUDIENCE").map(|s| s.trim().to_owned()),
+            audience,
             admin_token: env.secret("ADMIN_API_TOKEN"),
         })
     }
 }
 
-/// Why a bearer token was refused. The text is safe to show to the caller.
+/// Why credentials were refused. The text is safe to show to the caller. The API answers 401
+/// for every variant but [`AuthError::AdminDisabled`], which is a 404.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("missing bearer token")]
@@ -78,12 +93,13 @@ pub enum AuthError {
     Algorithm,
     #[error("token claims are invalid")]
     Claims,
-}
-
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        Self::Unauthorized(e.to_string())
-    }
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("invalid admin token")]
+    BadAdminToken,
+    /// No `ADMIN_API_TOKEN` is configured: admin routes do not exist.
+    #[error("not found")]
+    AdminDisabled,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -121,6 +137,8 @@ impl Authenticator {
     pub fn new(config: &AuthConfig) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECONDS;
+        // jsonwebtoken leaves `nbf` unchecked by default; it is checked when the token has one.
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
@@ -158,10 +176,10 @@ impl Authenticator {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::InvalidSignature => AuthError::BadSignature,
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             ErrorKind::InvalidIssuer
             | ErrorKind::InvalidAudience
             | ErrorKind::InvalidSubject
-            | ErrorKind::ImmatureSignature
             | ErrorKind::MissingRequiredClaim(_) => AuthError::Claims,
             _ => AuthError::Malformed,
         })?;
@@ -180,17 +198,17 @@ impl Authenticator {
     /// Checks an `Authorization` header value against `ADMIN_API_TOKEN`.
     ///
     /// # Errors
-    /// [`ApiError::NotFound`] when no admin token is configured, [`ApiError::Unauthorized`] when
-    /// the header is missing or does not match.
-    pub fn verify_admin_header(&self, header: Option<&str>) -> Result<(), ApiError> {
+    /// [`AuthError::AdminDisabled`] when no admin token is configured, another [`AuthError`]
+    /// when the header is missing or does not match.
+    pub fn verify_admin_header(&self, header: Option<&str>) -> Result<(), AuthError> {
         let Some(expected) = &self.inner.admin_digest else {
-            return Err(ApiError::NotFound("not found".into()));
+            return Err(AuthError::AdminDisabled);
         };
         let presented = bearer(header)?;
         if bool::from(digest(presented).ct_eq(expected)) {
             Ok(())
         } else {
-            Err(ApiError::Unauthorized("invalid admin token".into()))
+            Err(AuthError::BadAdminToken)
         }
     }
 }
@@ -227,7 +245,7 @@ where
     S: Send + Sync,
     Authenticator: FromRef<S>,
 {
-    type Rejection = ApiError;
+    type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let auth = Authenticator::from_ref(state);
@@ -249,7 +267,7 @@ where
     S: Send + Sync,
     Authenticator: FromRef<S>,
 {
-    type Rejection = ApiError;
+    type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let auth = Authenticator::from_ref(state);
@@ -431,6 +449,64 @@ mod tests {
         // Without configured audience, a token carrying one is still accepted.
         let plain = Authenticator::new(&config());
         assert!(plain.verify(&token(&good)).is_ok());
+    }
+
+    #[test]
+    fn a_token_is_refused_before_its_nbf_and_accepted_after() {
+        let auth = Authenticator::new(&config());
+        let exp = now() + 3600;
+        let early = token(&json!({"sub": "u", "exp": exp, "nbf": now() + 600}));
+        assert_eq!(auth.verify(&early), Err(AuthError::NotYetValid));
+        // Inside the leeway, as for `exp`.
+        let skewed = token(&json!({"sub": "u", "exp": exp, "nbf": now() + 10}));
+        assert!(auth.verify(&skewed).is_ok());
+        let ready = token(&json!({"sub": "u", "exp": exp, "nbf": now() - 60}));
+        assert!(auth.verify(&ready).is_ok());
+        // `nbf` stays optional.
+        assert!(
+            auth.verify(&token(&json!({"sub": "u", "exp": exp})))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn an_audience_can_be_required_at_start_up() {
+        let base = [
+            ("AUTH_JWT_SECRET", SECRET),
+            ("AUTH_JWT_REQUIRE_AUDIENCE", "true"),
+        ];
+        let err = AuthConfig::from_env(&Env::from_pairs(base)).unwrap_err();
+        assert_eq!(err.var, "AUTH_JWT_AUDIENCE");
+        let bad = [
+            ("AUTH_JWT_SECRET", SECRET),
+            ("AUTH_JWT_REQUIRE_AUDIENCE", "maybe"),
+        ];
+        let err = AuthConfig::from_env(&Env::from_pairs(bad)).unwrap_err();
+        assert_eq!(err.var, "AUTH_JWT_REQUIRE_AUDIENCE");
+        let cfg = AuthConfig::from_env(&Env::from_pairs([
+            ("AUTH_JWT_SECRET", SECRET),
+            ("AUTH_JWT_REQUIRE_AUDIENCE", "true"),
+            ("AUTH_JWT_AUDIENCE", "entitlements"),
+        ]))
+        .unwrap();
+        let auth = Authenticator::new(&cfg);
+        let exp = now() + 600;
+        assert!(
+            auth.verify(&token(
+                &json!({"sub": "u", "exp": exp, "aud": "entitlements"})
+            ))
+            .is_ok()
+        );
+        for claims in [
+            json!({"sub": "u", "exp": exp}),
+            json!({"sub": "u", "exp": exp, "aud": "billing"}),
+        ] {
+            assert_eq!(
+                auth.verify(&token(&claims)),
+                Err(AuthError::Claims),
+                "{claims}"
+            );
+        }
     }
 
     #[test]

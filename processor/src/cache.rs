@@ -133,6 +133,8 @@ impl Cache {
     /// # Errors
     /// [`CacheError::Redis`] when `REDIS_URL` is not a Redis URL.
     pub fn new(config: &Config) -> Result<Self, CacheError> {
+        // `rediss://` builds its TLS client from the process's rustls provider.
+        crate::tls::install_provider();
         Ok(Self {
             client: redis::Client::open(config.redis_url.as_str())?,
             manager: Arc::new(Mutex::new(Slot::default())),

@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use deadpool_postgres::Pool;
 use shared::amqp::Publisher;
 use shared::config::{ConfigError, Env};
+use shared::server::Stop;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::api::{ApiConfig, ApiState};
 use crate::cache::Cache;
@@ -197,20 +197,23 @@ pub async fn serve_with_api(
         publisher: publisher.clone(),
     };
     // The entitlement API's router is merged with the operational routes here.
-    let mut router = ops_router(state);
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding PROCESSOR_METRICS_ADDR {addr}"))?,
+        ),
+        None => None,
+    };
+    let mut router = ops_router(state, metrics_listener.is_none());
     if let Some(api) = api {
         let api_state = ApiState::new(api, pool.clone(), cache.clone())
             .context("building the Stripe client")?;
         router = router.merge(crate::api::router(api_state));
     }
 
-    let (stop, stopped) = watch::channel(false);
-    let wait = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    };
+    let stop = Stop::default();
+    let wait = || stop.wait();
     let consumer = async {
         if with_worker {
             // The dead-letter alert runs beside the consumer and stops with it.
@@ -227,32 +230,45 @@ pub async fn serve_with_api(
     };
     let http = async {
         tracing::info!(addr = ?listener.local_addr().ok(), "HTTP server listening");
-        axum::serve(listener, router)
-            .with_graceful_shutdown(wait())
-            .await
+        let served = shared::server::serve(listener, router, &config.api_limits, wait()).await;
+        // The listener ending for any reason stops the consumer too.
+        stop.trigger();
+        served
+    };
+    let metrics = async {
+        let Some(listener) = metrics_listener else {
+            return Ok(());
+        };
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+        let router = shared::server::metrics_router();
+        shared::server::serve(listener, router, &config.api_limits, wait()).await
     };
     let signal = async {
-        shutdown.await;
-        let _ = stop.send(true);
+        tokio::select! {
+            () = shutdown => {}
+            () = wait() => {}
+        }
+        stop.trigger();
     };
-    let ((), (), served) = tokio::join!(signal, consumer, http);
+    let ((), (), served, metrics) = tokio::join!(signal, consumer, http, metrics);
     publisher_task.shutdown().await;
-    served.context("HTTP server")
+    served.and(metrics).context("HTTP server")
 }
 
-/// `/healthz`, `/readyz` and `/metrics`.
-pub fn ops_router(state: AppState) -> Router {
-    Router::new()
+/// `/healthz`, `/readyz`, and `/metrics` when `with_metrics` (`PROCESSOR_METRICS_ADDR` unset).
+pub fn ops_router(state: AppState, with_metrics: bool) -> Router {
+    let router = Router::new()
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async { shared::telemetry::metrics_handle().render() }),
-        )
-        .with_state(state)
+        .with_state(state);
+    if with_metrics {
+        router.merge(shared::server::metrics_router())
+    } else {
+        router
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use shared::config::{ConfigError, Env};
+use shared::server::{ServerLimits, optional_addr};
 use shared::telemetry::LogFormat;
 use shared::topology::Topology;
 
@@ -20,6 +21,9 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/entit
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8081";
 pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+/// Default `API_REQUEST_TIMEOUT`: restore reads several Stripe lists with retries, so longer
+/// than ingress' 15 s.
+pub const DEFAULT_API_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything the processor's subcommands read from the environment.
 ///
@@ -40,6 +44,11 @@ pub struct Config {
     pub topology: Topology,
     pub log_format: LogFormat,
     pub api_addr: SocketAddr,
+    /// Limits of the `API_ADDR` listener (`API_HEADER_READ_TIMEOUT`, `API_REQUEST_TIMEOUT`,
+    /// `API_MAX_CONNECTIONS`, `API_MAX_IN_FLIGHT`).
+    pub api_limits: ServerLimits,
+    /// `PROCESSOR_METRICS_ADDR`: when set, `/metrics` is served there instead of on `API_ADDR`.
+    pub metrics_addr: Option<SocketAddr>,
 
     pub stripe_secret_key: Option<SecretString>,
     pub stripe_api_base: String,
@@ -128,6 +137,12 @@ impl Config {
             topology,
             log_format: env.parse_or("LOG_FORMAT", LogFormat::Pretty)?,
             api_addr,
+            api_limits: ServerLimits::from_env(
+                env,
+                "API",
+                &ServerLimits::with_request_timeout(DEFAULT_API_REQUEST_TIMEOUT),
+            )?,
+            metrics_addr: optional_addr(env, "PROCESSOR_METRICS_ADDR")?,
             stripe_secret_key: env.secret("STRIPE_SECRET_KEY"),
             stripe_api_base: env
                 .string_or("STRIPE_API_BASE", DEFAULT_STRIPE_API_BASE)
@@ -220,6 +235,8 @@ impl fmt::Debug for Config {
             .field("topology", &self.topology)
             .field("log_format", &self.log_format)
             .field("api_addr", &self.api_addr)
+            .field("api_limits", &self.api_limits)
+            .field("metrics_addr", &self.metrics_addr)
             .field("stripe_secret_key", &set(&self.stripe_secret_key))
             .field("stripe_api_base", &self.stripe_api_base)
             .field("stripe_api_version", &self.stripe_api_version)
@@ -252,6 +269,15 @@ mod tests {
         assert_eq!(config.api_addr.port(), 8081);
         assert_eq!(config.stripe_api_base, DEFAULT_STRIPE_API_BASE);
         assert!(config.stripe_secret_key.is_none());
+        assert_eq!(
+            config.api_limits.request_timeout,
+            DEFAULT_API_REQUEST_TIMEOUT
+        );
+        assert_eq!(
+            config.api_limits.header_read_timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(config.metrics_addr, None);
     }
 
     #[test]
@@ -266,6 +292,9 @@ mod tests {
             ("API_ADDR", "localhost"),
             ("AMQP_URL", "http://broker"),
             ("REDIS_URL", "tcp://nowhere"),
+            ("API_MAX_CONNECTIONS", "0"),
+            ("API_REQUEST_TIMEOUT", "forever"),
+            ("PROCESSOR_METRICS_ADDR", "metrics"),
         ] {
             let err = Config::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value:?} for {var}");

@@ -18,6 +18,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use crate::config::Config;
+use crate::tls::{PgTransport, TlsError, pg_connector, pg_transport};
 
 /// The embedded migrations: `(version, sql)` in the order they apply.
 pub const MIGRATIONS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
@@ -41,6 +42,8 @@ pub enum DbError {
     },
     #[error("cannot build the connection pool: {0}")]
     Pool(String),
+    #[error("DATABASE_URL asks for TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// The server setting every pooled connection starts with (see [`pool`]).
@@ -72,13 +75,14 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
         _ => CUSTOM_PLANS.to_owned(),
     };
     pg.options(&options);
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    // `sslmode=require` gets TLS with a verified certificate; anything else stays in the clear.
+    let manager = match pg_transport(&pg) {
+        PgTransport::Plain => Manager::from_config(pg, NoTls, manager_config),
+        PgTransport::Tls => Manager::from_config(pg, pg_connector()?, manager_config),
+    };
     Pool::builder(manager)
         .max_size(config.db_pool_size)
         .wait_timeout(Some(config.db_timeout))
@@ -105,8 +109,16 @@ pub async fn ensure_database(database_url: &str, timeout: Duration) -> Result<()
         .to_owned();
     pg.dbname("postgres");
     pg.connect_timeout(timeout);
-    let (client, connection) = bounded(timeout, pg.connect(NoTls)).await?;
-    let task = tokio::spawn(connection);
+    let (client, task) = match pg_transport(&pg) {
+        PgTransport::Plain => {
+            let (client, connection) = bounded(timeout, pg.connect(NoTls)).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+        PgTransport::Tls => {
+            let (client, connection) = bounded(timeout, pg.connect(pg_connector()?)).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+    };
     let result = async {
         let exists = bounded(
             timeout,
@@ -247,7 +259,7 @@ impl DbError {
                         || *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
                 }
             },
-            Self::Url(_) => false,
+            Self::Url(_) | Self::Tls(_) => false,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod service;
 pub mod store;
 pub mod stripe;
+pub mod tls;
 pub mod worker;
 
 pub use worker::run_worker;

@@ -1,10 +1,12 @@
 //! What `ingress` and `processor` must agree on: configuration reading, Stripe webhook
-//! signatures, domain identifiers, the RabbitMQ topology and confirmed publishing, telemetry.
+//! signatures, domain identifiers, the RabbitMQ topology and confirmed publishing, telemetry,
+//! and the HTTP listener with its limits.
 
 pub mod amqp;
 pub mod config;
 pub mod ids;
 pub mod samples;
+pub mod server;
 pub mod signature;
 pub mod telemetry;
 pub mod topology;

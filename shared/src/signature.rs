@@ -7,17 +7,36 @@
 //!
 //! The scheme (see `shared/STRIPE.md`): the signed message is `"{t}.{raw body}"`, the key is the
 //! whole `whsec_…` string as bytes, and the header may carry several `v1` values during a secret
-//! roll. Every `v1` is tried against every secret; comparison is constant time (`Mac::verify_slice`).
+//! roll. Every `v1` is tried against every secret; comparison is constant time.
 //! The clock is a parameter so the function stays pure.
+//!
+//! Cost invariant: the work a request causes does not depend on what its header holds. The
+//! header is refused unread beyond [`MAX_HEADER_BYTES`] and beyond [`MAX_V1_CANDIDATES`] `v1`
+//! items; the timestamp is checked before any MAC is computed; the MAC of the body is computed
+//! once per configured secret (never once per candidate), and each candidate that is exactly 64
+//! hex characters is compared with those digests in constant time. So a request costs at most one
+//! pass over the body per secret, however many `v1` items it carries (a 1 MiB body takes a few
+//! milliseconds, short enough to stay on the async worker threads).
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::ids::StripeEventId;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Longest `Stripe-Signature` header read. Stripe sends `t`, one `v1` per active secret (two
+/// during a roll) and in test mode a `v0`: about 70 bytes each, so 4 KiB leaves ample room.
+pub const MAX_HEADER_BYTES: usize = 4096;
+
+/// Most `v1` items a header may carry (Stripe sends one per active secret).
+pub const MAX_V1_CANDIDATES: usize = 8;
+
+/// Length of a `v1` signature: hex of a SHA-256 HMAC.
+const V1_HEX_LEN: usize = 64;
 
 /// Why a signature was refused. The variants are for logs and tests; clients only ever see
 /// `invalid_signature`.
@@ -37,6 +56,10 @@ pub enum SignatureError {
     TooNew,
     #[error("no webhook secret is configured")]
     NoSecret,
+    #[error("Stripe-Signature header is longer than {MAX_HEADER_BYTES} bytes")]
+    HeaderTooLong,
+    #[error("Stripe-Signature header carries more than {MAX_V1_CANDIDATES} v1 signatures")]
+    TooManySignatures,
 }
 
 /// Why a correctly signed body was refused.
@@ -97,17 +120,7 @@ impl Verifier {
         let header = header.ok_or(SignatureError::MissingHeader)?;
         let parsed = ParsedHeader::parse(header)?;
         let timestamp = parsed.timestamp;
-
-        let mut matched = false;
-        for secret in &self.secrets {
-            for candidate in &parsed.v1 {
-                // Every pair is checked (no early exit) so timing says nothing about which matched.
-                matched |= signature_matches(secret.expose_secret(), timestamp, body, candidate);
-            }
-        }
-        if !matched {
-            return Err(SignatureError::NoMatch);
-        }
+        // The window first: a stale or future header costs no MAC at all.
         if let Some(tolerance) = self.tolerance_secs {
             let tolerance = i64::try_from(tolerance).unwrap_or(i64::MAX);
             if now_unix.saturating_sub(timestamp) > tolerance {
@@ -117,7 +130,21 @@ impl Verifier {
                 return Err(SignatureError::TooNew);
             }
         }
-        Ok(())
+        let mut matched = false;
+        for secret in &self.secrets {
+            let expected = mac_for(secret.expose_secret(), timestamp, body)
+                .finalize()
+                .into_bytes();
+            for candidate in &parsed.v1 {
+                // Every pair is compared (no early exit) so timing says nothing about which matched.
+                matched |= bool::from(candidate.ct_eq(expected.as_slice()));
+            }
+        }
+        if matched {
+            Ok(())
+        } else {
+            Err(SignatureError::NoMatch)
+        }
     }
 
     /// Checks the signature, then that the body is an event envelope.
@@ -134,15 +161,6 @@ impl Verifier {
         self.verify_signature(header, &body, now_unix)?;
         Ok(VerifiedWebhook::from_signed_body(body)?)
     }
-}
-
-fn signature_matches(secret: &str, timestamp: i64, body: &[u8], candidate_hex: &str) -> bool {
-    let Ok(candidate) = hex::decode(candidate_hex) else {
-        return false;
-    };
-    mac_for(secret, timestamp, body)
-        .verify_slice(&candidate)
-        .is_ok()
 }
 
 fn mac_for(secret: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
@@ -168,15 +186,21 @@ pub fn signature_header(secret: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 #[derive(Debug)]
-struct ParsedHeader<'a> {
+struct ParsedHeader {
     timestamp: i64,
-    v1: Vec<&'a str>,
+    /// The decoded `v1` values that are exactly 64 hex characters; others can never match and
+    /// are dropped (but still count towards [`MAX_V1_CANDIDATES`]).
+    v1: Vec<[u8; 32]>,
 }
 
-impl<'a> ParsedHeader<'a> {
-    fn parse(header: &'a str) -> Result<Self, SignatureError> {
+impl ParsedHeader {
+    fn parse(header: &str) -> Result<Self, SignatureError> {
+        if header.len() > MAX_HEADER_BYTES {
+            return Err(SignatureError::HeaderTooLong);
+        }
         let mut timestamp = None;
         let mut v1 = Vec::new();
+        let mut v1_items = 0usize;
         for item in header.split(',') {
             let Some((key, value)) = item.trim().split_once('=') else {
                 continue;
@@ -190,13 +214,24 @@ impl<'a> ParsedHeader<'a> {
                             .map_err(|_| SignatureError::NoTimestamp)?,
                     );
                 }
-                "v1" => v1.push(value),
+                "v1" => {
+                    v1_items += 1;
+                    if v1_items > MAX_V1_CANDIDATES {
+                        return Err(SignatureError::TooManySignatures);
+                    }
+                    let mut decoded = [0u8; 32];
+                    if value.len() == V1_HEX_LEN
+                        && hex::decode_to_slice(value, &mut decoded).is_ok()
+                    {
+                        v1.push(decoded);
+                    }
+                }
                 // v0 (test mode) and any future scheme are ignored.
                 _ => {}
             }
         }
         let timestamp = timestamp.ok_or(SignatureError::NoTimestamp)?;
-        if v1.is_empty() {
+        if v1_items == 0 {
             return Err(SignatureError::NoV1Signature);
         }
         Ok(Self { timestamp, v1 })
@@ -546,6 +581,72 @@ mod tests {
         assert_eq!(
             v.verify_signature(Some(&retired), BODY, T),
             Err(SignatureError::NoMatch)
+        );
+    }
+
+    #[test]
+    fn an_overlong_header_is_refused_before_it_is_read() {
+        let v = verifier(&[SECRET], Some(300));
+        // The attack seen from outside: `t=<now>,` and 40,000 empty `v1=` items.
+        let bomb = format!("t={T},{}", "v1=,".repeat(40_000));
+        assert_eq!(
+            v.verify_signature(Some(&bomb), BODY, T),
+            Err(SignatureError::HeaderTooLong)
+        );
+        let padded = format!(
+            "{},{}",
+            signature_header(SECRET, T, BODY),
+            "x".repeat(MAX_HEADER_BYTES)
+        );
+        assert_eq!(
+            v.verify_signature(Some(&padded), BODY, T),
+            Err(SignatureError::HeaderTooLong)
+        );
+    }
+
+    #[test]
+    fn more_v1_items_than_the_cap_are_refused_even_with_a_valid_one() {
+        let v = verifier(&[SECRET], Some(300));
+        let at_cap = format!(
+            "t={T}{},v1={VECTOR_SIG}",
+            ",v1=".repeat(MAX_V1_CANDIDATES - 1)
+        );
+        assert_eq!(v.verify_signature(Some(&at_cap), BODY, T), Ok(()));
+        let over = format!("t={T}{},v1={VECTOR_SIG}", ",v1=".repeat(MAX_V1_CANDIDATES));
+        assert_eq!(
+            v.verify_signature(Some(&over), BODY, T),
+            Err(SignatureError::TooManySignatures)
+        );
+    }
+
+    #[test]
+    fn only_candidates_of_exactly_64_hex_characters_can_match() {
+        let v = verifier(&[SECRET], Some(300));
+        for candidate in [
+            format!("{VECTOR_SIG}00"),
+            VECTOR_SIG[..62].to_owned(),
+            VECTOR_SIG.to_uppercase().replace('D', "g"),
+            String::new(),
+        ] {
+            let header = format!("t={T},v1={candidate}");
+            assert_eq!(
+                v.verify_signature(Some(&header), BODY, T),
+                Err(SignatureError::NoMatch),
+                "{candidate}"
+            );
+        }
+        // Hex is case-insensitive, as hex decoding is for the SDKs.
+        let upper = format!("t={T},v1={}", VECTOR_SIG.to_uppercase());
+        assert_eq!(v.verify_signature(Some(&upper), BODY, T), Ok(()));
+    }
+
+    #[test]
+    fn a_stale_header_is_refused_whatever_its_signatures() {
+        let v = verifier(&[SECRET], Some(300));
+        let header = format!("t={},v1={}", T - 1000, "0".repeat(64));
+        assert_eq!(
+            v.verify_signature(Some(&header), BODY, T),
+            Err(SignatureError::TooOld)
         );
     }
 

@@ -49,12 +49,17 @@ pub fn catalog() -> Catalog {
 
 impl Api {
     pub async fn start(stripe: Option<&FakeStripe>) -> Self {
+        Self::start_with_redis(stripe, &redis_url()).await
+    }
+
+    /// [`Api::start`] with its cache (and restore's rate limit) on `redis`, which may be a
+    /// server that is down.
+    pub async fn start_with_redis(stripe: Option<&FakeStripe>, redis: &str) -> Self {
         shared::telemetry::init_tracing(shared::telemetry::LogFormat::Pretty, "warn");
         let db = TestDb::create().await;
-        let redis = redis_url();
         let env = Env::from_pairs([
             ("DATABASE_URL", db.url.as_str()),
-            ("REDIS_URL", redis.as_str()),
+            ("REDIS_URL", redis),
             ("AMQP_URL", system_tests::amqp_url().as_str()),
         ]);
         let mut config = Config::from_env(&env).unwrap();

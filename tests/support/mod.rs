@@ -11,6 +11,7 @@
 pub mod amqp;
 pub mod chaos;
 pub mod db;
+pub mod ingress;
 pub mod scenarios;
 pub mod servers;
 pub mod stripe_fake;

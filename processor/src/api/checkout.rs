@@ -77,7 +77,7 @@ pub(crate) async fn create_session(
     AuthUser(user): AuthUser,
     body: Result<Json<CheckoutBody>, JsonRejection>,
 ) -> Result<Json<CheckoutAnswer>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Json(body) = body?;
     let product = state
         .catalog
         .get(&body.product_key)

@@ -6,9 +6,11 @@
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::AuthError;
 use crate::stripe::StripeError;
 
 type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -38,6 +40,13 @@ pub enum ApiError {
     /// The request is malformed (bad JSON, bad query parameter, …).
     #[error("{0}")]
     BadRequest(String),
+    /// The request body is larger than `API_MAX_BODY_BYTES`.
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    /// A dependency the route must not run without (e.g. Redis for restore's rate limit) is
+    /// down; `retry_after` becomes a `Retry-After` header.
+    #[error("temporarily unavailable, try again later")]
+    Unavailable { retry_after: Duration },
     /// Stripe failed or could not be reached; the cause is logged, the client gets a generic text.
     #[error("the payment provider is unavailable, try again later")]
     StripeUnavailable(#[source] StripeError),
@@ -66,6 +75,8 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::UnknownProduct(_) => "unknown_product",
             Self::BadRequest(_) => "bad_request",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Unavailable { .. } => "unavailable",
             Self::StripeUnavailable(_) => "stripe_unavailable",
             Self::NotConfigured(_) => "not_configured",
             Self::Internal(_) => "internal",
@@ -82,6 +93,8 @@ impl ApiError {
             Self::AlreadyEntitled => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::StripeUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +105,34 @@ impl ApiError {
 impl From<StripeError> for ApiError {
     fn from(e: StripeError) -> Self {
         Self::StripeUnavailable(e)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            // Admin routes hide when no admin token is configured.
+            AuthError::AdminDisabled => Self::NotFound(e.to_string()),
+            _ => Self::Unauthorized(e.to_string()),
+        }
+    }
+}
+
+/// The authentication extractors reject with [`AuthError`]; it answers as the API error it
+/// becomes.
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        ApiError::from(self).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::PayloadTooLarge
+        } else {
+            Self::BadRequest(rejection.body_text())
+        }
     }
 }
 
@@ -121,7 +162,8 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         if let Self::RateLimited {
             retry_after: Some(after),
-        } = &self
+        }
+        | Self::Unavailable { retry_after: after } = &self
         {
             // Whole seconds, rounded up, at least 1.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
@@ -177,6 +219,14 @@ mod tests {
                 "unknown_product",
             ),
             (ApiError::BadRequest("bad json".into()), 400, "bad_request"),
+            (ApiError::PayloadTooLarge, 413, "payload_too_large"),
+            (
+                ApiError::Unavailable {
+                    retry_after: Duration::from_secs(5),
+                },
+                503,
+                "unavailable",
+            ),
             (
                 ApiError::StripeUnavailable(StripeError::Timeout),
                 502,
@@ -224,5 +274,27 @@ mod tests {
         };
         let (_, _, retry_after) = render(err).await;
         assert_eq!(retry_after.as_deref(), Some("8"));
+        let err = ApiError::Unavailable {
+            retry_after: Duration::from_secs(5),
+        };
+        let (_, _, retry_after) = render(err).await;
+        assert_eq!(retry_after.as_deref(), Some("5"));
+    }
+
+    #[tokio::test]
+    async fn authentication_errors_answer_401_except_a_disabled_admin_route() {
+        for e in [
+            AuthError::Missing,
+            AuthError::Expired,
+            AuthError::NotYetValid,
+            AuthError::BadAdminToken,
+        ] {
+            let (status, body, _) = render(e.into()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_eq!(body["error"], "unauthorized");
+        }
+        let (status, body, _) = render(AuthError::AdminDisabled.into()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "not_found");
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{FromRef, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -45,10 +45,15 @@ pub struct ReturnUrls {
     pub portal_configuration: Option<String>,
 }
 
+/// Default `API_MAX_BODY_BYTES`: the API's bodies are a few dozen bytes of JSON.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
+
 /// Everything the API needs besides Postgres and Redis.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub auth: AuthConfig,
+    /// `API_MAX_BODY_BYTES`: larger request bodies get 413 `payload_too_large`.
+    pub max_body_bytes: usize,
     pub catalog: Catalog,
     /// `None` without `STRIPE_SECRET_KEY`: reads work, the Stripe routes answer 503.
     pub stripe: Option<StripeConfig>,
@@ -66,6 +71,10 @@ impl ApiConfig {
     /// A [`ConfigError`] naming the variable that is missing or malformed.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let auth = AuthConfig::from_env(env)?;
+        let max_body_bytes = env.parse_or("API_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)?;
+        if max_body_bytes == 0 {
+            return Err(ConfigError::new("API_MAX_BODY_BYTES", "must be positive"));
+        }
         let catalog = Catalog::from_env(env)?;
         let stripe = match env.get("STRIPE_SECRET_KEY") {
             Some(_) => Some(StripeConfig::from_env(env)?),
@@ -79,6 +88,7 @@ impl ApiConfig {
         };
         Ok(Self {
             auth,
+            max_body_bytes,
             catalog,
             stripe,
             urls: ReturnUrls {
@@ -100,6 +110,7 @@ impl ApiConfig {
                 audience: None,
                 admin_token: None,
             },
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             catalog: Catalog::default(),
             stripe: None,
             urls: ReturnUrls::default(),
@@ -116,6 +127,7 @@ pub struct ApiState {
     pub catalog: Arc<Catalog>,
     pub stripe: Option<StripeClient>,
     pub urls: Arc<ReturnUrls>,
+    pub max_body_bytes: usize,
 }
 
 impl ApiState {
@@ -130,6 +142,7 @@ impl ApiState {
             catalog: Arc::new(config.catalog),
             stripe,
             urls: Arc::new(config.urls),
+            max_body_bytes: config.max_body_bytes,
         })
     }
 
@@ -199,11 +212,13 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-/// The API router, with per-route request counters and latency histograms.
+/// The API router, with per-route request counters and latency histograms and the body limit
+/// (`API_MAX_BODY_BYTES`). The listener's own limits are added by [`shared::server::serve`].
 pub fn router(state: ApiState) -> Router {
     routes()
         .into_iter()
         .fold(Router::new(), |router, r| router.route(r.path, r.handler))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(axum::middleware::from_fn(record_metrics))
         .with_state(state)
 }

@@ -109,6 +109,7 @@ pub fn document() -> Value {
                     "401": error("Missing or invalid token"),
                     "404": error("unknown_product"),
                     "409": error("already_entitled"),
+                    "413": error("payload_too_large (over API_MAX_BODY_BYTES)"),
                     "502": error("Stripe failed"),
                     "503": error("Checkout not configured"),
                 },
@@ -133,7 +134,8 @@ pub fn document() -> Value {
                     "200": ok("RestoreResult"),
                     "401": error("Missing or invalid token"),
                     "429": error("rate_limited (one restore per 10 s)"),
-                    "502": error("Stripe failed"),
+                    "502": error("Stripe failed, or a list longer than restore reads"),
+                    "503": error("unavailable: the rate limit cannot be checked (Redis down); see Retry-After"),
                 },
             }},
             "/openapi.json": {"get": {

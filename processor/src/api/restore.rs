@@ -12,12 +12,20 @@
 //! Disputes come from the charge when it carries them expanded, otherwise from
 //! `GET /v1/disputes?charge=…` for every charge marked `disputed`. A customer Stripe answers
 //! `resource_missing` for is marked gone and skipped.
+//!
+//! Bounds, since any user can call this: the rate limit fails closed (Redis down → 503 with
+//! `Retry-After`, never an unlimited restore); each Stripe list is read for at most
+//! [`RESTORE_MAX_PAGES`] pages (more fails the restore, 502, rather than reading on); disputes
+//! are looked up for at most [`RESTORE_MAX_DISPUTE_LOOKUPS`] disputed charges (the newest; older
+//! ones are left to the webhooks and `processor reconcile`); and at most
+//! [`RESTORE_CONCURRENCY`] dispute lookups run at once.
 
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
 use chrono::Utc;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use shared::ids::UserId;
@@ -33,6 +41,15 @@ use crate::stripe::{StripeClient, StripeError};
 
 /// The minimum interval between two restores of one user.
 pub const RESTORE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Most pages (of 100 objects) read from each Stripe list by one restore.
+pub const RESTORE_MAX_PAGES: usize = 5;
+
+/// Most disputed charges whose disputes one restore looks up.
+pub const RESTORE_MAX_DISPUTE_LOOKUPS: usize = 20;
+
+/// Most dispute lookups one restore runs at once.
+pub const RESTORE_CONCURRENCY: usize = 4;
 
 /// Redis key of the per-user restore rate limit.
 #[must_use]
@@ -151,7 +168,8 @@ fn with_charge_ids(mut dispute: Value, charge: &Value) -> Value {
 }
 
 /// The disputes of `charges` (newest charge first, as listed): the expanded ones as they are,
-/// the others of each charge marked `disputed` read from `GET /v1/disputes`. Newest first.
+/// the others of the newest [`RESTORE_MAX_DISPUTE_LOOKUPS`] charges marked `disputed` read from
+/// `GET /v1/disputes`, [`RESTORE_CONCURRENCY`] at a time. Newest first.
 async fn disputes_of(stripe: &StripeClient, charges: &[Value]) -> Result<Vec<Value>, StripeError> {
     let mut expanded = Vec::new();
     let mut to_fetch = Vec::new();
@@ -164,9 +182,21 @@ async fn disputes_of(stripe: &StripeClient, charges: &[Value]) -> Result<Vec<Val
             to_fetch.push((id, charge));
         }
     }
-    let fetched =
-        futures_util::future::try_join_all(to_fetch.iter().map(|(id, _)| stripe.list_disputes(id)))
-            .await?;
+    if to_fetch.len() > RESTORE_MAX_DISPUTE_LOOKUPS {
+        tracing::warn!(
+            disputed = to_fetch.len(),
+            looked_up = RESTORE_MAX_DISPUTE_LOOKUPS,
+            "restore looks up the disputes of the newest disputed charges only"
+        );
+        to_fetch.truncate(RESTORE_MAX_DISPUTE_LOOKUPS);
+    }
+    // Owned ids: a stream over borrowed items is not provably `Send` for the handler.
+    let ids: Vec<String> = to_fetch.iter().map(|(id, _)| (*id).to_owned()).collect();
+    let fetched: Vec<Vec<Value>> = futures_util::stream::iter(ids)
+        .map(move |id| async move { stripe.list_disputes(&id).await })
+        .buffered(RESTORE_CONCURRENCY)
+        .try_collect()
+        .await?;
     let mut all = expanded;
     for ((_, charge), disputes) in to_fetch.iter().zip(fetched) {
         all.extend(disputes.into_iter().map(|d| with_charge_ids(d, charge)));
@@ -256,9 +286,17 @@ pub(crate) async fn restore(
                 retry_after: Some(remaining.unwrap_or(RESTORE_INTERVAL)),
             });
         }
-        // Restores are idempotent: without Redis they are only not rate limited.
-        Err(error) => tracing::warn!(%error, "restore rate limit unavailable"),
+        // Without Redis the limit cannot be enforced, and an unlimited restore lets one user
+        // drive the Stripe fan-out below at will: refuse instead.
+        Err(error) => {
+            tracing::warn!(%error, "restore rate limit unavailable; refusing the restore");
+            return Err(ApiError::Unavailable {
+                retry_after: RESTORE_INTERVAL,
+            });
+        }
     }
+    let stripe = stripe.with_max_pages(RESTORE_MAX_PAGES);
+    let stripe = &stripe;
     let now = Utc::now().timestamp();
     let mut events = Vec::new();
     for customer in customers_of(&state, &user).await? {

@@ -118,6 +118,8 @@ fn parse_base(raw: &str) -> Result<String, String> {
 pub struct StripeClient {
     http: reqwest::Client,
     config: std::sync::Arc<StripeConfig>,
+    /// Most pages a list walk reads before it fails ([`StripeClient::with_max_pages`]).
+    max_pages: usize,
 }
 
 impl std::fmt::Debug for StripeClient {
@@ -155,7 +157,19 @@ impl StripeClient {
         Ok(Self {
             http,
             config: std::sync::Arc::new(config),
+            max_pages: MAX_PAGES,
         })
+    }
+
+    /// The same client (sharing its connections) with list walks stopped after `pages` pages:
+    /// a walk that would need more fails with [`StripeError::Decode`] instead of reading on.
+    /// Routes that answer a user request bound their fan-out with it.
+    #[must_use]
+    pub fn with_max_pages(&self, pages: usize) -> Self {
+        Self {
+            max_pages: pages.clamp(1, MAX_PAGES),
+            ..self.clone()
+        }
     }
 
     #[must_use]
@@ -349,7 +363,7 @@ impl StripeClient {
     async fn list_all(&self, path: &str, filters: &Form) -> Result<Vec<Value>, StripeError> {
         let mut all = Vec::new();
         let mut cursor: Option<String> = None;
-        for _ in 0..MAX_PAGES {
+        for _ in 0..self.max_pages {
             let mut form = filters.clone();
             form.push("limit", PAGE_LIMIT)
                 .push_opt("starting_after", cursor.as_deref());
@@ -370,7 +384,7 @@ impl StripeClient {
             })?);
         }
         Err(StripeError::Decode {
-            message: format!("{path}: more than {MAX_PAGES} pages"),
+            message: format!("{path}: more than {} pages", self.max_pages),
         })
     }
 

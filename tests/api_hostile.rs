@@ -1,0 +1,145 @@
+//! The API's bounds against a caller that pushes: restore's rate limit fails closed, its Stripe
+//! fan-out is bounded in pages, dispute lookups and concurrency, and bodies are capped.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api_common;
+
+use std::time::{Duration, Instant};
+
+use api_common::*;
+use processor::api::restore::{
+    RESTORE_CONCURRENCY, RESTORE_MAX_DISPUTE_LOOKUPS, RESTORE_MAX_PAGES,
+};
+use serde_json::json;
+use shared::samples::{Sample, object};
+use system_tests::stripe_fake::{Collection, FakeStripe, Fault};
+use system_tests::unique;
+
+fn sample<'a>(user: &'a str, o: &'a str) -> Sample<'a> {
+    Sample {
+        user,
+        product: "pro",
+        object: o,
+        amount: 4900,
+        created: chrono::Utc::now().timestamp() - 3600,
+        subscription: false,
+    }
+}
+
+/// The fake, an API over it, and a user whose Stripe customer `cus_{o}` both know.
+async fn with_customer() -> (FakeStripe, Api, String, String) {
+    let fake = FakeStripe::start().await;
+    let api = Api::start(Some(&fake)).await;
+    let (user, o) = (unique("u"), unique("o"));
+    let customer = format!("cus_{o}");
+    fake.seed_customer_with_id(&customer, &user, None);
+    api.map_customer(&customer, &user).await;
+    (fake, api, user, o)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_answers_503_with_retry_after_when_its_rate_limit_cannot_be_checked() {
+    let fake = FakeStripe::start().await;
+    // Nothing listens on port 1: Redis is "down" for this API only.
+    let api = Api::start_with_redis(Some(&fake), "redis://127.0.0.1:1").await;
+    let user = unique("u");
+    let response = api
+        .http
+        .post(format!("{}/api/pro/restore", api.base))
+        .header("authorization", token(&user))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "10"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+    assert!(fake.requests().is_empty(), "nothing was read from Stripe");
+    api.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_reads_no_more_than_its_page_cap_of_any_list() {
+    let (fake, api, user, o) = with_customer().await;
+    fake.set_max_page_size(1);
+    for n in 0..=RESTORE_MAX_PAGES {
+        let mut session = object("checkout.session.completed", &sample(&user, &o));
+        session["id"] = json!(format!("cs_{o}_{n}"));
+        fake.seed(Collection::CheckoutSessions, session);
+    }
+    let (status, body) = api.post("/api/pro/restore", &user, None).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        fake.requests_to("/v1/checkout/sessions").len(),
+        RESTORE_MAX_PAGES
+    );
+    api.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_looks_up_the_disputes_of_a_bounded_number_of_charges_a_few_at_a_time() {
+    let (fake, api, user, o) = with_customer().await;
+    for n in 0..RESTORE_MAX_DISPUTE_LOOKUPS + 10 {
+        let mut charge = object("charge.refunded", &sample(&user, &o));
+        charge["id"] = json!(format!("ch_{o}_{n}"));
+        charge["refunded"] = json!(false);
+        charge["amount_refunded"] = json!(0);
+        charge["disputed"] = json!(true);
+        fake.seed(Collection::Charges, charge);
+    }
+    // Every request (the four lists, then the lookups) takes 200 ms.
+    let delay = Duration::from_millis(200);
+    fake.inject(Fault::Slow(delay), 4 + RESTORE_MAX_DISPUTE_LOOKUPS);
+    let started = Instant::now();
+    let (status, body) = api.post("/api/pro/restore", &user, None).await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        fake.requests_to("/v1/disputes").len(),
+        RESTORE_MAX_DISPUTE_LOOKUPS
+    );
+    // Lists in parallel, then the lookups in rounds of RESTORE_CONCURRENCY.
+    let rounds = u32::try_from(RESTORE_MAX_DISPUTE_LOOKUPS.div_ceil(RESTORE_CONCURRENCY)).unwrap();
+    assert!(
+        took >= delay * rounds,
+        "lookups ran more than {RESTORE_CONCURRENCY} at a time: {took:?}"
+    );
+    assert!(
+        took < delay * (rounds + 1) * 3,
+        "lookups ran one by one: {took:?}"
+    );
+    api.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_api_limit_is_answered_413() {
+    let api = Api::start(None).await;
+    let user = unique("u");
+    let padding = "x".repeat(processor::api::DEFAULT_MAX_BODY_BYTES);
+    let (status, body) = api
+        .post(
+            "/api/checkout/session",
+            &user,
+            Some(json!({"productKey": "pro", "padding": padding})),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"], "payload_too_large");
+    let (status, body) = api
+        .post(
+            "/api/checkout/session",
+            &user,
+            Some(json!({"productKey": 7})),
+        )
+        .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    api.cleanup().await;
+}
