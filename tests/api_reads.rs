@@ -152,6 +152,52 @@ async fn a_cache_miss_reads_postgres_and_refills_the_cache() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_hits_are_served_and_a_miss_answers_503_with_retry_after() {
+    let proxy = system_tests::chaos::ChaosProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let api = Api::start_with(
+        None,
+        &system_tests::redis_url(),
+        Some(&proxy.addr.to_string()),
+    )
+    .await;
+    let (cached_user, missed_user) = (unique("u"), unique("u"));
+    api.buy(&cached_user, "pro").await;
+    api.buy(&missed_user, "pro").await;
+    let (status, _) = api.get("/api/pro/entitlement", &cached_user).await;
+    assert_eq!(status, 200, "the read fills the cache");
+
+    proxy.break_all();
+    let (status, pro) = api.get("/api/pro/entitlement", &cached_user).await;
+    assert_eq!(
+        (status, &pro["isPro"]),
+        (200, &json!(true)),
+        "a hit needs no Postgres"
+    );
+    let response = api
+        .http
+        .get(format!("{}/api/pro/entitlement", api.base))
+        .header("Authorization", token(&missed_user))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+
+    proxy.restore();
+    let (status, pro) = api.get("/api/pro/entitlement", &missed_user).await;
+    assert_eq!((status, &pro["isPro"]), (200, &json!(true)));
+    api.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_hit_is_served_without_postgres_and_a_refresh_after_a_write_changes_the_read() {
     let api = Api::start(None).await;
     let user = unique("u");

@@ -55,16 +55,33 @@ impl Api {
     /// [`Api::start`] with its cache (and restore's rate limit) on `redis`, which may be a
     /// server that is down.
     pub async fn start_with_redis(stripe: Option<&FakeStripe>, redis: &str) -> Self {
+        Self::start_with(stripe, redis, None).await
+    }
+
+    /// [`Api::start_with_redis`] reaching Postgres through `postgres` (`host:port`, e.g. a
+    /// chaos proxy) instead of directly, with a short database timeout.
+    pub async fn start_with(
+        stripe: Option<&FakeStripe>,
+        redis: &str,
+        postgres: Option<&str>,
+    ) -> Self {
         shared::telemetry::init_tracing(shared::telemetry::LogFormat::Pretty, "warn");
         let db = TestDb::create().await;
+        let url = match postgres {
+            Some(host) => format!("postgres://postgres@{host}/{}", db.name),
+            None => db.url.clone(),
+        };
         let env = Env::from_pairs([
-            ("DATABASE_URL", db.url.as_str()),
+            ("DATABASE_URL", url.as_str()),
             ("REDIS_URL", redis),
             ("AMQP_URL", system_tests::amqp_url().as_str()),
         ]);
         let mut config = Config::from_env(&env).unwrap();
         // Tests share the machine's Redis: their entries expire soon.
         config.entitlement_cache_ttl = Duration::from_secs(600);
+        if postgres.is_some() {
+            config.db_timeout = Duration::from_secs(1);
+        }
         let pool = processor::db::pool(&config).unwrap();
         processor::db::prepare(&config, &pool).await.unwrap();
         let cache = Cache::new(&config).unwrap();

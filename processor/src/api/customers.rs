@@ -18,7 +18,7 @@ use crate::stripe::StripeClient;
 /// # Errors
 /// [`ApiError::Internal`] when Postgres fails.
 pub async fn customers_of(state: &ApiState, user: &UserId) -> Result<Vec<String>, ApiError> {
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let client = state.pool.get().await.map_err(ApiError::database)?;
     let rows = client
         .query_typed(
             "SELECT customer_id FROM customers WHERE user_id = $1 AND gone_at IS NULL
@@ -37,7 +37,7 @@ pub async fn customers_of(state: &ApiState, user: &UserId) -> Result<Vec<String>
 /// # Errors
 /// [`ApiError::Internal`] when Postgres fails.
 pub async fn mark_gone(state: &ApiState, customer: &str) -> Result<(), ApiError> {
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let client = state.pool.get().await.map_err(ApiError::database)?;
     let marked = client
         .execute_typed(
             "UPDATE customers SET gone_at = now() WHERE customer_id = $1 AND gone_at IS NULL",
@@ -68,7 +68,7 @@ pub async fn ensure_customer(
     if let Some(existing) = customers_of(state, user).await?.into_iter().next() {
         return Ok(existing);
     }
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let client = state.pool.get().await.map_err(ApiError::database)?;
     let gone: Option<String> = client
         .query_typed_opt(
             "SELECT customer_id FROM customers WHERE user_id = $1 AND gone_at IS NOT NULL

@@ -71,13 +71,14 @@ pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<UserSnapsh
 /// The user's snapshot straight from Postgres (for callers that just wrote it).
 ///
 /// # Errors
-/// [`ApiError::Internal`] when Postgres cannot be read.
+/// [`ApiError::Unavailable`] (503, `Retry-After`) while Postgres is unavailable,
+/// [`ApiError::Internal`] when it cannot be read otherwise.
 pub async fn read_from_postgres(state: &ApiState, user: &UserId) -> Result<UserSnapshot, ApiError> {
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let client = state.pool.get().await.map_err(ApiError::database)?;
     let client: &tokio_postgres::Client = &client;
     store::user_snapshot(client, user)
         .await
-        .map_err(ApiError::internal)
+        .map_err(ApiError::database)
 }
 
 /// The `pro` view of a snapshot at `now`.

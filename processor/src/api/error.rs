@@ -58,10 +58,27 @@ pub enum ApiError {
     Internal(#[source] Cause),
 }
 
+/// `Retry-After` of a 503 answered while Postgres is unavailable.
+pub const DATABASE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 impl ApiError {
     /// Wraps any error as an internal error (500).
     pub fn internal(cause: impl Into<Cause>) -> Self {
         Self::Internal(cause.into())
+    }
+
+    /// A database failure: 503 with `Retry-After` while Postgres is unavailable (the store's
+    /// one taxonomy decides), else an internal error.
+    pub fn database(error: impl Into<crate::store::StoreError>) -> Self {
+        let error = error.into();
+        if error.failure() == crate::store::Failure::Unavailable {
+            tracing::warn!(%error, "database unavailable");
+            Self::Unavailable {
+                retry_after: DATABASE_RETRY_AFTER,
+            }
+        } else {
+            Self::internal(error)
+        }
     }
 
     /// The stable machine-readable code sent as `error`.

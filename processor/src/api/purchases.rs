@@ -148,7 +148,7 @@ pub(crate) async fn list(
 ) -> Result<Json<PurchasePage>, ApiError> {
     let Query(raw) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let query = raw.validate()?;
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let client = state.pool.get().await.map_err(ApiError::database)?;
     let user = user.as_str();
     let status = query.status.as_deref();
     let filter = "user_id = $1 AND ($2::text IS NULL OR status = $2)";
@@ -171,7 +171,7 @@ pub(crate) async fn list(
         client.query_typed_one(&count_sql, &count_params),
         client.query_typed(&page_sql, &page_params),
     )
-    .map_err(ApiError::internal)?;
+    .map_err(ApiError::database)?;
     let total_count: i64 = count.try_get(0).map_err(ApiError::internal)?;
     let data = rows
         .iter()
@@ -197,7 +197,7 @@ pub(crate) async fn one(
     let not_found = || ApiError::NotFound("no such purchase".into());
     // A non-numeric id cannot name a purchase: 404 like any other unknown id.
     let id: i64 = id.parse().map_err(|_| not_found())?;
-    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let client = state.pool.get().await.map_err(ApiError::database)?;
     let row = client
         .query_typed_opt(
             &format!("SELECT {COLUMNS} FROM purchases WHERE id = $1 AND user_id = $2"),

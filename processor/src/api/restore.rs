@@ -255,7 +255,7 @@ async fn apply_all(state: &ApiState, events: &[Event]) -> Result<usize, ApiError
     let refs: Vec<&Event> = events.iter().collect();
     let outcomes = store::apply_and_commit(&state.pool, &refs)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::database)?;
     let mut applied = 0;
     for (event, outcome) in events.iter().zip(outcomes) {
         match outcome {
