@@ -193,23 +193,10 @@ async fn connect(db: &TestDb) -> Client {
     client
 }
 
-/// A fresh database with every `migrations/*.sql` applied in name order.
+/// A fresh, migrated database.
 async fn fresh_db() -> (TestDb, Client) {
     let db = TestDb::create().await;
     let client = connect(&db).await;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
-        .collect();
-    files.sort();
-    for file in files {
-        client
-            .batch_execute(&std::fs::read_to_string(&file).unwrap())
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    }
     (db, client)
 }
 

@@ -148,7 +148,6 @@ async fn execute(command: Command, config: Config, api: Option<ApiConfig>) -> an
 /// What the HTTP handlers need.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub config: Config,
     pub pool: Pool,
     pub cache: Cache,
     pub publisher: Publisher,
@@ -191,7 +190,6 @@ pub async fn serve_with_api(
         publisher,
     } = deps;
     let state = AppState {
-        config: config.clone(),
         pool: pool.clone(),
         cache: cache.clone(),
         publisher: publisher.clone(),

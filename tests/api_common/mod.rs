@@ -243,14 +243,10 @@ impl Api {
         client.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// Stops the API and drops its database (dropping the value does the same).
     pub async fn cleanup(self) {
         self.task.abort();
-        let db = TestDb {
-            name: self.db.name.clone(),
-            url: self.db.url.clone(),
-        };
-        drop(self);
-        db.cleanup().await;
+        self.pool.close();
     }
 }
 
