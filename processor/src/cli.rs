@@ -99,11 +99,17 @@ where
         "info"
     };
     shared::telemetry::init_tracing(config.log_format, default_filter);
+    let log_format = config.log_format;
     match execute(command, config, api).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "processor failed");
-            eprintln!("processor: {error:#}");
+            // Once, each cause once: a JSON line for machines, plain text for people.
+            let message = crate::dlq::describe(&error);
+            if log_format == shared::telemetry::LogFormat::Json {
+                tracing::error!(error = message, "processor failed");
+            } else {
+                eprintln!("processor: {message}");
+            }
             // 2 for a usage error found after parsing (e.g. a destructive command without
             // --yes and without a terminal), 1 for everything else.
             ExitCode::from(crate::dlq::exit_code(&error))

@@ -69,13 +69,31 @@ impl ParkedMessage {
         self.header(name).and_then(as_text)
     }
 
-    /// When the message was parked: the `dead_lettered_at` header, falling back to the message
-    /// timestamp (seconds since the epoch) for a message parked without it.
+    /// When the message was parked: the `dead_lettered_at` header the consumer writes, else the
+    /// time of the broker's most recent `x-death` entry (a message the main queue dead-lettered
+    /// by itself, e.g. past its delivery limit). Never the event's own `created`/timestamp: an
+    /// event created long ago but parked today is not old.
     pub(crate) fn dead_lettered_at(&self) -> Option<DateTime<Utc>> {
         self.header_text(headers::DEAD_LETTERED_AT)
             .and_then(|raw| DateTime::parse_from_rfc3339(&raw).ok())
             .map(|t| t.with_timezone(&Utc))
-            .or_else(|| self.timestamp())
+            .or_else(|| self.x_death_time())
+    }
+
+    /// The `time` of the first (most recent) `x-death` entry.
+    fn x_death_time(&self) -> Option<DateTime<Utc>> {
+        let AMQPValue::FieldArray(deaths) = self.header("x-death")? else {
+            return None;
+        };
+        deaths
+            .as_slice()
+            .iter()
+            .filter_map(|death| match death {
+                AMQPValue::FieldTable(t) => t.inner().get("time").and_then(as_integer),
+                _ => None,
+            })
+            .max()
+            .and_then(|secs| Utc.timestamp_opt(secs, 0).single())
     }
 
     pub(crate) fn timestamp(&self) -> Option<DateTime<Utc>> {
@@ -278,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn age_comes_from_the_dead_letter_header_then_the_timestamp() {
+    fn age_comes_from_the_dead_letter_header_then_x_death_never_the_event_timestamp() {
         let with_header = parked(&[(
             "dead_lettered_at",
             AMQPValue::LongString(LongString::from("2026-01-02T03:04:05Z")),
@@ -287,11 +305,22 @@ mod tests {
             with_header.dead_lettered_at().unwrap().to_rfc3339(),
             "2026-01-02T03:04:05+00:00"
         );
-        let without = parked(&[]);
+        let death = |time: u64| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString("expired".into()));
+            t.insert("time".into(), AMQPValue::Timestamp(time));
+            AMQPValue::FieldTable(t)
+        };
+        let by_broker = parked(&[(
+            "x-death",
+            AMQPValue::FieldArray(vec![death(1_800_000_000), death(1_790_000_000)].into()),
+        )]);
         assert_eq!(
-            without.dead_lettered_at().unwrap().timestamp(),
-            1_700_000_000
+            by_broker.dead_lettered_at().unwrap().timestamp(),
+            1_800_000_000
         );
+        // The message timestamp is the event's `created`: it says nothing about parking.
+        assert_eq!(parked(&[]).dead_lettered_at(), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use lapin::{Channel, Connection};
 use shared::topology::Topology;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::browse::queue_depth;
+use super::pass::queue_depth;
 
 /// How often the ERROR log repeats while the dead-letter queue stays non-empty.
 pub const REMIND_EVERY: Duration = Duration::from_secs(15 * 60);
