@@ -146,7 +146,14 @@ async fn execute(command: Command, config: Config, api: Option<ApiConfig>) -> an
             )
             .await
         }
-        Command::Dlq(args) => crate::dlq::execute(args, &config.amqp_url, &config.topology).await,
+        Command::Dlq(args) => {
+            let broker = crate::dlq::Broker {
+                amqp_url: &config.amqp_url,
+                topology: &config.topology,
+                database_url: Some(&config.database_url),
+            };
+            crate::dlq::execute(args, &broker).await
+        }
         Command::Reconcile(args) => crate::reconcile::execute(args, &config).await,
     }
 }

@@ -61,6 +61,23 @@ struct Broker {
     topology: Topology,
     connection: Connection,
     channel: Channel,
+    /// The test's own database, for the index of parked events.
+    database: String,
+}
+
+fn postgres_url(database: &str) -> String {
+    let server = std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    format!("{server}/{database}")
+}
+
+async fn postgres(database: &str) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&postgres_url(database), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    client
 }
 
 impl Broker {
@@ -77,11 +94,38 @@ impl Broker {
             .await
             .unwrap();
         topology.declare(&channel).await.unwrap();
+        let database = format!("dlq_test_{}", uuid::Uuid::new_v4().simple());
+        postgres("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
         Self {
             topology,
             connection,
             channel,
+            database,
         }
+    }
+
+    /// Rows of the index for this queue, and whether it is trusted (`None`: never written).
+    async fn index(&self) -> (i64, Option<bool>) {
+        let client = postgres(&self.database).await;
+        let queue = self.dlq();
+        let rows = client
+            .query_one("SELECT count(*) FROM dlq_index WHERE queue = $1", &[&queue])
+            .await
+            .map_or(0, |row| row.get(0));
+        let trusted = client
+            .query_opt(
+                "SELECT trusted FROM dlq_index_state WHERE queue = $1",
+                &[&queue],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|row| row.get(0));
+        (rows, trusted)
     }
 
     fn dlq(&self) -> String {
@@ -186,6 +230,13 @@ impl Broker {
     async fn cleanup(self) {
         let _ = self.topology.delete(&self.channel).await;
         let _ = self.connection.close(200, "done".into()).await;
+        let _ = postgres("postgres")
+            .await
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .await;
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
@@ -196,6 +247,7 @@ impl Broker {
             .arg("dlq")
             .args(args)
             .env("AMQP_URL", amqp_url())
+            .env("DATABASE_URL", postgres_url(&self.database))
             .env("RETRY_DELAYS", RETRY_DELAYS)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -703,6 +755,7 @@ async fn run_on_terminal(broker: &Broker, args: &[&str], input: &str) -> Output 
     let mut child = tokio::process::Command::new("script")
         .args(["-qec", &line, "/dev/null"])
         .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", postgres_url(&broker.database))
         .env("RETRY_DELAYS", RETRY_DELAYS)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
@@ -843,10 +896,16 @@ async fn a_read_killed_midway_loses_nothing_and_the_next_command_removes_the_lef
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    assert_eq!(
+        broker.index().await.1,
+        Some(false),
+        "a killed pass leaves the index untrusted"
+    );
     let listed = broker.run(&["list", "--json"]).await;
     assert!(listed.status.success());
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(rows.len(), 2000, "each event listed once");
+    assert_eq!(broker.index().await, (2000, Some(true)));
     let remaining = broker.drain(&broker.dlq()).await;
     assert_eq!(remaining.len(), 2000, "no copy left behind");
     let ids: HashSet<String> = remaining.iter().map(Got::id).collect();
@@ -986,4 +1045,47 @@ async fn the_dead_letter_queue_is_declared_classic_and_an_untyped_one_upgrades_i
         let _ = topology.delete(&channel).await;
     }
     let _ = connection.close(200, "done".into()).await;
+}
+
+/// The index of parked events follows the queue: a full pass fills it, replay and purge take
+/// their events out, `show` answers from it, and an event parked after the last pass is found
+/// in the queue (and indexed by the next pass).
+#[tokio::test]
+async fn the_index_follows_the_queue_through_reads_replays_and_purges() {
+    let broker = Broker::new().await;
+    let parked = events(200, "invoice.paid");
+    broker.park(&parked, Utc::now()).await;
+
+    assert!(broker.run(&["list", "--limit", "5"]).await.status.success());
+    assert_eq!(broker.index().await.0, 0, "a look at the head is no pass");
+    assert!(broker.run(&["list"]).await.status.success());
+    assert_eq!(broker.index().await, (200, Some(true)));
+
+    let shown = broker.run(&["show", &parked[150].id]).await;
+    assert!(shown.status.success());
+    assert!(stdout(&shown).contains(&format!("\"id\": \"{}\"", parked[150].id)));
+    assert!(stdout(&shown).contains("last_error: \"projection failed: db timeout\""));
+
+    let replay = broker
+        .run(&["replay", "--event-id", &parked[10].id, "--yes"])
+        .await;
+    assert!(replay.status.success());
+    let purge = broker
+        .run(&["purge", "--event-id", &parked[11].id, "--yes"])
+        .await;
+    assert!(purge.status.success());
+    assert_eq!(broker.index().await, (198, Some(true)));
+    let gone = broker.run(&["show", &parked[11].id]).await;
+    assert_eq!(gone.status.code(), Some(1), "a purged event is not shown");
+
+    let late = events(3, "charge.refunded");
+    broker.park(&late, Utc::now()).await;
+    let shown = broker.run(&["show", &late[2].id]).await;
+    assert!(
+        shown.status.success(),
+        "found in the queue though not indexed"
+    );
+    assert!(broker.run(&["list"]).await.status.success());
+    assert_eq!(broker.index().await, (201, Some(true)));
+    broker.cleanup().await;
 }

@@ -20,6 +20,7 @@
 //!   half-way through a pass.
 
 mod export;
+mod index;
 mod message;
 pub mod monitor;
 mod pass;
@@ -192,13 +193,28 @@ pub fn describe(error: &anyhow::Error) -> String {
 /// # Errors
 /// A [`UsageError`] when a confirmation is needed but impossible; otherwise broker, file or
 /// input errors, and an interrupted replay (what was not replayed stays parked).
-pub async fn execute(args: DlqArgs, amqp_url: &str, topology: &Topology) -> anyhow::Result<()> {
+pub async fn execute(args: DlqArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
     match args.command {
-        DlqCommand::List(a) => list(a, amqp_url, topology).await,
-        DlqCommand::Show(a) => show(a, amqp_url, topology).await,
-        DlqCommand::Replay(a) => replay::run(a, amqp_url, topology).await,
-        DlqCommand::Purge(a) => purge::run(a, amqp_url, topology).await,
-        DlqCommand::Export(a) => export_to_file(a, amqp_url, topology).await,
+        DlqCommand::List(a) => list(a, broker).await,
+        DlqCommand::Show(a) => show(a, broker).await,
+        DlqCommand::Replay(a) => replay::run(a, broker).await,
+        DlqCommand::Purge(a) => purge::run(a, broker).await,
+        DlqCommand::Export(a) => export_to_file(a, broker).await,
+    }
+}
+
+/// Where the dead-letter queue and its index live.
+#[derive(Debug, Clone, Copy)]
+pub struct Broker<'a> {
+    pub amqp_url: &'a str,
+    pub topology: &'a Topology,
+    /// Postgres for the index of parked events; `None` works from the queue alone.
+    pub database_url: Option<&'a str>,
+}
+
+impl Broker<'_> {
+    async fn session(&self) -> Result<Session, PassError> {
+        Session::open(self.amqp_url, self.topology, self.database_url).await
     }
 }
 
@@ -325,8 +341,8 @@ fn note_duplicates(duplicates: u64) {
     }
 }
 
-async fn list(args: ListArgs, amqp_url: &str, topology: &Topology) -> anyhow::Result<()> {
-    let session = Session::open(amqp_url, topology).await?;
+async fn list(args: ListArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
+    let session = broker.session().await?;
     let result = list_in(&session, args).await;
     session.close().await;
     println!("{}", result?);
@@ -395,8 +411,8 @@ fn summary_only(message: &ParkedMessage) -> ParkedMessage {
     ParkedMessage::new(body, p.clone())
 }
 
-async fn show(args: ShowArgs, amqp_url: &str, topology: &Topology) -> anyhow::Result<()> {
-    let session = Session::open(amqp_url, topology).await?;
+async fn show(args: ShowArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
+    let session = broker.session().await?;
     let result = show_in(&session, &args.event_id).await;
     let queue = session.queue().to_owned();
     let depth = session.depth;
@@ -415,6 +431,18 @@ async fn show(args: ShowArgs, amqp_url: &str, topology: &Topology) -> anyhow::Re
 
 async fn show_in(session: &Session, event_id: &str) -> anyhow::Result<Option<String>> {
     let wanted = Some(event_id.to_owned());
+    if let Some(index) = session.index() {
+        match index.find(event_id).await {
+            Ok(Some(found)) if found.event_id() == wanted => {
+                return Ok(Some(render_message(&found)));
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                error = describe(&anyhow::Error::new(error)),
+                "dead-letter index not read"
+            ),
+        }
+    }
     let (seen, all_seen) = session.peek(PEEK_MAX, |m| m.event_id() == wanted).await?;
     if let Some(found) = seen.iter().find(|m| m.event_id() == wanted) {
         return Ok(Some(render_message(found)));
@@ -438,14 +466,10 @@ async fn show_in(session: &Session, event_id: &str) -> anyhow::Result<Option<Str
     Ok(found)
 }
 
-async fn export_to_file(
-    args: ExportArgs,
-    amqp_url: &str,
-    topology: &Topology,
-) -> anyhow::Result<()> {
+async fn export_to_file(args: ExportArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
     // Refuse an existing target before reading anything.
     let mut file = ExportFile::create(&args.out, args.force)?;
-    let session = Session::open(amqp_url, topology).await?;
+    let session = broker.session().await?;
     let mut failed: Option<ExportFileError> = None;
     let outcome = session
         .pass(|m, _| {

@@ -37,6 +37,7 @@ use lapin::{Channel, Confirmation, Connection};
 use sha2::{Digest as _, Sha256};
 use shared::topology::Topology;
 
+use super::index::{Index, IndexError, Update};
 use super::message::ParkedMessage;
 
 /// Messages unacknowledged at once during a pass (also the consumer's prefetch).
@@ -131,6 +132,14 @@ pub(crate) enum Action {
 pub(crate) struct Fingerprint(u128);
 
 impl Fingerprint {
+    pub(crate) fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    pub(crate) fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
     pub(crate) fn of(message: &ParkedMessage) -> Self {
         let mut hash = Sha256::new();
         hash.update((message.body.len() as u64).to_be_bytes());
@@ -176,6 +185,20 @@ pub(crate) struct Session {
     amqp_url: String,
     /// Messages parked when the session opened: what a pass covers.
     pub(crate) depth: u32,
+    /// The Postgres index the passes keep up to date, when Postgres is reachable.
+    index: Option<Index>,
+}
+
+/// The index's answer, or `None` after a warning: the commands never fail for the index.
+fn usable<T>(result: Result<T, IndexError>, warning: &str) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(error) => {
+            let error = super::describe(&anyhow::Error::new(error));
+            tracing::warn!(error, "{warning}");
+            None
+        }
+    }
 }
 
 fn lock_queue(queue: &str) -> String {
@@ -193,11 +216,16 @@ fn is_resource_locked(error: &lapin::Error) -> bool {
 }
 
 impl Session {
-    /// Connects, takes the queue's lock and reads its depth.
+    /// Connects, takes the queue's lock and reads its depth; opens the index at `database_url`
+    /// when given and reachable (a warning otherwise: the commands work without it).
     ///
     /// # Errors
     /// [`PassError::Busy`] when another command holds the queue, otherwise the broker's error.
-    pub(crate) async fn open(amqp_url: &str, topology: &Topology) -> Result<Self, PassError> {
+    pub(crate) async fn open(
+        amqp_url: &str,
+        topology: &Topology,
+        database_url: Option<&str>,
+    ) -> Result<Self, PassError> {
         let queue = topology.dead_letter_queue();
         let connection = shared::amqp::connect(amqp_url, "processor-dlq")
             .await
@@ -229,6 +257,13 @@ impl Session {
             Err(e) => return Err(read(e)),
         }
         let depth = queue_depth(&channel, &queue).await.map_err(read)?;
+        let index = match database_url {
+            Some(url) => usable(
+                Index::open(url, &queue).await,
+                "working without the dead-letter index",
+            ),
+            None => None,
+        };
         Ok(Self {
             connection,
             channel,
@@ -236,11 +271,16 @@ impl Session {
             topology: topology.clone(),
             amqp_url: amqp_url.to_owned(),
             depth,
+            index,
         })
     }
 
     pub(crate) fn queue(&self) -> &str {
         &self.queue
+    }
+
+    pub(crate) fn index(&self) -> Option<&Index> {
+        self.index.as_ref()
     }
 
     fn read_error(&self, source: lapin::Error) -> PassError {
@@ -320,7 +360,20 @@ impl Session {
         let publishing = shared::amqp::connect(&self.amqp_url, "processor-dlq-publish")
             .await
             .map_err(PassError::Connect)?;
-        let result = self.pass_with(&publishing, &mut visit, &mut outcome).await;
+        let mut update = match &self.index {
+            Some(index) => usable(index.begin().await, "dead-letter index not updated"),
+            None => None,
+        };
+        let result = self
+            .pass_with(&publishing, &mut visit, &mut outcome, &mut update)
+            .await;
+        if let Some(update) = update {
+            let complete = result.is_ok() && !outcome.interrupted;
+            usable(
+                update.finish(complete).await,
+                "dead-letter index not updated",
+            );
+        }
         // Whatever this channel still holds (read ahead past the pass, or not reached after an
         // interruption) goes back in place; it is at most one window.
         let _ = self
@@ -346,6 +399,7 @@ impl Session {
         publishing: &Connection,
         visit: &mut impl FnMut(&ParkedMessage, Fingerprint) -> Action,
         outcome: &mut Outcome,
+        update: &mut Option<Update<'_>>,
     ) -> Result<(), PassError> {
         let read = |e| self.read_error(e);
         let publish = publishing.create_channel().await.map_err(read)?;
@@ -410,7 +464,11 @@ impl Session {
                     let fingerprint = Fingerprint::of(&message);
                     let settled = if seen.insert(fingerprint) {
                         outcome.visited += 1;
-                        Settled::Done(visit(&message, fingerprint))
+                        let action = visit(&message, fingerprint);
+                        if let Some(update) = update.as_mut() {
+                            update.note(&message, fingerprint, action).await;
+                        }
+                        Settled::Done(action)
                     } else {
                         Settled::Duplicate
                     };

@@ -11,21 +11,16 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use chrono::Utc;
-use shared::topology::Topology;
 
 use super::export::ExportFile;
 use super::message::ParkedMessage;
 use super::pass::{Action, Fingerprint, Session};
 use super::{
-    PurgeArgs, Selection, Selector, UsageError, ask, confirmed, interactive, n_events,
+    Broker, PurgeArgs, Selection, Selector, UsageError, ask, confirmed, interactive, n_events,
     note_duplicates, plan_pass,
 };
 
-pub(super) async fn run(
-    args: PurgeArgs,
-    amqp_url: &str,
-    topology: &Topology,
-) -> anyhow::Result<()> {
+pub(super) async fn run(args: PurgeArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
     let selection = args.selection;
     let selector = if selection.all {
         Selector::All
@@ -36,7 +31,7 @@ pub(super) async fn run(
     } else {
         Selector::Ids(selection.event_ids.into_iter().collect::<HashSet<_>>())
     };
-    let session = Session::open(amqp_url, topology).await?;
+    let session = broker.session().await?;
     let outcome = if args.yes && !args.dry_run {
         purge_at_once(&session, &selector).await
     } else {

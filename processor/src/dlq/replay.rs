@@ -21,8 +21,8 @@ use super::export::ExportRecord;
 use super::message::ParkedMessage;
 use super::pass::{Action, Outcome, Session};
 use super::{
-    ReplayArgs, Selection, Selector, UsageError, confirmed, n_events, note_duplicates, plan_pass,
-    table,
+    Broker, ReplayArgs, Selection, Selector, UsageError, confirmed, n_events, note_duplicates,
+    plan_pass, table,
 };
 
 /// Confirms waited for at once when replaying a file.
@@ -39,11 +39,8 @@ const PROGRESS_FROM: u64 = 100;
 const DEDUPE_NOTE: &str = "an event republished just before an interruption may reach the main \
      queue twice; that is harmless, the processor dedupes by event id";
 
-pub(super) async fn run(
-    args: ReplayArgs,
-    amqp_url: &str,
-    topology: &Topology,
-) -> anyhow::Result<()> {
+pub(super) async fn run(args: ReplayArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
+    let (amqp_url, topology) = (broker.amqp_url, broker.topology);
     let selection = args.selection;
     if let Some(path) = selection.from_file {
         return from_file(&path, args.dry_run, args.yes, amqp_url, topology).await;
@@ -55,7 +52,7 @@ pub(super) async fn run(
     } else {
         Selector::Ids(selection.event_ids.into_iter().collect::<HashSet<_>>())
     };
-    let session = Session::open(amqp_url, topology).await?;
+    let session = broker.session().await?;
     let outcome = if args.yes && !args.dry_run {
         replay_at_once(&session, &selector, topology).await
     } else {

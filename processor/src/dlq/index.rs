@@ -1,0 +1,256 @@
+//! An index of parked events in Postgres, so that `show <id>` is a query instead of a pass.
+//!
+//! The queue stays the truth and the durable hand-off; the index is a copy kept by the passes:
+//! every pass adds the messages it keeps that the index lacks (one `COPY` stream), and a pass
+//! that went through the whole queue ends by dropping the rows of messages it did not keep
+//! (replayed, purged, or gone some other way) and marking the index *trusted*.
+//!
+//! Invariants:
+//! - A trusted index holds only events that are parked: only `processor dlq` removes parked
+//!   messages, and every pass marks the index untrusted when it starts and trusted again only
+//!   when it has covered the whole queue, so a command killed half-way leaves it untrusted
+//!   until the next full pass. Events parked since the last pass are simply not in it yet:
+//!   `show` falls back to the queue for an id it does not find.
+//! - The index never decides what a command does to the queue (replay and purge select from
+//!   the messages themselves), and the parked count always comes from the broker.
+//! - Without Postgres (unreachable, or no permission) every command works from the queue alone.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, NoTls};
+
+use super::export::ExportRecord;
+use super::message::ParkedMessage;
+use super::pass::{Action, Fingerprint};
+
+/// How long a command waits for Postgres before working without the index.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Unlogged: the index is a cache the next full pass rebuilds, so it need not cost WAL writes
+/// (Postgres empties unlogged tables after a crash, which leaves the index untrusted).
+const SCHEMA: &str = "
+    SELECT pg_advisory_xact_lock(hashtext('processor dlq index'));
+    CREATE UNLOGGED TABLE IF NOT EXISTS dlq_index (
+        queue       text  NOT NULL,
+        fingerprint uuid  NOT NULL,
+        event_id    text  NOT NULL,
+        record      text  NOT NULL,
+        body        bytea NOT NULL,
+        PRIMARY KEY (queue, fingerprint)
+    );
+    CREATE INDEX IF NOT EXISTS dlq_index_event ON dlq_index (queue, event_id);
+    CREATE UNLOGGED TABLE IF NOT EXISTS dlq_index_state (
+        queue   text    PRIMARY KEY,
+        trusted boolean NOT NULL
+    );";
+
+/// The index could not be read or written; the command goes on from the queue.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IndexError {
+    #[error("cannot reach Postgres for the dead-letter index")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("no answer from Postgres within {0:?}")]
+    Timeout(Duration),
+    #[error("dead-letter index query failed")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// The index of one dead-letter queue, on a connection of its own.
+#[derive(Debug)]
+pub(crate) struct Index {
+    client: Client,
+    queue: String,
+}
+
+/// An index being brought up to date by one pass.
+pub(crate) struct Update<'a> {
+    index: &'a Index,
+    known: HashSet<Fingerprint>,
+    kept: Vec<uuid::Uuid>,
+    writer: std::pin::Pin<Box<BinaryCopyInWriter>>,
+    /// A write failed: nothing more is written and the index stays untrusted.
+    broken: bool,
+}
+
+impl std::fmt::Debug for Update<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Update")
+            .field("queue", &self.index.queue)
+            .field("kept", &self.kept.len())
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+fn uuid_of(fingerprint: Fingerprint) -> uuid::Uuid {
+    uuid::Uuid::from_u128(fingerprint.as_u128())
+}
+
+impl Index {
+    /// Connects and creates the tables if needed.
+    ///
+    /// # Errors
+    /// When Postgres cannot be reached within [`CONNECT_TIMEOUT`] or refuses the schema.
+    pub(crate) async fn open(database_url: &str, queue: &str) -> Result<Self, IndexError> {
+        let mut config: tokio_postgres::Config =
+            database_url.parse().map_err(IndexError::Connect)?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("processor-dlq");
+        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+            .await
+            .map_err(|_| IndexError::Timeout(CONNECT_TIMEOUT))?
+            .map_err(IndexError::Connect)?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
+            .await?;
+        Ok(Self {
+            client,
+            queue: queue.to_owned(),
+        })
+    }
+
+    /// The parked copy of `event_id`, if the index is trusted and holds it.
+    ///
+    /// # Errors
+    /// The query's error.
+    pub(crate) async fn find(&self, event_id: &str) -> Result<Option<ParkedMessage>, IndexError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT i.record, i.body FROM dlq_index i
+                   JOIN dlq_index_state s ON s.queue = i.queue AND s.trusted
+                  WHERE i.queue = $1 AND i.event_id = $2
+                  LIMIT 1",
+                &[&self.queue, &event_id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let record: String = row.get(0);
+        let body: Vec<u8> = row.get(1);
+        // A row that no longer parses is as good as absent: the queue answers instead.
+        Ok(serde_json::from_str::<ExportRecord>(&record)
+            .ok()
+            .and_then(|r| r.to_message().ok())
+            .map(|m| ParkedMessage::new(body, m.properties)))
+    }
+
+    async fn set_trusted(&self, trusted: bool) -> Result<(), IndexError> {
+        self.client
+            .execute(
+                "INSERT INTO dlq_index_state (queue, trusted) VALUES ($1, $2)
+                 ON CONFLICT (queue) DO UPDATE SET trusted = EXCLUDED.trusted",
+                &[&self.queue, &trusted],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Starts the update a pass makes: marks the index untrusted, reads what it holds and opens
+    /// the `COPY` stream new rows go to.
+    ///
+    /// # Errors
+    /// The queries' errors.
+    pub(crate) async fn begin(&self) -> Result<Update<'_>, IndexError> {
+        self.set_trusted(false).await?;
+        let known = self
+            .client
+            .query(
+                "SELECT fingerprint FROM dlq_index WHERE queue = $1",
+                &[&self.queue],
+            )
+            .await?
+            .iter()
+            .map(|row| Fingerprint::from_u128(row.get::<_, uuid::Uuid>(0).as_u128()))
+            .collect();
+        let sink = self
+            .client
+            .copy_in(
+                "COPY dlq_index (queue, fingerprint, event_id, record, body) FROM STDIN BINARY",
+            )
+            .await?;
+        let writer = BinaryCopyInWriter::new(
+            sink,
+            &[Type::TEXT, Type::UUID, Type::TEXT, Type::TEXT, Type::BYTEA],
+        );
+        Ok(Update {
+            index: self,
+            known,
+            kept: Vec::new(),
+            writer: Box::pin(writer),
+            broken: false,
+        })
+    }
+}
+
+impl Update<'_> {
+    /// Records what the pass did with one message: a kept message the index lacks is added.
+    pub(crate) async fn note(
+        &mut self,
+        message: &ParkedMessage,
+        fingerprint: Fingerprint,
+        action: Action,
+    ) {
+        if action != Action::Keep || self.broken {
+            return;
+        }
+        let id = uuid_of(fingerprint);
+        self.kept.push(id);
+        if self.known.contains(&fingerprint) {
+            return;
+        }
+        let mut record = ExportRecord::from_message(message);
+        record.body = None;
+        record.body_base64 = String::new();
+        let Ok(record) = serde_json::to_string(&record) else {
+            self.broken = true;
+            return;
+        };
+        let event_id = message.event_id().unwrap_or_default();
+        let written = self
+            .writer
+            .as_mut()
+            .write(&[
+                &self.index.queue,
+                &id,
+                &event_id,
+                &record,
+                &message.body.as_slice(),
+            ])
+            .await;
+        if let Err(error) = written {
+            tracing::warn!(%error, "dead-letter index not updated; commands use the queue");
+            self.broken = true;
+        }
+    }
+
+    /// Ends the update. After a pass over the whole queue (`complete`), rows of messages the
+    /// pass did not keep are dropped and the index is trusted again; otherwise it stays
+    /// untrusted until the next full pass.
+    ///
+    /// # Errors
+    /// The queries' errors; the index then stays untrusted.
+    pub(crate) async fn finish(mut self, complete: bool) -> Result<(), IndexError> {
+        if self.broken {
+            // Dropping the writer unfinished aborts the COPY.
+            return Ok(());
+        }
+        self.writer.as_mut().finish().await?;
+        if !complete {
+            return Ok(());
+        }
+        self.index
+            .client
+            .execute(
+                "DELETE FROM dlq_index WHERE queue = $1 AND fingerprint <> ALL($2)",
+                &[&self.index.queue, &self.kept],
+            )
+            .await?;
+        self.index.set_trusted(true).await
+    }
+}
