@@ -1,18 +1,23 @@
-//! An index of parked events in Postgres, so that `show <id>` is a query instead of a pass.
+//! An index of parked events in Postgres, so that reading the dead-letter queue is a query
+//! instead of a pass.
 //!
 //! The queue stays the truth and the durable hand-off; the index is a copy kept by the passes:
-//! every pass adds the messages it keeps that the index lacks (one `COPY` stream), and a pass
-//! that went through the whole queue ends by dropping the rows of messages it did not keep
-//! (replayed, purged, or gone some other way) and marking the index *trusted*.
+//! every pass adds the messages it keeps that the index lacks (one `COPY` stream, in queue
+//! order), and a pass that went through the whole queue ends by dropping the rows of messages
+//! it did not keep (replayed, purged, or gone some other way) and marking the index *trusted*.
 //!
 //! Invariants:
 //! - A trusted index holds only events that are parked: only `processor dlq` removes parked
 //!   messages, and every pass marks the index untrusted when it starts and trusted again only
 //!   when it has covered the whole queue, so a command killed half-way leaves it untrusted
-//!   until the next full pass. Events parked since the last pass are simply not in it yet:
-//!   `show` falls back to the queue for an id it does not find.
-//! - The index never decides what a command does to the queue (replay and purge select from
-//!   the messages themselves), and the parked count always comes from the broker.
+//!   until the next full pass. `show` trusts a row it finds; for an id it does not find it
+//!   falls back to the queue (the event may have been parked since the last pass).
+//! - A read that needs the whole queue (`list`, `export`, dry runs, plans) is answered from the
+//!   index only when it is *current*: trusted and holding exactly as many events as the broker
+//!   counts, taken while the command holds the queue. Events are only added meanwhile (the
+//!   consumer parks, only passes remove), so equal counts mean the same events.
+//! - The index never acts on the queue: replay and purge act on the messages themselves (the
+//!   plan's fingerprints may come from it), and the parked count always comes from the broker.
 //! - Without Postgres (unreachable, or no permission) every command works from the queue alone.
 
 use std::collections::HashSet;
@@ -22,6 +27,9 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls};
 
+use futures_util::TryStreamExt as _;
+
+use super::Selector;
 use super::export::ExportRecord;
 use super::message::ParkedMessage;
 use super::pass::{Action, Fingerprint};
@@ -34,14 +42,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const SCHEMA: &str = "
     SELECT pg_advisory_xact_lock(hashtext('processor dlq index'));
     CREATE UNLOGGED TABLE IF NOT EXISTS dlq_index (
-        queue       text  NOT NULL,
-        fingerprint uuid  NOT NULL,
-        event_id    text  NOT NULL,
-        record      text  NOT NULL,
-        body        bytea NOT NULL,
+        queue       text   NOT NULL,
+        fingerprint uuid   NOT NULL,
+        -- queue order: rows are added in the order a pass meets them, new ones at the tail
+        seq         bigint GENERATED ALWAYS AS IDENTITY,
+        event_id    text,
+        event_type  text,
+        parked_at   timestamptz,
+        record      text   NOT NULL,
+        body        bytea  NOT NULL,
         PRIMARY KEY (queue, fingerprint)
     );
     CREATE INDEX IF NOT EXISTS dlq_index_event ON dlq_index (queue, event_id);
+    CREATE INDEX IF NOT EXISTS dlq_index_order ON dlq_index (queue, seq);
     CREATE UNLOGGED TABLE IF NOT EXISTS dlq_index_state (
         queue   text    PRIMARY KEY,
         trusted boolean NOT NULL
@@ -85,6 +98,29 @@ impl std::fmt::Debug for Update<'_> {
     }
 }
 
+/// The value a selector's condition compares with.
+enum Filter {
+    None,
+    Ids(Vec<String>),
+    Text(String),
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+/// A message and its fingerprint from a row of `record, body, fingerprint`.
+fn message_of(row: &tokio_postgres::Row) -> Option<(ParkedMessage, Fingerprint)> {
+    let record: String = row.get(0);
+    let body: Vec<u8> = row.get(1);
+    let fingerprint: uuid::Uuid = row.get(2);
+    let message = serde_json::from_str::<ExportRecord>(&record)
+        .ok()?
+        .to_message()
+        .ok()?;
+    Some((
+        ParkedMessage::new(body, message.properties),
+        Fingerprint::from_u128(fingerprint.as_u128()),
+    ))
+}
+
 fn uuid_of(fingerprint: Fingerprint) -> uuid::Uuid {
     uuid::Uuid::from_u128(fingerprint.as_u128())
 }
@@ -121,23 +157,78 @@ impl Index {
         let row = self
             .client
             .query_opt(
-                "SELECT i.record, i.body FROM dlq_index i
+                "SELECT i.record, i.body, i.fingerprint FROM dlq_index i
                    JOIN dlq_index_state s ON s.queue = i.queue AND s.trusted
                   WHERE i.queue = $1 AND i.event_id = $2
-                  LIMIT 1",
+                  ORDER BY i.seq LIMIT 1",
                 &[&self.queue, &event_id],
             )
             .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let record: String = row.get(0);
-        let body: Vec<u8> = row.get(1);
         // A row that no longer parses is as good as absent: the queue answers instead.
-        Ok(serde_json::from_str::<ExportRecord>(&record)
-            .ok()
-            .and_then(|r| r.to_message().ok())
-            .map(|m| ParkedMessage::new(body, m.properties)))
+        Ok(row.as_ref().and_then(message_of).map(|(m, _)| m))
+    }
+
+    /// Whether the index holds exactly the queue's `depth` parked events (see the module doc).
+    ///
+    /// # Errors
+    /// The query's error.
+    pub(crate) async fn is_current(&self, depth: u32) -> Result<bool, IndexError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT s.trusted, (SELECT count(*) FROM dlq_index i WHERE i.queue = s.queue)
+                   FROM dlq_index_state s WHERE s.queue = $1",
+                &[&self.queue],
+            )
+            .await?;
+        Ok(
+            row.is_some_and(|row| {
+                row.get::<_, bool>(0) && row.get::<_, i64>(1) == i64::from(depth)
+            }),
+        )
+    }
+
+    /// Calls `each` with every indexed event `selector` picks, in queue order, up to `limit`;
+    /// rows are streamed, never all held.
+    ///
+    /// # Errors
+    /// The query's error; `each` may have seen some rows.
+    pub(crate) async fn each(
+        &self,
+        selector: &Selector,
+        limit: Option<usize>,
+        mut each: impl FnMut(&ParkedMessage, Fingerprint),
+    ) -> Result<(), IndexError> {
+        let (condition, value) = match selector {
+            Selector::All => ("true", Filter::None),
+            Selector::Ids(ids) => (
+                "event_id = ANY($2)",
+                Filter::Ids(ids.iter().cloned().collect()),
+            ),
+            Selector::Type(t) => ("event_type = $2", Filter::Text(t.clone())),
+            Selector::ParkedBefore(cutoff) => ("parked_at < $2", Filter::Time(*cutoff)),
+        };
+        let limit = limit.map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let sql = format!(
+            "SELECT record, body, fingerprint FROM dlq_index
+              WHERE queue = $1 AND {condition}
+              ORDER BY seq LIMIT {limit}"
+        );
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&self.queue];
+        match &value {
+            Filter::None => {}
+            Filter::Ids(ids) => params.push(ids),
+            Filter::Text(t) => params.push(t),
+            Filter::Time(t) => params.push(t),
+        }
+        let rows = self.client.query_raw(&sql, params).await?;
+        futures_util::pin_mut!(rows);
+        while let Some(row) = rows.try_next().await? {
+            if let Some((message, fingerprint)) = message_of(&row) {
+                each(&message, fingerprint);
+            }
+        }
+        Ok(())
     }
 
     async fn set_trusted(&self, trusted: bool) -> Result<(), IndexError> {
@@ -171,12 +262,21 @@ impl Index {
         let sink = self
             .client
             .copy_in(
-                "COPY dlq_index (queue, fingerprint, event_id, record, body) FROM STDIN BINARY",
+                "COPY dlq_index (queue, fingerprint, event_id, event_type, parked_at, record, body)
+                 FROM STDIN BINARY",
             )
             .await?;
         let writer = BinaryCopyInWriter::new(
             sink,
-            &[Type::TEXT, Type::UUID, Type::TEXT, Type::TEXT, Type::BYTEA],
+            &[
+                Type::TEXT,
+                Type::UUID,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::BYTEA,
+            ],
         );
         Ok(Update {
             index: self,
@@ -211,14 +311,15 @@ impl Update<'_> {
             self.broken = true;
             return;
         };
-        let event_id = message.event_id().unwrap_or_default();
         let written = self
             .writer
             .as_mut()
             .write(&[
                 &self.index.queue,
                 &id,
-                &event_id,
+                &message.event_id(),
+                &message.event_type(),
+                &message.dead_lettered_at(),
                 &record,
                 &message.body.as_slice(),
             ])

@@ -312,13 +312,33 @@ impl Selection {
 /// Rows a plan shows before "… and N more".
 const PLAN_ROWS: usize = 20;
 
-/// One pass that only reads: every message stays parked, in order. Returns what `selector`
-/// picked.
+/// What `selector` picks among the parked events: a query when the index is current, else one
+/// pass that only reads (every message stays parked, in order).
 ///
 /// # Errors
 /// The broker's error, or an interruption (nothing changed either way).
 async fn plan_pass(session: &Session, selector: &Selector) -> anyhow::Result<Selection> {
     let mut selection = Selection::default();
+    if let Some(index) = session.current_index().await {
+        let read = index
+            .each(selector, None, |m, fingerprint| {
+                selection.offer(selector, m, fingerprint);
+            })
+            .await;
+        match read {
+            Ok(()) => {
+                selection.report_missing(selector);
+                return Ok(selection);
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = describe(&error.into()),
+                    "dead-letter index not read"
+                );
+                selection = Selection::default();
+            }
+        }
+    }
     let outcome = session
         .pass(|m, fingerprint| {
             selection.offer(selector, m, fingerprint);
@@ -369,6 +389,13 @@ async fn list_in(session: &Session, args: ListArgs) -> anyhow::Result<String> {
             .take(limit)
             .collect();
         complete = rows.len() >= limit || all_seen;
+    }
+    if !complete && let Some(index) = session.current_index().await {
+        rows.clear();
+        let read = index
+            .each(&selector, Some(limit), |m, _| rows.push(summary_only(m)))
+            .await;
+        complete = read.is_ok();
     }
     if !complete {
         rows.clear();
@@ -470,6 +497,25 @@ async fn export_to_file(args: ExportArgs, broker: &Broker<'_>) -> anyhow::Result
     // Refuse an existing target before reading anything.
     let mut file = ExportFile::create(&args.out, args.force)?;
     let session = broker.session().await?;
+    let queue = session.queue().to_owned();
+    if let Some(index) = session.current_index().await {
+        let mut failed: Option<ExportFileError> = None;
+        let read = index
+            .each(&Selector::All, None, |m, _| {
+                if failed.is_none()
+                    && let Err(e) = file.write(m)
+                {
+                    failed = Some(e);
+                }
+            })
+            .await;
+        if read.is_ok() {
+            session.close().await;
+            return finish_export(file, failed, &queue, &args.out);
+        }
+        // A failed query leaves a partial file: start again from the queue.
+        file = ExportFile::create(&args.out, args.force)?;
+    }
     let mut failed: Option<ExportFileError> = None;
     let outcome = session
         .pass(|m, _| {
@@ -481,12 +527,8 @@ async fn export_to_file(args: ExportArgs, broker: &Broker<'_>) -> anyhow::Result
             Action::Keep
         })
         .await;
-    let queue = session.queue().to_owned();
     session.close().await;
     let outcome = outcome?;
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
     if outcome.interrupted {
         anyhow::bail!(
             "interrupted: {} not written, nothing changed",
@@ -494,11 +536,24 @@ async fn export_to_file(args: ExportArgs, broker: &Broker<'_>) -> anyhow::Result
         );
     }
     note_duplicates(outcome.duplicates);
+    finish_export(file, failed, &queue, &args.out)
+}
+
+/// Moves a complete export into place and says so, unless writing it failed.
+fn finish_export(
+    file: ExportFile,
+    failed: Option<ExportFileError>,
+    queue: &str,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
     let count = file.commit()?;
     println!(
         "exported {} from {queue} to {} (they stay parked)",
         n_events(usize::try_from(count).unwrap_or(usize::MAX)),
-        args.out.display()
+        out.display()
     );
     Ok(())
 }

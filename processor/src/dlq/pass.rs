@@ -283,6 +283,16 @@ impl Session {
         self.index.as_ref()
     }
 
+    /// The index, when it holds exactly the events parked now (so a read can be a query).
+    pub(crate) async fn current_index(&self) -> Option<&Index> {
+        let index = self.index.as_ref()?;
+        usable(
+            index.is_current(self.depth).await,
+            "dead-letter index not read",
+        )?
+        .then_some(index)
+    }
+
     fn read_error(&self, source: lapin::Error) -> PassError {
         PassError::Read {
             queue: self.queue.clone(),
