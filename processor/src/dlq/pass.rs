@@ -153,6 +153,59 @@ impl Fingerprint {
     }
 }
 
+/// Acknowledgements of settled originals, sent as one `multiple` ack per [`ACK_EVERY`]: the
+/// in-flight futures finish in delivery order, so acknowledging the newest settled delivery
+/// with `multiple` covers exactly the settled ones. After a failure (`in_order` false) each
+/// later one is acknowledged alone, so the failed one is never covered.
+#[derive(Debug)]
+struct Acks {
+    newest: Option<lapin::Acker>,
+    pending: usize,
+    in_order: bool,
+}
+
+impl Default for Acks {
+    fn default() -> Self {
+        Self {
+            newest: None,
+            pending: 0,
+            in_order: true,
+        }
+    }
+}
+
+/// Settled originals acknowledged at once.
+const ACK_EVERY: usize = 64;
+
+impl Acks {
+    async fn settled(&mut self, acker: lapin::Acker) -> Result<(), PassError> {
+        if !self.in_order {
+            return ack(&acker, false).await;
+        }
+        self.newest = Some(acker);
+        self.pending += 1;
+        if self.pending >= ACK_EVERY {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), PassError> {
+        self.pending = 0;
+        match self.newest.take() {
+            Some(acker) => ack(&acker, true).await,
+            None => Ok(()),
+        }
+    }
+}
+
+async fn ack(acker: &lapin::Acker, multiple: bool) -> Result<(), PassError> {
+    match acker.ack(BasicAckOptions { multiple }).await {
+        Ok(true) => Ok(()),
+        _ => Err(PassError::NotAcked),
+    }
+}
+
 /// How one message was settled.
 #[derive(Debug, Clone, Copy)]
 enum Settled {
@@ -434,16 +487,25 @@ impl Session {
         let total = u64::from(self.depth);
         let mut received = 0u64;
         let mut seen: HashSet<Fingerprint> = HashSet::new();
-        let mut in_flight: FuturesOrdered<BoxFuture<'static, Result<Settled, PassError>>> =
-            FuturesOrdered::new();
+        let mut in_flight: FuturesOrdered<
+            BoxFuture<'static, Result<(Settled, lapin::Acker), PassError>>,
+        > = FuturesOrdered::new();
         let mut failure: Option<PassError> = None;
+        let mut acks = Acks::default();
         let mut stopping = false;
         let shutdown = shared::shutdown_signal();
         tokio::pin!(shutdown);
         loop {
             let reading = !stopping && received < total && in_flight.len() < usize::from(WINDOW);
-            if !reading && in_flight.is_empty() {
-                break;
+            if in_flight.is_empty() {
+                // Nothing else will settle: hand the broker what is done so it can send more.
+                if let Err(e) = acks.flush().await {
+                    failure.get_or_insert(e);
+                    break;
+                }
+                if !reading {
+                    break;
+                }
             }
             tokio::select! {
                 biased;
@@ -452,11 +514,25 @@ impl Session {
                     outcome.interrupted = true;
                 }
                 Some(settled) = in_flight.next(), if !in_flight.is_empty() => match settled {
-                    Ok(Settled::Done(Action::Keep)) => outcome.kept += 1,
-                    Ok(Settled::Done(Action::Replay)) => outcome.replayed += 1,
-                    Ok(Settled::Done(Action::Remove)) => outcome.removed += 1,
-                    Ok(Settled::Duplicate) => outcome.duplicates += 1,
+                    Ok((settled, acker)) => {
+                        match settled {
+                            Settled::Done(Action::Keep) => outcome.kept += 1,
+                            Settled::Done(Action::Replay) => outcome.replayed += 1,
+                            Settled::Done(Action::Remove) => outcome.removed += 1,
+                            Settled::Duplicate => outcome.duplicates += 1,
+                        }
+                        if let Err(e) = acks.settled(acker).await {
+                            failure.get_or_insert(e);
+                            stopping = true;
+                        }
+                    }
                     Err(e) => {
+                        // Everything settled before this one is acknowledged; what settles
+                        // after it is acknowledged one by one, never past it.
+                        if let Err(e) = acks.flush().await {
+                            failure.get_or_insert(e);
+                        }
+                        acks.in_order = false;
                         failure.get_or_insert(e);
                         stopping = true;
                     }
@@ -495,18 +571,21 @@ impl Session {
                 }
             }
         }
+        if let Err(e) = acks.flush().await {
+            failure.get_or_insert(e);
+        }
         failure.map_or(Ok(()), Err)
     }
 
     /// Sends what `action` needs (in queue order, so the tail keeps the order) and returns the
-    /// future that waits for the confirm and then acknowledges the original.
+    /// future that waits for the confirm and hands back the original's acker.
     async fn settle(
         &self,
         publish: &Channel,
         message: ParkedMessage,
         acker: lapin::Acker,
         settled: Settled,
-    ) -> Result<BoxFuture<'static, Result<Settled, PassError>>, PassError> {
+    ) -> Result<BoxFuture<'static, Result<(Settled, lapin::Acker), PassError>>, PassError> {
         let event_id = message.event_id().unwrap_or_default();
         let copy = match settled {
             Settled::Duplicate | Settled::Done(Action::Remove) => None,
@@ -564,10 +643,7 @@ impl Session {
                     }
                 }
             }
-            match acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => Ok(settled),
-                _ => Err(PassError::NotAcked),
-            }
+            Ok((settled, acker))
         }))
     }
 
