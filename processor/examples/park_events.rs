@@ -4,8 +4,10 @@
 //! with the original properties and the headers `attempts`, `last_error`, `first_seen_at`,
 //! `dead_lettered_at` and `received_at`. Publishes with confirms, 256 in flight.
 //!
-//! `park_events --base bench.dlq --count 100000 --run r [--url amqp://…]`; event ids are
-//! `evt_{run}_{n}` for n in 0..count.
+//! `park_events --base bench.dlq --count 100000 --run r [--url amqp://…] [--index-url postgres://…]`;
+//! event ids are `evt_{run}_{n}` for n in 0..count. With `--index-url`, each event is also
+//! recorded in the dead-letter index once its publish is confirmed, as the consumer would with
+//! the park-time call `processor::dlq::ParkedIndex::record`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -35,6 +37,9 @@ struct Args {
     /// Distinguishes the ids of one run from another's.
     #[arg(long, default_value = "r")]
     run: String,
+    /// Record each parked event in the dead-letter index of this database.
+    #[arg(long)]
+    index_url: Option<String>,
 }
 
 fn text(value: &str) -> AMQPValue {
@@ -48,6 +53,7 @@ async fn main() {
         base,
         count,
         run,
+        index_url,
     } = Args::parse();
     let topology = Topology::new(base, shared::config::parse_duration_list("5s,30s").unwrap());
     let (publisher, task) = Publisher::start(
@@ -61,6 +67,14 @@ async fn main() {
         "broker not reachable"
     );
     let queue = topology.dead_letter_queue();
+    let index = match index_url {
+        Some(url) => Some(Arc::new(
+            processor::dlq::ParkedIndex::open(&url, &topology)
+                .await
+                .expect("dead-letter index"),
+        )),
+        None => None,
+    };
     let limit = Arc::new(Semaphore::new(256));
     let mut handles = Vec::with_capacity(count);
     let now = chrono::Utc::now();
@@ -102,12 +116,17 @@ async fn main() {
             .with_timestamp(u64::try_from(sample.created).unwrap())
             .with_headers(FieldTable::from(headers));
         let permit = Arc::clone(&limit).acquire_owned().await.unwrap();
-        let (publisher, queue) = (publisher.clone(), queue.clone());
+        let (publisher, queue, index) = (publisher.clone(), queue.clone(), index.clone());
         handles.push(tokio::spawn(async move {
+            // As published: the publisher sets delivery mode 2.
+            let published = props.clone().with_delivery_mode(2);
             publisher
                 .publish("", &queue, &body, props)
                 .await
                 .expect("confirmed publish");
+            if let Some(index) = index {
+                index.record(&body, &published).await.expect("indexed");
+            }
             drop(permit);
         }));
     }

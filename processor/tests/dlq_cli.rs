@@ -205,26 +205,48 @@ impl Broker {
         got
     }
 
-    /// The ids in `queue`, read without removing anything (held, then requeued by closing).
+    /// The ids in `queue`, read without removing anything.
     async fn peek_ids(&self, queue: &str) -> HashSet<String> {
+        self.peek_messages(queue)
+            .await
+            .iter()
+            .map(Got::id)
+            .collect()
+    }
+
+    /// The index's rows for this queue: (seq, event id), in order.
+    async fn index_rows(&self) -> Vec<(i64, String)> {
+        postgres(&self.database)
+            .await
+            .query(
+                "SELECT seq, event_id FROM dlq_index WHERE queue = $1 ORDER BY seq",
+                &[&self.dlq()],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    }
+
+    /// The messages in `queue`, read without removing anything (held, then requeued by
+    /// closing the channel).
+    async fn peek_messages(&self, queue: &str) -> Vec<Got> {
         let channel = self.connection.create_channel().await.unwrap();
-        let mut ids = HashSet::new();
+        let mut got = Vec::new();
         while let Some(m) = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await
             .unwrap()
         {
-            ids.insert(
-                m.delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .unwrap()
-                    .to_string(),
-            );
+            got.push(Got {
+                routing_key: m.delivery.routing_key.to_string(),
+                body: m.delivery.data,
+                properties: m.delivery.properties,
+            });
         }
         channel.close(200, "requeue".into()).await.unwrap();
-        ids
+        got
     }
 
     async fn cleanup(self) {
@@ -1087,5 +1109,43 @@ async fn the_index_follows_the_queue_through_reads_replays_and_purges() {
     );
     assert!(broker.run(&["list"]).await.status.success());
     assert_eq!(broker.index().await, (201, Some(true)));
+    broker.cleanup().await;
+}
+
+/// With the park-time call ([`processor::dlq::ParkedIndex`]) the index stays current without a
+/// pass: an empty queue makes it trusted, every event recorded as it is parked keeps it whole,
+/// and a later pass finds the very same fingerprints (no row is replaced).
+#[tokio::test]
+async fn events_recorded_at_park_time_keep_the_index_current_without_a_pass() {
+    let broker = Broker::new().await;
+    assert!(broker.run(&["list"]).await.status.success());
+    assert_eq!(
+        broker.index().await,
+        (0, Some(true)),
+        "an empty queue is indexed"
+    );
+
+    let parked = events(50, "invoice.paid");
+    broker.park(&parked, Utc::now()).await;
+    let hook = processor::dlq::ParkedIndex::open(&postgres_url(&broker.database), &broker.topology)
+        .await
+        .unwrap();
+    for got in broker.peek_messages(&broker.dlq()).await {
+        hook.record(&got.body, &got.properties).await.unwrap();
+    }
+    assert_eq!(broker.index().await, (50, Some(true)));
+    let shown = broker.run(&["show", &parked[49].id]).await;
+    assert!(shown.status.success());
+
+    let rows_before = broker.index_rows().await;
+    let pass = broker
+        .run(&["purge", "--event-id", "evt_not_parked", "--yes"])
+        .await;
+    assert!(pass.status.success());
+    assert_eq!(
+        broker.index_rows().await,
+        rows_before,
+        "the pass kept every recorded row"
+    );
     broker.cleanup().await;
 }

@@ -81,6 +81,9 @@ pub(crate) struct Index {
 /// An index being brought up to date by one pass.
 pub(crate) struct Update<'a> {
     index: &'a Index,
+    /// The newest row when the pass began: rows added since (at park time, for messages behind
+    /// the pass) are not the pass's to judge.
+    newest: i64,
     known: HashSet<Fingerprint>,
     kept: Vec<uuid::Uuid>,
     writer: std::pin::Pin<Box<BinaryCopyInWriter>>,
@@ -249,6 +252,14 @@ impl Index {
     /// The queries' errors.
     pub(crate) async fn begin(&self) -> Result<Update<'_>, IndexError> {
         self.set_trusted(false).await?;
+        let newest: i64 = self
+            .client
+            .query_one(
+                "SELECT coalesce(max(seq), 0) FROM dlq_index WHERE queue = $1",
+                &[&self.queue],
+            )
+            .await?
+            .get(0);
         let known = self
             .client
             .query(
@@ -280,11 +291,99 @@ impl Index {
         );
         Ok(Update {
             index: self,
+            newest,
             known,
             kept: Vec::new(),
             writer: Box::pin(writer),
             broken: false,
         })
+    }
+}
+
+/// The columns of one row, as the pass and the park-time insert both write them.
+struct Row {
+    event_id: Option<String>,
+    event_type: Option<String>,
+    parked_at: Option<chrono::DateTime<chrono::Utc>>,
+    record: String,
+}
+
+impl Row {
+    fn of(message: &ParkedMessage) -> Option<Self> {
+        let mut record = ExportRecord::from_message(message);
+        record.body = None;
+        record.body_base64 = String::new();
+        Some(Self {
+            event_id: message.event_id(),
+            event_type: message.event_type(),
+            parked_at: message.dead_lettered_at(),
+            record: serde_json::to_string(&record).ok()?,
+        })
+    }
+}
+
+/// Adds events to the index when they are parked, so that no pass is needed to find them: the
+/// consumer calls [`Self::record`] once the dead-letter publish is confirmed. Optional: an
+/// event the index misses is found by the next pass.
+#[derive(Debug)]
+pub struct ParkedIndex {
+    index: Index,
+}
+
+/// The park-time index could not be written (the event is parked all the same).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ParkedIndexError(#[from] IndexError);
+
+impl ParkedIndex {
+    /// Connects to Postgres for the dead-letter queue of `topology`.
+    ///
+    /// # Errors
+    /// When Postgres cannot be reached or refuses the index's tables.
+    pub async fn open(
+        database_url: &str,
+        topology: &shared::topology::Topology,
+    ) -> Result<Self, ParkedIndexError> {
+        Ok(Self {
+            index: Index::open(database_url, &topology.dead_letter_queue()).await?,
+        })
+    }
+
+    /// Records one parked event: `body` and `properties` exactly as they were published to the
+    /// dead-letter queue (headers included; `shared::amqp::Publisher` adds delivery mode 2).
+    ///
+    /// # Errors
+    /// The insert's error.
+    pub async fn record(
+        &self,
+        body: &[u8],
+        properties: &lapin::BasicProperties,
+    ) -> Result<(), ParkedIndexError> {
+        let message = ParkedMessage::new(body.to_vec(), properties.clone());
+        let Some(row) = Row::of(&message) else {
+            return Ok(());
+        };
+        let fingerprint = uuid_of(Fingerprint::of(&message));
+        self.index
+            .client
+            .execute(
+                "INSERT INTO dlq_index
+                   (queue, fingerprint, event_id, event_type, parked_at, record, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    &self.index.queue,
+                    &fingerprint,
+                    &row.event_id,
+                    &row.event_type,
+                    &row.parked_at,
+                    &row.record,
+                    &body,
+                ],
+            )
+            .await
+            .map_err(IndexError::from)?;
+        Ok(())
     }
 }
 
@@ -304,10 +403,7 @@ impl Update<'_> {
         if self.known.contains(&fingerprint) {
             return;
         }
-        let mut record = ExportRecord::from_message(message);
-        record.body = None;
-        record.body_base64 = String::new();
-        let Ok(record) = serde_json::to_string(&record) else {
+        let Some(row) = Row::of(message) else {
             self.broken = true;
             return;
         };
@@ -317,10 +413,10 @@ impl Update<'_> {
             .write(&[
                 &self.index.queue,
                 &id,
-                &message.event_id(),
-                &message.event_type(),
-                &message.dead_lettered_at(),
-                &record,
+                &row.event_id,
+                &row.event_type,
+                &row.parked_at,
+                &row.record,
                 &message.body.as_slice(),
             ])
             .await;
@@ -348,8 +444,9 @@ impl Update<'_> {
         self.index
             .client
             .execute(
-                "DELETE FROM dlq_index WHERE queue = $1 AND fingerprint <> ALL($2)",
-                &[&self.index.queue, &self.kept],
+                "DELETE FROM dlq_index
+                  WHERE queue = $1 AND seq <= $2 AND fingerprint <> ALL($3)",
+                &[&self.index.queue, &self.newest, &self.kept],
             )
             .await?;
         self.index.set_trusted(true).await

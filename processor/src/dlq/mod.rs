@@ -37,6 +37,7 @@ use chrono::{DateTime, Utc};
 use shared::topology::{Topology, headers};
 
 use export::{ExportFile, ExportFileError};
+pub use index::{ParkedIndex, ParkedIndexError};
 use message::ParkedMessage;
 pub use monitor::{monitor, record_attempts};
 use pass::{Action, Fingerprint, PEEK_MAX, Session};

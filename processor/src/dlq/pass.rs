@@ -317,6 +317,14 @@ impl Session {
             ),
             None => None,
         };
+        if depth == 0
+            && let Some(index) = &index
+            && let Some(update) = usable(index.begin().await, "dead-letter index not updated")
+        {
+            // An empty queue is a pass over everything: the (empty) index is trusted from here
+            // on, and events recorded at park time keep it current.
+            usable(update.finish(true).await, "dead-letter index not updated");
+        }
         Ok(Self {
             connection,
             channel,
