@@ -994,6 +994,26 @@ async fn a_failed_command_names_its_cause_once_without_colour_codes() {
         !stderr.contains('\u{1b}'),
         "no colour codes off a terminal: {stderr}"
     );
+
+    // A warning is logged (no index without Postgres), plain: stderr is not a terminal.
+    broker.park(&events(2, "invoice.paid"), Utc::now()).await;
+    let output = broker
+        .command(&["list"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("working without the dead-letter index"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes off a terminal: {stderr}"
+    );
+    assert!(stdout(&output).contains("2 shown, 2 parked"));
     broker.cleanup().await;
 }
 

@@ -18,6 +18,9 @@
 //!   confirmation, exactly the planned messages are acted on (by [`pass::Fingerprint`]).
 //! - One command at a time per queue: a second one fails at once instead of seeing a queue
 //!   half-way through a pass.
+//! - Reads that the Postgres index can answer exactly are queries (`index` module: `show` of an
+//!   indexed event; `list`, `export` and plans while the index holds exactly the parked
+//!   events); the queue stays the truth, and only passes change it.
 
 mod export;
 mod index;

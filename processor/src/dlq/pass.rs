@@ -16,6 +16,9 @@
 //!   [`Action::Remove`] acknowledges it. At most [`WINDOW`] messages are unacknowledged at any
 //!   time, so memory is bounded and the broker never has a backlog to return.
 //!
+//! Every pass also brings the Postgres index up to date (see the `index` module) when the
+//! session has one.
+//!
 //! Invariants: a message is acknowledged only after its copy is confirmed (or, for `Remove`,
 //! because the caller asked), so a crash at any point loses nothing. A crash between a confirm
 //! and its ack leaves two identical copies (at most [`WINDOW`]); the next pass recognises the
