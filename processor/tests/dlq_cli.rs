@@ -290,6 +290,15 @@ impl Broker {
         child.wait().await.unwrap();
     }
 
+    /// [`Self::run`] with one variable of the environment changed.
+    async fn run_with(&self, args: &[&str], variable: &str, value: &str) -> Output {
+        self.command(args)
+            .env(variable, value)
+            .output()
+            .await
+            .unwrap()
+    }
+
     async fn run(&self, args: &[&str]) -> Output {
         let output = self.command(args).output().await.unwrap();
         eprintln!(
@@ -977,11 +986,8 @@ async fn a_second_command_on_the_same_queue_is_refused_while_one_runs() {
 async fn a_failed_command_names_its_cause_once_without_colour_codes() {
     let broker = Broker::new().await;
     let output = broker
-        .command(&["list"])
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-        .output()
-        .await
-        .unwrap();
+        .run_with(&["list"], "AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot reach the broker"), "{stderr}");
@@ -998,11 +1004,12 @@ async fn a_failed_command_names_its_cause_once_without_colour_codes() {
     // A warning is logged (no index without Postgres), plain: stderr is not a terminal.
     broker.park(&events(2, "invoice.paid"), Utc::now()).await;
     let output = broker
-        .command(&["list"])
-        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
-        .output()
-        .await
-        .unwrap();
+        .run_with(
+            &["list"],
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/none",
+        )
+        .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(
@@ -1026,11 +1033,12 @@ async fn a_failed_export_with_force_keeps_the_earlier_export() {
     std::fs::write(&target, "the earlier export\n").unwrap();
 
     let output = broker
-        .command(&["export", "--out", target.to_str().unwrap(), "--force"])
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-        .output()
-        .await
-        .unwrap();
+        .run_with(
+            &["export", "--out", target.to_str().unwrap(), "--force"],
+            "AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+        )
+        .await;
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
         std::fs::read_to_string(&target).unwrap(),
