@@ -64,6 +64,7 @@ echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 park_args=()
 if [ "${PARK_INDEX:-0}" = 1 ]; then
   # The queue is empty: the index starts trusted, and recording at park time keeps it current.
+  "$CARGO_TARGET_DIR/release/examples/park_events" --base "$BASE" --count 0 >/dev/null
   "$bin/processor" dlq list >/dev/null
   park_args=(--index-url "$DATABASE_URL")
 fi

@@ -93,8 +93,9 @@ where
         None
     };
     // Operator commands print to stdout; only their warnings and errors are logged.
+    // lapin logs a closed channel at ERROR on its own; the command reports the cause itself.
     let default_filter = if matches!(command, Command::Dlq(_) | Command::Reconcile(_)) {
-        "warn"
+        "warn,lapin=off"
     } else {
         "info"
     };
