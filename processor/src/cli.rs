@@ -93,17 +93,24 @@ where
         None
     };
     // Operator commands print to stdout; only their warnings and errors are logged.
+    // lapin logs a closed channel at ERROR on its own; the command reports the cause itself.
     let default_filter = if matches!(command, Command::Dlq(_) | Command::Reconcile(_)) {
-        "warn"
+        "warn,lapin=off"
     } else {
         "info"
     };
     shared::telemetry::init_tracing(config.log_format, default_filter);
+    let log_format = config.log_format;
     match execute(command, config, api).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "processor failed");
-            eprintln!("processor: {error:#}");
+            // Once, each cause once: a JSON line for machines, plain text for people.
+            let message = crate::dlq::describe(&error);
+            if log_format == shared::telemetry::LogFormat::Json {
+                tracing::error!(error = message, "processor failed");
+            } else {
+                eprintln!("processor: {message}");
+            }
             // 2 for a usage error found after parsing (e.g. a destructive command without
             // --yes and without a terminal), 1 for everything else.
             ExitCode::from(crate::dlq::exit_code(&error))
@@ -140,7 +147,14 @@ async fn execute(command: Command, config: Config, api: Option<ApiConfig>) -> an
             )
             .await
         }
-        Command::Dlq(args) => crate::dlq::execute(args, &config.amqp_url, &config.topology).await,
+        Command::Dlq(args) => {
+            let broker = crate::dlq::Broker {
+                amqp_url: &config.amqp_url,
+                topology: &config.topology,
+                database_url: Some(&config.database_url),
+            };
+            crate::dlq::execute(args, &broker).await
+        }
         Command::Reconcile(args) => crate::reconcile::execute(args, &config).await,
     }
 }
@@ -214,16 +228,9 @@ pub async fn serve_with_api(
     let wait = || stop.wait();
     let consumer = async {
         if with_worker {
-            // The dead-letter alert runs beside the consumer and stops with it.
-            let monitor = crate::dlq::monitor(
-                config.amqp_url.clone(),
-                config.topology.clone(),
-                config.attempts_alert_threshold,
-                config.queue_depth_interval,
-                wait(),
-            );
-            let worker = Worker::new(config.clone(), pool, cache, publisher);
-            tokio::join!(monitor, worker.run(wait()));
+            Worker::new(config.clone(), pool, cache, publisher)
+                .run(wait())
+                .await;
         }
     };
     let http = async {

@@ -236,11 +236,17 @@ impl Topology {
             )
             .await?;
 
+        // The parked events' queue is classic by name, not by the broker's default: on a broker
+        // whose default type is quorum, repeated reads would otherwise count towards a delivery
+        // limit and drop events. Redeclaring an existing classic queue declared without the
+        // argument is accepted (checked on 3.10), so existing deployments upgrade in place.
+        let mut dead_letter_args = FieldTable::default();
+        insert_str(&mut dead_letter_args, "x-queue-type", "classic");
         channel
             .queue_declare(
                 self.dead_letter_queue().as_str().into(),
                 durable_queue,
-                FieldTable::default(),
+                dead_letter_args,
             )
             .await?;
 

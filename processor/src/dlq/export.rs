@@ -6,9 +6,17 @@
 //!  "body":"{\"id\":…}","bodyBase64":"eyJpZCI6…"}
 //! ```
 //!
-//! Invariant: `bodyBase64` is always present and is what `replay --from-file` publishes, so
+//! Invariants: `bodyBase64` is always present and is what `replay --from-file` publishes, so
 //! the bytes round-trip exactly even when the body is not UTF-8 or not JSON; `body` is only a
 //! readable copy, present when the bytes are valid UTF-8 JSON.
+//!
+//! An export file appears complete or not at all ([`ExportFile`]): lines go to a temporary file
+//! (mode 0600, in the target's directory) that is fsynced and then moved into place, so a failed
+//! or interrupted export never destroys an earlier one, even with `--force`.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -156,6 +164,139 @@ impl ExportRecord {
     }
 }
 
+/// Why an export file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExportFileError {
+    /// The target exists and `--force` was not given (a usage error: nothing was read).
+    #[error("{0} already exists; choose another file or pass --force to overwrite it")]
+    Exists(PathBuf),
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An export in progress: a temporary file next to the target, moved into place by
+/// [`Self::commit`] and deleted if dropped before.
+#[derive(Debug)]
+pub(crate) struct ExportFile {
+    target: PathBuf,
+    temporary: PathBuf,
+    force: bool,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+    /// Lines written.
+    pub(crate) count: u64,
+}
+
+impl ExportFile {
+    /// Starts an export to `target`: refuses an existing target without `force`, then creates
+    /// the temporary file (mode 0600: parked events are customer data).
+    ///
+    /// # Errors
+    /// [`ExportFileError::Exists`], or the file system's error.
+    pub(crate) fn create(target: &Path, force: bool) -> Result<Self, ExportFileError> {
+        if !force && target.symlink_metadata().is_ok() {
+            return Err(ExportFileError::Exists(target.to_owned()));
+        }
+        let name = target
+            .file_name()
+            .map_or_else(|| "export".into(), |n| n.to_string_lossy().into_owned());
+        let temporary = target.with_file_name(format!(
+            ".{name}.{}.{}.tmp",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(|source| ExportFileError::Io {
+                path: target.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            target: target.to_owned(),
+            temporary,
+            force,
+            out: Some(std::io::BufWriter::with_capacity(1 << 16, file)),
+            count: 0,
+        })
+    }
+
+    fn io(&self, source: std::io::Error) -> ExportFileError {
+        ExportFileError::Io {
+            path: self.target.clone(),
+            source,
+        }
+    }
+
+    /// Appends one line.
+    ///
+    /// # Errors
+    /// The file system's error.
+    pub(crate) fn write(&mut self, message: &ParkedMessage) -> Result<(), ExportFileError> {
+        let Some(out) = self.out.as_mut() else {
+            return Ok(());
+        };
+        let written = serde_json::to_writer(&mut *out, &ExportRecord::from_message(message))
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"));
+        written.map_err(|e| self.io(e))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Flushes and fsyncs the temporary file, then moves it into place (replacing the target
+    /// only with `force`) and fsyncs the directory, so the export survives a crash.
+    ///
+    /// # Errors
+    /// The file system's error, or [`ExportFileError::Exists`] when the target appeared
+    /// meanwhile; the target is then untouched.
+    pub(crate) fn commit(mut self) -> Result<u64, ExportFileError> {
+        let Some(out) = self.out.take() else {
+            return Ok(self.count);
+        };
+        let file = out
+            .into_inner()
+            .map_err(std::io::IntoInnerError::into_error)
+            .map_err(|e| self.io(e))?;
+        file.sync_all().map_err(|e| self.io(e))?;
+        drop(file);
+        if self.force {
+            std::fs::rename(&self.temporary, &self.target).map_err(|e| self.io(e))?;
+        } else {
+            // A hard link never replaces an existing file: the no-clobber rename.
+            std::fs::hard_link(&self.temporary, &self.target).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    ExportFileError::Exists(self.target.clone())
+                } else {
+                    self.io(e)
+                }
+            })?;
+            std::fs::remove_file(&self.temporary).map_err(|e| self.io(e))?;
+        }
+        let directory = match self.target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::File::open(&directory)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io(e))?;
+        Ok(self.count)
+    }
+}
+
+impl Drop for ExportFile {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -192,6 +333,59 @@ mod tests {
             assert_eq!(back.to_message().unwrap(), message);
             assert_eq!(record.body.is_some(), body.starts_with(b"{\"id"));
         }
+    }
+
+    fn message(id: &str) -> ParkedMessage {
+        ParkedMessage::new(
+            format!(r#"{{"id":"{id}"}}"#).into_bytes(),
+            BasicProperties::default().with_message_id(id.into()),
+        )
+    }
+
+    #[test]
+    fn an_unfinished_export_leaves_the_earlier_file_and_no_temporary_behind() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("dlq-export-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let target = dir.join("parked.jsonl");
+        std::fs::write(&target, "earlier export\n").unwrap();
+
+        assert!(matches!(
+            ExportFile::create(&target, false),
+            Err(ExportFileError::Exists(_))
+        ));
+        let mut export = ExportFile::create(&target, true).unwrap();
+        export.write(&message("evt_1")).unwrap();
+        let names = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let temporary = names(&dir)
+            .into_iter()
+            .find(|n| n.ends_with(".tmp"))
+            .unwrap();
+        let mode = std::fs::metadata(dir.join(&temporary))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(export); // a failed export: never committed
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "earlier export\n"
+        );
+        assert_eq!(names(&dir), ["parked.jsonl"]);
+
+        let mut export = ExportFile::create(&target, true).unwrap();
+        export.write(&message("evt_2")).unwrap();
+        assert_eq!(export.commit().unwrap(), 1);
+        assert!(std::fs::read_to_string(&target).unwrap().contains("evt_2"));
+        assert_eq!(names(&dir), ["parked.jsonl"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     proptest::proptest! {

@@ -62,20 +62,38 @@ impl ParkedMessage {
     }
 
     pub(crate) fn attempts(&self) -> Option<i64> {
-        self.header(headers::ATTEMPTS).and_then(as_integer)
+        self.header(headers::ATTEMPTS).and_then(headers::integer)
     }
 
     pub(crate) fn header_text(&self, name: &str) -> Option<String> {
-        self.header(name).and_then(as_text)
+        self.header(name).and_then(headers::text)
     }
 
-    /// When the message was parked: the `dead_lettered_at` header, falling back to the message
-    /// timestamp (seconds since the epoch) for a message parked without it.
+    /// When the message was parked: the `dead_lettered_at` header the consumer writes, else the
+    /// time of the broker's most recent `x-death` entry (a message the main queue dead-lettered
+    /// by itself, e.g. past its delivery limit). Never the event's own `created`/timestamp: an
+    /// event created long ago but parked today is not old.
     pub(crate) fn dead_lettered_at(&self) -> Option<DateTime<Utc>> {
         self.header_text(headers::DEAD_LETTERED_AT)
             .and_then(|raw| DateTime::parse_from_rfc3339(&raw).ok())
             .map(|t| t.with_timezone(&Utc))
-            .or_else(|| self.timestamp())
+            .or_else(|| self.x_death_time())
+    }
+
+    /// The `time` of the first (most recent) `x-death` entry.
+    fn x_death_time(&self) -> Option<DateTime<Utc>> {
+        let AMQPValue::FieldArray(deaths) = self.header("x-death")? else {
+            return None;
+        };
+        deaths
+            .as_slice()
+            .iter()
+            .filter_map(|death| match death {
+                AMQPValue::FieldTable(t) => t.inner().get("time").and_then(headers::integer),
+                _ => None,
+            })
+            .max()
+            .and_then(|secs| Utc.timestamp_opt(secs, 0).single())
     }
 
     pub(crate) fn timestamp(&self) -> Option<DateTime<Utc>> {
@@ -116,29 +134,6 @@ impl ParkedMessage {
     }
 }
 
-/// Any AMQP integer as `i64` (the consumer's choice of width is its own).
-pub(crate) fn as_integer(value: &AMQPValue) -> Option<i64> {
-    match *value {
-        AMQPValue::ShortShortInt(v) => Some(v.into()),
-        AMQPValue::ShortShortUInt(v) => Some(v.into()),
-        AMQPValue::ShortInt(v) => Some(v.into()),
-        AMQPValue::ShortUInt(v) => Some(v.into()),
-        AMQPValue::LongInt(v) => Some(v.into()),
-        AMQPValue::LongUInt(v) => Some(v.into()),
-        AMQPValue::LongLongInt(v) => Some(v),
-        AMQPValue::Timestamp(v) => i64::try_from(v).ok(),
-        _ => None,
-    }
-}
-
-pub(crate) fn as_text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
 /// A header value as JSON, for `show --json`-style output and export files. Strings, numbers,
 /// booleans, arrays and tables map to their JSON kinds; byte arrays become their UTF-8 text
 /// when they are text; decimals become numbers.
@@ -155,7 +150,7 @@ pub(crate) fn value_to_json(value: &AMQPValue) -> serde_json::Value {
             serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
         }
         AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
-            Value::String(as_text(value).unwrap_or_default())
+            Value::String(headers::text(value).unwrap_or_default())
         }
         AMQPValue::ByteArray(b) => {
             Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
@@ -163,7 +158,7 @@ pub(crate) fn value_to_json(value: &AMQPValue) -> serde_json::Value {
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_json).collect()),
         AMQPValue::FieldTable(t) => table_to_json(t),
         AMQPValue::Void => Value::Null,
-        other => as_integer(other).map_or(Value::Null, Value::from),
+        other => headers::integer(other).map_or(Value::Null, Value::from),
     }
 }
 
@@ -278,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn age_comes_from_the_dead_letter_header_then_the_timestamp() {
+    fn age_comes_from_the_dead_letter_header_then_x_death_never_the_event_timestamp() {
         let with_header = parked(&[(
             "dead_lettered_at",
             AMQPValue::LongString(LongString::from("2026-01-02T03:04:05Z")),
@@ -287,11 +282,22 @@ mod tests {
             with_header.dead_lettered_at().unwrap().to_rfc3339(),
             "2026-01-02T03:04:05+00:00"
         );
-        let without = parked(&[]);
+        let death = |time: u64| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString("expired".into()));
+            t.insert("time".into(), AMQPValue::Timestamp(time));
+            AMQPValue::FieldTable(t)
+        };
+        let by_broker = parked(&[(
+            "x-death",
+            AMQPValue::FieldArray(vec![death(1_800_000_000), death(1_790_000_000)].into()),
+        )]);
         assert_eq!(
-            without.dead_lettered_at().unwrap().timestamp(),
-            1_700_000_000
+            by_broker.dead_lettered_at().unwrap().timestamp(),
+            1_800_000_000
         );
+        // The message timestamp is the event's `created`: it says nothing about parking.
+        assert_eq!(parked(&[]).dead_lettered_at(), None);
     }
 
     #[test]

@@ -3,36 +3,48 @@
 //! ([`monitor()`], [`record_attempts`]).
 //!
 //! Invariants:
-//! - Reading (`list`, `show`, `export`, the planning step of every command) never removes
-//!   anything: messages are held unacknowledged and handed back in their original order
-//!   (see the `browse` module).
+//! - Reading (`list`, `show`, `export`, dry runs, the planning step of every command) never
+//!   removes anything and never leaves anything in limbo: it either peeks at the first few
+//!   messages and hands them straight back, or makes one pass that moves each message to the
+//!   tail with a confirm before acknowledging it (see the `pass` module). After any command,
+//!   nothing is unacknowledged and the queue is in its original order.
+//! - Memory is bounded by one window of messages plus what is printed: nothing holds the
+//!   whole queue.
 //! - `replay` removes a parked copy only after the broker confirmed its republication to the
-//!   main exchange; an interruption at any point leaves every event either parked, or
-//!   republished, or both (a duplicate the processor's dedupe by event id absorbs).
+//!   main exchange; an interruption at any point (even `kill -9`) leaves every event either
+//!   parked, or republished, or both (a duplicate the processor's dedupe by event id absorbs).
 //! - `replay` and `purge` print their plan and change nothing without `--yes` or an
-//!   interactive confirmation; without a terminal they exit 2 (a usage error).
+//!   interactive confirmation; without a terminal they exit 2 (a usage error). After a
+//!   confirmation, exactly the planned messages are acted on (by [`pass::Fingerprint`]).
+//! - One command at a time per queue: a second one fails at once instead of seeing a queue
+//!   half-way through a pass.
+//! - Reads that the Postgres index can answer exactly are queries (`index` module: `show` of an
+//!   indexed event; `list`, `export` and plans while the index holds exactly the parked
+//!   events); the queue stays the truth, and only passes change it.
 
-mod browse;
 mod export;
+mod index;
 mod message;
 pub mod monitor;
+mod pass;
 mod purge;
 mod replay;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::{IsTerminal as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use shared::topology::{Topology, headers};
 
-pub use browse::{BrowseError, queue_depth};
-use browse::{Held, Snapshot};
-use export::ExportRecord;
+use export::{ExportFile, ExportFileError};
+pub use index::{ParkedIndex, ParkedIndexError};
 use message::ParkedMessage;
 pub use monitor::{monitor, record_attempts};
+use pass::{Action, Fingerprint, PEEK_MAX, Session};
+pub use pass::{PassError, QueueCounts, queue_counts, queue_depth};
 
 /// `processor dlq` and its subcommands.
 #[derive(Debug, clap::Args)]
@@ -116,7 +128,7 @@ pub struct PurgeSelection {
     #[arg(long = "event-id", value_name = "ID", num_args = 1..)]
     pub event_ids: Vec<String>,
     /// Events parked longer ago than this (e.g. 7d, 12h), by their dead_lettered_at header or,
-    /// without it, their message timestamp.
+    /// without it, the broker's x-death time (never the event's own creation time).
     #[arg(long, value_name = "DURATION", value_parser = shared::config::parse_duration)]
     pub older_than: Option<std::time::Duration>,
 }
@@ -125,6 +137,9 @@ pub struct PurgeSelection {
 pub struct PurgeArgs {
     #[command(flatten)]
     pub selection: PurgeSelection,
+    /// Print what would be deleted and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Do not ask for confirmation.
     #[arg(long)]
     pub yes: bool,
@@ -135,7 +150,7 @@ pub struct ExportArgs {
     /// The JSON-lines file to write (one parked event per line).
     #[arg(long, value_name = "FILE.jsonl")]
     pub out: PathBuf,
-    /// Overwrite the file if it exists.
+    /// Replace the file if it exists (only once the new export is complete and on disk).
     #[arg(long)]
     pub force: bool,
 }
@@ -146,14 +161,35 @@ pub struct ExportArgs {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// The exit code for an error returned by [`execute`]: 2 for a [`UsageError`], 1 otherwise.
+/// The exit code for an error returned by [`execute`]: 2 for a [`UsageError`] (or an export
+/// target that exists), 1 otherwise.
 #[must_use]
 pub fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.downcast_ref::<UsageError>().is_some() {
-        2
-    } else {
-        1
+    let usage = error.downcast_ref::<UsageError>().is_some()
+        || matches!(
+            error.downcast_ref::<ExportFileError>(),
+            Some(ExportFileError::Exists(_))
+        );
+    if usage { 2 } else { 1 }
+}
+
+/// The error as one line naming each cause once: `context: cause: root cause`. Libraries
+/// (lapin among them) often repeat their source in their own message; a cause whose text is
+/// already part of the line so far is left out.
+#[must_use]
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
     }
+    line
 }
 
 /// Runs one `processor dlq` subcommand against the dead-letter queue of `topology`.
@@ -161,13 +197,28 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
 /// # Errors
 /// A [`UsageError`] when a confirmation is needed but impossible; otherwise broker, file or
 /// input errors, and an interrupted replay (what was not replayed stays parked).
-pub async fn execute(args: DlqArgs, amqp_url: &str, topology: &Topology) -> anyhow::Result<()> {
+pub async fn execute(args: DlqArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
     match args.command {
-        DlqCommand::List(a) => list(a, amqp_url, topology).await,
-        DlqCommand::Show(a) => show(a, amqp_url, topology).await,
-        DlqCommand::Replay(a) => replay::run(a, amqp_url, topology).await,
-        DlqCommand::Purge(a) => purge::run(a, amqp_url, topology).await,
-        DlqCommand::Export(a) => export_to_file(a, amqp_url, topology).await,
+        DlqCommand::List(a) => list(a, broker).await,
+        DlqCommand::Show(a) => show(a, broker).await,
+        DlqCommand::Replay(a) => replay::run(a, broker).await,
+        DlqCommand::Purge(a) => purge::run(a, broker).await,
+        DlqCommand::Export(a) => export_to_file(a, broker).await,
+    }
+}
+
+/// Where the dead-letter queue and its index live.
+#[derive(Debug, Clone, Copy)]
+pub struct Broker<'a> {
+    pub amqp_url: &'a str,
+    pub topology: &'a Topology,
+    /// Postgres for the index of parked events; `None` works from the queue alone.
+    pub database_url: Option<&'a str>,
+}
+
+impl Broker<'_> {
+    async fn session(&self) -> Result<Session, PassError> {
+        Session::open(self.amqp_url, self.topology, self.database_url).await
     }
 }
 
@@ -190,152 +241,324 @@ impl Selector {
             Self::ParkedBefore(cutoff) => message.dead_lettered_at().is_some_and(|at| at < *cutoff),
         }
     }
+}
 
-    /// Requested ids that are not among `selected` (reported, not fatal: a rerun after an
-    /// interrupted replay legitimately finds some already gone).
-    fn missing<'a>(&self, selected: impl Iterator<Item = &'a ParkedMessage>) -> Vec<String> {
-        let Self::Ids(ids) = self else {
-            return Vec::new();
-        };
-        let found: HashSet<String> = selected.filter_map(ParkedMessage::event_id).collect();
-        let mut missing: Vec<String> = ids.difference(&found).cloned().collect();
-        missing.sort();
-        missing
-    }
-
-    /// The held messages this selector picks, in queue order; requested ids that are not
-    /// parked are reported on stderr.
-    fn select<'a>(&self, snapshot: &'a Snapshot) -> Vec<&'a Held> {
-        let selected: Vec<&Held> = snapshot
-            .held
-            .iter()
-            .filter(|h| self.matches(&h.message))
-            .collect();
-        let missing = self.missing(selected.iter().map(|h| &h.message));
-        if !missing.is_empty() {
-            eprintln!("not parked (skipped): {}", missing.join(", "));
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::All => write!(f, "every parked event"),
+            Self::Ids(ids) => write!(f, "{} requested by id", n_events(ids.len())),
+            Self::Type(t) => write!(f, "the events of type {t}"),
+            Self::ParkedBefore(cutoff) => {
+                write!(f, "the events parked before {}", cutoff.to_rfc3339())
+            }
         }
-        selected
     }
 }
 
-async fn list(args: ListArgs, amqp_url: &str, topology: &Topology) -> anyhow::Result<()> {
-    let queue = topology.dead_letter_queue();
-    let limit = args.limit.unwrap_or(usize::MAX);
-    let selector = args.event_type.map_or(Selector::All, Selector::Type);
-    let mut matched = 0usize;
-    let snapshot = Snapshot::take(amqp_url, &queue, |m| {
-        matched += usize::from(selector.matches(m));
-        matched >= limit
-    })
-    .await?;
-    let rows: Vec<&ParkedMessage> = snapshot
-        .messages()
-        .filter(|m| selector.matches(m))
-        .take(limit)
-        .collect();
-    let output = if args.json {
-        let array: Vec<serde_json::Value> = rows.iter().map(|m| summary_json(m)).collect();
-        serde_json::to_string_pretty(&array).context("render JSON")?
-    } else {
-        format!(
-            "{}{} shown, {} parked in {queue}\n",
-            table(&rows),
-            rows.len(),
-            snapshot.depth
-        )
-    };
-    snapshot.release().await;
-    println!("{output}");
+/// What a selection found in one pass: how many, their fingerprints, the first rows of the
+/// plan, and the requested ids that were seen.
+#[derive(Debug, Default)]
+struct Selection {
+    count: usize,
+    fingerprints: HashSet<Fingerprint>,
+    first: Vec<ParkedMessage>,
+    ids_seen: HashSet<String>,
+}
+
+impl Selection {
+    /// Records `message` if `selector` picks it; returns whether it did.
+    fn offer(
+        &mut self,
+        selector: &Selector,
+        message: &ParkedMessage,
+        fingerprint: Fingerprint,
+    ) -> bool {
+        if !selector.matches(message) {
+            return false;
+        }
+        self.count += 1;
+        self.fingerprints.insert(fingerprint);
+        if self.first.len() < PLAN_ROWS {
+            self.first.push(message.clone());
+        }
+        if let (Selector::Ids(_), Some(id)) = (selector, message.event_id()) {
+            self.ids_seen.insert(id);
+        }
+        true
+    }
+
+    /// Requested ids that were not found are reported on stderr (not fatal: a rerun after an
+    /// interrupted replay legitimately finds some already gone).
+    fn report_missing(&self, selector: &Selector) {
+        let Selector::Ids(ids) = selector else {
+            return;
+        };
+        let mut missing: Vec<&String> = ids.difference(&self.ids_seen).collect();
+        missing.sort();
+        if !missing.is_empty() {
+            let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            eprintln!("not parked (skipped): {}", missing.join(", "));
+        }
+    }
+
+    /// The plan: at most [`PLAN_ROWS`] rows, then a count of the rest.
+    fn plan(&self) -> String {
+        let rows: Vec<&ParkedMessage> = self.first.iter().collect();
+        let mut out = table(&rows);
+        if self.count > rows.len() {
+            let _ = writeln!(out, "… and {} more", self.count - rows.len());
+        }
+        out
+    }
+}
+
+/// Rows a plan shows before "… and N more".
+const PLAN_ROWS: usize = 20;
+
+/// What `selector` picks among the parked events: a query when the index is current, else one
+/// pass that only reads (every message stays parked, in order).
+///
+/// # Errors
+/// The broker's error, or an interruption (nothing changed either way).
+async fn plan_pass(session: &Session, selector: &Selector) -> anyhow::Result<Selection> {
+    let mut selection = Selection::default();
+    if let Some(index) = session.current_index().await {
+        let read = index
+            .each(selector, None, |m, fingerprint| {
+                selection.offer(selector, m, fingerprint);
+            })
+            .await;
+        match read {
+            Ok(()) => {
+                selection.report_missing(selector);
+                return Ok(selection);
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = describe(&error.into()),
+                    "dead-letter index not read"
+                );
+                selection = Selection::default();
+            }
+        }
+    }
+    let outcome = session
+        .pass(|m, fingerprint| {
+            selection.offer(selector, m, fingerprint);
+            Action::Keep
+        })
+        .await?;
+    if outcome.interrupted {
+        anyhow::bail!("interrupted: nothing changed");
+    }
+    note_duplicates(outcome.duplicates);
+    selection.report_missing(selector);
+    Ok(selection)
+}
+
+fn note_duplicates(duplicates: u64) {
+    if duplicates > 0 {
+        eprintln!(
+            "removed {duplicates} duplicate parked copies left by an interrupted earlier command"
+        );
+    }
+}
+
+async fn list(args: ListArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
+    let session = broker.session().await?;
+    let result = list_in(&session, args).await;
+    session.close().await;
+    println!("{}", result?);
     Ok(())
 }
 
-async fn show(args: ShowArgs, amqp_url: &str, topology: &Topology) -> anyhow::Result<()> {
-    let queue = topology.dead_letter_queue();
-    let wanted = Some(args.event_id.clone());
-    let snapshot = Snapshot::take(amqp_url, &queue, |m| m.event_id() == wanted).await?;
-    let rendered = snapshot
-        .messages()
-        .find(|m| m.event_id() == wanted)
-        .map(render_message);
-    let checked = snapshot.held.len();
-    snapshot.release().await;
-    match rendered {
+async fn list_in(session: &Session, args: ListArgs) -> anyhow::Result<String> {
+    let limit = args.limit.unwrap_or(usize::MAX);
+    let selector = args.event_type.map_or(Selector::All, Selector::Type);
+    let mut rows: Vec<ParkedMessage> = Vec::new();
+    let mut matched = 0usize;
+    let mut complete = false;
+    if limit <= PEEK_MAX {
+        // The first few are at the head: look and hand them back, no pass needed.
+        let (seen, all_seen) = session
+            .peek(PEEK_MAX, |m| {
+                matched += usize::from(selector.matches(m));
+                matched >= limit
+            })
+            .await?;
+        rows = seen
+            .into_iter()
+            .filter(|m| selector.matches(m))
+            .take(limit)
+            .collect();
+        complete = rows.len() >= limit || all_seen;
+    }
+    if !complete && let Some(index) = session.current_index().await {
+        rows.clear();
+        let read = index
+            .each(&selector, Some(limit), |m, _| rows.push(summary_only(m)))
+            .await;
+        complete = read.is_ok();
+    }
+    if !complete {
+        rows.clear();
+        let outcome = session
+            .pass(|m, _| {
+                if rows.len() < limit && selector.matches(m) {
+                    rows.push(summary_only(m));
+                }
+                Action::Keep
+            })
+            .await?;
+        if outcome.interrupted {
+            anyhow::bail!("interrupted: nothing changed");
+        }
+        note_duplicates(outcome.duplicates);
+    }
+    let refs: Vec<&ParkedMessage> = rows.iter().collect();
+    if args.json {
+        let array: Vec<serde_json::Value> = refs.iter().map(|m| summary_json(m)).collect();
+        return serde_json::to_string_pretty(&array).context("render JSON");
+    }
+    Ok(format!(
+        "{}{} shown, {} parked in {}\n",
+        table(&refs),
+        refs.len(),
+        session.depth,
+        session.queue()
+    ))
+}
+
+/// What a listing keeps of each row: the properties, and the body only when the identity has
+/// to come from it (a message published without `message_id` or `type`).
+fn summary_only(message: &ParkedMessage) -> ParkedMessage {
+    let p = &message.properties;
+    let body = if p.message_id().is_some() && p.kind().is_some() {
+        Vec::new()
+    } else {
+        message.body.clone()
+    };
+    ParkedMessage::new(body, p.clone())
+}
+
+async fn show(args: ShowArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
+    let session = broker.session().await?;
+    let result = show_in(&session, &args.event_id).await;
+    let queue = session.queue().to_owned();
+    let depth = session.depth;
+    session.close().await;
+    match result? {
         Some(text) => {
             println!("{text}");
             Ok(())
         }
         None => anyhow::bail!(
-            "event {} is not parked in {queue} ({checked} parked messages checked)",
+            "event {} is not parked in {queue} ({depth} parked messages checked)",
             args.event_id
         ),
     }
 }
 
-async fn export_to_file(
-    args: ExportArgs,
-    amqp_url: &str,
-    topology: &Topology,
-) -> anyhow::Result<()> {
-    let queue = topology.dead_letter_queue();
-    // Open before reading so a refused overwrite changes nothing and holds nothing.
-    let file = open_export(&args.out, args.force)?;
-    let snapshot = match Snapshot::take(amqp_url, &queue, |_| false).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&args.out);
-            return Err(e.into());
+async fn show_in(session: &Session, event_id: &str) -> anyhow::Result<Option<String>> {
+    let wanted = Some(event_id.to_owned());
+    if let Some(index) = session.index() {
+        match index.find(event_id).await {
+            Ok(Some(found)) if found.event_id() == wanted => {
+                return Ok(Some(render_message(&found)));
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                error = describe(&anyhow::Error::new(error)),
+                "dead-letter index not read"
+            ),
         }
-    };
-    let written = write_export(file, snapshot.messages());
-    let count = snapshot.held.len();
-    snapshot.release().await;
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&args.out);
-        return Err(e.context(format!("write {}", args.out.display())));
     }
+    let (seen, all_seen) = session.peek(PEEK_MAX, |m| m.event_id() == wanted).await?;
+    if let Some(found) = seen.iter().find(|m| m.event_id() == wanted) {
+        return Ok(Some(render_message(found)));
+    }
+    if all_seen {
+        return Ok(None);
+    }
+    let mut found = None;
+    let outcome = session
+        .pass(|m, _| {
+            if found.is_none() && m.event_id() == wanted {
+                found = Some(render_message(m));
+            }
+            Action::Keep
+        })
+        .await?;
+    if outcome.interrupted {
+        anyhow::bail!("interrupted: nothing changed");
+    }
+    note_duplicates(outcome.duplicates);
+    Ok(found)
+}
+
+async fn export_to_file(args: ExportArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
+    // Refuse an existing target before reading anything.
+    let mut file = ExportFile::create(&args.out, args.force)?;
+    let session = broker.session().await?;
+    let queue = session.queue().to_owned();
+    if let Some(index) = session.current_index().await {
+        let mut failed: Option<ExportFileError> = None;
+        let read = index
+            .each(&Selector::All, None, |m, _| {
+                if failed.is_none()
+                    && let Err(e) = file.write(m)
+                {
+                    failed = Some(e);
+                }
+            })
+            .await;
+        if read.is_ok() {
+            session.close().await;
+            return finish_export(file, failed, &queue, &args.out);
+        }
+        // A failed query leaves a partial file: start again from the queue.
+        file = ExportFile::create(&args.out, args.force)?;
+    }
+    let mut failed: Option<ExportFileError> = None;
+    let outcome = session
+        .pass(|m, _| {
+            if failed.is_none()
+                && let Err(e) = file.write(m)
+            {
+                failed = Some(e);
+            }
+            Action::Keep
+        })
+        .await;
+    session.close().await;
+    let outcome = outcome?;
+    if outcome.interrupted {
+        anyhow::bail!(
+            "interrupted: {} not written, nothing changed",
+            args.out.display()
+        );
+    }
+    note_duplicates(outcome.duplicates);
+    finish_export(file, failed, &queue, &args.out)
+}
+
+/// Moves a complete export into place and says so, unless writing it failed.
+fn finish_export(
+    file: ExportFile,
+    failed: Option<ExportFileError>,
+    queue: &str,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    let count = file.commit()?;
     println!(
         "exported {} from {queue} to {} (they stay parked)",
-        n_events(count),
-        args.out.display()
+        n_events(usize::try_from(count).unwrap_or(usize::MAX)),
+        out.display()
     );
-    Ok(())
-}
-
-fn open_export(path: &Path, force: bool) -> anyhow::Result<std::fs::File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    options.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            anyhow::Error::new(UsageError(format!(
-                "{} already exists; choose another file or pass --force to overwrite it",
-                path.display()
-            )))
-        } else {
-            anyhow::Error::new(e).context(format!("create {}", path.display()))
-        }
-    })
-}
-
-fn write_export<'a>(
-    file: std::fs::File,
-    messages: impl Iterator<Item = &'a ParkedMessage>,
-) -> anyhow::Result<()> {
-    let mut out = std::io::BufWriter::new(file);
-    for message in messages {
-        serde_json::to_writer(&mut out, &ExportRecord::from_message(message))?;
-        out.write_all(b"\n")?;
-    }
-    let file = out
-        .into_inner()
-        .map_err(std::io::IntoInnerError::into_error)?;
-    // The export is the operator's copy before a purge: make sure it is on disk.
-    file.sync_all()?;
     Ok(())
 }
 
@@ -378,7 +601,7 @@ fn time_cell(raw: Option<String>) -> String {
 }
 
 /// The table of `list` and of every plan.
-fn table(rows: &[&ParkedMessage]) -> String {
+pub(super) fn table(rows: &[&ParkedMessage]) -> String {
     let header = [
         "EVENT ID",
         "TYPE",
@@ -419,16 +642,6 @@ fn table(rows: &[&ParkedMessage]) -> String {
     line(&header.map(str::to_owned));
     for row in &cells {
         line(row);
-    }
-    out
-}
-
-/// The plan printed before a replay or purge: at most 20 rows, then a count.
-fn plan(rows: &[&ParkedMessage]) -> String {
-    const SHOWN: usize = 20;
-    let mut out = table(&rows[..rows.len().min(SHOWN)]);
-    if rows.len() > SHOWN {
-        let _ = writeln!(out, "… and {} more", rows.len() - SHOWN);
     }
     out
 }

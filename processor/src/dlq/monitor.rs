@@ -1,8 +1,9 @@
 //! Alerting on parked and struggling events, for the worker to run next to its consumer.
 //!
-//! - [`monitor`] polls the dead-letter queue's depth, keeps the gauge `dlq_depth` current and
-//!   logs at ERROR when the depth rises above zero, then again every [`REMIND_EVERY`] while it
-//!   stays above zero (never on every poll), and at INFO once it is back to zero.
+//! - [`monitor`] polls the depth of every queue of the topology (gauge `queue_depth{queue}`),
+//!   keeps the gauge `dlq_depth` current and logs at ERROR when the dead-letter depth rises
+//!   above zero, then again every [`REMIND_EVERY`] while it stays above zero (never on every
+//!   poll), and at INFO once it is back to zero. It is the process's one depth poller.
 //! - [`record_attempts`] is called by the consumer after each failed attempt; past the
 //!   threshold it logs at ERROR and increments `events_attempts_over_threshold_total`.
 //!
@@ -18,7 +19,7 @@ use lapin::{Channel, Connection};
 use shared::topology::Topology;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::browse::queue_depth;
+use super::pass::queue_depth;
 
 /// How often the ERROR log repeats while the dead-letter queue stays non-empty.
 pub const REMIND_EVERY: Duration = Duration::from_secs(15 * 60);
@@ -84,6 +85,9 @@ pub async fn monitor(
     shutdown: impl Future,
 ) {
     let queue = topology.dead_letter_queue();
+    let mut queues = vec![queue.clone(), topology.main_queue()];
+    queues.extend((1..=topology.retry_delays().len()).map(|n| topology.retry_queue(n)));
+    queues.dedup();
     metrics::gauge!("events_attempts_threshold").set(f64::from(attempts_threshold));
     let mut alerts = DepthAlerts::new(REMIND_EVERY);
     let mut broker: Option<(Connection, Channel)> = None;
@@ -96,9 +100,13 @@ pub async fn monitor(
             _ = &mut shutdown => break,
             _ = ticker.tick() => {}
         }
-        match poll(&mut broker, &amqp_url, &queue).await {
-            Ok(depth) => {
+        match poll(&mut broker, &amqp_url, &queues).await {
+            Ok(depths) => {
                 failing = false;
+                for (name, depth) in queues.iter().zip(&depths) {
+                    metrics::gauge!("queue_depth", "queue" => name.clone()).set(f64::from(*depth));
+                }
+                let depth = depths[0];
                 metrics::gauge!("dlq_depth").set(f64::from(depth));
                 match alerts.observe(depth, Instant::now()) {
                     Some(DepthAlert::Raised { depth }) => tracing::error!(
@@ -131,22 +139,28 @@ pub async fn monitor(
     }
 }
 
+/// The depths of `queues`, in order, over the kept connection (reopened when lost).
 async fn poll(
     broker: &mut Option<(Connection, Channel)>,
     amqp_url: &str,
-    queue: &str,
-) -> Result<u32, lapin::Error> {
-    if let Some((connection, channel)) = broker.as_ref()
-        && connection.status().connected()
-        && channel.status().connected()
-    {
-        return queue_depth(channel, queue).await;
+    queues: &[String],
+) -> Result<Vec<u32>, lapin::Error> {
+    let open = broker
+        .as_ref()
+        .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected());
+    if !open {
+        let connection = shared::amqp::connect(amqp_url, "processor-dlq-monitor").await?;
+        let channel = connection.create_channel().await?;
+        *broker = Some((connection, channel));
     }
-    let connection = shared::amqp::connect(amqp_url, "processor-dlq-monitor").await?;
-    let channel = connection.create_channel().await?;
-    let depth = queue_depth(&channel, queue).await;
-    *broker = Some((connection, channel));
-    depth
+    let Some((_, channel)) = broker.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let mut depths = Vec::with_capacity(queues.len());
+    for queue in queues {
+        depths.push(queue_depth(channel, queue).await?);
+    }
+    Ok(depths)
 }
 
 /// Records that an event has now been attempted `attempts` times. Past `threshold` (every

@@ -6,6 +6,8 @@
 //! queue twice is processed once because the processor dedupes by event id.
 
 use std::collections::HashSet;
+use std::io::BufRead as _;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -15,30 +17,30 @@ use indicatif::{ProgressBar, ProgressStyle};
 use shared::amqp::{PublishError, Publisher};
 use shared::topology::Topology;
 
-use super::browse::{Held, Snapshot};
 use super::export::ExportRecord;
 use super::message::ParkedMessage;
-use super::{ReplayArgs, Selector, UsageError, confirmed, n_events, plan};
+use super::pass::{Action, Outcome, Session};
+use super::{
+    Broker, ReplayArgs, Selection, Selector, UsageError, confirmed, n_events, note_duplicates,
+    plan_pass, table,
+};
 
-/// Confirms waited for at once: throughput comes from confirms in flight, not faster publishes.
-const IN_FLIGHT: usize = 32;
+/// Confirms waited for at once when replaying a file.
+const IN_FLIGHT: usize = 256;
 /// How long one publish may wait for its confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the broker (at start and after a lost connection).
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
-/// Attempts per message before the replay stops (the message stays parked).
+/// Attempts per message before a file replay stops.
 const PUBLISH_ATTEMPTS: u32 = 5;
 /// Below this many events a progress bar is noise.
-const PROGRESS_FROM: usize = 100;
+const PROGRESS_FROM: u64 = 100;
 
 const DEDUPE_NOTE: &str = "an event republished just before an interruption may reach the main \
      queue twice; that is harmless, the processor dedupes by event id";
 
-pub(super) async fn run(
-    args: ReplayArgs,
-    amqp_url: &str,
-    topology: &Topology,
-) -> anyhow::Result<()> {
+pub(super) async fn run(args: ReplayArgs, broker: &Broker<'_>) -> anyhow::Result<()> {
+    let (amqp_url, topology) = (broker.amqp_url, broker.topology);
     let selection = args.selection;
     if let Some(path) = selection.from_file {
         return from_file(&path, args.dry_run, args.yes, amqp_url, topology).await;
@@ -50,45 +52,65 @@ pub(super) async fn run(
     } else {
         Selector::Ids(selection.event_ids.into_iter().collect::<HashSet<_>>())
     };
-    let queue = topology.dead_letter_queue();
-    let snapshot = Snapshot::take(amqp_url, &queue, |_| false).await?;
-    let outcome = replay_parked(
-        &snapshot,
-        &selector,
-        args.dry_run,
-        args.yes,
-        amqp_url,
-        topology,
-    )
-    .await;
-    // Whatever was not replayed (not selected, refused, interrupted, failed) goes back parked.
-    snapshot.release().await;
+    let session = broker.session().await?;
+    let outcome = if args.yes && !args.dry_run {
+        replay_at_once(&session, &selector, topology).await
+    } else {
+        plan_then_replay(&session, &selector, args.dry_run, topology).await
+    };
+    session.close().await;
     outcome
 }
 
-async fn replay_parked(
-    snapshot: &Snapshot,
+/// `--yes`: one pass that republishes what the selector picks and keeps the rest.
+async fn replay_at_once(
+    session: &Session,
     selector: &Selector,
-    dry_run: bool,
-    yes: bool,
-    amqp_url: &str,
     topology: &Topology,
 ) -> anyhow::Result<()> {
-    let selected = selector.select(snapshot);
-    let messages: Vec<&ParkedMessage> = selected.iter().map(|h| &h.message).collect();
-    if selected.is_empty() {
+    println!(
+        "replaying {selector} from {} ({} parked) to exchange {} (attempts reset to 0)",
+        session.queue(),
+        session.depth,
+        topology.exchange()
+    );
+    let bar = progress(u64::from(session.depth));
+    let mut selection = Selection::default();
+    let outcome = session
+        .pass(|m, fingerprint| {
+            bar.inc(1);
+            if selection.offer(selector, m, fingerprint) {
+                Action::Replay
+            } else {
+                Action::Keep
+            }
+        })
+        .await;
+    bar.finish_and_clear();
+    selection.report_missing(selector);
+    finish(outcome, selection.count, topology)
+}
+
+async fn plan_then_replay(
+    session: &Session,
+    selector: &Selector,
+    dry_run: bool,
+    topology: &Topology,
+) -> anyhow::Result<()> {
+    let selection = plan_pass(session, selector).await?;
+    if selection.count == 0 {
         println!(
             "nothing to replay ({} parked in {})",
-            snapshot.depth,
-            topology.dead_letter_queue()
+            session.depth,
+            session.queue()
         );
         return Ok(());
     }
     println!(
         "{}{} of {} parked events {} to exchange {} (attempts reset to 0)",
-        plan(&messages),
-        selected.len(),
-        snapshot.depth,
+        selection.plan(),
+        selection.count,
+        session.depth,
         if dry_run {
             "would be replayed"
         } else {
@@ -96,40 +118,110 @@ async fn replay_parked(
         },
         topology.exchange()
     );
-    let items = selected.into_iter().map(|h| (&h.message, Some(h)));
-    confirm_and_publish(items.collect(), dry_run, yes, amqp_url, topology).await
+    if dry_run {
+        println!("dry run: nothing changed");
+        return Ok(());
+    }
+    let question = format!("Replay {}?", n_events(selection.count));
+    if !confirmed(false, question, "pass --yes to replay without a terminal").await? {
+        println!("cancelled: nothing changed");
+        return Ok(());
+    }
+    let bar = progress(u64::from(session.depth));
+    let outcome = session
+        .pass(|_, fingerprint| {
+            bar.inc(1);
+            if selection.fingerprints.contains(&fingerprint) {
+                Action::Replay
+            } else {
+                Action::Keep
+            }
+        })
+        .await;
+    bar.finish_and_clear();
+    finish(outcome, selection.count, topology)
 }
 
+/// The summary of a replay pass, or the error that says what happened and how to finish.
+fn finish(
+    outcome: Result<Outcome, super::PassError>,
+    selected: usize,
+    topology: &Topology,
+) -> anyhow::Result<()> {
+    let (outcome, failure) = match outcome {
+        Ok(o) => (o, None),
+        Err(e) => (Outcome::default(), Some(e)),
+    };
+    note_duplicates(outcome.duplicates);
+    let replayed = usize::try_from(outcome.replayed).unwrap_or(usize::MAX);
+    if let Some(e) = failure {
+        return Err(anyhow::Error::new(e).context(format!(
+            "replay stopped; the events not yet replayed are still parked. Rerun the same \
+             command to finish ({DEDUPE_NOTE})"
+        )));
+    }
+    if outcome.interrupted {
+        anyhow::bail!(
+            "interrupted: {replayed} of {selected} events replayed; the others are still where \
+             they were. Rerun the same command to finish ({DEDUPE_NOTE})"
+        );
+    }
+    println!(
+        "replayed {} to exchange {} ({DEDUPE_NOTE})",
+        n_events(replayed),
+        topology.exchange()
+    );
+    Ok(())
+}
+
+/// The records of an export file, one per non-empty line, read as they are needed.
+fn records(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<ParkedMessage>>> {
+    let file = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
+    let shown = path.display().to_string();
+    Ok(std::io::BufReader::new(file)
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| line.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(move |(n, line)| {
+            let line = line.with_context(|| format!("read {shown}"))?;
+            let record: ExportRecord = serde_json::from_str(&line)
+                .map_err(|e| UsageError(format!("{shown}:{}: not an export record: {e}", n + 1)))?;
+            let message = record
+                .to_message()
+                .map_err(|e| UsageError(format!("{shown}:{}: {e}", n + 1)))?;
+            Ok(message)
+        }))
+}
+
+/// `--from-file`: checks every line and prints the plan, then (confirmed) reads the file again
+/// and publishes each record; memory holds one window of records, whatever the file's size.
 async fn from_file(
-    path: &std::path::Path,
+    path: &Path,
     dry_run: bool,
     yes: bool,
     amqp_url: &str,
     topology: &Topology,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let mut messages = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+    let mut count = 0usize;
+    let mut first = Vec::new();
+    for message in records(path)? {
+        let message = message?;
+        if first.len() < super::PLAN_ROWS {
+            first.push(message);
         }
-        let record: ExportRecord = serde_json::from_str(line).map_err(|e| {
-            UsageError(format!(
-                "{}:{}: not an export record: {e}",
-                path.display(),
-                n + 1
-            ))
-        })?;
-        let message = record
-            .to_message()
-            .map_err(|e| UsageError(format!("{}:{}: {e}", path.display(), n + 1)))?;
-        messages.push(message);
+        count += 1;
     }
-    let refs: Vec<&ParkedMessage> = messages.iter().collect();
+    let refs: Vec<&ParkedMessage> = first.iter().collect();
+    let more = if count > refs.len() {
+        format!("… and {} more\n", count - refs.len())
+    } else {
+        String::new()
+    };
     println!(
-        "{}{} from {} {} to exchange {} (attempts reset to 0; the dead-letter queue is not touched)",
-        plan(&refs),
-        n_events(messages.len()),
+        "{}{more}{} from {} {} to exchange {} (attempts reset to 0; the dead-letter queue is \
+         not touched)",
+        table(&refs),
+        n_events(count),
         path.display(),
         if dry_run {
             "would be replayed"
@@ -138,44 +230,29 @@ async fn from_file(
         },
         topology.exchange()
     );
-    let items = messages.iter().map(|m| (m, None));
-    confirm_and_publish(items.collect(), dry_run, yes, amqp_url, topology).await
-}
-
-/// Publishes `items` unless this is a dry run or the operator does not confirm (each says
-/// that nothing changed).
-async fn confirm_and_publish(
-    items: Vec<(&ParkedMessage, Option<&Held>)>,
-    dry_run: bool,
-    yes: bool,
-    amqp_url: &str,
-    topology: &Topology,
-) -> anyhow::Result<()> {
     if dry_run {
         println!("dry run: nothing changed");
         return Ok(());
     }
-    if items.is_empty() {
+    if count == 0 {
         return Ok(());
     }
-    let question = format!("Replay {}?", n_events(items.len()));
+    let question = format!("Replay {}?", n_events(count));
     if !confirmed(yes, question, "pass --yes to replay without a terminal").await? {
         println!("cancelled: nothing changed");
         return Ok(());
     }
-    publish_all(items, amqp_url, topology).await
+    publish_file(path, count, amqp_url, topology).await
 }
 
-/// Publishes each message with confirms, removing its parked copy (when it has one) right after
-/// its own confirm. Stops launching new publishes on Ctrl-C/SIGTERM or the first failure and
-/// waits for those in flight, so an interruption never leaves a confirmed copy unremoved for
-/// longer than necessary.
-async fn publish_all(
-    items: Vec<(&ParkedMessage, Option<&Held>)>,
+/// Publishes each record with confirms, [`IN_FLIGHT`] at a time. Stops launching new publishes
+/// on Ctrl-C/SIGTERM or the first failure and waits for those in flight.
+async fn publish_file(
+    path: &Path,
+    total: usize,
     amqp_url: &str,
     topology: &Topology,
 ) -> anyhow::Result<()> {
-    let total = items.len();
     let (publisher, task) = Publisher::start(
         amqp_url.to_owned(),
         "processor-dlq-replay".to_owned(),
@@ -189,9 +266,9 @@ async fn publish_all(
              topology differs: check RETRY_DELAYS); nothing was replayed"
         );
     }
-    let bar = progress(total);
+    let bar = progress(total as u64);
     let exchange = topology.exchange();
-    let mut pending = items.into_iter();
+    let mut pending = records(path)?;
     let mut in_flight = FuturesUnordered::new();
     let mut replayed = 0usize;
     let mut failure: Option<anyhow::Error> = None;
@@ -200,10 +277,15 @@ async fn publish_all(
     tokio::pin!(shutdown);
     loop {
         while !interrupted && failure.is_none() && in_flight.len() < IN_FLIGHT {
-            let Some((message, held)) = pending.next() else {
-                break;
-            };
-            in_flight.push(replay_one(&publisher, exchange, message, held));
+            match pending.next() {
+                Some(Ok(message)) => {
+                    in_flight.push(replay_one(&publisher, exchange, message));
+                }
+                Some(Err(e)) => {
+                    failure = Some(e);
+                }
+                None => break,
+            }
         }
         if in_flight.is_empty() {
             break;
@@ -224,10 +306,10 @@ async fn publish_all(
     bar.finish_and_clear();
     task.shutdown().await;
     if interrupted || failure.is_some() {
-        let why = failure.map_or_else(|| "interrupted".to_owned(), |e| format!("{e:#}"));
+        let why = failure.map_or_else(|| "interrupted".to_owned(), |e| super::describe(&e));
         anyhow::bail!(
-            "{why}: {replayed} of {total} events replayed; the others are still where they \
-             were. Rerun the same command to finish ({DEDUPE_NOTE})"
+            "{why}: {replayed} of {total} events replayed. Rerun the same command to finish \
+             ({DEDUPE_NOTE})"
         );
     }
     println!(
@@ -240,8 +322,7 @@ async fn publish_all(
 async fn replay_one(
     publisher: &Publisher,
     exchange: &str,
-    parked: &ParkedMessage,
-    held: Option<&Held>,
+    parked: ParkedMessage,
 ) -> anyhow::Result<()> {
     let message = parked.for_replay();
     let event_id = message.event_id().unwrap_or_default();
@@ -273,23 +354,18 @@ async fn replay_one(
             }
         }
     }
-    if let Some(held) = held {
-        Snapshot::remove(held)
-            .await
-            .with_context(|| format!("{event_id} was republished but its parked copy remains"))?;
-    }
     tracing::info!(event_id, event_type = routing_key, "replayed");
     Ok(())
 }
 
-fn progress(total: usize) -> ProgressBar {
+fn progress(total: u64) -> ProgressBar {
     if total < PROGRESS_FROM {
         return ProgressBar::hidden();
     }
     // indicatif draws on stderr and stays silent when stderr is not a terminal.
-    let bar = ProgressBar::new(total as u64);
+    let bar = ProgressBar::new(total);
     if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} replayed ({per_sec}, eta {eta})")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} read ({per_sec}, eta {eta})")
     {
         bar.set_style(style);
     }

@@ -17,26 +17,28 @@
 //!   newest version per user in the batch, and a Redis failure never fails an event.
 //!
 //! Modules: [`consume`] (broker session, dispatch to lanes), [`batch`] (claim, apply, after
-//! commit), [`settle`] (decision, republish, ack, metrics), [`depths`] (queue depth gauge),
+//! commit), [`settle`] (decision, republish, ack, metrics),
 //! [`heal`] (cache entries a failed write left stale), [`legacy`] (upgrade from classic delays).
 
 mod batch;
 mod consume;
-mod depths;
 mod heal;
 mod legacy;
 mod settle;
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures_util::future::FusedFuture;
 use shared::amqp::Publisher;
+use tokio::sync::OnceCell;
 
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::dlq::ParkedIndex;
 use crate::service::{Dependencies, StartError};
 #[cfg(doc)]
 use crate::store;
@@ -67,6 +69,8 @@ pub struct Worker {
     pool: Pool,
     cache: Cache,
     publisher: Publisher,
+    /// The dead-letter index, once opened (none without Postgres at start-up).
+    parked: Arc<OnceCell<ParkedIndex>>,
 }
 
 impl Worker {
@@ -77,6 +81,7 @@ impl Worker {
             pool,
             cache,
             publisher,
+            parked: Arc::new(OnceCell::new()),
         }
     }
 
@@ -86,8 +91,28 @@ impl Worker {
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
         let mut shutdown = pin!(futures_util::FutureExt::fuse(shutdown));
         let (stop_depths, stopped) = tokio::sync::watch::channel(false);
-        let depths = tokio::spawn(depths::poll(self.config.clone(), stopped.clone()));
+        // The queue depths and the dead-letter alert run beside the consumer and stop with it.
+        let depths = tokio::spawn({
+            let mut stopped = stopped.clone();
+            crate::dlq::monitor(
+                self.config.amqp_url.clone(),
+                self.config.topology.clone(),
+                self.config.attempts_alert_threshold,
+                self.config.queue_depth_interval,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )
+        });
         let healer = tokio::spawn(heal::run(self.pool.clone(), self.cache.clone(), stopped));
+        match ParkedIndex::open(&self.config.database_url, &self.config.topology).await {
+            Ok(index) => {
+                let _ = self.parked.set(index);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "dead-letter index unavailable; parking without it")
+            }
+        }
         let mut backoff = Duration::from_millis(200);
         // Consuming before the publishing channel is open would only requeue the first retries.
         tokio::select! {

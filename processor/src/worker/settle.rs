@@ -157,8 +157,13 @@ impl Worker {
                     headers::DEAD_LETTERED_AT,
                     &chrono::Utc::now().to_rfc3339(),
                 );
-                self.republish(&topology.dead_letter_queue(), item, table)
-                    .await
+                let parked = self
+                    .republish(&topology.dead_letter_queue(), item, table.clone())
+                    .await;
+                if parked.is_ok() {
+                    self.index_parked(item, table).await;
+                }
+                parked
             }
         };
         match result {
@@ -169,6 +174,26 @@ impl Worker {
                 });
                 false
             }
+        }
+    }
+
+    /// Adds a parked event to the dead-letter index, so `processor dlq` reads it without a pass
+    /// over the queue. Best effort: the next pass adds what is missed here.
+    async fn index_parked(&self, item: &Item, table: FieldTable) {
+        let Some(index) = self.parked.get() else {
+            return;
+        };
+        // As published: the publisher makes every message persistent.
+        let properties = item
+            .delivery
+            .properties
+            .clone()
+            .with_headers(table)
+            .with_delivery_mode(2);
+        if let Err(error) = index.record(&item.delivery.data, &properties).await {
+            item.span.in_scope(|| {
+                tracing::warn!(%error, "parked event not indexed; the next dlq pass will add it");
+            });
         }
     }
 
