@@ -81,6 +81,8 @@ pub struct CheckoutSession {
     pub user_id: Option<UserId>,
     /// `metadata.product_key`.
     pub product_key: Option<String>,
+    /// The first line item's price, when the payload carries `line_items` (expanded).
+    pub price_id: Option<String>,
     pub amount_total: Option<i64>,
     pub currency: Option<String>,
     /// `after_expiration.recovery.url` (only on expired sessions with recovery enabled).
@@ -198,6 +200,10 @@ pub struct Subscription {
     pub ended_at: Option<i64>,
     pub user_id: Option<UserId>,
     pub product_key: Option<String>,
+    /// The first item's price (`items.data[0].price.id`, or `plan.id` in pre-2018 shapes).
+    pub price_id: Option<String>,
+    /// The first item's quantity (seats).
+    pub quantity: Option<i64>,
 }
 
 /// Stripe's subscription statuses.
@@ -403,6 +409,7 @@ fn checkout_session(obj: &Value) -> Result<CheckoutSession, EventError> {
         subscription: opt_id(obj, "subscription"),
         user_id: user,
         product_key: metadata_str(obj, "product_key"),
+        price_id: first_item(obj, "line_items").and_then(item_price),
         amount_total: obj.get("amount_total").and_then(Value::as_i64),
         currency: opt_str(obj, "currency"),
         recovery_url,
@@ -522,6 +529,16 @@ fn invoice(obj: &Value) -> Result<Invoice, EventError> {
     })
 }
 
+/// The first element of the list `obj.{field}.data`.
+fn first_item<'a>(obj: &'a Value, field: &str) -> Option<&'a Value> {
+    obj.get(field)?.get("data")?.as_array()?.first()
+}
+
+/// A line or subscription item's price id: `price` (id or object), else the legacy `plan`.
+fn item_price(item: &Value) -> Option<String> {
+    opt_id(item, "price").or_else(|| opt_id(item, "plan"))
+}
+
 fn subscription(obj: &Value) -> Result<Subscription, EventError> {
     let raw_status = obj
         .get("status")
@@ -559,6 +576,8 @@ fn subscription(obj: &Value) -> Result<Subscription, EventError> {
         ended_at,
         user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
         product_key: metadata_str(obj, "product_key"),
+        price_id: first_item(obj, "items").and_then(item_price),
+        quantity: first_item(obj, "items").and_then(|item| item.get("quantity")?.as_i64()),
     })
 }
 

@@ -14,6 +14,7 @@ pub mod dlq;
 pub mod events;
 pub mod projection;
 pub mod reconcile;
+pub mod registry;
 pub mod service;
 pub mod store;
 pub mod stripe;

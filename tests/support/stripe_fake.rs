@@ -684,10 +684,22 @@ fn delete_customer(inner: &mut Inner, id: &str) -> (StatusCode, Value) {
 }
 
 fn create_checkout_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
-    for required in ["mode", "line_items[0][price]", "success_url"] {
+    for required in ["mode", "success_url"] {
         if req.param(required).is_none() {
             return missing(required);
         }
+    }
+    // A line item is a price, or `price_data` with a currency and an amount (as Stripe).
+    let price_data = (
+        req.param("line_items[0][price_data][currency]"),
+        req.param("line_items[0][price_data][unit_amount]")
+            .and_then(|a| a.parse::<i64>().ok()),
+    );
+    if req.param("line_items[0][price]").is_none() && price_data.1.is_none() {
+        return missing("line_items[0][price]");
+    }
+    if price_data.1.is_some() && price_data.0.is_none() {
+        return missing("line_items[0][price_data][currency]");
     }
     let mode = req.param("mode").unwrap_or_default();
     if !matches!(mode, "payment" | "subscription" | "setup") {
@@ -738,6 +750,8 @@ fn create_checkout_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusC
         "payment_intent": null,
         "subscription": null,
         "livemode": false,
+        "amount_total": price_data.1,
+        "currency": price_data.0,
     });
     inner
         .objects

@@ -1,8 +1,10 @@
 //! Entitlements derived from a user's purchase and subscription rows.
 //!
-//! Invariant: [`derive_entitlements`] is a pure function of the rows (not of the order they
-//! were written in, nor of the clock), returning one entitlement per key, sorted by key: the
-//! best source under a fixed total order.
+//! Invariant: [`derive_entitlements`] is a pure function of the rows and the [`Registry`] (not
+//! of the order they were written in, nor of the clock), returning one entitlement per key,
+//! sorted by key: the best source under a fixed total order. A row grants the keys of the
+//! product it resolves to (none when it resolves to nothing), so several sources may grant one
+//! key and ending one leaves what another still grants.
 //!
 //! Status mapping. Purchases: completed → active (lifetime); disputed → suspended; refunded
 //! (full refund or lost dispute) → revoked; pending/failed → nothing. Subscriptions:
@@ -13,9 +15,7 @@
 //! `expires_at` is for readers to compare with their clock; the projection stays clock-free so
 //! replays converge.
 
-use super::{
-    DEFAULT_PRODUCT_KEY, PurchaseFacts, PurchaseStatus, SubscriptionFacts, entitlement_key,
-};
+use super::{Product, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
 use crate::events::SubscriptionStatus;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -123,23 +123,42 @@ pub struct DerivedEntitlement {
     pub expires_at: Option<i64>,
 }
 
-fn from_purchase(p: &PurchaseFacts) -> Option<DerivedEntitlement> {
+fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<DerivedEntitlement> {
     let status = match p.status() {
         PurchaseStatus::Completed => EntitlementStatus::Active,
         PurchaseStatus::Disputed => EntitlementStatus::Suspended,
         PurchaseStatus::Refunded => EntitlementStatus::Revoked,
-        PurchaseStatus::Pending | PurchaseStatus::Failed => return None,
+        PurchaseStatus::Pending | PurchaseStatus::Failed => return Vec::new(),
     };
-    Some(DerivedEntitlement {
-        key: entitlement_key(p.product_key.as_deref()?),
+    let (Some(product), Some(source_id)) = (registry.purchase_product(p), p.source_id()) else {
+        return Vec::new();
+    };
+    let template = DerivedEntitlement {
+        key: String::new(),
         status,
         source: EntitlementSource::Purchase,
-        source_id: p.source_id()?.to_owned(),
+        source_id: source_id.to_owned(),
         expires_at: None,
-    })
+    };
+    for_each_grant(product, &template)
 }
 
-fn from_subscription(s: &SubscriptionFacts) -> Option<DerivedEntitlement> {
+/// `template` once per key `product` grants.
+fn for_each_grant(product: &Product, template: &DerivedEntitlement) -> Vec<DerivedEntitlement> {
+    product
+        .grants
+        .iter()
+        .map(|key| DerivedEntitlement {
+            key: key.clone(),
+            ..template.clone()
+        })
+        .collect()
+}
+
+fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<DerivedEntitlement> {
+    let Some(product) = registry.subscription_product(s) else {
+        return Vec::new();
+    };
     let (status, expires_at) = match s.status() {
         SubscriptionStatus::Trialing | SubscriptionStatus::Active => {
             (EntitlementStatus::Active, s.current_period_end)
@@ -148,19 +167,20 @@ fn from_subscription(s: &SubscriptionFacts) -> Option<DerivedEntitlement> {
         SubscriptionStatus::Unpaid | SubscriptionStatus::Paused => {
             (EntitlementStatus::Suspended, s.current_period_end)
         }
-        SubscriptionStatus::Incomplete => return None,
+        SubscriptionStatus::Incomplete => return Vec::new(),
         SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired => (
             EntitlementStatus::Expired,
             s.ended_at.or(s.current_period_end),
         ),
     };
-    Some(DerivedEntitlement {
-        key: entitlement_key(s.product_key.as_deref().unwrap_or(DEFAULT_PRODUCT_KEY)),
+    let template = DerivedEntitlement {
+        key: String::new(),
         status,
         source: EntitlementSource::Subscription,
         source_id: s.id.clone(),
         expires_at,
-    })
+    };
+    for_each_grant(product, &template)
 }
 
 /// Total order on candidates for one key: better status, then lifetime before dated, then the
@@ -179,18 +199,24 @@ fn better(a: &DerivedEntitlement, b: &DerivedEntitlement) -> Ordering {
         .then_with(|| b.source_id.cmp(&a.source_id))
 }
 
-/// The user's entitlements implied by their rows, one per key, sorted by key. Rows are
-/// expected to belong to one user; rows that grant nothing are skipped.
+/// The user's entitlements implied by their rows and the products they resolve to in
+/// `registry`, one per key, sorted by key. Rows are expected to belong to one user; rows that
+/// grant nothing are skipped.
 #[must_use]
 pub fn derive_entitlements(
     purchases: &[PurchaseFacts],
     subscriptions: &[SubscriptionFacts],
+    registry: &Registry,
 ) -> Vec<DerivedEntitlement> {
     let mut best: BTreeMap<String, DerivedEntitlement> = BTreeMap::new();
     let candidates = purchases
         .iter()
-        .filter_map(from_purchase)
-        .chain(subscriptions.iter().filter_map(from_subscription));
+        .flat_map(|p| from_purchase(p, registry))
+        .chain(
+            subscriptions
+                .iter()
+                .flat_map(|s| from_subscription(s, registry)),
+        );
     for candidate in candidates {
         match best.get(&candidate.key) {
             Some(current) if better(current, &candidate) != Ordering::Less => {}

@@ -9,6 +9,7 @@
 
 mod entitlement;
 mod purchase;
+mod registry;
 mod subscription;
 #[cfg(test)]
 mod tests;
@@ -17,20 +18,15 @@ pub use entitlement::{
     DerivedEntitlement, EntitlementSource, EntitlementStatus, derive_entitlements,
 };
 pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact};
-pub use subscription::{StatusClaim, SubscriptionFacts};
+pub use registry::{BPS_WHOLE, Product, ProductStatus, Registry};
+pub use subscription::{PriceClaim, StatusClaim, SubscriptionFacts};
 
 use crate::events::{CheckoutMode, CheckoutPaymentStatus, Event, EventKind, SubscriptionStatus};
 use shared::ids::UserId;
 
-/// The product key assumed when checkout or payment metadata carries none.
+/// The product key an abandoned-checkout notification names when the session's metadata names
+/// none. It never grants anything: grants come from the [`Registry`] only.
 pub const DEFAULT_PRODUCT_KEY: &str = "pro";
-
-/// Maps a product key to the entitlement key it grants. Today they are the same; a catalog
-/// mapping would live here and only here.
-#[must_use]
-pub fn entitlement_key(product_key: &str) -> String {
-    product_key.to_owned()
-}
 
 /// What one event contributes. Every part is optional; an empty plan changes nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -131,10 +127,9 @@ pub fn plan(event: &Event) -> Plan {
                 EventKind::CheckoutSessionAsyncPaymentFailed(_) => (false, true),
                 _ => (s.payment_status != CheckoutPaymentStatus::Unpaid, false),
             };
-            let product_key = s
-                .product_key
-                .clone()
-                .unwrap_or_else(|| DEFAULT_PRODUCT_KEY.to_owned());
+            // No default product: a session without our metadata (a Payment Link) resolves only
+            // through its price, if the registry sells it.
+            let product_key = s.product_key.clone();
             let mut plan = Plan {
                 link: link(s.customer.as_ref(), s.user_id.as_ref()),
                 ..Plan::default()
@@ -146,7 +141,8 @@ pub fn plan(event: &Event) -> Plan {
                         payment_intent_id: s.payment_intent.clone(),
                         user_id: user_string(s.user_id.as_ref()),
                         customer_id: s.customer.clone(),
-                        product_key: Some(product_key),
+                        product_key,
+                        price_id: s.price_id.clone(),
                         amount_cents: s.amount_total,
                         currency: s.currency.clone(),
                         paid,
@@ -159,7 +155,12 @@ pub fn plan(event: &Event) -> Plan {
                     plan.subscription = s.subscription.as_ref().map(|id| SubscriptionFacts {
                         user_id: user_string(s.user_id.as_ref()),
                         customer_id: s.customer.clone(),
-                        product_key: Some(product_key),
+                        product_key,
+                        price: s.price_id.clone().map(|price_id| PriceClaim {
+                            at,
+                            price_id,
+                            quantity: None,
+                        }),
                         // A paid (or free-trial) subscription checkout means the subscription
                         // is live; it competes with the subscription's own events by `created`.
                         claim: paid.then_some(StatusClaim {
@@ -200,11 +201,7 @@ pub fn plan(event: &Event) -> Plan {
                     payment_intent_id: Some(pi.id.clone()),
                     user_id: user_string(pi.user_id.as_ref()),
                     customer_id: pi.customer.clone(),
-                    product_key: Some(
-                        pi.product_key
-                            .clone()
-                            .unwrap_or_else(|| DEFAULT_PRODUCT_KEY.to_owned()),
-                    ),
+                    product_key: pi.product_key.clone(),
                     amount_cents: pi.amount,
                     currency: pi.currency.clone(),
                     paid: true,
@@ -296,6 +293,11 @@ pub fn plan(event: &Event) -> Plan {
                     user_id: user_string(s.user_id.as_ref()),
                     customer_id: s.customer.clone(),
                     product_key: s.product_key.clone(),
+                    price: s.price_id.clone().map(|price_id| PriceClaim {
+                        at,
+                        price_id,
+                        quantity: s.quantity,
+                    }),
                     claim: Some(StatusClaim {
                         at,
                         status: s.status,

@@ -22,16 +22,17 @@ use std::future::Future;
 use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join, try_join_all, try_join4};
+use futures_util::future::{try_join, try_join_all, try_join5};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, Outcome, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot,
-    is_violation_of, lock, opt_timestamp, purchase_from_row, snapshots_of, subscription_from_row,
+    Db, Outcome, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
+    UserSnapshot, is_violation_of, lock, opt_timestamp, product_from_row, purchase_from_row,
+    snapshots_of, subscription_from_row,
 };
 use crate::events::{Event, SubscriptionStatus};
-use crate::projection::{self, FeeSplit, Plan, PurchaseFacts, PurchaseStatus, SubscriptionFacts};
+use crate::projection::{self, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
 
 /// What merging found, per event in input order.
 pub(super) struct Merged {
@@ -132,6 +133,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         &owners,
         &mut users,
     )?;
+    count_unmatched(&purchases, &subscriptions, &reads.registry);
     let notices = abandoned_notices(&abandoned, &owners);
     let new_links: Vec<(&str, &str)> = links
         .iter()
@@ -139,7 +141,15 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         .map(|(c, u, _)| (*c, *u))
         .collect();
 
-    let attached = write_state(db, &new_links, &purchases, &subscriptions, &notices).await?;
+    let attached = write_state(
+        db,
+        &new_links,
+        &purchases,
+        &subscriptions,
+        &notices,
+        &reads.registry,
+    )
+    .await?;
     for (customer, user, owners) in &links {
         if attached.contains(*customer) {
             for &i in owners {
@@ -201,6 +211,8 @@ struct State {
     subscription_rows: Vec<Row>,
     /// customer → user, after the batch's links.
     customer_users: HashMap<String, String>,
+    /// The products the deltas and the rows they touch name (by key or price).
+    registry: Registry,
 }
 
 /// One pipeline: the links inserted first (so the customer lookup sees them), then the purchase
@@ -237,17 +249,45 @@ async fn read_state(
         (&intents, Type::TEXT_ARRAY),
         (&charges, Type::TEXT_ARRAY),
     ];
-    let purchases_sql = format!(
-        "SELECT {PURCHASE_COLUMNS} FROM purchases
-          WHERE checkout_session_id = ANY($1) OR payment_intent_id = ANY($2)
-             OR charge_id = ANY($3)
-          ORDER BY id FOR UPDATE"
-    );
+    // The stored purchases sharing an id with a delta ($1 sessions, $2 intents, $3 charges).
+    const SHARING: &str =
+        "checkout_session_id = ANY($1) OR payment_intent_id = ANY($2) OR charge_id = ANY($3)";
+    let purchases_sql =
+        format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE {SHARING} ORDER BY id FOR UPDATE");
     let subscription_params: [Param<'_>; 1] = [(&subscription_ids, Type::TEXT_ARRAY)];
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) FOR UPDATE");
     let customer_params: [Param<'_>; 1] = [(&customer_ids, Type::TEXT_ARRAY)];
-    let (new_links, purchase_rows, subscription_rows, customer_rows) = try_join4(
+    let mut product_keys: Vec<&str> = Vec::new();
+    let mut prices: Vec<&str> = Vec::new();
+    for (_, d) in purchase_deltas {
+        product_keys.extend(d.product_key.as_deref());
+        prices.extend(d.price_id.as_deref());
+    }
+    for (_, d) in subscription_deltas {
+        product_keys.extend(d.product_key.as_deref());
+        prices.extend(d.price.as_ref().map(|c| c.price_id.as_str()));
+    }
+    let mut product_params: Vec<Param<'_>> = purchase_params.to_vec();
+    product_params.extend([
+        (
+            &product_keys as &(dyn tokio_postgres::types::ToSql + Sync),
+            Type::TEXT_ARRAY,
+        ),
+        (&prices, Type::TEXT_ARRAY),
+        (&subscription_ids, Type::TEXT_ARRAY),
+    ]);
+    // The registry entries the merged rows can resolve to: named by a delta, or by a stored
+    // row the deltas fold into (read in this pipeline, so no extra round trip).
+    let products_sql = format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+          WHERE key = ANY($4) OR price_id = ANY($5)
+             OR key IN (SELECT product_key FROM purchases WHERE {SHARING}
+                        UNION ALL SELECT product_key FROM subscriptions WHERE id = ANY($6))
+             OR price_id IN (SELECT price_id FROM purchases WHERE {SHARING}
+                             UNION ALL SELECT price_id FROM subscriptions WHERE id = ANY($6))"
+    );
+    let (new_links, purchase_rows, subscription_rows, customer_rows, product_rows) = try_join5(
         when(!links.is_empty(), async {
             db.query(
                 "INSERT INTO customers (customer_id, user_id)
@@ -271,6 +311,10 @@ async fn read_state(
             )
             .await
         }),
+        when(
+            !purchase_deltas.is_empty() || !subscription_deltas.is_empty(),
+            async { db.query(&products_sql, &product_params).await },
+        ),
     )
     .await?;
     Ok(State {
@@ -284,6 +328,12 @@ async fn read_state(
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<Result<_, tokio_postgres::Error>>()?,
+        registry: Registry::new(
+            product_rows
+                .iter()
+                .map(product_from_row)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
     })
 }
 
@@ -503,6 +553,38 @@ fn merge_subscriptions(
     Ok(out)
 }
 
+/// Counts, in `payments_unmatched_total{kind}`, the merged rows that took money (a paid
+/// purchase, a subscription past `incomplete`) but resolve to no registered product: recorded
+/// with their money trail, granting nothing (`GET /v1/payments/unmatched` lists them).
+fn count_unmatched(
+    purchases: &Purchases,
+    subscriptions: &[SubscriptionFacts],
+    registry: &Registry,
+) {
+    let purchases = purchases
+        .writes
+        .iter()
+        .filter(|w| w.facts.paid && registry.purchase_product(&w.facts).is_none())
+        .count();
+    let subscriptions = subscriptions
+        .iter()
+        .filter(|s| {
+            s.status() != SubscriptionStatus::Incomplete
+                && registry.subscription_product(s).is_none()
+        })
+        .count();
+    for (kind, n) in [("purchase", purchases), ("subscription", subscriptions)] {
+        if n > 0 {
+            metrics::counter!("payments_unmatched_total", "kind" => kind).increment(n as u64);
+            tracing::warn!(
+                kind,
+                rows = n,
+                "payment matches no registered product; it grants nothing"
+            );
+        }
+    }
+}
+
 /// `(user, dedupe key, payload)` of each `checkout_abandoned` notification.
 fn abandoned_notices(
     abandoned: &[&projection::AbandonedCheckout],
@@ -536,6 +618,7 @@ struct PurchaseColumns {
     user_id: Vec<Option<String>>,
     customer_id: Vec<Option<String>>,
     product_key: Vec<Option<String>>,
+    price_id: Vec<Option<String>>,
     checkout_session_id: Vec<Option<String>>,
     payment_intent_id: Vec<Option<String>>,
     charge_id: Vec<Option<String>>,
@@ -558,12 +641,19 @@ struct PurchaseColumns {
 }
 
 impl PurchaseColumns {
-    fn push(&mut self, id: Option<i64>, f: &PurchaseFacts) -> Result<(), StoreError> {
-        let split = f.amount_cents.map(FeeSplit::of);
+    fn push(
+        &mut self,
+        id: Option<i64>,
+        f: &PurchaseFacts,
+        registry: &Registry,
+    ) -> Result<(), StoreError> {
+        // The split follows the product's rule from the moment the amount is known.
+        let split = registry.purchase_split(f);
         self.id.extend(id);
         self.user_id.push(f.user_id.clone());
         self.customer_id.push(f.customer_id.clone());
         self.product_key.push(f.product_key.clone());
+        self.price_id.push(f.price_id.clone());
         self.checkout_session_id.push(f.checkout_session_id.clone());
         self.payment_intent_id.push(f.payment_intent_id.clone());
         self.charge_id.push(f.charge_id.clone());
@@ -591,7 +681,7 @@ impl PurchaseColumns {
         Ok(())
     }
 
-    /// The 22 data columns in table order ($1…$22), for both the insert and the update.
+    /// The 23 data columns ($1…$23), for both the insert and the update.
     fn params(&self) -> Vec<Param<'_>> {
         vec![
             (&self.user_id, Type::TEXT_ARRAY),
@@ -616,15 +706,16 @@ impl PurchaseColumns {
             (&self.refund_reason, Type::TEXT_ARRAY),
             (&self.refund_amount, Type::INT8_ARRAY),
             (&self.refund_id, Type::TEXT_ARRAY),
+            (&self.price_id, Type::TEXT_ARRAY),
         ]
     }
 }
 
-/// `unnest` of the 22 purchase data columns (`$1…$22`) as `u(...)`, with the row id as `$23`
+/// `unnest` of the 23 purchase data columns (`$1…$23`) as `u(...)`, with the row id as `$24`
 /// when `with_id`.
 fn purchase_unnest(with_id: bool) -> String {
     let (id_param, id_column) = if with_id {
-        (", $23::int8[]", ", id")
+        (", $24::int8[]", ", id")
     } else {
         ("", "")
     };
@@ -632,13 +723,13 @@ fn purchase_unnest(with_id: bool) -> String {
         "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::int8[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
          $13::bool[], $14::bool[], $15::bool[], $16::text[], $17::text[], \
-         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[]\
-         {id_param}) \
+         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[], \
+         $23::text[]{id_param}) \
          AS u(user_id, customer_id, product_key, checkout_session_id, payment_intent_id, \
          charge_id, amount_paid_cents, currency, platform_fee_cents, organization_fee_cents, \
          creator_payout_cents, status, paid, payment_failed, fully_refunded, dispute_status, \
          dispute_id, purchased_at, refunded_at, refund_reason, refund_amount_cents, \
-         stripe_refund_id{id_column})"
+         stripe_refund_id, price_id{id_column})"
     )
 }
 
@@ -649,6 +740,9 @@ struct SubscriptionColumns {
     user_id: Vec<Option<String>>,
     customer_id: Vec<Option<String>>,
     product_key: Vec<Option<String>>,
+    price_id: Vec<Option<String>>,
+    price_claim_at: Vec<Option<DateTime<Utc>>>,
+    quantity: Vec<Option<i64>>,
     status: Vec<&'static str>,
     claim: Vec<Option<&'static str>>,
     claim_at: Vec<Option<DateTime<Utc>>>,
@@ -664,6 +758,12 @@ impl SubscriptionColumns {
         self.user_id.push(s.user_id.clone());
         self.customer_id.push(s.customer_id.clone());
         self.product_key.push(s.product_key.clone());
+        self.price_id
+            .push(s.price.as_ref().map(|c| c.price_id.clone()));
+        self.price_claim_at
+            .push(opt_timestamp(s.price.as_ref().map(|c| c.at))?);
+        self.quantity
+            .push(s.price.as_ref().and_then(|c| c.quantity));
         self.status.push(s.status().as_str());
         self.claim.push(s.claim.map(|c| c.status.as_str()));
         self.claim_at.push(opt_timestamp(s.claim.map(|c| c.at))?);
@@ -685,6 +785,7 @@ async fn write_state(
     purchases: &Purchases,
     subscriptions: &[SubscriptionFacts],
     notices: &[(Option<String>, String, serde_json::Value)],
+    registry: &Registry,
 ) -> Result<HashSet<String>, StoreError> {
     let link_customers: Vec<&str> = new_links.iter().map(|(c, _)| *c).collect();
     let link_users: Vec<&str> = new_links.iter().map(|(_, u)| *u).collect();
@@ -697,8 +798,8 @@ async fn write_state(
     let mut inserts = PurchaseColumns::default();
     for write in &purchases.writes {
         match write.id {
-            Some(id) => updates.push(Some(id), &write.facts)?,
-            None => inserts.push(None, &write.facts)?,
+            Some(id) => updates.push(Some(id), &write.facts, registry)?,
+            None => inserts.push(None, &write.facts, registry)?,
         }
     }
     let mut update_params = updates.params();
@@ -708,7 +809,7 @@ async fn write_state(
     for s in subscriptions {
         subs.push(s)?;
     }
-    let subscription_params: [Param<'_>; 11] = [
+    let subscription_params: [Param<'_>; 14] = [
         (&subs.id, Type::TEXT_ARRAY),
         (&subs.user_id, Type::TEXT_ARRAY),
         (&subs.customer_id, Type::TEXT_ARRAY),
@@ -720,6 +821,9 @@ async fn write_state(
         (&subs.period_end, Type::TIMESTAMPTZ_ARRAY),
         (&subs.cancel_at_period_end, Type::BOOL_ARRAY),
         (&subs.ended_at, Type::TIMESTAMPTZ_ARRAY),
+        (&subs.price_id, Type::TEXT_ARRAY),
+        (&subs.price_claim_at, Type::TIMESTAMPTZ_ARRAY),
+        (&subs.quantity, Type::INT8_ARRAY),
     ];
     let notice_users: Vec<Option<&str>> = notices.iter().map(|(u, _, _)| u.as_deref()).collect();
     let notice_keys: Vec<&str> = notices.iter().map(|(_, k, _)| k.as_str()).collect();
@@ -741,7 +845,7 @@ async fn write_state(
              dispute_status = u.dispute_status, dispute_id = u.dispute_id,
              purchased_at = u.purchased_at, refunded_at = u.refunded_at,
              refund_reason = u.refund_reason, refund_amount_cents = u.refund_amount_cents,
-             stripe_refund_id = u.stripe_refund_id, updated_at = now()
+             stripe_refund_id = u.stripe_refund_id, price_id = u.price_id, updated_at = now()
            FROM {}
           WHERE p.id = u.id",
         purchase_unnest(true)
@@ -751,7 +855,7 @@ async fn write_state(
              payment_intent_id, charge_id, amount_paid_cents, currency, platform_fee_cents,
              organization_fee_cents, creator_payout_cents, status, paid, payment_failed,
              fully_refunded, dispute_status, dispute_id, purchased_at, refunded_at,
-             refund_reason, refund_amount_cents, stripe_refund_id)
+             refund_reason, refund_amount_cents, stripe_refund_id, price_id)
          SELECT * FROM {}",
         purchase_unnest(false)
     );
@@ -784,10 +888,10 @@ async fn write_state(
         pending.push(Box::pin(db.query(
             "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
                  status_claim, status_claim_at, terminal_status, current_period_end,
-                 cancel_at_period_end, ended_at)
+                 cancel_at_period_end, ended_at, price_id, price_claim_at, quantity)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                  $6::text[], $7::timestamptz[], $8::text[], $9::timestamptz[], $10::bool[],
-                 $11::timestamptz[])
+                 $11::timestamptz[], $12::text[], $13::timestamptz[], $14::int8[])
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                  customer_id = EXCLUDED.customer_id, product_key = EXCLUDED.product_key,
                  status = EXCLUDED.status, status_claim = EXCLUDED.status_claim,
@@ -795,7 +899,9 @@ async fn write_state(
                  terminal_status = EXCLUDED.terminal_status,
                  current_period_end = EXCLUDED.current_period_end,
                  cancel_at_period_end = EXCLUDED.cancel_at_period_end,
-                 ended_at = EXCLUDED.ended_at, updated_at = now()",
+                 ended_at = EXCLUDED.ended_at, price_id = EXCLUDED.price_id,
+                 price_claim_at = EXCLUDED.price_claim_at, quantity = EXCLUDED.quantity,
+                 updated_at = now()",
             &subscription_params,
         )));
     }

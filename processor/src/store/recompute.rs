@@ -8,17 +8,17 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join3, try_join4};
+use futures_util::future::try_join4;
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, EntitlementView, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot,
-    entitlement_source, entitlement_status, opt_timestamp, purchase_from_row, secs,
-    subscription_from_row,
+    Db, EntitlementView, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
+    StoreError, UserSnapshot, entitlement_source, entitlement_status, opt_timestamp,
+    product_from_row, purchase_from_row, secs, subscription_from_row,
 };
 use crate::projection::{
-    self, DerivedEntitlement, EntitlementStatus, PurchaseFacts, SubscriptionFacts,
+    self, DerivedEntitlement, EntitlementStatus, PurchaseFacts, Registry, SubscriptionFacts,
 };
 
 /// One user's recomputation, before it is written.
@@ -124,7 +124,15 @@ pub(super) async fn recompute(
     let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = ANY($1)");
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = ANY($1)");
-    let (purchase_rows, subscription_rows, entitlement_rows) = try_join3(
+    // --- product registry (catalog): the products these users' rows name, by key or price.
+    let products_sql = format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+          WHERE key IN (SELECT product_key FROM purchases WHERE user_id = ANY($1)
+                        UNION ALL SELECT product_key FROM subscriptions WHERE user_id = ANY($1))
+             OR price_id IN (SELECT price_id FROM purchases WHERE user_id = ANY($1)
+                             UNION ALL SELECT price_id FROM subscriptions WHERE user_id = ANY($1))"
+    );
+    let (purchase_rows, subscription_rows, entitlement_rows, product_rows) = try_join4(
         db.query(&purchases_sql, &by_users),
         db.query(&subscriptions_sql, &by_users),
         db.query(
@@ -134,8 +142,16 @@ pub(super) async fn recompute(
                LEFT JOIN entitlements e ON e.user_id = ANY($1)",
             &by_users,
         ),
+        db.query(&products_sql, &by_users),
     )
     .await?;
+    let registry = Registry::new(
+        product_rows
+            .iter()
+            .map(product_from_row)
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    // --- end product registry
     let mut purchases: BTreeMap<String, Vec<PurchaseFacts>> = BTreeMap::new();
     for row in &purchase_rows {
         let (_, facts) = purchase_from_row(row)?;
@@ -170,6 +186,7 @@ pub(super) async fn recompute(
             let derived = projection::derive_entitlements(
                 purchases.get(user).map_or(&[], Vec::as_slice),
                 subscriptions.get(user).map_or(&[], Vec::as_slice),
+                &registry,
             );
             diff_entitlements(
                 user,

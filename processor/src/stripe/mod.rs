@@ -31,7 +31,7 @@ pub use error::StripeError;
 pub use form::Form;
 pub use types::{
     BillingPortalSession, CheckoutMode, CheckoutSession, CheckoutSessionRequest, Customer,
-    EventQuery, ListPage,
+    EventQuery, LineItemPrice, ListPage,
 };
 
 /// The Stripe API version this service is written against ("basil"); the webhook endpoint must
@@ -619,9 +619,28 @@ fn decode_error(e: serde_json::Error) -> StripeError {
 
 fn checkout_form(request: &CheckoutSessionRequest) -> Form {
     let mut form = Form::new();
-    form.push("mode", request.mode.as_str())
-        .push("line_items[0][price]", request.price_id.as_str())
-        .push("line_items[0][quantity]", request.quantity.to_string())
+    form.push("mode", request.mode.as_str());
+    match &request.price {
+        LineItemPrice::Id(price) => {
+            form.push("line_items[0][price]", price.as_str());
+        }
+        LineItemPrice::Data {
+            currency,
+            unit_amount,
+            product_name,
+        } => {
+            form.push("line_items[0][price_data][currency]", currency.as_str())
+                .push(
+                    "line_items[0][price_data][unit_amount]",
+                    unit_amount.to_string(),
+                )
+                .push(
+                    "line_items[0][price_data][product_data][name]",
+                    product_name.as_str(),
+                );
+        }
+    }
+    form.push("line_items[0][quantity]", request.quantity.to_string())
         .push("success_url", request.success_url.as_str())
         .push("cancel_url", request.cancel_url.as_str())
         .push("client_reference_id", request.client_reference_id.as_str())
@@ -663,7 +682,7 @@ mod tests {
     fn request(mode: CheckoutMode) -> CheckoutSessionRequest {
         CheckoutSessionRequest {
             mode,
-            price_id: "price_1".into(),
+            price: LineItemPrice::Id("price_1".into()),
             quantity: 1,
             success_url: "https://app.test/ok?session={CHECKOUT_SESSION_ID}".into(),
             cancel_url: "https://app.test/cancel".into(),
