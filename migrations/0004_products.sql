@@ -47,3 +47,7 @@ ALTER TABLE subscriptions
         CHECK ((price_id IS NULL) = (price_claim_at IS NULL));
 CREATE INDEX subscriptions_price_id_idx ON subscriptions (price_id)
     WHERE terminal_status IS NULL;
+
+-- Every source granting an entitlement (purchases, subscriptions), best first, as the API shows
+-- them; `source`/`source_id` stay the best one's.
+ALTER TABLE entitlements ADD COLUMN sources jsonb NOT NULL DEFAULT '[]';

@@ -332,6 +332,13 @@ async fn plans_follow_the_price_and_several_sources_grant_one_key() {
     }
     api.cache.invalidate(&user).await;
     assert_eq!(access(&api, &user, "team").await, 200);
+    let (_, list) = api.get("/api/entitlements", &user).await;
+    let team = &list["entitlements"][0];
+    assert_eq!(team["key"], "team");
+    assert_eq!(
+        team["sources"][0]["quantity"], 3,
+        "seats are kept and shown"
+    );
     assert_eq!(
         access(&api, &user, "pro").await,
         403,
@@ -361,6 +368,17 @@ async fn plans_follow_the_price_and_several_sources_grant_one_key() {
     assert_eq!(
         (pro["isPro"].as_bool(), pro["source"].as_str()),
         (Some(true), Some("purchase"))
+    );
+    let sources: Vec<_> = pro["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["source"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        sources,
+        [("purchase", "active"), ("subscription", "expired")],
+        "the API names every source"
     );
 
     // A subscription to a price outside the registry grants nothing, and is listed.

@@ -257,13 +257,24 @@ fn schemas() -> Value {
             "properties": {
                 "userId": {"type": "string"}, "isPro": {"type": "boolean"}, "status": status,
                 "source": {"type": ["string", "null"], "enum": ["purchase", "subscription", null]},
-                "expiresAt": nullable_time, "updatedAt": nullable_time}},
+                "expiresAt": nullable_time, "updatedAt": nullable_time,
+                "sources": {"type": "array", "items": {"$ref": "#/components/schemas/Source"}}}},
+        "Source": {"type": "object", "required": ["source", "sourceId", "status", "expiresAt"],
+            "description": "One row granting the entitlement, best first; `quantity` is a \
+                            subscription's seats.",
+            "properties": {
+                "source": {"type": "string", "enum": ["purchase", "subscription"]},
+                "sourceId": {"type": "string"},
+                "status": {"type": "string",
+                           "enum": ["active", "past_due", "suspended", "revoked", "expired"]},
+                "expiresAt": nullable_time, "quantity": {"type": "integer"}}},
         "Entitlement": {"type": "object",
             "required": ["key", "status", "active", "source", "expiresAt", "updatedAt"],
             "properties": {
                 "key": {"type": "string"}, "status": status, "active": {"type": "boolean"},
                 "source": {"type": "string", "enum": ["purchase", "subscription"]},
-                "expiresAt": nullable_time, "updatedAt": time}},
+                "expiresAt": nullable_time, "updatedAt": time,
+                "sources": {"type": "array", "items": {"$ref": "#/components/schemas/Source"}}}},
         "EntitlementList": {"type": "object", "required": ["userId", "entitlements"],
             "properties": {"userId": {"type": "string"}, "entitlements":
                 {"type": "array", "items": {"$ref": "#/components/schemas/Entitlement"}}}},

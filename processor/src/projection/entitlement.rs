@@ -112,7 +112,8 @@ impl PartialEq<&str> for EntitlementSource {
     }
 }
 
-/// One derived entitlement of a user (the user is implied by the rows it came from).
+/// One derived entitlement of a user (the user is implied by the rows it came from): the best
+/// of its sources decides it; every source granting the key is listed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DerivedEntitlement {
     pub key: String,
@@ -121,9 +122,25 @@ pub struct DerivedEntitlement {
     pub source_id: String,
     /// Unix seconds; `None` is lifetime.
     pub expires_at: Option<i64>,
+    /// Every row granting the key, best first (the first is the one above).
+    pub sources: Vec<GrantSource>,
 }
 
-fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<DerivedEntitlement> {
+/// One row granting a key, as the API names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantSource {
+    pub source: EntitlementSource,
+    pub source_id: String,
+    pub status: EntitlementStatus,
+    /// Unix seconds; `None` is lifetime.
+    pub expires_at: Option<i64>,
+    /// Seats of a subscription (its item's quantity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<i64>,
+}
+
+fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
     let status = match p.status() {
         PurchaseStatus::Completed => EntitlementStatus::Active,
         PurchaseStatus::Disputed => EntitlementStatus::Suspended,
@@ -133,29 +150,26 @@ fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<DerivedEntitleme
     let (Some(product), Some(source_id)) = (registry.purchase_product(p), p.source_id()) else {
         return Vec::new();
     };
-    let template = DerivedEntitlement {
-        key: String::new(),
-        status,
+    let source = GrantSource {
         source: EntitlementSource::Purchase,
         source_id: source_id.to_owned(),
+        status,
         expires_at: None,
+        quantity: None,
     };
-    for_each_grant(product, &template)
+    for_each_grant(product, &source)
 }
 
-/// `template` once per key `product` grants.
-fn for_each_grant(product: &Product, template: &DerivedEntitlement) -> Vec<DerivedEntitlement> {
+/// `source` once per key `product` grants.
+fn for_each_grant(product: &Product, source: &GrantSource) -> Vec<(String, GrantSource)> {
     product
         .grants
         .iter()
-        .map(|key| DerivedEntitlement {
-            key: key.clone(),
-            ..template.clone()
-        })
+        .map(|key| (key.clone(), source.clone()))
         .collect()
 }
 
-fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<DerivedEntitlement> {
+fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
     let Some(product) = registry.subscription_product(s) else {
         return Vec::new();
     };
@@ -173,19 +187,19 @@ fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<DerivedE
             s.ended_at.or(s.current_period_end),
         ),
     };
-    let template = DerivedEntitlement {
-        key: String::new(),
-        status,
+    let source = GrantSource {
         source: EntitlementSource::Subscription,
         source_id: s.id.clone(),
+        status,
         expires_at,
+        quantity: s.price.as_ref().and_then(|c| c.quantity),
     };
-    for_each_grant(product, &template)
+    for_each_grant(product, &source)
 }
 
 /// Total order on candidates for one key: better status, then lifetime before dated, then the
 /// later expiry, then purchase before subscription, then the smaller source id.
-fn better(a: &DerivedEntitlement, b: &DerivedEntitlement) -> Ordering {
+fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
     a.status
         .rank()
         .cmp(&b.status.rank())
@@ -197,6 +211,7 @@ fn better(a: &DerivedEntitlement, b: &DerivedEntitlement) -> Ordering {
         })
         .then_with(|| b.source.cmp(&a.source))
         .then_with(|| b.source_id.cmp(&a.source_id))
+        .then_with(|| a.quantity.cmp(&b.quantity))
 }
 
 /// The user's entitlements implied by their rows and the products they resolve to in
@@ -208,7 +223,7 @@ pub fn derive_entitlements(
     subscriptions: &[SubscriptionFacts],
     registry: &Registry,
 ) -> Vec<DerivedEntitlement> {
-    let mut best: BTreeMap<String, DerivedEntitlement> = BTreeMap::new();
+    let mut by_key: BTreeMap<String, Vec<GrantSource>> = BTreeMap::new();
     let candidates = purchases
         .iter()
         .flat_map(|p| from_purchase(p, registry))
@@ -217,13 +232,24 @@ pub fn derive_entitlements(
                 .iter()
                 .flat_map(|s| from_subscription(s, registry)),
         );
-    for candidate in candidates {
-        match best.get(&candidate.key) {
-            Some(current) if better(current, &candidate) != Ordering::Less => {}
-            _ => {
-                best.insert(candidate.key.clone(), candidate);
-            }
-        }
+    for (key, source) in candidates {
+        by_key.entry(key).or_default().push(source);
     }
-    best.into_values().collect()
+    by_key
+        .into_iter()
+        .filter_map(|(key, mut sources)| {
+            // Best first, under a total order: the list does not depend on the row order.
+            sources.sort_by(|a, b| better(b, a));
+            sources.dedup();
+            let best = sources.first()?.clone();
+            Some(DerivedEntitlement {
+                key,
+                status: best.status,
+                source: best.source,
+                source_id: best.source_id,
+                expires_at: best.expires_at,
+                sources,
+            })
+        })
+        .collect()
 }

@@ -15,7 +15,7 @@ mod subscription;
 mod tests;
 
 pub use entitlement::{
-    DerivedEntitlement, EntitlementSource, EntitlementStatus, derive_entitlements,
+    DerivedEntitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
 };
 pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact};
 pub use registry::{BPS_WHOLE, Product, ProductStatus, Registry};

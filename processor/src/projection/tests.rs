@@ -974,7 +974,13 @@ proptest! {
         let outcome = assert_converges(&events, &order);
         let e = only_entitlement(&outcome, "u4");
         prop_assert_eq!(e.status, EntitlementStatus::Active);
-        prop_assert_eq!(e.source_id, "sub_b");
+        prop_assert_eq!(&e.source_id, "sub_b");
+        let sources: Vec<_> = e.sources.iter().map(|s| (s.source_id.as_str(), s.status)).collect();
+        prop_assert_eq!(
+            sources,
+            vec![("sub_b", EntitlementStatus::Active), ("sub_a", EntitlementStatus::Expired)]
+        );
+        prop_assert_eq!(e.sources[0].quantity, Some(2));
     }
 }
 

@@ -40,8 +40,8 @@ mod recompute;
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
-    DisputeState, EntitlementSource, EntitlementStatus, PriceClaim, Product, ProductStatus,
-    PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
+    DisputeState, EntitlementSource, EntitlementStatus, GrantSource, PriceClaim, Product,
+    ProductStatus, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
 use crate::stripe::CheckoutMode;
 use chrono::{DateTime, Utc};
@@ -74,6 +74,10 @@ pub struct EntitlementView {
     /// `None` is lifetime.
     pub expires_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Every source granting the key, best first (absent from entries cached before it
+    /// existed).
+    #[serde(default)]
+    pub sources: Vec<GrantSource>,
 }
 
 /// What became of one event. The store yields every variant but [`Outcome::Busy`], which the
@@ -466,7 +470,8 @@ pub async fn user_snapshot(
     // One statement, one MVCC snapshot: the version always matches the entitlements read.
     let rows = client
         .query_typed(
-            "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at
+            "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at,
+                    e.sources
                FROM (SELECT COALESCE((SELECT version FROM user_entitlement_versions
                                        WHERE user_id = $1), 0) AS version) v
                LEFT JOIN entitlements e ON e.user_id = $1
@@ -489,6 +494,7 @@ pub async fn user_snapshot(
                 source_id: row.try_get(4)?,
                 expires_at: row.try_get(5)?,
                 updated_at: row.try_get(6)?,
+                sources: grant_sources(row.try_get(7)?)?,
             });
         }
     }
@@ -668,6 +674,11 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
         current_period_end: secs(row.try_get("current_period_end")?),
         ended_at: secs(row.try_get("ended_at")?),
     })
+}
+
+/// The `entitlements.sources` column.
+fn grant_sources(raw: serde_json::Value) -> Result<Vec<GrantSource>, StoreError> {
+    serde_json::from_value(raw).map_err(|_| StoreError::Corrupt { column: "sources" })
 }
 
 fn entitlement_status(raw: &str) -> Result<EntitlementStatus, StoreError> {

@@ -14,7 +14,7 @@ use tokio_postgres::types::Type;
 
 use super::{
     Db, EntitlementView, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
-    StoreError, UserSnapshot, entitlement_source, entitlement_status, opt_timestamp,
+    StoreError, UserSnapshot, entitlement_source, entitlement_status, grant_sources, opt_timestamp,
     product_from_row, purchase_from_row, secs, subscription_from_row,
 };
 use crate::projection::{
@@ -58,6 +58,7 @@ fn diff_entitlements(
             source_id: entitlement.source_id.clone(),
             expires_at,
             updated_at,
+            sources: entitlement.sources.clone(),
         });
         let kind = match entitlement.status {
             EntitlementStatus::Revoked => Some("entitlement_revoked"),
@@ -105,6 +106,7 @@ fn entitlement_from_row(row: &Row) -> Result<DerivedEntitlement, StoreError> {
         source: entitlement_source(row.try_get("source")?)?,
         source_id: row.try_get("source_id")?,
         expires_at: secs(row.try_get("expires_at")?),
+        sources: grant_sources(row.try_get("sources")?)?,
     })
 }
 
@@ -137,7 +139,7 @@ pub(super) async fn recompute(
         db.query(&subscriptions_sql, &by_users),
         db.query(
             "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
-                    e.updated_at
+                    e.updated_at, e.sources
                FROM (SELECT now() AS now) n
                LEFT JOIN entitlements e ON e.user_id = ANY($1)",
             &by_users,
@@ -244,13 +246,14 @@ async fn write_recomputed(
         }
         db.execute(
             "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
-                 updated_at)
-             SELECT u, k, st, src, sid, exp, now()
+                 sources, updated_at)
+             SELECT u, k, st, src, sid, exp, srcs, now()
                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                           $6::timestamptz[]) AS e(u, k, st, src, sid, exp)
+                           $6::timestamptz[], $7::jsonb[]) AS e(u, k, st, src, sid, exp, srcs)
              ON CONFLICT (user_id, key) DO UPDATE SET status = EXCLUDED.status,
                  source = EXCLUDED.source, source_id = EXCLUDED.source_id,
-                 expires_at = EXCLUDED.expires_at, updated_at = now()",
+                 expires_at = EXCLUDED.expires_at, sources = EXCLUDED.sources,
+                 updated_at = now()",
             &[
                 (&upsert.users, Type::TEXT_ARRAY),
                 (&upsert.keys, Type::TEXT_ARRAY),
@@ -258,6 +261,7 @@ async fn write_recomputed(
                 (&upsert.sources, Type::TEXT_ARRAY),
                 (&upsert.source_ids, Type::TEXT_ARRAY),
                 (&upsert.expires_at, Type::TIMESTAMPTZ_ARRAY),
+                (&upsert.source_lists, Type::JSONB_ARRAY),
             ],
         )
         .await
@@ -332,6 +336,7 @@ struct EntitlementColumns<'a> {
     sources: Vec<&'static str>,
     source_ids: Vec<&'a str>,
     expires_at: Vec<Option<DateTime<Utc>>>,
+    source_lists: Vec<serde_json::Value>,
 }
 
 impl<'a> EntitlementColumns<'a> {
@@ -342,6 +347,10 @@ impl<'a> EntitlementColumns<'a> {
         self.sources.push(e.source.as_str());
         self.source_ids.push(&e.source_id);
         self.expires_at.push(opt_timestamp(e.expires_at)?);
+        self.source_lists.push(
+            serde_json::to_value(&e.sources)
+                .map_err(|_| StoreError::Corrupt { column: "sources" })?,
+        );
         Ok(())
     }
 }
