@@ -432,3 +432,66 @@ async fn a_one_dollar_payment_link_checkout_grants_nothing() {
     );
     api.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recompute_re_derives_entitlements_after_a_mapping_change() {
+    let api = Api::start(None).await;
+    let (buyer, bystander) = (unique("u"), unique("u"));
+    let (status, _) = put_product(
+        &api,
+        "bundle",
+        json!({ "amountCents": 500, "currency": "usd", "grants": ["content:a"] }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let o = unique("o");
+    api.apply(&envelope(
+        &unique("evt"),
+        "checkout.session.completed",
+        chrono::Utc::now().timestamp(),
+        json!({ "id": format!("cs_{o}"), "object": "checkout.session", "mode": "payment",
+            "payment_status": "paid", "customer": format!("cus_{o}"),
+            "payment_intent": format!("pi_{o}"), "client_reference_id": buyer,
+            "amount_total": 500, "currency": "usd",
+            "metadata": { "user_id": buyer, "product_key": "bundle" } }),
+    ))
+    .await;
+    api.buy(&bystander, "pro").await;
+
+    // The bundle now also grants content:b; stored entitlements follow only after recompute.
+    let (status, _) = put_product(
+        &api,
+        "bundle",
+        json!({ "amountCents": 500, "currency": "usd", "grants": ["content:a", "content:b"] }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let keys = |user: String| {
+        let api = &api;
+        async move {
+            api.cache.invalidate(&user).await;
+            let (_, list) = api.get("/api/entitlements", &user).await;
+            list["entitlements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["key"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(keys(buyer.clone()).await, ["content:a"]);
+    let one = shared::ids::UserId::parse(&buyer).unwrap();
+    assert_eq!(
+        processor::store::recompute_stored(&api.pool, Some(&one))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(keys(buyer.clone()).await, ["content:a", "content:b"]);
+    let everyone = processor::store::recompute_stored(&api.pool, None)
+        .await
+        .unwrap();
+    assert_eq!(everyone, 2, "every user with a row");
+    assert_eq!(keys(bystander.clone()).await, ["pro"], "unchanged");
+    api.cleanup().await;
+}
