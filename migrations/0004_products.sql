@@ -51,3 +51,20 @@ CREATE INDEX subscriptions_price_id_idx ON subscriptions (price_id)
 -- Every source granting an entitlement (purchases, subscriptions), best first, as the API shows
 -- them; `source`/`source_id` stay the best one's.
 ALTER TABLE entitlements ADD COLUMN sources jsonb NOT NULL DEFAULT '[]';
+
+-- Stripe Entitlements: a product may be granted by a Stripe feature (its `lookup_key`).
+ALTER TABLE products ADD COLUMN feature_lookup_key text UNIQUE;
+ALTER TABLE entitlements DROP CONSTRAINT entitlements_source_check;
+ALTER TABLE entitlements ADD CONSTRAINT entitlements_source_check
+    CHECK (source IN ('purchase', 'subscription', 'stripe_feature'));
+
+-- A customer's active Stripe features: a last-writer-wins register by the summary event's
+-- `created` (then the sorted list), always a complete list.
+CREATE TABLE stripe_features (
+    customer_id  text PRIMARY KEY,
+    user_id      text,
+    lookup_keys  text[] NOT NULL,
+    claim_at     timestamptz NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX stripe_features_user_id_idx ON stripe_features (user_id);

@@ -495,3 +495,114 @@ async fn recompute_re_derives_entitlements_after_a_mapping_change() {
     assert_eq!(keys(bystander.clone()).await, ["pro"], "unchanged");
     api.cleanup().await;
 }
+
+/// `entitlements.active_entitlement_summary.updated` for `customer` listing the first ten of
+/// `features`, as Stripe does (`has_more` when there are more).
+fn summary(customer: &str, created: i64, features: &[String]) -> Value {
+    let data: Vec<Value> = features
+        .iter()
+        .take(10)
+        .map(|f| json!({ "object": "entitlements.active_entitlement", "lookup_key": f }))
+        .collect();
+    envelope(
+        &unique("evt"),
+        "entitlements.active_entitlement_summary.updated",
+        created,
+        json!({ "object": "entitlements.active_entitlement_summary", "customer": customer,
+            "entitlements": { "object": "list", "data": data, "has_more": features.len() > 10 } }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_through_the_registry() {
+    let fake = FakeStripe::start().await;
+    let api = Api::start(Some(&fake)).await;
+    let stripe = processor::stripe::StripeClient::new(fake.client_config()).unwrap();
+    let (user, customer) = (unique("u"), unique("cus"));
+    link_customer(&fake, &api, &customer, &user).await;
+    // The twelfth feature, which the event's own list leaves out, maps to `team`.
+    let (status, body) = put_product(
+        &api,
+        "team-seats",
+        json!({ "priceId": "price_team_seats", "mode": "subscription", "grants": ["team"],
+                "featureLookupKey": "feat-11" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let features: Vec<String> = (0..12).map(|i| format!("feat-{i}")).collect();
+    for f in &features {
+        fake.seed(
+            Collection::ActiveEntitlements,
+            json!({ "id": unique("ent"), "object": "entitlements.active_entitlement",
+                    "lookup_key": f, "customer": customer }),
+        );
+    }
+    let body = summary(&customer, t0(), &features);
+    let event = processor::events::parse(body.to_string().as_bytes()).unwrap();
+    assert!(
+        matches!(
+            processor::features::complete(None, event.clone()).await,
+            Err(processor::features::CompleteError::NotConfigured)
+        ),
+        "a cut list is never applied as it is"
+    );
+    let complete = processor::features::complete(Some(&stripe), event)
+        .await
+        .unwrap();
+    apply_event(&api, &user, complete).await;
+    assert_eq!(access(&api, &user, "team").await, 200);
+    let (_, list) = api.get("/api/entitlements", &user).await;
+    let team = &list["entitlements"][0];
+    assert_eq!(team["source"], "subscription", "the contract's spelling");
+    assert_eq!(team["sources"][0]["source"], "stripe_feature");
+    assert_eq!(team["sources"][0]["sourceId"], customer.as_str());
+
+    // Stripe drops the feature; an older summary arriving late does not bring it back.
+    let mut fewer = features.clone();
+    fewer.pop();
+    let newer = summary(&customer, t0() + DAY, &fewer);
+    // The fake still lists feat-11: complete from a client over the reduced list instead.
+    let event = processor::events::parse(newer.to_string().as_bytes()).unwrap();
+    let processor::events::EventKind::FeatureSummaryUpdated(s) = event.kind.clone() else {
+        panic!("wrong kind")
+    };
+    let reduced = processor::events::Event {
+        kind: processor::events::EventKind::FeatureSummaryUpdated(s.completed(fewer.clone())),
+        ..event
+    };
+    apply_event(&api, &user, reduced).await;
+    assert_eq!(access(&api, &user, "team").await, 403);
+    let stale = summary(&customer, t0() - DAY, &features);
+    let stale = processor::events::parse(stale.to_string().as_bytes()).unwrap();
+    let stale = processor::features::complete(Some(&stripe), stale)
+        .await
+        .unwrap();
+    apply_event(&api, &user, stale).await;
+    assert_eq!(
+        access(&api, &user, "team").await,
+        403,
+        "a stale summary never undoes a newer one"
+    );
+
+    // Restore reads the complete list from Stripe as the customer's current state.
+    let (status, body) = api.restore_again(&user).await;
+    assert_eq!(status, 200, "{body}");
+    api.cache.invalidate(&user).await;
+    assert_eq!(access(&api, &user, "team").await, 200);
+    api.cleanup().await;
+}
+
+/// Applies `event` through the store and drops `user`'s cache entry (the worker would
+/// refresh it after its commit).
+async fn apply_event(api: &Api, user: &str, event: processor::events::Event) {
+    let outcomes = processor::store::apply_and_commit(&api.pool, &[&event])
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], processor::store::Outcome::Applied(_)));
+    api.cache.invalidate(user).await;
+}
+
+async fn link_customer(fake: &FakeStripe, api: &Api, customer: &str, user: &str) {
+    fake.seed_customer_with_id(customer, user, None);
+    api.map_customer(customer, user).await;
+}

@@ -10,6 +10,7 @@
 //! mode = "subscription"      # or "payment"
 //! entitlement = "team"
 //! also_grants = ["pro"]      # optional: more entitlement keys the product grants
+//! feature = "team-seats"     # optional: a Stripe Entitlements feature lookup_key granting them
 //! ```
 //!
 //! These are the registry's static products: start-up writes them into the `products` table
@@ -37,9 +38,16 @@ pub struct Product {
     mode: CheckoutMode,
     entitlement: EntitlementKey,
     also_grants: Vec<EntitlementKey>,
+    feature: Option<String>,
 }
 
 impl Product {
+    /// The Stripe Entitlements feature (`lookup_key`) that grants this product's keys.
+    #[must_use]
+    pub fn feature(&self) -> Option<&str> {
+        self.feature.as_deref()
+    }
+
     /// The product key clients send (`{"productKey":"pro"}`).
     #[must_use]
     pub fn key(&self) -> &str {
@@ -93,6 +101,8 @@ struct FileProduct {
     entitlement: String,
     #[serde(default)]
     also_grants: Vec<String>,
+    #[serde(default)]
+    feature: Option<String>,
 }
 
 /// The variable naming the catalog file; errors about the file's content name it too.
@@ -158,7 +168,7 @@ impl Catalog {
                 .map_err(|e| ConfigError::new(CATALOG_VAR, format!("{name}: {e}")))?;
             for (key, p) in parsed.products {
                 let context = format!("{CATALOG_VAR} ({name})");
-                let product = build(
+                let mut product = build(
                     &context,
                     &key,
                     p.price.trim(),
@@ -166,6 +176,10 @@ impl Catalog {
                     &p.entitlement,
                     &p.also_grants,
                 )?;
+                product.feature = p
+                    .feature
+                    .map(|f| f.trim().to_owned())
+                    .filter(|f| !f.is_empty());
                 catalog.insert(&context, product)?;
             }
         }
@@ -272,6 +286,7 @@ fn build(
         mode,
         entitlement,
         also_grants,
+        feature: None,
     })
 }
 

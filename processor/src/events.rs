@@ -40,6 +40,7 @@ impl Event {
             EventKind::SubscriptionCreated(o)
             | EventKind::SubscriptionUpdated(o)
             | EventKind::SubscriptionDeleted(o) => (&o.user_id, &o.customer),
+            EventKind::FeatureSummaryUpdated(o) => return Some(o.customer.as_str()),
             EventKind::ChargeDisputeCreated(_)
             | EventKind::ChargeDisputeClosed(_)
             | EventKind::Unhandled => return None,
@@ -64,6 +65,9 @@ pub enum EventKind {
     SubscriptionCreated(Subscription),
     SubscriptionUpdated(Subscription),
     SubscriptionDeleted(Subscription),
+    /// `entitlements.active_entitlement_summary.updated`: this customer's Stripe features
+    /// changed.
+    FeatureSummaryUpdated(FeatureSummary),
     /// Any other type: acknowledged and ignored.
     Unhandled,
 }
@@ -206,6 +210,29 @@ pub struct Subscription {
     pub quantity: Option<i64>,
 }
 
+/// `entitlements.active_entitlement_summary`'s features, by `lookup_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureSummary {
+    pub customer: String,
+    /// Sorted, deduplicated.
+    pub lookup_keys: Vec<String>,
+    /// False when the event's list was cut short (`has_more`, Stripe lists at most 10): the
+    /// complete list must be read from `GET /v1/entitlements/active_entitlements`.
+    pub complete: bool,
+}
+
+impl FeatureSummary {
+    /// The summary with `lookup_keys` as the complete list.
+    #[must_use]
+    pub fn completed(mut self, mut lookup_keys: Vec<String>) -> Self {
+        lookup_keys.sort();
+        lookup_keys.dedup();
+        self.lookup_keys = lookup_keys;
+        self.complete = true;
+        self
+    }
+}
+
 /// Stripe's subscription statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SubscriptionStatus {
@@ -320,6 +347,9 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
         }
         "customer.subscription.deleted" => {
             EventKind::SubscriptionDeleted(subscription(object(&root)?)?)
+        }
+        "entitlements.active_entitlement_summary.updated" => {
+            EventKind::FeatureSummaryUpdated(feature_summary(object(&root)?)?)
         }
         _ => EventKind::Unhandled,
     };
@@ -527,6 +557,41 @@ fn invoice(obj: &Value) -> Result<Invoice, EventError> {
         user_id: user_id(meta("user_id"), "subscription_details.metadata.user_id")?,
         product_key: meta("product_key"),
     })
+}
+
+fn feature_summary(obj: &Value) -> Result<FeatureSummary, EventError> {
+    let customer = opt_id(obj, "customer").ok_or(EventError::MissingField("customer"))?;
+    let list = obj
+        .get("entitlements")
+        .ok_or(EventError::MissingField("entitlements"))?;
+    let lookup_keys = list
+        .get("data")
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|e| opt_str(e, "lookup_key"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let has_more = list
+        .get("has_more")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(FeatureSummary {
+        customer,
+        lookup_keys: Vec::new(),
+        complete: false,
+    }
+    .completed(lookup_keys)
+    .with_complete(!has_more))
+}
+
+impl FeatureSummary {
+    fn with_complete(mut self, complete: bool) -> Self {
+        self.complete = complete;
+        self
+    }
 }
 
 /// The first element of the list `obj.{field}.data`.
@@ -839,6 +904,30 @@ mod tests {
             ),
             EventKind::SubscriptionCreated(_)
         ));
+    }
+
+    #[test]
+    fn a_feature_summary_reads_its_lookup_keys_and_whether_the_list_was_cut() {
+        let data: Vec<Value> = (0..10)
+            .map(|i| {
+                json!({ "id": format!("ent_{i}"), "object": "entitlements.active_entitlement",
+                "feature": format!("feat_{i}"), "lookup_key": format!("f{i}") })
+            })
+            .collect();
+        let kind = parsed(
+            "entitlements.active_entitlement_summary.updated",
+            &json!({ "object": "entitlements.active_entitlement_summary", "customer": "cus_1",
+                "entitlements": { "object": "list", "data": data, "has_more": true } }),
+        );
+        let EventKind::FeatureSummaryUpdated(summary) = kind else {
+            panic!("wrong kind")
+        };
+        assert_eq!(summary.customer, "cus_1");
+        assert_eq!(summary.lookup_keys.len(), 10);
+        assert!(!summary.complete);
+        let done = summary.completed(vec!["b".into(), "a".into(), "a".into()]);
+        assert_eq!(done.lookup_keys, ["a", "b"]);
+        assert!(done.complete);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod db;
 pub mod dlq;
 pub mod events;
+pub mod features;
 pub mod projection;
 pub mod reconcile;
 pub mod registry;

@@ -93,6 +93,8 @@ pub struct ProductInput {
     pub price_id: Option<String>,
     pub mode: Option<CheckoutMode>,
     pub grants: Option<Vec<String>>,
+    /// A Stripe Entitlements feature `lookup_key` granting this product's keys.
+    pub feature_lookup_key: Option<String>,
     pub creator_id: Option<String>,
     pub platform_fee_bps: Option<i64>,
     pub organization_fee_bps: Option<i64>,
@@ -213,6 +215,16 @@ impl ProductInput {
                 "platform and organization fees together exceed 10000 basis points",
             ));
         }
+        if let Some(feature) = &self.feature_lookup_key
+            && (feature.is_empty()
+                || feature.len() > 80
+                || feature.chars().any(char::is_whitespace))
+        {
+            return Err(invalid(
+                "featureLookupKey",
+                "1-80 characters without spaces",
+            ));
+        }
         if let Some(creator) = &self.creator_id {
             shared::ids::UserId::parse(creator).map_err(|e| invalid("creatorId", e.to_string()))?;
         }
@@ -224,6 +236,7 @@ impl ProductInput {
             currency,
             mode,
             grants,
+            feature_lookup_key: self.feature_lookup_key,
             creator_id: self.creator_id,
             platform_fee_bps,
             organization_fee_bps,
@@ -351,6 +364,7 @@ pub async fn sync_config(pool: &Pool, catalog: &Catalog) -> Result<(), RegistryE
             currency: None,
             mode: CheckoutMode::Payment,
             grants: vec!["pro".into()],
+            feature_lookup_key: None,
             creator_id: None,
             platform_fee_bps: 0,
             organization_fee_bps: 0,
@@ -400,6 +414,7 @@ impl From<&crate::catalog::Product> for Product {
             currency: None,
             mode: p.mode(),
             grants: p.grants().iter().map(|g| g.as_str().to_owned()).collect(),
+            feature_lookup_key: p.feature().map(str::to_owned),
             creator_id: None,
             platform_fee_bps: 0,
             organization_fee_bps: 0,
@@ -465,14 +480,14 @@ async fn upsert(
         .map_err(|_| invalid("organizationFeeBps", "out of range"))?;
     tx.execute(
         "INSERT INTO products (key, origin, title, price_id, amount_cents, currency, mode, grants,
-             creator_id, platform_fee_bps, organization_fee_bps, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             creator_id, platform_fee_bps, organization_fee_bps, status, feature_lookup_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (key) DO UPDATE SET origin = EXCLUDED.origin, title = EXCLUDED.title,
              price_id = EXCLUDED.price_id, amount_cents = EXCLUDED.amount_cents,
              currency = EXCLUDED.currency, mode = EXCLUDED.mode, grants = EXCLUDED.grants,
              creator_id = EXCLUDED.creator_id, platform_fee_bps = EXCLUDED.platform_fee_bps,
              organization_fee_bps = EXCLUDED.organization_fee_bps, status = EXCLUDED.status,
-             updated_at = now()",
+             feature_lookup_key = EXCLUDED.feature_lookup_key, updated_at = now()",
         &[
             &p.key,
             &origin.as_str(),
@@ -486,6 +501,7 @@ async fn upsert(
             &platform,
             &organization,
             &p.status.as_str(),
+            &p.feature_lookup_key,
         ],
     )
     .await?;

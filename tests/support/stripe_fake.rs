@@ -94,6 +94,9 @@ pub enum Collection {
     Disputes,
     Events,
     BillingPortalSessions,
+    /// Stripe Entitlements' active entitlements; seed them with a `customer` member (the
+    /// fake filters on it; Stripe's objects do not carry it).
+    ActiveEntitlements,
 }
 
 #[derive(Default)]
@@ -119,8 +122,9 @@ struct Shared {
 
 /// The endpoints the fake serves itself in front of `localstripe`, which lacks them (`None`:
 /// every method). localstripe lists payment intents, but not by customer.
-const SERVED_IN_FRONT: [(Option<&str>, &str); 4] = [
+const SERVED_IN_FRONT: [(Option<&str>, &str); 5] = [
     (None, "/v1/checkout/sessions"),
+    (None, "/v1/entitlements/active_entitlements"),
     (None, "/v1/billing_portal/sessions"),
     (None, "/v1/disputes"),
     (Some("GET"), "/v1/payment_intents"),
@@ -561,6 +565,12 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
         ("POST", "/v1/billing_portal/sessions") => create_portal_session(inner, req),
         ("GET", "/v1/payment_intents") => list(inner, req, Collection::PaymentIntents, by_customer),
         ("GET", "/v1/charges") => list(inner, req, Collection::Charges, by_customer),
+        ("GET", "/v1/entitlements/active_entitlements") => {
+            if req.param("customer").is_none() {
+                return missing("customer");
+            }
+            list(inner, req, Collection::ActiveEntitlements, by_customer)
+        }
         ("GET", "/v1/subscriptions") => list(inner, req, Collection::Subscriptions, |o, r| {
             let status = o["status"].as_str().unwrap_or("");
             let status_ok = match r.param("status") {

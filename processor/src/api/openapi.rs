@@ -263,7 +263,7 @@ fn schemas() -> Value {
             "description": "One row granting the entitlement, best first; `quantity` is a \
                             subscription's seats.",
             "properties": {
-                "source": {"type": "string", "enum": ["purchase", "subscription"]},
+                "source": {"type": "string", "enum": ["purchase", "subscription", "stripe_feature"]},
                 "sourceId": {"type": "string"},
                 "status": {"type": "string",
                            "enum": ["active", "past_due", "suspended", "revoked", "expired"]},

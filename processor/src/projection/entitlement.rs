@@ -1,4 +1,4 @@
-//! Entitlements derived from a user's purchase and subscription rows.
+//! Entitlements derived from a user's purchase, subscription and Stripe feature rows.
 //!
 //! Invariant: [`derive_entitlements`] is a pure function of the rows and the [`Registry`] (not
 //! of the order they were written in, nor of the clock), returning one entitlement per key,
@@ -15,7 +15,7 @@
 //! `expires_at` is for readers to compare with their clock; the projection stays clock-free so
 //! replays converge.
 
-use super::{Product, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
+use super::{FeatureFacts, Product, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
 use crate::events::SubscriptionStatus;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -77,6 +77,8 @@ impl EntitlementStatus {
 pub enum EntitlementSource {
     Purchase,
     Subscription,
+    /// A Stripe Entitlements feature of the customer (`entitlements.active_entitlement_summary`).
+    StripeFeature,
 }
 
 impl EntitlementSource {
@@ -86,6 +88,18 @@ impl EntitlementSource {
         match self {
             Self::Purchase => "purchase",
             Self::Subscription => "subscription",
+            Self::StripeFeature => "stripe_feature",
+        }
+    }
+
+    /// The contract's spelling of `source` (`purchase|subscription`): a Stripe feature comes
+    /// from the customer's subscriptions in Stripe, so it reads as `subscription` there; the
+    /// exact kind is in `sources`.
+    #[must_use]
+    pub fn contract(self) -> Self {
+        match self {
+            Self::StripeFeature => Self::Subscription,
+            other => other,
         }
     }
 
@@ -95,6 +109,7 @@ impl EntitlementSource {
         Some(match raw {
             "purchase" => Self::Purchase,
             "subscription" => Self::Subscription,
+            "stripe_feature" => Self::StripeFeature,
             _ => return None,
         })
     }
@@ -197,6 +212,23 @@ fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<(String,
     for_each_grant(product, &source)
 }
 
+/// A customer's active Stripe features grant, active and without expiry, the keys of the
+/// products they map to (named by the customer).
+fn from_features(f: &FeatureFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
+    let source = GrantSource {
+        source: EntitlementSource::StripeFeature,
+        source_id: f.customer_id.clone(),
+        status: EntitlementStatus::Active,
+        expires_at: None,
+        quantity: None,
+    };
+    f.lookup_keys()
+        .iter()
+        .filter_map(|k| registry.by_feature(k))
+        .flat_map(|product| for_each_grant(product, &source))
+        .collect()
+}
+
 /// Total order on candidates for one key: better status, then lifetime before dated, then the
 /// later expiry, then purchase before subscription, then the smaller source id.
 fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
@@ -221,6 +253,7 @@ fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
 pub fn derive_entitlements(
     purchases: &[PurchaseFacts],
     subscriptions: &[SubscriptionFacts],
+    features: &[FeatureFacts],
     registry: &Registry,
 ) -> Vec<DerivedEntitlement> {
     let mut by_key: BTreeMap<String, Vec<GrantSource>> = BTreeMap::new();
@@ -231,7 +264,8 @@ pub fn derive_entitlements(
             subscriptions
                 .iter()
                 .flat_map(|s| from_subscription(s, registry)),
-        );
+        )
+        .chain(features.iter().flat_map(|f| from_features(f, registry)));
     for (key, source) in candidates {
         by_key.entry(key).or_default().push(source);
     }

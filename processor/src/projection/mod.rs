@@ -8,6 +8,7 @@
 //! number of times, yields the same rows — and [`derive_entitlements`] depends on the rows only.
 
 mod entitlement;
+mod feature;
 mod purchase;
 mod registry;
 mod subscription;
@@ -17,6 +18,7 @@ mod tests;
 pub use entitlement::{
     DerivedEntitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
 };
+pub use feature::{FeatureClaim, FeatureFacts};
 pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact};
 pub use registry::{BPS_WHOLE, Product, ProductStatus, Registry};
 pub use subscription::{PriceClaim, StatusClaim, SubscriptionFacts};
@@ -39,6 +41,8 @@ pub struct Plan {
     pub subscription: Option<SubscriptionFacts>,
     /// An expired checkout to announce in the outbox.
     pub abandoned: Option<AbandonedCheckout>,
+    /// A customer's complete list of active Stripe features.
+    pub features: Option<FeatureFacts>,
 }
 
 /// Stripe customer → application user.
@@ -66,6 +70,7 @@ impl Plan {
             && self.purchase.is_none()
             && self.subscription.is_none()
             && self.abandoned.is_none()
+            && self.features.is_none()
     }
 
     /// The Stripe objects this plan reads or writes, as lock names. Two transactions whose
@@ -95,6 +100,9 @@ impl Plan {
         if let Some(a) = &self.abandoned {
             push("customer", a.customer_id.as_ref());
             push("checkout", Some(&a.session_id));
+        }
+        if let Some(f) = &self.features {
+            push("customer", Some(&f.customer_id));
         }
         keys.sort();
         keys.dedup();
@@ -311,6 +319,17 @@ pub fn plan(event: &Event) -> Plan {
                 ..Plan::default()
             }
         }
+        EventKind::FeatureSummaryUpdated(summary) => Plan {
+            features: Some(FeatureFacts {
+                customer_id: summary.customer.clone(),
+                user_id: None,
+                claim: Some(FeatureClaim {
+                    at,
+                    lookup_keys: summary.lookup_keys.clone(),
+                }),
+            }),
+            ..Plan::default()
+        },
         EventKind::Unhandled => Plan::default(),
     }
 }

@@ -66,6 +66,9 @@ pub struct Product {
     pub mode: CheckoutMode,
     /// The entitlement keys a paid purchase or live subscription grants; never empty.
     pub grants: Vec<String>,
+    /// The Stripe Entitlements feature (`lookup_key`) that grants this product's keys to a
+    /// customer whose active entitlement summary lists it.
+    pub feature_lookup_key: Option<String>,
     pub creator_id: Option<String>,
     pub platform_fee_bps: i64,
     pub organization_fee_bps: i64,
@@ -109,6 +112,7 @@ impl Product {
 pub struct Registry {
     products: BTreeMap<String, Product>,
     by_price: BTreeMap<String, String>,
+    by_feature: BTreeMap<String, String>,
 }
 
 impl Registry {
@@ -120,6 +124,11 @@ impl Registry {
         for product in products {
             if let Some(price) = &product.price_id {
                 registry.by_price.insert(price.clone(), product.key.clone());
+            }
+            if let Some(feature) = &product.feature_lookup_key {
+                registry
+                    .by_feature
+                    .insert(feature.clone(), product.key.clone());
             }
             registry.products.insert(product.key.clone(), product);
         }
@@ -136,6 +145,12 @@ impl Registry {
     #[must_use]
     pub fn by_price(&self, price_id: &str) -> Option<&Product> {
         self.products.get(self.by_price.get(price_id)?)
+    }
+
+    /// The product a Stripe Entitlements feature (`lookup_key`) maps to.
+    #[must_use]
+    pub fn by_feature(&self, lookup_key: &str) -> Option<&Product> {
+        self.products.get(self.by_feature.get(lookup_key)?)
     }
 
     /// Every product, in key order.
@@ -198,6 +213,7 @@ mod tests {
             currency: amount.map(|_| "usd".into()),
             mode: CheckoutMode::Payment,
             grants: vec![key.into()],
+            feature_lookup_key: None,
             creator_id: None,
             platform_fee_bps: 0,
             organization_fee_bps: 0,

@@ -181,6 +181,7 @@ fn registry() -> Registry {
             crate::stripe::CheckoutMode::Payment
         },
         grants: grants.iter().map(|g| (*g).to_owned()).collect(),
+        feature_lookup_key: Some(format!("feature-{key}")),
         creator_id: None,
         platform_fee_bps: 0,
         organization_fee_bps: 0,
@@ -201,6 +202,7 @@ struct Memory {
     subscriptions: BTreeMap<String, SubscriptionFacts>,
     customers: BTreeMap<String, String>,
     abandoned: BTreeMap<String, AbandonedCheckout>,
+    features: BTreeMap<String, FeatureFacts>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -235,6 +237,13 @@ impl Memory {
             };
             self.subscriptions.insert(merged.id.clone(), merged);
         }
+        if let Some(delta) = plan.features {
+            let merged = match self.features.remove(&delta.customer_id) {
+                Some(row) => row.merge(delta),
+                None => delta,
+            };
+            self.features.insert(merged.customer_id.clone(), merged);
+        }
         if let Some(abandoned) = plan.abandoned {
             self.abandoned
                 .entry(abandoned.session_id.clone())
@@ -251,6 +260,9 @@ impl Memory {
         }
         for s in self.subscriptions.values_mut() {
             resolve(&mut s.user_id, &s.customer_id);
+        }
+        for f in self.features.values_mut() {
+            resolve(&mut f.user_id, &Some(f.customer_id.clone()));
         }
     }
 
@@ -275,6 +287,7 @@ impl Memory {
                     .values()
                     .filter_map(|s| s.user_id.as_ref()),
             )
+            .chain(self.features.values().filter_map(|f| f.user_id.as_ref()))
             .collect();
         users.sort();
         users.dedup();
@@ -293,7 +306,16 @@ impl Memory {
                     .filter(|s| s.user_id.as_ref() == Some(user))
                     .cloned()
                     .collect();
-                (user.clone(), derive_entitlements(&ps, &ss, &registry()))
+                let fs: Vec<_> = self
+                    .features
+                    .values()
+                    .filter(|f| f.user_id.as_ref() == Some(user))
+                    .cloned()
+                    .collect();
+                (
+                    user.clone(),
+                    derive_entitlements(&ps, &ss, &fs, &registry()),
+                )
             })
             .collect();
         Outcome {
@@ -791,7 +813,7 @@ fn unpaid_and_incomplete_subscriptions_map_to_suspended_and_nothing() {
         .unwrap();
         sub.user_id = Some("u".into());
         sub.product_key = Some("pro".into());
-        let derived = derive_entitlements(&[], &[sub], &registry());
+        let derived = derive_entitlements(&[], &[sub], &[], &registry());
         assert_eq!(derived.first().map(|e| e.status), expected, "{status}");
     }
 }
@@ -839,7 +861,7 @@ fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
         vec![refunded.clone(), purchase.clone()],
         vec![purchase, refunded],
     ] {
-        let derived = derive_entitlements(&purchases, std::slice::from_ref(&sub), &registry());
+        let derived = derive_entitlements(&purchases, std::slice::from_ref(&sub), &[], &registry());
         assert_eq!(derived.len(), 1);
         assert_eq!(derived[0].source, EntitlementSource::Purchase);
         assert_eq!(derived[0].source_id, "pi");
@@ -1049,4 +1071,45 @@ fn a_content_item_grants_its_key_only_at_its_own_amount_and_currency() {
     );
     assert!(run(&[item(100, "usd")], &[0]).entitlements["u8"].is_empty());
     assert!(run(&[item(1500, "eur")], &[0]).entitlements["u8"].is_empty());
+}
+
+/// `entitlements.active_entitlement_summary.updated` for `cus_1` listing `features`.
+fn feature_summary(id: &str, created: i64, features: &[&str]) -> Event {
+    let data: Vec<Value> = features
+        .iter()
+        .map(|f| json!({ "object": "entitlements.active_entitlement", "lookup_key": f }))
+        .collect();
+    fx::event(
+        id,
+        "entitlements.active_entitlement_summary.updated",
+        created,
+        json!({ "object": "entitlements.active_entitlement_summary", "customer": "cus_1",
+            "entitlements": { "object": "list", "data": data, "has_more": false } }),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn the_newest_feature_summary_decides_in_any_order_beside_a_purchase(order in orders(5)) {
+        let events = purchase_scenario(vec![
+            feature_summary("evt_f1", T0, &["feature-team_monthly"]),
+            feature_summary("evt_f2", T0 + DAY, &["feature-team_monthly", "feature-item-1"]),
+            // Newest: team is gone; a feature the registry does not map grants nothing.
+            feature_summary("evt_f3", T0 + 2 * DAY, &["feature-item-1", "unmapped"]),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(
+            keys(&outcome, "u1"),
+            vec![
+                ("content:item-1".to_owned(), EntitlementStatus::Active),
+                ("pro".to_owned(), EntitlementStatus::Active),
+            ]
+        );
+        let item = &outcome.entitlements["u1"][0];
+        prop_assert_eq!(item.source, EntitlementSource::StripeFeature);
+        prop_assert_eq!(item.source.contract(), EntitlementSource::Subscription);
+        prop_assert_eq!(&item.source_id, "cus_1");
+    }
 }

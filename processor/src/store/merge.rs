@@ -27,12 +27,14 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, Outcome, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
-    UserSnapshot, is_violation_of, lock, opt_timestamp, product_from_row, purchase_from_row,
-    snapshots_of, subscription_from_row,
+    Db, FEATURE_COLUMNS, Outcome, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
+    StoreError, UserSnapshot, feature_from_row, is_violation_of, lock, opt_timestamp,
+    product_from_row, purchase_from_row, snapshots_of, subscription_from_row,
 };
 use crate::events::{Event, SubscriptionStatus};
-use crate::projection::{self, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
+use crate::projection::{
+    self, FeatureFacts, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts,
+};
 
 /// What merging found, per event in input order.
 pub(super) struct Merged {
@@ -77,6 +79,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
     let mut purchase_deltas: Vec<(usize, &PurchaseFacts)> = Vec::new();
     let mut subscription_deltas: Vec<(usize, &SubscriptionFacts)> = Vec::new();
     let mut abandoned = Vec::new();
+    let mut feature_deltas: Vec<(usize, &FeatureFacts)> = Vec::new();
     let mut customers: BTreeSet<&str> = BTreeSet::new();
     for (i, plan) in plans.iter().enumerate().filter(|(i, _)| fresh[*i]) {
         if let Some(link) = &plan.link {
@@ -99,6 +102,10 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
             customers.extend(a.customer_id.as_deref());
             abandoned.push(a);
         }
+        if let Some(delta) = &plan.features {
+            customers.insert(&delta.customer_id);
+            feature_deltas.push((i, delta));
+        }
     }
 
     let reads = read_state(
@@ -106,6 +113,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         &links,
         &purchase_deltas,
         &subscription_deltas,
+        &feature_deltas,
         &customers,
     )
     .await?;
@@ -133,6 +141,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         &owners,
         &mut users,
     )?;
+    let features = merge_features(&reads.feature_rows, &feature_deltas, &owners, &mut users)?;
     count_unmatched(&purchases, &subscriptions, &reads.registry);
     let notices = abandoned_notices(&abandoned, &owners);
     let new_links: Vec<(&str, &str)> = links
@@ -144,9 +153,12 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
     let attached = write_state(
         db,
         &new_links,
-        &purchases,
-        &subscriptions,
-        &notices,
+        Writes {
+            purchases: &purchases,
+            subscriptions: &subscriptions,
+            features: &features,
+            notices: &notices,
+        },
         &reads.registry,
     )
     .await?;
@@ -213,6 +225,8 @@ struct State {
     customer_users: HashMap<String, String>,
     /// The products the deltas and the rows they touch name (by key or price).
     registry: Registry,
+    /// The stored Stripe feature rows of the deltas' customers.
+    feature_rows: Vec<Row>,
 }
 
 /// One pipeline: the links inserted first (so the customer lookup sees them), then the purchase
@@ -222,8 +236,17 @@ async fn read_state(
     links: &[(&str, &str, Vec<usize>)],
     purchase_deltas: &[(usize, &PurchaseFacts)],
     subscription_deltas: &[(usize, &SubscriptionFacts)],
+    feature_deltas: &[(usize, &FeatureFacts)],
     customers: &BTreeSet<&str>,
 ) -> Result<State, StoreError> {
+    let feature_customers: Vec<&str> = feature_deltas
+        .iter()
+        .map(|(_, d)| d.customer_id.as_str())
+        .collect();
+    let feature_params: [Param<'_>; 1] = [(&feature_customers, Type::TEXT_ARRAY)];
+    let features_sql = format!(
+        "SELECT {FEATURE_COLUMNS} FROM stripe_features WHERE customer_id = ANY($1) FOR UPDATE"
+    );
     let link_customers: Vec<&str> = links.iter().map(|(c, _, _)| *c).collect();
     let link_users: Vec<&str> = links.iter().map(|(_, u, _)| *u).collect();
     let ids = |f: fn(&PurchaseFacts) -> Option<&String>| -> Vec<&str> {
@@ -287,36 +310,42 @@ async fn read_state(
              OR price_id IN (SELECT price_id FROM purchases WHERE {SHARING}
                              UNION ALL SELECT price_id FROM subscriptions WHERE id = ANY($6))"
     );
-    let (new_links, purchase_rows, subscription_rows, customer_rows, product_rows) = try_join5(
-        when(!links.is_empty(), async {
-            db.query(
-                "INSERT INTO customers (customer_id, user_id)
+    let ((new_links, purchase_rows, subscription_rows, customer_rows, product_rows), feature_rows) =
+        try_join(
+            try_join5(
+                when(!links.is_empty(), async {
+                    db.query(
+                        "INSERT INTO customers (customer_id, user_id)
                  SELECT * FROM unnest($1::text[], $2::text[])
                  ON CONFLICT (customer_id) DO NOTHING
                  RETURNING customer_id",
-                &link_params,
-            )
-            .await
-        }),
-        when(!purchase_deltas.is_empty(), async {
-            db.query(&purchases_sql, &purchase_params).await
-        }),
-        when(!subscription_deltas.is_empty(), async {
-            db.query(&subscriptions_sql, &subscription_params).await
-        }),
-        when(!customer_ids.is_empty(), async {
-            db.query(
-                "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
-                &customer_params,
-            )
-            .await
-        }),
-        when(
-            !purchase_deltas.is_empty() || !subscription_deltas.is_empty(),
-            async { db.query(&products_sql, &product_params).await },
-        ),
-    )
-    .await?;
+                        &link_params,
+                    )
+                    .await
+                }),
+                when(!purchase_deltas.is_empty(), async {
+                    db.query(&purchases_sql, &purchase_params).await
+                }),
+                when(!subscription_deltas.is_empty(), async {
+                    db.query(&subscriptions_sql, &subscription_params).await
+                }),
+                when(!customer_ids.is_empty(), async {
+                    db.query(
+                        "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
+                        &customer_params,
+                    )
+                    .await
+                }),
+                when(
+                    !purchase_deltas.is_empty() || !subscription_deltas.is_empty(),
+                    async { db.query(&products_sql, &product_params).await },
+                ),
+            ),
+            when(!feature_deltas.is_empty(), async {
+                db.query(&features_sql, &feature_params).await
+            }),
+        )
+        .await?;
     Ok(State {
         new_links: new_links
             .iter()
@@ -334,6 +363,7 @@ async fn read_state(
                 .map(product_from_row)
                 .collect::<Result<Vec<_>, _>>()?,
         ),
+        feature_rows,
     })
 }
 
@@ -515,42 +545,87 @@ fn merge_subscriptions(
     owners: &HashMap<String, String>,
     users: &mut [BTreeSet<String>],
 ) -> Result<Vec<SubscriptionFacts>, StoreError> {
-    let mut stored: HashMap<String, SubscriptionFacts> = HashMap::new();
-    for row in rows {
-        let facts = subscription_from_row(row)?;
-        stored.insert(facts.id.clone(), facts);
-    }
-    let mut grouped: BTreeMap<&str, (Vec<usize>, SubscriptionFacts)> = BTreeMap::new();
-    for (event, delta) in deltas {
+    let stored = rows
+        .iter()
+        .map(subscription_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let keyed = Keyed {
+        key: |s: &SubscriptionFacts| s.id.clone(),
+        merge: SubscriptionFacts::merge,
+        owner: subscription_owner,
+    };
+    Ok(keyed.fold(stored, deltas, owners, users))
+}
+
+/// Folds each customer's stored Stripe feature row with its deltas; the row takes the
+/// customer's user.
+fn merge_features(
+    rows: &[Row],
+    deltas: &[(usize, &FeatureFacts)],
+    owners: &HashMap<String, String>,
+    users: &mut [BTreeSet<String>],
+) -> Result<Vec<FeatureFacts>, StoreError> {
+    let stored = rows
+        .iter()
+        .map(feature_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let keyed = Keyed {
+        key: |f: &FeatureFacts| f.customer_id.clone(),
+        merge: FeatureFacts::merge,
+        owner: feature_owner,
+    };
+    Ok(keyed.fold(stored, deltas, owners, users))
+}
+
+fn subscription_owner(s: &mut SubscriptionFacts) -> (&mut Option<String>, Option<String>) {
+    (&mut s.user_id, s.customer_id.clone())
+}
+
+fn feature_owner(f: &mut FeatureFacts) -> (&mut Option<String>, Option<String>) {
+    (&mut f.user_id, Some(f.customer_id.clone()))
+}
+
+/// Rows keyed by one Stripe id (a subscription, a customer's features): how to key, join and
+/// attribute them.
+struct Keyed<T> {
+    key: fn(&T) -> String,
+    merge: fn(T, T) -> T,
+    /// The row's user (to fill) and customer.
+    owner: fn(&mut T) -> (&mut Option<String>, Option<String>),
+}
+
+impl<T: Clone> Keyed<T> {
+    /// Groups the deltas by key, each group folded into the stored row of the same key (read
+    /// for exactly these keys); a merged row without a user takes its customer's, and its
+    /// users are charged to its events.
+    fn fold(
+        &self,
+        stored: Vec<T>,
+        deltas: &[(usize, &T)],
+        owners: &HashMap<String, String>,
+        users: &mut [BTreeSet<String>],
+    ) -> Vec<T> {
+        let mut grouped: BTreeMap<String, (Vec<usize>, T)> = stored
+            .into_iter()
+            .map(|row| ((self.key)(&row), (Vec::new(), row)))
+            .collect();
+        for (event, delta) in deltas {
+            let (events, merged) = grouped
+                .entry((self.key)(delta))
+                .or_insert_with(|| (Vec::new(), (*delta).clone()));
+            events.push(*event);
+            *merged = (self.merge)(merged.clone(), (*delta).clone());
+        }
         grouped
-            .entry(delta.id.as_str())
-            .and_modify(|(events, merged)| {
-                events.push(*event);
-                *merged = merged.clone().merge((*delta).clone());
+            .into_values()
+            .map(|(events, mut merged)| {
+                let (user, customer) = (self.owner)(&mut merged);
+                let concerned: BTreeSet<String> = user.iter().cloned().collect();
+                resolve_user(user, customer.as_ref(), owners, concerned, &events, users);
+                merged
             })
-            .or_insert_with(|| (vec![*event], (*delta).clone()));
+            .collect()
     }
-    let mut out = Vec::with_capacity(grouped.len());
-    for (id, (events, merged)) in grouped {
-        let mut concerned = BTreeSet::new();
-        let mut merged = match stored.remove(id) {
-            Some(row) => {
-                concerned.extend(row.user_id.clone());
-                row.merge(merged)
-            }
-            None => merged,
-        };
-        resolve_user(
-            &mut merged.user_id,
-            merged.customer_id.as_ref(),
-            owners,
-            concerned,
-            &events,
-            users,
-        );
-        out.push(merged);
-    }
-    Ok(out)
 }
 
 /// Counts, in `payments_unmatched_total{kind}`, the merged rows that took money (a paid
@@ -779,14 +854,43 @@ impl SubscriptionColumns {
 /// One pipeline: the new links attach the rows that waited for a user, then the folded rows
 /// are deleted, the purchases updated and inserted, the subscriptions upserted and the
 /// abandoned checkouts queued. Returns the customers whose link attached a stored row.
+/// The merged rows [`write_state`] writes.
+struct Writes<'a> {
+    purchases: &'a Purchases,
+    subscriptions: &'a [SubscriptionFacts],
+    features: &'a [FeatureFacts],
+    notices: &'a [(Option<String>, String, serde_json::Value)],
+}
+
 async fn write_state(
     db: Db<'_>,
     new_links: &[(&str, &str)],
-    purchases: &Purchases,
-    subscriptions: &[SubscriptionFacts],
-    notices: &[(Option<String>, String, serde_json::Value)],
+    writes: Writes<'_>,
     registry: &Registry,
 ) -> Result<HashSet<String>, StoreError> {
+    let Writes {
+        purchases,
+        subscriptions,
+        features,
+        notices,
+    } = writes;
+    let feature_customers: Vec<&str> = features.iter().map(|f| f.customer_id.as_str()).collect();
+    let feature_users: Vec<Option<&str>> = features.iter().map(|f| f.user_id.as_deref()).collect();
+    // Postgres arrays cannot nest: the lists travel as JSON arrays.
+    let feature_lists: Vec<serde_json::Value> = features
+        .iter()
+        .map(|f| serde_json::json!(f.lookup_keys()))
+        .collect();
+    let feature_at: Vec<Option<DateTime<Utc>>> = features
+        .iter()
+        .map(|f| opt_timestamp(f.claim.as_ref().map(|c| c.at)))
+        .collect::<Result<_, _>>()?;
+    let feature_params: [Param<'_>; 4] = [
+        (&feature_customers, Type::TEXT_ARRAY),
+        (&feature_users, Type::TEXT_ARRAY),
+        (&feature_lists, Type::JSONB_ARRAY),
+        (&feature_at, Type::TIMESTAMPTZ_ARRAY),
+    ];
     let link_customers: Vec<&str> = new_links.iter().map(|(c, _)| *c).collect();
     let link_users: Vec<&str> = new_links.iter().map(|(_, u)| *u).collect();
     let link_params: [Param<'_>; 2] = [
@@ -868,8 +972,12 @@ async fn write_state(
                          RETURNING l.c),
                   s AS (UPDATE subscriptions SET user_id = l.u, updated_at = now() FROM l
                          WHERE subscriptions.customer_id = l.c AND subscriptions.user_id IS NULL
+                         RETURNING l.c),
+                  f AS (UPDATE stripe_features SET user_id = l.u, updated_at = now() FROM l
+                         WHERE stripe_features.customer_id = l.c
+                           AND stripe_features.user_id IS NULL
                          RETURNING l.c)
-             SELECT c FROM p UNION ALL SELECT c FROM s",
+             SELECT c FROM p UNION ALL SELECT c FROM s UNION ALL SELECT c FROM f",
             &link_params,
         )));
     }
@@ -903,6 +1011,18 @@ async fn write_state(
                  price_claim_at = EXCLUDED.price_claim_at, quantity = EXCLUDED.quantity,
                  updated_at = now()",
             &subscription_params,
+        )));
+    }
+    if !features.is_empty() {
+        pending.push(Box::pin(db.query(
+            "INSERT INTO stripe_features AS f (customer_id, user_id, lookup_keys, claim_at)
+             SELECT c, u, ARRAY(SELECT jsonb_array_elements_text(k)), at
+               FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[])
+                    AS x(c, u, k, at)
+             ON CONFLICT (customer_id) DO UPDATE SET user_id = EXCLUDED.user_id,
+                 lookup_keys = EXCLUDED.lookup_keys, claim_at = EXCLUDED.claim_at,
+                 updated_at = now()",
+            &feature_params,
         )));
     }
     if !notices.is_empty() {

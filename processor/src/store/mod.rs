@@ -40,8 +40,8 @@ mod recompute;
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
-    DisputeState, EntitlementSource, EntitlementStatus, GrantSource, PriceClaim, Product,
-    ProductStatus, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
+    DisputeState, EntitlementSource, EntitlementStatus, FeatureClaim, FeatureFacts, GrantSource,
+    PriceClaim, Product, ProductStatus, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
 use crate::stripe::CheckoutMode;
 use chrono::{DateTime, Utc};
@@ -215,9 +215,23 @@ pub fn subscription_facts(row: &Row) -> Result<SubscriptionFacts, StoreError> {
     subscription_from_row(row)
 }
 
+const FEATURE_COLUMNS: &str = "customer_id, user_id, lookup_keys, claim_at";
+
+fn feature_from_row(row: &Row) -> Result<FeatureFacts, StoreError> {
+    let at: DateTime<Utc> = row.try_get("claim_at")?;
+    Ok(FeatureFacts {
+        customer_id: row.try_get("customer_id")?,
+        user_id: row.try_get("user_id")?,
+        claim: Some(FeatureClaim {
+            at: at.timestamp(),
+            lookup_keys: row.try_get("lookup_keys")?,
+        }),
+    })
+}
+
 /// The `products` columns [`product_from_row`] reads.
 pub const PRODUCT_COLUMNS: &str = "key, title, price_id, amount_cents, currency, mode, \
-     grants, creator_id, platform_fee_bps, organization_fee_bps, status";
+     grants, feature_lookup_key, creator_id, platform_fee_bps, organization_fee_bps, status";
 
 /// A `products` row (selected with [`PRODUCT_COLUMNS`]).
 ///
@@ -239,6 +253,7 @@ pub fn product_from_row(row: &Row) -> Result<Product, StoreError> {
         currency: row.try_get("currency")?,
         mode,
         grants: row.try_get("grants")?,
+        feature_lookup_key: row.try_get("feature_lookup_key")?,
         creator_id: row.try_get("creator_id")?,
         platform_fee_bps: i64::from(row.try_get::<_, i32>("platform_fee_bps")?),
         organization_fee_bps: i64::from(row.try_get::<_, i32>("organization_fee_bps")?),

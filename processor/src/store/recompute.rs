@@ -8,17 +8,19 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::try_join4;
+use futures_util::future::{try_join, try_join4};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, EntitlementView, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
-    StoreError, UserSnapshot, entitlement_source, entitlement_status, grant_sources, opt_timestamp,
-    product_from_row, purchase_from_row, secs, subscription_from_row,
+    Db, EntitlementView, FEATURE_COLUMNS, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param,
+    SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot, entitlement_source, entitlement_status,
+    feature_from_row, grant_sources, opt_timestamp, product_from_row, purchase_from_row, secs,
+    subscription_from_row,
 };
 use crate::projection::{
-    self, DerivedEntitlement, EntitlementStatus, PurchaseFacts, Registry, SubscriptionFacts,
+    self, DerivedEntitlement, EntitlementStatus, FeatureFacts, PurchaseFacts, Registry,
+    SubscriptionFacts,
 };
 
 /// One user's recomputation, before it is written.
@@ -132,21 +134,36 @@ pub(super) async fn recompute(
           WHERE key IN (SELECT product_key FROM purchases WHERE user_id = ANY($1)
                         UNION ALL SELECT product_key FROM subscriptions WHERE user_id = ANY($1))
              OR price_id IN (SELECT price_id FROM purchases WHERE user_id = ANY($1)
-                             UNION ALL SELECT price_id FROM subscriptions WHERE user_id = ANY($1))"
+                             UNION ALL SELECT price_id FROM subscriptions WHERE user_id = ANY($1))
+             OR feature_lookup_key IN (SELECT unnest(lookup_keys) FROM stripe_features
+                                        WHERE user_id = ANY($1))"
     );
-    let (purchase_rows, subscription_rows, entitlement_rows, product_rows) = try_join4(
-        db.query(&purchases_sql, &by_users),
-        db.query(&subscriptions_sql, &by_users),
-        db.query(
-            "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
+    let features_sql =
+        format!("SELECT {FEATURE_COLUMNS} FROM stripe_features WHERE user_id = ANY($1)");
+    let ((purchase_rows, subscription_rows, entitlement_rows, product_rows), feature_rows) =
+        try_join(
+            try_join4(
+                db.query(&purchases_sql, &by_users),
+                db.query(&subscriptions_sql, &by_users),
+                db.query(
+                    "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
                     e.updated_at, e.sources
                FROM (SELECT now() AS now) n
                LEFT JOIN entitlements e ON e.user_id = ANY($1)",
-            &by_users,
-        ),
-        db.query(&products_sql, &by_users),
-    )
-    .await?;
+                    &by_users,
+                ),
+                db.query(&products_sql, &by_users),
+            ),
+            db.query(&features_sql, &by_users),
+        )
+        .await?;
+    let mut features: BTreeMap<String, Vec<FeatureFacts>> = BTreeMap::new();
+    for row in &feature_rows {
+        let facts = feature_from_row(row)?;
+        if let Some(user) = facts.user_id.clone() {
+            features.entry(user).or_default().push(facts);
+        }
+    }
     let registry = Registry::new(
         product_rows
             .iter()
@@ -188,6 +205,7 @@ pub(super) async fn recompute(
             let derived = projection::derive_entitlements(
                 purchases.get(user).map_or(&[], Vec::as_slice),
                 subscriptions.get(user).map_or(&[], Vec::as_slice),
+                features.get(user).map_or(&[], Vec::as_slice),
                 &registry,
             );
             diff_entitlements(

@@ -280,6 +280,19 @@ impl StripeClient {
             .await
     }
 
+    /// Every active Stripe Entitlements feature of `customer` (`GET
+    /// /v1/entitlements/active_entitlements`, all pages; the summary event lists at most 10).
+    ///
+    /// # Errors
+    /// Any [`StripeError`].
+    pub async fn list_active_entitlements(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<Value>, StripeError> {
+        self.list_by_customer("/v1/entitlements/active_entitlements", customer, &[])
+            .await
+    }
+
     /// All charges of `customer` (with `refunded`, `amount_refunded`, `disputed`), as raw objects.
     ///
     /// # Errors

@@ -103,6 +103,7 @@ impl Worker {
     pub(super) async fn process_batch(&self, mut items: Vec<Item>) -> bool {
         metrics::histogram!("worker_batch_size").record(items.len() as f64);
         mark_duplicates(&mut items);
+        self.complete_feature_summaries(&mut items).await;
         let size = items.len();
         let started = Instant::now();
         self.claim_all(&mut items).await;
@@ -121,6 +122,24 @@ impl Worker {
             "batch done"
         );
         healthy
+    }
+
+    /// Replaces each Stripe feature summary's list by the customer's complete one
+    /// ([`crate::features`]); a summary that cannot be completed is retried later.
+    async fn complete_feature_summaries(&self, items: &mut [Item]) {
+        for item in items.iter_mut().filter(|i| i.outcome.is_none()) {
+            let Ok(event) = &item.parsed else { continue };
+            if !matches!(event.kind, events::EventKind::FeatureSummaryUpdated(_)) {
+                continue;
+            }
+            match crate::features::complete(self.stripe.as_ref(), event.clone()).await {
+                Ok(complete) => item.parsed = Ok(complete),
+                Err(error) => {
+                    tracing::warn!(parent: &item.span, %error, "feature summary not completed");
+                    item.outcome = Some(Outcome::Later(error.to_string()));
+                }
+            }
+        }
     }
 
     /// Takes the dedupe claims of the batch's fresh events concurrently.
