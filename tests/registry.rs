@@ -584,6 +584,16 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
         "a stale summary never undoes a newer one"
     );
 
+    // Reconcile reports the drift between Stripe's view (feat-11 still listed) and ours.
+    let drift = processor::reconcile::feature_drift(&api.pool, &stripe)
+        .await
+        .unwrap();
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0].customer, customer);
+    assert_eq!(drift[0].user.as_deref(), Some(user.as_str()));
+    assert_eq!(drift[0].missing, ["feat-11"]);
+    assert!(drift[0].extra.is_empty());
+
     // Restore reads the complete list from Stripe as the customer's current state.
     let (status, body) = api.restore_again(&user).await;
     assert_eq!(status, 200, "{body}");
