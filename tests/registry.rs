@@ -154,8 +154,23 @@ async fn an_item_registered_by_the_app_is_sold_opened_to_its_buyer_and_kept_afte
         .into_iter()
         .find(|s| s["id"] == answer["sessionId"])
         .unwrap();
-    api.apply(&paid(&session, chrono::Utc::now().timestamp()))
-        .await;
+    // The worker reads the line items the webhook lacks: the ad-hoc price of price_data.
+    let stripe = processor::stripe::StripeClient::new(fake.client_config()).unwrap();
+    let completed = paid(&session, chrono::Utc::now().timestamp());
+    let event = processor::events::parse(completed.to_string().as_bytes()).unwrap();
+    assert!(processor::complete::needs_completion(&event));
+    let event = processor::complete::complete(Some(&stripe), event)
+        .await
+        .unwrap();
+    let processor::events::EventKind::CheckoutSessionCompleted(s) = &event.kind else {
+        panic!("wrong kind")
+    };
+    assert!(
+        s.price_id
+            .as_deref()
+            .is_some_and(|p| p.starts_with("price_adhoc"))
+    );
+    apply_event(&api, &buyer, event).await;
     // The worker refreshes the cache after its commit; this test applies directly.
     api.cache.invalidate(&buyer).await;
 
@@ -541,12 +556,12 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
     let event = processor::events::parse(body.to_string().as_bytes()).unwrap();
     assert!(
         matches!(
-            processor::features::complete(None, event.clone()).await,
-            Err(processor::features::CompleteError::NotConfigured)
+            processor::complete::complete(None, event.clone()).await,
+            Err(processor::complete::CompleteError::NotConfigured)
         ),
         "a cut list is never applied as it is"
     );
-    let complete = processor::features::complete(Some(&stripe), event)
+    let complete = processor::complete::complete(Some(&stripe), event)
         .await
         .unwrap();
     apply_event(&api, &user, complete).await;
@@ -574,7 +589,7 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
     assert_eq!(access(&api, &user, "team").await, 403);
     let stale = summary(&customer, t0() - DAY, &features);
     let stale = processor::events::parse(stale.to_string().as_bytes()).unwrap();
-    let stale = processor::features::complete(Some(&stripe), stale)
+    let stale = processor::complete::complete(Some(&stripe), stale)
         .await
         .unwrap();
     apply_event(&api, &user, stale).await;

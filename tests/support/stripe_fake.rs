@@ -97,6 +97,8 @@ pub enum Collection {
     /// Stripe Entitlements' active entitlements; seed them with a `customer` member (the
     /// fake filters on it; Stripe's objects do not carry it).
     ActiveEntitlements,
+    /// Line items of the Checkout Sessions the fake created, with a `session` member.
+    CheckoutLineItems,
 }
 
 #[derive(Default)]
@@ -562,6 +564,30 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
         ("GET", "/v1/checkout/sessions") => {
             list(inner, req, Collection::CheckoutSessions, by_customer)
         }
+        ("GET", path)
+            if path.starts_with("/v1/checkout/sessions/") && path.ends_with("/line_items") =>
+        {
+            let session = path
+                .trim_start_matches("/v1/checkout/sessions/")
+                .trim_end_matches("/line_items")
+                .to_owned();
+            let known = inner
+                .objects
+                .get(&Collection::CheckoutSessions)
+                .is_some_and(|all| all.iter().any(|s| s["id"] == session.as_str()));
+            if !known {
+                return stripe_error(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    &format!("No such checkout.session: '{session}'"),
+                    Some("id"),
+                );
+            }
+            list(inner, req, Collection::CheckoutLineItems, move |o, _| {
+                o["session"] == session.as_str()
+            })
+        }
         ("POST", "/v1/billing_portal/sessions") => create_portal_session(inner, req),
         ("GET", "/v1/payment_intents") => list(inner, req, Collection::PaymentIntents, by_customer),
         ("GET", "/v1/charges") => list(inner, req, Collection::Charges, by_customer),
@@ -768,6 +794,18 @@ fn create_checkout_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusC
         .entry(Collection::CheckoutSessions)
         .or_default()
         .push(session.clone());
+    let price = match req.param("line_items[0][price]") {
+        Some(price) => json!({ "id": price, "object": "price" }),
+        None => json!({ "id": next_id(inner, "price_adhoc"), "object": "price",
+            "unit_amount": price_data.1, "currency": price_data.0 }),
+    };
+    let line_item = json!({ "id": next_id(inner, "li"), "object": "item", "session": id,
+        "price": price, "quantity": 1 });
+    inner
+        .objects
+        .entry(Collection::CheckoutLineItems)
+        .or_default()
+        .push(line_item);
     (StatusCode::OK, session)
 }
 

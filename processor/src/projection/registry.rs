@@ -4,7 +4,8 @@
 //! Invariants:
 //! - A row grants only through a registered product, and only when what was paid matches it:
 //!   a known price id must be the product's price (and agree with any product key our metadata
-//!   names); without a price id, the product key our checkout wrote must name the product and,
+//!   names) — or, being an ad-hoc `price_data` price, belong to an item sold by amount that our
+//!   metadata names, at its amount and currency; without a price id, the product key our checkout wrote must name the product and,
 //!   when the product is sold by amount (`price_data`), the amount and currency must be its own.
 //!   A row nothing resolves (a Payment Link's `client_reference_id` alone, a price outside the
 //!   registry, a $1 "Pro") grants nothing.
@@ -162,12 +163,21 @@ impl Registry {
     #[must_use]
     pub fn purchase_product(&self, p: &PurchaseFacts) -> Option<&Product> {
         match (&p.price_id, &p.product_key) {
-            (Some(price), key) => {
-                let product = self.by_price(price)?;
-                key.as_ref()
+            (Some(price), key) => match self.by_price(price) {
+                Some(product) => key
+                    .as_ref()
                     .is_none_or(|k| *k == product.key)
+                    .then_some(product),
+                // An ad-hoc price (what Checkout `price_data` creates): only an item sold by
+                // amount, named by our metadata, at its own amount and currency.
+                None => {
+                    let product = self.get(key.as_ref()?)?;
+                    (product.price_id.is_none()
+                        && product.amount_cents.is_some()
+                        && product.amount_matches(p.amount_cents, p.currency.as_deref()))
                     .then_some(product)
-            }
+                }
+            },
             (None, Some(key)) => {
                 let product = self.get(key)?;
                 product
@@ -246,6 +256,13 @@ mod tests {
         );
         assert_eq!(key(&paid(Some("pro"), None, 4900)), Some("pro"));
         assert_eq!(key(&paid(Some("video"), None, 1500)), Some("video"));
+        // The ad-hoc price Checkout creates for price_data.
+        assert_eq!(
+            key(&paid(Some("video"), Some("price_adhoc"), 1500)),
+            Some("video")
+        );
+        assert_eq!(key(&paid(Some("video"), Some("price_adhoc"), 100)), None);
+        assert_eq!(key(&paid(Some("pro"), Some("price_adhoc"), 4900)), None);
         // The $1 Payment Link: no metadata, a price the registry does not sell.
         assert_eq!(key(&paid(None, Some("price_other"), 100)), None);
         assert_eq!(key(&paid(None, None, 100)), None);

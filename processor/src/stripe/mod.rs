@@ -293,6 +293,18 @@ impl StripeClient {
             .await
     }
 
+    /// The line items of a Checkout Session (webhook payloads never carry them).
+    ///
+    /// # Errors
+    /// Any [`StripeError`].
+    pub async fn list_checkout_line_items(&self, session: &str) -> Result<Vec<Value>, StripeError> {
+        self.list_all(
+            &format!("/v1/checkout/sessions/{session}/line_items"),
+            &Form::new(),
+        )
+        .await
+    }
+
     /// All charges of `customer` (with `refunded`, `amount_refunded`, `disputed`), as raw objects.
     ///
     /// # Errors

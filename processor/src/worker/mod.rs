@@ -67,8 +67,8 @@ pub struct Worker {
     pool: Pool,
     cache: Cache,
     publisher: Publisher,
-    /// Reads the complete feature list of Stripe Entitlements summaries ([`crate::features`]);
-    /// `None` without a usable `STRIPE_SECRET_KEY`.
+    /// Completes events from Stripe ([`crate::complete`]); `None` without a usable
+    /// `STRIPE_SECRET_KEY`.
     stripe: Option<crate::stripe::StripeClient>,
 }
 
@@ -80,7 +80,7 @@ impl Worker {
                 .map_err(|e| e.to_string())
                 .and_then(|c| crate::stripe::StripeClient::new(c).map_err(|e| e.to_string()))
                 .inspect_err(|error| {
-                    tracing::warn!(%error, "no Stripe client: feature summaries are not completed");
+                    tracing::warn!(%error, "no Stripe client: events are not completed from Stripe");
                 })
                 .ok()
         });
