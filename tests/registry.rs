@@ -33,6 +33,11 @@ async fn admin_send(
     api.send(method, path, Some(&admin()), body).await
 }
 
+/// A body-less admin request on the product `key`.
+async fn on_product(api: &Api, method: reqwest::Method, key: &str) -> (u16, Value) {
+    admin_send(api, method, &format!("/v1/products/{key}"), None).await
+}
+
 async fn put_product(api: &Api, key: &str, body: Value) -> (u16, Value) {
     admin_send(
         api,
@@ -123,13 +128,7 @@ async fn an_item_registered_by_the_app_is_sold_opened_to_its_buyer_and_kept_afte
     assert_eq!(status, 201, "{product}");
     assert_eq!(product["grants"], json!([format!("content:{item}")]));
     assert_eq!(product["status"], "published");
-    let (status, got) = admin_send(
-        &api,
-        reqwest::Method::GET,
-        &format!("/v1/products/{item}"),
-        None,
-    )
-    .await;
+    let (status, got) = on_product(&api, reqwest::Method::GET, &item).await;
     assert_eq!((status, &got), (200, &product));
 
     // Checkout with price_data at the item's amount, currency and title.
@@ -200,13 +199,7 @@ async fn an_item_registered_by_the_app_is_sold_opened_to_its_buyer_and_kept_afte
     assert_eq!(code(&answer), (409, Some("already_entitled")));
 
     // Unpublished: nobody can buy it, the buyer keeps it.
-    let (status, body) = admin_send(
-        &api,
-        reqwest::Method::DELETE,
-        &format!("/v1/products/{item}"),
-        None,
-    )
-    .await;
+    let (status, body) = on_product(&api, reqwest::Method::DELETE, &item).await;
     assert_eq!(
         (status, body["status"].as_str()),
         (200, Some("unpublished"))
