@@ -121,9 +121,14 @@ async fn raw(
     body
 }
 
-/// Gives `customer` a card and a monthly 5.00 USD subscription with `metadata`; returns the
-/// subscription (its first invoice is paid at once).
-async fn subscribe(ls: &LocalStripe, customer: &str, metadata: &[(&str, &str)]) -> Value {
+/// Gives `customer` a card and a monthly 5.00 USD subscription to a new plan `plan` (a fresh id
+/// when `None`) with `metadata`; returns the subscription (its first invoice is paid at once).
+async fn subscribe(
+    ls: &LocalStripe,
+    customer: &str,
+    plan: Option<&str>,
+    metadata: &[(&str, &str)],
+) -> Value {
     raw(
         ls,
         reqwest::Method::POST,
@@ -137,7 +142,7 @@ async fn subscribe(ls: &LocalStripe, customer: &str, metadata: &[(&str, &str)]) 
         ],
     )
     .await;
-    let plan = system_tests::unique("plan");
+    let plan = plan.map_or_else(|| system_tests::unique("plan"), str::to_owned);
     raw(
         ls,
         reqwest::Method::POST,
@@ -154,6 +159,21 @@ async fn subscribe(ls: &LocalStripe, customer: &str, metadata: &[(&str, &str)]) 
     let mut form = vec![("customer", customer), ("items[0][plan]", plan.as_str())];
     form.extend_from_slice(metadata);
     raw(ls, reqwest::Method::POST, "/v1/subscriptions", &form).await
+}
+
+/// The checkout's customer was created in localstripe, for `user`.
+async fn assert_lives_in_localstripe(ls: &LocalStripe, customer: &str, user: &str) {
+    let found = raw(
+        ls,
+        reqwest::Method::GET,
+        &format!("/v1/customers/{customer}"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        found["metadata"]["user_id"], user,
+        "the customer lives in localstripe"
+    );
 }
 
 #[tokio::test]
@@ -185,7 +205,13 @@ async fn subscriptions_are_listed_with_status_all_including_canceled_ones() {
     let stripe = client(&ls);
     let user = UserId::parse(&system_tests::unique("user")).unwrap();
     let customer = stripe.create_customer(&user, None).await.unwrap();
-    let sub = subscribe(&ls, &customer.id, &[("metadata[user_id]", user.as_str())]).await;
+    let sub = subscribe(
+        &ls,
+        &customer.id,
+        None,
+        &[("metadata[user_id]", user.as_str())],
+    )
+    .await;
 
     let subs = stripe.list_subscriptions(&customer.id).await.unwrap();
     assert_eq!(subs.len(), 1);
@@ -270,24 +296,15 @@ async fn after_a_subscription_is_created_there_restore_yields_an_active_entitlem
         .await
         .unwrap()
         .get(0);
-    let found = raw(
-        &ls,
-        reqwest::Method::GET,
-        &format!("/v1/customers/{customer}"),
-        &[],
-    )
-    .await;
-    assert_eq!(
-        found["metadata"]["user_id"],
-        user.as_str(),
-        "the customer lives in localstripe"
-    );
+    assert_lives_in_localstripe(&ls, &customer, &user).await;
 
-    // The user pays; Checkout creates the subscription with the session's metadata. Every
-    // webhook about it is lost.
+    // The user pays; Checkout creates the subscription with the session's metadata, at the
+    // team product's price (a plan, in localstripe's 2017-era shapes). Every webhook about it
+    // is lost.
     let subscription = subscribe(
         &ls,
         &customer,
+        Some("price_team"),
         &[
             ("metadata[user_id]", user.as_str()),
             ("metadata[product_key]", "team"),
@@ -343,5 +360,52 @@ async fn after_a_subscription_is_created_there_restore_yields_an_active_entitlem
     assert_eq!(status, 200, "{body}");
     let (status, access) = api.get("/api/access/team", &user).await;
     assert_eq!(status, 403, "{access}");
+    api.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_item_registered_by_the_app_is_bought_with_a_localstripe_customer_and_opens_its_key() {
+    let Some(ls) = start().await else { return };
+    let front = FakeStripe::start_in_front_of(&ls.base_url).await;
+    let api = Api::start(Some(&front)).await;
+    let (buyer, other) = (system_tests::unique("user"), system_tests::unique("user"));
+    let admin = format!("Bearer {}", api_common::ADMIN_TOKEN);
+    let (status, body) = api
+        .send(
+            reqwest::Method::PUT,
+            "/v1/products/lesson-9",
+            Some(&admin),
+            Some(json!({ "title": "Lesson 9", "amountCents": 700, "currency": "usd" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let (status, answer) = api.checkout(&buyer, "lesson-9").await;
+    assert_eq!(status, 200, "{answer}");
+    let sessions = front.objects(system_tests::stripe_fake::Collection::CheckoutSessions);
+    let mut session = sessions
+        .into_iter()
+        .find(|s| s["id"] == answer["sessionId"])
+        .unwrap();
+    let customer = session["customer"].as_str().unwrap().to_owned();
+    assert_lives_in_localstripe(&ls, &customer, &buyer).await;
+
+    session["status"] = json!("complete");
+    session["payment_status"] = json!("paid");
+    session["payment_intent"] = json!(system_tests::unique("pi"));
+    api.apply(
+        &json!({ "id": system_tests::unique("evt"), "object": "event",
+        "type": "checkout.session.completed", "created": chrono::Utc::now().timestamp(),
+        "data": { "object": session } }),
+    )
+    .await;
+    api.cache.invalidate(&buyer).await;
+    assert_eq!(api.get("/api/access/content:lesson-9", &buyer).await.0, 200);
+    assert_eq!(api.get("/api/access/content:lesson-9", &other).await.0, 403);
+    let (status, body) = api.checkout(&buyer, "lesson-9").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("already_entitled"))
+    );
     api.cleanup().await;
 }

@@ -27,6 +27,7 @@ fn args(since: &str) -> ReconcileArgs {
         types: Vec::new(),
         undelivered_only: false,
         dry_run: false,
+        features_drift: false,
     }
 }
 

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use processor::stripe::{
-    CheckoutMode, CheckoutSessionRequest, EventQuery, STRIPE_API_VERSION, StripeClient, StripeError,
+    CheckoutMode, CheckoutSessionRequest, EventQuery, LineItemPrice, STRIPE_API_VERSION,
+    StripeClient, StripeError,
 };
 use serde_json::json;
 use shared::ids::UserId;
@@ -20,7 +21,7 @@ fn client(fake: &FakeStripe) -> StripeClient {
 fn checkout(customer: Option<String>, mode: CheckoutMode) -> CheckoutSessionRequest {
     CheckoutSessionRequest {
         mode,
-        price_id: "price_pro".into(),
+        price: LineItemPrice::Id("price_pro".into()),
         quantity: 1,
         success_url: "https://app.test/ok?session_id={CHECKOUT_SESSION_ID}".into(),
         cancel_url: "https://app.test/cancel".into(),
@@ -263,7 +264,7 @@ async fn the_same_idempotency_key_with_other_parameters_is_a_typed_conflict() {
     assert_eq!(fake.objects(Collection::CheckoutSessions).len(), 1);
 
     let mut other = checkout(None, CheckoutMode::Payment);
-    other.price_id = "price_other".into();
+    other.price = LineItemPrice::Id("price_other".into());
     let err = stripe
         .create_checkout_session(&other, "double-click-key")
         .await

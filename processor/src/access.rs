@@ -104,6 +104,7 @@ mod tests {
             source_id: "sub_1".into(),
             expires_at,
             updated_at: Utc::now(),
+            sources: Vec::new(),
         }
     }
 

@@ -9,7 +9,13 @@
 //! price = "price_123"
 //! mode = "subscription"      # or "payment"
 //! entitlement = "team"
+//! also_grants = ["pro"]      # optional: more entitlement keys the product grants
+//! feature = "team-seats"     # optional: a Stripe Entitlements feature lookup_key granting them
 //! ```
+//!
+//! These are the registry's static products: start-up writes them into the `products` table
+//! ([`crate::registry::sync_config`]), where they sit beside the products the application
+//! registers through the admin API.
 //!
 //! Invariant: a loaded catalog is valid (keys well-formed and unique across both sources, price
 //! ids look like Stripe price ids and are not shared by two products, so an event's price maps
@@ -31,9 +37,17 @@ pub struct Product {
     price_id: String,
     mode: CheckoutMode,
     entitlement: EntitlementKey,
+    also_grants: Vec<EntitlementKey>,
+    feature: Option<String>,
 }
 
 impl Product {
+    /// The Stripe Entitlements feature (`lookup_key`) that grants this product's keys.
+    #[must_use]
+    pub fn feature(&self) -> Option<&str> {
+        self.feature.as_deref()
+    }
+
     /// The product key clients send (`{"productKey":"pro"}`).
     #[must_use]
     pub fn key(&self) -> &str {
@@ -56,6 +70,14 @@ impl Product {
     pub fn entitlement(&self) -> &EntitlementKey {
         &self.entitlement
     }
+
+    /// Every entitlement key the product grants: its entitlement, then `also_grants`.
+    #[must_use]
+    pub fn grants(&self) -> Vec<&EntitlementKey> {
+        std::iter::once(&self.entitlement)
+            .chain(&self.also_grants)
+            .collect()
+    }
 }
 
 /// The validated set of products.
@@ -77,6 +99,10 @@ struct FileProduct {
     price: String,
     mode: CheckoutMode,
     entitlement: String,
+    #[serde(default)]
+    also_grants: Vec<String>,
+    #[serde(default)]
+    feature: Option<String>,
 }
 
 /// The variable naming the catalog file; errors about the file's content name it too.
@@ -90,17 +116,29 @@ impl Catalog {
     /// # Errors
     /// A [`ConfigError`] naming the variable (and the file and product) that is wrong.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let file = match env.get(CATALOG_VAR) {
+        Self::load(env.get(PRO_VAR), env.get(CATALOG_VAR).map(Path::new))
+    }
+
+    /// [`Catalog::from_env`] from values already read: the Pro lifetime price and the path of
+    /// the catalog file.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the variable (and the file and product) that is wrong.
+    pub fn load(
+        pro_lifetime_price: Option<&str>,
+        file: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let file = match file.map(|p| p.display().to_string()) {
             None => None,
             Some(path) => {
-                let text = std::fs::read_to_string(Path::new(path)).map_err(|e| {
+                let text = std::fs::read_to_string(Path::new(&path)).map_err(|e| {
                     ConfigError::new(CATALOG_VAR, format!("cannot read {path}: {e}"))
                 })?;
-                Some((path.to_owned(), text))
+                Some((path, text))
             }
         };
         Self::from_sources(
-            env.get(PRO_VAR),
+            pro_lifetime_price,
             file.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
         )
     }
@@ -115,7 +153,14 @@ impl Catalog {
     ) -> Result<Self, ConfigError> {
         let mut catalog = Self::default();
         if let Some(price) = pro_lifetime_price {
-            let product = build(PRO_VAR, "pro", price.trim(), CheckoutMode::Payment, "pro")?;
+            let product = build(
+                PRO_VAR,
+                "pro",
+                price.trim(),
+                CheckoutMode::Payment,
+                "pro",
+                &[],
+            )?;
             catalog.insert(PRO_VAR, product)?;
         }
         if let Some((name, text)) = file {
@@ -123,7 +168,18 @@ impl Catalog {
                 .map_err(|e| ConfigError::new(CATALOG_VAR, format!("{name}: {e}")))?;
             for (key, p) in parsed.products {
                 let context = format!("{CATALOG_VAR} ({name})");
-                let product = build(&context, &key, p.price.trim(), p.mode, &p.entitlement)?;
+                let mut product = build(
+                    &context,
+                    &key,
+                    p.price.trim(),
+                    p.mode,
+                    &p.entitlement,
+                    &p.also_grants,
+                )?;
+                product.feature = p
+                    .feature
+                    .map(|f| f.trim().to_owned())
+                    .filter(|f| !f.is_empty());
                 catalog.insert(&context, product)?;
             }
         }
@@ -188,6 +244,7 @@ fn build(
     price: &str,
     mode: CheckoutMode,
     entitlement: &str,
+    also_grants: &[String],
 ) -> Result<Product, ConfigError> {
     let var = context_var(context);
     let key_ok = !key.is_empty()
@@ -214,13 +271,22 @@ fn build(
             ),
         ));
     }
-    let entitlement = EntitlementKey::parse(entitlement)
-        .map_err(|e| ConfigError::new(var, format!("{context}: product {key:?}: {e}")))?;
+    let parse = |raw: &str| {
+        EntitlementKey::parse(raw)
+            .map_err(|e| ConfigError::new(var, format!("{context}: product {key:?}: {e}")))
+    };
+    let entitlement = parse(entitlement)?;
+    let also_grants = also_grants
+        .iter()
+        .map(|g| parse(g))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Product {
         key: key.to_owned(),
         price_id: price.to_owned(),
         mode,
         entitlement,
+        also_grants,
+        feature: None,
     })
 }
 
@@ -234,6 +300,7 @@ mod tests {
         price = "price_team1"
         mode = "subscription"
         entitlement = "team"
+        also_grants = ["pro"]
 
         [products.credits]
         price = "price_credits"
@@ -260,6 +327,8 @@ mod tests {
         let team = catalog.get("team_monthly").unwrap();
         assert_eq!(team.mode(), CheckoutMode::Subscription);
         assert_eq!(team.entitlement().as_str(), "team");
+        let grants: Vec<_> = team.grants().iter().map(|g| g.as_str()).collect();
+        assert_eq!(grants, ["team", "pro"]);
         assert_eq!(
             catalog.find_by_price("price_team1").unwrap().key(),
             "team_monthly"

@@ -57,6 +57,21 @@ pub enum Command {
     Dlq(crate::dlq::DlqArgs),
     /// Re-enqueue events Stripe still lists (GET /v1/events, 30 days) through the normal queue.
     Reconcile(crate::reconcile::ReconcileArgs),
+    /// Re-derive entitlements from the stored rows through the projection (after a change to
+    /// the product registry or the catalog).
+    Recompute(RecomputeArgs),
+}
+
+/// `processor recompute (--user U | --all)`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["user", "all"])))]
+pub struct RecomputeArgs {
+    /// Only this user.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Every user with a purchase, a subscription or an entitlement.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Parses the arguments, runs the subcommand and maps the outcome to the exit code.
@@ -94,7 +109,10 @@ where
     };
     // Operator commands print to stdout; only their warnings and errors are logged.
     // lapin logs a closed channel at ERROR on its own; the command reports the cause itself.
-    let default_filter = if matches!(command, Command::Dlq(_) | Command::Reconcile(_)) {
+    let default_filter = if matches!(
+        command,
+        Command::Dlq(_) | Command::Reconcile(_) | Command::Recompute(_)
+    ) {
         "warn,lapin=off"
     } else {
         "info"
@@ -130,7 +148,26 @@ async fn execute(command: Command, config: Config, api: Option<ApiConfig>) -> an
             let applied = db::prepare(&config, &pool)
                 .await
                 .context("migrating the database")?;
+            crate::service::sync_catalog(&config, &pool).await?;
             tracing::info!(applied = applied.len(), "database is up to date");
+            Ok(())
+        }
+        Command::Recompute(args) => {
+            let pool = db::pool(&config)?;
+            db::prepare(&config, &pool)
+                .await
+                .context("migrating the database")?;
+            crate::service::sync_catalog(&config, &pool).await?;
+            let user = args
+                .user
+                .as_deref()
+                .map(shared::ids::UserId::parse)
+                .transpose()
+                .context("--user")?;
+            let users = crate::store::recompute_stored(&pool, user.as_ref())
+                .await
+                .context("recomputing entitlements")?;
+            println!("recomputed the entitlements of {users} user(s)");
             Ok(())
         }
         Command::Run | Command::Worker | Command::Api => {

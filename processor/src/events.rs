@@ -40,6 +40,7 @@ impl Event {
             EventKind::SubscriptionCreated(o)
             | EventKind::SubscriptionUpdated(o)
             | EventKind::SubscriptionDeleted(o) => (&o.user_id, &o.customer),
+            EventKind::FeatureSummaryUpdated(o) => return Some(o.customer.as_str()),
             EventKind::ChargeDisputeCreated(_)
             | EventKind::ChargeDisputeClosed(_)
             | EventKind::Unhandled => return None,
@@ -64,6 +65,9 @@ pub enum EventKind {
     SubscriptionCreated(Subscription),
     SubscriptionUpdated(Subscription),
     SubscriptionDeleted(Subscription),
+    /// `entitlements.active_entitlement_summary.updated`: this customer's Stripe features
+    /// changed.
+    FeatureSummaryUpdated(FeatureSummary),
     /// Any other type: acknowledged and ignored.
     Unhandled,
 }
@@ -81,6 +85,8 @@ pub struct CheckoutSession {
     pub user_id: Option<UserId>,
     /// `metadata.product_key`.
     pub product_key: Option<String>,
+    /// The first line item's price, when the payload carries `line_items` (expanded).
+    pub price_id: Option<String>,
     pub amount_total: Option<i64>,
     pub currency: Option<String>,
     /// `after_expiration.recovery.url` (only on expired sessions with recovery enabled).
@@ -198,6 +204,33 @@ pub struct Subscription {
     pub ended_at: Option<i64>,
     pub user_id: Option<UserId>,
     pub product_key: Option<String>,
+    /// The first item's price (`items.data[0].price.id`, or `plan.id` in pre-2018 shapes).
+    pub price_id: Option<String>,
+    /// The first item's quantity (seats).
+    pub quantity: Option<i64>,
+}
+
+/// `entitlements.active_entitlement_summary`'s features, by `lookup_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureSummary {
+    pub customer: String,
+    /// Sorted, deduplicated.
+    pub lookup_keys: Vec<String>,
+    /// False when the event's list was cut short (`has_more`, Stripe lists at most 10): the
+    /// complete list must be read from `GET /v1/entitlements/active_entitlements`.
+    pub complete: bool,
+}
+
+impl FeatureSummary {
+    /// The summary with `lookup_keys` as the complete list.
+    #[must_use]
+    pub fn completed(mut self, mut lookup_keys: Vec<String>) -> Self {
+        lookup_keys.sort();
+        lookup_keys.dedup();
+        self.lookup_keys = lookup_keys;
+        self.complete = true;
+        self
+    }
 }
 
 /// Stripe's subscription statuses.
@@ -315,6 +348,9 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
         "customer.subscription.deleted" => {
             EventKind::SubscriptionDeleted(subscription(object(&root)?)?)
         }
+        "entitlements.active_entitlement_summary.updated" => {
+            EventKind::FeatureSummaryUpdated(feature_summary(object(&root)?)?)
+        }
         _ => EventKind::Unhandled,
     };
     Ok(Event {
@@ -403,6 +439,7 @@ fn checkout_session(obj: &Value) -> Result<CheckoutSession, EventError> {
         subscription: opt_id(obj, "subscription"),
         user_id: user,
         product_key: metadata_str(obj, "product_key"),
+        price_id: first_item(obj, "line_items").and_then(item_price),
         amount_total: obj.get("amount_total").and_then(Value::as_i64),
         currency: opt_str(obj, "currency"),
         recovery_url,
@@ -522,6 +559,51 @@ fn invoice(obj: &Value) -> Result<Invoice, EventError> {
     })
 }
 
+fn feature_summary(obj: &Value) -> Result<FeatureSummary, EventError> {
+    let customer = opt_id(obj, "customer").ok_or(EventError::MissingField("customer"))?;
+    let list = obj
+        .get("entitlements")
+        .ok_or(EventError::MissingField("entitlements"))?;
+    let lookup_keys = list
+        .get("data")
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|e| opt_str(e, "lookup_key"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let has_more = list
+        .get("has_more")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(FeatureSummary {
+        customer,
+        lookup_keys: Vec::new(),
+        complete: false,
+    }
+    .completed(lookup_keys)
+    .with_complete(!has_more))
+}
+
+impl FeatureSummary {
+    fn with_complete(mut self, complete: bool) -> Self {
+        self.complete = complete;
+        self
+    }
+}
+
+/// The first element of the list `obj.{field}.data`.
+fn first_item<'a>(obj: &'a Value, field: &str) -> Option<&'a Value> {
+    obj.get(field)?.get("data")?.as_array()?.first()
+}
+
+/// A line or subscription item's price id: `price` (id or object), else the legacy `plan`.
+fn item_price(item: &Value) -> Option<String> {
+    opt_id(item, "price").or_else(|| opt_id(item, "plan"))
+}
+
 fn subscription(obj: &Value) -> Result<Subscription, EventError> {
     let raw_status = obj
         .get("status")
@@ -559,6 +641,8 @@ fn subscription(obj: &Value) -> Result<Subscription, EventError> {
         ended_at,
         user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
         product_key: metadata_str(obj, "product_key"),
+        price_id: first_item(obj, "items").and_then(item_price),
+        quantity: first_item(obj, "items").and_then(|item| item.get("quantity")?.as_i64()),
     })
 }
 
@@ -820,6 +904,30 @@ mod tests {
             ),
             EventKind::SubscriptionCreated(_)
         ));
+    }
+
+    #[test]
+    fn a_feature_summary_reads_its_lookup_keys_and_whether_the_list_was_cut() {
+        let data: Vec<Value> = (0..10)
+            .map(|i| {
+                json!({ "id": format!("ent_{i}"), "object": "entitlements.active_entitlement",
+                "feature": format!("feat_{i}"), "lookup_key": format!("f{i}") })
+            })
+            .collect();
+        let kind = parsed(
+            "entitlements.active_entitlement_summary.updated",
+            &json!({ "object": "entitlements.active_entitlement_summary", "customer": "cus_1",
+                "entitlements": { "object": "list", "data": data, "has_more": true } }),
+        );
+        let EventKind::FeatureSummaryUpdated(summary) = kind else {
+            panic!("wrong kind")
+        };
+        assert_eq!(summary.customer, "cus_1");
+        assert_eq!(summary.lookup_keys.len(), 10);
+        assert!(!summary.complete);
+        let done = summary.completed(vec!["b".into(), "a".into(), "a".into()]);
+        assert_eq!(done.lookup_keys, ["a", "b"]);
+        assert!(done.complete);
     }
 
     #[test]

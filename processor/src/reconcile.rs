@@ -64,6 +64,11 @@ pub struct ReconcileArgs {
     /// List what would be enqueued without publishing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also compare every customer's active Stripe Entitlements with the features the
+    /// projection holds, and report where they differ (`processor` then applies the newer
+    /// summaries the re-enqueued events carry; `POST /api/pro/restore` repairs one user).
+    #[arg(long)]
+    pub features_drift: bool,
 }
 
 /// Why a reconcile run failed.
@@ -171,11 +176,92 @@ impl Summary {
 /// [`ReconcileError`] that stopped the run.
 pub async fn execute(args: ReconcileArgs, config: &Config) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
-    match run(&args, config, &mut stdout).await {
-        Ok(_) => Ok(()),
+    let result = match run(&args, config, &mut stdout).await {
+        Ok(_) if args.features_drift => report_feature_drift(config, &mut stdout).await,
+        other => other.map(|_| ()),
+    };
+    match result {
+        Ok(()) => Ok(()),
         Err(ReconcileError::Usage(message)) => Err(crate::dlq::UsageError(message).into()),
         Err(error) => Err(error.into()),
     }
+}
+
+/// One customer whose active Stripe Entitlements differ from the features the projection
+/// holds for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureDrift {
+    pub customer: String,
+    pub user: Option<String>,
+    /// Listed by Stripe, missing from the projection.
+    pub missing: Vec<String>,
+    /// Held by the projection, no longer listed by Stripe.
+    pub extra: Vec<String>,
+}
+
+async fn report_feature_drift(
+    config: &Config,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let stripe = StripeClient::new(stripe_config(config)?).map_err(ReconcileError::Stripe)?;
+    let pool = crate::db::pool(config).map_err(|e| ReconcileError::Usage(e.to_string()))?;
+    let drift = feature_drift(&pool, &stripe)
+        .await
+        .map_err(|e| ReconcileError::Usage(format!("comparing Stripe features: {e}")))?;
+    for d in &drift {
+        let _ = writeln!(
+            out,
+            "feature drift: customer {} (user {}): Stripe lists {:?} we lack, we hold {:?} Stripe no longer lists",
+            d.customer,
+            d.user.as_deref().unwrap_or("-"),
+            d.missing,
+            d.extra
+        );
+    }
+    let _ = writeln!(out, "{} customer(s) with feature drift", drift.len());
+    Ok(())
+}
+
+/// Compares, for every customer the projection holds Stripe features for, Stripe's active
+/// entitlements (`GET /v1/entitlements/active_entitlements`) with the stored list.
+///
+/// # Errors
+/// A message when Postgres or Stripe cannot be read.
+pub async fn feature_drift(
+    pool: &deadpool_postgres::Pool,
+    stripe: &StripeClient,
+) -> Result<Vec<FeatureDrift>, String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let rows = client
+        .query(
+            "SELECT customer_id, user_id, lookup_keys FROM stripe_features ORDER BY customer_id",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut drift = Vec::new();
+    for row in rows {
+        let customer: String = row.get(0);
+        let ours: Vec<String> = row.get(2);
+        let listed = stripe
+            .list_active_entitlements(&customer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let theirs: std::collections::BTreeSet<String> = listed
+            .iter()
+            .filter_map(|e| e.get("lookup_key")?.as_str().map(str::to_owned))
+            .collect();
+        let ours: std::collections::BTreeSet<String> = ours.into_iter().collect();
+        if theirs != ours {
+            drift.push(FeatureDrift {
+                user: row.get(1),
+                missing: theirs.difference(&ours).cloned().collect(),
+                extra: ours.difference(&theirs).cloned().collect(),
+                customer,
+            });
+        }
+    }
+    Ok(drift)
 }
 
 /// Reconciles with the Stripe settings of `config` (`STRIPE_SECRET_KEY`, `STRIPE_API_BASE`,

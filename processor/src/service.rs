@@ -1,6 +1,6 @@
 //! What the consumer and the API share, started once per process: the metrics recorder, the
-//! Postgres pool (database created and migrated), the Redis cache client and the confirmed
-//! publisher.
+//! Postgres pool (database created and migrated, configured products written into the
+//! registry), the Redis cache client and the confirmed publisher.
 
 use std::time::Duration;
 
@@ -8,8 +8,10 @@ use deadpool_postgres::Pool;
 use shared::amqp::{Publisher, PublisherTask};
 
 use crate::cache::{Cache, CacheError};
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::db::{self, DbError};
+use crate::registry;
 
 /// How long start-up waits for Postgres to become reachable before giving up.
 pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
@@ -21,6 +23,26 @@ pub enum StartError {
     Db(#[from] DbError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// The configured catalog is invalid, or writing it into the registry was refused.
+    #[error("product registry: {0}")]
+    Registry(String),
+}
+
+/// Writes the configured products (`STRIPE_PRICE_PRO_LIFETIME`, `CATALOG_FILE`) into the
+/// product registry.
+///
+/// # Errors
+/// [`StartError::Registry`] when the catalog is invalid or the change is refused (a price still
+/// used by live subscriptions; the message names it).
+pub async fn sync_catalog(config: &Config, pool: &Pool) -> Result<(), StartError> {
+    let catalog = Catalog::load(
+        config.stripe_price_pro_lifetime.as_deref(),
+        config.catalog_file.as_deref(),
+    )
+    .map_err(|e| StartError::Registry(e.to_string()))?;
+    registry::sync_config(pool, &catalog)
+        .await
+        .map_err(|e| StartError::Registry(e.to_string()))
 }
 
 /// The Postgres pool (database prepared), the Redis cache and the confirmed publisher.
@@ -43,6 +65,7 @@ impl Dependencies {
         let _ = shared::telemetry::metrics_handle();
         let pool = db::pool(config)?;
         db::prepare_patiently(config, &pool, STARTUP_PATIENCE).await?;
+        sync_catalog(config, &pool).await?;
         let cache = Cache::new(config)?;
         let (publisher, publisher_task) = Publisher::start(
             config.amqp_url.clone(),

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 pub struct Sample<'a> {
     /// The application's user id.
     pub user: &'a str,
-    /// Product key written to the metadata.
+    /// Product key written to the metadata; subscription items are priced `price_{product}`.
     pub product: &'a str,
     /// Suffix of the Stripe object ids (`cus_{object}`, `pi_{object}`, `sub_{object}`, …).
     pub object: &'a str,
@@ -94,7 +94,8 @@ pub fn object(event_type: &str, s: &Sample<'_>) -> Value {
             "status": if t.ends_with("deleted") { "canceled" } else { "active" },
             "cancel_at_period_end": false, "metadata": metadata,
             "ended_at": if t.ends_with("deleted") { json!(now) } else { Value::Null },
-            "items": {"data": [{"current_period_end": period_end, "price": {"id": "price_sample"}}]},
+            "items": {"data": [{"current_period_end": period_end, "quantity": 1,
+                "price": {"id": format!("price_{}", s.product)}}]},
         }),
         _ => json!({"id": format!("obj_{o}"), "object": "unknown", "metadata": metadata}),
     }

@@ -84,6 +84,10 @@ impl Api {
         }
         let pool = processor::db::pool(&config).unwrap();
         processor::db::prepare(&config, &pool).await.unwrap();
+        // The catalog's products in the registry, as start-up writes them.
+        processor::registry::sync_config(&pool, &catalog())
+            .await
+            .unwrap();
         let cache = Cache::new(&config).unwrap();
         let mut api = ApiConfig::with_jwt_secret(SECRET);
         api.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN.to_owned()));

@@ -94,6 +94,11 @@ pub enum Collection {
     Disputes,
     Events,
     BillingPortalSessions,
+    /// Stripe Entitlements' active entitlements; seed them with a `customer` member (the
+    /// fake filters on it; Stripe's objects do not carry it).
+    ActiveEntitlements,
+    /// Line items of the Checkout Sessions the fake created, with a `session` member.
+    CheckoutLineItems,
 }
 
 #[derive(Default)]
@@ -119,8 +124,9 @@ struct Shared {
 
 /// The endpoints the fake serves itself in front of `localstripe`, which lacks them (`None`:
 /// every method). localstripe lists payment intents, but not by customer.
-const SERVED_IN_FRONT: [(Option<&str>, &str); 4] = [
+const SERVED_IN_FRONT: [(Option<&str>, &str); 5] = [
     (None, "/v1/checkout/sessions"),
+    (None, "/v1/entitlements/active_entitlements"),
     (None, "/v1/billing_portal/sessions"),
     (None, "/v1/disputes"),
     (Some("GET"), "/v1/payment_intents"),
@@ -558,9 +564,39 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
         ("GET", "/v1/checkout/sessions") => {
             list(inner, req, Collection::CheckoutSessions, by_customer)
         }
+        ("GET", path)
+            if path.starts_with("/v1/checkout/sessions/") && path.ends_with("/line_items") =>
+        {
+            let session = path
+                .trim_start_matches("/v1/checkout/sessions/")
+                .trim_end_matches("/line_items")
+                .to_owned();
+            let known = inner
+                .objects
+                .get(&Collection::CheckoutSessions)
+                .is_some_and(|all| all.iter().any(|s| s["id"] == session.as_str()));
+            if !known {
+                return stripe_error(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    &format!("No such checkout.session: '{session}'"),
+                    Some("id"),
+                );
+            }
+            list(inner, req, Collection::CheckoutLineItems, move |o, _| {
+                o["session"] == session.as_str()
+            })
+        }
         ("POST", "/v1/billing_portal/sessions") => create_portal_session(inner, req),
         ("GET", "/v1/payment_intents") => list(inner, req, Collection::PaymentIntents, by_customer),
         ("GET", "/v1/charges") => list(inner, req, Collection::Charges, by_customer),
+        ("GET", "/v1/entitlements/active_entitlements") => {
+            if req.param("customer").is_none() {
+                return missing("customer");
+            }
+            list(inner, req, Collection::ActiveEntitlements, by_customer)
+        }
         ("GET", "/v1/subscriptions") => list(inner, req, Collection::Subscriptions, |o, r| {
             let status = o["status"].as_str().unwrap_or("");
             let status_ok = match r.param("status") {
@@ -684,10 +720,22 @@ fn delete_customer(inner: &mut Inner, id: &str) -> (StatusCode, Value) {
 }
 
 fn create_checkout_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
-    for required in ["mode", "line_items[0][price]", "success_url"] {
+    for required in ["mode", "success_url"] {
         if req.param(required).is_none() {
             return missing(required);
         }
+    }
+    // A line item is a price, or `price_data` with a currency and an amount (as Stripe).
+    let price_data = (
+        req.param("line_items[0][price_data][currency]"),
+        req.param("line_items[0][price_data][unit_amount]")
+            .and_then(|a| a.parse::<i64>().ok()),
+    );
+    if req.param("line_items[0][price]").is_none() && price_data.1.is_none() {
+        return missing("line_items[0][price]");
+    }
+    if price_data.1.is_some() && price_data.0.is_none() {
+        return missing("line_items[0][price_data][currency]");
     }
     let mode = req.param("mode").unwrap_or_default();
     if !matches!(mode, "payment" | "subscription" | "setup") {
@@ -738,12 +786,26 @@ fn create_checkout_session(inner: &mut Inner, req: &RecordedRequest) -> (StatusC
         "payment_intent": null,
         "subscription": null,
         "livemode": false,
+        "amount_total": price_data.1,
+        "currency": price_data.0,
     });
     inner
         .objects
         .entry(Collection::CheckoutSessions)
         .or_default()
         .push(session.clone());
+    let price = match req.param("line_items[0][price]") {
+        Some(price) => json!({ "id": price, "object": "price" }),
+        None => json!({ "id": next_id(inner, "price_adhoc"), "object": "price",
+            "unit_amount": price_data.1, "currency": price_data.0 }),
+    };
+    let line_item = json!({ "id": next_id(inner, "li"), "object": "item", "session": id,
+        "price": price, "quantity": 1 });
+    inner
+        .objects
+        .entry(Collection::CheckoutLineItems)
+        .or_default()
+        .push(line_item);
     (StatusCode::OK, session)
 }
 

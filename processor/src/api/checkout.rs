@@ -1,10 +1,10 @@
 //! `POST /api/checkout/session` and `POST /api/billing/portal`.
 //!
 //! Invariants: everything sent to Stripe except the product key comes from the server (the user
-//! from the token, prices from the catalog, return URLs from the configuration); a double click
+//! from the token, prices and amounts from the product registry, return URLs from the configuration); a double click
 //! yields one Checkout Session (the `Idempotency-Key` and every parameter, `expires_at` included,
-//! are the same within a ten-minute bucket); a user who already holds the product's entitlement
-//! gets 409 instead of a second payment; a customer Stripe no longer knows is marked gone and
+//! are the same within a ten-minute bucket); a user who already holds any entitlement the
+//! product grants gets 409 instead of a second payment; an unpublished product is not sold; a customer Stripe no longer knows is marked gone and
 //! replaced by a new one (checkout) or skipped (portal), never reported as an outage; other
 //! Stripe failures surface as 502 with a generic text.
 
@@ -23,7 +23,9 @@ use super::entitlements::load_snapshot;
 use super::error::ApiError;
 use crate::access;
 use crate::auth::AuthUser;
-use crate::stripe::CheckoutSessionRequest;
+use crate::projection::{Product, ProductStatus};
+use crate::registry;
+use crate::stripe::{CheckoutSessionRequest, LineItemPrice};
 
 /// Width of the idempotency bucket: clicks within it reuse one session.
 pub const IDEMPOTENCY_BUCKET_SECONDS: i64 = 600;
@@ -78,19 +80,30 @@ pub(crate) async fn create_session(
     body: Result<Json<CheckoutBody>, JsonRejection>,
 ) -> Result<Json<CheckoutAnswer>, ApiError> {
     let Json(body) = body?;
-    let product = state
-        .catalog
-        .get(&body.product_key)
-        .ok_or_else(|| ApiError::UnknownProduct(body.product_key.clone()))?;
+    let product = sellable_product(&state, &body.product_key).await?;
     let snapshot = load_snapshot(&state, &user).await?;
-    let held = access::status_of(
-        &snapshot.entitlements,
-        product.entitlement().as_str(),
-        Utc::now(),
-    );
-    if held.is_allowed() {
+    let now = Utc::now();
+    if product
+        .grants
+        .iter()
+        .any(|key| access::status_of(&snapshot.entitlements, key, now).is_allowed())
+    {
         return Err(ApiError::AlreadyEntitled);
     }
+    // A Stripe price when the product has one, else `price_data` at the registered amount; the
+    // identity names the amount so a re-priced item never reuses an older session's key.
+    let (price, identity) = match (&product.price_id, product.amount_cents, &product.currency) {
+        (Some(price), _, _) => (LineItemPrice::Id(price.clone()), product.key.clone()),
+        (None, Some(amount), Some(currency)) => (
+            LineItemPrice::Data {
+                currency: currency.clone(),
+                unit_amount: amount,
+                product_name: product.title.clone().unwrap_or_else(|| product.key.clone()),
+            },
+            format!("{}#{currency}{amount}", product.key),
+        ),
+        _ => return Err(ApiError::UnknownProduct(product.key.clone())),
+    };
     let stripe = state.stripe()?;
     let success_url = state
         .urls
@@ -104,8 +117,8 @@ pub(crate) async fn create_session(
         .ok_or(ApiError::NotConfigured("CHECKOUT_CANCEL_URL"))?;
     let mut customer = ensure_customer(&state, stripe, &user).await?;
     let mut request = CheckoutSessionRequest {
-        mode: product.mode(),
-        price_id: product.price_id().to_owned(),
+        mode: product.mode,
+        price,
         quantity: 1,
         success_url,
         cancel_url,
@@ -113,7 +126,7 @@ pub(crate) async fn create_session(
         customer: None,
         metadata: BTreeMap::from([
             ("user_id".to_owned(), user.as_str().to_owned()),
-            ("product_key".to_owned(), product.key().to_owned()),
+            ("product_key".to_owned(), product.key.clone()),
         ]),
         expires_at: None,
     };
@@ -121,7 +134,7 @@ pub(crate) async fn create_session(
     let mut replaced = false;
     let session = loop {
         let (idempotency_key, expires_at) =
-            checkout_identity(&user, product.key(), &customer, Utc::now().timestamp());
+            checkout_identity(&user, &identity, &customer, Utc::now().timestamp());
         request.customer = Some(customer.clone());
         request.expires_at = Some(expires_at);
         match stripe
@@ -139,13 +152,29 @@ pub(crate) async fn create_session(
     let url = session
         .url
         .ok_or_else(|| ApiError::internal("checkout session answered without a url"))?;
-    tracing::info!(user_id = %user, product = product.key(), session = %session.id, "checkout session created");
+    tracing::info!(user_id = %user, product = %product.key, session = %session.id, "checkout session created");
     Ok(Json(CheckoutAnswer {
         session_id: session.id,
         url,
         expires_at: DateTime::from_timestamp(session.expires_at, 0)
             .ok_or_else(|| ApiError::internal("checkout session expiry out of range"))?,
     }))
+}
+
+/// The registered product `key` if it can be bought now: 404 `unknown_product` when it is not
+/// registered, unpublished or has no way to be charged; 422 `free_product` when it costs nothing.
+async fn sellable_product(state: &ApiState, key: &str) -> Result<Product, ApiError> {
+    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let product = registry::get(&**client, key)
+        .await
+        .map_err(ApiError::internal)?
+        .filter(|p| p.status == ProductStatus::Published)
+        .ok_or_else(|| ApiError::UnknownProduct(key.to_owned()))?;
+    match (&product.price_id, product.amount_cents) {
+        (None, None) => Err(ApiError::UnknownProduct(key.to_owned())),
+        (None, Some(0)) => Err(ApiError::FreeProduct(key.to_owned())),
+        _ => Ok(product),
+    }
 }
 
 pub(crate) async fn portal(

@@ -17,8 +17,8 @@ use super::ApiState;
 use super::error::ApiError;
 use crate::access::{self, AccessStatus};
 use crate::auth::{AdminToken, AuthUser};
-use crate::projection::EntitlementSource;
-use crate::store::{self, UserSnapshot};
+use crate::projection::{EntitlementSource, EntitlementStatus};
+use crate::store::{self, EntitlementView, UserSnapshot};
 
 /// The entitlement key `/api/pro/entitlement` reports.
 pub const PRO_KEY: &str = "pro";
@@ -33,6 +33,37 @@ pub struct ProEntitlement {
     pub source: Option<EntitlementSource>,
     pub expires_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// Every source granting `pro`, best first (`source` is the first one's); left out when
+    /// there is none, so the contract's shape is unchanged for users without `pro`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceItem>,
+}
+
+/// One source granting an entitlement: a purchase or a subscription (with its seats).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceItem {
+    pub source: EntitlementSource,
+    pub source_id: String,
+    /// The status this source alone gives (not clock-adjusted).
+    pub status: EntitlementStatus,
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<i64>,
+}
+
+fn source_items(view: Option<&EntitlementView>) -> Vec<SourceItem> {
+    view.map(|v| v.sources.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|s| SourceItem {
+            source: s.source,
+            source_id: s.source_id.clone(),
+            status: s.status,
+            expires_at: s.expires_at.and_then(|t| DateTime::from_timestamp(t, 0)),
+            quantity: s.quantity,
+        })
+        .collect()
 }
 
 /// One entry of `GET /api/entitlements`.
@@ -45,6 +76,8 @@ pub struct EntitlementItem {
     pub source: EntitlementSource,
     pub expires_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Every source granting the key, best first (`source` is the first one's).
+    pub sources: Vec<SourceItem>,
 }
 
 /// `GET /api/entitlements` and `GET /v1/entitlements/{userId}`.
@@ -90,9 +123,10 @@ pub fn pro_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> ProEntitlement {
         user_id: snapshot.user_id.clone(),
         is_pro: status.is_allowed(),
         status,
-        source: row.map(|r| r.source),
+        source: row.map(|r| r.source.contract()),
         expires_at: row.and_then(|r| r.expires_at),
         updated_at: row.map(|r| r.updated_at),
+        sources: source_items(row),
     }
 }
 
@@ -110,9 +144,10 @@ pub fn list_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> EntitlementList
                     key: e.key.clone(),
                     status,
                     active: status.is_allowed(),
-                    source: e.source,
+                    source: e.source.contract(),
                     expires_at: e.expires_at,
                     updated_at: e.updated_at,
+                    sources: source_items(Some(e)),
                 }
             })
             .collect(),
@@ -166,7 +201,6 @@ pub(crate) async fn admin_entitlements(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::store::EntitlementView;
     use chrono::Duration;
 
     fn snapshot(entitlements: Vec<EntitlementView>) -> UserSnapshot {
@@ -185,6 +219,7 @@ mod tests {
             source_id: "cs_1".into(),
             expires_at,
             updated_at: Utc::now(),
+            sources: Vec::new(),
         }
     }
 

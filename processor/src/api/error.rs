@@ -50,6 +50,15 @@ pub enum ApiError {
     /// Stripe failed or could not be reached; the cause is logged, the client gets a generic text.
     #[error("the payment provider is unavailable, try again later")]
     StripeUnavailable(#[source] StripeError),
+    /// A request field fails validation (422 `validation_failed`, with `field`).
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// The product is free: there is nothing to check out (422 `free_product`).
+    #[error("product {0:?} is free; there is nothing to pay")]
+    FreeProduct(String),
+    /// The change would break what existing customers rely on (409, with its own code).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     /// A feature this deployment has not configured (e.g. no Stripe key or no return URLs).
     #[error("this feature is not configured")]
     NotConfigured(&'static str),
@@ -96,6 +105,9 @@ impl ApiError {
             Self::Unavailable { .. } => "unavailable",
             Self::StripeUnavailable(_) => "stripe_unavailable",
             Self::NotConfigured(_) => "not_configured",
+            Self::Invalid { .. } => "validation_failed",
+            Self::FreeProduct(_) => "free_product",
+            Self::Conflict { code, .. } => code,
             Self::Internal(_) => "internal",
         }
     }
@@ -107,7 +119,8 @@ impl ApiError {
             Self::NotFound(_) | Self::NoBillingAccount | Self::UnknownProduct(_) => {
                 StatusCode::NOT_FOUND
             }
-            Self::AlreadyEntitled => StatusCode::CONFLICT,
+            Self::AlreadyEntitled | Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Invalid { .. } | Self::FreeProduct(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -158,6 +171,9 @@ impl From<JsonRejection> for ApiError {
 struct ErrorBody<'a> {
     error: &'a str,
     message: String,
+    /// The request field a validation error is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
 }
 
 impl IntoResponse for ApiError {
@@ -175,6 +191,10 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.code(),
             message: self.to_string(),
+            field: match &self {
+                Self::Invalid { field, .. } => Some(field.as_str()),
+                _ => None,
+            },
         };
         let mut response = (status, Json(body)).into_response();
         if let Self::RateLimited {

@@ -11,6 +11,7 @@ pub mod customers;
 pub mod entitlements;
 pub mod error;
 pub mod openapi;
+pub mod products;
 pub mod purchases;
 pub mod restore;
 
@@ -208,6 +209,23 @@ pub fn routes() -> Vec<Route> {
         ),
         route(Method::POST, "/api/billing/portal", post(checkout::portal)),
         route(Method::POST, "/api/pro/restore", post(restore::restore)),
+        route(
+            Method::PUT,
+            "/v1/products/{key}",
+            axum::routing::put(products::put),
+        ),
+        route(Method::GET, "/v1/products/{key}", get(products::get)),
+        route(
+            Method::DELETE,
+            "/v1/products/{key}",
+            axum::routing::delete(products::unpublish),
+        ),
+        route(Method::GET, "/v1/products", get(products::list)),
+        route(
+            Method::GET,
+            "/v1/payments/unmatched",
+            get(products::unmatched),
+        ),
         route(Method::GET, "/openapi.json", get(openapi::serve_document)),
     ]
 }

@@ -14,6 +14,8 @@ use super::purchases::STATUSES;
 pub fn document() -> Value {
     let bearer = json!([{"bearerAuth": []}]);
     let admin = json!([{"adminToken": []}]);
+    let product_key = json!({"name": "key", "in": "path", "required": true,
+                             "schema": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}});
     let error = |description: &str| {
         json!({"description": description,
                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
@@ -98,7 +100,7 @@ pub fn document() -> Value {
             }},
             "/api/checkout/session": {"post": {
                 "operationId": "createCheckoutSession",
-                "summary": "A Stripe Checkout Session for a catalog product.",
+                "summary": "A Stripe Checkout Session for a registered, published product.",
                 "security": bearer,
                 "requestBody": {"required": true, "content": {"application/json": {"schema":
                     {"type": "object", "required": ["productKey"],
@@ -110,6 +112,7 @@ pub fn document() -> Value {
                     "404": error("unknown_product"),
                     "409": error("already_entitled"),
                     "413": error("payload_too_large (over API_MAX_BODY_BYTES)"),
+                    "422": error("free_product"),
                     "502": error("Stripe failed"),
                     "503": error("Checkout not configured"),
                 },
@@ -138,6 +141,66 @@ pub fn document() -> Value {
                     "503": error("unavailable: the rate limit cannot be checked (Redis down); see Retry-After"),
                 },
             }},
+            "/v1/products/{key}": {
+                "put": {
+                    "operationId": "putProduct",
+                    "summary": "Register or replace a product of the registry (ADMIN_API_TOKEN).",
+                    "description": "`amountCents` + `currency` (sold through Checkout `price_data`) or a \
+                                    Stripe `priceId`; `mode` `payment` (default) or `subscription` (needs a \
+                                    `priceId`); `grants` defaults to `[\"content:{key}\"]`; fees in basis \
+                                    points, the creator gets the rest; `status` `published` (default) or \
+                                    `unpublished`.",
+                    "security": admin,
+                    "parameters": [product_key.clone()],
+                    "requestBody": {"required": true, "content": {"application/json":
+                        {"schema": {"$ref": "#/components/schemas/ProductInput"}}}},
+                    "responses": {
+                        "200": ok("Product"), "201": ok("Product"),
+                        "401": error("Missing or wrong admin token"),
+                        "404": error("Admin API not enabled"),
+                        "409": error("configured_product, price_in_use or price_taken"),
+                        "422": error("validation_failed (with `field`)"),
+                    },
+                },
+                "get": {
+                    "operationId": "getProduct",
+                    "summary": "One product of the registry (ADMIN_API_TOKEN).",
+                    "security": admin,
+                    "parameters": [product_key.clone()],
+                    "responses": {"200": ok("Product"), "401": error("Missing or wrong admin token"),
+                                  "404": error("unknown_product")},
+                },
+                "delete": {
+                    "operationId": "unpublishProduct",
+                    "summary": "Unpublish a product: it can no longer be bought; buyers keep access.",
+                    "security": admin,
+                    "parameters": [product_key],
+                    "responses": {"200": ok("Product"), "401": error("Missing or wrong admin token"),
+                                  "404": error("unknown_product"),
+                                  "409": error("configured_product")},
+                },
+            },
+            "/v1/products": {"get": {
+                "operationId": "listProducts",
+                "summary": "The registry's products in key order (ADMIN_API_TOKEN).",
+                "security": admin,
+                "parameters": [
+                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
+                ],
+                "responses": {"200": ok("ProductList"), "400": error("Invalid query parameter"),
+                              "401": error("Missing or wrong admin token")},
+            }},
+            "/v1/payments/unmatched": {"get": {
+                "operationId": "listUnmatchedPayments",
+                "summary": "Paid purchases and live subscriptions that match no registered product \
+                            and therefore grant nothing (ADMIN_API_TOKEN).",
+                "security": admin,
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema":
+                    {"type": "array", "items": {"$ref": "#/components/schemas/UnmatchedPayment"}}}}},
+                              "401": error("Missing or wrong admin token")},
+            }},
             "/openapi.json": {"get": {
                 "operationId": "openapi",
                 "summary": "This document.",
@@ -165,19 +228,55 @@ fn schemas() -> Value {
     let nullable_str = json!({"type": ["string", "null"]});
     json!({
         "Error": {"type": "object", "required": ["error", "message"],
-                  "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
+                  "properties": {"error": {"type": "string"}, "message": {"type": "string"},
+                                 "field": {"type": "string"}}},
+        "ProductInput": {"type": "object", "additionalProperties": false, "properties": {
+            "title": {"type": "string"}, "amountCents": {"type": "integer", "minimum": 0},
+            "currency": {"type": "string"}, "priceId": {"type": "string"},
+            "mode": {"type": "string", "enum": ["payment", "subscription"]},
+            "grants": {"type": "array", "items": {"type": "string"}},
+            "creatorId": {"type": "string"},
+            "platformFeeBps": {"type": "integer", "minimum": 0, "maximum": 10000},
+            "organizationFeeBps": {"type": "integer", "minimum": 0, "maximum": 10000},
+            "status": {"type": "string", "enum": ["published", "unpublished"]}}},
+        "Product": {"type": "object", "required": ["key", "mode", "grants", "status"], "properties": {
+            "key": {"type": "string"}, "title": nullable_str, "amountCents": nullable_int,
+            "currency": nullable_str, "priceId": nullable_str,
+            "mode": {"type": "string", "enum": ["payment", "subscription"]},
+            "grants": {"type": "array", "items": {"type": "string"}}, "creatorId": nullable_str,
+            "platformFeeBps": {"type": "integer"}, "organizationFeeBps": {"type": "integer"},
+            "status": {"type": "string", "enum": ["published", "unpublished"]}}},
+        "ProductList": {"type": "object", "required": ["data", "nextAfter"], "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/Product"}},
+            "nextAfter": nullable_str}},
+        "UnmatchedPayment": {"type": "object", "properties": {
+            "kind": {"type": "string", "enum": ["purchase", "subscription"]},
+            "id": {"type": "string"}, "userId": nullable_str, "customerId": nullable_str,
+            "productKey": nullable_str, "priceId": nullable_str, "amountCents": nullable_int,
+            "currency": nullable_str, "status": {"type": "string"}}},
         "ProEntitlement": {"type": "object",
             "required": ["userId", "isPro", "status", "source", "expiresAt", "updatedAt"],
             "properties": {
                 "userId": {"type": "string"}, "isPro": {"type": "boolean"}, "status": status,
                 "source": {"type": ["string", "null"], "enum": ["purchase", "subscription", null]},
-                "expiresAt": nullable_time, "updatedAt": nullable_time}},
+                "expiresAt": nullable_time, "updatedAt": nullable_time,
+                "sources": {"type": "array", "items": {"$ref": "#/components/schemas/Source"}}}},
+        "Source": {"type": "object", "required": ["source", "sourceId", "status", "expiresAt"],
+            "description": "One row granting the entitlement, best first; `quantity` is a \
+                            subscription's seats.",
+            "properties": {
+                "source": {"type": "string", "enum": ["purchase", "subscription", "stripe_feature"]},
+                "sourceId": {"type": "string"},
+                "status": {"type": "string",
+                           "enum": ["active", "past_due", "suspended", "revoked", "expired"]},
+                "expiresAt": nullable_time, "quantity": {"type": "integer"}}},
         "Entitlement": {"type": "object",
             "required": ["key", "status", "active", "source", "expiresAt", "updatedAt"],
             "properties": {
                 "key": {"type": "string"}, "status": status, "active": {"type": "boolean"},
                 "source": {"type": "string", "enum": ["purchase", "subscription"]},
-                "expiresAt": nullable_time, "updatedAt": time}},
+                "expiresAt": nullable_time, "updatedAt": time,
+                "sources": {"type": "array", "items": {"$ref": "#/components/schemas/Source"}}}},
         "EntitlementList": {"type": "object", "required": ["userId", "entitlements"],
             "properties": {"userId": {"type": "string"}, "entitlements":
                 {"type": "array", "items": {"$ref": "#/components/schemas/Entitlement"}}}},
@@ -187,7 +286,7 @@ fn schemas() -> Value {
             "properties": {"allowed": {"const": false}, "reason":
                 {"type": "string", "enum": ["none", "expired", "revoked", "suspended"]}}},
         "Purchase": {"type": "object", "properties": {
-            "id": {"type": "integer"}, "productKey": nullable_str,
+            "id": {"type": "integer"}, "productKey": nullable_str, "title": nullable_str,
             "status": {"type": "string", "enum": STATUSES},
             "amountPaidCents": nullable_int, "currency": nullable_str,
             "platformFeeCents": nullable_int, "organizationFeeCents": nullable_int,

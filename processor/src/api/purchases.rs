@@ -21,9 +21,16 @@ pub const STATUSES: [&str; 5] = ["pending", "completed", "refunded", "failed", "
 pub const MAX_PAGE_SIZE: i64 = 100;
 const DEFAULT_PAGE_SIZE: i64 = 20;
 
-const COLUMNS: &str = "id, product_key, status, amount_paid_cents, currency, platform_fee_cents,
+/// The product key is the one our checkout wrote, else the registry's product sold at the
+/// price paid; the title is that product's.
+const COLUMNS: &str = "id,
+    COALESCE(product_key, (SELECT r.key FROM products r WHERE r.price_id = purchases.price_id)),
+    status, amount_paid_cents, currency, platform_fee_cents,
     organization_fee_cents, creator_payout_cents, checkout_session_id, payment_intent_id,
-    purchased_at, refunded_at, refund_amount_cents, refund_reason, created_at";
+    purchased_at, refunded_at, refund_amount_cents, refund_reason, created_at,
+    (SELECT r.title FROM products r
+      WHERE r.key = purchases.product_key
+         OR (purchases.product_key IS NULL AND r.price_id = purchases.price_id) LIMIT 1)";
 
 /// One purchase as the API shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -31,6 +38,8 @@ const COLUMNS: &str = "id, product_key, status, amount_paid_cents, currency, pla
 pub struct Purchase {
     pub id: i64,
     pub product_key: Option<String>,
+    /// The registered product's title.
+    pub title: Option<String>,
     pub status: String,
     pub amount_paid_cents: Option<i64>,
     pub currency: Option<String>,
@@ -53,6 +62,7 @@ impl TryFrom<&Row> for Purchase {
         Ok(Self {
             id: row.try_get(0)?,
             product_key: row.try_get(1)?,
+            title: row.try_get(15)?,
             status: row.try_get(2)?,
             amount_paid_cents: row.try_get(3)?,
             currency: row.try_get(4)?,

@@ -35,7 +35,7 @@ use super::customers::{customers_of, mark_gone};
 use super::entitlements::{ProEntitlement, pro_view, read_from_postgres};
 use super::error::ApiError;
 use crate::auth::AuthUser;
-use crate::events::{self, Event};
+use crate::events::{self, Event, EventKind};
 use crate::store::{self, Outcome};
 use crate::stripe::{StripeClient, StripeError};
 
@@ -75,6 +75,8 @@ pub enum ObjectKind {
     Charge,
     Dispute,
     Subscription,
+    /// A customer's active Stripe Entitlements, as the summary a webhook would carry.
+    FeatureSummary,
 }
 
 /// The synthetic event bodies for one Stripe object (none when the object says nothing the
@@ -129,6 +131,11 @@ pub fn synthetic_events(kind: ObjectKind, object: &Value, now: i64) -> Vec<Value
             };
             types.push((ty, now, object.clone()));
         }
+        ObjectKind::FeatureSummary => types.push((
+            "entitlements.active_entitlement_summary.updated",
+            now,
+            object.clone(),
+        )),
     }
     let digest = Sha256::digest(object.to_string().as_bytes());
     let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
@@ -205,6 +212,23 @@ async fn disputes_of(stripe: &StripeClient, charges: &[Value]) -> Result<Vec<Val
     Ok(all)
 }
 
+/// The customer's complete list of active Stripe Entitlements as one summary object (none when
+/// Stripe cannot be read: the stored features then stay as they are, rather than being taken
+/// away by a partial read).
+async fn feature_summary(stripe: &StripeClient, customer: &str) -> Vec<Value> {
+    match stripe.list_active_entitlements(customer).await {
+        Ok(list) => vec![json!({
+            "id": customer, "object": "entitlements.active_entitlement_summary",
+            "customer": customer,
+            "entitlements": {"object": "list", "data": list, "has_more": false},
+        })],
+        Err(error) => {
+            tracing::warn!(customer, %error, "active entitlements not read by restore");
+            Vec::new()
+        }
+    }
+}
+
 /// Every Stripe object of `customer` the projection uses, as synthetic events in apply order.
 /// `None` when Stripe no longer knows the customer.
 async fn read_customer(
@@ -224,6 +248,7 @@ async fn read_customer(
         Err(error) => return Err(error),
     };
     let disputes = disputes_of(stripe, &charges).await?;
+    let features = feature_summary(stripe, customer).await;
     let mut out = Vec::new();
     for (kind, objects) in [
         (ObjectKind::CheckoutSession, sessions),
@@ -231,6 +256,7 @@ async fn read_customer(
         (ObjectKind::Charge, charges),
         (ObjectKind::Dispute, disputes),
         (ObjectKind::Subscription, subscriptions),
+        (ObjectKind::FeatureSummary, features),
     ] {
         // Lists come newest first; apply oldest first, as the webhooks would have arrived.
         for object in objects.iter().rev() {
@@ -313,8 +339,12 @@ pub(crate) async fn restore(
     let snapshot = read_from_postgres(&state, &user).await?;
     state.cache.refresh(&snapshot).await;
     tracing::info!(user_id = %user, found = events.len(), applied, "restore finished");
+    // An empty feature list is read for every customer: it restores nothing by itself.
+    let restored = events.iter().any(
+        |e| !matches!(&e.kind, EventKind::FeatureSummaryUpdated(f) if f.lookup_keys.is_empty()),
+    );
     Ok(Json(RestoreAnswer {
-        restored: !events.is_empty(),
+        restored,
         entitlement: pro_view(&snapshot, Utc::now()),
     }))
 }
@@ -323,7 +353,6 @@ pub(crate) async fn restore(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::events::EventKind;
 
     fn parse_all(kind: ObjectKind, object: &Value) -> Vec<Event> {
         synthetic_events(kind, object, 1_800_000_000)

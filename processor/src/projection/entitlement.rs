@@ -1,8 +1,10 @@
-//! Entitlements derived from a user's purchase and subscription rows.
+//! Entitlements derived from a user's purchase, subscription and Stripe feature rows.
 //!
-//! Invariant: [`derive_entitlements`] is a pure function of the rows (not of the order they
-//! were written in, nor of the clock), returning one entitlement per key, sorted by key: the
-//! best source under a fixed total order.
+//! Invariant: [`derive_entitlements`] is a pure function of the rows and the [`Registry`] (not
+//! of the order they were written in, nor of the clock), returning one entitlement per key,
+//! sorted by key: the best source under a fixed total order. A row grants the keys of the
+//! product it resolves to (none when it resolves to nothing), so several sources may grant one
+//! key and ending one leaves what another still grants.
 //!
 //! Status mapping. Purchases: completed → active (lifetime); disputed → suspended; refunded
 //! (full refund or lost dispute) → revoked; pending/failed → nothing. Subscriptions:
@@ -13,9 +15,7 @@
 //! `expires_at` is for readers to compare with their clock; the projection stays clock-free so
 //! replays converge.
 
-use super::{
-    DEFAULT_PRODUCT_KEY, PurchaseFacts, PurchaseStatus, SubscriptionFacts, entitlement_key,
-};
+use super::{FeatureFacts, Product, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
 use crate::events::SubscriptionStatus;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -77,6 +77,8 @@ impl EntitlementStatus {
 pub enum EntitlementSource {
     Purchase,
     Subscription,
+    /// A Stripe Entitlements feature of the customer (`entitlements.active_entitlement_summary`).
+    StripeFeature,
 }
 
 impl EntitlementSource {
@@ -86,6 +88,18 @@ impl EntitlementSource {
         match self {
             Self::Purchase => "purchase",
             Self::Subscription => "subscription",
+            Self::StripeFeature => "stripe_feature",
+        }
+    }
+
+    /// The contract's spelling of `source` (`purchase|subscription`): a Stripe feature comes
+    /// from the customer's subscriptions in Stripe, so it reads as `subscription` there; the
+    /// exact kind is in `sources`.
+    #[must_use]
+    pub fn contract(self) -> Self {
+        match self {
+            Self::StripeFeature => Self::Subscription,
+            other => other,
         }
     }
 
@@ -95,6 +109,7 @@ impl EntitlementSource {
         Some(match raw {
             "purchase" => Self::Purchase,
             "subscription" => Self::Subscription,
+            "stripe_feature" => Self::StripeFeature,
             _ => return None,
         })
     }
@@ -112,7 +127,8 @@ impl PartialEq<&str> for EntitlementSource {
     }
 }
 
-/// One derived entitlement of a user (the user is implied by the rows it came from).
+/// One derived entitlement of a user (the user is implied by the rows it came from): the best
+/// of its sources decides it; every source granting the key is listed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DerivedEntitlement {
     pub key: String,
@@ -121,25 +137,57 @@ pub struct DerivedEntitlement {
     pub source_id: String,
     /// Unix seconds; `None` is lifetime.
     pub expires_at: Option<i64>,
+    /// Every row granting the key, best first (the first is the one above).
+    pub sources: Vec<GrantSource>,
 }
 
-fn from_purchase(p: &PurchaseFacts) -> Option<DerivedEntitlement> {
+/// One row granting a key, as the API names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantSource {
+    pub source: EntitlementSource,
+    pub source_id: String,
+    pub status: EntitlementStatus,
+    /// Unix seconds; `None` is lifetime.
+    pub expires_at: Option<i64>,
+    /// Seats of a subscription (its item's quantity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<i64>,
+}
+
+fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
     let status = match p.status() {
         PurchaseStatus::Completed => EntitlementStatus::Active,
         PurchaseStatus::Disputed => EntitlementStatus::Suspended,
         PurchaseStatus::Refunded => EntitlementStatus::Revoked,
-        PurchaseStatus::Pending | PurchaseStatus::Failed => return None,
+        PurchaseStatus::Pending | PurchaseStatus::Failed => return Vec::new(),
     };
-    Some(DerivedEntitlement {
-        key: entitlement_key(p.product_key.as_deref()?),
-        status,
+    let (Some(product), Some(source_id)) = (registry.purchase_product(p), p.source_id()) else {
+        return Vec::new();
+    };
+    let source = GrantSource {
         source: EntitlementSource::Purchase,
-        source_id: p.source_id()?.to_owned(),
+        source_id: source_id.to_owned(),
+        status,
         expires_at: None,
-    })
+        quantity: None,
+    };
+    for_each_grant(product, &source)
 }
 
-fn from_subscription(s: &SubscriptionFacts) -> Option<DerivedEntitlement> {
+/// `source` once per key `product` grants.
+fn for_each_grant(product: &Product, source: &GrantSource) -> Vec<(String, GrantSource)> {
+    product
+        .grants
+        .iter()
+        .map(|key| (key.clone(), source.clone()))
+        .collect()
+}
+
+fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
+    let Some(product) = registry.subscription_product(s) else {
+        return Vec::new();
+    };
     let (status, expires_at) = match s.status() {
         SubscriptionStatus::Trialing | SubscriptionStatus::Active => {
             (EntitlementStatus::Active, s.current_period_end)
@@ -148,24 +196,42 @@ fn from_subscription(s: &SubscriptionFacts) -> Option<DerivedEntitlement> {
         SubscriptionStatus::Unpaid | SubscriptionStatus::Paused => {
             (EntitlementStatus::Suspended, s.current_period_end)
         }
-        SubscriptionStatus::Incomplete => return None,
+        SubscriptionStatus::Incomplete => return Vec::new(),
         SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired => (
             EntitlementStatus::Expired,
             s.ended_at.or(s.current_period_end),
         ),
     };
-    Some(DerivedEntitlement {
-        key: entitlement_key(s.product_key.as_deref().unwrap_or(DEFAULT_PRODUCT_KEY)),
-        status,
+    let source = GrantSource {
         source: EntitlementSource::Subscription,
         source_id: s.id.clone(),
+        status,
         expires_at,
-    })
+        quantity: s.price.as_ref().and_then(|c| c.quantity),
+    };
+    for_each_grant(product, &source)
+}
+
+/// A customer's active Stripe features grant, active and without expiry, the keys of the
+/// products they map to (named by the customer).
+fn from_features(f: &FeatureFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
+    let source = GrantSource {
+        source: EntitlementSource::StripeFeature,
+        source_id: f.customer_id.clone(),
+        status: EntitlementStatus::Active,
+        expires_at: None,
+        quantity: None,
+    };
+    f.lookup_keys()
+        .iter()
+        .filter_map(|k| registry.by_feature(k))
+        .flat_map(|product| for_each_grant(product, &source))
+        .collect()
 }
 
 /// Total order on candidates for one key: better status, then lifetime before dated, then the
 /// later expiry, then purchase before subscription, then the smaller source id.
-fn better(a: &DerivedEntitlement, b: &DerivedEntitlement) -> Ordering {
+fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
     a.status
         .rank()
         .cmp(&b.status.rank())
@@ -177,27 +243,47 @@ fn better(a: &DerivedEntitlement, b: &DerivedEntitlement) -> Ordering {
         })
         .then_with(|| b.source.cmp(&a.source))
         .then_with(|| b.source_id.cmp(&a.source_id))
+        .then_with(|| a.quantity.cmp(&b.quantity))
 }
 
-/// The user's entitlements implied by their rows, one per key, sorted by key. Rows are
-/// expected to belong to one user; rows that grant nothing are skipped.
+/// The user's entitlements implied by their rows and the products they resolve to in
+/// `registry`, one per key, sorted by key. Rows are expected to belong to one user; rows that
+/// grant nothing are skipped.
 #[must_use]
 pub fn derive_entitlements(
     purchases: &[PurchaseFacts],
     subscriptions: &[SubscriptionFacts],
+    features: &[FeatureFacts],
+    registry: &Registry,
 ) -> Vec<DerivedEntitlement> {
-    let mut best: BTreeMap<String, DerivedEntitlement> = BTreeMap::new();
+    let mut by_key: BTreeMap<String, Vec<GrantSource>> = BTreeMap::new();
     let candidates = purchases
         .iter()
-        .filter_map(from_purchase)
-        .chain(subscriptions.iter().filter_map(from_subscription));
-    for candidate in candidates {
-        match best.get(&candidate.key) {
-            Some(current) if better(current, &candidate) != Ordering::Less => {}
-            _ => {
-                best.insert(candidate.key.clone(), candidate);
-            }
-        }
+        .flat_map(|p| from_purchase(p, registry))
+        .chain(
+            subscriptions
+                .iter()
+                .flat_map(|s| from_subscription(s, registry)),
+        )
+        .chain(features.iter().flat_map(|f| from_features(f, registry)));
+    for (key, source) in candidates {
+        by_key.entry(key).or_default().push(source);
     }
-    best.into_values().collect()
+    by_key
+        .into_iter()
+        .filter_map(|(key, mut sources)| {
+            // Best first, under a total order: the list does not depend on the row order.
+            sources.sort_by(|a, b| better(b, a));
+            sources.dedup();
+            let best = sources.first()?.clone();
+            Some(DerivedEntitlement {
+                key,
+                status: best.status,
+                source: best.source,
+                source_id: best.source_id,
+                expires_at: best.expires_at,
+                sources,
+            })
+        })
+        .collect()
 }

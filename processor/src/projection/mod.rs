@@ -8,29 +8,27 @@
 //! number of times, yields the same rows — and [`derive_entitlements`] depends on the rows only.
 
 mod entitlement;
+mod feature;
 mod purchase;
+mod registry;
 mod subscription;
 #[cfg(test)]
 mod tests;
 
 pub use entitlement::{
-    DerivedEntitlement, EntitlementSource, EntitlementStatus, derive_entitlements,
+    DerivedEntitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
 };
+pub use feature::{FeatureClaim, FeatureFacts};
 pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact};
-pub use subscription::{StatusClaim, SubscriptionFacts};
+pub use registry::{BPS_WHOLE, Product, ProductStatus, Registry};
+pub use subscription::{PriceClaim, StatusClaim, SubscriptionFacts};
 
 use crate::events::{CheckoutMode, CheckoutPaymentStatus, Event, EventKind, SubscriptionStatus};
 use shared::ids::UserId;
 
-/// The product key assumed when checkout or payment metadata carries none.
+/// The product key an abandoned-checkout notification names when the session's metadata names
+/// none. It never grants anything: grants come from the [`Registry`] only.
 pub const DEFAULT_PRODUCT_KEY: &str = "pro";
-
-/// Maps a product key to the entitlement key it grants. Today they are the same; a catalog
-/// mapping would live here and only here.
-#[must_use]
-pub fn entitlement_key(product_key: &str) -> String {
-    product_key.to_owned()
-}
 
 /// What one event contributes. Every part is optional; an empty plan changes nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,6 +41,8 @@ pub struct Plan {
     pub subscription: Option<SubscriptionFacts>,
     /// An expired checkout to announce in the outbox.
     pub abandoned: Option<AbandonedCheckout>,
+    /// A customer's complete list of active Stripe features.
+    pub features: Option<FeatureFacts>,
 }
 
 /// Stripe customer → application user.
@@ -70,6 +70,7 @@ impl Plan {
             && self.purchase.is_none()
             && self.subscription.is_none()
             && self.abandoned.is_none()
+            && self.features.is_none()
     }
 
     /// The Stripe objects this plan reads or writes, as lock names. Two transactions whose
@@ -99,6 +100,9 @@ impl Plan {
         if let Some(a) = &self.abandoned {
             push("customer", a.customer_id.as_ref());
             push("checkout", Some(&a.session_id));
+        }
+        if let Some(f) = &self.features {
+            push("customer", Some(&f.customer_id));
         }
         keys.sort();
         keys.dedup();
@@ -131,10 +135,9 @@ pub fn plan(event: &Event) -> Plan {
                 EventKind::CheckoutSessionAsyncPaymentFailed(_) => (false, true),
                 _ => (s.payment_status != CheckoutPaymentStatus::Unpaid, false),
             };
-            let product_key = s
-                .product_key
-                .clone()
-                .unwrap_or_else(|| DEFAULT_PRODUCT_KEY.to_owned());
+            // No default product: a session without our metadata (a Payment Link) resolves only
+            // through its price, if the registry sells it.
+            let product_key = s.product_key.clone();
             let mut plan = Plan {
                 link: link(s.customer.as_ref(), s.user_id.as_ref()),
                 ..Plan::default()
@@ -146,7 +149,8 @@ pub fn plan(event: &Event) -> Plan {
                         payment_intent_id: s.payment_intent.clone(),
                         user_id: user_string(s.user_id.as_ref()),
                         customer_id: s.customer.clone(),
-                        product_key: Some(product_key),
+                        product_key,
+                        price_id: s.price_id.clone(),
                         amount_cents: s.amount_total,
                         currency: s.currency.clone(),
                         paid,
@@ -159,7 +163,12 @@ pub fn plan(event: &Event) -> Plan {
                     plan.subscription = s.subscription.as_ref().map(|id| SubscriptionFacts {
                         user_id: user_string(s.user_id.as_ref()),
                         customer_id: s.customer.clone(),
-                        product_key: Some(product_key),
+                        product_key,
+                        price: s.price_id.clone().map(|price_id| PriceClaim {
+                            at,
+                            price_id,
+                            quantity: None,
+                        }),
                         // A paid (or free-trial) subscription checkout means the subscription
                         // is live; it competes with the subscription's own events by `created`.
                         claim: paid.then_some(StatusClaim {
@@ -200,11 +209,7 @@ pub fn plan(event: &Event) -> Plan {
                     payment_intent_id: Some(pi.id.clone()),
                     user_id: user_string(pi.user_id.as_ref()),
                     customer_id: pi.customer.clone(),
-                    product_key: Some(
-                        pi.product_key
-                            .clone()
-                            .unwrap_or_else(|| DEFAULT_PRODUCT_KEY.to_owned()),
-                    ),
+                    product_key: pi.product_key.clone(),
                     amount_cents: pi.amount,
                     currency: pi.currency.clone(),
                     paid: true,
@@ -296,6 +301,11 @@ pub fn plan(event: &Event) -> Plan {
                     user_id: user_string(s.user_id.as_ref()),
                     customer_id: s.customer.clone(),
                     product_key: s.product_key.clone(),
+                    price: s.price_id.clone().map(|price_id| PriceClaim {
+                        at,
+                        price_id,
+                        quantity: s.quantity,
+                    }),
                     claim: Some(StatusClaim {
                         at,
                         status: s.status,
@@ -309,6 +319,17 @@ pub fn plan(event: &Event) -> Plan {
                 ..Plan::default()
             }
         }
+        EventKind::FeatureSummaryUpdated(summary) => Plan {
+            features: Some(FeatureFacts {
+                customer_id: summary.customer.clone(),
+                user_id: None,
+                claim: Some(FeatureClaim {
+                    at,
+                    lookup_keys: summary.lookup_keys.clone(),
+                }),
+            }),
+            ..Plan::default()
+        },
         EventKind::Unhandled => Plan::default(),
     }
 }

@@ -21,6 +21,8 @@ pub struct PurchaseFacts {
     /// Set by our checkout (or our payment metadata); a row without it is a payment we only
     /// heard about through a refund or dispute and grants nothing until it is linked.
     pub product_key: Option<String>,
+    /// The Stripe price paid (the Checkout Session's line item), when an event reported it.
+    pub price_id: Option<String>,
     pub amount_cents: Option<i64>,
     pub currency: Option<String>,
     pub paid: bool,
@@ -116,8 +118,9 @@ impl PurchaseStatus {
     }
 }
 
-/// How a payment is split. Today everything goes to the creator; the CHECK in the schema holds
-/// any future split to adding up to the amount.
+/// How a payment is split: by the product's rule ([`super::Product::split`]), everything to the
+/// creator when no product resolves. The CHECK in the schema holds every split to adding up to
+/// the amount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeeSplit {
     pub platform_fee_cents: i64,
@@ -126,7 +129,7 @@ pub struct FeeSplit {
 }
 
 impl FeeSplit {
-    /// The split of `amount_cents`.
+    /// Everything to the creator.
     #[must_use]
     pub fn of(amount_cents: i64) -> Self {
         Self {
@@ -163,6 +166,7 @@ impl PurchaseFacts {
             user_id: self.user_id.max(other.user_id),
             customer_id: self.customer_id.max(other.customer_id),
             product_key: self.product_key.max(other.product_key),
+            price_id: self.price_id.max(other.price_id),
             amount_cents: self.amount_cents.max(other.amount_cents),
             currency: self.currency.max(other.currency),
             paid: self.paid || other.paid,

@@ -2,7 +2,8 @@
 //!
 //! Invariant: the status is a last-writer-wins register ordered by (event `created`, status
 //! precedence, `cancel_at_period_end`) — a total order, so a stale event never overrides a newer
-//! one and two events of the same second resolve the same way in any order. Ending is terminal
+//! one and two events of the same second resolve the same way in any order. The price is a
+//! register of the same kind ([`PriceClaim`]), so plan changes converge too. Ending is terminal
 //! (`terminal` only grows), the period end only extends.
 
 use super::min_known;
@@ -20,6 +21,17 @@ pub struct StatusClaim {
     pub cancel_at_period_end: bool,
 }
 
+/// The price a subscription is on, as asserted by one event: a last-writer-wins register
+/// ordered by (event `created`, price id, quantity), a total order, so a stale update never
+/// undoes a newer plan and two events of one second resolve the same way in any order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PriceClaim {
+    pub at: i64,
+    pub price_id: String,
+    /// Seats (`items.data[0].quantity`).
+    pub quantity: Option<i64>,
+}
+
 /// Everything learned about one subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionFacts {
@@ -27,6 +39,8 @@ pub struct SubscriptionFacts {
     pub user_id: Option<String>,
     pub customer_id: Option<String>,
     pub product_key: Option<String>,
+    /// The newest price reported; decides the product (plan changes move it).
+    pub price: Option<PriceClaim>,
     pub claim: Option<StatusClaim>,
     /// Set once the subscription ended (canceled, deleted, incomplete_expired); wins over
     /// every claim, however new.
@@ -44,6 +58,7 @@ impl SubscriptionFacts {
             user_id: None,
             customer_id: None,
             product_key: None,
+            price: None,
             claim: None,
             terminal: None,
             current_period_end: None,
@@ -59,6 +74,7 @@ impl SubscriptionFacts {
             user_id: self.user_id.max(other.user_id),
             customer_id: self.customer_id.max(other.customer_id),
             product_key: self.product_key.max(other.product_key),
+            price: self.price.max(other.price),
             claim: self.claim.max(other.claim),
             terminal: self.terminal.max(other.terminal),
             current_period_end: self.current_period_end.max(other.current_period_end),

@@ -124,6 +124,36 @@ mod fx {
         )
     }
 
+    /// A subscription of a user on a price, as our checkout created it (bought as
+    /// `pro_monthly`: the metadata keeps naming that, whatever the price becomes).
+    pub(super) struct On<'a> {
+        pub(super) sub: &'a str,
+        pub(super) user: &'a str,
+        pub(super) price: &'a str,
+    }
+
+    /// A subscription event of `on` in `status` (quantity 2).
+    pub(super) fn priced_subscription(
+        id: &str,
+        event_type: &str,
+        created: i64,
+        status: &str,
+        on: &On<'_>,
+    ) -> Event {
+        let ended = matches!(status, "canceled" | "incomplete_expired");
+        event(
+            id,
+            event_type,
+            created,
+            json!({ "id": on.sub, "object": "subscription", "customer": "cus_1",
+                "status": status, "cancel_at_period_end": false,
+                "ended_at": if ended { json!(created) } else { Value::Null },
+                "metadata": { "user_id": on.user, "product_key": "pro_monthly" },
+                "items": { "data": [ { "id": "si_1", "quantity": 2,
+                    "current_period_end": T0 + 90 * DAY, "price": { "id": on.price } } ] } }),
+        )
+    }
+
     pub(super) fn subscription_checkout(id: &str, created: i64, user: &str) -> Event {
         event(
             id,
@@ -136,6 +166,35 @@ mod fx {
     }
 }
 
+/// The registry of these tests: the catalog's documented example (`pro` lifetime at `price_pro`,
+/// `pro_monthly → pro`, `team_monthly → team`) and one `price_data` content item.
+fn registry() -> Registry {
+    let product = |key: &str, price: Option<&str>, amount: Option<i64>, grants: &[&str]| Product {
+        key: key.into(),
+        title: None,
+        price_id: price.map(str::to_owned),
+        amount_cents: amount,
+        currency: amount.map(|_| "usd".into()),
+        mode: if key.ends_with("_monthly") {
+            crate::stripe::CheckoutMode::Subscription
+        } else {
+            crate::stripe::CheckoutMode::Payment
+        },
+        grants: grants.iter().map(|g| (*g).to_owned()).collect(),
+        feature_lookup_key: Some(format!("feature-{key}")),
+        creator_id: None,
+        platform_fee_bps: 0,
+        organization_fee_bps: 0,
+        status: ProductStatus::Published,
+    };
+    Registry::new([
+        product("pro", Some("price_pro"), None, &["pro"]),
+        product("pro_monthly", Some("price_pro_monthly"), None, &["pro"]),
+        product("team_monthly", Some("price_team_monthly"), None, &["team"]),
+        product("item-1", None, Some(1500), &["content:item-1"]),
+    ])
+}
+
 /// A tiny in-memory store applying the same pure functions as `store::apply`.
 #[derive(Debug, Default)]
 struct Memory {
@@ -143,6 +202,7 @@ struct Memory {
     subscriptions: BTreeMap<String, SubscriptionFacts>,
     customers: BTreeMap<String, String>,
     abandoned: BTreeMap<String, AbandonedCheckout>,
+    features: BTreeMap<String, FeatureFacts>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -177,6 +237,13 @@ impl Memory {
             };
             self.subscriptions.insert(merged.id.clone(), merged);
         }
+        if let Some(delta) = plan.features {
+            let merged = match self.features.remove(&delta.customer_id) {
+                Some(row) => row.merge(delta),
+                None => delta,
+            };
+            self.features.insert(merged.customer_id.clone(), merged);
+        }
         if let Some(abandoned) = plan.abandoned {
             self.abandoned
                 .entry(abandoned.session_id.clone())
@@ -193,6 +260,9 @@ impl Memory {
         }
         for s in self.subscriptions.values_mut() {
             resolve(&mut s.user_id, &s.customer_id);
+        }
+        for f in self.features.values_mut() {
+            resolve(&mut f.user_id, &Some(f.customer_id.clone()));
         }
     }
 
@@ -217,6 +287,7 @@ impl Memory {
                     .values()
                     .filter_map(|s| s.user_id.as_ref()),
             )
+            .chain(self.features.values().filter_map(|f| f.user_id.as_ref()))
             .collect();
         users.sort();
         users.dedup();
@@ -235,7 +306,16 @@ impl Memory {
                     .filter(|s| s.user_id.as_ref() == Some(user))
                     .cloned()
                     .collect();
-                (user.clone(), derive_entitlements(&ps, &ss))
+                let fs: Vec<_> = self
+                    .features
+                    .values()
+                    .filter(|f| f.user_id.as_ref() == Some(user))
+                    .cloned()
+                    .collect();
+                (
+                    user.clone(),
+                    derive_entitlements(&ps, &ss, &fs, &registry()),
+                )
             })
             .collect();
         Outcome {
@@ -732,7 +812,8 @@ fn unpaid_and_incomplete_subscriptions_map_to_suspended_and_nothing() {
         .subscription
         .unwrap();
         sub.user_id = Some("u".into());
-        let derived = derive_entitlements(&[], &[sub]);
+        sub.product_key = Some("pro".into());
+        let derived = derive_entitlements(&[], &[sub], &[], &registry());
         assert_eq!(derived.first().map(|e| e.status), expected, "{status}");
     }
 }
@@ -765,6 +846,7 @@ fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
         ..PurchaseFacts::default()
     };
     let sub = SubscriptionFacts {
+        product_key: Some("pro".into()),
         terminal: Some(SubscriptionStatus::Canceled),
         ended_at: Some(T0),
         ..SubscriptionFacts::new("sub".into())
@@ -779,7 +861,7 @@ fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
         vec![refunded.clone(), purchase.clone()],
         vec![purchase, refunded],
     ] {
-        let derived = derive_entitlements(&purchases, std::slice::from_ref(&sub));
+        let derived = derive_entitlements(&purchases, std::slice::from_ref(&sub), &[], &registry());
         assert_eq!(derived.len(), 1);
         assert_eq!(derived[0].source, EntitlementSource::Purchase);
         assert_eq!(derived[0].source_id, "pi");
@@ -794,14 +876,15 @@ fn free_checkout_without_payment_intent_grants_by_session() {
         "checkout.session.completed",
         T0,
         json!({ "id": "cs_free", "mode": "payment", "payment_status": "no_payment_required",
-            "payment_intent": null, "client_reference_id": "u5", "amount_total": 0 }),
+            "payment_intent": null, "client_reference_id": "u5", "amount_total": 0,
+            "metadata": { "product_key": "pro" } }),
     );
     let outcome = run(&[free], &[0]);
     assert_eq!(outcome.purchases[0].1, PurchaseStatus::Completed);
     let e = only_entitlement(&outcome, "u5");
     assert_eq!(e.status, EntitlementStatus::Active);
     assert_eq!(e.source_id, "cs_free");
-    assert_eq!(e.key, DEFAULT_PRODUCT_KEY);
+    assert_eq!(e.key, "pro");
 }
 
 #[test]
@@ -828,4 +911,205 @@ fn unhandled_events_plan_nothing() {
     let other = fx::event("evt_o", "customer.updated", T0, json!({ "id": "cus_1" }));
     assert!(plan(&other).is_empty());
     assert!(plan(&other).lock_keys().is_empty());
+}
+
+fn plan_change_scenario() -> Vec<Event> {
+    let pro = fx::On {
+        sub: "sub_p",
+        user: "u3",
+        price: "price_pro_monthly",
+    };
+    let team = fx::On {
+        price: "price_team_monthly",
+        ..pro
+    };
+    vec![
+        fx::priced_subscription("evt_c", "customer.subscription.created", T0, "active", &pro),
+        // A stale update (older than the switch) still naming the old price.
+        fx::priced_subscription(
+            "evt_u0",
+            "customer.subscription.updated",
+            T0 + DAY,
+            "active",
+            &pro,
+        ),
+        // The portal switch: the price changes, the metadata does not.
+        fx::priced_subscription(
+            "evt_u1",
+            "customer.subscription.updated",
+            T0 + 2 * DAY,
+            "active",
+            &team,
+        ),
+    ]
+}
+
+fn keys(outcome: &Outcome, user: &str) -> Vec<(String, EntitlementStatus)> {
+    outcome.entitlements[user]
+        .iter()
+        .map(|e| (e.key.clone(), e.status))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn a_portal_plan_switch_moves_the_entitlement_to_the_new_plan_in_any_order(
+        order in orders(3),
+    ) {
+        let events = plan_change_scenario();
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(
+            keys(&outcome, "u3"),
+            vec![("team".to_owned(), EntitlementStatus::Active)]
+        );
+        let (sub, _) = &outcome.subscriptions[0];
+        prop_assert_eq!(sub.price.as_ref().map(|c| c.quantity), Some(Some(2)));
+    }
+
+    #[test]
+    fn a_lifetime_purchase_survives_the_end_of_a_monthly_plan_in_any_order(
+        order in orders(4),
+    ) {
+        let monthly = fx::On { sub: "sub_p", user: "u1", price: "price_pro_monthly" };
+        let events = purchase_scenario(vec![
+            fx::priced_subscription("evt_c", "customer.subscription.created", T0, "active", &monthly),
+            fx::priced_subscription("evt_d", "customer.subscription.deleted", T0 + 5 * DAY, "canceled", &monthly),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        let e = only_entitlement(&outcome, "u1");
+        prop_assert_eq!(e.status, EntitlementStatus::Active);
+        prop_assert_eq!(e.source, EntitlementSource::Purchase);
+        prop_assert_eq!(e.expires_at, None);
+    }
+
+    #[test]
+    fn ending_one_of_two_plans_keeps_what_the_other_grants_in_any_order(order in orders(3)) {
+        let a = fx::On { sub: "sub_a", user: "u4", price: "price_pro_monthly" };
+        let b = fx::On { sub: "sub_b", ..a };
+        let events = vec![
+            fx::priced_subscription("evt_a", "customer.subscription.created", T0, "active", &a),
+            fx::priced_subscription("evt_b", "customer.subscription.created", T0, "active", &b),
+            fx::priced_subscription("evt_a_end", "customer.subscription.deleted", T0 + DAY, "canceled", &a),
+        ];
+        let outcome = assert_converges(&events, &order);
+        let e = only_entitlement(&outcome, "u4");
+        prop_assert_eq!(e.status, EntitlementStatus::Active);
+        prop_assert_eq!(&e.source_id, "sub_b");
+        let sources: Vec<_> = e.sources.iter().map(|s| (s.source_id.as_str(), s.status)).collect();
+        prop_assert_eq!(
+            sources,
+            vec![("sub_b", EntitlementStatus::Active), ("sub_a", EntitlementStatus::Expired)]
+        );
+        prop_assert_eq!(e.sources[0].quantity, Some(2));
+    }
+}
+
+#[test]
+fn a_payment_link_checkout_with_only_a_client_reference_id_grants_nothing() {
+    // What a Payment Link opened with ?client_reference_id=u6 yields: no product metadata, a
+    // price the registry does not sell, $1.
+    let link = fx::event(
+        "evt_link",
+        "checkout.session.completed",
+        T0,
+        json!({ "id": "cs_link", "mode": "payment", "payment_status": "paid",
+            "payment_intent": "pi_link", "client_reference_id": "u6", "amount_total": 100,
+            "currency": "usd", "metadata": {},
+            "line_items": { "data": [ { "price": { "id": "price_one_dollar" } } ] } }),
+    );
+    let outcome = run(std::slice::from_ref(&link), &[0]);
+    assert_eq!(outcome.purchases[0].1, PurchaseStatus::Completed);
+    assert!(outcome.entitlements["u6"].is_empty());
+    // The same without line items in the payload: still nothing.
+    let EventKind::CheckoutSessionCompleted(mut session) = link.kind.clone() else {
+        panic!("wrong kind")
+    };
+    session.price_id = None;
+    let bare = Event {
+        kind: EventKind::CheckoutSessionCompleted(session),
+        ..link
+    };
+    assert!(run(&[bare], &[0]).entitlements["u6"].is_empty());
+}
+
+#[test]
+fn a_subscription_to_a_price_outside_the_registry_grants_nothing() {
+    let elsewhere = fx::On {
+        sub: "sub_x",
+        user: "u7",
+        price: "price_unknown",
+    };
+    let events = [fx::priced_subscription(
+        "evt_x",
+        "customer.subscription.created",
+        T0,
+        "active",
+        &elsewhere,
+    )];
+    assert!(run(&events, &[0]).entitlements["u7"].is_empty());
+}
+
+#[test]
+fn a_content_item_grants_its_key_only_at_its_own_amount_and_currency() {
+    let item = |amount: i64, currency: &str| {
+        fx::event(
+            "evt_item",
+            "checkout.session.completed",
+            T0,
+            json!({ "id": "cs_item", "mode": "payment", "payment_status": "paid",
+                "payment_intent": "pi_item", "client_reference_id": "u8",
+                "amount_total": amount, "currency": currency,
+                "metadata": { "user_id": "u8", "product_key": "item-1" } }),
+        )
+    };
+    let outcome = run(&[item(1500, "usd")], &[0]);
+    assert_eq!(
+        keys(&outcome, "u8"),
+        vec![("content:item-1".to_owned(), EntitlementStatus::Active)]
+    );
+    assert!(run(&[item(100, "usd")], &[0]).entitlements["u8"].is_empty());
+    assert!(run(&[item(1500, "eur")], &[0]).entitlements["u8"].is_empty());
+}
+
+/// `entitlements.active_entitlement_summary.updated` for `cus_1` listing `features`.
+fn feature_summary(id: &str, created: i64, features: &[&str]) -> Event {
+    let data: Vec<Value> = features
+        .iter()
+        .map(|f| json!({ "object": "entitlements.active_entitlement", "lookup_key": f }))
+        .collect();
+    fx::event(
+        id,
+        "entitlements.active_entitlement_summary.updated",
+        created,
+        json!({ "object": "entitlements.active_entitlement_summary", "customer": "cus_1",
+            "entitlements": { "object": "list", "data": data, "has_more": false } }),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn the_newest_feature_summary_decides_in_any_order_beside_a_purchase(order in orders(5)) {
+        let events = purchase_scenario(vec![
+            feature_summary("evt_f1", T0, &["feature-team_monthly"]),
+            feature_summary("evt_f2", T0 + DAY, &["feature-team_monthly", "feature-item-1"]),
+            // Newest: team is gone; a feature the registry does not map grants nothing.
+            feature_summary("evt_f3", T0 + 2 * DAY, &["feature-item-1", "unmapped"]),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(
+            keys(&outcome, "u1"),
+            vec![
+                ("content:item-1".to_owned(), EntitlementStatus::Active),
+                ("pro".to_owned(), EntitlementStatus::Active),
+            ]
+        );
+        let item = &outcome.entitlements["u1"][0];
+        prop_assert_eq!(item.source, EntitlementSource::StripeFeature);
+        prop_assert_eq!(item.source.contract(), EntitlementSource::Subscription);
+        prop_assert_eq!(&item.source_id, "cus_1");
+    }
 }

@@ -22,16 +22,19 @@ use std::future::Future;
 use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join, try_join_all, try_join4};
+use futures_util::future::{try_join, try_join_all, try_join5};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, Outcome, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot,
-    is_violation_of, lock, opt_timestamp, purchase_from_row, snapshots_of, subscription_from_row,
+    Db, FEATURE_COLUMNS, Outcome, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
+    StoreError, UserSnapshot, feature_from_row, is_violation_of, lock, opt_timestamp,
+    product_from_row, purchase_from_row, snapshots_of, subscription_from_row,
 };
 use crate::events::{Event, SubscriptionStatus};
-use crate::projection::{self, FeeSplit, Plan, PurchaseFacts, PurchaseStatus, SubscriptionFacts};
+use crate::projection::{
+    self, FeatureFacts, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts,
+};
 
 /// What merging found, per event in input order.
 pub(super) struct Merged {
@@ -76,6 +79,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
     let mut purchase_deltas: Vec<(usize, &PurchaseFacts)> = Vec::new();
     let mut subscription_deltas: Vec<(usize, &SubscriptionFacts)> = Vec::new();
     let mut abandoned = Vec::new();
+    let mut feature_deltas: Vec<(usize, &FeatureFacts)> = Vec::new();
     let mut customers: BTreeSet<&str> = BTreeSet::new();
     for (i, plan) in plans.iter().enumerate().filter(|(i, _)| fresh[*i]) {
         if let Some(link) = &plan.link {
@@ -98,6 +102,10 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
             customers.extend(a.customer_id.as_deref());
             abandoned.push(a);
         }
+        if let Some(delta) = &plan.features {
+            customers.insert(&delta.customer_id);
+            feature_deltas.push((i, delta));
+        }
     }
 
     let reads = read_state(
@@ -105,6 +113,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         &links,
         &purchase_deltas,
         &subscription_deltas,
+        &feature_deltas,
         &customers,
     )
     .await?;
@@ -132,6 +141,8 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         &owners,
         &mut users,
     )?;
+    let features = merge_features(&reads.feature_rows, &feature_deltas, &owners, &mut users)?;
+    count_unmatched(&purchases, &subscriptions, &reads.registry);
     let notices = abandoned_notices(&abandoned, &owners);
     let new_links: Vec<(&str, &str)> = links
         .iter()
@@ -139,7 +150,18 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         .map(|(c, u, _)| (*c, *u))
         .collect();
 
-    let attached = write_state(db, &new_links, &purchases, &subscriptions, &notices).await?;
+    let attached = write_state(
+        db,
+        &new_links,
+        Writes {
+            purchases: &purchases,
+            subscriptions: &subscriptions,
+            features: &features,
+            notices: &notices,
+        },
+        &reads.registry,
+    )
+    .await?;
     for (customer, user, owners) in &links {
         if attached.contains(*customer) {
             for &i in owners {
@@ -201,6 +223,10 @@ struct State {
     subscription_rows: Vec<Row>,
     /// customer → user, after the batch's links.
     customer_users: HashMap<String, String>,
+    /// The products the deltas and the rows they touch name (by key or price).
+    registry: Registry,
+    /// The stored Stripe feature rows of the deltas' customers.
+    feature_rows: Vec<Row>,
 }
 
 /// One pipeline: the links inserted first (so the customer lookup sees them), then the purchase
@@ -210,8 +236,17 @@ async fn read_state(
     links: &[(&str, &str, Vec<usize>)],
     purchase_deltas: &[(usize, &PurchaseFacts)],
     subscription_deltas: &[(usize, &SubscriptionFacts)],
+    feature_deltas: &[(usize, &FeatureFacts)],
     customers: &BTreeSet<&str>,
 ) -> Result<State, StoreError> {
+    let feature_customers: Vec<&str> = feature_deltas
+        .iter()
+        .map(|(_, d)| d.customer_id.as_str())
+        .collect();
+    let feature_params: [Param<'_>; 1] = [(&feature_customers, Type::TEXT_ARRAY)];
+    let features_sql = format!(
+        "SELECT {FEATURE_COLUMNS} FROM stripe_features WHERE customer_id = ANY($1) FOR UPDATE"
+    );
     let link_customers: Vec<&str> = links.iter().map(|(c, _, _)| *c).collect();
     let link_users: Vec<&str> = links.iter().map(|(_, u, _)| *u).collect();
     let ids = |f: fn(&PurchaseFacts) -> Option<&String>| -> Vec<&str> {
@@ -237,42 +272,80 @@ async fn read_state(
         (&intents, Type::TEXT_ARRAY),
         (&charges, Type::TEXT_ARRAY),
     ];
-    let purchases_sql = format!(
-        "SELECT {PURCHASE_COLUMNS} FROM purchases
-          WHERE checkout_session_id = ANY($1) OR payment_intent_id = ANY($2)
-             OR charge_id = ANY($3)
-          ORDER BY id FOR UPDATE"
-    );
+    // The stored purchases sharing an id with a delta ($1 sessions, $2 intents, $3 charges).
+    const SHARING: &str =
+        "checkout_session_id = ANY($1) OR payment_intent_id = ANY($2) OR charge_id = ANY($3)";
+    let purchases_sql =
+        format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE {SHARING} ORDER BY id FOR UPDATE");
     let subscription_params: [Param<'_>; 1] = [(&subscription_ids, Type::TEXT_ARRAY)];
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) FOR UPDATE");
     let customer_params: [Param<'_>; 1] = [(&customer_ids, Type::TEXT_ARRAY)];
-    let (new_links, purchase_rows, subscription_rows, customer_rows) = try_join4(
-        when(!links.is_empty(), async {
-            db.query(
-                "INSERT INTO customers (customer_id, user_id)
+    let mut product_keys: Vec<&str> = Vec::new();
+    let mut prices: Vec<&str> = Vec::new();
+    for (_, d) in purchase_deltas {
+        product_keys.extend(d.product_key.as_deref());
+        prices.extend(d.price_id.as_deref());
+    }
+    for (_, d) in subscription_deltas {
+        product_keys.extend(d.product_key.as_deref());
+        prices.extend(d.price.as_ref().map(|c| c.price_id.as_str()));
+    }
+    let mut product_params: Vec<Param<'_>> = purchase_params.to_vec();
+    product_params.extend([
+        (
+            &product_keys as &(dyn tokio_postgres::types::ToSql + Sync),
+            Type::TEXT_ARRAY,
+        ),
+        (&prices, Type::TEXT_ARRAY),
+        (&subscription_ids, Type::TEXT_ARRAY),
+    ]);
+    // The registry entries the merged rows can resolve to: named by a delta, or by a stored
+    // row the deltas fold into (read in this pipeline, so no extra round trip).
+    let products_sql = format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+          WHERE key = ANY($4) OR price_id = ANY($5)
+             OR key IN (SELECT product_key FROM purchases WHERE {SHARING}
+                        UNION ALL SELECT product_key FROM subscriptions WHERE id = ANY($6))
+             OR price_id IN (SELECT price_id FROM purchases WHERE {SHARING}
+                             UNION ALL SELECT price_id FROM subscriptions WHERE id = ANY($6))"
+    );
+    let ((new_links, purchase_rows, subscription_rows, customer_rows, product_rows), feature_rows) =
+        try_join(
+            try_join5(
+                when(!links.is_empty(), async {
+                    db.query(
+                        "INSERT INTO customers (customer_id, user_id)
                  SELECT * FROM unnest($1::text[], $2::text[])
                  ON CONFLICT (customer_id) DO NOTHING
                  RETURNING customer_id",
-                &link_params,
-            )
-            .await
-        }),
-        when(!purchase_deltas.is_empty(), async {
-            db.query(&purchases_sql, &purchase_params).await
-        }),
-        when(!subscription_deltas.is_empty(), async {
-            db.query(&subscriptions_sql, &subscription_params).await
-        }),
-        when(!customer_ids.is_empty(), async {
-            db.query(
-                "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
-                &customer_params,
-            )
-            .await
-        }),
-    )
-    .await?;
+                        &link_params,
+                    )
+                    .await
+                }),
+                when(!purchase_deltas.is_empty(), async {
+                    db.query(&purchases_sql, &purchase_params).await
+                }),
+                when(!subscription_deltas.is_empty(), async {
+                    db.query(&subscriptions_sql, &subscription_params).await
+                }),
+                when(!customer_ids.is_empty(), async {
+                    db.query(
+                        "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
+                        &customer_params,
+                    )
+                    .await
+                }),
+                when(
+                    !purchase_deltas.is_empty() || !subscription_deltas.is_empty(),
+                    async { db.query(&products_sql, &product_params).await },
+                ),
+            ),
+            when(!feature_deltas.is_empty(), async {
+                db.query(&features_sql, &feature_params).await
+            }),
+        )
+        .await?;
     Ok(State {
         new_links: new_links
             .iter()
@@ -284,6 +357,13 @@ async fn read_state(
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<Result<_, tokio_postgres::Error>>()?,
+        registry: Registry::new(
+            product_rows
+                .iter()
+                .map(product_from_row)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        feature_rows,
     })
 }
 
@@ -465,42 +545,119 @@ fn merge_subscriptions(
     owners: &HashMap<String, String>,
     users: &mut [BTreeSet<String>],
 ) -> Result<Vec<SubscriptionFacts>, StoreError> {
-    let mut stored: HashMap<String, SubscriptionFacts> = HashMap::new();
-    for row in rows {
-        let facts = subscription_from_row(row)?;
-        stored.insert(facts.id.clone(), facts);
-    }
-    let mut grouped: BTreeMap<&str, (Vec<usize>, SubscriptionFacts)> = BTreeMap::new();
-    for (event, delta) in deltas {
+    let stored = rows
+        .iter()
+        .map(subscription_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let keyed = Keyed {
+        key: |s: &SubscriptionFacts| s.id.clone(),
+        merge: SubscriptionFacts::merge,
+        owner: subscription_owner,
+    };
+    Ok(keyed.fold(stored, deltas, owners, users))
+}
+
+/// Folds each customer's stored Stripe feature row with its deltas; the row takes the
+/// customer's user.
+fn merge_features(
+    rows: &[Row],
+    deltas: &[(usize, &FeatureFacts)],
+    owners: &HashMap<String, String>,
+    users: &mut [BTreeSet<String>],
+) -> Result<Vec<FeatureFacts>, StoreError> {
+    let stored = rows
+        .iter()
+        .map(feature_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let keyed = Keyed {
+        key: |f: &FeatureFacts| f.customer_id.clone(),
+        merge: FeatureFacts::merge,
+        owner: feature_owner,
+    };
+    Ok(keyed.fold(stored, deltas, owners, users))
+}
+
+fn subscription_owner(s: &mut SubscriptionFacts) -> (&mut Option<String>, Option<String>) {
+    (&mut s.user_id, s.customer_id.clone())
+}
+
+fn feature_owner(f: &mut FeatureFacts) -> (&mut Option<String>, Option<String>) {
+    (&mut f.user_id, Some(f.customer_id.clone()))
+}
+
+/// Rows keyed by one Stripe id (a subscription, a customer's features): how to key, join and
+/// attribute them.
+struct Keyed<T> {
+    key: fn(&T) -> String,
+    merge: fn(T, T) -> T,
+    /// The row's user (to fill) and customer.
+    owner: fn(&mut T) -> (&mut Option<String>, Option<String>),
+}
+
+impl<T: Clone> Keyed<T> {
+    /// Groups the deltas by key, each group folded into the stored row of the same key (read
+    /// for exactly these keys); a merged row without a user takes its customer's, and its
+    /// users are charged to its events.
+    fn fold(
+        &self,
+        stored: Vec<T>,
+        deltas: &[(usize, &T)],
+        owners: &HashMap<String, String>,
+        users: &mut [BTreeSet<String>],
+    ) -> Vec<T> {
+        let mut grouped: BTreeMap<String, (Vec<usize>, T)> = stored
+            .into_iter()
+            .map(|row| ((self.key)(&row), (Vec::new(), row)))
+            .collect();
+        for (event, delta) in deltas {
+            let (events, merged) = grouped
+                .entry((self.key)(delta))
+                .or_insert_with(|| (Vec::new(), (*delta).clone()));
+            events.push(*event);
+            *merged = (self.merge)(merged.clone(), (*delta).clone());
+        }
         grouped
-            .entry(delta.id.as_str())
-            .and_modify(|(events, merged)| {
-                events.push(*event);
-                *merged = merged.clone().merge((*delta).clone());
+            .into_values()
+            .map(|(events, mut merged)| {
+                let (user, customer) = (self.owner)(&mut merged);
+                let concerned: BTreeSet<String> = user.iter().cloned().collect();
+                resolve_user(user, customer.as_ref(), owners, concerned, &events, users);
+                merged
             })
-            .or_insert_with(|| (vec![*event], (*delta).clone()));
+            .collect()
     }
-    let mut out = Vec::with_capacity(grouped.len());
-    for (id, (events, merged)) in grouped {
-        let mut concerned = BTreeSet::new();
-        let mut merged = match stored.remove(id) {
-            Some(row) => {
-                concerned.extend(row.user_id.clone());
-                row.merge(merged)
-            }
-            None => merged,
-        };
-        resolve_user(
-            &mut merged.user_id,
-            merged.customer_id.as_ref(),
-            owners,
-            concerned,
-            &events,
-            users,
-        );
-        out.push(merged);
+}
+
+/// Counts, in `payments_unmatched_total{kind}`, the merged rows that took money (a paid
+/// purchase, a subscription past `incomplete`) but resolve to no registered product: recorded
+/// with their money trail, granting nothing (`GET /v1/payments/unmatched` lists them).
+fn count_unmatched(
+    purchases: &Purchases,
+    subscriptions: &[SubscriptionFacts],
+    registry: &Registry,
+) {
+    let purchases = purchases
+        .writes
+        .iter()
+        .filter(|w| w.facts.paid && registry.purchase_product(&w.facts).is_none())
+        .count();
+    let subscriptions = subscriptions
+        .iter()
+        .filter(|s| {
+            s.status() != SubscriptionStatus::Incomplete
+                && registry.subscription_product(s).is_none()
+        })
+        .count();
+    for (kind, n) in [("purchase", purchases), ("subscription", subscriptions)] {
+        if n > 0 {
+            metrics::counter!("payments_unmatched_total", "kind" => kind).increment(n as u64);
+            tracing::warn!(
+                kind,
+                rows = n,
+                "payment matches no registered product; it grants nothing"
+            );
+        }
     }
-    Ok(out)
 }
 
 /// `(user, dedupe key, payload)` of each `checkout_abandoned` notification.
@@ -536,6 +693,7 @@ struct PurchaseColumns {
     user_id: Vec<Option<String>>,
     customer_id: Vec<Option<String>>,
     product_key: Vec<Option<String>>,
+    price_id: Vec<Option<String>>,
     checkout_session_id: Vec<Option<String>>,
     payment_intent_id: Vec<Option<String>>,
     charge_id: Vec<Option<String>>,
@@ -558,12 +716,19 @@ struct PurchaseColumns {
 }
 
 impl PurchaseColumns {
-    fn push(&mut self, id: Option<i64>, f: &PurchaseFacts) -> Result<(), StoreError> {
-        let split = f.amount_cents.map(FeeSplit::of);
+    fn push(
+        &mut self,
+        id: Option<i64>,
+        f: &PurchaseFacts,
+        registry: &Registry,
+    ) -> Result<(), StoreError> {
+        // The split follows the product's rule from the moment the amount is known.
+        let split = registry.purchase_split(f);
         self.id.extend(id);
         self.user_id.push(f.user_id.clone());
         self.customer_id.push(f.customer_id.clone());
         self.product_key.push(f.product_key.clone());
+        self.price_id.push(f.price_id.clone());
         self.checkout_session_id.push(f.checkout_session_id.clone());
         self.payment_intent_id.push(f.payment_intent_id.clone());
         self.charge_id.push(f.charge_id.clone());
@@ -591,7 +756,7 @@ impl PurchaseColumns {
         Ok(())
     }
 
-    /// The 22 data columns in table order ($1…$22), for both the insert and the update.
+    /// The 23 data columns ($1…$23), for both the insert and the update.
     fn params(&self) -> Vec<Param<'_>> {
         vec![
             (&self.user_id, Type::TEXT_ARRAY),
@@ -616,15 +781,16 @@ impl PurchaseColumns {
             (&self.refund_reason, Type::TEXT_ARRAY),
             (&self.refund_amount, Type::INT8_ARRAY),
             (&self.refund_id, Type::TEXT_ARRAY),
+            (&self.price_id, Type::TEXT_ARRAY),
         ]
     }
 }
 
-/// `unnest` of the 22 purchase data columns (`$1…$22`) as `u(...)`, with the row id as `$23`
+/// `unnest` of the 23 purchase data columns (`$1…$23`) as `u(...)`, with the row id as `$24`
 /// when `with_id`.
 fn purchase_unnest(with_id: bool) -> String {
     let (id_param, id_column) = if with_id {
-        (", $23::int8[]", ", id")
+        (", $24::int8[]", ", id")
     } else {
         ("", "")
     };
@@ -632,13 +798,13 @@ fn purchase_unnest(with_id: bool) -> String {
         "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::int8[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
          $13::bool[], $14::bool[], $15::bool[], $16::text[], $17::text[], \
-         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[]\
-         {id_param}) \
+         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[], \
+         $23::text[]{id_param}) \
          AS u(user_id, customer_id, product_key, checkout_session_id, payment_intent_id, \
          charge_id, amount_paid_cents, currency, platform_fee_cents, organization_fee_cents, \
          creator_payout_cents, status, paid, payment_failed, fully_refunded, dispute_status, \
          dispute_id, purchased_at, refunded_at, refund_reason, refund_amount_cents, \
-         stripe_refund_id{id_column})"
+         stripe_refund_id, price_id{id_column})"
     )
 }
 
@@ -649,6 +815,9 @@ struct SubscriptionColumns {
     user_id: Vec<Option<String>>,
     customer_id: Vec<Option<String>>,
     product_key: Vec<Option<String>>,
+    price_id: Vec<Option<String>>,
+    price_claim_at: Vec<Option<DateTime<Utc>>>,
+    quantity: Vec<Option<i64>>,
     status: Vec<&'static str>,
     claim: Vec<Option<&'static str>>,
     claim_at: Vec<Option<DateTime<Utc>>>,
@@ -664,6 +833,12 @@ impl SubscriptionColumns {
         self.user_id.push(s.user_id.clone());
         self.customer_id.push(s.customer_id.clone());
         self.product_key.push(s.product_key.clone());
+        self.price_id
+            .push(s.price.as_ref().map(|c| c.price_id.clone()));
+        self.price_claim_at
+            .push(opt_timestamp(s.price.as_ref().map(|c| c.at))?);
+        self.quantity
+            .push(s.price.as_ref().and_then(|c| c.quantity));
         self.status.push(s.status().as_str());
         self.claim.push(s.claim.map(|c| c.status.as_str()));
         self.claim_at.push(opt_timestamp(s.claim.map(|c| c.at))?);
@@ -679,13 +854,43 @@ impl SubscriptionColumns {
 /// One pipeline: the new links attach the rows that waited for a user, then the folded rows
 /// are deleted, the purchases updated and inserted, the subscriptions upserted and the
 /// abandoned checkouts queued. Returns the customers whose link attached a stored row.
+/// The merged rows [`write_state`] writes.
+struct Writes<'a> {
+    purchases: &'a Purchases,
+    subscriptions: &'a [SubscriptionFacts],
+    features: &'a [FeatureFacts],
+    notices: &'a [(Option<String>, String, serde_json::Value)],
+}
+
 async fn write_state(
     db: Db<'_>,
     new_links: &[(&str, &str)],
-    purchases: &Purchases,
-    subscriptions: &[SubscriptionFacts],
-    notices: &[(Option<String>, String, serde_json::Value)],
+    writes: Writes<'_>,
+    registry: &Registry,
 ) -> Result<HashSet<String>, StoreError> {
+    let Writes {
+        purchases,
+        subscriptions,
+        features,
+        notices,
+    } = writes;
+    let feature_customers: Vec<&str> = features.iter().map(|f| f.customer_id.as_str()).collect();
+    let feature_users: Vec<Option<&str>> = features.iter().map(|f| f.user_id.as_deref()).collect();
+    // Postgres arrays cannot nest: the lists travel as JSON arrays.
+    let feature_lists: Vec<serde_json::Value> = features
+        .iter()
+        .map(|f| serde_json::json!(f.lookup_keys()))
+        .collect();
+    let feature_at: Vec<Option<DateTime<Utc>>> = features
+        .iter()
+        .map(|f| opt_timestamp(f.claim.as_ref().map(|c| c.at)))
+        .collect::<Result<_, _>>()?;
+    let feature_params: [Param<'_>; 4] = [
+        (&feature_customers, Type::TEXT_ARRAY),
+        (&feature_users, Type::TEXT_ARRAY),
+        (&feature_lists, Type::JSONB_ARRAY),
+        (&feature_at, Type::TIMESTAMPTZ_ARRAY),
+    ];
     let link_customers: Vec<&str> = new_links.iter().map(|(c, _)| *c).collect();
     let link_users: Vec<&str> = new_links.iter().map(|(_, u)| *u).collect();
     let link_params: [Param<'_>; 2] = [
@@ -697,8 +902,8 @@ async fn write_state(
     let mut inserts = PurchaseColumns::default();
     for write in &purchases.writes {
         match write.id {
-            Some(id) => updates.push(Some(id), &write.facts)?,
-            None => inserts.push(None, &write.facts)?,
+            Some(id) => updates.push(Some(id), &write.facts, registry)?,
+            None => inserts.push(None, &write.facts, registry)?,
         }
     }
     let mut update_params = updates.params();
@@ -708,7 +913,7 @@ async fn write_state(
     for s in subscriptions {
         subs.push(s)?;
     }
-    let subscription_params: [Param<'_>; 11] = [
+    let subscription_params: [Param<'_>; 14] = [
         (&subs.id, Type::TEXT_ARRAY),
         (&subs.user_id, Type::TEXT_ARRAY),
         (&subs.customer_id, Type::TEXT_ARRAY),
@@ -720,6 +925,9 @@ async fn write_state(
         (&subs.period_end, Type::TIMESTAMPTZ_ARRAY),
         (&subs.cancel_at_period_end, Type::BOOL_ARRAY),
         (&subs.ended_at, Type::TIMESTAMPTZ_ARRAY),
+        (&subs.price_id, Type::TEXT_ARRAY),
+        (&subs.price_claim_at, Type::TIMESTAMPTZ_ARRAY),
+        (&subs.quantity, Type::INT8_ARRAY),
     ];
     let notice_users: Vec<Option<&str>> = notices.iter().map(|(u, _, _)| u.as_deref()).collect();
     let notice_keys: Vec<&str> = notices.iter().map(|(_, k, _)| k.as_str()).collect();
@@ -741,7 +949,7 @@ async fn write_state(
              dispute_status = u.dispute_status, dispute_id = u.dispute_id,
              purchased_at = u.purchased_at, refunded_at = u.refunded_at,
              refund_reason = u.refund_reason, refund_amount_cents = u.refund_amount_cents,
-             stripe_refund_id = u.stripe_refund_id, updated_at = now()
+             stripe_refund_id = u.stripe_refund_id, price_id = u.price_id, updated_at = now()
            FROM {}
           WHERE p.id = u.id",
         purchase_unnest(true)
@@ -751,7 +959,7 @@ async fn write_state(
              payment_intent_id, charge_id, amount_paid_cents, currency, platform_fee_cents,
              organization_fee_cents, creator_payout_cents, status, paid, payment_failed,
              fully_refunded, dispute_status, dispute_id, purchased_at, refunded_at,
-             refund_reason, refund_amount_cents, stripe_refund_id)
+             refund_reason, refund_amount_cents, stripe_refund_id, price_id)
          SELECT * FROM {}",
         purchase_unnest(false)
     );
@@ -764,8 +972,12 @@ async fn write_state(
                          RETURNING l.c),
                   s AS (UPDATE subscriptions SET user_id = l.u, updated_at = now() FROM l
                          WHERE subscriptions.customer_id = l.c AND subscriptions.user_id IS NULL
+                         RETURNING l.c),
+                  f AS (UPDATE stripe_features SET user_id = l.u, updated_at = now() FROM l
+                         WHERE stripe_features.customer_id = l.c
+                           AND stripe_features.user_id IS NULL
                          RETURNING l.c)
-             SELECT c FROM p UNION ALL SELECT c FROM s",
+             SELECT c FROM p UNION ALL SELECT c FROM s UNION ALL SELECT c FROM f",
             &link_params,
         )));
     }
@@ -784,10 +996,10 @@ async fn write_state(
         pending.push(Box::pin(db.query(
             "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
                  status_claim, status_claim_at, terminal_status, current_period_end,
-                 cancel_at_period_end, ended_at)
+                 cancel_at_period_end, ended_at, price_id, price_claim_at, quantity)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                  $6::text[], $7::timestamptz[], $8::text[], $9::timestamptz[], $10::bool[],
-                 $11::timestamptz[])
+                 $11::timestamptz[], $12::text[], $13::timestamptz[], $14::int8[])
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                  customer_id = EXCLUDED.customer_id, product_key = EXCLUDED.product_key,
                  status = EXCLUDED.status, status_claim = EXCLUDED.status_claim,
@@ -795,8 +1007,22 @@ async fn write_state(
                  terminal_status = EXCLUDED.terminal_status,
                  current_period_end = EXCLUDED.current_period_end,
                  cancel_at_period_end = EXCLUDED.cancel_at_period_end,
-                 ended_at = EXCLUDED.ended_at, updated_at = now()",
+                 ended_at = EXCLUDED.ended_at, price_id = EXCLUDED.price_id,
+                 price_claim_at = EXCLUDED.price_claim_at, quantity = EXCLUDED.quantity,
+                 updated_at = now()",
             &subscription_params,
+        )));
+    }
+    if !features.is_empty() {
+        pending.push(Box::pin(db.query(
+            "INSERT INTO stripe_features AS f (customer_id, user_id, lookup_keys, claim_at)
+             SELECT c, u, ARRAY(SELECT jsonb_array_elements_text(k)), at
+               FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[])
+                    AS x(c, u, k, at)
+             ON CONFLICT (customer_id) DO UPDATE SET user_id = EXCLUDED.user_id,
+                 lookup_keys = EXCLUDED.lookup_keys, claim_at = EXCLUDED.claim_at,
+                 updated_at = now()",
+            &feature_params,
         )));
     }
     if !notices.is_empty() {

@@ -40,9 +40,10 @@ mod recompute;
 
 use crate::events::{Event, SubscriptionStatus};
 use crate::projection::{
-    DisputeState, EntitlementSource, EntitlementStatus, PurchaseFacts, RefundFact, StatusClaim,
-    SubscriptionFacts,
+    DisputeState, EntitlementSource, EntitlementStatus, FeatureClaim, FeatureFacts, GrantSource,
+    PriceClaim, Product, ProductStatus, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
+use crate::stripe::CheckoutMode;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::StatementCache;
 use futures_util::future::try_join;
@@ -73,6 +74,10 @@ pub struct EntitlementView {
     /// `None` is lifetime.
     pub expires_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Every source granting the key, best first (absent from entries cached before it
+    /// existed).
+    #[serde(default)]
+    pub sources: Vec<GrantSource>,
 }
 
 /// What became of one event. The store yields every variant but [`Outcome::Busy`], which the
@@ -198,13 +203,80 @@ fn unavailable(error: &tokio_postgres::Error) -> bool {
 /// single-key lock other code takes).
 const LOCK_CLASS: i32 = 0x454e_5431;
 
-const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, checkout_session_id, \
-     payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
+const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
+     checkout_session_id, payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
      payment_failed, refund_amount_cents, stripe_refund_id, refund_reason, fully_refunded, \
      refunded_at, dispute_status, dispute_id";
 
-const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, status_claim, \
-     status_claim_at, cancel_at_period_end, terminal_status, current_period_end, ended_at";
+const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
+     price_claim_at, quantity, status_claim, status_claim_at, cancel_at_period_end, terminal_status, current_period_end, ended_at";
+
+/// The `purchases` columns [`purchase_facts`] reads.
+pub const PURCHASE_COLUMNS_PUBLIC: &str = PURCHASE_COLUMNS;
+/// The `subscriptions` columns [`subscription_facts`] reads.
+pub const SUBSCRIPTION_COLUMNS_PUBLIC: &str = SUBSCRIPTION_COLUMNS;
+
+/// The facts of a `purchases` row (selected with [`PURCHASE_COLUMNS_PUBLIC`]).
+///
+/// # Errors
+/// [`StoreError`] on a missing column or an unknown stored value.
+pub fn purchase_facts(row: &Row) -> Result<PurchaseFacts, StoreError> {
+    purchase_from_row(row).map(|(_, facts)| facts)
+}
+
+/// The facts of a `subscriptions` row (selected with [`SUBSCRIPTION_COLUMNS_PUBLIC`]).
+///
+/// # Errors
+/// [`StoreError`] on a missing column or an unknown stored value.
+pub fn subscription_facts(row: &Row) -> Result<SubscriptionFacts, StoreError> {
+    subscription_from_row(row)
+}
+
+const FEATURE_COLUMNS: &str = "customer_id, user_id, lookup_keys, claim_at";
+
+fn feature_from_row(row: &Row) -> Result<FeatureFacts, StoreError> {
+    let at: DateTime<Utc> = row.try_get("claim_at")?;
+    Ok(FeatureFacts {
+        customer_id: row.try_get("customer_id")?,
+        user_id: row.try_get("user_id")?,
+        claim: Some(FeatureClaim {
+            at: at.timestamp(),
+            lookup_keys: row.try_get("lookup_keys")?,
+        }),
+    })
+}
+
+/// The `products` columns [`product_from_row`] reads.
+pub const PRODUCT_COLUMNS: &str = "key, title, price_id, amount_cents, currency, mode, \
+     grants, feature_lookup_key, creator_id, platform_fee_bps, organization_fee_bps, status";
+
+/// A `products` row (selected with [`PRODUCT_COLUMNS`]).
+///
+/// # Errors
+/// [`StoreError::Db`] on a missing column, [`StoreError::Corrupt`] on an unknown mode or status.
+pub fn product_from_row(row: &Row) -> Result<Product, StoreError> {
+    let mode = match row.try_get::<_, &str>("mode")? {
+        "payment" => CheckoutMode::Payment,
+        "subscription" => CheckoutMode::Subscription,
+        _ => return Err(StoreError::Corrupt { column: "mode" }),
+    };
+    let status = ProductStatus::from_column(row.try_get("status")?)
+        .ok_or(StoreError::Corrupt { column: "status" })?;
+    Ok(Product {
+        key: row.try_get("key")?,
+        title: row.try_get("title")?,
+        price_id: row.try_get("price_id")?,
+        amount_cents: row.try_get("amount_cents")?,
+        currency: row.try_get("currency")?,
+        mode,
+        grants: row.try_get("grants")?,
+        feature_lookup_key: row.try_get("feature_lookup_key")?,
+        creator_id: row.try_get("creator_id")?,
+        platform_fee_bps: i64::from(row.try_get::<_, i32>("platform_fee_bps")?),
+        organization_fee_bps: i64::from(row.try_get::<_, i32>("organization_fee_bps")?),
+        status,
+    })
+}
 
 /// Applies `events` inside the caller's transaction and returns what became of each, in input
 /// order. `statements` is the connection's statement cache, when it has one: each statement is
@@ -365,6 +437,49 @@ async fn recompute_users<'u>(
     Ok(snapshots)
 }
 
+/// Re-derives the stored entitlements of `user` (or of every user with a purchase, a
+/// subscription or an entitlement) from their rows and the current product registry, through
+/// the same recomputation events use, in transactions of up to 500 users each; versions are
+/// bumped and marked for the cache healer as for any change. Returns the number of users.
+///
+/// # Errors
+/// [`StoreError`] when the database fails; the users of committed chunks stay recomputed.
+pub async fn recompute_stored(
+    pool: &deadpool_postgres::Pool,
+    user: Option<&UserId>,
+) -> Result<usize, StoreError> {
+    let users: Vec<String> = match user {
+        Some(user) => vec![user.as_str().to_owned()],
+        None => {
+            let client = pool.get().await?;
+            client
+                .query(
+                    "SELECT user_id FROM purchases WHERE user_id IS NOT NULL
+                     UNION SELECT user_id FROM subscriptions WHERE user_id IS NOT NULL
+                     UNION SELECT user_id FROM entitlements
+                     ORDER BY 1",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    for chunk in users.chunks(500) {
+        let mut client = pool.get().await?;
+        let statements = std::sync::Arc::clone(&client.statement_cache);
+        let tx = client.transaction().await?;
+        let db = Db {
+            tx: &tx,
+            statements: Some(&statements),
+        };
+        recompute_users(db, chunk.iter()).await?;
+        tx.commit().await?;
+    }
+    Ok(users.len())
+}
+
 /// The snapshots of `users`, from `by_user`.
 fn snapshots_of(
     users: &BTreeSet<String>,
@@ -387,7 +502,8 @@ pub async fn user_snapshot(
     // One statement, one MVCC snapshot: the version always matches the entitlements read.
     let rows = client
         .query_typed(
-            "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at
+            "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at,
+                    e.sources
                FROM (SELECT COALESCE((SELECT version FROM user_entitlement_versions
                                        WHERE user_id = $1), 0) AS version) v
                LEFT JOIN entitlements e ON e.user_id = $1
@@ -410,6 +526,7 @@ pub async fn user_snapshot(
                 source_id: row.try_get(4)?,
                 expires_at: row.try_get(5)?,
                 updated_at: row.try_get(6)?,
+                sources: grant_sources(row.try_get(7)?)?,
             });
         }
     }
@@ -526,6 +643,7 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
             user_id: row.try_get("user_id")?,
             customer_id: row.try_get("customer_id")?,
             product_key: row.try_get("product_key")?,
+            price_id: row.try_get("price_id")?,
             amount_cents: row.try_get("amount_paid_cents")?,
             currency: row.try_get("currency")?,
             paid: row.try_get("paid")?,
@@ -565,11 +683,22 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
         _ => None,
     };
     let terminal: Option<String> = row.try_get("terminal_status")?;
+    let price_id: Option<String> = row.try_get("price_id")?;
+    let price_at: Option<DateTime<Utc>> = row.try_get("price_claim_at")?;
+    let price = match (price_id, price_at) {
+        (Some(price_id), Some(at)) => Some(PriceClaim {
+            at: at.timestamp(),
+            price_id,
+            quantity: row.try_get("quantity")?,
+        }),
+        _ => None,
+    };
     Ok(SubscriptionFacts {
         id: row.try_get("id")?,
         user_id: row.try_get("user_id")?,
         customer_id: row.try_get("customer_id")?,
         product_key: row.try_get("product_key")?,
+        price,
         claim,
         terminal: terminal
             .map(|t| subscription_status(&t, "terminal_status"))
@@ -577,6 +706,11 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
         current_period_end: secs(row.try_get("current_period_end")?),
         ended_at: secs(row.try_get("ended_at")?),
     })
+}
+
+/// The `entitlements.sources` column.
+fn grant_sources(raw: serde_json::Value) -> Result<Vec<GrantSource>, StoreError> {
+    serde_json::from_value(raw).map_err(|_| StoreError::Corrupt { column: "sources" })
 }
 
 fn entitlement_status(raw: &str) -> Result<EntitlementStatus, StoreError> {

@@ -8,17 +8,19 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join3, try_join4};
+use futures_util::future::{try_join, try_join4};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, EntitlementView, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot,
-    entitlement_source, entitlement_status, opt_timestamp, purchase_from_row, secs,
+    Db, EntitlementView, FEATURE_COLUMNS, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param,
+    SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot, entitlement_source, entitlement_status,
+    feature_from_row, grant_sources, opt_timestamp, product_from_row, purchase_from_row, secs,
     subscription_from_row,
 };
 use crate::projection::{
-    self, DerivedEntitlement, EntitlementStatus, PurchaseFacts, SubscriptionFacts,
+    self, DerivedEntitlement, EntitlementStatus, FeatureFacts, PurchaseFacts, Registry,
+    SubscriptionFacts,
 };
 
 /// One user's recomputation, before it is written.
@@ -58,6 +60,7 @@ fn diff_entitlements(
             source_id: entitlement.source_id.clone(),
             expires_at,
             updated_at,
+            sources: entitlement.sources.clone(),
         });
         let kind = match entitlement.status {
             EntitlementStatus::Revoked => Some("entitlement_revoked"),
@@ -105,6 +108,7 @@ fn entitlement_from_row(row: &Row) -> Result<DerivedEntitlement, StoreError> {
         source: entitlement_source(row.try_get("source")?)?,
         source_id: row.try_get("source_id")?,
         expires_at: secs(row.try_get("expires_at")?),
+        sources: grant_sources(row.try_get("sources")?)?,
     })
 }
 
@@ -124,18 +128,49 @@ pub(super) async fn recompute(
     let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = ANY($1)");
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = ANY($1)");
-    let (purchase_rows, subscription_rows, entitlement_rows) = try_join3(
-        db.query(&purchases_sql, &by_users),
-        db.query(&subscriptions_sql, &by_users),
-        db.query(
-            "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
-                    e.updated_at
+    // --- product registry (catalog): the products these users' rows name, by key or price.
+    let products_sql = format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+          WHERE key IN (SELECT product_key FROM purchases WHERE user_id = ANY($1)
+                        UNION ALL SELECT product_key FROM subscriptions WHERE user_id = ANY($1))
+             OR price_id IN (SELECT price_id FROM purchases WHERE user_id = ANY($1)
+                             UNION ALL SELECT price_id FROM subscriptions WHERE user_id = ANY($1))
+             OR feature_lookup_key IN (SELECT unnest(lookup_keys) FROM stripe_features
+                                        WHERE user_id = ANY($1))"
+    );
+    let features_sql =
+        format!("SELECT {FEATURE_COLUMNS} FROM stripe_features WHERE user_id = ANY($1)");
+    let ((purchase_rows, subscription_rows, entitlement_rows, product_rows), feature_rows) =
+        try_join(
+            try_join4(
+                db.query(&purchases_sql, &by_users),
+                db.query(&subscriptions_sql, &by_users),
+                db.query(
+                    "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
+                    e.updated_at, e.sources
                FROM (SELECT now() AS now) n
                LEFT JOIN entitlements e ON e.user_id = ANY($1)",
-            &by_users,
-        ),
-    )
-    .await?;
+                    &by_users,
+                ),
+                db.query(&products_sql, &by_users),
+            ),
+            db.query(&features_sql, &by_users),
+        )
+        .await?;
+    let mut features: BTreeMap<String, Vec<FeatureFacts>> = BTreeMap::new();
+    for row in &feature_rows {
+        let facts = feature_from_row(row)?;
+        if let Some(user) = facts.user_id.clone() {
+            features.entry(user).or_default().push(facts);
+        }
+    }
+    let registry = Registry::new(
+        product_rows
+            .iter()
+            .map(product_from_row)
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    // --- end product registry
     let mut purchases: BTreeMap<String, Vec<PurchaseFacts>> = BTreeMap::new();
     for row in &purchase_rows {
         let (_, facts) = purchase_from_row(row)?;
@@ -170,6 +205,8 @@ pub(super) async fn recompute(
             let derived = projection::derive_entitlements(
                 purchases.get(user).map_or(&[], Vec::as_slice),
                 subscriptions.get(user).map_or(&[], Vec::as_slice),
+                features.get(user).map_or(&[], Vec::as_slice),
+                &registry,
             );
             diff_entitlements(
                 user,
@@ -227,13 +264,14 @@ async fn write_recomputed(
         }
         db.execute(
             "INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at,
-                 updated_at)
-             SELECT u, k, st, src, sid, exp, now()
+                 sources, updated_at)
+             SELECT u, k, st, src, sid, exp, srcs, now()
                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                           $6::timestamptz[]) AS e(u, k, st, src, sid, exp)
+                           $6::timestamptz[], $7::jsonb[]) AS e(u, k, st, src, sid, exp, srcs)
              ON CONFLICT (user_id, key) DO UPDATE SET status = EXCLUDED.status,
                  source = EXCLUDED.source, source_id = EXCLUDED.source_id,
-                 expires_at = EXCLUDED.expires_at, updated_at = now()",
+                 expires_at = EXCLUDED.expires_at, sources = EXCLUDED.sources,
+                 updated_at = now()",
             &[
                 (&upsert.users, Type::TEXT_ARRAY),
                 (&upsert.keys, Type::TEXT_ARRAY),
@@ -241,6 +279,7 @@ async fn write_recomputed(
                 (&upsert.sources, Type::TEXT_ARRAY),
                 (&upsert.source_ids, Type::TEXT_ARRAY),
                 (&upsert.expires_at, Type::TIMESTAMPTZ_ARRAY),
+                (&upsert.source_lists, Type::JSONB_ARRAY),
             ],
         )
         .await
@@ -315,6 +354,7 @@ struct EntitlementColumns<'a> {
     sources: Vec<&'static str>,
     source_ids: Vec<&'a str>,
     expires_at: Vec<Option<DateTime<Utc>>>,
+    source_lists: Vec<serde_json::Value>,
 }
 
 impl<'a> EntitlementColumns<'a> {
@@ -325,6 +365,10 @@ impl<'a> EntitlementColumns<'a> {
         self.sources.push(e.source.as_str());
         self.source_ids.push(&e.source_id);
         self.expires_at.push(opt_timestamp(e.expires_at)?);
+        self.source_lists.push(
+            serde_json::to_value(&e.sources)
+                .map_err(|_| StoreError::Corrupt { column: "sources" })?,
+        );
         Ok(())
     }
 }

@@ -31,7 +31,7 @@ pub use error::StripeError;
 pub use form::Form;
 pub use types::{
     BillingPortalSession, CheckoutMode, CheckoutSession, CheckoutSessionRequest, Customer,
-    EventQuery, ListPage,
+    EventQuery, LineItemPrice, ListPage,
 };
 
 /// The Stripe API version this service is written against ("basil"); the webhook endpoint must
@@ -292,6 +292,31 @@ impl StripeClient {
     pub async fn list_payment_intents(&self, customer: &str) -> Result<Vec<Value>, StripeError> {
         self.list_by_customer("/v1/payment_intents", customer, &[])
             .await
+    }
+
+    /// Every active Stripe Entitlements feature of `customer` (`GET
+    /// /v1/entitlements/active_entitlements`, all pages; the summary event lists at most 10).
+    ///
+    /// # Errors
+    /// Any [`StripeError`].
+    pub async fn list_active_entitlements(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<Value>, StripeError> {
+        self.list_by_customer("/v1/entitlements/active_entitlements", customer, &[])
+            .await
+    }
+
+    /// The line items of a Checkout Session (webhook payloads never carry them).
+    ///
+    /// # Errors
+    /// Any [`StripeError`].
+    pub async fn list_checkout_line_items(&self, session: &str) -> Result<Vec<Value>, StripeError> {
+        self.list_all(
+            &format!("/v1/checkout/sessions/{session}/line_items"),
+            &Form::new(),
+        )
+        .await
     }
 
     /// All charges of `customer` (with `refunded`, `amount_refunded`, `disputed`), as raw objects.
@@ -633,9 +658,28 @@ fn decode_error(e: serde_json::Error) -> StripeError {
 
 fn checkout_form(request: &CheckoutSessionRequest) -> Form {
     let mut form = Form::new();
-    form.push("mode", request.mode.as_str())
-        .push("line_items[0][price]", request.price_id.as_str())
-        .push("line_items[0][quantity]", request.quantity.to_string())
+    form.push("mode", request.mode.as_str());
+    match &request.price {
+        LineItemPrice::Id(price) => {
+            form.push("line_items[0][price]", price.as_str());
+        }
+        LineItemPrice::Data {
+            currency,
+            unit_amount,
+            product_name,
+        } => {
+            form.push("line_items[0][price_data][currency]", currency.as_str())
+                .push(
+                    "line_items[0][price_data][unit_amount]",
+                    unit_amount.to_string(),
+                )
+                .push(
+                    "line_items[0][price_data][product_data][name]",
+                    product_name.as_str(),
+                );
+        }
+    }
+    form.push("line_items[0][quantity]", request.quantity.to_string())
         .push("success_url", request.success_url.as_str())
         .push("cancel_url", request.cancel_url.as_str())
         .push("client_reference_id", request.client_reference_id.as_str())
@@ -677,7 +721,7 @@ mod tests {
     fn request(mode: CheckoutMode) -> CheckoutSessionRequest {
         CheckoutSessionRequest {
             mode,
-            price_id: "price_1".into(),
+            price: LineItemPrice::Id("price_1".into()),
             quantity: 1,
             success_url: "https://app.test/ok?session={CHECKOUT_SESSION_ID}".into(),
             cancel_url: "https://app.test/cancel".into(),

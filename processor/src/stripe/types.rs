@@ -40,7 +40,7 @@ impl std::fmt::Display for CheckoutMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutSessionRequest {
     pub mode: CheckoutMode,
-    pub price_id: String,
+    pub price: LineItemPrice,
     pub quantity: u32,
     /// May contain the literal `{CHECKOUT_SESSION_ID}`, which Stripe substitutes.
     pub success_url: String,
@@ -53,6 +53,20 @@ pub struct CheckoutSessionRequest {
     pub metadata: BTreeMap<String, String>,
     /// Unix seconds; Stripe accepts 30 minutes to 24 hours ahead.
     pub expires_at: Option<i64>,
+}
+
+/// What the one line item of a Checkout Session costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineItemPrice {
+    /// A Stripe price (`line_items[0][price]`).
+    Id(String),
+    /// An ad-hoc price (`line_items[0][price_data][…]`): registered items sold at their own
+    /// amount, with no Stripe price object behind them.
+    Data {
+        currency: String,
+        unit_amount: i64,
+        product_name: String,
+    },
 }
 
 /// The part of a Checkout Session the API hands back to the user.

@@ -103,6 +103,7 @@ impl Worker {
     pub(super) async fn process_batch(&self, mut items: Vec<Item>) -> bool {
         metrics::histogram!("worker_batch_size").record(items.len() as f64);
         mark_duplicates(&mut items);
+        self.complete_from_stripe(&mut items).await;
         let size = items.len();
         let started = Instant::now();
         self.claim_all(&mut items).await;
@@ -121,6 +122,24 @@ impl Worker {
             "batch done"
         );
         healthy
+    }
+
+    /// Completes the events whose payload lacks what the projection needs from Stripe
+    /// ([`crate::complete`]); one that cannot be completed is retried later.
+    async fn complete_from_stripe(&self, items: &mut [Item]) {
+        for item in items.iter_mut().filter(|i| i.outcome.is_none()) {
+            let Ok(event) = &item.parsed else { continue };
+            if !crate::complete::needs_completion(event) {
+                continue;
+            }
+            match crate::complete::complete(self.stripe.as_ref(), event.clone()).await {
+                Ok(complete) => item.parsed = Ok(complete),
+                Err(error) => {
+                    tracing::warn!(parent: &item.span, %error, "event not completed from Stripe");
+                    item.outcome = Some(Outcome::Later(error.to_string()));
+                }
+            }
+        }
     }
 
     /// Takes the dedupe claims of the batch's fresh events concurrently.

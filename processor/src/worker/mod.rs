@@ -71,12 +71,25 @@ pub struct Worker {
     publisher: Publisher,
     /// The dead-letter index, once opened (none without Postgres at start-up).
     parked: Arc<OnceCell<ParkedIndex>>,
+    /// Completes events from Stripe ([`crate::complete`]); `None` without a usable
+    /// `STRIPE_SECRET_KEY`.
+    stripe: Option<crate::stripe::StripeClient>,
 }
 
 impl Worker {
     #[must_use]
     pub fn new(config: Config, pool: Pool, cache: Cache, publisher: Publisher) -> Self {
+        let stripe = config.stripe_secret_key.as_ref().and_then(|_| {
+            crate::reconcile::stripe_config(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| crate::stripe::StripeClient::new(c).map_err(|e| e.to_string()))
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "no Stripe client: events are not completed from Stripe");
+                })
+                .ok()
+        });
         Self {
+            stripe,
             config,
             pool,
             cache,

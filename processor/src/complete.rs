@@ -1,0 +1,110 @@
+//! Events completed from Stripe before they are applied, where the payload lacks what the
+//! projection needs to know what was paid or granted:
+//!
+//! - Stripe Entitlements: an `entitlements.active_entitlement_summary.updated` event means
+//!   "this customer's features changed"; its own list stops at 10, so the complete list is read
+//!   from `GET /v1/entitlements/active_entitlements` (the projection then maps each feature
+//!   `lookup_key` through the product registry, source `stripe_feature`);
+//! - a paid Checkout Session without `line_items` in the payload (webhooks never carry them):
+//!   its line items are read from `GET /v1/checkout/sessions/{id}/line_items`, so the price
+//!   paid, not only the metadata, decides the product.
+//!
+//! Both go through the Stripe client and its retries.
+//!
+//! Invariant: a summary reaches the store with a complete list, or not at all — when Stripe
+//! cannot be read the event is retried later, never applied with a partial list (which would
+//! take away features the customer still has). Without `STRIPE_SECRET_KEY`, only summaries
+//! whose own list is complete are applied, and sessions keep the payload's shape (resolved by
+//! our metadata, amount and currency).
+
+use crate::events::{CheckoutMode, CheckoutSession, Event, EventKind};
+use crate::stripe::{StripeClient, StripeError};
+
+/// Why a summary could not be completed.
+#[derive(Debug, thiserror::Error)]
+pub enum CompleteError {
+    #[error("reading from Stripe failed: {0}")]
+    Stripe(#[from] StripeError),
+    #[error("the summary lists more than 10 features and STRIPE_SECRET_KEY is not set")]
+    NotConfigured,
+}
+
+/// `event` with its feature summary replaced by the customer's complete list; any other event
+/// unchanged.
+///
+/// # Errors
+/// [`CompleteError`] when the list cannot be read (retry later).
+pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Event, CompleteError> {
+    let summary = match event.kind {
+        EventKind::FeatureSummaryUpdated(summary) => summary,
+        EventKind::CheckoutSessionCompleted(session) => {
+            let session = with_line_item(stripe, session).await?;
+            return Ok(Event {
+                kind: EventKind::CheckoutSessionCompleted(session),
+                ..event
+            });
+        }
+        EventKind::CheckoutSessionAsyncPaymentSucceeded(session) => {
+            let session = with_line_item(stripe, session).await?;
+            return Ok(Event {
+                kind: EventKind::CheckoutSessionAsyncPaymentSucceeded(session),
+                ..event
+            });
+        }
+        _ => return Ok(event),
+    };
+    let summary = match stripe {
+        Some(stripe) => {
+            let list = stripe.list_active_entitlements(&summary.customer).await?;
+            let keys = list
+                .iter()
+                .filter_map(|e| e.get("lookup_key")?.as_str().map(str::to_owned))
+                .collect();
+            summary.completed(keys)
+        }
+        None if summary.complete => summary,
+        None => return Err(CompleteError::NotConfigured),
+    };
+    Ok(Event {
+        kind: EventKind::FeatureSummaryUpdated(summary),
+        ..event
+    })
+}
+
+/// True for the events [`complete`] reads Stripe for.
+#[must_use]
+pub fn needs_completion(event: &Event) -> bool {
+    match &event.kind {
+        EventKind::FeatureSummaryUpdated(_) => true,
+        EventKind::CheckoutSessionCompleted(s)
+        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => {
+            s.price_id.is_none() && s.mode != CheckoutMode::Other
+        }
+        _ => false,
+    }
+}
+
+/// `session` with the price of its first line item, read from Stripe when the payload had none.
+/// A session Stripe does not know (another account or mode) keeps its payload's shape.
+async fn with_line_item(
+    stripe: Option<&StripeClient>,
+    mut session: CheckoutSession,
+) -> Result<CheckoutSession, CompleteError> {
+    let Some(stripe) = stripe.filter(|_| session.price_id.is_none()) else {
+        return Ok(session);
+    };
+    match stripe.list_checkout_line_items(&session.id).await {
+        Ok(items) => {
+            session.price_id = items.first().and_then(|item| {
+                let price = item.get("price")?;
+                price
+                    .as_str()
+                    .or_else(|| price.get("id")?.as_str())
+                    .map(str::to_owned)
+            });
+            Ok(session)
+        }
+        Err(error) if error.is_resource_missing() => Ok(session),
+        Err(error) => Err(error.into()),
+    }
+}

@@ -1,0 +1,297 @@
+//! The product registry as the projection sees it: which product an event's money trail
+//! resolves to, which entitlement keys that product grants, and how its payment is split.
+//!
+//! Invariants:
+//! - A row grants only through a registered product, and only when what was paid matches it:
+//!   a known price id must be the product's price (and agree with any product key our metadata
+//!   names) — or, being an ad-hoc `price_data` price, belong to an item sold by amount that our
+//!   metadata names, at its amount and currency; without a price id, the product key our checkout wrote must name the product and,
+//!   when the product is sold by amount (`price_data`), the amount and currency must be its own.
+//!   A row nothing resolves (a Payment Link's `client_reference_id` alone, a price outside the
+//!   registry, a $1 "Pro") grants nothing.
+//! - A subscription's newest price decides its product (a plan change in the billing portal
+//!   changes the price, not the metadata); the metadata key is only a fallback while no event
+//!   has reported a price.
+//! - Resolution reads the registry passed in, never the clock or the database, so re-deriving
+//!   after a mapping change is the same function over the same rows.
+
+use std::collections::BTreeMap;
+
+use super::{FeeSplit, PurchaseFacts, SubscriptionFacts};
+use crate::stripe::CheckoutMode;
+
+/// Basis points in a whole.
+pub const BPS_WHOLE: i64 = 10_000;
+
+/// Whether a product can be bought now. Unpublished products keep granting to their buyers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProductStatus {
+    Published,
+    Unpublished,
+}
+
+impl ProductStatus {
+    /// The column / API spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Published => "published",
+            Self::Unpublished => "unpublished",
+        }
+    }
+
+    /// Parses the column spelling.
+    #[must_use]
+    pub fn from_column(raw: &str) -> Option<Self> {
+        match raw {
+            "published" => Some(Self::Published),
+            "unpublished" => Some(Self::Unpublished),
+            _ => None,
+        }
+    }
+}
+
+/// One registered product (serialized as the admin API shows it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Product {
+    pub key: String,
+    pub title: Option<String>,
+    /// The Stripe price it is sold at; `None` for `price_data` products.
+    pub price_id: Option<String>,
+    /// The amount it is sold at through `price_data` (with `currency`).
+    pub amount_cents: Option<i64>,
+    /// Lower-case ISO code.
+    pub currency: Option<String>,
+    pub mode: CheckoutMode,
+    /// The entitlement keys a paid purchase or live subscription grants; never empty.
+    pub grants: Vec<String>,
+    /// The Stripe Entitlements feature (`lookup_key`) that grants this product's keys to a
+    /// customer whose active entitlement summary lists it.
+    pub feature_lookup_key: Option<String>,
+    pub creator_id: Option<String>,
+    pub platform_fee_bps: i64,
+    pub organization_fee_bps: i64,
+    pub status: ProductStatus,
+}
+
+impl Product {
+    /// How `amount_cents` paid for this product is split: the fees are rounded down, the
+    /// creator gets the rest, so the three parts always add up.
+    #[must_use]
+    pub fn split(&self, amount_cents: i64) -> FeeSplit {
+        let fee = |bps: i64| {
+            i64::try_from(i128::from(amount_cents) * i128::from(bps) / i128::from(BPS_WHOLE))
+                .unwrap_or(0)
+                .clamp(0, amount_cents.max(0))
+        };
+        let platform = fee(self.platform_fee_bps);
+        let organization = fee(self.organization_fee_bps).min(amount_cents - platform);
+        FeeSplit {
+            platform_fee_cents: platform,
+            organization_fee_cents: organization,
+            creator_payout_cents: amount_cents - platform - organization,
+        }
+    }
+
+    /// True when the product is sold by amount and `amount`/`currency` are its own.
+    fn amount_matches(&self, amount: Option<i64>, currency: Option<&str>) -> bool {
+        match (self.amount_cents, self.currency.as_deref()) {
+            (Some(expected), Some(expected_currency)) => {
+                amount == Some(expected)
+                    && currency.is_some_and(|c| c.eq_ignore_ascii_case(expected_currency))
+            }
+            // Sold at a Stripe price only: the metadata our checkout set names it.
+            _ => true,
+        }
+    }
+}
+
+/// The products the projection resolves rows against (all of them, or those the rows name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    products: BTreeMap<String, Product>,
+    by_price: BTreeMap<String, String>,
+    by_feature: BTreeMap<String, String>,
+}
+
+impl Registry {
+    /// A registry of `products` (a later product with the same key or price replaces an
+    /// earlier one; the database keeps both unique).
+    #[must_use]
+    pub fn new(products: impl IntoIterator<Item = Product>) -> Self {
+        let mut registry = Self::default();
+        for product in products {
+            if let Some(price) = &product.price_id {
+                registry.by_price.insert(price.clone(), product.key.clone());
+            }
+            if let Some(feature) = &product.feature_lookup_key {
+                registry
+                    .by_feature
+                    .insert(feature.clone(), product.key.clone());
+            }
+            registry.products.insert(product.key.clone(), product);
+        }
+        registry
+    }
+
+    /// The product with this key.
+    #[must_use]
+    pub fn get(&self, key: &str) -> Option<&Product> {
+        self.products.get(key)
+    }
+
+    /// The product sold at this Stripe price.
+    #[must_use]
+    pub fn by_price(&self, price_id: &str) -> Option<&Product> {
+        self.products.get(self.by_price.get(price_id)?)
+    }
+
+    /// The product a Stripe Entitlements feature (`lookup_key`) maps to.
+    #[must_use]
+    pub fn by_feature(&self, lookup_key: &str) -> Option<&Product> {
+        self.products.get(self.by_feature.get(lookup_key)?)
+    }
+
+    /// Every product, in key order.
+    pub fn products(&self) -> impl Iterator<Item = &Product> {
+        self.products.values()
+    }
+
+    /// The product a purchase paid for, if what was paid matches one (module invariants).
+    #[must_use]
+    pub fn purchase_product(&self, p: &PurchaseFacts) -> Option<&Product> {
+        match (&p.price_id, &p.product_key) {
+            (Some(price), key) => match self.by_price(price) {
+                Some(product) => key
+                    .as_ref()
+                    .is_none_or(|k| *k == product.key)
+                    .then_some(product),
+                // An ad-hoc price (what Checkout `price_data` creates): only an item sold by
+                // amount, named by our metadata, at its own amount and currency.
+                None => {
+                    let product = self.get(key.as_ref()?)?;
+                    (product.price_id.is_none()
+                        && product.amount_cents.is_some()
+                        && product.amount_matches(p.amount_cents, p.currency.as_deref()))
+                    .then_some(product)
+                }
+            },
+            (None, Some(key)) => {
+                let product = self.get(key)?;
+                product
+                    .amount_matches(p.amount_cents, p.currency.as_deref())
+                    .then_some(product)
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// The product a subscription is on: its newest price, else (no price reported yet) the
+    /// product key of our checkout's metadata.
+    #[must_use]
+    pub fn subscription_product(&self, s: &SubscriptionFacts) -> Option<&Product> {
+        match &s.price {
+            Some(claim) => self.by_price(&claim.price_id),
+            None => self.get(s.product_key.as_deref()?),
+        }
+    }
+
+    /// The split of a purchase's amount: its product's rule, else everything to the creator.
+    #[must_use]
+    pub fn purchase_split(&self, p: &PurchaseFacts) -> Option<FeeSplit> {
+        let amount = p.amount_cents?;
+        Some(
+            self.purchase_product(p)
+                .map_or_else(|| FeeSplit::of(amount), |product| product.split(amount)),
+        )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn product(key: &str, price: Option<&str>, amount: Option<i64>) -> Product {
+        Product {
+            key: key.into(),
+            title: None,
+            price_id: price.map(str::to_owned),
+            amount_cents: amount,
+            currency: amount.map(|_| "usd".into()),
+            mode: CheckoutMode::Payment,
+            grants: vec![key.into()],
+            feature_lookup_key: None,
+            creator_id: None,
+            platform_fee_bps: 0,
+            organization_fee_bps: 0,
+            status: ProductStatus::Published,
+        }
+    }
+
+    fn paid(key: Option<&str>, price: Option<&str>, amount: i64) -> PurchaseFacts {
+        PurchaseFacts {
+            product_key: key.map(str::to_owned),
+            price_id: price.map(str::to_owned),
+            amount_cents: Some(amount),
+            currency: Some("usd".into()),
+            paid: true,
+            ..PurchaseFacts::default()
+        }
+    }
+
+    #[test]
+    fn purchases_resolve_by_price_or_by_our_metadata_with_a_matching_amount() {
+        let registry = Registry::new([
+            product("pro", Some("price_pro"), None),
+            product("video", None, Some(1500)),
+        ]);
+        let key = |p: &PurchaseFacts| registry.purchase_product(p).map(|p| p.key.as_str());
+        assert_eq!(key(&paid(None, Some("price_pro"), 4900)), Some("pro"));
+        assert_eq!(
+            key(&paid(Some("pro"), Some("price_pro"), 4900)),
+            Some("pro")
+        );
+        assert_eq!(key(&paid(Some("pro"), None, 4900)), Some("pro"));
+        assert_eq!(key(&paid(Some("video"), None, 1500)), Some("video"));
+        // The ad-hoc price Checkout creates for price_data.
+        assert_eq!(
+            key(&paid(Some("video"), Some("price_adhoc"), 1500)),
+            Some("video")
+        );
+        assert_eq!(key(&paid(Some("video"), Some("price_adhoc"), 100)), None);
+        assert_eq!(key(&paid(Some("pro"), Some("price_adhoc"), 4900)), None);
+        // The $1 Payment Link: no metadata, a price the registry does not sell.
+        assert_eq!(key(&paid(None, Some("price_other"), 100)), None);
+        assert_eq!(key(&paid(None, None, 100)), None);
+        // Metadata that disagrees with the price, or an amount that is not the item's.
+        assert_eq!(key(&paid(Some("video"), Some("price_pro"), 1500)), None);
+        assert_eq!(key(&paid(Some("video"), None, 100)), None);
+        let mut eur = paid(Some("video"), None, 1500);
+        eur.currency = Some("eur".into());
+        assert_eq!(key(&eur), None);
+        assert_eq!(key(&paid(Some("gold"), None, 100)), None);
+    }
+
+    #[test]
+    fn splits_round_fees_down_and_always_add_up() {
+        let mut item = product("video", None, Some(999));
+        item.platform_fee_bps = 1000;
+        item.organization_fee_bps = 250;
+        let split = item.split(999);
+        assert_eq!(split.platform_fee_cents, 99);
+        assert_eq!(split.organization_fee_cents, 24);
+        assert_eq!(split.creator_payout_cents, 876);
+        for amount in [0, 1, 7, 999, 1_000_000_007] {
+            let s = item.split(amount);
+            assert_eq!(
+                s.platform_fee_cents + s.organization_fee_cents + s.creator_payout_cents,
+                amount
+            );
+        }
+        let all = product("x", None, Some(1));
+        assert_eq!(all.split(500), FeeSplit::of(500));
+    }
+}

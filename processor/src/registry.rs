@@ -1,0 +1,600 @@
+//! The product registry's storage: the `products` table, the only map from what is sold to the
+//! entitlement keys it grants. Static products come from the configuration
+//! (`STRIPE_PRICE_PRO_LIFETIME`, `CATALOG_FILE`) and are written by [`sync_config`] at start-up;
+//! dynamic products (content items, …) are registered by the application through the admin API
+//! ([`put`], [`unpublish`]). The projection resolves rows against these rows
+//! ([`crate::projection::Registry`]); checkout sells them.
+//!
+//! Invariants:
+//! - A product row is never deleted: unpublishing stops sales, and buyers keep what they bought.
+//! - A price is never taken away from a product while a subscription that has not ended is on
+//!   it (that subscriber would silently lose access): such a change is refused with
+//!   [`RegistryError::PriceInUse`] naming the price. After any other mapping change,
+//!   `processor recompute` re-derives entitlements through the same projection.
+//! - Configured products belong to the configuration: the admin API cannot overwrite them.
+//! - Writes to one product serialize on a transaction-scoped advisory lock of its key.
+
+use deadpool_postgres::Pool;
+use tokio_postgres::GenericClient;
+
+use crate::catalog::Catalog;
+use crate::projection::{BPS_WHOLE, Product, ProductStatus};
+use crate::store::{PRODUCT_COLUMNS, StoreError, product_from_row};
+use crate::stripe::CheckoutMode;
+
+/// Where a product row comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `STRIPE_PRICE_PRO_LIFETIME` or `CATALOG_FILE`, rewritten at start-up.
+    Config,
+    /// `PUT /v1/products/{key}`.
+    Admin,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A field of the product is invalid; `field` is its JSON name.
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The key belongs to a product of the configuration.
+    #[error(
+        "product {0:?} is defined by the configuration (STRIPE_PRICE_PRO_LIFETIME or CATALOG_FILE)"
+    )]
+    Configured(String),
+    /// The price would be taken away from a product while live subscriptions are on it.
+    #[error(
+        "price {price} of product {product:?} is still used by {subscriptions} active subscription(s); \
+         move them to another price before removing it"
+    )]
+    PriceInUse {
+        product: String,
+        price: String,
+        subscriptions: i64,
+    },
+    /// Another product is already sold at this price.
+    #[error("price {price} is already sold as product {other:?}")]
+    PriceTaken { price: String, other: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<tokio_postgres::Error> for RegistryError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Store(StoreError::Db(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for RegistryError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Store(StoreError::Pool(e))
+    }
+}
+
+/// The body of `PUT /v1/products/{key}`, before validation.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProductInput {
+    pub title: Option<String>,
+    pub amount_cents: Option<i64>,
+    pub currency: Option<String>,
+    pub price_id: Option<String>,
+    pub mode: Option<CheckoutMode>,
+    pub grants: Option<Vec<String>>,
+    /// A Stripe Entitlements feature `lookup_key` granting this product's keys.
+    pub feature_lookup_key: Option<String>,
+    pub creator_id: Option<String>,
+    pub platform_fee_bps: Option<i64>,
+    pub organization_fee_bps: Option<i64>,
+    pub status: Option<ProductStatus>,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> RegistryError {
+    RegistryError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A product key: 1-64 of `a-z`, `0-9`, `_`, `-` (the catalog's rule).
+///
+/// # Errors
+/// [`RegistryError::Invalid`] for field `key`.
+pub fn validate_key(key: &str) -> Result<(), RegistryError> {
+    let ok = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("key", "must be 1-64 of a-z, 0-9, _ and -"))
+    }
+}
+
+impl ProductInput {
+    /// The product `key` this input describes: `amountCents` + `currency` or a `priceId`;
+    /// `mode` defaults to `payment` (`subscription` needs a `priceId`), `grants` to
+    /// `["content:{key}"]`, fees to 0 (they may not exceed the whole), `status` to `published`.
+    ///
+    /// # Errors
+    /// [`RegistryError::Invalid`] naming the first invalid field.
+    pub fn validate(self, key: &str) -> Result<Product, RegistryError> {
+        validate_key(key)?;
+        let title = self
+            .title
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        if title.as_ref().is_some_and(|t| t.chars().count() > 200) {
+            return Err(invalid("title", "at most 200 characters"));
+        }
+        if let Some(price) = &self.price_id
+            && !(price.len() > "price_".len()
+                && price.len() <= 255
+                && price.starts_with("price_")
+                && price
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            return Err(invalid(
+                "priceId",
+                "expected a Stripe price id like price_1AbC…",
+            ));
+        }
+        if let Some(amount) = self.amount_cents
+            && !(0..=99_999_999).contains(&amount)
+        {
+            return Err(invalid("amountCents", "must be between 0 and 99999999"));
+        }
+        let currency = self.currency.map(|c| c.to_ascii_lowercase());
+        if let Some(c) = &currency
+            && !(c.len() == 3 && c.bytes().all(|b| b.is_ascii_lowercase()))
+        {
+            return Err(invalid(
+                "currency",
+                "expected a three-letter ISO code like usd",
+            ));
+        }
+        match (self.amount_cents, &currency, &self.price_id) {
+            (Some(_), None, _) => return Err(invalid("currency", "required with amountCents")),
+            (None, Some(_), _) => return Err(invalid("amountCents", "required with currency")),
+            (None, None, None) => {
+                return Err(invalid(
+                    "amountCents",
+                    "amountCents and currency, or priceId, required",
+                ));
+            }
+            _ => {}
+        }
+        let mode = self.mode.unwrap_or(CheckoutMode::Payment);
+        if mode == CheckoutMode::Subscription && self.price_id.is_none() {
+            return Err(invalid(
+                "priceId",
+                "a subscription product needs a Stripe price",
+            ));
+        }
+        let grants = self
+            .grants
+            .unwrap_or_else(|| vec![format!("content:{key}")]);
+        if grants.is_empty() || grants.len() > 20 {
+            return Err(invalid("grants", "between 1 and 20 entitlement keys"));
+        }
+        for grant in &grants {
+            shared::ids::EntitlementKey::parse(grant)
+                .map_err(|e| invalid("grants", format!("{grant:?}: {e}")))?;
+        }
+        let mut grants = grants;
+        grants.sort();
+        grants.dedup();
+        let bps = |field: &'static str, raw: Option<i64>| {
+            let value = raw.unwrap_or(0);
+            if (0..=BPS_WHOLE).contains(&value) {
+                Ok(value)
+            } else {
+                Err(invalid(field, "basis points between 0 and 10000"))
+            }
+        };
+        let platform_fee_bps = bps("platformFeeBps", self.platform_fee_bps)?;
+        let organization_fee_bps = bps("organizationFeeBps", self.organization_fee_bps)?;
+        if platform_fee_bps + organization_fee_bps > BPS_WHOLE {
+            return Err(invalid(
+                "organizationFeeBps",
+                "platform and organization fees together exceed 10000 basis points",
+            ));
+        }
+        if let Some(feature) = &self.feature_lookup_key
+            && (feature.is_empty()
+                || feature.len() > 80
+                || feature.chars().any(char::is_whitespace))
+        {
+            return Err(invalid(
+                "featureLookupKey",
+                "1-80 characters without spaces",
+            ));
+        }
+        if let Some(creator) = &self.creator_id {
+            shared::ids::UserId::parse(creator).map_err(|e| invalid("creatorId", e.to_string()))?;
+        }
+        Ok(Product {
+            key: key.to_owned(),
+            title,
+            price_id: self.price_id,
+            amount_cents: self.amount_cents,
+            currency,
+            mode,
+            grants,
+            feature_lookup_key: self.feature_lookup_key,
+            creator_id: self.creator_id,
+            platform_fee_bps,
+            organization_fee_bps,
+            status: self.status.unwrap_or(ProductStatus::Published),
+        })
+    }
+}
+
+/// The product with this key.
+///
+/// # Errors
+/// [`RegistryError::Store`] when the query fails or the row is unreadable.
+pub async fn get(client: &impl GenericClient, key: &str) -> Result<Option<Product>, RegistryError> {
+    let sql = format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE key = $1");
+    let row = client.query_opt(&sql, &[&key]).await?;
+    Ok(row.as_ref().map(product_from_row).transpose()?)
+}
+
+/// One page of products in key order, after `after` (a key) when given.
+///
+/// # Errors
+/// [`RegistryError::Store`] when the query fails or a row is unreadable.
+pub async fn list(
+    client: &impl GenericClient,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Product>, RegistryError> {
+    let sql = format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE key > COALESCE($1, '') ORDER BY key LIMIT $2"
+    );
+    let rows = client.query(&sql, &[&after, &limit]).await?;
+    Ok(rows
+        .iter()
+        .map(product_from_row)
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Registers or replaces an admin product. Returns the stored product and whether it was new.
+///
+/// # Errors
+/// [`RegistryError::Configured`] for a configured key, [`RegistryError::PriceInUse`] when the
+/// change takes a live subscription's price away, [`RegistryError::PriceTaken`] when another
+/// product sells the price, [`RegistryError::Store`] on a database failure.
+pub async fn put(pool: &Pool, product: &Product) -> Result<bool, RegistryError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let before = lock_and_get(&tx, &product.key).await?;
+    if let Some((origin, _)) = &before
+        && *origin == Origin::Config
+    {
+        return Err(RegistryError::Configured(product.key.clone()));
+    }
+    if let Some(price) = &product.price_id {
+        let other: Option<String> = tx
+            .query_opt(
+                "SELECT key FROM products WHERE price_id = $1 AND key <> $2",
+                &[price, &product.key],
+            )
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        if let Some(other) = other {
+            return Err(RegistryError::PriceTaken {
+                price: price.clone(),
+                other,
+            });
+        }
+    }
+    if let Some((_, old)) = &before {
+        refuse_price_removal(&tx, old, product.price_id.as_deref()).await?;
+    }
+    upsert(&tx, product, Origin::Admin).await?;
+    tx.commit().await?;
+    Ok(before.is_none())
+}
+
+/// Unpublishes a product (`DELETE /v1/products/{key}`): it can no longer be bought; buyers keep
+/// access. Returns the product, or `None` when there is none with this key.
+///
+/// # Errors
+/// [`RegistryError::Configured`] for a configured product, [`RegistryError::Store`] otherwise.
+pub async fn unpublish(pool: &Pool, key: &str) -> Result<Option<Product>, RegistryError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let Some((origin, mut product)) = lock_and_get(&tx, key).await? else {
+        return Ok(None);
+    };
+    if origin == Origin::Config {
+        return Err(RegistryError::Configured(key.to_owned()));
+    }
+    tx.execute(
+        "UPDATE products SET status = 'unpublished', updated_at = now() WHERE key = $1",
+        &[&key],
+    )
+    .await?;
+    tx.commit().await?;
+    product.status = ProductStatus::Unpublished;
+    Ok(Some(product))
+}
+
+/// Writes the configured products (`pro` and the `CATALOG_FILE` ones) into the registry. A
+/// configured product that left the configuration is unpublished (its buyers keep access);
+/// `pro` always exists and loses only its price when `STRIPE_PRICE_PRO_LIFETIME` is unset.
+///
+/// # Errors
+/// [`RegistryError::PriceInUse`] when the new configuration takes a price away from live
+/// subscriptions (start-up stops and names it), [`RegistryError::Configured`] when a catalog key
+/// is already registered through the admin API, [`RegistryError::Store`] otherwise.
+pub async fn sync_config(pool: &Pool, catalog: &Catalog) -> Result<(), RegistryError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    // One process at a time rewrites the configured rows.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('products:config'))",
+        &[],
+    )
+    .await?;
+    let mut wanted: Vec<Product> = catalog.products().map(Product::from).collect();
+    if catalog.get("pro").is_none() {
+        wanted.push(Product {
+            key: "pro".into(),
+            title: Some("Pro (lifetime)".into()),
+            price_id: None,
+            amount_cents: None,
+            currency: None,
+            mode: CheckoutMode::Payment,
+            grants: vec!["pro".into()],
+            feature_lookup_key: None,
+            creator_id: None,
+            platform_fee_bps: 0,
+            organization_fee_bps: 0,
+            status: ProductStatus::Published,
+        });
+    }
+    for product in &wanted {
+        let before = lock_and_get(&tx, &product.key).await?;
+        match &before {
+            Some((Origin::Admin, _)) => {
+                return Err(RegistryError::Configured(product.key.clone()));
+            }
+            Some((Origin::Config, old)) => {
+                refuse_price_removal(&tx, old, product.price_id.as_deref()).await?;
+            }
+            None => {}
+        }
+        // A price moving from one configured product to another: free it first.
+        if let Some(price) = &product.price_id {
+            tx.execute(
+                "UPDATE products SET price_id = NULL WHERE price_id = $1 AND key <> $2
+                   AND origin = 'config'",
+                &[price, &product.key],
+            )
+            .await?;
+        }
+        upsert(&tx, product, Origin::Config).await?;
+    }
+    let keys: Vec<&str> = wanted.iter().map(|p| p.key.as_str()).collect();
+    tx.execute(
+        "UPDATE products SET status = 'unpublished', updated_at = now()
+          WHERE origin = 'config' AND NOT (key = ANY($1)) AND status = 'published'",
+        &[&keys],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+impl From<&crate::catalog::Product> for Product {
+    fn from(p: &crate::catalog::Product) -> Self {
+        Self {
+            key: p.key().to_owned(),
+            title: None,
+            price_id: Some(p.price_id().to_owned()),
+            amount_cents: None,
+            currency: None,
+            mode: p.mode(),
+            grants: p.grants().iter().map(|g| g.as_str().to_owned()).collect(),
+            feature_lookup_key: p.feature().map(str::to_owned),
+            creator_id: None,
+            platform_fee_bps: 0,
+            organization_fee_bps: 0,
+            status: ProductStatus::Published,
+        }
+    }
+}
+
+/// Locks `products:{key}` for the transaction and reads the row with its origin.
+async fn lock_and_get(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &str,
+) -> Result<Option<(Origin, Product)>, RegistryError> {
+    let lock = format!("products:{key}");
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock])
+        .await?;
+    let sql = format!("SELECT origin, {PRODUCT_COLUMNS} FROM products WHERE key = $1");
+    let Some(row) = tx.query_opt(&sql, &[&key]).await? else {
+        return Ok(None);
+    };
+    let origin = match row.try_get::<_, &str>("origin")? {
+        "config" => Origin::Config,
+        _ => Origin::Admin,
+    };
+    Ok(Some((origin, product_from_row(&row)?)))
+}
+
+/// Refuses a change that takes `old`'s price away while subscriptions that have not ended are
+/// on it.
+async fn refuse_price_removal(
+    tx: &tokio_postgres::Transaction<'_>,
+    old: &Product,
+    new_price: Option<&str>,
+) -> Result<(), RegistryError> {
+    let Some(price) = old.price_id.as_deref().filter(|p| Some(*p) != new_price) else {
+        return Ok(());
+    };
+    let live: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM subscriptions WHERE price_id = $1 AND terminal_status IS NULL",
+            &[&price],
+        )
+        .await?
+        .try_get(0)?;
+    if live > 0 {
+        return Err(RegistryError::PriceInUse {
+            product: old.key.clone(),
+            price: price.to_owned(),
+            subscriptions: live,
+        });
+    }
+    Ok(())
+}
+
+async fn upsert(
+    tx: &tokio_postgres::Transaction<'_>,
+    p: &Product,
+    origin: Origin,
+) -> Result<(), RegistryError> {
+    let platform =
+        i32::try_from(p.platform_fee_bps).map_err(|_| invalid("platformFeeBps", "out of range"))?;
+    let organization = i32::try_from(p.organization_fee_bps)
+        .map_err(|_| invalid("organizationFeeBps", "out of range"))?;
+    tx.execute(
+        "INSERT INTO products (key, origin, title, price_id, amount_cents, currency, mode, grants,
+             creator_id, platform_fee_bps, organization_fee_bps, status, feature_lookup_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT (key) DO UPDATE SET origin = EXCLUDED.origin, title = EXCLUDED.title,
+             price_id = EXCLUDED.price_id, amount_cents = EXCLUDED.amount_cents,
+             currency = EXCLUDED.currency, mode = EXCLUDED.mode, grants = EXCLUDED.grants,
+             creator_id = EXCLUDED.creator_id, platform_fee_bps = EXCLUDED.platform_fee_bps,
+             organization_fee_bps = EXCLUDED.organization_fee_bps, status = EXCLUDED.status,
+             feature_lookup_key = EXCLUDED.feature_lookup_key, updated_at = now()",
+        &[
+            &p.key,
+            &origin.as_str(),
+            &p.title,
+            &p.price_id,
+            &p.amount_cents,
+            &p.currency,
+            &p.mode.as_str(),
+            &p.grants,
+            &p.creator_id,
+            &platform,
+            &organization,
+            &p.status.as_str(),
+            &p.feature_lookup_key,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn field(input: ProductInput) -> &'static str {
+        match input.validate("item-1") {
+            Err(RegistryError::Invalid { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_item_defaults_to_a_published_payment_granting_its_content_key() {
+        let product = ProductInput {
+            title: Some(" Lesson 1 ".into()),
+            amount_cents: Some(999),
+            currency: Some("USD".into()),
+            creator_id: Some("creator_1".into()),
+            platform_fee_bps: Some(1000),
+            ..ProductInput::default()
+        }
+        .validate("item-1")
+        .unwrap();
+        assert_eq!(product.grants, ["content:item-1"]);
+        assert_eq!(product.mode, CheckoutMode::Payment);
+        assert_eq!(product.status, ProductStatus::Published);
+        assert_eq!(product.currency.as_deref(), Some("usd"));
+        assert_eq!(product.title.as_deref(), Some("Lesson 1"));
+        assert_eq!(product.split(999).creator_payout_cents, 900);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let amount = |a| ProductInput {
+            amount_cents: Some(a),
+            currency: Some("usd".into()),
+            ..ProductInput::default()
+        };
+        assert_eq!(field(ProductInput::default()), "amountCents");
+        assert_eq!(field(amount(-1)), "amountCents");
+        assert_eq!(
+            field(ProductInput {
+                currency: Some("dollars".into()),
+                ..amount(1)
+            }),
+            "currency"
+        );
+        assert_eq!(
+            field(ProductInput {
+                price_id: Some("prod_1".into()),
+                ..ProductInput::default()
+            }),
+            "priceId"
+        );
+        assert_eq!(
+            field(ProductInput {
+                mode: Some(CheckoutMode::Subscription),
+                ..amount(100)
+            }),
+            "priceId"
+        );
+        assert_eq!(
+            field(ProductInput {
+                grants: Some(vec![]),
+                ..amount(100)
+            }),
+            "grants"
+        );
+        assert_eq!(
+            field(ProductInput {
+                platform_fee_bps: Some(6000),
+                organization_fee_bps: Some(5000),
+                ..amount(100)
+            }),
+            "organizationFeeBps"
+        );
+        assert_eq!(
+            field(ProductInput {
+                creator_id: Some("has space".into()),
+                ..amount(100)
+            }),
+            "creatorId"
+        );
+        assert!(matches!(
+            amount(1).validate("Bad Key"),
+            Err(RegistryError::Invalid { field: "key", .. })
+        ));
+    }
+}
