@@ -18,7 +18,7 @@ use super::error::ApiError;
 use crate::access::{self, AccessStatus};
 use crate::auth::{AdminToken, AuthUser};
 use crate::projection::EntitlementSource;
-use crate::store::{self, UserSnapshot};
+use crate::store::{self, EntitlementView, UserSnapshot};
 
 /// The entitlement key `/api/pro/entitlement` reports.
 pub const PRO_KEY: &str = "pro";
@@ -103,18 +103,22 @@ pub fn list_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> EntitlementList
         entitlements: snapshot
             .entitlements
             .iter()
-            .map(|e| {
-                let status = access::effective_status(e, now);
-                EntitlementItem {
-                    key: e.key.clone(),
-                    status,
-                    active: status.is_allowed(),
-                    source: e.source,
-                    expires_at: e.expires_at,
-                    updated_at: e.updated_at,
-                }
-            })
+            .map(|e| item_view(e, now))
             .collect(),
+    }
+}
+
+/// One entitlement as `GET /api/entitlements` lists it, at `now`.
+#[must_use]
+pub fn item_view(e: &EntitlementView, now: DateTime<Utc>) -> EntitlementItem {
+    let status = access::effective_status(e, now);
+    EntitlementItem {
+        key: e.key.clone(),
+        status,
+        active: status.is_allowed(),
+        source: e.source,
+        expires_at: e.expires_at,
+        updated_at: e.updated_at,
     }
 }
 
