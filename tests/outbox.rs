@@ -450,23 +450,51 @@ async fn a_relay_killed_mid_delivery_and_restarted_loses_and_reorders_nothing() 
     setup.cleanup().await;
 }
 
-#[tokio::test]
-async fn changes_committed_while_the_broker_is_unreachable_are_published_in_order_once_it_returns()
-{
+/// The server a test cuts the worker off from.
+#[derive(Clone, Copy, PartialEq)]
+enum Server {
+    Broker,
+    Postgres,
+}
+
+fn metric_line(prefix: &str) -> Option<String> {
+    let metrics = shared::telemetry::metrics_handle().render();
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+}
+
+/// Cuts the worker off from `server` through a chaos proxy, commits changes meanwhile (through
+/// the one apply path, on a direct connection, as restore does), checks that the relay tried
+/// and nothing was marked, restores the link and checks they were then published in order.
+async fn relay_survives_losing(server: Server) {
     let setup = Setup::new(&[200]).await;
     let queue = bind_out_queue(&setup.broker).await;
-    let proxy = ChaosProxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let mut config = outbox_config(&setup, None);
-    config.amqp_url = proxy.amqp_url();
-    let worker = spawn_worker(config.clone());
+    let upstream = match server {
+        Server::Broker => "127.0.0.1:5672",
+        Server::Postgres => "127.0.0.1:5432",
+    };
+    let proxy = ChaosProxy::start(upstream.parse().unwrap()).await;
+    let direct = outbox_config(&setup, None);
+    let mut config = direct.clone();
+    match server {
+        Server::Broker => config.amqp_url = proxy.amqp_url(),
+        Server::Postgres => {
+            config.database_url = format!("postgres://postgres@{}/{}", proxy.addr, setup.db.name);
+        }
+    }
+    let worker = spawn_worker(config);
     let client = pg(&setup.db.url).await;
     worker_common::wait_consumers(&setup.broker, 1).await;
+    eventually(WAIT, "the relay leading", || async {
+        (metric_line("outbox_relay_leader ")? == "outbox_relay_leader 1").then_some(())
+    })
+    .await;
 
     proxy.break_all();
-    // Changes committed through the one apply path (as restore does) while the broker is away.
-    let pool = processor::db::pool(&config).unwrap();
-    let user = unique("u");
-    let object = unique("obj");
+    let pool = processor::db::pool(&direct).unwrap();
+    let (user, object) = (unique("u"), unique("obj"));
     for event_type in ["checkout.session.completed", "charge.refunded"] {
         let id = unique("evt");
         let event = processor::events::parse(&sample(&id, event_type, &user, &object)).unwrap();
@@ -475,14 +503,20 @@ async fn changes_committed_while_the_broker_is_unreachable_are_published_in_orde
             .unwrap();
     }
     assert_eq!(unsent(&client, "amqp").await, 3);
-    eventually(WAIT, "the relay tried and failed", || async {
-        let metrics = shared::telemetry::metrics_handle().render();
-        metrics
-            .lines()
-            .any(|l| l.starts_with("outbox_delivery_failures_total{channel=\"amqp\"}"))
-            .then_some(())
-    })
-    .await;
+    match server {
+        Server::Broker => {
+            eventually(WAIT, "the relay tried and failed", || async {
+                metric_line("outbox_delivery_failures_total{channel=\"amqp\"}").map(drop)
+            })
+            .await
+        }
+        Server::Postgres => {
+            eventually(WAIT, "the relay lost its lock", || async {
+                (metric_line("outbox_relay_leader ")? == "outbox_relay_leader 0").then_some(())
+            })
+            .await
+        }
+    }
     assert_eq!(
         unsent(&client, "amqp").await,
         3,
@@ -490,7 +524,7 @@ async fn changes_committed_while_the_broker_is_unreachable_are_published_in_orde
     );
 
     proxy.restore();
-    eventually(WAIT, "published after the broker returned", || async {
+    eventually(WAIT, "published after the server returned", || async {
         (unsent(&client, "amqp").await == 0).then_some(())
     })
     .await;
@@ -503,4 +537,15 @@ async fn changes_committed_while_the_broker_is_unreachable_are_published_in_orde
     assert_eq!(versions, [1, 2, 2]);
     worker.stop().await;
     setup.cleanup().await;
+}
+
+#[tokio::test]
+async fn changes_committed_while_the_broker_is_unreachable_are_published_in_order_once_it_returns()
+{
+    relay_survives_losing(Server::Broker).await;
+}
+
+#[tokio::test]
+async fn a_relay_cut_off_from_postgres_leads_again_and_publishes_in_order_once_it_returns() {
+    relay_survives_losing(Server::Postgres).await;
 }

@@ -128,4 +128,17 @@ mod tests {
         assert_eq!(json["occurredAt"], "2023-11-14T22:13:20.000Z");
         assert_eq!(json["id"], "00000000-0000-0000-0000-000000000000");
     }
+
+    #[test]
+    fn the_asyncapi_document_names_every_message_type() {
+        let doc = include_str!("../../../docs/asyncapi.yaml");
+        for kind in [
+            "entitlements.changed",
+            "notification.revoked",
+            "notification.suspended",
+            "notification.checkout_abandoned",
+        ] {
+            assert!(doc.contains(&format!("name: {kind}")), "{kind}");
+        }
+    }
 }

@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -86,7 +87,15 @@ pub async fn run(
             .inspect_err(|error| tracing::error!(%error, "webhook channel unusable; it stays off"))
             .ok()
     });
+    if outbox.amqp {
+        // Publishing before the channel is open would only log failures.
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => {}
+            _ = publisher.wait_ready(Duration::from_secs(10)) => {}
+        }
+    }
     let relay = Relay {
+        publish_failing: AtomicBool::new(false),
         exchange: config.topology.out_exchange(),
         database_url: config.database_url.clone(),
         db_timeout: config.db_timeout,
@@ -121,6 +130,9 @@ struct Relay {
     pool: Pool,
     publisher: Publisher,
     sender: Option<Sender>,
+    /// Whether the last pass failed to publish: only the first failure of an outage is a
+    /// warning, so a broker outage does not log every poll.
+    publish_failing: AtomicBool,
 }
 
 impl Relay {
@@ -225,8 +237,15 @@ impl Relay {
             sent.extend(ids);
             first_error = first_error.or(error);
         }
-        if let Some(error) = first_error {
-            tracing::warn!(%error, delivered = sent.len(), "outbox publish failed; will retry");
+        match first_error {
+            Some(error) if !self.publish_failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(%error, delivered = sent.len(), "outbox publish failed; will retry");
+            }
+            Some(error) => tracing::debug!(%error, "outbox publish still failing"),
+            None if self.publish_failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!("outbox publishing again");
+            }
+            None => {}
         }
         if sent.is_empty() {
             return Ok(false);
