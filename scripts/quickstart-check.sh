@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs the README's quick start (the ```sh block after `<!-- quickstart -->`) as the README prints
 # it, against a stack of its own: its own database, AMQP_TOPOLOGY_BASE, ports and .env (written
-# from .env.example with fresh secrets, as scripts/up.sh does), with this build's binaries in
-# place of target/release. The only rewrite is the two listen addresses. A command followed by a
-# `# → {…}` line is re-run (for up to 15 s: events are applied asynchronously) until its output
-# holds every "key":value of that line.
+# from .env.example with fresh secrets, as scripts/up.sh does) and its own Redis database (index
+# 15, emptied before and after: the README's user u_1 has the same cache key in every run), with
+# this build's binaries in place of target/release. The only rewrite is the two listen
+# addresses. A command followed by a `# → {…}` line is re-run (for up to 15 s: events are
+# applied asynchronously) until its output holds every "key":value of that line.
 # Usage: scripts/quickstart-check.sh        (scripts/test.sh runs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,12 @@ db=quickstart_$$
 base=quickstart.$$
 work=$(mktemp -d)
 pids=()
+redis_db=15
+redis-cli -n $redis_db FLUSHDB >/dev/null
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  redis-cli -n $redis_db FLUSHDB >/dev/null 2>&1 || true
   psql -h 127.0.0.1 -U postgres -Atq -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
   scripts/delete-queues.sh "$base" >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -34,6 +38,7 @@ sed -e "s/^STRIPE_WEBHOOK_SECRET=.*/STRIPE_WEBHOOK_SECRET=whsec_dev_$(rand)/" \
     -e "s/^ADMIN_API_TOKEN=.*/ADMIN_API_TOKEN=admin_$(rand)/" \
     -e "s|^DATABASE_URL=.*|DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db|" \
     -e "s/^AMQP_TOPOLOGY_BASE=.*/AMQP_TOPOLOGY_BASE=$base/" \
+    -e "s|^REDIS_URL=.*|REDIS_URL=redis://127.0.0.1:6379/$redis_db|" \
     -e "s/^INGRESS_ADDR=.*/INGRESS_ADDR=$ingress_addr/" \
     -e "s/^API_ADDR=.*/API_ADDR=$api_addr/" \
     -e "s/^RUST_LOG=.*/RUST_LOG=warn/" .env.example > "$work/.env"
