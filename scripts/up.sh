@@ -51,8 +51,13 @@ The system is up.
   metrics            http://${INGRESS_ADDR:-127.0.0.1:8080}/metrics  http://${API_ADDR:-127.0.0.1:8081}/metrics
   logs               .run/ingress.log .run/processor.log
 
-Send a signed sample event:
+Buy Pro as user u_1, see it, refund it, see it revoked (README, "The first five minutes"):
   $bin/send-test-event checkout.session.completed --user u_1
+  TOKEN=\$($bin/processor dev-token --user u_1)
+  curl -s -H "Authorization: Bearer \$TOKEN" http://${API_ADDR:-127.0.0.1:8081}/api/pro/entitlement
+  $bin/send-test-event charge.refunded --user u_1
+  curl -s -H "Authorization: Bearer \$TOKEN" http://${API_ADDR:-127.0.0.1:8081}/api/pro/entitlement
+Each change is also published to the ${AMQP_TOPOLOGY_BASE:-stripe.events}.out exchange (routing key = type).
 Forward real test-mode events with the Stripe CLI:
   stripe listen --forward-to http://${INGRESS_ADDR:-127.0.0.1:8080}/webhooks/stripe
   (then put the whsec_… it prints into STRIPE_WEBHOOK_SECRET in .env and rerun scripts/up.sh)

@@ -39,6 +39,9 @@ use tokio::sync::Mutex;
 const SECRET: &str = "whsec_chaos_suite_secret";
 const ADMIN: &str = "chaos-admin-token";
 const DATABASE: &str = "entitlements";
+/// The catalog of the histories' subscriptions (their price is `price_team`).
+const CATALOG: &str =
+    "[products.team]\nprice = \"price_team\"\nmode = \"subscription\"\nentitlement = \"team\"\n";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -127,6 +130,7 @@ impl System {
         let rabbit = PrivateRabbit::start();
         let logs = rabbit.dir().join("logs");
         std::fs::create_dir_all(&logs).unwrap();
+        std::fs::write(logs.join("catalog.toml"), CATALOG).unwrap();
         let ingress_addr = format!("127.0.0.1:{}", free_port());
         let ingress = Process::spawn(
             "ingress",
@@ -186,6 +190,10 @@ impl System {
                 "chaos-suite-jwt-secret-of-at-least-32-bytes".into(),
             ),
             ("ADMIN_API_TOKEN", ADMIN.into()),
+            (
+                "CATALOG_FILE",
+                self.logs.join("catalog.toml").display().to_string(),
+            ),
             ("PROCESSOR_PREFETCH", "128".into()),
             ("RUST_LOG", "warn".into()),
         ]
@@ -439,6 +447,11 @@ async fn oracle(events: &[Value]) -> (TestDb, Pool) {
     let config = processor::config::Config::from_env(&env).unwrap();
     let pool = processor::db::pool(&config).unwrap();
     processor::db::prepare(&config, &pool).await.unwrap();
+    let catalog =
+        processor::catalog::Catalog::from_sources(None, Some(("catalog.toml", CATALOG))).unwrap();
+    processor::registry::sync_config(&pool, &catalog)
+        .await
+        .unwrap();
     let parsed: Vec<Event> = events
         .iter()
         .map(|b| events::parse(b.to_string().as_bytes()).unwrap())
@@ -574,6 +587,14 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
     let (oracle_db, oracle_pool) = oracle(&plan.events).await;
     let reference = oracle_pool.get().await.unwrap();
     let (expected_rows, actual_rows) = (rows(&reference).await, rows(&chaos).await);
+    for key in ["\"key\": \"pro\"", "\"key\": \"team\""] {
+        assert!(
+            expected_rows
+                .iter()
+                .any(|r| r.starts_with("entitlements") && r.contains(key)),
+            "the histories grant {key}"
+        );
+    }
     let missing: Vec<_> = expected_rows
         .iter()
         .filter(|r| !actual_rows.contains(r))

@@ -60,6 +60,11 @@ pub enum Command {
     /// Re-derive entitlements from the stored rows through the projection (after a change to
     /// the product registry or the catalog).
     Recompute(RecomputeArgs),
+    /// See and replay the app's messages (entitlements.changed, notifications) the relay has not
+    /// delivered.
+    Outbox(crate::outbox::admin::OutboxArgs),
+    /// Print a user bearer token signed with AUTH_JWT_SECRET, for local use (curl).
+    DevToken(crate::devtoken::DevTokenArgs),
 }
 
 /// `processor recompute (--user U | --all)`.
@@ -107,11 +112,14 @@ where
     } else {
         None
     };
+    if let Command::DevToken(args) = &command {
+        return dev_token(args, &config);
+    }
     // Operator commands print to stdout; only their warnings and errors are logged.
     // lapin logs a closed channel at ERROR on its own; the command reports the cause itself.
     let default_filter = if matches!(
         command,
-        Command::Dlq(_) | Command::Reconcile(_) | Command::Recompute(_)
+        Command::Dlq(_) | Command::Reconcile(_) | Command::Recompute(_) | Command::Outbox(_)
     ) {
         "warn,lapin=off"
     } else {
@@ -132,6 +140,28 @@ where
             // 2 for a usage error found after parsing (e.g. a destructive command without
             // --yes and without a terminal), 1 for everything else.
             ExitCode::from(crate::dlq::exit_code(&error))
+        }
+    }
+}
+
+/// `processor dev-token`: prints the token, or fails with exit code 2 naming `AUTH_JWT_SECRET`.
+fn dev_token(args: &crate::devtoken::DevTokenArgs, config: &Config) -> ExitCode {
+    let Some(secret) = &config.auth_jwt_secret else {
+        return config_failure(&ConfigError::new(
+            "AUTH_JWT_SECRET",
+            "is required by dev-token (it signs the token)",
+        ));
+    };
+    let issuer = config.auth_jwt_issuer.as_deref();
+    let audience = config.auth_jwt_audience.as_deref();
+    match crate::devtoken::token(args, secret, issuer, audience) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("processor: cannot sign the token: {error}");
+            ExitCode::from(1)
         }
     }
 }
@@ -193,6 +223,9 @@ async fn execute(command: Command, config: Config, api: Option<ApiConfig>) -> an
             crate::dlq::execute(args, &broker).await
         }
         Command::Reconcile(args) => crate::reconcile::execute(args, &config).await,
+        Command::Outbox(args) => crate::outbox::admin::execute(args, &config).await,
+        // Handled before logging starts.
+        Command::DevToken(_) => Ok(()),
     }
 }
 

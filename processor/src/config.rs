@@ -87,6 +87,119 @@ pub struct Config {
     /// An event retried more than this many times is logged at ERROR and counted
     /// (`events_attempts_over_threshold_total`), ahead of its dead-lettering.
     pub attempts_alert_threshold: u32,
+    /// The outbox relay's channels and tuning.
+    pub outbox: OutboxConfig,
+}
+
+/// The outbox relay ([`crate::outbox`]): which channels deliver, and how.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// `OUTBOX_AMQP` (`on`/`off`, default on): publish to `<AMQP_TOPOLOGY_BASE>.out`.
+    pub amqp: bool,
+    /// `APP_WEBHOOK_URL` and `APP_WEBHOOK_SECRET`; `None` (no URL) turns webhooks off.
+    pub webhook: Option<WebhookTarget>,
+    /// `OUTBOX_POLL_INTERVAL` (default `200ms`): how often an idle relay looks for new rows.
+    pub poll_interval: Duration,
+    /// `OUTBOX_BATCH_SIZE` (default 256): rows one relay pass reads per channel.
+    pub batch_size: u32,
+    /// `APP_WEBHOOK_RETRY_DELAYS` (default `5s,5m,30m,2h,5h,10h,10h`): the wait after each
+    /// failed attempt; after the last, the row is marked failed (attempts = delays + 1).
+    pub webhook_retry_delays: Vec<Duration>,
+    /// `APP_WEBHOOK_TIMEOUT` (default `10s`): how long one webhook request may take.
+    pub webhook_timeout: Duration,
+    /// Webhook requests in flight at once (each to a different user).
+    pub webhook_concurrency: usize,
+    /// `OUTBOX_RETENTION` (default `7d`): delivered rows older than this are deleted; failed
+    /// webhook rows are kept until replayed.
+    pub retention: Duration,
+}
+
+/// Where signed webhooks go.
+#[derive(Clone)]
+pub struct WebhookTarget {
+    pub url: String,
+    /// `whsec_<base64 key>`; validated at start-up.
+    pub secret: SecretString,
+}
+
+impl fmt::Debug for WebhookTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookTarget")
+            .field("url", &redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboxConfig {
+    /// The default webhook retry schedule (Standard Webhooks' suggestion, after the first try).
+    pub const DEFAULT_WEBHOOK_RETRY_DELAYS: &str = "5s,5m,30m,2h,5h,10h,10h";
+
+    /// Reads the relay's variables.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first unusable variable (a URL without secret, a secret
+    /// without the `whsec_` prefix or not base64, a malformed duration).
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let amqp = match env
+            .get("OUTBOX_AMQP")
+            .map(|v| v.trim().to_ascii_lowercase())
+        {
+            None => true,
+            Some(v) if matches!(v.as_str(), "on" | "true" | "1" | "yes") => true,
+            Some(v) if matches!(v.as_str(), "off" | "false" | "0" | "no") => false,
+            Some(_) => return Err(ConfigError::new("OUTBOX_AMQP", "must be on or off")),
+        };
+        let webhook = match opt(env, "APP_WEBHOOK_URL") {
+            None => None,
+            Some(url) => {
+                if !url.starts_with("http://") && !url.starts_with("https://") {
+                    return Err(ConfigError::new(
+                        "APP_WEBHOOK_URL",
+                        "must start with http:// or https://",
+                    ));
+                }
+                let secret = env.secret("APP_WEBHOOK_SECRET").ok_or_else(|| {
+                    ConfigError::new(
+                        "APP_WEBHOOK_SECRET",
+                        "is required when APP_WEBHOOK_URL is set",
+                    )
+                })?;
+                crate::outbox::webhook::signing_key(&secret)
+                    .map_err(|e| ConfigError::new("APP_WEBHOOK_SECRET", e.to_string()))?;
+                Some(WebhookTarget { url, secret })
+            }
+        };
+        let raw_delays = env.string_or(
+            "APP_WEBHOOK_RETRY_DELAYS",
+            Self::DEFAULT_WEBHOOK_RETRY_DELAYS,
+        );
+        let webhook_retry_delays = shared::config::parse_duration_list(&raw_delays)
+            .map_err(|e| ConfigError::new("APP_WEBHOOK_RETRY_DELAYS", e))?;
+        let batch_size: u32 = env.parse_or("OUTBOX_BATCH_SIZE", 256)?;
+        if batch_size == 0 {
+            return Err(ConfigError::new("OUTBOX_BATCH_SIZE", "must be at least 1"));
+        }
+        let poll_interval = env.duration_or("OUTBOX_POLL_INTERVAL", Duration::from_millis(200))?;
+        if poll_interval.is_zero() {
+            return Err(ConfigError::new("OUTBOX_POLL_INTERVAL", "must be positive"));
+        }
+        Ok(Self {
+            amqp,
+            webhook,
+            poll_interval,
+            batch_size,
+            webhook_retry_delays,
+            webhook_timeout: env.duration_or("APP_WEBHOOK_TIMEOUT", Duration::from_secs(10))?,
+            webhook_concurrency: 16,
+            retention: env.duration_or("OUTBOX_RETENTION", Duration::from_secs(7 * 86_400))?,
+        })
+    }
+
+    /// Attempts a webhook row gets before it is marked failed.
+    #[must_use]
+    pub fn webhook_max_attempts(&self) -> i32 {
+        i32::try_from(self.webhook_retry_delays.len()).map_or(i32::MAX, |n| n.saturating_add(1))
+    }
 }
 
 impl Config {
@@ -176,6 +289,7 @@ impl Config {
             publish_confirm_timeout: Duration::from_secs(5),
             queue_depth_interval: Duration::from_secs(10),
             attempts_alert_threshold: 3,
+            outbox: OutboxConfig::from_env(env)?,
         })
     }
 }
@@ -247,6 +361,7 @@ impl fmt::Debug for Config {
             .field("batch_size", &self.batch_size)
             .field("lanes", &self.lanes)
             .field("claim_ttl", &self.claim_ttl)
+            .field("outbox", &self.outbox)
             .finish_non_exhaustive()
     }
 }
@@ -295,6 +410,10 @@ mod tests {
             ("API_MAX_CONNECTIONS", "0"),
             ("API_REQUEST_TIMEOUT", "forever"),
             ("PROCESSOR_METRICS_ADDR", "metrics"),
+            ("OUTBOX_AMQP", "maybe"),
+            ("OUTBOX_POLL_INTERVAL", "0s"),
+            ("APP_WEBHOOK_URL", "ftp://app"),
+            ("APP_WEBHOOK_RETRY_DELAYS", "5s,later"),
         ] {
             let err = Config::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value:?} for {var}");
@@ -316,6 +435,23 @@ mod tests {
         assert!(!shown.contains("verysecret"));
         assert!(!shown.contains("admintoken123"));
         assert!(shown.contains("postgres://app:***@db:5432/entitlements"));
+    }
+
+    #[test]
+    fn a_webhook_url_needs_a_whsec_secret() {
+        let url = ("APP_WEBHOOK_URL", "https://app.example/hooks");
+        let err = Config::from_env(&Env::from_pairs([url])).unwrap_err();
+        assert_eq!(err.var, "APP_WEBHOOK_SECRET");
+        for bad in ["plain", "whsec_%%%"] {
+            let err =
+                Config::from_env(&Env::from_pairs([url, ("APP_WEBHOOK_SECRET", bad)])).unwrap_err();
+            assert_eq!(err.var, "APP_WEBHOOK_SECRET", "{bad}");
+        }
+        let env = Env::from_pairs([url, ("APP_WEBHOOK_SECRET", "whsec_c2VjcmV0LWtleQ==")]);
+        let config = Config::from_env(&env).unwrap();
+        assert!(config.outbox.amqp);
+        assert_eq!(config.outbox.webhook_max_attempts(), 8);
+        assert!(!format!("{config:?}").contains("c2VjcmV0"));
     }
 
     #[test]

@@ -26,13 +26,50 @@ fn help_works_on_every_level() {
     let top = processor(&["--help"], &[]);
     assert_eq!(top.status.code(), Some(0));
     let text = String::from_utf8_lossy(&top.stdout);
-    for sub in ["run", "worker", "api", "migrate"] {
+    for sub in ["run", "worker", "api", "migrate", "outbox", "dev-token"] {
         assert!(text.contains(sub), "{sub} missing from:\n{text}");
+    }
+    for sub in [
+        &["outbox", "list", "--help"][..],
+        &["outbox", "replay", "--help"],
+    ] {
+        assert_eq!(processor(sub, &[]).status.code(), Some(0), "{sub:?}");
     }
     for sub in ["run", "worker", "api", "migrate"] {
         let out = processor(&[sub, "--help"], &[]);
         assert_eq!(out.status.code(), Some(0), "{sub} --help");
     }
+}
+
+#[test]
+fn dev_token_prints_a_token_signed_with_the_configured_secret_and_claims() {
+    let secret = "a-local-secret-of-at-least-32-bytes";
+    let out = processor(
+        &["dev-token", "--user", "u_1", "--ttl", "10m"],
+        &[("AUTH_JWT_SECRET", secret), ("AUTH_JWT_AUDIENCE", "app")],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_audience(&["app"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .expect("a valid HS256 token")
+    .claims;
+    assert_eq!(claims["sub"], "u_1");
+    let ttl = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert_eq!(ttl, 600);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_processor"))
+        .args(["dev-token", "--user", "u_1"])
+        .env_remove("AUTH_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH_JWT_SECRET"));
 }
 
 #[test]

@@ -8,6 +8,8 @@
 //!                                   ▼                       │   at least once
 //!                        stripe.events.delay.<delay> (quorum, x-message-ttl) ──┘
 //!                        processor: give up ──▶ stripe.events.dlq (classic, parked)
+//!   processor outbox relay ──publish──▶ stripe.events.out (topic; routing key = message type;
+//!                                        the app binds its own queues)
 //! ```
 //!
 //! Invariants: delay queues hold one delay each (per-message TTL only expires at the head, so
@@ -203,6 +205,13 @@ impl Topology {
         format!("{}.retry.{n}", self.base)
     }
 
+    /// The durable topic exchange the processor's outbox relay publishes the app's messages to
+    /// (`<base>.out`, routing key = message type). The app binds its own queues to it.
+    #[must_use]
+    pub fn out_exchange(&self) -> String {
+        format!("{}.out", self.base)
+    }
+
     #[must_use]
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dlq", self.base)
@@ -224,17 +233,19 @@ impl Topology {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        channel
-            .exchange_declare(
-                self.exchange().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        for exchange in [self.exchange().to_owned(), self.out_exchange()] {
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+        }
 
         // The parked events' queue is classic by name, not by the broker's default: on a broker
         // whose default type is quorum, repeated reads would otherwise count towards a delivery
@@ -309,6 +320,9 @@ impl Topology {
                 .await?;
         }
         channel
+            .exchange_delete(self.out_exchange().as_str().into(), Default::default())
+            .await?;
+        channel
             .exchange_delete(self.exchange().into(), Default::default())
             .await
     }
@@ -346,6 +360,7 @@ mod tests {
         assert_eq!(t.retry_queue(5), "stripe.events.delay.1h");
         assert_eq!(t.legacy_retry_queue(1), "stripe.events.retry.1");
         assert_eq!(t.dead_letter_queue(), "stripe.events.dlq");
+        assert_eq!(t.out_exchange(), "stripe.events.out");
         assert_eq!(t.retry_delays().len(), 5);
         assert_eq!(t.retry_delays()[4], Duration::from_secs(3600));
     }

@@ -112,6 +112,28 @@ pub fn checkout_completed(event_id: &str, user: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Registers the product a [`checkout_completed`] body names (an item at its amount and
+/// currency), so the purchase grants `content:{product}`.
+pub async fn register_product_of(client: &tokio_postgres::Client, body: &[u8]) {
+    let event: serde_json::Value = serde_json::from_slice(body).expect("event body");
+    let object = &event["data"]["object"];
+    let key = object["metadata"]["product_key"]
+        .as_str()
+        .expect("product key");
+    client
+        .execute(
+            "INSERT INTO products (key, origin, amount_cents, currency, grants)
+             VALUES ($1, 'admin', $2, $3, ARRAY['content:' || $1])",
+            &[
+                &key,
+                &object["amount_total"].as_i64().expect("amount"),
+                &object["currency"].as_str().expect("currency"),
+            ],
+        )
+        .await
+        .expect("register the product");
+}
+
 /// Publishes `body` to the test exchange as ingress does.
 pub async fn publish(broker: &TestBroker, body: &[u8], message_id: &str, event_type: &str) {
     let mut headers = FieldTable::default();

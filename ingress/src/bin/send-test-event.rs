@@ -4,6 +4,10 @@
 //! ```text
 //! cargo run -p ingress --bin send-test-event -- checkout.session.completed --user u_1
 //! ```
+//!
+//! Like both services, it reads `.env` from the working directory (real environment variables
+//! win): the signing secret comes from `STRIPE_WEBHOOK_SECRET` and the endpoint from
+//! `INGRESS_ADDR` unless `--secret` or `--url` say otherwise.
 
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,12 +39,14 @@ struct Args {
     /// Amount in cents.
     #[arg(long, default_value_t = 1999)]
     amount: i64,
-    /// Webhook endpoint.
-    #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/stripe")]
-    url: String,
-    /// Signing secret (the first one is used when several are comma-separated).
-    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
-    secret: String,
+    /// Webhook endpoint [default: http://$INGRESS_ADDR/webhooks/stripe, INGRESS_ADDR defaulting
+    /// to 127.0.0.1:8080].
+    #[arg(long)]
+    url: Option<String>,
+    /// Signing secret (the first one is used when several are comma-separated) [default:
+    /// STRIPE_WEBHOOK_SECRET from the environment or .env].
+    #[arg(long)]
+    secret: Option<String>,
     /// Event id (random when omitted; repeat one to see a duplicate skipped).
     #[arg(long)]
     id: Option<String>,
@@ -52,6 +58,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let env = shared::config::Env::load();
+    let url = args.url.clone().unwrap_or_else(|| {
+        let addr = env.string_or("INGRESS_ADDR", "127.0.0.1:8080");
+        format!("http://{addr}/webhooks/stripe")
+    });
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
@@ -74,10 +85,21 @@ async fn main() -> ExitCode {
         println!("{body}");
         return ExitCode::SUCCESS;
     }
-    let secret = args.secret.split(',').next().unwrap_or_default().trim();
+    let Some(secrets) = args
+        .secret
+        .clone()
+        .or_else(|| env.get("STRIPE_WEBHOOK_SECRET").map(str::to_owned))
+    else {
+        eprintln!(
+            "send-test-event: configuration error in STRIPE_WEBHOOK_SECRET: is not set (in the \
+             environment or .env); pass --secret or run scripts/up.sh, which writes .env"
+        );
+        return ExitCode::from(2);
+    };
+    let secret = secrets.split(',').next().unwrap_or_default().trim();
     let header = shared::signature::signature_header(secret, now, body.as_bytes());
     let response = reqwest::Client::new()
-        .post(&args.url)
+        .post(&url)
         .header("Stripe-Signature", header)
         .header("Content-Type", "application/json")
         .body(body)
@@ -95,7 +117,7 @@ async fn main() -> ExitCode {
             }
         }
         Err(error) => {
-            eprintln!("send-test-event: cannot reach {}: {error}", args.url);
+            eprintln!("send-test-event: cannot reach {url}: {error}");
             ExitCode::from(1)
         }
     }

@@ -138,19 +138,23 @@ pub fn list_view(snapshot: &UserSnapshot, now: DateTime<Utc>) -> EntitlementList
         entitlements: snapshot
             .entitlements
             .iter()
-            .map(|e| {
-                let status = access::effective_status(e, now);
-                EntitlementItem {
-                    key: e.key.clone(),
-                    status,
-                    active: status.is_allowed(),
-                    source: e.source.contract(),
-                    expires_at: e.expires_at,
-                    updated_at: e.updated_at,
-                    sources: source_items(Some(e)),
-                }
-            })
+            .map(|e| item_view(e, now))
             .collect(),
+    }
+}
+
+/// One entitlement as `GET /api/entitlements` lists it, at `now`.
+#[must_use]
+pub fn item_view(e: &EntitlementView, now: DateTime<Utc>) -> EntitlementItem {
+    let status = access::effective_status(e, now);
+    EntitlementItem {
+        key: e.key.clone(),
+        status,
+        active: status.is_allowed(),
+        source: e.source.contract(),
+        expires_at: e.expires_at,
+        updated_at: e.updated_at,
+        sources: source_items(Some(e)),
     }
 }
 

@@ -340,7 +340,7 @@ pub async fn apply_and_commit(
 /// The whole set in one go: merge, then recompute every concerned user.
 async fn all_at_once(db: Db<'_>, events: &[&Event]) -> Result<Vec<Outcome>, StoreError> {
     let merged = merge::merge(db, events).await?;
-    let snapshots = recompute_users(db, merged.users.iter().flatten()).await?;
+    let snapshots = recompute_users(db, concerns(events, &merged.users)).await?;
     Ok(merged.outcomes(&snapshots))
 }
 
@@ -378,7 +378,8 @@ async fn one_by_one(
                 match recompute_at {
                     RecomputeAt::End => Ok((merged, None)),
                     RecomputeAt::EachEvent => {
-                        let snapshots = recompute_users(db, merged.users.iter().flatten()).await?;
+                        let concerned = concerns(std::slice::from_ref(event), &merged.users);
+                        let snapshots = recompute_users(db, concerned).await?;
                         Ok((merged, Some(snapshots)))
                     }
                 }
@@ -408,7 +409,12 @@ async fn one_by_one(
         }
     }
     if !kept.is_empty() {
-        let snapshots = recompute_users(db, kept.iter().flat_map(|(_, users)| users)).await?;
+        // An event's outcome index is its index in `events`.
+        let mut concerned = Vec::new();
+        for (i, users) in &kept {
+            concerned.extend(users.iter().map(|u| (u, Some(events[*i]))));
+        }
+        let snapshots = recompute_users(db, concerned).await?;
         let by_user: HashMap<&str, &UserSnapshot> =
             snapshots.iter().map(|s| (s.user_id.as_str(), s)).collect();
         for (index, users) in kept {
@@ -418,22 +424,42 @@ async fn one_by_one(
     Ok(outcomes)
 }
 
+/// The users each event concerns, paired with the event (`users[i]` belongs to `events[i]`).
+fn concerns<'a>(
+    events: &'a [&'a Event],
+    users: &'a [BTreeSet<String>],
+) -> Vec<(&'a String, Option<&'a Event>)> {
+    // Collected, not lazy: a closure-laden iterator held across an await makes the future
+    // fail to be `Send` for every lifetime.
+    let mut pairs = Vec::new();
+    for (event, users) in events.iter().zip(users) {
+        pairs.extend(users.iter().map(|u| (u, Some(*event))));
+    }
+    pairs
+}
+
 /// Locks and recomputes every user named (once per event that concerned them: the version
-/// grows by that count), returning the new snapshots sorted by user id.
+/// grows by that count; the last such event is the change's cause), returning the new
+/// snapshots sorted by user id.
 async fn recompute_users<'u>(
     db: Db<'_>,
-    users: impl Iterator<Item = &'u String>,
+    concerned: Vec<(&'u String, Option<&'u Event>)>,
 ) -> Result<Vec<UserSnapshot>, StoreError> {
-    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
-    for user in users {
-        *counts.entry(user.clone()).or_default() += 1;
+    let mut bumps: BTreeMap<String, recompute::Bump<'u>> = BTreeMap::new();
+    for (user, event) in concerned {
+        let bump = bumps.entry(user.clone()).or_insert(recompute::Bump {
+            count: 0,
+            cause: event,
+        });
+        bump.count += 1;
+        bump.cause = event;
     }
-    if counts.is_empty() {
+    if bumps.is_empty() {
         return Ok(Vec::new());
     }
-    let user_keys = counts.keys().map(|u| format!("user:{u}")).collect();
+    let user_keys = bumps.keys().map(|u| format!("user:{u}")).collect();
     // The lock statement goes first in the pipeline: every read runs under the locks.
-    let ((), snapshots) = try_join(lock(db, user_keys), recompute::recompute(db, &counts)).await?;
+    let ((), snapshots) = try_join(lock(db, user_keys), recompute::recompute(db, &bumps)).await?;
     Ok(snapshots)
 }
 
@@ -474,7 +500,7 @@ pub async fn recompute_stored(
             tx: &tx,
             statements: Some(&statements),
         };
-        recompute_users(db, chunk.iter()).await?;
+        recompute_users(db, chunk.iter().map(|u| (u, None)).collect()).await?;
         tx.commit().await?;
     }
     Ok(users.len())

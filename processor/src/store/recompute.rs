@@ -4,11 +4,17 @@
 //!
 //! Invariant: the caller holds the users' advisory locks, so the rows read here are the latest
 //! committed, and the version bump lands in the same transaction as the entitlements.
+//!
+//! Outbox: the statement that bumps the versions also writes, in the same transaction, the
+//! `outbox` rows the relay delivers ([`crate::outbox`]): an `entitlements.changed` row (the new
+//! snapshot and its cause) for each user whose entitlements changed, and a `notification.*` row
+//! for each notification queued now, all at the bumped version. Held user locks make a user's
+//! versions, and so their rows, commit in order.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join, try_join4};
+use futures_util::future::{try_join, try_join3, try_join4};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
@@ -18,10 +24,20 @@ use super::{
     feature_from_row, grant_sources, opt_timestamp, product_from_row, purchase_from_row, secs,
     subscription_from_row,
 };
+use crate::events::Event;
 use crate::projection::{
     self, DerivedEntitlement, EntitlementStatus, FeatureFacts, PurchaseFacts, Registry,
     SubscriptionFacts,
 };
+
+/// What one user's recomputation bumps: the version by `count` (the events of the set that
+/// concerned the user), and `cause`, the last of them, named by the outbox messages.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bump<'e> {
+    pub(super) count: i64,
+    /// `None` when no event caused it (`processor recompute`).
+    pub(super) cause: Option<&'e Event>,
+}
 
 /// One user's recomputation, before it is written.
 struct Recomputed {
@@ -33,6 +49,8 @@ struct Recomputed {
     notices: Vec<(&'static str, String, serde_json::Value)>,
     /// Stored keys no source grants any more (a row moved to another user).
     stale: Vec<String>,
+    /// The transaction's time, at which the outbox snapshot is taken.
+    now: DateTime<Utc>,
 }
 
 /// Compares `derived` with the user's stored entitlements (`existing`: key → row and its
@@ -98,6 +116,7 @@ fn diff_entitlements(
         changed,
         notices,
         stale: existing.into_keys().collect(),
+        now,
     })
 }
 
@@ -121,7 +140,7 @@ fn entitlement_from_row(row: &Row) -> Result<DerivedEntitlement, StoreError> {
 /// the writes one pipeline of at most four, so a recomputation costs two round trips.
 pub(super) async fn recompute(
     db: Db<'_>,
-    users: &BTreeMap<String, i64>,
+    users: &BTreeMap<String, Bump<'_>>,
 ) -> Result<Vec<UserSnapshot>, StoreError> {
     let ids: Vec<&str> = users.keys().map(String::as_str).collect();
     let by_users: [Param<'_>; 1] = [(&ids, Type::TEXT_ARRAY)];
@@ -237,7 +256,7 @@ pub(super) async fn recompute(
 async fn write_recomputed(
     db: Db<'_>,
     recomputed: &[Recomputed],
-    users: &BTreeMap<String, i64>,
+    users: &BTreeMap<String, Bump<'_>>,
 ) -> Result<BTreeMap<String, i64>, StoreError> {
     let mut upsert = EntitlementColumns::default();
     let (mut kinds, mut notice_users, mut dedupe_keys, mut payloads) =
@@ -284,23 +303,6 @@ async fn write_recomputed(
         )
         .await
     };
-    let inserts = async {
-        if kinds.is_empty() {
-            return Ok(0);
-        }
-        db.execute(
-            "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
-             ON CONFLICT (dedupe_key) DO NOTHING",
-            &[
-                (&kinds, Type::TEXT_ARRAY),
-                (&notice_users, Type::TEXT_ARRAY),
-                (&dedupe_keys, Type::TEXT_ARRAY),
-                (&payloads, Type::JSONB_ARRAY),
-            ],
-        )
-        .await
-    };
     let deletes = async {
         if stale_users.is_empty() {
             return Ok(0);
@@ -316,14 +318,39 @@ async fn write_recomputed(
         .await
     };
     let bump_users: Vec<&str> = users.keys().map(String::as_str).collect();
-    let bump_counts: Vec<i64> = users.values().copied().collect();
-    let bump_params: [Param<'_>; 2] = [
+    let bump_counts: Vec<i64> = users.values().map(|b| b.count).collect();
+    let causes: Vec<serde_json::Value> = users
+        .values()
+        .map(|b| {
+            b.cause
+                .map_or(serde_json::Value::Null, crate::outbox::cause)
+        })
+        .collect();
+    // An `entitlements.changed` message for each user whose stored entitlements change.
+    let (changed_users, changed_bodies): (Vec<&str>, Vec<serde_json::Value>) = recomputed
+        .iter()
+        .filter(|r| !r.changed.is_empty() || !r.stale.is_empty())
+        .map(|r| {
+            let body = crate::outbox::entitlements_body(&r.views, r.now);
+            (r.user.as_str(), body)
+        })
+        .unzip();
+    let bump_params: [Param<'_>; 9] = [
         (&bump_users, Type::TEXT_ARRAY),
         (&bump_counts, Type::INT8_ARRAY),
+        (&causes, Type::JSONB_ARRAY),
+        (&kinds, Type::TEXT_ARRAY),
+        (&notice_users, Type::TEXT_ARRAY),
+        (&dedupe_keys, Type::TEXT_ARRAY),
+        (&payloads, Type::JSONB_ARRAY),
+        (&changed_users, Type::TEXT_ARRAY),
+        (&changed_bodies, Type::JSONB_ARRAY),
     ];
     let bump = db.query(
         // The new versions are also marked pending for the cache healer, in this transaction:
         // a cache write that never happens (Redis down, the process killed) is repaired.
+        // Notifications and the outbox rows (at the bumped version, with the cause) are written
+        // by the same statement, so they share its version.
         "WITH bumped AS (
              INSERT INTO user_entitlement_versions (user_id, version)
              SELECT * FROM unnest($1::text[], $2::int8[])
@@ -334,11 +361,32 @@ async fn write_recomputed(
              INSERT INTO cache_pending (user_id, version)
              SELECT user_id, version FROM bumped
              ON CONFLICT (user_id) DO UPDATE
-                 SET version = EXCLUDED.version, marked_at = now())
+                 SET version = EXCLUDED.version, marked_at = now()),
+         notified AS (
+             INSERT INTO notifications (kind, user_id, dedupe_key, payload)
+             SELECT * FROM unnest($4::text[], $5::text[], $6::text[], $7::jsonb[])
+             ON CONFLICT (dedupe_key) DO NOTHING
+             RETURNING id, kind, user_id, payload),
+         messages AS (
+             SELECT m.user_id, 0 AS rank, 'entitlements.changed' AS type, m.body,
+                    NULL::bigint AS notification_id
+               FROM unnest($8::text[], $9::jsonb[]) AS m(user_id, body)
+             UNION ALL
+             SELECT n.user_id, 1, 'notification.' || replace(n.kind, 'entitlement_', ''),
+                    n.payload, n.id
+               FROM notified n),
+         outboxed AS (
+             INSERT INTO outbox (user_id, version, type, body, notification_id)
+             SELECT m.user_id, b.version, m.type,
+                    m.body || jsonb_build_object('cause', c.cause), m.notification_id
+               FROM messages m
+               JOIN bumped b USING (user_id)
+               JOIN unnest($1::text[], $3::jsonb[]) AS c(user_id, cause) USING (user_id)
+              ORDER BY m.user_id, m.rank, m.notification_id)
          SELECT user_id, version FROM bumped",
         &bump_params,
     );
-    let (_, _, _, version_rows) = try_join4(upserts, inserts, deletes, bump).await?;
+    let (_, _, version_rows) = try_join3(upserts, deletes, bump).await?;
     version_rows
         .iter()
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))

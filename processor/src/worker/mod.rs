@@ -101,7 +101,25 @@ impl Worker {
     /// Consumes until `shutdown` resolves. On shutdown it cancels the consumer, lets the
     /// in-flight batch finish within `shutdown_grace`, and closes the connection, which returns
     /// every unacked delivery to the queue.
+    ///
+    /// The outbox relay ([`crate::outbox`]) runs inside this future (not spawned, so aborting
+    /// the worker stops it as a crash would) and makes its last pass after the consumer stopped.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
+        let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
+        let relay = crate::outbox::run(
+            self.config.clone(),
+            self.pool.clone(),
+            self.publisher.clone(),
+            relay_stopped,
+        );
+        let consume = async {
+            self.consume_until(shutdown).await;
+            let _ = stop_relay.send(true);
+        };
+        tokio::join!(consume, relay);
+    }
+
+    async fn consume_until(&self, shutdown: impl Future<Output = ()> + Send) {
         let mut shutdown = pin!(futures_util::FutureExt::fuse(shutdown));
         let (stop_depths, stopped) = tokio::sync::watch::channel(false);
         // The queue depths and the dead-letter alert run beside the consumer and stop with it.
