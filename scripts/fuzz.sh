@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 
 cases=${1:-1000000}
 export PROPTEST_CASES=$cases
+# The replay property runs the command, which logs each refused file; keep the output readable.
+export RUST_LOG=${RUST_LOG:-off}
 targets=(-p shared --test fuzz_signature -p processor --test fuzz_inputs)
 
 echo "building the fuzz properties (release)…"
