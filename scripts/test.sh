@@ -48,10 +48,10 @@ status=0
 cargo build --quiet -p ingress -p processor --bins
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@" || status=$?
-  cargo nextest run --test chaos --run-ignored only --no-capture "$@" || status=$?
+  cargo nextest run --test chaos --run-ignored only --no-capture --test-threads 1 "$@" || status=$?
 else
   cargo test --workspace --no-fail-fast "$@" || status=$?
-  cargo test --test chaos -- --ignored --nocapture "$@" || status=$?
+  cargo test --test chaos -- --ignored --nocapture --test-threads=1 "$@" || status=$?
 fi
 # The README's quick start, run as printed against a stack of its own.
 scripts/quickstart-check.sh || status=$?
