@@ -14,7 +14,7 @@ export CHAOS_ROUNDS=$rounds CHAOS_SIZE=$size CHAOS_SEED=$seed
 export CHAOS_OUTAGE_SECONDS=${CHAOS_OUTAGE_SECONDS:-8} CHAOS_SECONDS=${CHAOS_SECONDS:-60}
 echo "== chaos: $rounds rounds of ~$size deliveries, outages of ${CHAOS_OUTAGE_SECONDS}s over ${CHAOS_SECONDS}s each; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --release --test chaos --run-ignored only --no-capture --no-fail-fast 2>&1 | grep --line-buffered -E '^chaos:|panicked|not quiet|seed [0-9]+:'
+  cargo nextest run --release --test chaos --run-ignored only --no-capture --no-fail-fast --test-threads 1 2>&1 | grep --line-buffered -E '^chaos:|panicked|not quiet|seed [0-9]+:|left:|right:|never reached|out of order'
 else
-  cargo test --release --test chaos -- --ignored --nocapture 2>&1 | grep --line-buffered -E '^chaos:|panicked|not quiet|seed [0-9]+:'
+  cargo test --release --test chaos -- --ignored --nocapture --test-threads=1 2>&1 | grep --line-buffered -E '^chaos:|panicked|not quiet|seed [0-9]+:|left:|right:|never reached|out of order'
 fi

@@ -17,7 +17,7 @@
 //! [size]` runs the long version (`CHAOS_ROUNDS`, `CHAOS_SIZE`, `CHAOS_SEED`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -554,6 +554,7 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
     let plan = plan(seed, size);
     let system = System::start(&delays()).await;
     let deliveries = plan.deliveries.len();
+    let app = AppQueue::bind(&system).await;
     let (retries, faults) = tokio::join!(
         send_all(&system.ingress.addr, plan.deliveries.clone(), duration),
         inject_faults(&system, duration, outage),
@@ -617,6 +618,7 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
         .unwrap();
     let now = chrono::Utc::now();
     let mut stale = Vec::new();
+    let mut finals: HashMap<String, Value> = HashMap::new();
     for user in &plan.users {
         let id = UserId::parse(user).unwrap();
         let expected = store::user_snapshot(&**reference, &id).await.unwrap();
@@ -652,20 +654,156 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
             without_times(&want),
             "seed {seed}: API answer for {user}"
         );
+        finals.insert(user.clone(), without_times(&answer)["entitlements"].clone());
     }
     assert!(
         stale.is_empty(),
         "seed {seed}: stale cache entries {stale:#?}"
     );
+    let changes = app.check(&system, &chaos, &finals, seed).await;
     drop(reference);
     oracle_db.cleanup().await;
     format!(
-        "seed {seed}: {deliveries} deliveries ({} events, {} poison, {retries} sender retries), faults: {}; clean in {:.0?}",
+        "seed {seed}: {deliveries} deliveries ({} events, {} poison, {retries} sender retries, {changes} entitlements.changed messages), faults: {}; clean in {:.0?}",
         expected.len(),
         plan.poison.len(),
         faults.join(", "),
         started.elapsed()
     )
+}
+
+/// The app's side: a queue bound to the outbox exchange `stripe.events.out`, as an app would
+/// bind one, checked after the round: no change lost, each user's changes in version order (a
+/// redelivered duplicate aside), the newest one equal to the user's final entitlements.
+struct AppQueue {
+    _connection: lapin::Connection,
+}
+
+const APP_QUEUE: &str = "chaos.app";
+
+impl AppQueue {
+    async fn bind(system: &System) -> Self {
+        use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+        let connection = shared::amqp::connect(&system.rabbit.url(), "chaos-app")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(
+                APP_QUEUE.into(),
+                durable,
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                APP_QUEUE.into(),
+                "stripe.events.out".into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            _connection: connection,
+        }
+    }
+
+    /// Returns the number of `entitlements.changed` messages received.
+    async fn check(
+        &self,
+        system: &System,
+        chaos: &tokio_postgres::Client,
+        finals: &HashMap<String, Value>,
+        seed: u64,
+    ) -> usize {
+        let start = Instant::now();
+        loop {
+            let pending: i64 = chaos
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE amqp_status = 'pending'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "seed {seed}: {pending} outbox rows still pending"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // The binding connection may have gone with the broker restart: read on a fresh one.
+        let connection = shared::amqp::connect(&system.rabbit.url(), "chaos-app-read")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut received: BTreeMap<String, Vec<(i64, Value)>> = BTreeMap::new();
+        let mut count = 0;
+        while let Some(message) = channel
+            .basic_get(APP_QUEUE.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let body: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+            if body["type"] != "entitlements.changed" {
+                continue;
+            }
+            count += 1;
+            let user = body["userId"].as_str().unwrap().to_owned();
+            let version = body["version"].as_i64().unwrap();
+            received
+                .entry(user)
+                .or_default()
+                .push((version, without_times(&body)["entitlements"].clone()));
+        }
+        let rows = chaos
+            .query(
+                "SELECT user_id, version FROM outbox WHERE type = 'entitlements.changed'",
+                &[],
+            )
+            .await
+            .unwrap();
+        for row in rows {
+            let (user, version): (String, i64) = (row.get(0), row.get(1));
+            assert!(
+                received
+                    .get(&user)
+                    .is_some_and(|got| got.iter().any(|(v, _)| *v == version)),
+                "seed {seed}: change v{version} of {user} never reached the app"
+            );
+        }
+        for (user, messages) in &received {
+            let mut seen = BTreeSet::new();
+            let firsts: Vec<i64> = messages
+                .iter()
+                .map(|(v, _)| *v)
+                .filter(|v| seen.insert(*v))
+                .collect();
+            assert!(
+                firsts.windows(2).all(|w| w[0] < w[1]),
+                "seed {seed}: {user}'s changes out of order: {firsts:?}"
+            );
+            let newest = messages
+                .iter()
+                .max_by_key(|(v, _)| *v)
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default();
+            if let Some(last) = finals.get(user) {
+                assert_eq!(&newest, last, "seed {seed}: {user}'s newest change");
+            }
+        }
+        count
+    }
 }
 
 /// The API answer without `updatedAt` (a write time, which legitimately differs).

@@ -349,6 +349,30 @@ impl ParkedIndex {
         })
     }
 
+    /// Whether the index holds a parked copy of `event_id`: a redelivered event that is
+    /// already parked need not be parked twice. Rows leave the index only through passes, so
+    /// it is believed when no pass ever ran or the last one completed; an index a killed pass
+    /// left untrusted answers `false`, so a doubt parks again (a copy too many, never one too
+    /// few).
+    ///
+    /// # Errors
+    /// The query's error.
+    pub async fn holds(&self, event_id: &str) -> Result<bool, ParkedIndexError> {
+        let row = self
+            .index
+            .client
+            .query_opt(
+                "SELECT 1 FROM dlq_index i
+                   LEFT JOIN dlq_index_state s ON s.queue = i.queue
+                  WHERE i.queue = $1 AND i.event_id = $2 AND coalesce(s.trusted, true)
+                  LIMIT 1",
+                &[&self.index.queue, &event_id],
+            )
+            .await
+            .map_err(IndexError::from)?;
+        Ok(row.is_some())
+    }
+
     /// Records one parked event: `body` and `properties` exactly as they were published to the
     /// dead-letter queue (headers included; `shared::amqp::Publisher` adds delivery mode 2).
     ///

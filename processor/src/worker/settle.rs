@@ -150,6 +150,7 @@ impl Worker {
                 self.republish(&topology.retry_queue(*queue), item, table)
                     .await
             }
+            Decision::DeadLetter { .. } if self.already_parked(item).await => Ok(()),
             Decision::DeadLetter { reason, attempts } => {
                 let mut table = failure_headers(item, *attempts, reason);
                 headers::put_text(
@@ -175,6 +176,23 @@ impl Worker {
                 false
             }
         }
+    }
+
+    /// True when `item` is a redelivery of an event the dead-letter index already holds: a
+    /// worker parked it and died before its ack. Acked without a second copy.
+    async fn already_parked(&self, item: &Item) -> bool {
+        if !item.delivery.redelivered || item.event_id.is_empty() {
+            return false;
+        }
+        let Some(index) = self.parked.get() else {
+            return false;
+        };
+        let held = index.holds(&item.event_id).await.unwrap_or(false);
+        if held {
+            item.span
+                .in_scope(|| tracing::info!("already parked; acked without a second copy"));
+        }
+        held
     }
 
     /// Adds a parked event to the dead-letter index, so `processor dlq` reads it without a pass
