@@ -378,7 +378,7 @@ async fn the_service_serves_the_api_next_to_the_operational_routes() {
         ("STRIPE_PRICE_PRO_LIFETIME", "price_pro"),
     ]);
     let config = processor::config::Config::from_env(&env).unwrap();
-    let api = processor::api::ApiConfig::from_env(&env).unwrap();
+    let api = processor::api::ApiConfig::from_env(&env, &config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

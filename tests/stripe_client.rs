@@ -333,10 +333,7 @@ async fn an_unreachable_stripe_is_a_transport_error_after_retries() {
     config.api_base = format!("http://{addr}");
     let stripe = StripeClient::new(config).unwrap();
 
-    let err = stripe
-        .list_customers_by_email("x@y.test")
-        .await
-        .unwrap_err();
+    let err = stripe.list_subscriptions("cus_x").await.unwrap_err();
 
     assert!(matches!(err, StripeError::Transport { .. }), "{err:?}");
     assert!(err.is_transient());
@@ -370,7 +367,24 @@ async fn pagination_walks_every_page_of_events() {
         delivery_success: None,
     };
 
-    let events = stripe.list_events(&query).await.unwrap();
+    // Page by page, as reconcile walks them for its progress bar.
+    let mut events = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = stripe
+            .list_events_page(&query, cursor.as_deref())
+            .await
+            .unwrap();
+        assert!(page.data.len() <= 10);
+        cursor = page
+            .data
+            .last()
+            .map(|e| e["id"].as_str().unwrap().to_owned());
+        events.extend(page.data);
+        if !page.has_more {
+            break;
+        }
+    }
 
     let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
     let expected: Vec<String> = (0..25).rev().map(|i| format!("evt_{i:02}")).collect();
@@ -391,11 +405,6 @@ async fn pagination_walks_every_page_of_events() {
                 .contains("types[]=charge.refunded&types[]=invoice.paid")
         );
     }
-
-    // Page by page, as reconcile does for its progress bar.
-    let first = stripe.list_events_page(&query, None).await.unwrap();
-    assert!(first.has_more);
-    assert_eq!(first.data.len(), 10);
 }
 
 #[tokio::test]
@@ -451,11 +460,6 @@ async fn customer_lists_are_filtered_and_kept_as_raw_objects() {
         stripe.list_checkout_sessions(&mine).await.unwrap()[0]["id"],
         "cs_1"
     );
-
-    let found = stripe.list_customers_by_email("me@app.test").await.unwrap();
-    assert_eq!(found.len(), 1);
-    assert_eq!(found[0].id, mine);
-    assert_eq!(found[0].metadata["user_id"], "user_7");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use shared::telemetry::LogFormat;
 use shared::topology::Topology;
 
 /// Default `AMQP_URL` of the contract.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use shared::amqp::DEFAULT_AMQP_URL;
 
 /// How long a publish may wait for the broker's confirm before the request gets 503.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);

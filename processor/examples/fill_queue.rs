@@ -36,7 +36,7 @@ fn scenario(k: usize) -> &'static [&'static str] {
 
 #[derive(Debug, Parser)]
 struct Args {
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(long, default_value = shared::amqp::DEFAULT_AMQP_URL)]
     url: String,
     /// Topology base name whose main queue is filled.
     #[arg(long, default_value = "bench.processor")]

@@ -27,7 +27,7 @@ const BODY_BYTES: usize = 2048;
 
 #[derive(Debug, Parser)]
 struct Args {
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(long, default_value = shared::amqp::DEFAULT_AMQP_URL)]
     url: String,
     /// Topology base name whose dead-letter queue is filled.
     #[arg(long, default_value = "bench.dlq")]

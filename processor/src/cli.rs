@@ -105,7 +105,7 @@ where
     // The API's settings are read with the rest of the configuration: `run` and `api` refuse
     // to start (exit 2, naming the variable) without AUTH_JWT_SECRET; `worker` needs none.
     let api = if matches!(command, Command::Run | Command::Api) {
-        match ApiConfig::from_env(&env) {
+        match ApiConfig::from_env(&env, &config) {
             Ok(api) => Some(api),
             Err(error) => return config_failure(&error),
         }
@@ -113,7 +113,7 @@ where
         None
     };
     if let Command::DevToken(args) = &command {
-        return dev_token(args, &config);
+        return dev_token(args, &env);
     }
     // Operator commands print to stdout; only their warnings and errors are logged.
     // lapin logs a closed channel at ERROR on its own; the command reports the cause itself.
@@ -145,16 +145,17 @@ where
 }
 
 /// `processor dev-token`: prints the token, or fails with exit code 2 naming `AUTH_JWT_SECRET`.
-fn dev_token(args: &crate::devtoken::DevTokenArgs, config: &Config) -> ExitCode {
-    let Some(secret) = &config.auth_jwt_secret else {
-        return config_failure(&ConfigError::new(
-            "AUTH_JWT_SECRET",
-            "is required by dev-token (it signs the token)",
-        ));
+fn dev_token(args: &crate::devtoken::DevTokenArgs, env: &Env) -> ExitCode {
+    let auth = match crate::auth::AuthConfig::from_env(env) {
+        Ok(auth) => auth,
+        Err(error) => return config_failure(&error),
     };
-    let issuer = config.auth_jwt_issuer.as_deref();
-    let audience = config.auth_jwt_audience.as_deref();
-    match crate::devtoken::token(args, secret, issuer, audience) {
+    match crate::devtoken::token(
+        args,
+        &auth.jwt_secret,
+        auth.issuer.as_deref(),
+        auth.audience.as_deref(),
+    ) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

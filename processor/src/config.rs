@@ -1,13 +1,19 @@
 //! The processor's typed configuration, read once at start-up from [`shared::config::Env`].
 //!
-//! Invariant: every variable of the contract the processor uses is parsed here and nowhere else;
-//! a bad value fails fast with a [`ConfigError`] naming the variable (exit code 2). Variables only
-//! some routes need (Stripe, JWT, admin token) are `Option`s here and are checked by the code that
-//! needs them. Secrets are [`SecretString`]s and `Debug` never prints them or URL passwords.
+//! Invariant: every variable is read once, by the type of the concern it belongs to, and a bad
+//! value fails fast with a [`ConfigError`] naming the variable (exit code 2):
+//! - [`Config`]: what every subcommand shares (stores, broker, topology, worker and listener
+//!   tuning, the outbox relay), with the Stripe client settings ([`StripeConfig`], optional) and
+//!   the configured products ([`Catalog`]) that the worker, the API and the operator commands
+//!   all use;
+//! - [`crate::api::ApiConfig`] (`AUTH_JWT_*`, `ADMIN_API_TOKEN`, `API_MAX_BODY_BYTES`, return
+//!   URLs): only `run` and `api`, which refuse to start without `AUTH_JWT_SECRET`, and
+//!   [`crate::auth::AuthConfig`] alone for `dev-token`.
+//!
+//! Secrets are [`SecretString`]s and `Debug` never prints them or URL passwords.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -16,11 +22,13 @@ use shared::server::{ServerLimits, optional_addr};
 use shared::telemetry::LogFormat;
 use shared::topology::Topology;
 
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use crate::catalog::Catalog;
+use crate::stripe::StripeConfig;
+
+pub use shared::amqp::DEFAULT_AMQP_URL;
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/entitlements";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8081";
-pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
 /// Default `API_REQUEST_TIMEOUT`: restore reads several Stripe lists with retries, so longer
 /// than ingress' 15 s.
 pub const DEFAULT_API_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,20 +58,12 @@ pub struct Config {
     /// `PROCESSOR_METRICS_ADDR`: when set, `/metrics` is served there instead of on `API_ADDR`.
     pub metrics_addr: Option<SocketAddr>,
 
-    pub stripe_secret_key: Option<SecretString>,
-    pub stripe_api_base: String,
-    /// `None` means the version pinned in code.
-    pub stripe_api_version: Option<String>,
-    pub stripe_price_pro_lifetime: Option<String>,
-    pub catalog_file: Option<PathBuf>,
-    pub checkout_success_url: Option<String>,
-    pub checkout_cancel_url: Option<String>,
-    pub billing_portal_return_url: Option<String>,
-    pub stripe_billing_portal_configuration_id: Option<String>,
-    pub auth_jwt_secret: Option<SecretString>,
-    pub auth_jwt_issuer: Option<String>,
-    pub auth_jwt_audience: Option<String>,
-    pub admin_api_token: Option<SecretString>,
+    /// `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_API_VERSION`; `None` without a key (the
+    /// worker then completes nothing from Stripe, the API's Stripe routes answer 503 and
+    /// `reconcile` refuses to run).
+    pub stripe: Option<StripeConfig>,
+    /// `STRIPE_PRICE_PRO_LIFETIME` and `CATALOG_FILE`: the configured products.
+    pub catalog: Catalog,
 
     /// Most deliveries processed in one Postgres transaction.
     pub batch_size: usize,
@@ -256,25 +256,8 @@ impl Config {
                 &ServerLimits::with_request_timeout(DEFAULT_API_REQUEST_TIMEOUT),
             )?,
             metrics_addr: optional_addr(env, "PROCESSOR_METRICS_ADDR")?,
-            stripe_secret_key: env.secret("STRIPE_SECRET_KEY"),
-            stripe_api_base: env
-                .string_or("STRIPE_API_BASE", DEFAULT_STRIPE_API_BASE)
-                .trim_end_matches('/')
-                .to_owned(),
-            stripe_api_version: opt(env, "STRIPE_API_VERSION"),
-            stripe_price_pro_lifetime: opt(env, "STRIPE_PRICE_PRO_LIFETIME"),
-            catalog_file: env.get("CATALOG_FILE").map(PathBuf::from),
-            checkout_success_url: opt(env, "CHECKOUT_SUCCESS_URL"),
-            checkout_cancel_url: opt(env, "CHECKOUT_CANCEL_URL"),
-            billing_portal_return_url: opt(env, "BILLING_PORTAL_RETURN_URL"),
-            stripe_billing_portal_configuration_id: opt(
-                env,
-                "STRIPE_BILLING_PORTAL_CONFIGURATION_ID",
-            ),
-            auth_jwt_secret: env.secret("AUTH_JWT_SECRET"),
-            auth_jwt_issuer: opt(env, "AUTH_JWT_ISSUER"),
-            auth_jwt_audience: opt(env, "AUTH_JWT_AUDIENCE"),
-            admin_api_token: env.secret("ADMIN_API_TOKEN"),
+            stripe: StripeConfig::optional_from_env(env)?,
+            catalog: Catalog::from_env(env)?,
             batch_size: usize::from(prefetch).min(64),
             // A set-based batch costs about the same few round trips at 8 events as at 64, so
             // lanes get full batches: one lane per 64 prefetched deliveries, at most 8
@@ -338,7 +321,6 @@ pub fn redact_url(url: &str) -> String {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let set = |s: &Option<SecretString>| if s.is_some() { "set" } else { "unset" };
         f.debug_struct("Config")
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("database_url", &redact_url(&self.database_url))
@@ -351,13 +333,8 @@ impl fmt::Debug for Config {
             .field("api_addr", &self.api_addr)
             .field("api_limits", &self.api_limits)
             .field("metrics_addr", &self.metrics_addr)
-            .field("stripe_secret_key", &set(&self.stripe_secret_key))
-            .field("stripe_api_base", &self.stripe_api_base)
-            .field("stripe_api_version", &self.stripe_api_version)
-            .field("stripe_price_pro_lifetime", &self.stripe_price_pro_lifetime)
-            .field("catalog_file", &self.catalog_file)
-            .field("auth_jwt_secret", &set(&self.auth_jwt_secret))
-            .field("admin_api_token", &set(&self.admin_api_token))
+            .field("stripe", &self.stripe)
+            .field("catalog", &self.catalog)
             .field("batch_size", &self.batch_size)
             .field("lanes", &self.lanes)
             .field("claim_ttl", &self.claim_ttl)
@@ -382,8 +359,8 @@ mod tests {
         assert_eq!(config.prefetch, 64);
         assert_eq!(config.topology, Topology::default());
         assert_eq!(config.api_addr.port(), 8081);
-        assert_eq!(config.stripe_api_base, DEFAULT_STRIPE_API_BASE);
-        assert!(config.stripe_secret_key.is_none());
+        assert!(config.stripe.is_none());
+        assert!(config.catalog.is_empty());
         assert_eq!(
             config.api_limits.request_timeout,
             DEFAULT_API_REQUEST_TIMEOUT
@@ -414,10 +391,17 @@ mod tests {
             ("OUTBOX_POLL_INTERVAL", "0s"),
             ("APP_WEBHOOK_URL", "ftp://app"),
             ("APP_WEBHOOK_RETRY_DELAYS", "5s,later"),
+            ("STRIPE_SECRET_KEY", "pk_live_1"),
+            ("CATALOG_FILE", "/nonexistent/catalog.toml"),
         ] {
             let err = Config::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value:?} for {var}");
         }
+        let env = Env::from_pairs([
+            ("STRIPE_SECRET_KEY", "sk_test_1"),
+            ("STRIPE_API_BASE", "ftp://stripe"),
+        ]);
+        assert_eq!(Config::from_env(&env).unwrap_err().var, "STRIPE_API_BASE");
     }
 
     #[test]
@@ -428,12 +412,10 @@ mod tests {
                 "postgres://app:hunter2@db:5432/entitlements",
             ),
             ("STRIPE_SECRET_KEY", "sk_test_verysecret"),
-            ("ADMIN_API_TOKEN", "admintoken123"),
         ]);
         let shown = format!("{:?}", Config::from_env(&env).unwrap());
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("verysecret"));
-        assert!(!shown.contains("admintoken123"));
         assert!(shown.contains("postgres://app:***@db:5432/entitlements"));
     }
 

@@ -92,17 +92,6 @@ pub enum ReconcileError {
     },
 }
 
-impl ReconcileError {
-    /// The process exit code: 2 for a usage or configuration error, 1 for a runtime failure.
-    #[must_use]
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Usage(_) => 2,
-            Self::Stripe(_) | Self::BrokerUnavailable { .. } | Self::Publish { .. } => 1,
-        }
-    }
-}
-
 /// What a run read and enqueued (or, in a dry run, would have enqueued).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -180,10 +169,18 @@ pub async fn execute(args: ReconcileArgs, config: &Config) -> anyhow::Result<()>
         Ok(_) if args.features_drift => report_feature_drift(config, &mut stdout).await,
         other => other.map(|_| ()),
     };
-    match result {
-        Ok(()) => Ok(()),
-        Err(ReconcileError::Usage(message)) => Err(crate::dlq::UsageError(message).into()),
-        Err(error) => Err(error.into()),
+    result.map_err(ReconcileError::into_command_error)
+}
+
+impl ReconcileError {
+    /// The error as the command line reports it: a usage error becomes
+    /// [`crate::dlq::UsageError`], so the binary exits with 2 for it and 1 for the rest.
+    #[must_use]
+    pub fn into_command_error(self) -> anyhow::Error {
+        match self {
+            Self::Usage(message) => crate::dlq::UsageError(message).into(),
+            error => error.into(),
+        }
     }
 }
 
@@ -580,24 +577,11 @@ pub fn parse_since(raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Recon
 /// # Errors
 /// [`ReconcileError::Usage`] naming `STRIPE_SECRET_KEY` or `STRIPE_API_BASE`.
 pub fn stripe_config(config: &Config) -> Result<StripeConfig, ReconcileError> {
-    use secrecy::ExposeSecret as _;
-    let key = config.stripe_secret_key.as_ref().ok_or_else(|| {
+    let mut stripe = config.stripe.clone().ok_or_else(|| {
         ReconcileError::Usage(
             "STRIPE_SECRET_KEY is not set: reconcile reads events from the Stripe API".into(),
         )
     })?;
-    let raw = key.expose_secret().trim();
-    if !(raw.starts_with("sk_") || raw.starts_with("rk_")) {
-        return Err(ReconcileError::Usage(
-            "STRIPE_SECRET_KEY must be a secret key starting with sk_ (or a restricted key rk_)"
-                .into(),
-        ));
-    }
-    let mut stripe = StripeConfig::new(raw.to_owned().into(), &config.stripe_api_base)
-        .map_err(|e| ReconcileError::Usage(e.to_string()))?;
-    if let Some(version) = &config.stripe_api_version {
-        stripe.api_version.clone_from(version);
-    }
     stripe.max_retries = STRIPE_RETRIES;
     Ok(stripe)
 }
@@ -698,10 +682,8 @@ mod tests {
     #[test]
     fn a_missing_secret_key_is_a_usage_error_naming_the_variable() {
         let err = stripe_config(&config(&[])).unwrap_err();
-        assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("STRIPE_SECRET_KEY"), "{err}");
-        let err = stripe_config(&config(&[("STRIPE_SECRET_KEY", "pk_live_1")])).unwrap_err();
-        assert!(err.to_string().contains("STRIPE_SECRET_KEY"), "{err}");
+        assert_eq!(crate::dlq::exit_code(&err.into_command_error()), 2);
     }
 
     #[test]
@@ -723,10 +705,9 @@ mod tests {
             url: "amqp://x".into(),
             waited: BROKER_READY_TIMEOUT,
         };
-        assert_eq!(err.exit_code(), 1);
         assert!(err.to_string().contains("broker"), "{err}");
+        assert_eq!(crate::dlq::exit_code(&err.into_command_error()), 1);
         let err = ReconcileError::Stripe(StripeError::Timeout);
-        assert_eq!(err.exit_code(), 1);
         assert!(err.to_string().contains("Stripe"), "{err}");
         // The command line prints the whole chain: the cause once, after what failed.
         let text = format!("{:#}", anyhow::Error::new(err));

@@ -8,7 +8,6 @@ use deadpool_postgres::Pool;
 use shared::amqp::{Publisher, PublisherTask};
 
 use crate::cache::{Cache, CacheError};
-use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::registry;
@@ -35,12 +34,7 @@ pub enum StartError {
 /// [`StartError::Registry`] when the catalog is invalid or the change is refused (a price still
 /// used by live subscriptions; the message names it).
 pub async fn sync_catalog(config: &Config, pool: &Pool) -> Result<(), StartError> {
-    let catalog = Catalog::load(
-        config.stripe_price_pro_lifetime.as_deref(),
-        config.catalog_file.as_deref(),
-    )
-    .map_err(|e| StartError::Registry(e.to_string()))?;
-    registry::sync_config(pool, &catalog)
+    registry::sync_config(pool, &config.catalog)
         .await
         .map_err(|e| StartError::Registry(e.to_string()))
 }

@@ -23,8 +23,7 @@ const RETRY_DELAYS: &str = "1s,2s";
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| shared::amqp::DEFAULT_AMQP_URL.into())
 }
 
 /// A parked event as the test wrote it.

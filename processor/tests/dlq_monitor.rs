@@ -11,8 +11,7 @@ use processor::dlq::monitor::{monitor, record_attempts};
 use shared::topology::Topology;
 
 fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| shared::amqp::DEFAULT_AMQP_URL.into())
 }
 
 /// Polls the rendered metrics until one line equals `line`.

@@ -21,6 +21,9 @@ use tokio::task::JoinHandle;
 
 use crate::topology::Topology;
 
+/// `AMQP_URL`'s default: the local broker's guest account and default virtual host.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// How long one connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

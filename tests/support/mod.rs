@@ -45,8 +45,7 @@ where
 
 /// `AMQP_URL` for tests (the machine's broker unless overridden).
 pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| shared::amqp::DEFAULT_AMQP_URL.into())
 }
 
 /// Redis URL for tests.

@@ -31,6 +31,7 @@ use shared::config::{ConfigError, Env};
 use crate::auth::{AuthConfig, Authenticator};
 use crate::cache::Cache;
 use crate::catalog::Catalog;
+use crate::config::Config;
 use crate::stripe::{StripeClient, StripeConfig, StripeError};
 
 /// Where Stripe sends the user back to; server-controlled, never taken from a request.
@@ -62,25 +63,20 @@ pub struct ApiConfig {
 }
 
 impl ApiConfig {
-    /// Reads `AUTH_JWT_*`, `ADMIN_API_TOKEN`, the catalog (`STRIPE_PRICE_PRO_LIFETIME`,
-    /// `CATALOG_FILE`), `STRIPE_*` and the return URLs.
+    /// Reads `AUTH_JWT_*`, `ADMIN_API_TOKEN`, `API_MAX_BODY_BYTES` and the return URLs; the
+    /// catalog and the Stripe settings come from `config`, which read them.
     ///
     /// `AUTH_JWT_SECRET` is required (the API cannot serve a single user route without it);
     /// `STRIPE_SECRET_KEY` and the return URLs are optional so a read-only deployment works.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the variable that is missing or malformed.
-    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+    pub fn from_env(env: &Env, config: &Config) -> Result<Self, ConfigError> {
         let auth = AuthConfig::from_env(env)?;
         let max_body_bytes = env.parse_or("API_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)?;
         if max_body_bytes == 0 {
             return Err(ConfigError::new("API_MAX_BODY_BYTES", "must be positive"));
         }
-        let catalog = Catalog::from_env(env)?;
-        let stripe = match env.get("STRIPE_SECRET_KEY") {
-            Some(_) => Some(StripeConfig::from_env(env)?),
-            None => None,
-        };
         let opt = |var: &str| {
             env.get(var)
                 .map(str::trim)
@@ -90,8 +86,8 @@ impl ApiConfig {
         Ok(Self {
             auth,
             max_body_bytes,
-            catalog,
-            stripe,
+            catalog: config.catalog.clone(),
+            stripe: config.stripe.clone(),
             urls: ReturnUrls {
                 checkout_success: opt("CHECKOUT_SUCCESS_URL"),
                 checkout_cancel: opt("CHECKOUT_CANCEL_URL"),

@@ -82,6 +82,16 @@ impl StripeConfig {
         })
     }
 
+    /// [`StripeConfig::from_env`] when `STRIPE_SECRET_KEY` is set, `None` otherwise.
+    ///
+    /// # Errors
+    /// As [`StripeConfig::from_env`].
+    pub fn optional_from_env(env: &Env) -> Result<Option<Self>, ConfigError> {
+        env.get("STRIPE_SECRET_KEY")
+            .map(|_| Self::from_env(env))
+            .transpose()
+    }
+
     /// Reads `STRIPE_SECRET_KEY` (required), `STRIPE_API_BASE` and `STRIPE_API_VERSION`.
     ///
     /// # Errors
@@ -226,19 +236,6 @@ impl StripeClient {
         self.post("/v1/customers", &form, Some(key)).await
     }
 
-    /// Customers whose email is exactly `email` (all pages).
-    ///
-    /// # Errors
-    /// Any [`StripeError`].
-    pub async fn list_customers_by_email(&self, email: &str) -> Result<Vec<Customer>, StripeError> {
-        let mut form = Form::new();
-        form.push("email", email);
-        let raw = self.list_all("/v1/customers", &form).await?;
-        raw.into_iter()
-            .map(|v| serde_json::from_value(v).map_err(decode_error))
-            .collect()
-    }
-
     /// Creates a Checkout Session. `idempotency_key` (at most 255 characters) should identify the
     /// user's intent (user, product and a short time bucket) so a double click yields one session.
     ///
@@ -360,14 +357,6 @@ impl StripeClient {
         form.push("limit", PAGE_LIMIT)
             .push_opt("starting_after", starting_after);
         self.get("/v1/events", &form).await
-    }
-
-    /// Every event matching `query`, newest first.
-    ///
-    /// # Errors
-    /// Any [`StripeError`].
-    pub async fn list_events(&self, query: &EventQuery) -> Result<Vec<Value>, StripeError> {
-        self.list_all("/v1/events", &event_form(query)).await
     }
 
     async fn list_by_customer(

@@ -79,10 +79,10 @@ pub struct Worker {
 impl Worker {
     #[must_use]
     pub fn new(config: Config, pool: Pool, cache: Cache, publisher: Publisher) -> Self {
-        let stripe = config.stripe_secret_key.as_ref().and_then(|_| {
-            crate::reconcile::stripe_config(&config)
-                .map_err(|e| e.to_string())
-                .and_then(|c| crate::stripe::StripeClient::new(c).map_err(|e| e.to_string()))
+        // A background job, so with reconcile's patience (`None` without a key).
+        let settings = crate::reconcile::stripe_config(&config).ok();
+        let stripe = settings.and_then(|settings| {
+            crate::stripe::StripeClient::new(settings)
                 .inspect_err(|error| {
                     tracing::warn!(%error, "no Stripe client: events are not completed from Stripe");
                 })
