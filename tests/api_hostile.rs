@@ -2,16 +2,14 @@
 //! fan-out is bounded in pages, dispute lookups and concurrency, and bodies are capped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod api_common;
-
 use std::time::{Duration, Instant};
 
-use api_common::*;
 use processor::api::restore::{
     RESTORE_CONCURRENCY, RESTORE_MAX_DISPUTE_LOOKUPS, RESTORE_MAX_PAGES,
 };
 use serde_json::json;
 use shared::samples::{Sample, object};
+use system_tests::api::*;
 use system_tests::stripe_fake::{Collection, FakeStripe, Fault};
 use system_tests::unique;
 
@@ -63,7 +61,6 @@ async fn restore_answers_503_with_retry_after_when_its_rate_limit_cannot_be_chec
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"], "unavailable");
     assert!(fake.requests().is_empty(), "nothing was read from Stripe");
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +78,6 @@ async fn restore_reads_no_more_than_its_page_cap_of_any_list() {
         fake.requests_to("/v1/checkout/sessions").len(),
         RESTORE_MAX_PAGES
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +112,6 @@ async fn restore_looks_up_the_disputes_of_a_bounded_number_of_charges_a_few_at_a
         took < delay * (rounds + 1) * 3,
         "lookups ran one by one: {took:?}"
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,5 +136,4 @@ async fn a_body_over_the_api_limit_is_answered_413() {
         )
         .await;
     assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
-    api.cleanup().await;
 }

@@ -2,12 +2,10 @@
 //! per-user isolation, the cache-first read path and read-time expiry, purchases paging.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod api_common;
-
-use api_common::*;
 use reqwest::Method;
 use serde_json::json;
 use shared::ids::UserId;
+use system_tests::api::*;
 use system_tests::unique;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,7 +58,6 @@ async fn missing_malformed_expired_forged_and_unsigned_tokens_get_401() {
     }
     let (status, _) = api.get("/api/pro/entitlement", &user).await;
     assert_eq!(status, 200, "the valid token is accepted");
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +87,6 @@ async fn the_admin_route_needs_the_admin_token_and_serves_any_user() {
     assert_eq!(body["userId"], user.as_str());
     assert_eq!(body["entitlements"][0]["key"], "pro");
     assert_eq!(body["entitlements"][0]["active"], true);
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +125,6 @@ async fn a_user_sees_only_their_own_entitlements_and_purchases() {
     assert_eq!(pro["source"], "purchase");
     let (status, access) = api.get("/api/access/pro", &alice).await;
     assert_eq!((status, access), (200, json!({"allowed": true})));
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +143,6 @@ async fn a_cache_miss_reads_postgres_and_refills_the_cache() {
     assert_eq!(cached["userId"], user.as_str());
     assert_eq!(cached["entitlements"][0]["key"], "pro");
     assert!(cached["version"].as_i64().unwrap() >= 1);
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,7 +188,6 @@ async fn while_postgres_is_down_hits_are_served_and_a_miss_answers_503_with_retr
     proxy.restore();
     let (status, pro) = api.get("/api/pro/entitlement", &missed_user).await;
     assert_eq!((status, &pro["isPro"]), (200, &json!(true)));
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +233,6 @@ async fn a_cache_hit_is_served_without_postgres_and_a_refresh_after_a_write_chan
             .iter()
             .all(|e| e["status"] == "active" && e["active"] == true)
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +260,6 @@ async fn an_entitlement_past_its_expiry_reads_as_expired_while_the_row_still_say
         api.cached(&user).await.unwrap()["entitlements"][0]["status"],
         "active"
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +336,6 @@ async fn purchases_are_paged_newest_first_and_filtered_by_status() {
     }
     let (status, _) = api.get("/api/purchases/not-a-number", &user).await;
     assert_eq!(status, 404);
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,7 +352,6 @@ async fn the_served_openapi_document_lists_every_route() {
             route.path
         );
     }
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,5 +417,4 @@ async fn the_service_serves_the_api_next_to_the_operational_routes() {
     );
     let _ = stop.send(());
     service.await.unwrap().unwrap();
-    db.cleanup().await;
 }

@@ -2,11 +2,9 @@
 //! restore, with real Postgres and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod api_common;
-
-use api_common::*;
 use serde_json::json;
 use shared::samples::{Sample, object};
+use system_tests::api::*;
 use system_tests::stripe_fake::{Collection, FakeStripe, Fault};
 use system_tests::unique;
 
@@ -95,7 +93,6 @@ async fn checkout_sends_server_controlled_parameters_and_a_double_click_yields_o
         Some("team")
     );
     assert_ne!(team.idempotency_key(), Some(key));
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +121,6 @@ async fn checkout_refuses_unknown_products_bad_bodies_and_users_who_already_have
         (409, Some("already_entitled"))
     );
     assert!(fake.requests().is_empty(), "Stripe was never called");
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +137,6 @@ async fn stripe_failures_give_502_with_a_generic_message() {
         !body["message"].as_str().unwrap().contains("Stripe's end"),
         "{body}"
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +166,6 @@ async fn the_billing_portal_needs_a_customer_and_returns_its_url() {
         .unwrap();
     assert_eq!(request.param("customer"), Some(customer.as_str()));
     assert_eq!(request.param("return_url"), Some(PORTAL_RETURN_URL));
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +228,6 @@ async fn restore_reprojects_a_paid_checkout_is_rate_limited_and_idempotent() {
         first,
         "an unchanged Stripe state applies nothing twice"
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +257,6 @@ async fn restore_grants_an_active_subscription_and_nothing_without_a_customer() 
     let (_, list) = api.get("/api/entitlements", &user).await;
     assert_eq!(list["entitlements"][0]["source"], "subscription");
     assert!(list["entitlements"][0]["expiresAt"].is_string());
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +291,6 @@ async fn restore_applies_a_refund_it_finds_in_stripe() {
     assert_eq!(purchases["data"][0]["status"], "refunded");
     let (status, access) = api.get("/api/access/pro", &user).await;
     assert_eq!((status, access["reason"].as_str()), (403, Some("revoked")));
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +344,6 @@ async fn restore_reads_the_disputes_of_disputed_charges_from_the_disputes_list()
     assert_eq!(body["entitlement"]["status"], "active", "{body}");
     let (_, purchases) = api.get("/api/purchases", &user).await;
     assert_eq!(purchases["data"][0]["status"], "completed", "{purchases}");
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,7 +409,6 @@ async fn checkout_replaces_a_customer_stripe_no_longer_knows_once() {
     let customers = fake.objects(Collection::Customers);
     assert_eq!(customers.len(), 1, "{customers:?}");
     assert_ne!(customers[0]["id"].as_str(), Some(replacement.as_str()));
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,5 +456,4 @@ async fn a_customer_stripe_no_longer_knows_is_no_billing_account_and_restores_no
         .await,
         1
     );
-    api.cleanup().await;
 }

@@ -50,15 +50,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The directory of the workspace's binaries (next to this test's own `deps/`).
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory")
-        .to_path_buf()
-}
-
 /// A running `processor` or `ingress`, killed with SIGKILL on drop.
 struct Process {
     child: Child,
@@ -67,7 +58,7 @@ struct Process {
 
 impl Process {
     fn spawn(binary: &str, args: &[&str], env: &[(&str, String)], log: PathBuf) -> Self {
-        let path = bin_dir().join(binary);
+        let path = system_tests::binary(binary);
         assert!(
             path.exists(),
             "{} missing: build it first (cargo build -p ingress -p processor)",
@@ -158,7 +149,7 @@ impl System {
             delays: delays.to_owned(),
         };
         // `migrate` first, so the two workers never race to create the schema.
-        let status = Command::new(bin_dir().join("processor"))
+        let status = Command::new(system_tests::binary("processor"))
             .arg("migrate")
             .env_clear()
             .envs(system.processor_env(&system.api_addr))
@@ -585,7 +576,7 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
     );
 
     // Same rows as the oracle.
-    let (oracle_db, oracle_pool) = oracle(&plan.events).await;
+    let (_oracle_db, oracle_pool) = oracle(&plan.events).await;
     let reference = oracle_pool.get().await.unwrap();
     let (expected_rows, actual_rows) = (rows(&reference).await, rows(&chaos).await);
     for key in ["\"key\": \"pro\"", "\"key\": \"team\""] {
@@ -662,7 +653,6 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
     );
     let changes = app.check(&system, &chaos, &finals, seed).await;
     drop(reference);
-    oracle_db.cleanup().await;
     format!(
         "seed {seed}: {deliveries} deliveries ({} events, {} poison, {retries} sender retries, {changes} entitlements.changed messages), faults: {}; clean in {:.0?}",
         expected.len(),

@@ -74,7 +74,6 @@ async fn signed_webhook_ends_as_exactly_one_persistent_message_with_the_same_byt
     assert!(broker.get(&queue).await.is_none(), "exactly one message");
 
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -128,7 +127,6 @@ async fn rejected_webhooks_publish_nothing() {
     assert_eq!(message.delivery.data, body.as_bytes());
 
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -186,7 +184,6 @@ async fn broker_outage_gives_prompt_503_and_heals_without_restart() {
     );
 
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -221,7 +218,6 @@ async fn ingress_starts_while_the_broker_is_down_and_connects_when_it_appears() 
     assert_eq!(broker.main_depth().await, 1);
 
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -266,7 +262,6 @@ async fn concurrent_webhooks_are_all_stored_once_each() {
     assert_eq!(ids.len(), 200);
 
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -296,7 +291,6 @@ async fn metrics_count_requests_by_outcome() {
     assert!(!text.contains(SECRET));
 
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -333,7 +327,6 @@ async fn a_broker_that_never_confirms_gives_503_after_the_confirm_deadline() {
     .await;
 
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -378,5 +371,4 @@ async fn shutdown_finishes_the_request_in_flight() {
         tokio::net::TcpStream::connect(ingress.addr).await.is_err(),
         "listener closed after shutdown"
     );
-    broker.cleanup().await;
 }

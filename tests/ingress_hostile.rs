@@ -132,7 +132,6 @@ async fn bombs_beside_genuine_webhooks_leave_their_latency_alone() {
     assert!(p99 < Duration::from_secs(1), "genuine p99 {p99:?}");
     assert_eq!(broker.main_depth().await as usize, genuine_requests);
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 /// Opens a connection, sends half a request head, and waits for the server to close it.
@@ -178,7 +177,6 @@ async fn stalled_request_heads_are_closed_and_genuine_webhooks_still_pass() {
         assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
     }
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -203,7 +201,6 @@ async fn a_trickled_body_is_answered_408_after_the_request_timeout() {
     assert!(answer.contains("request_timeout"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(3));
     ingress.stop().await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -234,5 +231,4 @@ async fn metrics_move_to_their_own_address_when_configured() {
         .unwrap();
     assert_eq!(internal.status(), 200);
     ingress.stop().await;
-    broker.cleanup().await;
 }

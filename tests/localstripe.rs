@@ -16,13 +16,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-mod api_common;
-
-use api_common::Api;
 use processor::stripe::{EventQuery, StripeClient, StripeConfig};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use shared::ids::UserId;
+use system_tests::api::Api;
 use system_tests::stripe_fake::FakeStripe;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -358,7 +356,6 @@ async fn after_a_subscription_is_created_there_restore_yields_an_active_entitlem
     assert_eq!(status, 200, "{body}");
     let (status, access) = api.get("/api/access/team", &user).await;
     assert_eq!(status, 403, "{access}");
-    api.cleanup().await;
 }
 
 #[tokio::test]
@@ -367,7 +364,7 @@ async fn an_item_registered_by_the_app_is_bought_with_a_localstripe_customer_and
     let front = FakeStripe::start_in_front_of(&ls.base_url).await;
     let api = Api::start(Some(&front)).await;
     let (buyer, other) = (system_tests::unique("user"), system_tests::unique("user"));
-    let admin = format!("Bearer {}", api_common::ADMIN_TOKEN);
+    let admin = format!("Bearer {}", system_tests::api::ADMIN_TOKEN);
     let (status, body) = api
         .send(
             reqwest::Method::PUT,
@@ -405,5 +402,4 @@ async fn an_item_registered_by_the_app_is_bought_with_a_localstripe_customer_and
         (status, body["error"].as_str()),
         (409, Some("already_entitled"))
     );
-    api.cleanup().await;
 }

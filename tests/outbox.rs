@@ -3,8 +3,6 @@
 //! order — through failures of the receiver, a relay killed mid-delivery, and a broker outage.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -22,8 +20,8 @@ use serde_json::Value;
 use shared::samples::{self, Sample};
 use system_tests::amqp::TestBroker;
 use system_tests::chaos::ChaosProxy;
+use system_tests::worker::{Setup, WAIT, config, pg, publish, spawn_worker, wait_processed};
 use system_tests::{eventually, unique};
-use worker_common::{Setup, WAIT, config, pg, publish, spawn_worker, wait_processed};
 
 /// A Standard Webhooks secret for the tests ("outbox-test-signing-key").
 const SECRET: &str = "whsec_b3V0Ym94LXRlc3Qtc2lnbmluZy1rZXk=";
@@ -317,7 +315,6 @@ async fn a_purchase_and_its_refund_reach_the_out_exchange_in_version_order_with_
     let on = count(&client, "FROM outbox WHERE webhook_status <> 'off'").await;
     assert_eq!(on, 0, "without APP_WEBHOOK_URL the webhook channel is off");
     worker.stop().await;
-    setup.cleanup().await;
 }
 
 #[tokio::test]
@@ -396,7 +393,6 @@ async fn webhooks_are_signed_retried_and_a_failing_user_holds_back_only_itself_u
         ]
     );
     worker.stop().await;
-    setup.cleanup().await;
 }
 
 #[tokio::test]
@@ -415,8 +411,8 @@ async fn a_relay_killed_mid_delivery_and_restarted_loses_and_reorders_nothing() 
         let mut round = Vec::new();
         for user in &users {
             let id = unique("evt");
-            let body = worker_common::checkout_completed(&id, user);
-            worker_common::register_product_of(&client, &body).await;
+            let body = system_tests::worker::checkout_completed(&id, user);
+            system_tests::worker::register_product_of(&client, &body).await;
             publish(&setup.broker, &body, &id, "checkout.session.completed").await;
             round.push(id);
         }
@@ -448,7 +444,6 @@ async fn a_relay_killed_mid_delivery_and_restarted_loses_and_reorders_nothing() 
     let published = drain_bodies(&setup.broker, &queue).await;
     assert_complete_and_ordered(&client, &published).await;
     worker.stop().await;
-    setup.cleanup().await;
 }
 
 /// The server a test cuts the worker off from.
@@ -487,7 +482,7 @@ async fn relay_survives_losing(server: Server) {
     }
     let worker = spawn_worker(config);
     let client = pg(&setup.db.url).await;
-    worker_common::wait_consumers(&setup.broker, 1).await;
+    system_tests::worker::wait_consumers(&setup.broker, 1).await;
     eventually(WAIT, "the relay leading", || async {
         (metric_line("outbox_relay_leader ")? == "outbox_relay_leader 1").then_some(())
     })
@@ -537,7 +532,6 @@ async fn relay_survives_losing(server: Server) {
         .collect();
     assert_eq!(versions, [1, 2, 2]);
     worker.stop().await;
-    setup.cleanup().await;
 }
 
 #[tokio::test]

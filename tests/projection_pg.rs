@@ -7,125 +7,11 @@ use processor::events::{self, Event};
 use processor::store::{self, Outcome, StoreError, UserSnapshot};
 use serde_json::{Value, json};
 use shared::ids::UserId;
+use shared::samples::history::{self as fx, DAY};
 use system_tests::db::TestDb;
 use tokio_postgres::{Client, NoTls};
 
 const T0: i64 = 1_700_000_000;
-const DAY: i64 = 86_400;
-
-/// Stripe-shaped event bodies.
-mod fx {
-    use super::*;
-
-    pub(super) fn event(id: &str, event_type: &str, created: i64, object: Value) -> Value {
-        json!({
-            "id": id, "object": "event", "type": event_type, "created": created,
-            "api_version": "2025-03-31.basil", "livemode": false, "pending_webhooks": 1,
-            "request": { "id": null, "idempotency_key": null },
-            "data": { "object": object }
-        })
-    }
-
-    pub(super) fn checkout(
-        id: &str,
-        event_type: &str,
-        created: i64,
-        status: &str,
-        user: &str,
-    ) -> Value {
-        event(
-            id,
-            event_type,
-            created,
-            json!({ "id": "cs_1", "object": "checkout.session", "mode": "payment",
-                "payment_status": status, "customer": "cus_1", "payment_intent": "pi_1",
-                "client_reference_id": user, "amount_total": 4900, "currency": "usd",
-                "metadata": { "user_id": user, "product_key": "pro" } }),
-        )
-    }
-
-    pub(super) fn payment_intent_succeeded(id: &str, created: i64, user: &str) -> Value {
-        event(
-            id,
-            "payment_intent.succeeded",
-            created,
-            json!({ "id": "pi_1", "object": "payment_intent", "amount": 4900,
-                "amount_received": 4900, "currency": "usd", "customer": "cus_1",
-                "metadata": { "user_id": user, "product_key": "pro" } }),
-        )
-    }
-
-    pub(super) fn refund(id: &str, created: i64, refunded: i64) -> Value {
-        event(
-            id,
-            "charge.refunded",
-            created,
-            json!({ "id": "ch_1", "object": "charge", "amount": 4900,
-                "amount_refunded": refunded, "refunded": refunded >= 4900,
-                "payment_intent": "pi_1", "customer": "cus_1", "currency": "usd",
-                "refunds": { "data": [ { "id": format!("re_{refunded}"), "created": created,
-                    "reason": "requested_by_customer" } ] } }),
-        )
-    }
-
-    pub(super) fn dispute(id: &str, event_type: &str, created: i64, status: &str) -> Value {
-        event(
-            id,
-            event_type,
-            created,
-            json!({ "id": "dp_1", "object": "dispute", "charge": "ch_1",
-                "payment_intent": "pi_1", "amount": 4900, "status": status }),
-        )
-    }
-
-    pub(super) fn subscription(
-        id: &str,
-        event_type: &str,
-        created: i64,
-        status: &str,
-        end: i64,
-    ) -> Value {
-        let ended = matches!(status, "canceled" | "incomplete_expired");
-        event(
-            id,
-            event_type,
-            created,
-            json!({ "id": "sub_1", "object": "subscription", "customer": "cus_2",
-                "status": status, "cancel_at_period_end": false,
-                "ended_at": if ended { json!(created) } else { Value::Null },
-                "items": { "data": [ { "id": "si_1", "current_period_end": end } ] } }),
-        )
-    }
-
-    /// Old-API invoice shape (`subscription` at the top level).
-    pub(super) fn invoice(
-        id: &str,
-        event_type: &str,
-        created: i64,
-        reason: &str,
-        end: i64,
-    ) -> Value {
-        event(
-            id,
-            event_type,
-            created,
-            json!({ "id": format!("in_{id}"), "object": "invoice", "customer": "cus_2",
-                "billing_reason": reason, "subscription": "sub_1",
-                "lines": { "data": [ { "period": { "start": end - 30 * DAY, "end": end } } ] } }),
-        )
-    }
-
-    pub(super) fn subscription_checkout(id: &str, created: i64, user: &str) -> Value {
-        event(
-            id,
-            "checkout.session.completed",
-            created,
-            json!({ "id": "cs_sub", "object": "checkout.session", "mode": "subscription",
-                "payment_status": "paid", "customer": "cus_2", "subscription": "sub_1",
-                "client_reference_id": user, "metadata": { "product_key": "pro" } }),
-        )
-    }
-}
 
 fn purchase(tail: Vec<Value>) -> Vec<Value> {
     let mut events = vec![
@@ -146,10 +32,10 @@ fn subscription_lifecycle(user: &str) -> Vec<Value> {
             "incomplete",
             p1,
         ),
-        fx::invoice("evt_i1", "invoice.paid", T0, "subscription_create", p1),
+        fx::legacy_invoice("evt_i1", "invoice.paid", T0, "subscription_create", p1),
         fx::subscription("evt_s2", "customer.subscription.updated", T0, "active", p1),
         fx::subscription_checkout("evt_cs", T0, user),
-        fx::invoice(
+        fx::legacy_invoice(
             "evt_i2",
             "invoice.payment_failed",
             p1,
@@ -163,7 +49,7 @@ fn subscription_lifecycle(user: &str) -> Vec<Value> {
             "past_due",
             p2,
         ),
-        fx::invoice(
+        fx::legacy_invoice(
             "evt_i3",
             "invoice.paid",
             p1 + 3 * DAY,
@@ -332,14 +218,13 @@ async fn version(client: &Client, user: &str) -> i64 {
 async fn converge(events: &[Value], orders: &[&[usize]]) -> State {
     let mut first: Option<State> = None;
     for order in orders {
-        let (db, mut client) = fresh_db().await;
+        let (_db, mut client) = fresh_db().await;
         deliver_all(&mut client, events, order).await;
         let got = state(&client).await;
         assert!(
             notification_count(&client, "entitlement_suspended").await <= 1,
             "suspension queued twice for order {order:?}"
         );
-        db.cleanup().await;
         match &first {
             None => first = Some(got),
             Some(expected) => assert_eq!(&got, expected, "order {order:?} diverged"),
@@ -434,7 +319,7 @@ async fn delayed_payment_grants_once_the_async_payment_succeeds() {
         ),
         fx::payment_intent_succeeded("evt_pi", T0 + DAY, "u1"),
     ];
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     deliver(&mut client, &events[0]).await.unwrap();
     let pending: String = client
         .query_one("SELECT status FROM purchases", &[])
@@ -448,7 +333,6 @@ async fn delayed_payment_grants_once_the_async_payment_succeeds() {
         .unwrap()
         .get(0);
     assert_eq!(entitlements, 0, "an unpaid checkout grants nothing");
-    db.cleanup().await;
 
     let state = converge(&events, &[&[0, 1, 2], &[1, 0, 2], &[2, 1, 0, 0]]).await;
     assert_eq!(field(&state.purchases[0], "status"), "completed");
@@ -479,7 +363,7 @@ async fn subscription_lifecycle_ends_expired_in_any_order() {
 #[tokio::test]
 async fn stale_subscription_update_never_overrides_the_newer_one() {
     let events = subscription_lifecycle("u2");
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     // Renewal recovered (evt_s4, active) is applied before the older past_due update.
     deliver_all(&mut client, &events, &[3, 7, 5, 4]).await;
     let row = client
@@ -495,13 +379,12 @@ async fn stale_subscription_update_never_overrides_the_newer_one() {
         snapshot.entitlements[0].expires_at.unwrap().timestamp(),
         T0 + 60 * DAY
     );
-    db.cleanup().await;
 }
 
 #[tokio::test]
 async fn events_of_an_unknown_user_are_kept_and_applied_when_the_link_appears() {
     let events = subscription_lifecycle("u2");
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     // Everything but the checkout (the only event naming the user) arrives first.
     for i in [0, 1, 2, 4, 5, 6, 7] {
         let applied = deliver(&mut client, &events[i]).await.unwrap().unwrap();
@@ -535,13 +418,12 @@ async fn events_of_an_unknown_user_are_kept_and_applied_when_the_link_appears() 
     let applied = deliver(&mut client, &events[8]).await.unwrap().unwrap();
     assert_eq!(applied.users[0].version, 2);
     assert_eq!(applied.users[0].entitlements[0].status, "expired");
-    db.cleanup().await;
 }
 
 #[tokio::test]
 async fn refund_before_completion_never_grants_and_bumps_the_version_once_linked() {
     let events = purchase(vec![fx::refund("evt_rf", T0 + DAY, 4900)]);
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     let applied = deliver(&mut client, &events[2]).await.unwrap().unwrap();
     assert!(applied.users.is_empty());
     let applied = deliver(&mut client, &events[0]).await.unwrap().unwrap();
@@ -557,7 +439,6 @@ async fn refund_before_completion_never_grants_and_bumps_the_version_once_linked
     assert_eq!(applied.users[0].version, 2);
     assert_eq!(applied.users[0].entitlements[0].status, "revoked");
     assert_eq!(notification_count(&client, "entitlement_revoked").await, 1);
-    db.cleanup().await;
 }
 
 #[tokio::test]
@@ -571,7 +452,7 @@ async fn reapplying_events_without_dedupe_neither_changes_rows_nor_duplicates_no
         ),
         fx::dispute("evt_dl", "charge.dispute.closed", T0 + 9 * DAY, "lost"),
     ]);
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     deliver_all(&mut client, &events, &[0, 1, 2, 3]).await;
     let once = state(&client).await;
     for body in &events {
@@ -583,7 +464,6 @@ async fn reapplying_events_without_dedupe_neither_changes_rows_nor_duplicates_no
         1
     );
     assert_eq!(notification_count(&client, "entitlement_revoked").await, 1);
-    db.cleanup().await;
 }
 
 #[tokio::test]
@@ -598,7 +478,7 @@ async fn expired_checkout_queues_one_abandoned_notification_with_the_recovery_ur
             "after_expiration": { "recovery": { "enabled": true,
                 "url": "https://buy.stripe.com/r/test_abc" } } }),
     );
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     for _ in 0..2 {
         reapply(&mut client, &expired).await;
     }
@@ -614,12 +494,11 @@ async fn expired_checkout_queues_one_abandoned_notification_with_the_recovery_ur
     let payload: Value = rows[0].get(1);
     assert_eq!(payload["recoveryUrl"], "https://buy.stripe.com/r/test_abc");
     assert_eq!(payload["checkoutSessionId"], "cs_9");
-    db.cleanup().await;
 }
 
 #[tokio::test]
 async fn second_completed_purchase_is_refused_until_the_first_is_refunded() {
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     deliver(&mut client, &purchase(vec![])[0]).await.unwrap();
     let other = fx::event(
         "evt_other",
@@ -654,7 +533,6 @@ async fn second_completed_purchase_is_refused_until_the_first_is_refunded() {
     let pro = &applied.users[0].entitlements[0];
     assert_eq!(pro.status, "active");
     assert_eq!(pro.source_id, "pi_other");
-    db.cleanup().await;
 }
 
 /// One user with a disputed purchase and a whole subscription lifecycle.
@@ -694,10 +572,9 @@ async fn deliver_with_retries(mut client: Client, bodies: Vec<Value>) {
 #[tokio::test]
 async fn two_concurrent_writers_on_one_user_end_like_a_sequential_run() {
     let events = one_user_everything();
-    let (db, mut client) = fresh_db().await;
+    let (_db, mut client) = fresh_db().await;
     deliver_all(&mut client, &events, &(0..events.len()).collect::<Vec<_>>()).await;
     let sequential = state(&client).await;
-    db.cleanup().await;
     assert_eq!(field(&sequential.entitlements[0], "status"), "active");
     assert_eq!(field(&sequential.entitlements[0], "source"), "purchase");
 
@@ -732,7 +609,6 @@ async fn two_concurrent_writers_on_one_user_end_like_a_sequential_run() {
             .unwrap();
         assert!(snapshot.version >= 1);
         assert_eq!(snapshot.entitlements[0].status, "active");
-        db.cleanup().await;
     }
 }
 
@@ -793,5 +669,4 @@ async fn a_writer_on_the_same_user_waits_for_the_first_to_commit_and_sees_its_ch
         .await
         .unwrap();
     assert_eq!(&read, snapshot);
-    db.cleanup().await;
 }

@@ -5,8 +5,6 @@
 //! handled is not applied twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -19,7 +17,7 @@ use system_tests::amqp::TestBroker;
 use system_tests::chaos::ChaosProxy;
 use system_tests::stripe_fake::{Collection, FakeStripe, Fault};
 use system_tests::unique;
-use worker_common::{WAIT, pg, processed_rows, spawn_worker, version, wait_processed};
+use system_tests::worker::{WAIT, pg, processed_rows, spawn_worker, version, wait_processed};
 
 fn args(since: &str) -> ReconcileArgs {
     ReconcileArgs {
@@ -201,7 +199,6 @@ async fn every_event_in_the_window_lands_once_in_the_main_queue_as_ingress_would
         let received_at = header_str(message, "received_at").expect("received_at");
         assert!(chrono::DateTime::parse_from_rfc3339(&received_at).is_ok());
     }
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -228,7 +225,6 @@ async fn a_dry_run_lists_the_events_and_publishes_nothing() {
     }
     assert!(out.contains("dry run: nothing was published"), "{out}");
     assert_eq!(broker.main_depth().await, 0);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -268,7 +264,6 @@ async fn type_filters_are_sent_as_types_brackets_and_undelivered_only_as_deliver
         .collect();
     expected.sort();
     assert_eq!(ids, expected);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -301,7 +296,6 @@ async fn a_stripe_500_that_should_be_retried_is_retried_and_the_run_completes() 
         "2 failures + 2 pages"
     );
     drain(&broker, 4).await;
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -320,7 +314,6 @@ async fn a_stripe_failure_that_must_not_be_retried_stops_the_run_with_exit_code_
     assert!(out.contains("enqueued 0 events"), "{out}");
     assert_eq!(fake.requests_to("/v1/events").len(), 1, "not retried");
     assert_eq!(broker.main_depth().await, 0);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -350,7 +343,6 @@ async fn an_unreachable_broker_fails_with_exit_code_one_and_claims_nothing_enque
         "Stripe is not read while there is nowhere to put the events"
     );
     assert_eq!(broker.main_depth().await, 0);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -364,7 +356,6 @@ async fn a_window_older_than_thirty_days_is_a_usage_error() {
     assert!(error.to_string().contains("30 days"), "{error}");
     assert_eq!(exit_code(error), 2);
     assert!(fake.requests().is_empty());
-    broker.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,15 +366,15 @@ async fn reconciling_an_event_the_processor_already_handled_does_not_apply_it_tw
     let direct = pg(&db.url).await;
     let user = unique("u");
     let event_id = unique("evt");
-    let body = worker_common::checkout_completed(&event_id, &user);
+    let body = system_tests::worker::checkout_completed(&event_id, &user);
 
-    let mut config = worker_common::config(&db.url, &broker);
+    let mut config = system_tests::worker::config(&db.url, &broker);
     config.stripe = Some(
         processor::stripe::StripeConfig::new(fake.secret_key().to_owned().into(), fake.base_url())
             .unwrap(),
     );
     let worker = spawn_worker(config.clone());
-    worker_common::publish(&broker, &body, &event_id, "checkout.session.completed").await;
+    system_tests::worker::publish(&broker, &body, &event_id, "checkout.session.completed").await;
     wait_processed(&direct, &event_id).await;
     assert_eq!(version(&direct, &user).await, 1);
 
@@ -395,7 +386,7 @@ async fn reconciling_an_event_the_processor_already_handled_does_not_apply_it_tw
         .expect("reconcile succeeds");
     assert_eq!(summary.total(), 1);
 
-    worker_common::wait_depth(&broker, &broker.topology.main_queue(), 0).await;
+    system_tests::worker::wait_depth(&broker, &broker.topology.main_queue(), 0).await;
     // A graceful stop drains what the worker holds, so the redelivered copy is settled.
     worker.stop().await;
     assert_eq!(processed_rows(&direct, &event_id).await, 1);
@@ -405,6 +396,4 @@ async fn reconciling_an_event_the_processor_already_handled_does_not_apply_it_tw
         0,
         "the copy was deduped, not parked"
     );
-    broker.cleanup().await;
-    db.cleanup().await;
 }

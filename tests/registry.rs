@@ -6,10 +6,8 @@
 //! no registered product grant nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod api_common;
-
-use api_common::*;
 use serde_json::{Value, json};
+use system_tests::api::*;
 use system_tests::stripe_fake::{Collection, FakeStripe};
 use system_tests::unique;
 
@@ -208,7 +206,6 @@ async fn an_item_registered_by_the_app_is_sold_opened_to_its_buyer_and_kept_afte
     assert_eq!(code(&answer), (404, Some("unknown_product")));
     api.cache.invalidate(&buyer).await;
     assert_eq!(access(&api, &buyer, &key).await, 200);
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,7 +293,6 @@ async fn admin_routes_validate_and_refuse_what_would_break_buyers() {
     assert_eq!(status, 200);
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
     assert!(list["nextAfter"].is_string());
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +407,6 @@ async fn plans_follow_the_price_and_several_sources_grant_one_key() {
             .any(|u| u["userId"] == stranger.as_str() && u["priceId"] == "price_not_sold_here"),
         "{unmatched}"
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,7 +433,6 @@ async fn a_one_dollar_payment_link_checkout_grants_nothing() {
         purchases["data"][0]["amountPaidCents"], 100,
         "the money trail is kept"
     );
-    api.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,7 +495,6 @@ async fn recompute_re_derives_entitlements_after_a_mapping_change() {
         .unwrap();
     assert_eq!(everyone, 2, "every user with a row");
     assert_eq!(keys(bystander.clone()).await, ["pro"], "unchanged");
-    api.cleanup().await;
 }
 
 /// `entitlements.active_entitlement_summary.updated` for `customer` listing the first ten of
@@ -607,7 +600,6 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
     assert_eq!(status, 200, "{body}");
     api.cache.invalidate(&user).await;
     assert_eq!(access(&api, &user, "team").await, 200);
-    api.cleanup().await;
 }
 
 /// Applies `event` through the store and drops `user`'s cache entry (the worker would

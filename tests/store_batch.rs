@@ -124,8 +124,8 @@ async fn dump(pool: &Pool) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_of_any_size_leave_the_rows_one_event_at_a_time_leaves() {
-    let (reference_db, reference) = database().await;
-    let (batched_db, batched) = database().await;
+    let (_reference_db, reference) = database().await;
+    let (_batched_db, batched) = database().await;
     let mut skipped_intermediate = 0;
     for seed in 1..=6_u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
@@ -197,8 +197,6 @@ async fn batches_of_any_size_leave_the_rows_one_event_at_a_time_leaves() {
     assert!(entitled > 100, "the scenarios grant: {entitled}");
     println!("notifications of states that never committed in a batch: {skipped_intermediate}");
     drop((reference, batched));
-    reference_db.cleanup().await;
-    batched_db.cleanup().await;
 }
 
 #[tokio::test]
@@ -228,5 +226,4 @@ async fn pooled_connections_plan_every_execution_and_keep_the_urls_own_options()
         assert_eq!(row.get::<_, String>(0), "force_custom_plan", "{url}");
         assert_eq!(row.get::<_, String>(1), search_path, "{url}");
     }
-    db.cleanup().await;
 }

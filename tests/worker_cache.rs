@@ -2,14 +2,12 @@
 //! failure never failing an event.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
 use processor::cache::{Cache, Claim, entitlements_key};
 use processor::events;
 use processor::store::{self, Outcome};
 use shared::ids::UserId;
+use system_tests::worker::*;
 use system_tests::{eventually, unique};
-use worker_common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_that_commit_in_one_order_and_write_in_the_other_leave_the_newer_version() {
@@ -57,7 +55,6 @@ async fn writers_that_commit_in_one_order_and_write_in_the_other_leave_the_newer
     let configured = i64::try_from(config.entitlement_cache_ttl.as_secs()).unwrap();
     assert!(ttl > configured - 60 && ttl <= configured, "ttl {ttl}");
     cache.invalidate(&user).await;
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +116,6 @@ async fn the_worker_writes_the_cache_after_commit_and_deletes_it_when_the_write_
         .query_async(&mut redis)
         .await
         .unwrap();
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +138,6 @@ async fn an_unreachable_redis_never_fails_an_event() {
         assert_eq!(setup.broker.depth(&topology.retry_queue(n)).await, 0);
     }
     assert_eq!(version(&direct, &user).await, 1);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +186,6 @@ async fn the_dedupe_marker_is_a_released_or_expiring_claim_until_the_commit_mark
         ttl > configured - 60 && ttl <= configured,
         "done lives for DEDUPE_TTL_SECONDS, got {ttl}"
     );
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,5 +248,4 @@ async fn a_change_committed_while_redis_was_unreachable_reaches_the_cache_once_i
         .query_async(&mut redis)
         .await
         .unwrap();
-    setup.cleanup().await;
 }

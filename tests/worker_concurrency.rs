@@ -2,12 +2,10 @@
 //! the same state as one worker fed the same events.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
 use processor::store;
 use shared::ids::UserId;
 use system_tests::unique;
-use worker_common::*;
+use system_tests::worker::*;
 
 /// The user's snapshot without timestamps (they differ between runs by nature).
 async fn state(client: &tokio_postgres::Client, user: &str) -> serde_json::Value {
@@ -71,7 +69,6 @@ async fn run(
     for user in users {
         states.push(state(&direct, user).await);
     }
-    setup.cleanup().await;
     states
 }
 

@@ -2,12 +2,10 @@
 //! and a worker that dies between its dedupe claim and its commit never loses the event.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
 use processor::cache::{Cache, Claim};
 use shared::ids::StripeEventId;
+use system_tests::worker::*;
 use system_tests::{eventually, unique};
-use worker_common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_delivered_many_times_has_the_effect_of_one() {
@@ -66,7 +64,6 @@ async fn the_same_event_delivered_many_times_has_the_effect_of_one() {
         .await
         .unwrap();
     assert_eq!(marker_state.as_deref(), Some("done"));
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +90,6 @@ async fn copies_already_marked_done_are_skipped_even_when_postgres_never_saw_the
     assert_eq!(processed_rows(&direct, &event).await, 0);
     assert_eq!(version(&direct, &user).await, 1);
     assert_eq!(setup.broker.main_depth().await, 0);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +120,6 @@ async fn a_worker_that_dies_between_claim_and_commit_never_loses_the_event() {
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, 1);
     assert_eq!(setup.broker.dead_letter_depth().await, 0);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,5 +149,4 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice() {
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, total);
     assert_eq!(setup.broker.dead_letter_depth().await, 0);
-    setup.cleanup().await;
 }

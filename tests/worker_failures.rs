@@ -2,13 +2,11 @@
 //! permanent ones are parked at once, and retries end in the dead-letter queue with the count.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
 use lapin::types::AMQPValue;
 use shared::topology::headers;
 use system_tests::chaos::ChaosProxy;
 use system_tests::unique;
-use worker_common::*;
+use system_tests::worker::*;
 
 fn header<'a>(message: &'a lapin::message::BasicGetMessage, name: &str) -> Option<&'a AMQPValue> {
     message
@@ -75,7 +73,6 @@ async fn a_postgres_outage_longer_than_every_retry_parks_nothing_and_applies_eve
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, 40);
     assert_eq!(setup.broker.dead_letter_depth().await, 0);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +126,6 @@ async fn events_that_can_never_parse_go_straight_to_the_dead_letter_queue_with_h
         ]
     );
     assert_eq!(processed_total(&direct).await, 0);
-    setup.cleanup().await;
 }
 
 /// A paid checkout of `product` by `user` (a second one, unrefunded, can never be applied).
@@ -182,7 +178,6 @@ async fn an_event_that_exhausts_its_retries_is_dead_lettered_with_the_number_of_
         event
     );
     assert_eq!(processed_rows(&direct, &event).await, 0);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +201,6 @@ async fn the_worker_reconnects_when_the_broker_goes_away() {
     wait_depth(&setup.broker, &setup.broker.topology.main_queue(), 0).await;
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, 2);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +218,6 @@ async fn a_worker_started_before_postgres_is_reachable_waits_for_it() {
     wait_processed(&direct, &event).await;
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, 1);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +284,6 @@ async fn one_refused_event_in_a_batch_is_retried_alone_and_the_rest_commits() {
         ids[1]
     );
     assert_eq!(setup.broker.main_depth().await, 0);
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,7 +312,6 @@ async fn delay_queues_are_quorum_queues_that_dead_letter_at_least_once() {
             .ends_with(".delay.1500ms")
     );
     assert!(setup.broker.topology.retry_queue(2).ends_with(".delay.1m"));
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,5 +379,4 @@ async fn events_waiting_in_an_old_classic_retry_queue_are_moved_and_applied_at_s
         )
         .await;
     assert!(gone.is_err(), "the drained classic queue is deleted");
-    setup.cleanup().await;
 }

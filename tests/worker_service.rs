@@ -1,12 +1,10 @@
 //! The long-running service: consumer plus the operational HTTP routes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
 use system_tests::unique;
+use system_tests::worker::*;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use worker_common::*;
 
 /// Runs the whole service (consumer and HTTP) on an ephemeral port: its base URL, the switch
 /// that stops it, and its task.
@@ -73,7 +71,6 @@ async fn the_service_consumes_and_answers_health_readiness_and_metrics() {
 
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +114,6 @@ async fn a_parked_event_raises_the_dead_letter_gauge_until_it_is_drained() {
 
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
-    setup.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,5 +174,4 @@ async fn the_api_listener_cuts_stalled_heads_caps_connections_and_serves_metrics
 
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
-    setup.cleanup().await;
 }

@@ -2,10 +2,8 @@
 //! and a restarted worker picks it up: nothing lost, nothing applied twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod worker_common;
-
+use system_tests::worker::*;
 use system_tests::{eventually, unique};
-use worker_common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_events_and_returns_the_rest_to_the_queue() {
@@ -47,5 +45,4 @@ async fn shutdown_finishes_in_flight_events_and_returns_the_rest_to_the_queue() 
     wait_depth(&setup.broker, &main, 0).await;
     worker.stop().await;
     assert_eq!(version(&direct, &user).await, total);
-    setup.cleanup().await;
 }

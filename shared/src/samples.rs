@@ -7,6 +7,8 @@
 
 use serde_json::{Value, json};
 
+pub mod history;
+
 /// What a sample event is about.
 #[derive(Debug, Clone)]
 pub struct Sample<'a> {

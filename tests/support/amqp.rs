@@ -1,4 +1,5 @@
-//! Per-test RabbitMQ topology: the contract's layout under a unique base name.
+//! Per-test RabbitMQ topology: the contract's layout under a unique base name, deleted when the
+//! [`TestBroker`] is dropped — also when the test fails.
 
 use std::time::Duration;
 
@@ -6,7 +7,8 @@ use lapin::options::BasicGetOptions;
 use lapin::{Channel, Connection};
 use shared::topology::Topology;
 
-/// A topology with a unique base and short retry delays, declared on the machine's broker.
+/// A topology with a unique base and short retry delays, declared on the machine's broker, with
+/// a channel in confirm mode.
 pub struct TestBroker {
     pub topology: Topology,
     pub connection: Connection,
@@ -20,6 +22,10 @@ impl TestBroker {
             .await
             .expect("connect to the test broker");
         let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
         topology.declare(&channel).await.expect("declare topology");
         Self {
             topology,
@@ -52,10 +58,33 @@ impl TestBroker {
             .await
             .expect("basic_get")
     }
+}
 
-    /// Deletes the test's queues and exchange.
-    pub async fn cleanup(self) {
-        let _ = self.topology.delete(&self.channel).await;
-        let _ = self.connection.close(200, "done".into()).await;
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        // As `TestDb`: a thread with a runtime of its own, on a connection of its own (the
+        // test's may already be closed).
+        let topology = self.topology.clone();
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let connection = shared::amqp::connect(&super::amqp_url(), "system-tests-drop")
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let _ = topology.delete(&channel).await;
+                let _ = connection.close(200, "done".into()).await;
+                Ok::<_, std::io::Error>(())
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Ok(()))) {
+            eprintln!("test topology {} not deleted", self.topology.exchange());
+        }
     }
 }

@@ -14,7 +14,6 @@ pub fn server_url() -> String {
 pub struct TestDb {
     pub name: String,
     pub url: String,
-    dropped: bool,
 }
 
 impl TestDb {
@@ -40,26 +39,12 @@ impl TestDb {
             .await
             .expect("create test database");
         let url = format!("{}/{name}", server_url());
-        Self {
-            name,
-            url,
-            dropped: false,
-        }
-    }
-
-    /// Drops the database now (forcing off any connection still open); dropping the value does
-    /// the same.
-    pub async fn cleanup(mut self) {
-        drop_database(&self.name).await;
-        self.dropped = true;
+        Self { name, url }
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if self.dropped {
-            return;
-        }
         // Drop may run inside a runtime (or while a test unwinds): a thread of its own with a
         // runtime of its own drops the database.
         let name = self.name.clone();

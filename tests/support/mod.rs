@@ -9,12 +9,14 @@
 )]
 
 pub mod amqp;
+pub mod api;
 pub mod chaos;
 pub mod db;
 pub mod ingress;
 pub mod scenarios;
 pub mod servers;
 pub mod stripe_fake;
+pub mod worker;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -41,6 +43,23 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// The path of one of the workspace's binaries (`processor`, `ingress`), built next to the
+/// test binaries (`cargo build --bins`; `cargo nextest run --workspace` builds them too).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build -p {name} --bins` first",
+        path.display()
+    );
+    path
 }
 
 /// `AMQP_URL` for tests (the machine's broker unless overridden).

@@ -9,130 +9,43 @@ use crate::events::{self, Event, EventKind};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use shared::ids::UserId;
+use shared::samples::history::DAY;
 use std::collections::BTreeMap;
 
 const T0: i64 = 1_700_000_000;
-const DAY: i64 = 86_400;
 
 /// Stripe-shaped event bodies, parsed through [`events::parse`] like the real ones.
+/// The shared fixed-id history (`shared::samples::history`), parsed.
 mod fx {
     use super::*;
+    use shared::samples::history;
 
-    pub(super) fn event(id: &str, event_type: &str, created: i64, object: Value) -> Event {
-        let body = json!({
-            "id": id, "object": "event", "type": event_type, "created": created,
-            "api_version": "2025-03-31.basil", "livemode": false, "pending_webhooks": 1,
-            "request": { "id": null, "idempotency_key": null },
-            "data": { "object": object }
-        });
+    pub(super) use history::On;
+
+    fn parse(body: Value) -> Event {
         events::parse(&serde_json::to_vec(&body).unwrap()).unwrap()
     }
 
-    pub(super) fn checkout(
-        id: &str,
-        event_type: &str,
-        created: i64,
-        payment_status: &str,
-        user: &str,
-    ) -> Event {
-        event(
-            id,
-            event_type,
-            created,
-            json!({
-                "id": "cs_1", "object": "checkout.session", "mode": "payment",
-                "payment_status": payment_status, "customer": "cus_1", "payment_intent": "pi_1",
-                "client_reference_id": user, "amount_total": 4900, "currency": "usd",
-                "metadata": { "user_id": user, "product_key": "pro" }
-            }),
-        )
+    macro_rules! parsed {
+        ($($name:ident($($arg:ident: $ty:ty),*);)*) => {$(
+            pub(super) fn $name($($arg: $ty),*) -> Event {
+                parse(history::$name($($arg),*))
+            }
+        )*};
     }
 
-    pub(super) fn payment_intent_succeeded(id: &str, created: i64, user: &str) -> Event {
-        event(
-            id,
-            "payment_intent.succeeded",
-            created,
-            json!({ "id": "pi_1", "object": "payment_intent", "amount": 4900,
-                "amount_received": 4900, "currency": "usd", "customer": "cus_1",
-                "metadata": { "user_id": user, "product_key": "pro" } }),
-        )
+    parsed! {
+        event(id: &str, event_type: &str, created: i64, object: Value);
+        checkout(id: &str, event_type: &str, created: i64, payment_status: &str, user: &str);
+        payment_intent_succeeded(id: &str, created: i64, user: &str);
+        refund(id: &str, created: i64, refunded: i64);
+        dispute(id: &str, event_type: &str, created: i64, status: &str);
+        subscription(id: &str, event_type: &str, created: i64, status: &str, period_end: i64);
+        invoice(id: &str, event_type: &str, created: i64, reason: &str, period_end: i64);
+        subscription_checkout(id: &str, created: i64, user: &str);
     }
 
-    /// A refund event WITHOUT user metadata: the purchase is found through its payment intent.
-    pub(super) fn refund(id: &str, created: i64, refunded: i64) -> Event {
-        event(
-            id,
-            "charge.refunded",
-            created,
-            json!({ "id": "ch_1", "object": "charge", "amount": 4900,
-                "amount_refunded": refunded, "refunded": refunded >= 4900,
-                "payment_intent": "pi_1", "customer": "cus_1", "currency": "usd",
-                "refunds": { "data": [ { "id": format!("re_{refunded}"), "created": created,
-                    "reason": "requested_by_customer" } ] } }),
-        )
-    }
-
-    /// Disputes carry neither user nor customer: only the charge and payment intent.
-    pub(super) fn dispute(id: &str, event_type: &str, created: i64, status: &str) -> Event {
-        event(
-            id,
-            event_type,
-            created,
-            json!({ "id": "dp_1", "object": "dispute", "charge": "ch_1",
-                "payment_intent": "pi_1", "amount": 4900, "status": status }),
-        )
-    }
-
-    /// Subscription events WITHOUT metadata: the user is known only through the customer.
-    pub(super) fn subscription(
-        id: &str,
-        event_type: &str,
-        created: i64,
-        status: &str,
-        period_end: i64,
-    ) -> Event {
-        let ended = matches!(status, "canceled" | "incomplete_expired");
-        event(
-            id,
-            event_type,
-            created,
-            json!({ "id": "sub_1", "object": "subscription", "customer": "cus_2",
-                "status": status, "cancel_at_period_end": false,
-                "ended_at": if ended { json!(created) } else { Value::Null },
-                "items": { "data": [ { "id": "si_1", "current_period_end": period_end } ] } }),
-        )
-    }
-
-    pub(super) fn invoice(
-        id: &str,
-        event_type: &str,
-        created: i64,
-        reason: &str,
-        period_end: i64,
-    ) -> Event {
-        event(
-            id,
-            event_type,
-            created,
-            json!({ "id": format!("in_{id}"), "object": "invoice", "customer": "cus_2",
-                "billing_reason": reason,
-                "parent": { "type": "subscription_details",
-                    "subscription_details": { "subscription": "sub_1" } },
-                "lines": { "data": [ { "period": { "start": period_end - 30 * DAY,
-                    "end": period_end } } ] } }),
-        )
-    }
-
-    /// A subscription of a user on a price, as our checkout created it (bought as
-    /// `pro_monthly`: the metadata keeps naming that, whatever the price becomes).
-    pub(super) struct On<'a> {
-        pub(super) sub: &'a str,
-        pub(super) user: &'a str,
-        pub(super) price: &'a str,
-    }
-
-    /// A subscription event of `on` in `status` (quantity 2).
+    /// A subscription event of `on` in `status` (quantity 2, period ending 90 days after `T0`).
     pub(super) fn priced_subscription(
         id: &str,
         event_type: &str,
@@ -140,29 +53,14 @@ mod fx {
         status: &str,
         on: &On<'_>,
     ) -> Event {
-        let ended = matches!(status, "canceled" | "incomplete_expired");
-        event(
+        parse(history::priced_subscription(
             id,
             event_type,
             created,
-            json!({ "id": on.sub, "object": "subscription", "customer": "cus_1",
-                "status": status, "cancel_at_period_end": false,
-                "ended_at": if ended { json!(created) } else { Value::Null },
-                "metadata": { "user_id": on.user, "product_key": "pro_monthly" },
-                "items": { "data": [ { "id": "si_1", "quantity": 2,
-                    "current_period_end": T0 + 90 * DAY, "price": { "id": on.price } } ] } }),
-        )
-    }
-
-    pub(super) fn subscription_checkout(id: &str, created: i64, user: &str) -> Event {
-        event(
-            id,
-            "checkout.session.completed",
-            created,
-            json!({ "id": "cs_sub", "object": "checkout.session", "mode": "subscription",
-                "payment_status": "paid", "customer": "cus_2", "subscription": "sub_1",
-                "client_reference_id": user, "metadata": { "product_key": "pro" } }),
-        )
+            status,
+            on,
+            T0 + 90 * DAY,
+        ))
     }
 }
 

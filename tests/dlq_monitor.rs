@@ -6,13 +6,10 @@
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use processor::dlq::monitor::{monitor, record_attempts};
-use shared::topology::Topology;
-
-fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| shared::amqp::DEFAULT_AMQP_URL.into())
-}
+use system_tests::amqp::TestBroker;
+use system_tests::amqp_url;
 
 /// Polls the rendered metrics until one line equals `line`.
 async fn wait_for_metric(handle: &metrics_exporter_prometheus::PrometheusHandle, line: &str) {
@@ -30,17 +27,8 @@ async fn wait_for_metric(handle: &metrics_exporter_prometheus::PrometheusHandle,
 #[tokio::test]
 async fn the_monitor_follows_the_dead_letter_depth_and_attempts_over_threshold_are_counted() {
     let handle = shared::telemetry::metrics_handle();
-    let base = format!("t.dlqmon.{}", uuid::Uuid::new_v4().simple());
-    let topology = Topology::new(base, vec![Duration::from_secs(1)]);
-    let connection = shared::amqp::connect(&amqp_url(), "dlq-monitor-test")
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    topology.declare(&channel).await.unwrap();
+    let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
+    let (topology, channel) = (&broker.topology, &broker.channel);
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(monitor(
@@ -79,6 +67,4 @@ async fn the_monitor_follows_the_dead_letter_depth_and_attempts_over_threshold_a
         .await
         .expect("the monitor stops on shutdown")
         .unwrap();
-    let _ = topology.delete(&channel).await;
-    let _ = connection.close(200, "done".into()).await;
 }

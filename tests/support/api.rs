@@ -1,9 +1,11 @@
 //! Helpers shared by the API's system tests: the API router on port 0 over a fresh database,
 //! the machine's Redis and (optionally) the Stripe fake; tokens; seeded state.
-#![allow(dead_code, unreachable_pub)]
 
 use std::time::Duration;
 
+use crate::db::TestDb;
+use crate::stripe_fake::FakeStripe;
+use crate::{redis_url, unique};
 use deadpool_postgres::Pool;
 use jsonwebtoken::{EncodingKey, Header};
 use processor::api::{ApiConfig, ApiState, ReturnUrls};
@@ -15,9 +17,6 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use shared::config::Env;
 use shared::samples::{Sample, event};
-use system_tests::db::TestDb;
-use system_tests::stripe_fake::FakeStripe;
-use system_tests::{redis_url, unique};
 
 pub const SECRET: &str = "test-secret-of-at-least-thirty-two-bytes!";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
@@ -74,7 +73,7 @@ impl Api {
         let env = Env::from_pairs([
             ("DATABASE_URL", url.as_str()),
             ("REDIS_URL", redis),
-            ("AMQP_URL", system_tests::amqp_url().as_str()),
+            ("AMQP_URL", crate::amqp_url().as_str()),
         ]);
         let mut config = Config::from_env(&env).unwrap();
         // Tests share the machine's Redis: their entries expire soon.
@@ -245,12 +244,6 @@ impl Api {
     pub async fn count(&self, sql: &str) -> i64 {
         let client = self.pool.get().await.unwrap();
         client.query_one(sql, &[]).await.unwrap().get(0)
-    }
-
-    /// Stops the API and drops its database (dropping the value does the same).
-    pub async fn cleanup(self) {
-        self.task.abort();
-        self.pool.close();
     }
 }
 

@@ -12,19 +12,16 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::future::try_join_all;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel};
 use shared::topology::Topology;
+use system_tests::amqp::TestBroker;
+use system_tests::amqp_url;
+use system_tests::db::TestDb;
 
 const RETRY_DELAYS: &str = "1s,2s";
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| shared::amqp::DEFAULT_AMQP_URL.into())
-}
 
 /// A parked event as the test wrote it.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,25 +53,19 @@ impl Got {
     }
 }
 
+/// The test's topology (deleted on drop), a confirming channel on it, and an empty database of
+/// its own for the index of parked events (dropped on drop).
 struct Broker {
     topology: Topology,
-    connection: Connection,
     channel: Channel,
-    /// The test's own database, for the index of parked events.
-    database: String,
+    database: TestDb,
+    queues: TestBroker,
 }
 
-fn postgres_url(database: &str) -> String {
-    let server = std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    format!("{server}/{database}")
-}
-
-async fn postgres(database: &str) -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&postgres_url(database), tokio_postgres::NoTls)
-            .await
-            .unwrap();
+async fn postgres(database: &TestDb) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
     client
 }
@@ -82,28 +73,12 @@ async fn postgres(database: &str) -> tokio_postgres::Client {
 impl Broker {
     async fn new() -> Self {
         let delays = shared::config::parse_duration_list(RETRY_DELAYS).unwrap();
-        let base = format!("t.dlq.{}", uuid::Uuid::new_v4().simple());
-        let topology = Topology::new(base, delays);
-        let connection = shared::amqp::connect(&amqp_url(), "dlq-tests")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        topology.declare(&channel).await.unwrap();
-        let database = format!("dlq_test_{}", uuid::Uuid::new_v4().simple());
-        postgres("postgres")
-            .await
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await
-            .unwrap();
+        let queues = TestBroker::new(delays).await;
         Self {
-            topology,
-            connection,
-            channel,
-            database,
+            topology: queues.topology.clone(),
+            channel: queues.channel.clone(),
+            database: TestDb::empty().await,
+            queues,
         }
     }
 
@@ -167,7 +142,7 @@ impl Broker {
     }
 
     async fn depth(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.unwrap();
+        let channel = self.queues.connection.create_channel().await.unwrap();
         let depth = processor::dlq::queue_depth(&channel, queue).await.unwrap();
         let _ = channel.close(200, "done".into()).await;
         depth
@@ -175,7 +150,7 @@ impl Broker {
 
     /// Consumers on `queue` right now.
     async fn consumers(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.unwrap();
+        let channel = self.queues.connection.create_channel().await.unwrap();
         let counts = processor::dlq::queue_counts(&channel, queue).await.unwrap();
         let _ = channel.close(200, "done".into()).await;
         counts.consumers
@@ -226,7 +201,7 @@ impl Broker {
     /// The messages in `queue`, read without removing anything (held, then requeued by
     /// closing the channel).
     async fn peek_messages(&self, queue: &str) -> Vec<Got> {
-        let channel = self.connection.create_channel().await.unwrap();
+        let channel = self.queues.connection.create_channel().await.unwrap();
         let mut got = Vec::new();
         while let Some(m) = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
@@ -243,27 +218,15 @@ impl Broker {
         got
     }
 
-    async fn cleanup(self) {
-        let _ = self.topology.delete(&self.channel).await;
-        let _ = self.connection.close(200, "done".into()).await;
-        let _ = postgres("postgres")
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.database
-            ))
-            .await;
-    }
-
     fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_processor"));
+        let mut command = tokio::process::Command::new(system_tests::binary("processor"));
         command
             .arg("--topology-base")
             .arg(self.topology.exchange())
             .arg("dlq")
             .args(args)
             .env("AMQP_URL", amqp_url())
-            .env("DATABASE_URL", postgres_url(&self.database))
+            .env("DATABASE_URL", &self.database.url)
             .env("RETRY_DELAYS", RETRY_DELAYS)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -440,7 +403,6 @@ async fn list_leaves_every_parked_message_in_place_and_in_order() {
     assert_eq!(broker.depth(&broker.dlq()).await, 20);
     let remaining = broker.drain(&broker.dlq()).await;
     assert_same_messages(&remaining, &parked);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -465,7 +427,6 @@ async fn show_prints_one_parked_event_and_fails_cleanly_for_a_missing_one() {
 
     let remaining = broker.drain(&broker.dlq()).await;
     assert_same_messages(&remaining, &parked);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -496,7 +457,6 @@ async fn replaying_a_thousand_parked_events_delivers_each_exactly_once_and_empti
         assert_eq!(*got.properties.timestamp(), Some(original.timestamp));
         assert_replayed_headers(got);
     }
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -538,7 +498,6 @@ async fn a_replay_killed_midway_and_rerun_loses_no_event() {
     delivered.extend(broker.drain(&broker.main_queue()).await.iter().map(Got::id));
     assert_eq!(delivered, all);
     assert_eq!(broker.depth(&broker.dlq()).await, 0);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -562,7 +521,6 @@ async fn purge_without_yes_and_without_a_terminal_changes_nothing_and_exits_2() 
     assert_eq!(broker.depth(&broker.main_queue()).await, 0);
     let remaining = broker.drain(&broker.dlq()).await;
     assert_same_messages(&remaining, &parked);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -607,7 +565,6 @@ async fn purge_older_than_ages_events_by_when_they_were_parked_never_by_their_cr
     kept.extend(created_long_ago);
     kept.extend(unknown_age);
     assert_same_messages(&remaining, &kept);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -623,7 +580,6 @@ async fn purge_by_id_with_yes_removes_exactly_those() {
 
     let remaining = broker.drain(&broker.dlq()).await;
     assert_same_messages(&remaining, &[parked[1].clone(), parked[3].clone()]);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -661,7 +617,6 @@ async fn a_dry_run_moves_nothing_and_a_selective_replay_moves_only_the_selection
     assert_eq!(ids, want);
     let remaining = broker.drain(&broker.dlq()).await;
     assert_same_messages(&remaining, &[paid[0].clone(), paid[2].clone()]);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -720,7 +675,6 @@ async fn export_then_replay_from_file_round_trips_the_bytes_exactly() {
         "replay --from-file leaves the queue alone"
     );
     let _ = std::fs::remove_file(&file);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -772,7 +726,6 @@ async fn a_replay_interrupted_with_ctrl_c_says_so_and_a_rerun_finishes_it() {
     delivered.extend(broker.drain(&broker.main_queue()).await.iter().map(Got::id));
     assert_eq!(delivered, all);
     assert_eq!(broker.depth(&broker.dlq()).await, 0);
-    broker.cleanup().await;
 }
 
 /// Runs the command on a pseudo-terminal (util-linux `script`), typing `input`.
@@ -780,7 +733,7 @@ async fn run_on_terminal(broker: &Broker, args: &[&str], input: &str) -> Output 
     use tokio::io::AsyncWriteExt as _;
     let mut line = format!(
         "{} --topology-base {} dlq",
-        env!("CARGO_BIN_EXE_processor"),
+        system_tests::binary("processor").display(),
         broker.topology.exchange()
     );
     for arg in args {
@@ -790,7 +743,7 @@ async fn run_on_terminal(broker: &Broker, args: &[&str], input: &str) -> Output 
     let mut child = tokio::process::Command::new("script")
         .args(["-qec", &line, "/dev/null"])
         .env("AMQP_URL", amqp_url())
-        .env("DATABASE_URL", postgres_url(&broker.database))
+        .env("DATABASE_URL", &broker.database.url)
         .env("RETRY_DELAYS", RETRY_DELAYS)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
@@ -837,7 +790,6 @@ async fn purge_on_a_terminal_offers_an_export_then_deletes_only_after_a_yes() {
     let remaining = broker.drain(&broker.dlq()).await;
     assert_same_messages(&remaining, &parked[1..]);
     let _ = std::fs::remove_file(&file);
-    broker.cleanup().await;
 }
 
 /// Every read-only command, twice: the same answer both times, nothing unacknowledged the
@@ -899,7 +851,6 @@ async fn read_only_commands_answer_the_same_twice_and_leave_the_queue_as_it_was(
     let remaining = broker.drain(&broker.dlq()).await;
     assert_same_messages(&remaining, &parked);
     std::fs::remove_dir_all(&dir).unwrap();
-    broker.cleanup().await;
 }
 
 /// `kill -9` in the middle of a read: nothing is lost, and the copies the killed pass had
@@ -945,7 +896,6 @@ async fn a_read_killed_midway_loses_nothing_and_the_next_command_removes_the_lef
     assert_eq!(remaining.len(), 2000, "no copy left behind");
     let ids: HashSet<String> = remaining.iter().map(Got::id).collect();
     assert_eq!(ids, all);
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -978,7 +928,6 @@ async fn a_second_command_on_the_same_queue_is_refused_while_one_runs() {
     let listed = broker.run(&["list"]).await;
     assert!(listed.status.success());
     assert!(stdout(&listed).contains("3 shown, 3 parked"));
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -1020,7 +969,6 @@ async fn a_failed_command_names_its_cause_once_without_colour_codes() {
         "no colour codes off a terminal: {stderr}"
     );
     assert!(stdout(&output).contains("2 shown, 2 parked"));
-    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -1049,7 +997,6 @@ async fn a_failed_export_with_force_keeps_the_earlier_export() {
         "no temporary file left"
     );
     std::fs::remove_dir_all(&dir).unwrap();
-    broker.cleanup().await;
 }
 
 /// An existing deployment's dead-letter queue was declared without a type (classic by the
@@ -1141,7 +1088,6 @@ async fn the_index_follows_the_queue_through_reads_replays_and_purges() {
     );
     assert!(broker.run(&["list"]).await.status.success());
     assert_eq!(broker.index().await, (201, Some(true)));
-    broker.cleanup().await;
 }
 
 /// With the park-time call ([`processor::dlq::ParkedIndex`]) the index stays current without a
@@ -1161,7 +1107,7 @@ async fn events_recorded_at_park_time_keep_the_index_current_without_a_pass() {
     let parked = events(50, "invoice.paid");
     let headers = consumer_headers(Some(&Utc::now().to_rfc3339()), Vec::new());
     broker.park_with(&parked, &headers).await;
-    let hook = processor::dlq::ParkedIndex::open(&postgres_url(&broker.database), &broker.topology)
+    let hook = processor::dlq::ParkedIndex::open(&broker.database.url, &broker.topology)
         .await
         .unwrap();
     for event in &parked {
@@ -1188,5 +1134,4 @@ async fn events_recorded_at_park_time_keep_the_index_current_without_a_pass() {
     assert!(stdout(&replayed).contains("replayed 1 event"));
     let delivered = broker.drain(&broker.main_queue()).await;
     assert_same_messages(&delivered, &parked[7..8]);
-    broker.cleanup().await;
 }

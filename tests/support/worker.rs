@@ -1,18 +1,17 @@
 //! Helpers shared by the consumer's system tests: a worker per test on its own database and
 //! topology, Stripe-shaped events, and reads of the resulting state.
-#![allow(dead_code, unreachable_pub)]
 
 use std::time::Duration;
 
+use crate::amqp::TestBroker;
+use crate::db::TestDb;
+use crate::{eventually, redis_url, unique};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use processor::config::Config;
 use processor::service::StartError as WorkerError;
 use shared::config::Env;
-use system_tests::amqp::TestBroker;
-use system_tests::db::TestDb;
-use system_tests::{eventually, redis_url, unique};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -27,7 +26,7 @@ pub fn config_with(database_url: &str, broker: &TestBroker, redis: &str) -> Conf
     let env = Env::from_pairs([
         ("DATABASE_URL", database_url),
         ("REDIS_URL", redis),
-        ("AMQP_URL", system_tests::amqp_url().as_str()),
+        ("AMQP_URL", crate::amqp_url().as_str()),
     ]);
     let mut config = Config::from_env(&env).expect("test config");
     config.topology = broker.topology.clone();
@@ -282,10 +281,5 @@ impl Setup {
             db: TestDb::create().await,
             broker: TestBroker::new(delays).await,
         }
-    }
-
-    pub async fn cleanup(self) {
-        self.broker.cleanup().await;
-        self.db.cleanup().await;
     }
 }
