@@ -7,10 +7,12 @@
 //! A background supervisor owns the connection: it connects (retrying with capped backoff while
 //! the broker is down), declares the topology, enables confirms and hands the channel out through
 //! a `watch`. Publishers never wait for a connection: with none, they fail at once, so a caller
-//! can answer 503 promptly. Concurrent publishes share one confirm-mode channel and wait for
-//! their own confirms independently, so confirms pipeline.
+//! can answer 503 promptly. Concurrent publishes share the confirm-mode channels (one unless
+//! the caller asks for a pool; publishes take them in turn) and wait for their own confirms
+//! independently, so confirms pipeline.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
@@ -53,12 +55,17 @@ pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lap
     }
 }
 
-/// A confirm-mode publishing channel kept alive by a supervisor task.
+/// Confirm-mode publishing channels kept alive by a supervisor task.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    channel: watch::Receiver<Option<Channel>>,
+    channels: watch::Receiver<Option<Arc<[Channel]>>>,
+    /// Round-robin position over `channels`, shared by every clone.
+    turn: Arc<AtomicUsize>,
     broken: Arc<Notify>,
     confirm_timeout: Duration,
+    /// Registered once: looking the histogram up by name on every publish costs a hash and a
+    /// registry lookup per request.
+    confirm_seconds: metrics::Histogram,
 }
 
 /// Handle on the supervisor task; dropping it does not stop the task, [`Self::shutdown`] does.
@@ -77,7 +84,8 @@ impl PublisherTask {
 }
 
 impl Publisher {
-    /// Starts the supervisor. Returns immediately, even while the broker is unreachable.
+    /// Starts the supervisor with one channel. Returns immediately, even while the broker is
+    /// unreachable.
     #[must_use]
     pub fn start(
         url: String,
@@ -85,42 +93,73 @@ impl Publisher {
         topology: Topology,
         confirm_timeout: Duration,
     ) -> (Self, PublisherTask) {
+        Self::start_with_channels(url, connection_name, topology, confirm_timeout, 1)
+    }
+
+    /// Starts the supervisor with `channels` confirm-mode channels (at least one) on one
+    /// connection; publishes take them in turn.
+    #[must_use]
+    pub fn start_with_channels(
+        url: String,
+        connection_name: String,
+        topology: Topology,
+        confirm_timeout: Duration,
+        channels: usize,
+    ) -> (Self, PublisherTask) {
+        // The histogram handle is taken once, so the process recorder must exist first.
+        let _ = crate::telemetry::metrics_handle();
         let (tx, rx) = watch::channel(None);
         let broken = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
         let handle = tokio::spawn(supervise(
-            url,
-            connection_name,
-            topology,
+            Link {
+                url,
+                name: connection_name,
+                topology,
+                channels: channels.max(1),
+            },
             tx,
             Arc::clone(&broken),
             Arc::clone(&stop),
         ));
         (
             Self {
-                channel: rx,
+                channels: rx,
+                turn: Arc::new(AtomicUsize::new(0)),
                 broken,
                 confirm_timeout,
+                confirm_seconds: metrics::histogram!("amqp_publish_confirm_seconds"),
             },
             PublisherTask { stop, handle },
         )
     }
 
-    /// Whether a confirm-mode channel is open right now.
+    /// Whether the confirm-mode channels are open right now.
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.channel
+        self.channels
             .borrow()
             .as_ref()
-            .is_some_and(|c| c.status().connected())
+            .is_some_and(|channels| channels.iter().all(|c| c.status().connected()))
     }
 
-    /// Waits until the channel is open, up to `deadline`. Returns whether it is.
+    /// Waits until the channels are open, up to `deadline`. Returns whether they are.
     pub async fn wait_ready(&self, deadline: Duration) -> bool {
-        let mut rx = self.channel.clone();
-        tokio::time::timeout(deadline, rx.wait_for(|c| c.is_some()))
+        let mut rx = self.channels.clone();
+        tokio::time::timeout(deadline, rx.wait_for(Option::is_some))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The next channel in turn, if it is open.
+    fn next_channel(&self) -> Option<Channel> {
+        let channels = self.channels.borrow();
+        let channels = channels.as_ref()?;
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        channels
+            .get(turn % channels.len())
+            .filter(|c| c.status().connected())
+            .cloned()
     }
 
     /// Publishes persistently with `mandatory` and waits for the broker's confirm.
@@ -134,12 +173,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let channel = self
-            .channel
-            .borrow()
-            .clone()
-            .filter(|c| c.status().connected())
-            .ok_or(PublishError::Unavailable)?;
+        let channel = self.next_channel().ok_or(PublishError::Unavailable)?;
         let started = Instant::now();
         let properties = properties.with_delivery_mode(2);
         let confirmed = async {
@@ -166,7 +200,7 @@ impl Publisher {
             // The supervisor always enables confirms; treat the impossible as not stored.
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
         };
-        metrics::histogram!("amqp_publish_confirm_seconds").record(started.elapsed().as_secs_f64());
+        self.confirm_seconds.record(started.elapsed().as_secs_f64());
         if matches!(
             outcome,
             Err(PublishError::Broker(_) | PublishError::Timeout(_))
@@ -177,26 +211,43 @@ impl Publisher {
     }
 }
 
-async fn supervise(
+/// What the supervisor connects to and opens.
+#[derive(Debug)]
+struct Link {
     url: String,
     name: String,
     topology: Topology,
-    tx: watch::Sender<Option<Channel>>,
+    channels: usize,
+}
+
+async fn supervise(
+    link: Link,
+    tx: watch::Sender<Option<Arc<[Channel]>>>,
     broken: Arc<Notify>,
     stop: Arc<Notify>,
 ) {
+    let Link {
+        url,
+        name,
+        topology,
+        channels,
+    } = link;
     let mut backoff = Duration::from_millis(200);
     loop {
         let attempt = async {
             let connection = connect(&url, &name).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            topology.declare(&channel).await?;
-            Ok::<_, lapin::Error>((connection, channel))
+            let mut opened = Vec::with_capacity(channels);
+            for _ in 0..channels {
+                let channel = connection.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                opened.push(channel);
+            }
+            topology.declare(&opened[0]).await?;
+            Ok::<_, lapin::Error>((connection, Arc::<[Channel]>::from(opened)))
         };
-        let (connection, channel) = tokio::select! {
+        let (connection, channels) = tokio::select! {
             () = stop.notified() => return,
             result = attempt => match result {
                 Ok(pair) => pair,
@@ -214,7 +265,7 @@ async fn supervise(
         backoff = Duration::from_millis(200);
         tracing::info!(connection = %name, "broker channel open");
         metrics::gauge!("amqp_connected", "connection" => name.clone()).set(1.0);
-        tx.send_replace(Some(channel.clone()));
+        tx.send_replace(Some(Arc::clone(&channels)));
 
         let mut poll = tokio::time::interval(Duration::from_millis(250));
         let stopping = loop {
@@ -222,7 +273,9 @@ async fn supervise(
                 () = stop.notified() => break true,
                 () = broken.notified() => break false,
                 _ = poll.tick() => {
-                    if !channel.status().connected() || !connection.status().connected() {
+                    if !connection.status().connected()
+                        || channels.iter().any(|c| !c.status().connected())
+                    {
                         break false;
                     }
                 }
