@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ingress benchmark. In one invocation, one after the other on the same machine:
 #   1. broker limit: a plain lapin program publishing the same persistent 2 KB messages to the same
-#      kind of quorum queue, 64 confirms in flight on as many channels as ingress publishes on;
+#      kind of quorum queue, 64 confirms in flight on one channel, as ingress publishes;
 #   2. no-broker reference: the same ingress router and listener (limits, signature, envelope,
 #      properties, metrics, logging) answering 200 without publishing (ingress/examples/no_broker.rs);
 #   3. ingress: POST /webhooks/stripe with a valid, pre-signed 2 KB event, each one published with

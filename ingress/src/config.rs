@@ -19,9 +19,6 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// How long a publish may wait for the broker's confirm before the request gets 503.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Confirm-mode channels ingress publishes on (one connection; publishes take them in turn).
-pub const PUBLISH_CHANNELS: usize = 1;
-
 /// Upper bound on a whole request by default (`INGRESS_REQUEST_TIMEOUT`), so a client that
 /// trickles its body cannot hold a task forever.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);

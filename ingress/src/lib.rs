@@ -15,9 +15,7 @@ use shared::amqp::Publisher;
 use shared::config::Env;
 use tokio::net::TcpListener;
 
-pub use config::{
-    CONFIRM_TIMEOUT, Config, DEFAULT_AMQP_URL, DEFAULT_REQUEST_TIMEOUT, PUBLISH_CHANNELS,
-};
+pub use config::{CONFIRM_TIMEOUT, Config, DEFAULT_AMQP_URL, DEFAULT_REQUEST_TIMEOUT};
 pub use publish::Publish;
 pub use routes::router;
 
@@ -56,12 +54,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (publisher, publisher_task) = Publisher::start_with_channels(
+    let (publisher, publisher_task) = Publisher::start(
         config.amqp_url.clone(),
         "ingress".to_owned(),
         config.topology.clone(),
         config.confirm_timeout,
-        PUBLISH_CHANNELS,
     );
     let served = serve(config, listener, publisher, shutdown).await;
     publisher_task.shutdown().await;

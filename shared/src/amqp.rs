@@ -7,12 +7,10 @@
 //! A background supervisor owns the connection: it connects (retrying with capped backoff while
 //! the broker is down), declares the topology, enables confirms and hands the channel out through
 //! a `watch`. Publishers never wait for a connection: with none, they fail at once, so a caller
-//! can answer 503 promptly. Concurrent publishes share the confirm-mode channels (one unless
-//! the caller asks for a pool; publishes take them in turn) and wait for their own confirms
-//! independently, so confirms pipeline.
+//! can answer 503 promptly. Concurrent publishes share one confirm-mode channel and wait for
+//! their own confirms independently, so confirms pipeline.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
@@ -55,12 +53,10 @@ pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lap
     }
 }
 
-/// Confirm-mode publishing channels kept alive by a supervisor task.
+/// A confirm-mode publishing channel kept alive by a supervisor task.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    channels: watch::Receiver<Option<Arc<[Channel]>>>,
-    /// Round-robin position over `channels`, shared by every clone.
-    turn: Arc<AtomicUsize>,
+    channel: watch::Receiver<Option<Channel>>,
     broken: Arc<Notify>,
     confirm_timeout: Duration,
     /// Registered once: looking the histogram up by name on every publish costs a hash and a
@@ -84,8 +80,7 @@ impl PublisherTask {
 }
 
 impl Publisher {
-    /// Starts the supervisor with one channel. Returns immediately, even while the broker is
-    /// unreachable.
+    /// Starts the supervisor. Returns immediately, even while the broker is unreachable.
     #[must_use]
     pub fn start(
         url: String,
@@ -93,39 +88,22 @@ impl Publisher {
         topology: Topology,
         confirm_timeout: Duration,
     ) -> (Self, PublisherTask) {
-        Self::start_with_channels(url, connection_name, topology, confirm_timeout, 1)
-    }
-
-    /// Starts the supervisor with `channels` confirm-mode channels (at least one) on one
-    /// connection; publishes take them in turn.
-    #[must_use]
-    pub fn start_with_channels(
-        url: String,
-        connection_name: String,
-        topology: Topology,
-        confirm_timeout: Duration,
-        channels: usize,
-    ) -> (Self, PublisherTask) {
-        // The histogram handle is taken once, so the process recorder must exist first.
+        // The histogram handle is kept, so the process recorder must exist first.
         let _ = crate::telemetry::metrics_handle();
         let (tx, rx) = watch::channel(None);
         let broken = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
         let handle = tokio::spawn(supervise(
-            Link {
-                url,
-                name: connection_name,
-                topology,
-                channels: channels.max(1),
-            },
+            url,
+            connection_name,
+            topology,
             tx,
             Arc::clone(&broken),
             Arc::clone(&stop),
         ));
         (
             Self {
-                channels: rx,
-                turn: Arc::new(AtomicUsize::new(0)),
+                channel: rx,
                 broken,
                 confirm_timeout,
                 confirm_seconds: metrics::histogram!("amqp_publish_confirm_seconds"),
@@ -134,32 +112,21 @@ impl Publisher {
         )
     }
 
-    /// Whether the confirm-mode channels are open right now.
+    /// Whether a confirm-mode channel is open right now.
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.channels
+        self.channel
             .borrow()
             .as_ref()
-            .is_some_and(|channels| channels.iter().all(|c| c.status().connected()))
+            .is_some_and(|c| c.status().connected())
     }
 
-    /// Waits until the channels are open, up to `deadline`. Returns whether they are.
+    /// Waits until the channel is open, up to `deadline`. Returns whether it is.
     pub async fn wait_ready(&self, deadline: Duration) -> bool {
-        let mut rx = self.channels.clone();
-        tokio::time::timeout(deadline, rx.wait_for(Option::is_some))
+        let mut rx = self.channel.clone();
+        tokio::time::timeout(deadline, rx.wait_for(|c| c.is_some()))
             .await
             .is_ok_and(|r| r.is_ok())
-    }
-
-    /// The next channel in turn, if it is open.
-    fn next_channel(&self) -> Option<Channel> {
-        let channels = self.channels.borrow();
-        let channels = channels.as_ref()?;
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        channels
-            .get(turn % channels.len())
-            .filter(|c| c.status().connected())
-            .cloned()
     }
 
     /// Publishes persistently with `mandatory` and waits for the broker's confirm.
@@ -173,7 +140,12 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let channel = self.next_channel().ok_or(PublishError::Unavailable)?;
+        let channel = self
+            .channel
+            .borrow()
+            .clone()
+            .filter(|c| c.status().connected())
+            .ok_or(PublishError::Unavailable)?;
         let started = Instant::now();
         let properties = properties.with_delivery_mode(2);
         let confirmed = async {
@@ -211,43 +183,26 @@ impl Publisher {
     }
 }
 
-/// What the supervisor connects to and opens.
-#[derive(Debug)]
-struct Link {
+async fn supervise(
     url: String,
     name: String,
     topology: Topology,
-    channels: usize,
-}
-
-async fn supervise(
-    link: Link,
-    tx: watch::Sender<Option<Arc<[Channel]>>>,
+    tx: watch::Sender<Option<Channel>>,
     broken: Arc<Notify>,
     stop: Arc<Notify>,
 ) {
-    let Link {
-        url,
-        name,
-        topology,
-        channels,
-    } = link;
     let mut backoff = Duration::from_millis(200);
     loop {
         let attempt = async {
             let connection = connect(&url, &name).await?;
-            let mut opened = Vec::with_capacity(channels);
-            for _ in 0..channels {
-                let channel = connection.create_channel().await?;
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await?;
-                opened.push(channel);
-            }
-            topology.declare(&opened[0]).await?;
-            Ok::<_, lapin::Error>((connection, Arc::<[Channel]>::from(opened)))
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            topology.declare(&channel).await?;
+            Ok::<_, lapin::Error>((connection, channel))
         };
-        let (connection, channels) = tokio::select! {
+        let (connection, channel) = tokio::select! {
             () = stop.notified() => return,
             result = attempt => match result {
                 Ok(pair) => pair,
@@ -265,7 +220,7 @@ async fn supervise(
         backoff = Duration::from_millis(200);
         tracing::info!(connection = %name, "broker channel open");
         metrics::gauge!("amqp_connected", "connection" => name.clone()).set(1.0);
-        tx.send_replace(Some(Arc::clone(&channels)));
+        tx.send_replace(Some(channel.clone()));
 
         let mut poll = tokio::time::interval(Duration::from_millis(250));
         let stopping = loop {
@@ -273,9 +228,7 @@ async fn supervise(
                 () = stop.notified() => break true,
                 () = broken.notified() => break false,
                 _ = poll.tick() => {
-                    if !connection.status().connected()
-                        || channels.iter().any(|c| !c.status().connected())
-                    {
+                    if !channel.status().connected() || !connection.status().connected() {
                         break false;
                     }
                 }
