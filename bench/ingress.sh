@@ -12,6 +12,7 @@
 # RabbitMQ's beam.smp, wrk), read from /proc: on shared cores this shows where the CPU goes
 # (RabbitMQ's share includes whatever else uses the broker at the time).
 # Usage: bench/ingress.sh [seconds=20]   (needs wrk, curl, python3, cargo and the local RabbitMQ)
+# Where the CPU goes inside ingress: bench/ingress_profile.sh.
 # Environment: WRK_THREADS (2), BENCH_PORT (18080; the reference uses the next port),
 #   RUST_LOG (info, the service's default; logs go to a scratch file),
 #   COMPARE_BIN=path/to/another/ingress — also measures that binary, last, as "compare"
@@ -40,34 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# One valid 2 KB event, signed now; the tolerance is widened so the signature stays valid for
-# the whole run (ingress does not dedupe: every request is a publish).
-python3 - "$SECRET" "$work/post.lua" <<'PY'
-import hmac, hashlib, json, sys, time
-secret, out = sys.argv[1], sys.argv[2]
-t = int(time.time())
-event = {"id": "evt_bench_0001", "object": "event", "type": "checkout.session.completed",
-         "created": t, "data": {"object": {"id": "cs_bench", "client_reference_id": "u_bench",
-         "payment_status": "paid", "metadata": {"user_id": "u_bench", "product_key": "pro"}}}}
-body = json.dumps(event, separators=(",", ":"))
-event["padding"] = "x" * (2048 - len(body) - len(',"padding":""'))
-body = json.dumps(event, separators=(",", ":"))
-assert len(body) == 2048, len(body)
-sig = hmac.new(secret.encode(), f"{t}.{body}".encode(), hashlib.sha256).hexdigest()
-with open(out, "w") as f:
-    f.write('wrk.method = "POST"\n')
-    f.write('wrk.headers["Content-Type"] = "application/json"\n')
-    f.write(f'wrk.headers["Stripe-Signature"] = "t={t},v1={sig}"\n')
-    f.write("wrk.body = " + json.dumps(body) + "\n")
-    f.write('''
-done = function(summary, latency, requests)
-  io.write(string.format("WRK rps=%.0f p50_ms=%.2f p99_ms=%.2f requests=%d errors=%d\\n",
-    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000,
-    latency:percentile(99) / 1000, summary.requests,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
-end
-''')
-PY
+bench/ingress_wrk.py "$SECRET" "$work/post.lua"
 
 load() { cut -d' ' -f1-3 /proc/loadavg | tr ' ' '/'; }
 # CPU time (user + system, clock ticks) a process has used so far; 0 when there is none.
