@@ -11,15 +11,33 @@
 # figure, the CPU time per message of each process involved (cpu_us_*: the program measured,
 # RabbitMQ's beam.smp, wrk), read from /proc: on shared cores this shows where the CPU goes
 # (RabbitMQ's share includes whatever else uses the broker at the time).
-# Usage: bench/ingress.sh [seconds=20]   (needs wrk, curl, python3, cargo and the local RabbitMQ)
-# Where the CPU goes inside ingress: bench/ingress_profile.sh.
+#
+# Usage: bench/ingress.sh [seconds=20]
+#        bench/ingress.sh profile perf [seconds=10]       where ingress's CPU goes: perf record of
+#                                                         the ingress process under wrk at 64
+#                                                         connections, grouped by what the code does
+#        bench/ingress.sh profile callgrind [seconds=20]  the same as instructions per request
+#                                                         (valgrind, wrk at 8 connections):
+#                                                         repeatable on a loaded machine, no kernel,
+#                                                         SHA-256 without SHA-NI
+# Needs wrk, curl, python3, cargo, the local RabbitMQ, and perf or valgrind for a profile.
 # Environment: WRK_THREADS (2), BENCH_PORT (18080; the reference uses the next port),
 #   RUST_LOG (info, the service's default; logs go to a scratch file),
-#   COMPARE_BIN=path/to/another/ingress — also measures that binary, last, as "compare"
-#   (a before/after in the same run).
+#   COMPARE_BIN=path/to/another/ingress — the benchmark also measures that binary, last, as
+#   "compare" (a before/after in one run); a profile profiles it instead of the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECONDS_PER_RUN=${1:-20}
+if [ "${1:-}" = profile ]; then
+  MODE=${2:-perf}
+  case $MODE in
+    perf) SECONDS_PER_RUN=${3:-10} ;;
+    callgrind) SECONDS_PER_RUN=${3:-20} ;;
+    *) echo "usage: $0 profile perf|callgrind [seconds]"; exit 2 ;;
+  esac
+else
+  MODE=bench
+  SECONDS_PER_RUN=${1:-20}
+fi
 CONNS=64
 WRK_THREADS=${WRK_THREADS:-2}
 PORT=${BENCH_PORT:-18080}
@@ -51,15 +69,27 @@ RABBIT_PID=$(pgrep -x beam.smp | head -1 || true)
 # per_msg TICKS COUNT: microseconds of CPU per message.
 per_msg() { python3 -c "print(round($1 * $TICK_US / max($2, 1)))"; }
 
-# measure NAME BINARY PORT: start BINARY on PORT, wait for /readyz, run wrk, stop it.
-# Leaves "$work/NAME.wrk" (wrk's output) and "$work/NAME.rss" (peak RSS in MB).
+# start NAME PORT COMMAND…: runs COMMAND as an ingress on PORT (its log in "$work/NAME.log")
+# and waits for /readyz; SERVER_PID is the process.
+start() {
+  local name=$1 port=$2
+  shift 2
+  STRIPE_WEBHOOK_SECRET=$SECRET STRIPE_WEBHOOK_TOLERANCE_SECONDS=86400 INGRESS_ADDR=127.0.0.1:$port \
+    AMQP_TOPOLOGY_BASE=$BASE "$@" 2>"$work/$name.log" &
+  SERVER_PID=$!
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return; sleep 0.1; done
+  echo "$name did not become ready"; cat "$work/$name.log"; exit 1
+}
+
+stop() {
+  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+}
+
+# measure NAME BINARY PORT: start BINARY on PORT, run wrk, stop it; prints its RESULT line.
 measure() {
   local name=$1 bin=$2 port=$3
-  STRIPE_WEBHOOK_SECRET=$SECRET STRIPE_WEBHOOK_TOLERANCE_SECONDS=86400 INGRESS_ADDR=127.0.0.1:$port \
-    AMQP_TOPOLOGY_BASE=$BASE "$bin" 2>"$work/$name.log" &
-  SERVER_PID=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { echo "$name did not become ready"; cat "$work/$name.log"; exit 1; }
+  start "$name" "$port" "$bin"
   local server0 rabbit0 server1 rabbit1 requests
   server0=$(ticks "$SERVER_PID"); rabbit0=$(ticks "$RABBIT_PID")
   /usr/bin/time -f "%U %S" -o "$work/$name.time" \
@@ -67,8 +97,7 @@ measure() {
     "http://127.0.0.1:$port/webhooks/stripe" > "$work/$name.wrk"
   server1=$(ticks "$SERVER_PID"); rabbit1=$(ticks "$RABBIT_PID")
   awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$SERVER_PID/status" > "$work/$name.rss"
-  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=
+  stop
   grep -q "^WRK .*errors=0$" "$work/$name.wrk" || { echo "$name: wrk saw errors"; cat "$work/$name.wrk"; exit 1; }
   if grep -q "Non-2xx" "$work/$name.wrk"; then echo "$name: answers other than 2xx"; cat "$work/$name.wrk"; exit 1; fi
   requests=$(sed -n 's/^WRK .*requests=\([0-9]*\).*/\1/p' "$work/$name.wrk")
@@ -77,6 +106,40 @@ measure() {
     "cpu_us_rabbitmq=$(per_msg $((rabbit1 - rabbit0)) "$requests")" \
     "cpu_us_wrk=$(awk -v n="$requests" '{printf "%d", ($1 + $2) * 1e6 / n}' "$work/$name.time")"
 }
+
+# profile perf|callgrind: where the CPU of the ingress process goes, grouped.
+profile() {
+  local bin=${COMPARE_BIN:-$CARGO_TARGET_DIR/release/ingress}
+  local url="http://127.0.0.1:$PORT/webhooks/stripe"
+  echo "RESULT load_before $(load) mode=$MODE seconds=$SECONDS_PER_RUN RUST_LOG=$RUST_LOG binary=$bin"
+  if [ "$MODE" = perf ]; then
+    start ingress "$PORT" "$bin"
+    wrk -t"$WRK_THREADS" -c$CONNS -d"$((SECONDS_PER_RUN + 2))s" -s "$work/post.lua" "$url" > "$work/wrk.txt" &
+    local wrk_pid=$!
+    sleep 1
+    perf record -q -F 2999 -p "$SERVER_PID" -o "$work/perf.data" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1
+    wait $wrk_pid
+    echo "RESULT ingress $(sed -n 's/^WRK //p' "$work/wrk.txt") (while profiled)"
+    bench/profile_groups.py perf "$work/perf.data"
+  else
+    start ingress "$PORT" valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" "$bin"
+    wrk -t1 -c8 -d3s -s "$work/post.lua" "$url" >/dev/null
+    callgrind_control -z "$SERVER_PID" >/dev/null 2>&1
+    wrk -t1 -c8 -d"${SECONDS_PER_RUN}s" -s "$work/post.lua" "$url" > "$work/wrk.txt"
+    callgrind_control -d "$SERVER_PID" >/dev/null 2>&1
+    local requests
+    requests=$(sed -n 's/^WRK .*requests=\([0-9]*\).*/\1/p' "$work/wrk.txt")
+    echo "RESULT ingress requests=$requests (under valgrind)"
+    bench/profile_groups.py callgrind "$(ls "$work"/cg.*.1)" "$requests"
+  fi
+  stop
+  echo "RESULT load_after $(load)"
+}
+
+if [ "$MODE" != bench ]; then
+  profile
+  exit 0
+fi
 
 echo "RESULT load_before $(load) cores=$(nproc) seconds=$SECONDS_PER_RUN connections=$CONNS wrk_threads=$WRK_THREADS RUST_LOG=$RUST_LOG"
 echo "== broker limit (plain lapin, $CONNS confirms in flight, persistent 2 KB, quorum queue)"
