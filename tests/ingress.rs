@@ -324,7 +324,9 @@ async fn every_outcome_is_exported_before_its_first_request() {
         "bad_request",
     ] {
         assert!(
-            text.contains(&format!("ingress_requests_total{{outcome=\"{outcome}\"}} 0")),
+            text.contains(&format!(
+                "ingress_requests_total{{outcome=\"{outcome}\"}} 0"
+            )),
             "{outcome} missing: {text}"
         );
     }

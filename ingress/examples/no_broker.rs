@@ -11,6 +11,10 @@ use std::process::ExitCode;
 use lapin::BasicProperties;
 use shared::amqp::PublishError;
 
+// The same allocator as the `ingress` binary, so the reference measures the same program.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keeps nothing and says it did.
 #[derive(Debug)]
 struct Discard;
