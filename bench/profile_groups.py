@@ -32,7 +32,7 @@ GROUPS = [
      r"atomic_waker|epoll|syscall|cancellation.c"),
     ("malloc, free, memcpy",
      r"malloc|free|_int_|unlink_chunk|tcache|memmove|memcpy|memset|__rust_alloc|__rust_dealloc|"
-     r"__rdl_|realloc|RawVec|alloc::"),
+     r"__rdl_|realloc|RawVec|alloc::|\bmi_|_mi_|mimalloc"),
 ]
 
 
