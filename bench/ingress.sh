@@ -21,7 +21,7 @@
 #                                                         repeatable on a loaded machine, no kernel,
 #                                                         SHA-256 without SHA-NI
 # Needs wrk, curl, python3, cargo, the local RabbitMQ, and perf or valgrind for a profile.
-# Environment: WRK_THREADS (2), BENCH_PORT (18080; the reference uses the next port),
+# Environment: WRK_THREADS (2), BENCH_PORT (18080), BENCH_NO_BROKER_PORT (18088),
 #   RUST_LOG (info, the service's default; logs go to a scratch file),
 #   COMPARE_BIN=path/to/another/ingress — the benchmark also measures that binary, last, as
 #   "compare" (a before/after in one run); a profile profiles it instead of the release build.
@@ -41,7 +41,7 @@ fi
 CONNS=64
 WRK_THREADS=${WRK_THREADS:-2}
 PORT=${BENCH_PORT:-18080}
-NO_BROKER_PORT=$((PORT + 1))
+NO_BROKER_PORT=${BENCH_NO_BROKER_PORT:-18088}
 BASE="bench.ingress.$$"
 SECRET=whsec_bench_secret
 export RUST_LOG=${RUST_LOG:-info}
@@ -74,10 +74,18 @@ per_msg() { python3 -c "print(round($1 * $TICK_US / max($2, 1)))"; }
 start() {
   local name=$1 port=$2
   shift 2
+  # Another program on the port (bench/api.sh uses 18081) would answer /readyz in our stead.
+  if curl -s -o /dev/null "http://127.0.0.1:$port/"; then
+    echo "port $port is taken by another program; set BENCH_PORT / BENCH_NO_BROKER_PORT"; exit 1
+  fi
   STRIPE_WEBHOOK_SECRET=$SECRET STRIPE_WEBHOOK_TOLERANCE_SECONDS=86400 INGRESS_ADDR=127.0.0.1:$port \
     AMQP_TOPOLOGY_BASE=$BASE "$@" 2>"$work/$name.log" &
   SERVER_PID=$!
-  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return; sleep 0.1; done
+  for _ in $(seq 600); do
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return
+    sleep 0.1
+  done
   echo "$name did not become ready"; cat "$work/$name.log"; exit 1
 }
 
