@@ -294,6 +294,41 @@ async fn metrics_count_requests_by_outcome() {
 }
 
 #[tokio::test]
+async fn every_outcome_is_exported_before_its_first_request() {
+    // Counters that appear only on their first increment make `rate()` and alerts on rare
+    // outcomes (unavailable) blind until the first one happens.
+    let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
+    let ingress = Ingress::start(&broker, &amqp_url(), &[]).await;
+    ingress.wait_ready().await;
+    let text = ingress
+        .http
+        .get(ingress.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for outcome in [
+        "accepted",
+        "unavailable",
+        "invalid_signature",
+        "invalid_payload",
+        "payload_too_large",
+        "bad_request",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "ingress_requests_total{{outcome=\"{outcome}\"}} 0"
+            )),
+            "{outcome} missing: {text}"
+        );
+    }
+
+    ingress.stop().await;
+}
+
+#[tokio::test]
 async fn a_broker_that_never_confirms_gives_503_after_the_confirm_deadline() {
     let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
     let proxy = ChaosProxy::start("127.0.0.1:5672".parse().unwrap()).await;

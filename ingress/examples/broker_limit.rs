@@ -1,6 +1,7 @@
 //! The broker's own limit for the ingress benchmark: a plain lapin program publishing the same
-//! persistent messages to the same quorum queue, with `--inflight` confirms pipelined on one
-//! channel. Prints one line: `broker_limit msgs_per_sec=… p50_ms=… p99_ms=…`.
+//! persistent messages to the same quorum queue, with `--inflight` confirms pipelined over
+//! `--channels` channels of one connection (one by default, as ingress). Prints one line:
+//! `broker_limit msgs_per_sec=… p50_ms=… p99_ms=…`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -21,9 +22,13 @@ struct Args {
     base: String,
     #[arg(long, default_value_t = 15)]
     seconds: u64,
-    /// Confirms in flight on the channel.
+    /// Confirms in flight, over all channels.
     #[arg(long, default_value_t = 64)]
     inflight: usize,
+    /// Confirm-mode channels the publishers take turns on (ingress publishes on one; more were
+    /// measured and did not raise either limit, see BENCHMARKS.md).
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
     /// Message size in bytes.
     #[arg(long, default_value_t = 2048)]
     size: usize,
@@ -36,6 +41,7 @@ async fn main() {
         base,
         seconds,
         inflight,
+        channels,
         size,
     } = Args::parse();
 
@@ -43,18 +49,22 @@ async fn main() {
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .expect("connect");
-    let channel = connection.create_channel().await.unwrap();
-    topology.declare(&channel).await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let mut pool = Vec::new();
+    for _ in 0..channels.max(1) {
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        pool.push(channel);
+    }
+    topology.declare(&pool[0]).await.unwrap();
     let body: Arc<Vec<u8>> = Arc::new(vec![b'x'; size]);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for _ in 0..inflight {
+    for i in 0..inflight {
         let (channel, body, stop, exchange) = (
-            channel.clone(),
+            pool[i % pool.len()].clone(),
             Arc::clone(&body),
             Arc::clone(&stop),
             topology.exchange().to_owned(),
@@ -109,5 +119,5 @@ async fn main() {
         pct(0.99),
         all.len()
     );
-    topology.delete(&channel).await.unwrap();
+    topology.delete(&pool[0]).await.unwrap();
 }

@@ -5,15 +5,43 @@
 //! own — no database, no cache — so it can be restarted or scaled freely.
 
 mod config;
+mod publish;
 mod routes;
 
 use std::future::Future;
+use std::process::ExitCode;
 
 use shared::amqp::Publisher;
+use shared::config::Env;
 use tokio::net::TcpListener;
 
 pub use config::{CONFIRM_TIMEOUT, Config, DEFAULT_AMQP_URL, DEFAULT_REQUEST_TIMEOUT};
+pub use publish::Publish;
 pub use routes::router;
+
+/// What the `ingress` binary (and the benchmark's no-broker reference) does before serving: read
+/// the configuration from the environment (and `.env`), set up logging, bind `INGRESS_ADDR`.
+///
+/// # Errors
+/// The exit code to end with: 2 for a configuration error (its message, naming the variable, is
+/// on stderr), 1 when the address cannot be bound (logged).
+pub async fn configure_and_bind() -> Result<(Config, TcpListener), ExitCode> {
+    let config = match Config::from_env(&Env::load()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("ingress: {error}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    shared::telemetry::init_tracing(config.log_format, "info");
+    match TcpListener::bind(config.addr).await {
+        Ok(listener) => Ok((config, listener)),
+        Err(error) => {
+            tracing::error!(addr = %config.addr, %error, "cannot bind INGRESS_ADDR");
+            Err(ExitCode::from(1))
+        }
+    }
+}
 
 /// Serves ingress on `listener` (and `/metrics` on `INGRESS_METRICS_ADDR` when set) under the
 /// configured listener limits until `shutdown` resolves, then finishes in-flight requests and
@@ -26,16 +54,35 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(TcpListener::bind(addr).await?),
-        None => None,
-    };
     let (publisher, publisher_task) = Publisher::start(
         config.amqp_url.clone(),
         "ingress".to_owned(),
         config.topology.clone(),
         config.confirm_timeout,
     );
+    let served = serve(config, listener, publisher, shutdown).await;
+    publisher_task.shutdown().await;
+    tracing::info!("ingress stopped");
+    served
+}
+
+/// Serves the ingress router around `publisher` on `listener` (and `/metrics` on
+/// `INGRESS_METRICS_ADDR` when set) until `shutdown` resolves, then finishes in-flight
+/// requests. [`run`] calls it with the broker's publisher; the benchmark's no-broker reference
+/// calls it with one that keeps nothing, so both measure the same HTTP path.
+///
+/// # Errors
+/// When the metrics address cannot be bound or the HTTP server fails.
+pub async fn serve<P: Publish>(
+    config: Config,
+    listener: TcpListener,
+    publisher: P,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
     let app = router(&config, publisher);
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
     let stop = shared::server::Stop::default();
@@ -66,7 +113,5 @@ pub async fn run(
         stop.trigger();
     };
     let ((), served, metrics) = tokio::join!(signal, served, metrics);
-    publisher_task.shutdown().await;
-    tracing::info!("ingress stopped");
     served.and(metrics)
 }

@@ -62,6 +62,9 @@ pub struct Publisher {
     channel: watch::Receiver<Option<Channel>>,
     broken: Arc<Notify>,
     confirm_timeout: Duration,
+    /// Registered once: looking the histogram up by name on every publish costs a hash and a
+    /// registry lookup per request.
+    confirm_seconds: metrics::Histogram,
 }
 
 /// Handle on the supervisor task; dropping it does not stop the task, [`Self::shutdown`] does.
@@ -88,6 +91,8 @@ impl Publisher {
         topology: Topology,
         confirm_timeout: Duration,
     ) -> (Self, PublisherTask) {
+        // The histogram handle is kept, so the process recorder must exist first.
+        let _ = crate::telemetry::metrics_handle();
         let (tx, rx) = watch::channel(None);
         let broken = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
@@ -104,6 +109,7 @@ impl Publisher {
                 channel: rx,
                 broken,
                 confirm_timeout,
+                confirm_seconds: metrics::histogram!("amqp_publish_confirm_seconds"),
             },
             PublisherTask { stop, handle },
         )
@@ -169,7 +175,7 @@ impl Publisher {
             // The supervisor always enables confirms; treat the impossible as not stored.
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
         };
-        metrics::histogram!("amqp_publish_confirm_seconds").record(started.elapsed().as_secs_f64());
+        self.confirm_seconds.record(started.elapsed().as_secs_f64());
         if matches!(
             outcome,
             Err(PublishError::Broker(_) | PublishError::Timeout(_))

@@ -5,6 +5,7 @@
 //! service's `/metrics` route.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -48,7 +49,14 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The process-wide Prometheus recorder, installed on first use.
+///
+/// The recorder keeps every histogram sample until it is folded into the buckets, which only a
+/// scrape or an upkeep does; a thread does the upkeep every few seconds, so an instance nobody
+/// scrapes does not grow by a sample per request.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -56,12 +64,25 @@ pub fn metrics_handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets(LATENCY_BUCKETS)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
-            match builder.install_recorder() {
+            let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is already global (embedding in a bigger program): keep a
                 // private one so /metrics still answers.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_INTERVAL);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "no metrics upkeep thread; histograms fold only when scraped");
             }
+            handle
         })
         .clone()
 }
