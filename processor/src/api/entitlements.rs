@@ -1,10 +1,12 @@
 //! Entitlement reads: `/api/pro/entitlement`, `/api/entitlements`, `/api/access/{key}` and the
 //! admin `/v1/entitlements/{userId}`.
 //!
-//! Invariants: Redis is read first and Postgres only on a miss, after which the cache is refilled
-//! through the versioned compare-and-set (a reader never overwrites a newer snapshot); the status
-//! reported is the read-time status of [`crate::access`], so an ended period reads as `expired`
+//! Invariants: process memory and Redis are read first ([`crate::local_cache`]) and Postgres
+//! only on a miss, after which the cache is refilled through the versioned compare-and-set (a
+//! reader never overwrites a newer snapshot); the status reported is the read-time status of [`crate::access`], so an ended period reads as `expired`
 //! even when the cached or stored row still says `active`.
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -88,17 +90,18 @@ pub struct EntitlementList {
     pub entitlements: Vec<EntitlementItem>,
 }
 
-/// The user's snapshot: Redis first, Postgres on a miss (then refilled into Redis).
+/// The user's snapshot: process memory, then Redis ([`crate::local_cache`]), then Postgres on
+/// a miss (refilled into Redis).
 ///
 /// # Errors
 /// [`ApiError::Internal`] when Postgres cannot be read.
-pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<UserSnapshot, ApiError> {
-    if let Some(snapshot) = state.cache.read_snapshot(user).await {
+pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<Arc<UserSnapshot>, ApiError> {
+    if let Some(snapshot) = state.local.read(&state.cache, user).await {
         return Ok(snapshot);
     }
     let snapshot = read_from_postgres(state, user).await?;
     state.cache.refill(&snapshot).await;
-    Ok(snapshot)
+    Ok(Arc::new(snapshot))
 }
 
 /// The user's snapshot straight from Postgres (for callers that just wrote it).

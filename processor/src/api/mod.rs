@@ -31,6 +31,7 @@ use shared::config::{ConfigError, Env};
 use crate::auth::{AuthConfig, Authenticator};
 use crate::cache::Cache;
 use crate::catalog::Catalog;
+use crate::local_cache::{self, LocalCache};
 use crate::stripe::{StripeClient, StripeConfig, StripeError};
 
 /// Where Stripe sends the user back to; server-controlled, never taken from a request.
@@ -59,6 +60,8 @@ pub struct ApiConfig {
     /// `None` without `STRIPE_SECRET_KEY`: reads work, the Stripe routes answer 503.
     pub stripe: Option<StripeConfig>,
     pub urls: ReturnUrls,
+    /// `ENTITLEMENT_LOCAL_CACHE_ENTRIES`: snapshots kept in process memory (`0`: none).
+    pub local_cache_entries: usize,
 }
 
 impl ApiConfig {
@@ -77,6 +80,10 @@ impl ApiConfig {
             return Err(ConfigError::new("API_MAX_BODY_BYTES", "must be positive"));
         }
         let catalog = Catalog::from_env(env)?;
+        let local_cache_entries = env.parse_or(
+            "ENTITLEMENT_LOCAL_CACHE_ENTRIES",
+            local_cache::DEFAULT_ENTRIES,
+        )?;
         let stripe = match env.get("STRIPE_SECRET_KEY") {
             Some(_) => Some(StripeConfig::from_env(env)?),
             None => None,
@@ -98,6 +105,7 @@ impl ApiConfig {
                 portal_return: opt("BILLING_PORTAL_RETURN_URL"),
                 portal_configuration: opt("STRIPE_BILLING_PORTAL_CONFIGURATION_ID"),
             },
+            local_cache_entries,
         })
     }
 
@@ -115,6 +123,7 @@ impl ApiConfig {
             catalog: Catalog::default(),
             stripe: None,
             urls: ReturnUrls::default(),
+            local_cache_entries: local_cache::DEFAULT_ENTRIES,
         }
     }
 }
@@ -124,6 +133,8 @@ impl ApiConfig {
 pub struct ApiState {
     pub pool: Pool,
     pub cache: Cache,
+    /// Entitlement snapshots in process memory, in front of `cache`.
+    pub local: LocalCache,
     pub auth: Authenticator,
     pub catalog: Arc<Catalog>,
     pub stripe: Option<StripeClient>,
@@ -132,13 +143,18 @@ pub struct ApiState {
 }
 
 impl ApiState {
+    /// Builds the state and starts the in-process entitlement cache (call within a Tokio
+    /// runtime).
+    ///
     /// # Errors
     /// [`StripeError::Transport`] when the Stripe HTTP client cannot be built.
     pub fn new(config: ApiConfig, pool: Pool, cache: Cache) -> Result<Self, StripeError> {
         let stripe = config.stripe.map(StripeClient::new).transpose()?;
+        let local = LocalCache::start(&cache, config.local_cache_entries);
         Ok(Self {
             pool,
             cache,
+            local,
             auth: Authenticator::new(&config.auth),
             catalog: Arc::new(config.catalog),
             stripe,
