@@ -111,8 +111,7 @@ pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<Arc<UserSn
 /// [`ApiError::Internal`] when it cannot be read otherwise.
 pub async fn read_from_postgres(state: &ApiState, user: &UserId) -> Result<UserSnapshot, ApiError> {
     let client = state.pool.get().await.map_err(ApiError::database)?;
-    let client: &tokio_postgres::Client = &client;
-    store::user_snapshot(client, user)
+    store::cached_user_snapshot(&client, user)
         .await
         .map_err(ApiError::database)
 }

@@ -128,18 +128,32 @@ impl ApiConfig {
     }
 }
 
-/// The router state of the API routes. Cheap to clone.
+/// The router state of the API routes: one shared allocation, so the per-request clone axum
+/// makes is one reference count (the parts themselves hold strings, e.g. the Redis client's
+/// address).
 #[derive(Debug, Clone)]
-pub struct ApiState {
+pub struct ApiState(Arc<ApiParts>);
+
+/// What [`ApiState`] shares.
+#[derive(Debug)]
+pub struct ApiParts {
     pub pool: Pool,
     pub cache: Cache,
     /// Entitlement snapshots in process memory, in front of `cache`.
     pub local: LocalCache,
     pub auth: Authenticator,
-    pub catalog: Arc<Catalog>,
+    pub catalog: Catalog,
     pub stripe: Option<StripeClient>,
-    pub urls: Arc<ReturnUrls>,
+    pub urls: ReturnUrls,
     pub max_body_bytes: usize,
+}
+
+impl std::ops::Deref for ApiState {
+    type Target = ApiParts;
+
+    fn deref(&self) -> &ApiParts {
+        &self.0
+    }
 }
 
 impl ApiState {
@@ -151,16 +165,16 @@ impl ApiState {
     pub fn new(config: ApiConfig, pool: Pool, cache: Cache) -> Result<Self, StripeError> {
         let stripe = config.stripe.map(StripeClient::new).transpose()?;
         let local = LocalCache::start(&cache, config.local_cache_entries);
-        Ok(Self {
+        Ok(Self(Arc::new(ApiParts {
             pool,
             cache,
             local,
             auth: Authenticator::new(&config.auth),
-            catalog: Arc::new(config.catalog),
+            catalog: config.catalog,
             stripe,
-            urls: Arc::new(config.urls),
+            urls: config.urls,
             max_body_bytes: config.max_body_bytes,
-        })
+        })))
     }
 
     /// The Stripe client, or 503 `not_configured` without `STRIPE_SECRET_KEY`.
