@@ -86,7 +86,7 @@ report() {
   [ -n "${PERF:-}" ] || return 0
   wait "$PERF_PID" || true
   echo "-- hottest symbols of the API process ($1)"
-  perf report -q -g none -i "$work/$1.perf" --no-children --sort dso,symbol 2>/dev/null | grep -v '^$' | cut -c1-150 | head -30
+  perf report -q -g none -i "$work/$1.perf" --no-children --sort dso,symbol 2>/dev/null | grep -v '^$' | cut -c1-150 | head -30 || true
 }
 local_reads() { curl -sf "http://127.0.0.1:$PORT/metrics" | awk -v o="$1" '$0 ~ "^entitlement_local_cache_reads_total" && $0 ~ "outcome=\""o"\"" {s += $2} END {print s + 0}'; }
 # Twice: the first read fills Redis from Postgres, the second fills process memory from Redis.

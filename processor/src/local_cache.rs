@@ -51,8 +51,11 @@ pub const DEFAULT_ENTRIES: usize = 100_000;
 /// How long connecting (and each command on the tracking connection) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Pause between attempts to re-establish tracking.
+/// Pause before re-establishing tracking; doubled after each failed attempt up to
+/// [`RECONNECT_PAUSE_MAX`] (a Redis that refuses `CLIENT TRACKING` is not asked, nor logged,
+/// four times a second).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+const RECONNECT_PAUSE_MAX: Duration = Duration::from_secs(2);
 
 /// The in-process layer; cheap to clone. Disabled (every read goes to Redis) when built with
 /// zero entries.
@@ -312,13 +315,18 @@ impl Inner {
 /// Keeps a tracking connection up, and confirms it every [`HEARTBEAT`], while the layer lives.
 async fn track(inner: Weak<Inner>, client: redis::Client) {
     let mut number = 0_u64;
+    let mut pause = RECONNECT_PAUSE;
     loop {
         number += 1;
         match connect(&inner, &client, number).await {
-            Ok(Some(connection)) => heartbeat(&inner, connection, number).await,
+            Ok(Some(connection)) => {
+                pause = RECONNECT_PAUSE;
+                heartbeat(&inner, connection, number).await;
+            }
             Ok(None) => return,
             Err(error) => {
-                tracing::warn!(%error, "cannot establish entitlement tracking; retrying");
+                tracing::warn!(%error, retry_in = ?pause, "cannot establish entitlement tracking");
+                pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
             }
         }
         let Some(layer) = inner.upgrade() else {
@@ -326,7 +334,7 @@ async fn track(inner: Weak<Inner>, client: redis::Client) {
         };
         layer.lost(number);
         drop(layer);
-        tokio::time::sleep(RECONNECT_PAUSE).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
