@@ -176,19 +176,29 @@ async fn readers_racing_a_flipping_writer_converge_on_the_last_write_in_every_pr
         })
         .collect();
 
-    let flips = 300_i64;
+    // Bursts of writes, each ending in a write every process must converge on while readers
+    // keep racing: a read that began before the burst's last write and is installed after its
+    // invalidation would stick.
+    let (bursts, flips) = (40_i64, 10_i64);
     let mut last = stored.clone();
-    for i in 1..=flips {
-        last = stored.clone();
-        last.version = stored.version + i;
-        last.entitlements[0].status = if i % 2 == 0 {
-            EntitlementStatus::Active
-        } else {
-            EntitlementStatus::Revoked
-        };
-        apis[0].cache.refresh(&last).await;
-        if i % 10 == 0 {
-            tokio::task::yield_now().await;
+    for burst in 0..bursts {
+        for flip in 1..=flips {
+            let n = burst * flips + flip;
+            last = stored.clone();
+            last.version = stored.version + n;
+            last.entitlements[0].status = if n % 2 == 0 {
+                EntitlementStatus::Active
+            } else {
+                EntitlementStatus::Revoked
+            };
+            apis[0].cache.refresh(&last).await;
+        }
+        let expected = last.entitlements[0].status.as_str();
+        for api in apis.iter() {
+            eventually(BOUND, "the burst's last write served", || async {
+                (pro(api, &user).await["status"] == expected).then_some(())
+            })
+            .await;
         }
     }
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
