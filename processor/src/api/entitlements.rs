@@ -2,9 +2,10 @@
 //! admin `/v1/entitlements/{userId}`.
 //!
 //! Invariants: process memory and Redis are read first ([`crate::local_cache`]) and Postgres
-//! only on a miss, after which the cache is refilled through the versioned compare-and-set (a
-//! reader never overwrites a newer snapshot); the status reported is the read-time status of [`crate::access`], so an ended period reads as `expired`
-//! even when the cached or stored row still says `active`.
+//! only on a miss, after which the cache is refilled (in the background) through the versioned
+//! compare-and-set, so a reader never overwrites a newer snapshot; the status reported is the
+//! read-time status of [`crate::access`], so an ended period reads as `expired` even when the
+//! cached or stored row still says `active`.
 
 use std::sync::Arc;
 
@@ -91,7 +92,7 @@ pub struct EntitlementList {
 }
 
 /// The user's snapshot: process memory, then Redis ([`crate::local_cache`]), then Postgres on
-/// a miss (refilled into Redis).
+/// a miss (refilled into Redis in the background).
 ///
 /// # Errors
 /// [`ApiError::Internal`] when Postgres cannot be read.
@@ -99,9 +100,12 @@ pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<Arc<UserSn
     if let Some(snapshot) = state.local.read(&state.cache, user).await {
         return Ok(snapshot);
     }
-    let snapshot = read_from_postgres(state, user).await?;
-    state.cache.refill(&snapshot).await;
-    Ok(Arc::new(snapshot))
+    let snapshot = Arc::new(read_from_postgres(state, user).await?);
+    // Off the response's path: the answer is the snapshot just read either way, and the
+    // compare-and-set keeps a late refill from replacing a newer entry.
+    let (refiller, refill) = (state.clone(), Arc::clone(&snapshot));
+    tokio::spawn(async move { refiller.cache.refill(&refill).await });
+    Ok(snapshot)
 }
 
 /// The user's snapshot straight from Postgres (for callers that just wrote it).
