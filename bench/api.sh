@@ -89,7 +89,8 @@ report() {
   perf report -q -g none -i "$work/$1.perf" --no-children --sort dso,symbol 2>/dev/null | grep -v '^$' | cut -c1-150 | head -30 || true
 }
 local_reads() { curl -sf "http://127.0.0.1:$PORT/metrics" | awk -v o="$1" '$0 ~ "^entitlement_local_cache_reads_total" && $0 ~ "outcome=\""o"\"" {s += $2} END {print s + 0}'; }
-# Twice: the first read fills Redis from Postgres, the second fills process memory from Redis.
+# Twice: the first read fills Redis from Postgres (after its answer), a later one fills process
+# memory from Redis; `from_memory` below counts the hits that memory served.
 curl -sf -o /dev/null -H "Authorization: Bearer $(sed -n 's/.*Bearer \(.*\)".*/\1/p' "$work/hit.lua")" "$url"
 curl -sf -H "Authorization: Bearer $(sed -n 's/.*Bearer \(.*\)".*/\1/p' "$work/hit.lua")" "$url" >"$work/one.json"
 grep -q '"isPro":true' "$work/one.json" || { echo "unexpected answer: $(cat "$work/one.json")"; exit 1; }
