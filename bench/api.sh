@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Entitlement API benchmark: GET /api/pro/entitlement with a valid token at 64 connections on a
-# cache hit, next to `redis-benchmark -t get -c 64` in the same run; then the cache-miss path
-# (every request a different user, served from Postgres and refilling the cache).
+# cache hit (served from process memory), next to `redis-benchmark -t get -c 64` in the same run;
+# then the cache-miss path (every request a different user, served from Postgres and refilling
+# the cache). Prints the load average beside the figures, and what share of the hits came from
+# memory (the API's own metrics).
 # Usage: bench/api.sh [seconds=15]   (needs wrk, redis-benchmark, the local Postgres and Redis)
+# ENTITLEMENT_LOCAL_CACHE_ENTRIES=0 bench/api.sh measures hits served by Redis instead;
+# PERF=1 also records the API process with `perf` during each run and prints its hottest symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-15}
@@ -73,21 +77,48 @@ end
 ''' + report)
 PY
 url="http://127.0.0.1:$PORT/api/pro/entitlement"
+profile() {
+  [ -n "${PERF:-}" ] || return 0
+  perf record -q -F 499 -g -p "$API_PID" -o "$work/$1.perf" -- sleep "$2" 2>/dev/null &
+  PERF_PID=$!
+}
+report() {
+  [ -n "${PERF:-}" ] || return 0
+  wait "$PERF_PID" || true
+  echo "-- hottest symbols of the API process ($1)"
+  perf report -q -g none -i "$work/$1.perf" --no-children --sort dso,symbol 2>/dev/null | grep -v '^$' | cut -c1-150 | head -30 || true
+}
+local_reads() { curl -sf "http://127.0.0.1:$PORT/metrics" | awk -v o="$1" '$0 ~ "^entitlement_local_cache_reads_total" && $0 ~ "outcome=\""o"\"" {s += $2} END {print s + 0}'; }
+# Twice: the first read fills Redis from Postgres (after its answer), a later one fills process
+# memory from Redis; `from_memory` below counts the hits that memory served.
+curl -sf -o /dev/null -H "Authorization: Bearer $(sed -n 's/.*Bearer \(.*\)".*/\1/p' "$work/hit.lua")" "$url"
 curl -sf -H "Authorization: Bearer $(sed -n 's/.*Bearer \(.*\)".*/\1/p' "$work/hit.lua")" "$url" >"$work/one.json"
 grep -q '"isPro":true' "$work/one.json" || { echo "unexpected answer: $(cat "$work/one.json")"; exit 1; }
 
+echo "== load before the runs: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"
 echo "== redis-benchmark -t get -c 64 (same machine, same run)"
-redis-benchmark -t get -c 64 -n 400000 -q | tee "$work/redis.txt"
+redis-benchmark -t get -c 64 -n 400000 -q | tr '\r' '\n' | grep 'requests per second' | tail -1 | tee "$work/redis.txt"
 echo "== GET /api/pro/entitlement, cache hit, 64 connections"
+memory_before=$(local_reads hit)
+profile hit "$SECS"
 wrk -t2 -c64 -d"${SECS}s" --latency -s "$work/hit.lua" "$url" | grep RESULT | tee "$work/hit.txt"
+report hit
+memory_hits=$(( $(local_reads hit) - memory_before ))
+load_hit=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== GET /api/pro/entitlement, cache miss (a different user each request), 64 connections"
 redis-cli --scan --pattern 'entitlements:v1:ub_*' | xargs -r -n 1000 redis-cli del >/dev/null
+profile miss 5
 wrk -t2 -c64 -d5s --latency -s "$work/miss.lua" "$url" | grep RESULT | tee "$work/miss.txt"
+report miss
+load_miss=$(cut -d' ' -f1-3 /proc/loadavg)
 rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
 
 redis_rps=$(sed -n 's/.*GET: \([0-9.]*\) requests per second.*/\1/p' "$work/redis.txt" | cut -d. -f1)
 hit_rps=$(sed -n 's/.*rps=\([0-9]*\).*/\1/p' "$work/hit.txt")
-echo "== summary"
-echo "api_hit_rps=$hit_rps redis_get_rps=$redis_rps ratio=$(python3 -c "print(f'{$hit_rps/$redis_rps:.2f}')") api_peak_rss_mb=$((rss_kb / 1024))"
-echo "hit:  $(sed 's/RESULT //' "$work/hit.txt")"
-echo "miss: $(sed 's/RESULT //' "$work/miss.txt")"
+ratio=$(python3 -c "print(f'{$hit_rps/$redis_rps:.2f}')")
+hit_requests=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' "$work/hit.txt")
+p99() { sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' "$1"; }
+echo "== summary ($(nproc) CPUs; load average at the end of each run)"
+echo "hit:  $(sed 's/RESULT //' "$work/hit.txt") from_memory=$memory_hits/$hit_requests load=$load_hit"
+echo "miss: $(sed 's/RESULT //' "$work/miss.txt") load=$load_miss"
+echo "RESULT api_hit_rps=$hit_rps redis_get_rps=$redis_rps ratio=$ratio hit_p99_ms=$(p99 "$work/hit.txt") miss_p99_ms=$(p99 "$work/miss.txt") api_peak_rss_mb=$((rss_kb / 1024)) load=\"$load_miss\""

@@ -136,10 +136,13 @@ async fn a_cache_miss_reads_postgres_and_refills_the_cache() {
 
     let (_, pro) = api.get("/api/pro/entitlement", &user).await;
     assert_eq!(pro["isPro"], true);
-    let cached = api
-        .cached(&user)
-        .await
-        .expect("the read refilled the cache");
+    // The refill runs after the answer.
+    let cached = system_tests::eventually(
+        std::time::Duration::from_secs(5),
+        "the read refilled the cache",
+        || api.cached(&user),
+    )
+    .await;
     assert_eq!(cached["userId"], user.as_str());
     assert_eq!(cached["entitlements"][0]["key"], "pro");
     assert!(cached["version"].as_i64().unwrap() >= 1);
@@ -159,6 +162,12 @@ async fn while_postgres_is_down_hits_are_served_and_a_miss_answers_503_with_retr
     api.buy(&missed_user, "pro").await;
     let (status, _) = api.get("/api/pro/entitlement", &cached_user).await;
     assert_eq!(status, 200, "the read fills the cache");
+    system_tests::eventually(
+        std::time::Duration::from_secs(5),
+        "the refill after the read",
+        || api.cached(&cached_user),
+    )
+    .await;
 
     proxy.break_all();
     let (status, pro) = api.get("/api/pro/entitlement", &cached_user).await;
@@ -218,14 +227,22 @@ async fn a_cache_hit_is_served_without_postgres_and_a_refresh_after_a_write_chan
         .await
         .unwrap();
     api.cache.refresh(&fresh).await;
-    let (_, list) = api.get("/api/entitlements", &user).await;
-    let keys: Vec<_> = list["entitlements"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["key"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(keys, ["pro", "team"]);
+    // The process-memory copy goes with Redis' invalidation push, one network hop later.
+    let list = system_tests::eventually(
+        std::time::Duration::from_secs(3),
+        "the refreshed entry served",
+        || async {
+            let (_, list) = api.get("/api/entitlements", &user).await;
+            let keys: Vec<_> = list["entitlements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["key"].as_str().unwrap().to_owned())
+                .collect();
+            (keys == ["pro", "team"]).then_some(list)
+        },
+    )
+    .await;
     assert!(
         list["entitlements"]
             .as_array()
@@ -256,10 +273,11 @@ async fn an_entitlement_past_its_expiry_reads_as_expired_while_the_row_still_say
     assert_eq!(status, 403);
     assert_eq!(access["reason"], "expired");
     // The stored row and the cached copy are untouched: the status is decided at read time.
-    assert_eq!(
-        api.cached(&user).await.unwrap()["entitlements"][0]["status"],
-        "active"
-    );
+    let cached = system_tests::eventually(std::time::Duration::from_secs(5), "the refill", || {
+        api.cached(&user)
+    })
+    .await;
+    assert_eq!(cached["entitlements"][0]["status"], "active");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,10 +91,13 @@ pub fn dedupe_key(event: &StripeEventId) -> String {
     format!("dedupe:v1:{event}")
 }
 
+/// What every key of the entitlement cache starts with.
+pub const ENTITLEMENTS_PREFIX: &str = "entitlements:v1:";
+
 /// Key of a user's cached entitlements.
 #[must_use]
 pub fn entitlements_key(user: &str) -> String {
-    format!("entitlements:v1:{user}")
+    format!("{ENTITLEMENTS_PREFIX}{user}")
 }
 
 /// The shared connection, or when the last attempt to open it failed.
@@ -145,6 +148,17 @@ impl Cache {
             release: Arc::new(Script::new(RELEASE_SCRIPT)),
             cas: Arc::new(Script::new(CAS_SCRIPT)),
         })
+    }
+
+    /// A client for the same server speaking RESP3, which carries the invalidation pushes of
+    /// client-side caching ([`crate::local_cache`]).
+    ///
+    /// # Errors
+    /// [`CacheError::Redis`] when the client cannot be built.
+    pub fn tracking_client(&self) -> Result<redis::Client, CacheError> {
+        let mut info = self.client.get_connection_info().clone();
+        info.redis.protocol = redis::ProtocolVersion::RESP3;
+        Ok(redis::Client::open(info)?)
     }
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {

@@ -14,6 +14,7 @@ pub mod db;
 pub mod devtoken;
 pub mod dlq;
 pub mod events;
+pub mod local_cache;
 pub mod outbox;
 pub mod projection;
 pub mod reconcile;

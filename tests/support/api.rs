@@ -1,6 +1,7 @@
 //! Helpers shared by the API's system tests: the API router on port 0 over a fresh database,
 //! the machine's Redis and (optionally) the Stripe fake; tokens; seeded state.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::TestDb;
@@ -12,6 +13,7 @@ use processor::api::{ApiConfig, ApiState, ReturnUrls};
 use processor::cache::{Cache, entitlements_key};
 use processor::catalog::Catalog;
 use processor::config::Config;
+use processor::local_cache::LocalCache;
 use processor::{events, store};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -27,9 +29,11 @@ pub const PORTAL_RETURN_URL: &str = "https://app.example/account";
 /// A running API over its own database.
 pub struct Api {
     pub base: String,
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
     pub pool: Pool,
     pub cache: Cache,
+    /// The server's own process-memory cache.
+    pub local: LocalCache,
     pub http: reqwest::Client,
     task: tokio::task::JoinHandle<()>,
 }
@@ -65,7 +69,22 @@ impl Api {
         postgres: Option<&str>,
     ) -> Self {
         shared::telemetry::init_tracing(shared::telemetry::LogFormat::Pretty, "warn");
-        let db = TestDb::create().await;
+        let db = Arc::new(TestDb::create().await);
+        Self::serve(db, stripe, redis, postgres).await
+    }
+
+    /// Another API server over this one's database, with Redis at `redis` and its own Redis
+    /// connections and process-memory cache: to the caches, a second API process.
+    pub async fn beside(&self, redis: &str) -> Self {
+        Self::serve(Arc::clone(&self.db), None, redis, None).await
+    }
+
+    async fn serve(
+        db: Arc<TestDb>,
+        stripe: Option<&FakeStripe>,
+        redis: &str,
+        postgres: Option<&str>,
+    ) -> Self {
         let url = match postgres {
             Some(host) => format!("postgres://postgres@{host}/{}", db.name),
             None => db.url.clone(),
@@ -99,6 +118,7 @@ impl Api {
             portal_configuration: None,
         };
         let state = ApiState::new(api, pool.clone(), cache.clone()).unwrap();
+        let local = state.local.clone();
         let router = processor::api::router(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -110,6 +130,7 @@ impl Api {
             db,
             pool,
             cache,
+            local,
             http: reqwest::Client::new(),
             task,
         }

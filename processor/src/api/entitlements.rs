@@ -1,10 +1,13 @@
 //! Entitlement reads: `/api/pro/entitlement`, `/api/entitlements`, `/api/access/{key}` and the
 //! admin `/v1/entitlements/{userId}`.
 //!
-//! Invariants: Redis is read first and Postgres only on a miss, after which the cache is refilled
-//! through the versioned compare-and-set (a reader never overwrites a newer snapshot); the status
-//! reported is the read-time status of [`crate::access`], so an ended period reads as `expired`
-//! even when the cached or stored row still says `active`.
+//! Invariants: process memory and Redis are read first ([`crate::local_cache`]) and Postgres
+//! only on a miss, after which the cache is refilled (in the background) through the versioned
+//! compare-and-set, so a reader never overwrites a newer snapshot; the status reported is the
+//! read-time status of [`crate::access`], so an ended period reads as `expired` even when the
+//! cached or stored row still says `active`.
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -88,16 +91,26 @@ pub struct EntitlementList {
     pub entitlements: Vec<EntitlementItem>,
 }
 
-/// The user's snapshot: Redis first, Postgres on a miss (then refilled into Redis).
+/// The user's snapshot: process memory, then Redis ([`crate::local_cache`]), then Postgres on
+/// a miss (refilled into Redis in the background).
 ///
 /// # Errors
 /// [`ApiError::Internal`] when Postgres cannot be read.
-pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<UserSnapshot, ApiError> {
-    if let Some(snapshot) = state.cache.read_snapshot(user).await {
+pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<Arc<UserSnapshot>, ApiError> {
+    if let Some(snapshot) = state.local.read(&state.cache, user).await {
         return Ok(snapshot);
     }
-    let snapshot = read_from_postgres(state, user).await?;
-    state.cache.refill(&snapshot).await;
+    let snapshot = Arc::new(read_from_postgres(state, user).await?);
+    // Off the response's path: the answer is the snapshot just read either way, and the
+    // compare-and-set keeps a late refill from replacing a newer entry. Bounded: with every
+    // permit taken (Redis slow or away), this miss leaves the refill to a later one.
+    if let Ok(permit) = Arc::clone(&state.refills).try_acquire_owned() {
+        let (refiller, refill) = (state.clone(), Arc::clone(&snapshot));
+        tokio::spawn(async move {
+            refiller.cache.refill(&refill).await;
+            drop(permit);
+        });
+    }
     Ok(snapshot)
 }
 
@@ -108,8 +121,7 @@ pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<UserSnapsh
 /// [`ApiError::Internal`] when it cannot be read otherwise.
 pub async fn read_from_postgres(state: &ApiState, user: &UserId) -> Result<UserSnapshot, ApiError> {
     let client = state.pool.get().await.map_err(ApiError::database)?;
-    let client: &tokio_postgres::Client = &client;
-    store::user_snapshot(client, user)
+    store::cached_user_snapshot(&client, user)
         .await
         .map_err(ApiError::database)
 }

@@ -32,6 +32,7 @@ use crate::auth::{AuthConfig, Authenticator};
 use crate::cache::Cache;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::local_cache::{self, LocalCache};
 use crate::stripe::{StripeClient, StripeConfig, StripeError};
 
 /// Where Stripe sends the user back to; server-controlled, never taken from a request.
@@ -60,6 +61,8 @@ pub struct ApiConfig {
     /// `None` without `STRIPE_SECRET_KEY`: reads work, the Stripe routes answer 503.
     pub stripe: Option<StripeConfig>,
     pub urls: ReturnUrls,
+    /// `ENTITLEMENT_LOCAL_CACHE_ENTRIES`: snapshots kept in process memory (`0`: none).
+    pub local_cache_entries: usize,
 }
 
 impl ApiConfig {
@@ -77,6 +80,10 @@ impl ApiConfig {
         if max_body_bytes == 0 {
             return Err(ConfigError::new("API_MAX_BODY_BYTES", "must be positive"));
         }
+        let local_cache_entries = env.parse_or(
+            "ENTITLEMENT_LOCAL_CACHE_ENTRIES",
+            local_cache::DEFAULT_ENTRIES,
+        )?;
         let opt = |var: &str| {
             env.get(var)
                 .map(str::trim)
@@ -94,6 +101,7 @@ impl ApiConfig {
                 portal_return: opt("BILLING_PORTAL_RETURN_URL"),
                 portal_configuration: opt("STRIPE_BILLING_PORTAL_CONFIGURATION_ID"),
             },
+            local_cache_entries,
         })
     }
 
@@ -111,36 +119,65 @@ impl ApiConfig {
             catalog: Catalog::default(),
             stripe: None,
             urls: ReturnUrls::default(),
+            local_cache_entries: local_cache::DEFAULT_ENTRIES,
         }
     }
 }
 
-/// The router state of the API routes. Cheap to clone.
+/// The router state of the API routes: one shared allocation, so the per-request clone axum
+/// makes is one reference count (the parts themselves hold strings, e.g. the Redis client's
+/// address).
 #[derive(Debug, Clone)]
-pub struct ApiState {
+pub struct ApiState(Arc<ApiParts>);
+
+/// What [`ApiState`] shares.
+#[derive(Debug)]
+pub struct ApiParts {
     pub pool: Pool,
     pub cache: Cache,
+    /// Entitlement snapshots in process memory, in front of `cache`.
+    pub local: LocalCache,
     pub auth: Authenticator,
-    pub catalog: Arc<Catalog>,
+    pub catalog: Catalog,
     pub stripe: Option<StripeClient>,
-    pub urls: Arc<ReturnUrls>,
+    pub urls: ReturnUrls,
     pub max_body_bytes: usize,
+    /// Cache refills running after their answers; a miss finding none free skips its refill
+    /// (the next miss refills), so a slow Redis cannot pile tasks up.
+    pub refills: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most cache refills in flight at once.
+pub const MAX_REFILLS_IN_FLIGHT: usize = 256;
+
+impl std::ops::Deref for ApiState {
+    type Target = ApiParts;
+
+    fn deref(&self) -> &ApiParts {
+        &self.0
+    }
 }
 
 impl ApiState {
+    /// Builds the state and starts the in-process entitlement cache (call within a Tokio
+    /// runtime).
+    ///
     /// # Errors
     /// [`StripeError::Transport`] when the Stripe HTTP client cannot be built.
     pub fn new(config: ApiConfig, pool: Pool, cache: Cache) -> Result<Self, StripeError> {
         let stripe = config.stripe.map(StripeClient::new).transpose()?;
-        Ok(Self {
+        let local = LocalCache::start(&cache, config.local_cache_entries);
+        Ok(Self(Arc::new(ApiParts {
             pool,
             cache,
+            local,
             auth: Authenticator::new(&config.auth),
-            catalog: Arc::new(config.catalog),
+            catalog: config.catalog,
             stripe,
-            urls: Arc::new(config.urls),
+            urls: config.urls,
             max_body_bytes: config.max_body_bytes,
-        })
+            refills: Arc::new(tokio::sync::Semaphore::new(MAX_REFILLS_IN_FLIGHT)),
+        })))
     }
 
     /// The Stripe client, or 503 `not_configured` without `STRIPE_SECRET_KEY`.

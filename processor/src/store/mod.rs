@@ -517,6 +517,15 @@ fn snapshots_of(
         .collect()
 }
 
+/// A user's version and entitlement rows. One statement, one MVCC snapshot: the version always
+/// matches the entitlements read.
+const SNAPSHOT_SQL: &str = "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at,
+        e.updated_at, e.sources
+   FROM (SELECT COALESCE((SELECT version FROM user_entitlement_versions
+                           WHERE user_id = $1), 0) AS version) v
+   LEFT JOIN entitlements e ON e.user_id = $1
+  ORDER BY e.key";
+
 /// Reads a user's current entitlements and version (0 and no entitlements for an unknown user).
 ///
 /// # Errors
@@ -525,18 +534,32 @@ pub async fn user_snapshot(
     client: &impl GenericClient,
     user: &UserId,
 ) -> Result<UserSnapshot, StoreError> {
-    // One statement, one MVCC snapshot: the version always matches the entitlements read.
     let rows = client
-        .query_typed(
-            "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at, e.updated_at,
-                    e.sources
-               FROM (SELECT COALESCE((SELECT version FROM user_entitlement_versions
-                                       WHERE user_id = $1), 0) AS version) v
-               LEFT JOIN entitlements e ON e.user_id = $1
-              ORDER BY e.key",
-            &[(&user.as_str(), Type::TEXT)],
-        )
+        .query_typed(SNAPSHOT_SQL, &[(&user.as_str(), Type::TEXT)])
         .await?;
+    snapshot_of_rows(user, rows)
+}
+
+/// [`user_snapshot`] through the pooled connection's statement cache, so the statement is parsed
+/// once per connection instead of once per read (the API's miss path).
+///
+/// # Errors
+/// As [`user_snapshot`].
+pub async fn cached_user_snapshot(
+    client: &deadpool_postgres::Client,
+    user: &UserId,
+) -> Result<UserSnapshot, StoreError> {
+    let statement = client
+        .prepare_typed_cached(SNAPSHOT_SQL, &[Type::TEXT])
+        .await?;
+    let rows = client.query(&statement, &[&user.as_str()]).await?;
+    snapshot_of_rows(user, rows)
+}
+
+fn snapshot_of_rows(
+    user: &UserId,
+    rows: Vec<tokio_postgres::Row>,
+) -> Result<UserSnapshot, StoreError> {
     let mut snapshot = UserSnapshot {
         user_id: user.as_str().to_owned(),
         version: 0,
