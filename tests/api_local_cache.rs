@@ -5,15 +5,15 @@
 //! racing a writer that flips the entitlement back and forth.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::time::Duration;
 
-use system_tests::api::*;
 use processor::projection::EntitlementStatus;
 use processor::store::{self, Outcome, UserSnapshot};
 use serde_json::Value;
 use shared::samples::{Sample, event};
+use system_tests::api::*;
 use system_tests::chaos::ChaosProxy;
+use system_tests::servers::{Process, free_port};
 use system_tests::{eventually, redis_url, unique};
 
 /// The cache's own bound: a stale Redis entry lives at most ~3 s after Redis answers again.
@@ -93,6 +93,99 @@ async fn two_api_processes_stop_serving_a_refunded_entitlement_within_the_bound(
     }
     // Served from memory again, now the revoked snapshot.
     assert_eq!(warm(&b, &user).await["status"], "revoked");
+}
+
+/// `processor api` hits served from its process memory, read off its `/metrics`.
+async fn memory_hits(http: &reqwest::Client, base: &str) -> u64 {
+    let Ok(response) = http.get(format!("{base}/metrics")).send().await else {
+        return 0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("entitlement_local_cache_reads_total{outcome=\"hit\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// `GET /api/pro/entitlement` of `user` from the API at `base`, if it answers.
+async fn pro_at(http: &reqwest::Client, base: &str, user: &str) -> Option<Value> {
+    let response = http
+        .get(format!("{base}/api/pro/entitlement"))
+        .header("authorization", token(user))
+        .send()
+        .await
+        .ok()?;
+    (response.status() == 200).then_some(())?;
+    response.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processor_api_processes_stop_serving_a_refunded_entitlement_within_the_bound() {
+    let seed = Api::start(None).await;
+    let broker = system_tests::amqp::TestBroker::new(vec![Duration::from_secs(1)]).await;
+    let user = unique("u");
+    let object = seed.buy(&user, "pro").await;
+    let logs = std::env::temp_dir();
+    let processes: Vec<Process> = (0..2)
+        .map(|i| {
+            let addr = format!("127.0.0.1:{}", free_port());
+            Process::spawn(
+                "processor",
+                &["api"],
+                &[
+                    ("API_ADDR", addr),
+                    ("DATABASE_URL", seed.db.url.clone()),
+                    ("REDIS_URL", redis_url()),
+                    ("AMQP_URL", system_tests::amqp_url()),
+                    ("AMQP_TOPOLOGY_BASE", broker.topology.exchange().to_string()),
+                    ("AUTH_JWT_SECRET", SECRET.to_owned()),
+                    ("STRIPE_PRICE_PRO_LIFETIME", "price_pro".to_owned()),
+                    ("RUST_LOG", "warn".to_owned()),
+                ],
+                logs.join(format!("{}-api-{i}.log", user)),
+            )
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let bases: Vec<String> = processes
+        .iter()
+        .map(|p| format!("http://{}", p.addr))
+        .collect();
+
+    // Each process serves the purchase from its own memory before the refund.
+    for base in &bases {
+        eventually(WARM, "the purchase served from process memory", || async {
+            let body = pro_at(&http, base, &user).await?;
+            assert_eq!(body["isPro"], true, "{body}");
+            let before = memory_hits(&http, base).await;
+            pro_at(&http, base, &user).await?;
+            (memory_hits(&http, base).await > before).then_some(())
+        })
+        .await;
+    }
+
+    // The worker's path: commit, then the versioned write to Redis.
+    let snapshot = refund(&seed, &user, &object).await;
+    seed.cache.refresh(&snapshot).await;
+    for base in &bases {
+        eventually(
+            BOUND,
+            "the refund answered by every processor api",
+            || async {
+                let body = pro_at(&http, base, &user).await?;
+                (body["status"] == "revoked").then_some(())
+            },
+        )
+        .await;
+    }
+    // And nothing older comes back from either memory.
+    for base in &bases {
+        for _ in 0..20 {
+            let body = pro_at(&http, base, &user).await.expect("answers");
+            assert_eq!(body["status"], "revoked", "{body}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use shared::ids::UserId;
 use system_tests::chaos::ChaosProxy;
 use system_tests::db::TestDb;
 use system_tests::scenarios::{Rng, histories, poison};
-use system_tests::servers::{PrivatePostgres, PrivateRabbit, PrivateRedis, free_port};
+use system_tests::servers::{PrivatePostgres, PrivateRabbit, PrivateRedis, Process, free_port};
 use tokio::sync::Mutex;
 
 const SECRET: &str = "whsec_chaos_suite_secret";
@@ -48,52 +48,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A running `processor` or `ingress`, killed with SIGKILL on drop.
-struct Process {
-    child: Child,
-    addr: String,
-}
-
-impl Process {
-    fn spawn(binary: &str, args: &[&str], env: &[(&str, String)], log: PathBuf) -> Self {
-        let path = system_tests::binary(binary);
-        assert!(
-            path.exists(),
-            "{} missing: build it first (cargo build -p ingress -p processor)",
-            path.display()
-        );
-        let addr = env
-            .iter()
-            .find(|(k, _)| k.ends_with("_ADDR"))
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(path)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn");
-        Self { child, addr }
-    }
-
-    /// `kill -9`.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The system under test on its private servers.

@@ -326,3 +326,44 @@ impl Drop for PrivateRabbit {
         let _ = self.ctl(&["stop"]);
     }
 }
+
+/// A running `processor` or `ingress`, killed with SIGKILL on drop.
+pub struct Process {
+    child: Child,
+    pub addr: String,
+}
+
+impl Process {
+    pub fn spawn(binary: &str, args: &[&str], env: &[(&str, String)], log: PathBuf) -> Self {
+        let path = crate::binary(binary);
+        let addr = env
+            .iter()
+            .find(|(k, _)| k.ends_with("_ADDR"))
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(path)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn");
+        Self { child, addr }
+    }
+
+    /// `kill -9`.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
