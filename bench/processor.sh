@@ -2,7 +2,8 @@
 # Processor benchmark: sustained events per second from a pre-filled queue of mixed Stripe events
 # to committed Postgres rows and a refreshed cache, next to `pgbench -N -c 8 -j 2` TPS on the
 # same server in the same run, with the processor's RSS sampled every half second.
-# Usage: bench/processor.sh [events=50000]
+# Usage: bench/processor.sh [events=50000]   (PROCESSOR_BIN: the processor binary to measure,
+# default the fresh release build, for an A/B against another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-50000}
@@ -16,6 +17,7 @@ bin=$CARGO_TARGET_DIR/release
 psqlq() { psql -h 127.0.0.1 -U postgres -Atq "$@"; }
 
 cargo build --release -q -p processor --bin processor --example fill_queue
+PROCESSOR_BIN=${PROCESSOR_BIN:-$bin/processor}
 work=$(mktemp -d)
 cleanup() {
   [ -n "${WORKER_PID:-}" ] && kill "$WORKER_PID" 2>/dev/null || true
@@ -26,12 +28,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin/processor" migrate >/dev/null
+"$PROCESSOR_BIN" migrate >/dev/null
 echo "== filling $BASE.q with $N mixed events"
 "$bin/examples/fill_queue" --base "$BASE" --count "$N" --run "$RUN"
 
 echo "== draining with one processor worker (PROCESSOR_PREFETCH=${PROCESSOR_PREFETCH:-64})"
-"$bin/processor" worker >"$work/worker.log" 2>&1 &
+"$PROCESSOR_BIN" worker >"$work/worker.log" 2>&1 &
 WORKER_PID=$!
 start=$(date +%s.%N)
 rss_samples=()

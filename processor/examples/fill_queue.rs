@@ -1,6 +1,7 @@
 //! Pre-fills a topology's main queue with a realistic mix of Stripe events for the processor
-//! benchmark (`bench/processor.sh`): one-time purchases (some refunded), subscriptions with
-//! invoices and updates, and event types the processor ignores. Every event has its own id.
+//! benchmark (`bench/processor.sh`): `shared::samples::mix_customer`, one-time purchases (some
+//! refunded), subscriptions with invoices and updates, and event types the processor ignores.
+//! Every event has its own id.
 //!
 //! `fill_queue --base bench.processor --count 50000 [--url amqp://…]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,28 +12,9 @@ use std::time::Duration;
 use clap::Parser;
 use lapin::BasicProperties;
 use shared::amqp::Publisher;
-use shared::samples::{self, Sample};
+use shared::samples;
 use shared::topology::Topology;
 use tokio::sync::Semaphore;
-
-/// The events of one simulated customer, in the order Stripe typically sends them.
-fn scenario(k: usize) -> &'static [&'static str] {
-    match k % 10 {
-        0..=4 => &["checkout.session.completed", "payment_intent.succeeded"],
-        5 => &[
-            "checkout.session.completed",
-            "payment_intent.succeeded",
-            "charge.refunded",
-        ],
-        6..=8 => &[
-            "customer.subscription.created",
-            "checkout.session.completed",
-            "invoice.paid",
-            "customer.subscription.updated",
-        ],
-        _ => &["customer.updated", "product.created"],
-    }
-}
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -74,32 +56,26 @@ async fn main() {
     let created0 = chrono::Utc::now().timestamp() - 86_400;
     let (mut produced, mut k) = (0usize, 0usize);
     while produced < count {
-        for (step, event_type) in scenario(k).iter().enumerate() {
+        let created = created0 + i64::try_from(k).unwrap();
+        for event in samples::mix_customer(&run, k, created) {
             if produced == count {
                 break;
             }
-            let user = format!("u_{run}_{k}");
-            let object = format!("{run}_{k}");
-            let sample = Sample {
-                user: &user,
-                product: if k % 10 >= 6 { "pro_monthly" } else { "pro" },
-                object: &object,
-                amount: 1999,
-                created: created0 + i64::try_from(k + step).unwrap(),
-                subscription: (6..=8).contains(&(k % 10)),
-            };
-            let id = format!("evt_{run}_{produced}");
-            let body = serde_json::to_vec(&samples::event(&id, event_type, &sample)).unwrap();
+            let (id, event_type) = (
+                event["id"].as_str().unwrap(),
+                event["type"].as_str().unwrap(),
+            );
             let props = BasicProperties::default()
-                .with_message_id(id.as_str().into())
-                .with_type((*event_type).into())
+                .with_message_id(id.into())
+                .with_type(event_type.into())
                 .with_content_type("application/json".into())
-                .with_timestamp(u64::try_from(sample.created).unwrap());
+                .with_timestamp(u64::try_from(event["created"].as_i64().unwrap()).unwrap());
+            let body = serde_json::to_vec(&event).unwrap();
             let permit = Arc::clone(&limit).acquire_owned().await.unwrap();
             let (publisher, exchange, routing) = (
                 publisher.clone(),
                 topology.exchange().to_owned(),
-                (*event_type).to_owned(),
+                event_type.to_owned(),
             );
             handles.push(tokio::spawn(async move {
                 publisher

@@ -262,7 +262,9 @@ impl Config {
             // A set-based batch costs about the same few round trips at 8 events as at 64, so
             // lanes get full batches: one lane per 64 prefetched deliveries, at most 8
             // (`bench/processor.sh`, 30,000 events: prefetch 64 with 8 lanes of ~8 events
-            // 0.58× pgbench, with 1 lane of 64 0.88×; prefetch 256 with 4 lanes 1.77×).
+            // 0.58× pgbench, with 1 lane of 64 0.88×; prefetch 256 with 4 lanes 1.77×). Two
+            // lanes at prefetch 64 cut the paid → Pro time at 300 webhooks/s but, with the
+            // extra commits, fell behind at 1,000/s on the loaded 2 cores (`bench/e2e.sh`).
             lanes: lanes_for(prefetch),
             batch_wait: Duration::from_millis(3),
             claim_ttl: Duration::from_secs(30),

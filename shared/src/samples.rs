@@ -26,6 +26,53 @@ pub struct Sample<'a> {
     pub subscription: bool,
 }
 
+/// The event types of simulated customer `k` of a realistic mix, in the order Stripe typically
+/// sends them: half one-time purchases, one in ten refunded, three in ten subscriptions with
+/// checkout, invoice and update, and one in ten only types the processor ignores.
+#[must_use]
+pub fn mix_scenario(k: usize) -> &'static [&'static str] {
+    match k % 10 {
+        0..=4 => &["checkout.session.completed", "payment_intent.succeeded"],
+        5 => &[
+            "checkout.session.completed",
+            "payment_intent.succeeded",
+            "charge.refunded",
+        ],
+        6..=8 => &[
+            "customer.subscription.created",
+            "checkout.session.completed",
+            "invoice.paid",
+            "customer.subscription.updated",
+        ],
+        _ => &["customer.updated", "product.created"],
+    }
+}
+
+/// The events of customer `k` of the mix ([`mix_scenario`]) of run `run`: user `u_{run}_{k}`,
+/// objects `{run}_{k}`, ids `evt_{run}_{k}_{step}`, created `created + step`. Each customer is
+/// a distinct user.
+#[must_use]
+pub fn mix_customer(run: &str, k: usize, created: i64) -> Vec<Value> {
+    let user = format!("u_{run}_{k}");
+    let object = format!("{run}_{k}");
+    let subscription = (6..=8).contains(&(k % 10));
+    mix_scenario(k)
+        .iter()
+        .zip(0i64..)
+        .map(|(event_type, step)| {
+            let sample = Sample {
+                user: &user,
+                product: if subscription { "pro_monthly" } else { "pro" },
+                object: &object,
+                amount: 1999,
+                created: created + step,
+                subscription,
+            };
+            event(&format!("evt_{run}_{k}_{step}"), event_type, &sample)
+        })
+        .collect()
+}
+
 /// A complete event envelope of `event_type` with id `id`.
 #[must_use]
 pub fn event(id: &str, event_type: &str, sample: &Sample<'_>) -> Value {

@@ -290,7 +290,9 @@ impl Worker {
         let refreshes = latest
             .into_values()
             .map(|snapshot| self.cache.refresh(snapshot));
-        futures_util::future::join(join_all(markers), join_all(refreshes)).await;
+        // The cache writes first: they are what a reader waits for (the markers only spare a
+        // redelivery some work), and the commands go out on one connection in this order.
+        futures_util::future::join(join_all(refreshes), join_all(markers)).await;
     }
 }
 

@@ -2,7 +2,9 @@
 //! the dispatcher that sends each delivery to the lane of the user it concerns.
 //!
 //! Invariant: a lane runs one batch at a time and every delivery of a user goes to the same
-//! lane, so the batches of one process never wait on each other's per-user locks.
+//! lane, so the batches of one process never wait on each other's per-user locks. A lane holds
+//! a delivery back only to fill a batch during a drain, never while it keeps up with live
+//! traffic.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -96,7 +98,7 @@ impl Worker {
         for _ in 0..lanes {
             let (tx, rx) = tokio::sync::mpsc::channel(usize::from(self.config.prefetch));
             senders.push(tx);
-            tasks.spawn(self.clone().lane(rx, lost_tx.clone()));
+            tasks.spawn(self.clone().lane(rx, lanes, lost_tx.clone()));
         }
         drop(lost_tx);
         let end = loop {
@@ -138,26 +140,63 @@ impl Worker {
     }
 
     /// One lane: batches what the dispatcher sends it and processes one batch at a time.
+    ///
+    /// What arrives while a batch runs forms the next one, so live traffic the lane keeps up
+    /// with is never held back. Only after a batch at least half the lane's share of the
+    /// prefetch window (a drain: the broker refills the window after each ack, a burst at a
+    /// time) does the next batch wait up to `batch_wait` for more, which keeps drain batches
+    /// full.
     async fn lane(
         self,
         mut deliveries: tokio::sync::mpsc::Receiver<Item>,
+        lanes: usize,
         lost: tokio::sync::watch::Sender<bool>,
     ) {
+        let size = self.config.batch_size.max(1);
+        let share = (usize::from(self.config.prefetch) / lanes.max(1)).clamp(1, size);
+        let mut linger = true;
         while let Some(first) = deliveries.recv().await {
-            let mut batch = vec![first];
-            let deadline = tokio::time::Instant::now() + self.config.batch_wait;
-            while batch.len() < self.config.batch_size.max(1) {
-                match tokio::time::timeout_at(deadline, deliveries.recv()).await {
-                    Ok(Some(delivery)) => batch.push(delivery),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            let wait = linger.then_some(self.config.batch_wait);
+            let batch = gather(first, &mut deliveries, size, wait).await;
+            linger = lingers_after(batch.len(), share);
             if !self.process_batch(batch).await {
                 let _ = lost.send(true);
                 return;
             }
         }
     }
+}
+
+/// A batch: `first`, everything already waiting, and, with `wait`, what arrives within it after
+/// `first`; at most `size`.
+async fn gather<T>(
+    first: T,
+    deliveries: &mut tokio::sync::mpsc::Receiver<T>,
+    size: usize,
+    wait: Option<Duration>,
+) -> Vec<T> {
+    let mut batch = vec![first];
+    let deadline = wait.map(|wait| tokio::time::Instant::now() + wait);
+    while batch.len() < size {
+        match deliveries.try_recv() {
+            Ok(delivery) => batch.push(delivery),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                let Some(deadline) = deadline else { break };
+                match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                    Ok(Some(delivery)) => batch.push(delivery),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+    batch
+}
+
+/// Whether the batch after one of `len` deliveries waits for more: only after one at least
+/// half of `share`, what the lane can hold of the prefetch window.
+fn lingers_after(len: usize, share: usize) -> bool {
+    len.saturating_mul(2) >= share
 }
 
 /// The lane of a delivery: a hash of the user it most likely concerns
@@ -174,4 +213,63 @@ fn lane_of(item: &Item, lanes: usize) -> usize {
         None => item.delivery.data.hash(&mut hasher),
     }
     usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Bounds a test that must not wait for the batch wait (an hour) to end.
+    const PROMPTLY: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_already_waiting_and_goes() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        for n in 1..=3 {
+            tx.send(n).await.unwrap();
+        }
+        let batch = tokio::time::timeout(PROMPTLY, gather(0, &mut rx, 64, None))
+            .await
+            .expect("a batch without wait never waits");
+        assert_eq!(batch, vec![0, 1, 2, 3]);
+        let alone = tokio::time::timeout(PROMPTLY, gather(4, &mut rx, 64, None))
+            .await
+            .expect("a batch without wait never waits");
+        assert_eq!(alone, vec![4]);
+    }
+
+    #[tokio::test]
+    async fn a_lingering_batch_waits_for_more_until_it_is_full() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        tx.send(1).await.unwrap();
+        let late = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            tx.send(2).await.unwrap();
+            tx.send(3).await.unwrap();
+            tx
+        });
+        let batch = tokio::time::timeout(
+            PROMPTLY,
+            gather(0, &mut rx, 3, Some(Duration::from_secs(3600))),
+        )
+        .await
+        .expect("a full batch goes at once");
+        assert_eq!(batch, vec![0, 1, 2]);
+        let _tx = late.await.unwrap();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            3,
+            "what did not fit waits for the next batch"
+        );
+    }
+
+    #[test]
+    fn only_a_batch_at_least_half_full_makes_the_next_one_linger() {
+        assert!(lingers_after(64, 64));
+        assert!(lingers_after(32, 64));
+        assert!(!lingers_after(31, 64));
+        assert!(!lingers_after(1, 64));
+        assert!(lingers_after(1, 1));
+    }
 }
