@@ -32,7 +32,8 @@ if [ -z "$promtool" ]; then
         || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
         && dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb) || true
   fi
-  [ -x "$tools/usr/bin/promtool" ] && promtool=$tools/usr/bin/promtool
+  # Absolute: the unit tests below run from ops/prometheus.
+  [ -x "$tools/usr/bin/promtool" ] && promtool=$(realpath "$tools/usr/bin/promtool")
 fi
 if [ -n "$promtool" ]; then
   "$promtool" check rules ops/prometheus/alerts.yml
