@@ -262,9 +262,11 @@ impl Config {
             // A set-based batch costs about the same few round trips at 8 events as at 64, so
             // lanes get full batches: one lane per 64 prefetched deliveries, at most 8
             // (`bench/processor.sh`, 30,000 events: prefetch 64 with 8 lanes of ~8 events
-            // 0.58× pgbench, with 1 lane of 64 0.88×; prefetch 256 with 4 lanes 1.77×). Two
-            // lanes at prefetch 64 cut the paid → Pro time at 300 webhooks/s but, with the
-            // extra commits, fell behind at 1,000/s on the loaded 2 cores (`bench/e2e.sh`).
+            // 0.58× pgbench, with 1 lane of 64 0.88×; prefetch 256 with 4 lanes 1.77×). But
+            // never fewer than two, so a purchase does not wait behind a whole batch in
+            // progress: at the default prefetch of 64, one lane gave paid → Pro p99 143 ms at
+            // 1,000 webhooks/s, two lanes 39 ms, draining within the one lane's range
+            // (`bench/e2e.sh`, `bench/processor.sh`, BENCHMARKS.md "Measured together").
             lanes: lanes_for(prefetch),
             batch_wait: Duration::from_millis(3),
             claim_ttl: Duration::from_secs(30),
@@ -279,10 +281,13 @@ impl Config {
     }
 }
 
-/// Batch lanes for a prefetch window: one per 64 deliveries, between 1 and 8.
+/// Batch lanes for a prefetch window: one per 64 deliveries, at least two (while the window
+/// holds two deliveries) and at most 8.
 #[must_use]
 pub fn lanes_for(prefetch: u16) -> usize {
-    usize::from(prefetch / 64).clamp(1, 8)
+    usize::from(prefetch / 64)
+        .clamp(2, 8)
+        .min(usize::from(prefetch).max(1))
 }
 
 fn opt(env: &Env, var: &str) -> Option<String> {
@@ -441,8 +446,9 @@ mod tests {
     #[test]
     fn lanes_follow_the_prefetch_window() {
         assert_eq!(lanes_for(1), 1);
-        assert_eq!(lanes_for(64), 1);
-        assert_eq!(lanes_for(127), 1);
+        assert_eq!(lanes_for(2), 2);
+        assert_eq!(lanes_for(64), 2);
+        assert_eq!(lanes_for(127), 2);
         assert_eq!(lanes_for(256), 4);
         assert_eq!(lanes_for(512), 8);
         assert_eq!(lanes_for(u16::MAX), 8);
