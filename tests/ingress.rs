@@ -273,15 +273,7 @@ async fn metrics_count_requests_by_outcome() {
     assert_eq!(ingress.post(&body, signed(&body)).await.0, 200);
     assert_eq!(ingress.post(&body, None).await.0, 400);
 
-    let text = ingress
-        .http
-        .get(ingress.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = ingress.metrics().await;
     assert!(
         text.contains("ingress_requests_total{outcome=\"accepted\"}"),
         "{text}"
@@ -300,15 +292,7 @@ async fn every_outcome_is_exported_before_its_first_request() {
     let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
     let ingress = Ingress::start(&broker, &amqp_url(), &[]).await;
     ingress.wait_ready().await;
-    let text = ingress
-        .http
-        .get(ingress.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = ingress.metrics().await;
     for outcome in [
         "accepted",
         "unavailable",

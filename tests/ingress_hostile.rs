@@ -206,9 +206,7 @@ async fn a_trickled_body_is_answered_408_after_the_request_timeout() {
 #[tokio::test]
 async fn metrics_move_to_their_own_address_when_configured() {
     let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let metrics_addr = free.local_addr().unwrap().to_string();
-    drop(free);
+    let metrics_addr = format!("127.0.0.1:{}", system_tests::servers::free_port());
     let ingress = Ingress::start(
         &broker,
         &amqp_url(),

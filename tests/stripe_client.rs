@@ -325,9 +325,7 @@ async fn a_slow_answer_followed_by_a_fast_one_succeeds_without_a_duplicate() {
 
 #[tokio::test]
 async fn an_unreachable_stripe_is_a_transport_error_after_retries() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let addr = format!("127.0.0.1:{}", system_tests::servers::free_port());
     let fake = FakeStripe::start().await;
     let mut config = fake.client_config();
     config.api_base = format!("http://{addr}");

@@ -125,9 +125,8 @@ async fn the_api_listener_cuts_stalled_heads_caps_connections_and_serves_metrics
     let mut config = config(&setup.db.url, &setup.broker);
     config.api_limits.header_read_timeout = Duration::from_millis(500);
     config.api_limits.max_connections = 2;
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    config.metrics_addr = Some(free.local_addr().unwrap());
-    drop(free);
+    let metrics_port = system_tests::servers::free_port();
+    config.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
     let metrics_url = format!("http://{}/metrics", config.metrics_addr.unwrap());
     let (base, stop, service) = start_service(config).await;
     let addr = base.trim_start_matches("http://").to_owned();

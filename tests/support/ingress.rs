@@ -42,6 +42,12 @@ impl Ingress {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The Prometheus text of `/metrics` on the ingress address.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     pub async fn wait_ready(&self) {
         eventually(
             Duration::from_secs(10),
