@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
-use processor::projection::EntitlementStatus;
-use processor::store::{self, Outcome, UserSnapshot};
+use processor::domain::projection::EntitlementStatus;
+use processor::domain::view::UserSnapshot;
+use processor::store::{self, Outcome};
 use serde_json::Value;
 use shared::samples::{Sample, event};
 use system_tests::api::*;
@@ -63,7 +64,7 @@ async fn refund(api: &Api, user: &str, object: &str) -> UserSnapshot {
         subscription: false,
     };
     let body = event(&unique("evt"), "charge.refunded", &sample);
-    let event = processor::events::parse(body.to_string().as_bytes()).unwrap();
+    let event = processor::domain::events::parse(body.to_string().as_bytes()).unwrap();
     let outcome = store::apply_and_commit(&api.pool, &[&event])
         .await
         .unwrap()

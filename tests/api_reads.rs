@@ -213,7 +213,7 @@ async fn a_cache_hit_is_served_without_postgres_and_a_refresh_after_a_write_chan
     // A snapshot that Postgres does not hold (revoked) with a newer version: only Redis has it.
     let mut distinct = stored.clone();
     distinct.version += 100;
-    distinct.entitlements[0].status = processor::projection::EntitlementStatus::Revoked;
+    distinct.entitlements[0].status = processor::domain::projection::EntitlementStatus::Revoked;
     assert!(api.cache.write_snapshot(&distinct).await.unwrap());
     let (_, pro) = api.get("/api/pro/entitlement", &user).await;
     assert_eq!(pro["status"], "revoked", "served from the cache");

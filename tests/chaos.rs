@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use lapin::options::BasicGetOptions;
-use processor::events::{self, Event};
-use processor::store::{self, Outcome, UserSnapshot};
+use processor::domain::events::{self, Event};
+use processor::domain::view::UserSnapshot;
+use processor::store::{self, Outcome};
 use serde_json::Value;
 use shared::ids::UserId;
 use system_tests::chaos::ChaosProxy;
@@ -593,7 +594,7 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
             .await
             .unwrap();
         let want =
-            serde_json::to_value(processor::api::entitlements::list_view(&expected, now)).unwrap();
+            serde_json::to_value(processor::domain::view::list_view(&expected, now)).unwrap();
         assert_eq!(
             without_times(&answer),
             without_times(&want),

@@ -493,7 +493,8 @@ async fn relay_survives_losing(server: Server) {
     let (user, object) = (unique("u"), unique("obj"));
     for event_type in ["checkout.session.completed", "charge.refunded"] {
         let id = unique("evt");
-        let event = processor::events::parse(&sample(&id, event_type, &user, &object)).unwrap();
+        let event =
+            processor::domain::events::parse(&sample(&id, event_type, &user, &object)).unwrap();
         processor::store::apply_and_commit(&pool, &[&event])
             .await
             .unwrap();

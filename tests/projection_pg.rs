@@ -3,8 +3,9 @@
 //! notifications; versions are bumped; two concurrent writers on one user end like one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use processor::events::{self, Event};
-use processor::store::{self, Outcome, StoreError, UserSnapshot};
+use processor::domain::events::{self, Event};
+use processor::domain::view::UserSnapshot;
+use processor::store::{self, Outcome, StoreError};
 use serde_json::{Value, json};
 use shared::ids::UserId;
 use shared::samples::history::{self as fx, DAY};

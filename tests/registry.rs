@@ -154,12 +154,12 @@ async fn an_item_registered_by_the_app_is_sold_opened_to_its_buyer_and_kept_afte
     // The worker reads the line items the webhook lacks: the ad-hoc price of price_data.
     let stripe = processor::stripe::StripeClient::new(fake.client_config()).unwrap();
     let completed = paid(&session, chrono::Utc::now().timestamp());
-    let event = processor::events::parse(completed.to_string().as_bytes()).unwrap();
+    let event = processor::domain::events::parse(completed.to_string().as_bytes()).unwrap();
     assert!(processor::complete::needs_completion(&event));
     let event = processor::complete::complete(Some(&stripe), event)
         .await
         .unwrap();
-    let processor::events::EventKind::CheckoutSessionCompleted(s) = &event.kind else {
+    let processor::domain::events::EventKind::CheckoutSessionCompleted(s) = &event.kind else {
         panic!("wrong kind")
     };
     assert!(
@@ -539,7 +539,7 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
         );
     }
     let body = summary(&customer, t0(), &features);
-    let event = processor::events::parse(body.to_string().as_bytes()).unwrap();
+    let event = processor::domain::events::parse(body.to_string().as_bytes()).unwrap();
     assert!(
         matches!(
             processor::complete::complete(None, event.clone()).await,
@@ -563,18 +563,20 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
     fewer.pop();
     let newer = summary(&customer, t0() + DAY, &fewer);
     // The fake still lists feat-11: complete from a client over the reduced list instead.
-    let event = processor::events::parse(newer.to_string().as_bytes()).unwrap();
-    let processor::events::EventKind::FeatureSummaryUpdated(s) = event.kind.clone() else {
+    let event = processor::domain::events::parse(newer.to_string().as_bytes()).unwrap();
+    let processor::domain::events::EventKind::FeatureSummaryUpdated(s) = event.kind.clone() else {
         panic!("wrong kind")
     };
-    let reduced = processor::events::Event {
-        kind: processor::events::EventKind::FeatureSummaryUpdated(s.completed(fewer.clone())),
+    let reduced = processor::domain::events::Event {
+        kind: processor::domain::events::EventKind::FeatureSummaryUpdated(
+            s.completed(fewer.clone()),
+        ),
         ..event
     };
     apply_event(&api, &user, reduced).await;
     assert_eq!(access(&api, &user, "team").await, 403);
     let stale = summary(&customer, t0() - DAY, &features);
-    let stale = processor::events::parse(stale.to_string().as_bytes()).unwrap();
+    let stale = processor::domain::events::parse(stale.to_string().as_bytes()).unwrap();
     let stale = processor::complete::complete(Some(&stripe), stale)
         .await
         .unwrap();
@@ -604,7 +606,7 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
 
 /// Applies `event` through the store and drops `user`'s cache entry (the worker would
 /// refresh it after its commit).
-async fn apply_event(api: &Api, user: &str, event: processor::events::Event) {
+async fn apply_event(api: &Api, user: &str, event: processor::domain::events::Event) {
     let outcomes = processor::store::apply_and_commit(&api.pool, &[&event])
         .await
         .unwrap();

@@ -6,7 +6,7 @@
 
 use deadpool_postgres::Pool;
 use processor::config::Config;
-use processor::events::{self, Event};
+use processor::domain::events::{self, Event};
 use processor::store::{self, Outcome};
 use shared::config::Env;
 use system_tests::db::TestDb;

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use processor::cache::{Cache, Claim, entitlements_key};
-use processor::events;
+use processor::domain::events;
 use processor::store::{self, Outcome};
 use shared::ids::UserId;
 use system_tests::worker::*;
@@ -40,7 +40,7 @@ async fn writers_that_commit_in_one_order_and_write_in_the_other_leave_the_newer
         !cache.write_snapshot(older).await.unwrap(),
         "older version refused"
     );
-    cache.refill(older).await;
+    cache.refresh(older).await;
     let cached = cache
         .read_snapshot(&UserId::parse(&user).unwrap())
         .await

@@ -25,7 +25,7 @@ use shared::ids::{StripeEventId, UserId};
 use tokio::sync::Mutex;
 
 use crate::config::Config;
-use crate::store::UserSnapshot;
+use crate::domain::view::UserSnapshot;
 
 /// How long one Redis command or connection attempt may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -369,8 +369,9 @@ impl Cache {
         .map(|written| written == 1)
     }
 
-    /// Writes the snapshot after a commit; on failure deletes the key so readers fall back to
-    /// Postgres. Never fails.
+    /// Writes the snapshot after a commit, or after a read from Postgres (a refill), through the
+    /// versioned compare-and-set, so a reader holding an old snapshot never overwrites a newer
+    /// one; on failure deletes the key so readers fall back to Postgres. Never fails.
     pub async fn refresh(&self, snapshot: &UserSnapshot) {
         match self.write_snapshot(snapshot).await {
             Ok(true) => metrics::counter!("entitlement_cache_writes_total", "outcome" => "written")
@@ -384,12 +385,6 @@ impl Cache {
                 self.invalidate(&snapshot.user_id).await;
             }
         }
-    }
-
-    /// Refills the cache after a read from Postgres, through the same compare-and-set, so a
-    /// reader holding an old snapshot never overwrites a newer one. Never fails.
-    pub async fn refill(&self, snapshot: &UserSnapshot) {
-        self.refresh(snapshot).await;
     }
 
     /// Deletes a user's cache entry. Never fails (logged and counted); returns whether Redis

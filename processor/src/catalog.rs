@@ -28,7 +28,7 @@ use serde::Deserialize;
 use shared::config::{ConfigError, Env};
 use shared::ids::EntitlementKey;
 
-use crate::stripe::CheckoutMode;
+use crate::domain::events::CheckoutMode;
 
 /// One purchasable product.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,7 +17,7 @@
 //! whose own list is complete are applied, and sessions keep the payload's shape (resolved by
 //! our metadata, amount and currency).
 
-use crate::events::{CheckoutMode, CheckoutSession, Event, EventKind};
+use crate::domain::events::{CheckoutSession, Event, EventKind};
 use crate::stripe::{StripeClient, StripeError};
 
 /// Why a summary could not be completed.
@@ -78,7 +78,7 @@ pub fn needs_completion(event: &Event) -> bool {
         EventKind::FeatureSummaryUpdated(_) => true,
         EventKind::CheckoutSessionCompleted(s)
         | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => {
-            s.price_id.is_none() && s.mode != CheckoutMode::Other
+            s.price_id.is_none() && s.mode.is_some()
         }
         _ => false,
     }

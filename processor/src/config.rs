@@ -16,7 +16,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use shared::config::{ConfigError, Env};
 use shared::server::{ServerLimits, optional_addr};
 use shared::telemetry::LogFormat;
@@ -164,7 +166,7 @@ impl OutboxConfig {
                         "is required when APP_WEBHOOK_URL is set",
                     )
                 })?;
-                crate::outbox::webhook::signing_key(&secret)
+                signing_key(&secret)
                     .map_err(|e| ConfigError::new("APP_WEBHOOK_SECRET", e.to_string()))?;
                 Some(WebhookTarget { url, secret })
             }
@@ -348,6 +350,37 @@ impl fmt::Debug for Config {
             .field("outbox", &self.outbox)
             .finish_non_exhaustive()
     }
+}
+
+/// The prefix of a Standard Webhooks secret.
+pub const SECRET_PREFIX: &str = "whsec_";
+
+/// Why a webhook secret is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("must start with {SECRET_PREFIX}")]
+    Prefix,
+    #[error("the part after {SECRET_PREFIX} must be base64")]
+    Base64,
+    #[error("the key after {SECRET_PREFIX} is empty")]
+    Empty,
+}
+
+/// The HMAC key of a `whsec_<base64>` secret.
+///
+/// # Errors
+/// A [`SecretError`] when the prefix is missing or the rest is not non-empty base64.
+pub fn signing_key(secret: &SecretString) -> Result<SecretSlice<u8>, SecretError> {
+    let encoded = secret
+        .expose_secret()
+        .trim()
+        .strip_prefix(SECRET_PREFIX)
+        .ok_or(SecretError::Prefix)?;
+    let key = STANDARD.decode(encoded).map_err(|_| SecretError::Base64)?;
+    if key.is_empty() {
+        return Err(SecretError::Empty);
+    }
+    Ok(SecretSlice::from(key))
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 //! dependency, keeps plain SQL files as the source, and a new migration is picked up by adding a
 //! file, with no list to keep in sync.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -93,6 +95,32 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
         .map_err(|e| DbError::Pool(e.to_string()))
 }
 
+/// What drives one connection opened by [`connect`]: the client works while it is polled
+/// (spawned, or selected on by a caller that must notice the connection end).
+pub type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+/// Opens one connection outside the pool (a session lock's, a command's) over the transport
+/// `pg` asks for, exactly as the pool's connections: the one place a connection is made.
+///
+/// # Errors
+/// [`DbError::Timeout`] after `timeout`, [`DbError::Tls`] when TLS cannot be set up,
+/// [`DbError::Postgres`] when the server refuses.
+pub async fn connect(
+    pg: &tokio_postgres::Config,
+    timeout: Duration,
+) -> Result<(tokio_postgres::Client, Driver), DbError> {
+    match pg_transport(pg) {
+        PgTransport::Plain => {
+            let (client, connection) = bounded(timeout, pg.connect(NoTls)).await?;
+            Ok((client, Box::pin(connection)))
+        }
+        PgTransport::Tls => {
+            let (client, connection) = bounded(timeout, pg.connect(pg_connector()?)).await?;
+            Ok((client, Box::pin(connection)))
+        }
+    }
+}
+
 /// Creates the database named in `database_url` if it does not exist, connecting to the
 /// server's `postgres` database to do so. Concurrent callers are fine: losing the race to create
 /// it counts as success.
@@ -109,16 +137,8 @@ pub async fn ensure_database(database_url: &str, timeout: Duration) -> Result<()
         .to_owned();
     pg.dbname("postgres");
     pg.connect_timeout(timeout);
-    let (client, task) = match pg_transport(&pg) {
-        PgTransport::Plain => {
-            let (client, connection) = bounded(timeout, pg.connect(NoTls)).await?;
-            (client, tokio::spawn(async move { drop(connection.await) }))
-        }
-        PgTransport::Tls => {
-            let (client, connection) = bounded(timeout, pg.connect(pg_connector()?)).await?;
-            (client, tokio::spawn(async move { drop(connection.await) }))
-        }
-    };
+    let (client, connection) = connect(&pg, timeout).await?;
+    let task = tokio::spawn(async move { drop(connection.await) });
     let result = async {
         let exists = bounded(
             timeout,

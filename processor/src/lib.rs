@@ -2,7 +2,6 @@
 //! subscriptions and entitlements into Postgres, refreshes the Redis entitlement cache, serves
 //! the entitlement API and hosts the operator commands.
 
-pub mod access;
 pub mod api;
 pub mod auth;
 pub mod cache;
@@ -13,10 +12,9 @@ pub mod config;
 pub mod db;
 pub mod devtoken;
 pub mod dlq;
-pub mod events;
+pub mod domain;
 pub mod local_cache;
 pub mod outbox;
-pub mod projection;
 pub mod reconcile;
 pub mod registry;
 pub mod service;

@@ -25,7 +25,7 @@
 //! - **bounded.** At most `ENTITLEMENT_LOCAL_CACHE_ENTRIES` entries (placeholders included); when
 //!   full, an arbitrary entry makes room. `0` turns the layer off.
 //!
-//! The read-time status ([`crate::access`]) is still computed per request from the snapshot, so
+//! The read-time status ([`crate::domain::access`]) is still computed per request from the snapshot, so
 //! expiry stays exact.
 
 use std::collections::HashMap;
@@ -37,7 +37,7 @@ use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use shared::ids::UserId;
 
 use crate::cache::{Cache, ENTITLEMENTS_PREFIX};
-use crate::store::UserSnapshot;
+use crate::domain::view::UserSnapshot;
 
 /// How often the tracking connection is checked with a `PING`.
 pub const HEARTBEAT: Duration = Duration::from_millis(200);

@@ -3,7 +3,7 @@
 //! (`STRIPE_PRICE_PRO_LIFETIME`, `CATALOG_FILE`) and are written by [`sync_config`] at start-up;
 //! dynamic products (content items, …) are registered by the application through the admin API
 //! ([`put`], [`unpublish`]). The projection resolves rows against these rows
-//! ([`crate::projection::Registry`]); checkout sells them.
+//! ([`crate::domain::projection::Registry`]); checkout sells them.
 //!
 //! Invariants:
 //! - A product row is never deleted: unpublishing stops sales, and buyers keep what they bought.
@@ -18,9 +18,9 @@ use deadpool_postgres::Pool;
 use tokio_postgres::GenericClient;
 
 use crate::catalog::Catalog;
-use crate::projection::{BPS_WHOLE, Product, ProductStatus};
+use crate::domain::events::CheckoutMode;
+use crate::domain::projection::{BPS_WHOLE, Product, ProductStatus};
 use crate::store::{PRODUCT_COLUMNS, StoreError, product_from_row};
-use crate::stripe::CheckoutMode;
 
 /// Where a product row comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -114,7 +114,7 @@ fn b64(value: &Value) -> String {
 proptest! {
     #[test]
     fn fuzz_event_bodies_of_arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-        if let Err(error) = processor::events::parse(&body) {
+        if let Err(error) = processor::domain::events::parse(&body) {
             prop_assert!(!error.to_string().is_empty());
         }
     }
@@ -129,7 +129,7 @@ proptest! {
     ) {
         let body = json!({"id": id, "object": "event", "type": ty, "created": created,
             "data": {"object": object, "previous_attributes": previous}});
-        if let Err(error) = processor::events::parse(body.to_string().as_bytes()) {
+        if let Err(error) = processor::domain::events::parse(body.to_string().as_bytes()) {
             prop_assert!(!error.to_string().is_empty());
         }
     }

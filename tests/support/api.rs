@@ -13,8 +13,9 @@ use processor::api::{ApiConfig, ApiState, ReturnUrls};
 use processor::cache::{Cache, entitlements_key};
 use processor::catalog::Catalog;
 use processor::config::Config;
+use processor::domain::events;
 use processor::local_cache::LocalCache;
-use processor::{events, store};
+use processor::store;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use shared::config::Env;
@@ -109,7 +110,6 @@ impl Api {
         let cache = Cache::new(&config).unwrap();
         let mut api = ApiConfig::with_jwt_secret(SECRET);
         api.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN.to_owned()));
-        api.catalog = catalog();
         api.stripe = stripe.map(FakeStripe::client_config);
         api.urls = ReturnUrls {
             checkout_success: Some(SUCCESS_URL.into()),

@@ -21,9 +21,9 @@ use super::ApiState;
 use super::customers::{customers_of, ensure_customer, mark_gone};
 use super::entitlements::load_snapshot;
 use super::error::ApiError;
-use crate::access;
 use crate::auth::AuthUser;
-use crate::projection::{Product, ProductStatus};
+use crate::domain::projection::{Product, ProductStatus};
+use crate::domain::view::status_of;
 use crate::registry;
 use crate::stripe::{CheckoutSessionRequest, LineItemPrice};
 
@@ -86,7 +86,7 @@ pub(crate) async fn create_session(
     if product
         .grants
         .iter()
-        .any(|key| access::status_of(&snapshot.entitlements, key, now).is_allowed())
+        .any(|key| status_of(&snapshot.entitlements, key, now).is_allowed())
     {
         return Err(ApiError::AlreadyEntitled);
     }

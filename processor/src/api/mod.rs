@@ -30,7 +30,6 @@ use shared::config::{ConfigError, Env};
 
 use crate::auth::{AuthConfig, Authenticator};
 use crate::cache::Cache;
-use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::local_cache::{self, LocalCache};
 use crate::stripe::{StripeClient, StripeConfig, StripeError};
@@ -57,7 +56,6 @@ pub struct ApiConfig {
     pub auth: AuthConfig,
     /// `API_MAX_BODY_BYTES`: larger request bodies get 413 `payload_too_large`.
     pub max_body_bytes: usize,
-    pub catalog: Catalog,
     /// `None` without `STRIPE_SECRET_KEY`: reads work, the Stripe routes answer 503.
     pub stripe: Option<StripeConfig>,
     pub urls: ReturnUrls,
@@ -67,7 +65,7 @@ pub struct ApiConfig {
 
 impl ApiConfig {
     /// Reads `AUTH_JWT_*`, `ADMIN_API_TOKEN`, `API_MAX_BODY_BYTES` and the return URLs; the
-    /// catalog and the Stripe settings come from `config`, which read them.
+    /// Stripe settings come from `config`, which read them.
     ///
     /// `AUTH_JWT_SECRET` is required (the API cannot serve a single user route without it);
     /// `STRIPE_SECRET_KEY` and the return URLs are optional so a read-only deployment works.
@@ -93,7 +91,6 @@ impl ApiConfig {
         Ok(Self {
             auth,
             max_body_bytes,
-            catalog: config.catalog.clone(),
             stripe: config.stripe.clone(),
             urls: ReturnUrls {
                 checkout_success: opt("CHECKOUT_SUCCESS_URL"),
@@ -116,7 +113,6 @@ impl ApiConfig {
                 admin_token: None,
             },
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            catalog: Catalog::default(),
             stripe: None,
             urls: ReturnUrls::default(),
             local_cache_entries: local_cache::DEFAULT_ENTRIES,
@@ -138,7 +134,6 @@ pub struct ApiParts {
     /// Entitlement snapshots in process memory, in front of `cache`.
     pub local: LocalCache,
     pub auth: Authenticator,
-    pub catalog: Catalog,
     pub stripe: Option<StripeClient>,
     pub urls: ReturnUrls,
     pub max_body_bytes: usize,
@@ -172,7 +167,6 @@ impl ApiState {
             cache,
             local,
             auth: Authenticator::new(&config.auth),
-            catalog: config.catalog,
             stripe,
             urls: config.urls,
             max_body_bytes: config.max_body_bytes,

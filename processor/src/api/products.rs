@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use super::ApiState;
 use super::error::ApiError;
 use crate::auth::AdminToken;
-use crate::projection::{Product, Registry};
+use crate::domain::projection::{Product, Registry};
 use crate::registry::{self, ProductInput, RegistryError};
 use crate::store::{self, PRODUCT_COLUMNS};
 
@@ -160,12 +160,12 @@ pub(crate) async fn unmatched(
     let client = state.pool.get().await.map_err(ApiError::internal)?;
     let purchases_sql = format!(
         "SELECT {} FROM purchases WHERE paid ORDER BY id DESC LIMIT 1000",
-        store::PURCHASE_COLUMNS_PUBLIC
+        store::PURCHASE_COLUMNS
     );
     let subscriptions_sql = format!(
         "SELECT {} FROM subscriptions WHERE status <> 'incomplete'
           ORDER BY updated_at DESC LIMIT 1000",
-        store::SUBSCRIPTION_COLUMNS_PUBLIC
+        store::SUBSCRIPTION_COLUMNS
     );
     let purchase_rows = client
         .query(&purchases_sql, &[])

@@ -3,7 +3,7 @@
 //!
 //! Invariants: nothing the client sends is used (the route takes no body; the customers come from
 //! the `customers` table, the objects from Stripe); every Stripe object becomes a synthetic event
-//! of the type the real webhook would have had, parsed by [`crate::events::parse`] and applied by
+//! of the type the real webhook would have had, parsed by [`crate::domain::events::parse`] and applied by
 //! [`crate::store::apply_events`], the processor's own apply path; a synthetic event's id is derived from
 //! the object's id and content, so restoring an unchanged object twice applies it once
 //! (`processed_events`, as for real events); all of a restore commits in one transaction and the
@@ -32,10 +32,11 @@ use shared::ids::UserId;
 
 use super::ApiState;
 use super::customers::{customers_of, mark_gone};
-use super::entitlements::{ProEntitlement, pro_view, read_from_postgres};
+use super::entitlements::read_from_postgres;
 use super::error::ApiError;
 use crate::auth::AuthUser;
-use crate::events::{self, Event, EventKind};
+use crate::domain::events::{self, Event, EventKind};
+use crate::domain::view::{ProEntitlement, pro_view};
 use crate::store::{self, Outcome};
 use crate::stripe::{StripeClient, StripeError};
 

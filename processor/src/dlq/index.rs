@@ -23,16 +23,16 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tokio_postgres::Client;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls};
 
 use futures_util::TryStreamExt as _;
 
 use super::Selector;
 use super::export::ExportRecord;
 use super::message::ParkedMessage;
-use super::pass::{Action, Fingerprint};
+use super::message::{Action, Fingerprint};
 
 /// How long a command waits for Postgres before working without the index.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -64,9 +64,7 @@ const SCHEMA: &str = "
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum IndexError {
     #[error("cannot reach Postgres for the dead-letter index")]
-    Connect(#[source] tokio_postgres::Error),
-    #[error("no answer from Postgres within {0:?}")]
-    Timeout(Duration),
+    Connect(#[source] crate::db::DbError),
     #[error("dead-letter index query failed")]
     Query(#[from] tokio_postgres::Error),
 }
@@ -134,13 +132,13 @@ impl Index {
     /// # Errors
     /// When Postgres cannot be reached within [`CONNECT_TIMEOUT`] or refuses the schema.
     pub(crate) async fn open(database_url: &str, queue: &str) -> Result<Self, IndexError> {
-        let mut config: tokio_postgres::Config =
-            database_url.parse().map_err(IndexError::Connect)?;
+        let mut config: tokio_postgres::Config = database_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| IndexError::Connect(e.into()))?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("processor-dlq");
-        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+        let (client, connection) = crate::db::connect(&config, CONNECT_TIMEOUT)
             .await
-            .map_err(|_| IndexError::Timeout(CONNECT_TIMEOUT))?
             .map_err(IndexError::Connect)?;
         tokio::spawn(connection);
         client

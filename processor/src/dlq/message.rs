@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, TimeZone, Utc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use sha2::{Digest, Sha256};
 use shared::topology::headers;
 
 /// Headers that only describe the message's stay in the dead-letter queue or its path there,
@@ -210,6 +211,45 @@ pub(crate) fn json_to_table(value: &serde_json::Value) -> Result<FieldTable, Str
         table.insert(key, json_to_value(value)?);
     }
     Ok(FieldTable::from(table))
+}
+
+/// What a pass does with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Leave it parked (a confirmed copy at the tail, then the original acknowledged).
+    Keep,
+    /// Republish it to the main exchange for processing (attempts reset), then remove it.
+    Replay,
+    /// Delete it.
+    Remove,
+}
+
+/// Identity of one parked copy: a hash of its body and every property, headers included. Two
+/// messages with the same fingerprint are copies of one parking (only a pass interrupted
+/// between a confirm and its ack makes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Fingerprint(u128);
+
+impl Fingerprint {
+    pub(crate) fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    pub(crate) fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    pub(crate) fn of(message: &ParkedMessage) -> Self {
+        let mut hash = Sha256::new();
+        hash.update((message.body.len() as u64).to_be_bytes());
+        hash.update(&message.body);
+        // Properties' Debug is deterministic: headers are an ordered map.
+        hash.update(format!("{:?}", message.properties).as_bytes());
+        let digest = hash.finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        Self(u128::from_be_bytes(first))
+    }
 }
 
 #[cfg(test)]

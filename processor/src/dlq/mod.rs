@@ -15,7 +15,7 @@
 //!   parked, or republished, or both (a duplicate the processor's dedupe by event id absorbs).
 //! - `replay` and `purge` print their plan and change nothing without `--yes` or an
 //!   interactive confirmation; without a terminal they exit 2 (a usage error). After a
-//!   confirmation, exactly the planned messages are acted on (by [`pass::Fingerprint`]).
+//!   confirmation, exactly the planned messages are acted on (by [`message::Fingerprint`]).
 //! - One command at a time per queue: a second one fails at once instead of seeing a queue
 //!   half-way through a pass.
 //! - Reads that the Postgres index can answer exactly are queries (`index` module: `show` of an
@@ -42,8 +42,9 @@ use shared::topology::{Topology, headers};
 use export::{ExportFile, ExportFileError};
 pub use index::{ParkedIndex, ParkedIndexError};
 use message::ParkedMessage;
+use message::{Action, Fingerprint};
 pub use monitor::{monitor, record_attempts};
-use pass::{Action, Fingerprint, PEEK_MAX, Session};
+use pass::{PEEK_MAX, Session};
 pub use pass::{PassError, QueueCounts, queue_counts, queue_depth};
 
 /// `processor dlq` and its subcommands.

@@ -37,11 +37,10 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection};
-use sha2::{Digest as _, Sha256};
 use shared::topology::Topology;
 
 use super::index::{Index, IndexError, Update};
-use super::message::ParkedMessage;
+use super::message::{Action, Fingerprint, ParkedMessage};
 
 /// Messages unacknowledged at once during a pass (also the consumer's prefetch).
 pub(crate) const WINDOW: u16 = 512;
@@ -115,45 +114,6 @@ pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts,
         ready: queue.message_count(),
         consumers: queue.consumer_count(),
     })
-}
-
-/// What a pass does with one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Action {
-    /// Leave it parked (a confirmed copy at the tail, then the original acknowledged).
-    Keep,
-    /// Republish it to the main exchange for processing (attempts reset), then remove it.
-    Replay,
-    /// Delete it.
-    Remove,
-}
-
-/// Identity of one parked copy: a hash of its body and every property, headers included. Two
-/// messages with the same fingerprint are copies of one parking (only a pass interrupted
-/// between a confirm and its ack makes them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Fingerprint(u128);
-
-impl Fingerprint {
-    pub(crate) fn as_u128(self) -> u128 {
-        self.0
-    }
-
-    pub(crate) fn from_u128(value: u128) -> Self {
-        Self(value)
-    }
-
-    pub(crate) fn of(message: &ParkedMessage) -> Self {
-        let mut hash = Sha256::new();
-        hash.update((message.body.len() as u64).to_be_bytes());
-        hash.update(&message.body);
-        // Properties' Debug is deterministic: headers are an ordered map.
-        hash.update(format!("{:?}", message.properties).as_bytes());
-        let digest = hash.finalize();
-        let mut first = [0u8; 16];
-        first.copy_from_slice(&digest[..16]);
-        Self(u128::from_be_bytes(first))
-    }
 }
 
 /// Acknowledgements of settled originals, sent as one `multiple` ack per [`ACK_EVERY`]: the

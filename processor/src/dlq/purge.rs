@@ -14,7 +14,8 @@ use chrono::Utc;
 
 use super::export::ExportFile;
 use super::message::ParkedMessage;
-use super::pass::{Action, Fingerprint, Session};
+use super::message::{Action, Fingerprint};
+use super::pass::Session;
 use super::{
     Broker, PurgeArgs, Selection, Selector, UsageError, ask, confirmed, interactive, n_events,
     note_duplicates, plan_pass,

@@ -18,8 +18,9 @@ use shared::amqp::{PublishError, Publisher};
 use shared::topology::Topology;
 
 use super::export::ExportRecord;
+use super::message::Action;
 use super::message::ParkedMessage;
-use super::pass::{Action, Outcome, Session};
+use super::pass::{Outcome, Session};
 use super::{
     Broker, ReplayArgs, Selection, Selector, UsageError, confirmed, n_events, note_duplicates,
     plan_pass, table,

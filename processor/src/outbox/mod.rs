@@ -26,25 +26,7 @@ use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::api::entitlements::item_view;
-use crate::events::Event;
-use crate::store::EntitlementView;
-
 pub use relay::{RELAY_LOCK_KEY, STANDBY_RETRY, run};
-
-/// The `cause` of a message: the event whose commit it announces.
-#[must_use]
-pub fn cause(event: &Event) -> Value {
-    json!({"eventId": event.id.as_str(), "eventType": event.event_type})
-}
-
-/// The type-specific fields of `entitlements.changed`: the user's entitlements exactly as
-/// `GET /api/entitlements` lists them, at the transaction's time `now`.
-#[must_use]
-pub fn entitlements_body(views: &[EntitlementView], now: DateTime<Utc>) -> Value {
-    let items: Vec<_> = views.iter().map(|e| item_view(e, now)).collect();
-    json!({ "entitlements": items })
-}
 
 /// One outbox row, as the relay delivers it.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,7 +18,6 @@
 //!   so turning a channel on later never floods the app with history.
 
 use std::collections::BTreeMap;
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,6 @@ use lapin::types::FieldTable;
 use shared::amqp::{PublishError, Publisher};
 use shared::topology::headers;
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::webhook::Sender;
@@ -61,8 +59,8 @@ enum RelayError {
     Db(#[from] tokio_postgres::Error),
     #[error("postgres unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("the lock connection did not open within {0:?}")]
-    Timeout(Duration),
+    #[error("the lock connection did not open: {0}")]
+    Connect(#[from] crate::db::DbError),
     #[error("the lock connection closed")]
     LockLost,
 }
@@ -141,10 +139,7 @@ impl Relay {
         let mut pg: tokio_postgres::Config = self.database_url.parse()?;
         pg.application_name("processor-outbox-relay");
         pg.connect_timeout(self.db_timeout);
-        let (client, connection) = tokio::time::timeout(self.db_timeout, pg.connect(NoTls))
-            .await
-            .map_err(|_| RelayError::Timeout(self.db_timeout))??;
-        let mut connection = pin!(connection);
+        let (client, mut connection) = crate::db::connect(&pg, self.db_timeout).await?;
         let session = async {
             let row = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&RELAY_LOCK_KEY])

@@ -16,21 +16,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use sha2::Sha256;
 
 use super::Message;
-use crate::config::WebhookTarget;
-
-/// The prefix of a Standard Webhooks secret.
-pub const SECRET_PREFIX: &str = "whsec_";
-
-/// Why a webhook secret is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum SecretError {
-    #[error("must start with {SECRET_PREFIX}")]
-    Prefix,
-    #[error("the part after {SECRET_PREFIX} must be base64")]
-    Base64,
-    #[error("the key after {SECRET_PREFIX} is empty")]
-    Empty,
-}
+use crate::config::{WebhookTarget, signing_key};
 
 /// Why one delivery attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,23 +25,6 @@ pub enum DeliveryError {
     Status(u16),
     #[error("request failed: {0}")]
     Transport(String),
-}
-
-/// The HMAC key of a `whsec_<base64>` secret.
-///
-/// # Errors
-/// A [`SecretError`] when the prefix is missing or the rest is not non-empty base64.
-pub fn signing_key(secret: &SecretString) -> Result<SecretSlice<u8>, SecretError> {
-    let encoded = secret
-        .expose_secret()
-        .trim()
-        .strip_prefix(SECRET_PREFIX)
-        .ok_or(SecretError::Prefix)?;
-    let key = STANDARD.decode(encoded).map_err(|_| SecretError::Base64)?;
-    if key.is_empty() {
-        return Err(SecretError::Empty);
-    }
-    Ok(SecretSlice::from(key))
 }
 
 /// `v1,<base64 HMAC-SHA256(key, "id.timestamp.body")>`.

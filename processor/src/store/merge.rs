@@ -28,13 +28,14 @@ use tokio_postgres::types::Type;
 
 use super::{
     Db, FEATURE_COLUMNS, Outcome, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
-    StoreError, UserSnapshot, feature_from_row, is_violation_of, lock, opt_timestamp,
-    product_from_row, purchase_from_row, snapshots_of, subscription_from_row,
+    StoreError, feature_from_row, is_violation_of, lock, opt_timestamp, product_from_row,
+    purchase_from_row, snapshots_of, subscription_from_row,
 };
-use crate::events::{Event, SubscriptionStatus};
-use crate::projection::{
+use crate::domain::events::{Event, SubscriptionStatus};
+use crate::domain::projection::{
     self, FeatureFacts, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts,
 };
+use crate::domain::view::UserSnapshot;
 
 /// What merging found, per event in input order.
 pub(super) struct Merged {

@@ -38,12 +38,13 @@
 mod merge;
 mod recompute;
 
-use crate::events::{Event, SubscriptionStatus};
-use crate::projection::{
+use crate::domain::events::CheckoutMode;
+use crate::domain::events::{Event, SubscriptionStatus};
+use crate::domain::projection::{
     DisputeState, EntitlementSource, EntitlementStatus, FeatureClaim, FeatureFacts, GrantSource,
     PriceClaim, Product, ProductStatus, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
 };
-use crate::stripe::CheckoutMode;
+use crate::domain::view::{EntitlementView, UserSnapshot};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::StatementCache;
 use futures_util::future::try_join;
@@ -51,34 +52,6 @@ use shared::ids::UserId;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row, Statement, Transaction};
-
-/// A user's entitlements as cached in Redis and served by the API.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct UserSnapshot {
-    pub user_id: String,
-    /// Bumped in every transaction that recomputes this user's entitlements; 0 if never.
-    pub version: i64,
-    /// Sorted by key.
-    pub entitlements: Vec<EntitlementView>,
-}
-
-/// One entitlement row.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct EntitlementView {
-    pub key: String,
-    pub status: EntitlementStatus,
-    pub source: EntitlementSource,
-    pub source_id: String,
-    /// `None` is lifetime.
-    pub expires_at: Option<DateTime<Utc>>,
-    pub updated_at: DateTime<Utc>,
-    /// Every source granting the key, best first (absent from entries cached before it
-    /// existed).
-    #[serde(default)]
-    pub sources: Vec<GrantSource>,
-}
 
 /// What became of one event. The store yields every variant but [`Outcome::Busy`], which the
 /// consumer sets before asking the store.
@@ -150,12 +123,6 @@ impl StoreError {
         }
     }
 
-    /// True when retrying later can succeed.
-    #[must_use]
-    pub fn is_transient(&self) -> bool {
-        self.failure() != Failure::Rejected
-    }
-
     /// A one-line reason for logs and the dead-letter header, without driver detail.
     #[must_use]
     pub fn reason(&self) -> String {
@@ -203,20 +170,17 @@ fn unavailable(error: &tokio_postgres::Error) -> bool {
 /// single-key lock other code takes).
 const LOCK_CLASS: i32 = 0x454e_5431;
 
-const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
+/// The `purchases` columns [`purchase_facts`] reads.
+pub const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
      checkout_session_id, payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
      payment_failed, refund_amount_cents, stripe_refund_id, refund_reason, fully_refunded, \
      refunded_at, dispute_status, dispute_id";
 
-const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
+/// The `subscriptions` columns [`subscription_facts`] reads.
+pub const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
      price_claim_at, quantity, status_claim, status_claim_at, cancel_at_period_end, terminal_status, current_period_end, ended_at";
 
-/// The `purchases` columns [`purchase_facts`] reads.
-pub const PURCHASE_COLUMNS_PUBLIC: &str = PURCHASE_COLUMNS;
-/// The `subscriptions` columns [`subscription_facts`] reads.
-pub const SUBSCRIPTION_COLUMNS_PUBLIC: &str = SUBSCRIPTION_COLUMNS;
-
-/// The facts of a `purchases` row (selected with [`PURCHASE_COLUMNS_PUBLIC`]).
+/// The facts of a `purchases` row (selected with [`PURCHASE_COLUMNS`]).
 ///
 /// # Errors
 /// [`StoreError`] on a missing column or an unknown stored value.
@@ -224,7 +188,7 @@ pub fn purchase_facts(row: &Row) -> Result<PurchaseFacts, StoreError> {
     purchase_from_row(row).map(|(_, facts)| facts)
 }
 
-/// The facts of a `subscriptions` row (selected with [`SUBSCRIPTION_COLUMNS_PUBLIC`]).
+/// The facts of a `subscriptions` row (selected with [`SUBSCRIPTION_COLUMNS`]).
 ///
 /// # Errors
 /// [`StoreError`] on a missing column or an unknown stored value.

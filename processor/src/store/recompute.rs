@@ -19,16 +19,16 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, EntitlementView, FEATURE_COLUMNS, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param,
-    SUBSCRIPTION_COLUMNS, StoreError, UserSnapshot, entitlement_source, entitlement_status,
-    feature_from_row, grant_sources, opt_timestamp, product_from_row, purchase_from_row, secs,
-    subscription_from_row,
+    Db, FEATURE_COLUMNS, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
+    StoreError, entitlement_source, entitlement_status, feature_from_row, grant_sources,
+    opt_timestamp, product_from_row, purchase_from_row, secs, subscription_from_row,
 };
-use crate::events::Event;
-use crate::projection::{
+use crate::domain::events::Event;
+use crate::domain::projection::{
     self, DerivedEntitlement, EntitlementStatus, FeatureFacts, PurchaseFacts, Registry,
     SubscriptionFacts,
 };
+use crate::domain::view::{EntitlementView, UserSnapshot};
 
 /// What one user's recomputation bumps: the version by `count` (the events of the set that
 /// concerned the user), and `cause`, the last of them, named by the outbox messages.
@@ -323,7 +323,7 @@ async fn write_recomputed(
         .values()
         .map(|b| {
             b.cause
-                .map_or(serde_json::Value::Null, crate::outbox::cause)
+                .map_or(serde_json::Value::Null, crate::domain::message::cause)
         })
         .collect();
     // An `entitlements.changed` message for each user whose stored entitlements change.
@@ -331,7 +331,7 @@ async fn write_recomputed(
         .iter()
         .filter(|r| !r.changed.is_empty() || !r.stale.is_empty())
         .map(|r| {
-            let body = crate::outbox::entitlements_body(&r.views, r.now);
+            let body = crate::domain::message::entitlements_body(&r.views, r.now);
             (r.user.as_str(), body)
         })
         .unzip();

@@ -5,31 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-/// Checkout mode of a product: a one-time payment or a subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CheckoutMode {
-    Payment,
-    Subscription,
-}
-
-impl CheckoutMode {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Payment => "payment",
-            Self::Subscription => "subscription",
-        }
-    }
-}
-
-impl std::fmt::Display for CheckoutMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::domain::events::CheckoutMode;
 
 /// Parameters of `POST /v1/checkout/sessions`.
 ///

@@ -15,10 +15,11 @@ use lapin::types::FieldTable;
 use shared::topology::headers;
 
 use super::Worker;
-use super::settle::short;
+use super::short;
 use crate::cache::{Claim, ClaimToken};
-use crate::events::{self, Event};
-use crate::store::{self, Failure, Outcome, UserSnapshot};
+use crate::domain::events::{self, Event};
+use crate::domain::view::UserSnapshot;
+use crate::store::{self, Failure, Outcome};
 
 /// One delivery in a batch, with what was learned about it.
 pub(super) struct Item {

@@ -19,7 +19,7 @@ use lapin::{Channel, Connection, Consumer};
 use super::Worker;
 use super::batch::Item;
 use crate::config::Config;
-use crate::events::Event;
+use crate::domain::events::Event;
 
 /// An open consuming connection.
 pub(super) struct Session {

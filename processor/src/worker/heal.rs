@@ -30,19 +30,64 @@ const ROUND: i64 = 1_000;
 /// Heals until `stop` turns true.
 pub(super) async fn run(pool: Pool, cache: Cache, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(HEAL_INTERVAL);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = tick.tick() => {}
         }
         // Keeps going while full rounds come back (a backlog after an outage).
-        while let Ok(ROUND) = round(&pool, &cache).await {}
+        loop {
+            match round(&pool, &cache).await {
+                Ok(checked) => {
+                    if failing {
+                        tracing::info!("cache healer recovered");
+                        failing = false;
+                    }
+                    if checked < ROUND {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!("entitlement_cache_heal_failures_total",
+                        "stage" => error.stage())
+                    .increment(1);
+                    // Once per outage, not once per round; the counter keeps the count.
+                    if !failing {
+                        tracing::warn!(%error, "cache healer round failed; retrying every round");
+                        failing = true;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Why a healer round stopped; the round is retried at the next tick.
+#[derive(Debug, thiserror::Error)]
+enum HealError {
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("postgres: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("redis: {0}")]
+    Cache(#[from] crate::cache::CacheError),
+}
+
+impl HealError {
+    /// The `stage` label of `entitlement_cache_heal_failures_total`.
+    fn stage(&self) -> &'static str {
+        match self {
+            Self::Pool(_) | Self::Db(_) => "postgres",
+            Self::Cache(_) => "redis",
+        }
     }
 }
 
 /// One round: returns how many pending users it looked at.
-async fn round(pool: &Pool, cache: &Cache) -> Result<i64, ()> {
-    let client = pool.get().await.map_err(|_| ())?;
+async fn round(pool: &Pool, cache: &Cache) -> Result<i64, HealError> {
+    let client = pool.get().await?;
     let settle = i64::try_from(SETTLE.as_millis()).unwrap_or(i64::MAX);
     let rows = client
         .query_typed(
@@ -51,21 +96,17 @@ async fn round(pool: &Pool, cache: &Cache) -> Result<i64, ()> {
               ORDER BY marked_at LIMIT $2",
             &[(&settle, Type::INT8), (&ROUND, Type::INT8)],
         )
-        .await
-        .map_err(|_| ())?;
+        .await?;
     if rows.is_empty() {
         return Ok(0);
     }
     let mut pending: Vec<(String, i64)> = Vec::with_capacity(rows.len());
     for row in &rows {
-        pending.push((
-            row.try_get(0).map_err(|_| ())?,
-            row.try_get(1).map_err(|_| ())?,
-        ));
+        pending.push((row.try_get(0)?, row.try_get(1)?));
     }
     let users: Vec<String> = pending.iter().map(|(u, _)| u.clone()).collect();
     // Redis still away: try again next round.
-    let cached = cache.cached_versions(&users).await.map_err(|_| ())?;
+    let cached = cache.cached_versions(&users).await?;
     let mut settled: Vec<(&str, i64)> = Vec::with_capacity(pending.len());
     for ((user, version), cached) in pending.iter().zip(cached) {
         match cached {
@@ -85,19 +126,39 @@ async fn round(pool: &Pool, cache: &Cache) -> Result<i64, ()> {
               WHERE p.user_id = d.u AND p.version <= d.v",
             &[(&names, Type::TEXT_ARRAY), (&versions, Type::INT8_ARRAY)],
         )
-        .await
-        .map_err(|_| ())?;
+        .await?;
     Ok(i64::try_from(rows.len()).unwrap_or(0))
 }
 
 /// Rewrites a stale entry from Postgres, or deletes it. True when Redis no longer holds it.
 async fn repair(client: &tokio_postgres::Client, cache: &Cache, user: &str) -> bool {
     let Ok(id) = UserId::parse(user) else {
+        // Only the store writes cache_pending, with ids it parsed: a row that does not parse
+        // is corrupt, and stays for an operator to see.
+        metrics::counter!("entitlement_cache_heal_failures_total", "stage" => "user_id")
+            .increment(1);
+        tracing::error!(
+            user_id = user,
+            "cache_pending holds a user id that does not parse"
+        );
         return false;
     };
     let written = match store::user_snapshot(client, &id).await {
-        Ok(snapshot) => cache.write_snapshot(&snapshot).await.is_ok(),
-        Err(_) => false,
+        Ok(snapshot) => match cache.write_snapshot(&snapshot).await {
+            Ok(_) => true,
+            Err(error) => {
+                metrics::counter!("entitlement_cache_heal_failures_total", "stage" => "redis")
+                    .increment(1);
+                tracing::debug!(user_id = user, %error, "healer could not rewrite the entry");
+                false
+            }
+        },
+        Err(error) => {
+            metrics::counter!("entitlement_cache_heal_failures_total", "stage" => "postgres")
+                .increment(1);
+            tracing::debug!(user_id = user, %error, "healer could not read the snapshot");
+            false
+        }
     };
     if written {
         metrics::counter!("entitlement_cache_healed_total", "how" => "rewritten").increment(1);

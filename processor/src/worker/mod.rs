@@ -197,3 +197,11 @@ impl Worker {
         tracing::info!("consumer stopped");
     }
 }
+/// Longest `last_error` header, so a header never carries a long driver message.
+const MAX_REASON_LEN: usize = 200;
+
+/// First line of `text`, at most [`MAX_REASON_LEN`] characters.
+fn short(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(MAX_REASON_LEN).collect()
+}

@@ -16,10 +16,8 @@ use shared::topology::headers;
 
 use super::Worker;
 use super::batch::Item;
+use super::short;
 use crate::store::Outcome;
-
-/// Longest `last_error` header, so a header never carries a long driver message.
-const MAX_REASON_LEN: usize = 200;
 
 /// What the consume loop does with a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,15 +305,10 @@ fn failure_headers(item: &Item, attempts: u32, reason: &str) -> FieldTable {
     table
 }
 
-/// First line of `text`, at most [`MAX_REASON_LEN`] characters.
-pub(super) fn short(text: &str) -> String {
-    let line = text.lines().next().unwrap_or_default();
-    line.chars().take(MAX_REASON_LEN).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::MAX_REASON_LEN;
 
     const DELAYS: &[Duration] = &[Duration::from_secs(5), Duration::from_secs(30)];
 

@@ -7,7 +7,7 @@
 //! (`terminal` only grows), the period end only extends.
 
 use super::min_known;
-use crate::events::SubscriptionStatus;
+use crate::domain::events::SubscriptionStatus;
 
 /// A status asserted by one event. The derived `Ord` compares `at` first, then the lifecycle
 /// precedence of [`SubscriptionStatus`] (incomplete < trialing < active < past_due < unpaid <

@@ -16,7 +16,7 @@
 //! replays converge.
 
 use super::{FeatureFacts, Product, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
-use crate::events::SubscriptionStatus;
+use crate::domain::events::SubscriptionStatus;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 

@@ -76,7 +76,8 @@ pub enum EventKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckoutSession {
     pub id: String,
-    pub mode: CheckoutMode,
+    /// `None`: `setup` or a mode this code does not know.
+    pub mode: Option<CheckoutMode>,
     pub payment_status: CheckoutPaymentStatus,
     pub customer: Option<String>,
     pub payment_intent: Option<String>,
@@ -93,13 +94,29 @@ pub struct CheckoutSession {
     pub recovery_url: Option<String>,
 }
 
-/// Checkout `mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Checkout `mode`: a one-time payment or a subscription (a product's mode, and a session's
+/// unless it is `setup` or a mode this code does not know, which never grant anything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CheckoutMode {
     Payment,
     Subscription,
-    /// `setup` or a mode this code does not know: never grants anything.
-    Other,
+}
+
+impl CheckoutMode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Payment => "payment",
+            Self::Subscription => "subscription",
+        }
+    }
+}
+
+impl std::fmt::Display for CheckoutMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Checkout `payment_status`.
@@ -406,9 +423,9 @@ fn user_id(raw: Option<String>, field: &'static str) -> Result<Option<UserId>, E
 fn checkout_session(obj: &Value) -> Result<CheckoutSession, EventError> {
     let id = required_str(obj, "id")?;
     let mode = match obj.get("mode").and_then(Value::as_str) {
-        Some("payment") => CheckoutMode::Payment,
-        Some("subscription") => CheckoutMode::Subscription,
-        Some(_) => CheckoutMode::Other,
+        Some("payment") => Some(CheckoutMode::Payment),
+        Some("subscription") => Some(CheckoutMode::Subscription),
+        Some(_) => None,
         None => return Err(EventError::MissingField("mode")),
     };
     let payment_status = match obj.get("payment_status").and_then(Value::as_str) {
@@ -685,7 +702,7 @@ mod tests {
         let EventKind::CheckoutSessionCompleted(s) = kind else {
             panic!("wrong kind {kind:?}")
         };
-        assert_eq!(s.mode, CheckoutMode::Payment);
+        assert_eq!(s.mode, Some(CheckoutMode::Payment));
         assert_eq!(s.payment_status, CheckoutPaymentStatus::Paid);
         assert_eq!(s.user_id.unwrap().as_str(), "user_1");
         assert_eq!(s.payment_intent.as_deref(), Some("pi_1"));
@@ -716,7 +733,7 @@ mod tests {
                 | EventKind::CheckoutSessionAsyncPaymentFailed(s) => s,
                 other => panic!("wrong kind {other:?}"),
             };
-            assert_eq!(s.mode, CheckoutMode::Subscription);
+            assert_eq!(s.mode, Some(CheckoutMode::Subscription));
             assert_eq!(s.user_id.unwrap().as_str(), "user_2");
             assert_eq!(s.customer.as_deref(), Some("cus_2"));
             assert_eq!(s.subscription.as_deref(), Some("sub_2"));

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use super::{FeeSplit, PurchaseFacts, SubscriptionFacts};
-use crate::stripe::CheckoutMode;
+use crate::domain::events::CheckoutMode;
 
 /// Basis points in a whole.
 pub const BPS_WHOLE: i64 = 10_000;

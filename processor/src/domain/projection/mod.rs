@@ -23,7 +23,9 @@ pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, Refund
 pub use registry::{BPS_WHOLE, Product, ProductStatus, Registry};
 pub use subscription::{PriceClaim, StatusClaim, SubscriptionFacts};
 
-use crate::events::{CheckoutMode, CheckoutPaymentStatus, Event, EventKind, SubscriptionStatus};
+use crate::domain::events::{
+    CheckoutMode, CheckoutPaymentStatus, Event, EventKind, SubscriptionStatus,
+};
 use shared::ids::UserId;
 
 /// The product key an abandoned-checkout notification names when the session's metadata names
@@ -143,7 +145,7 @@ pub fn plan(event: &Event) -> Plan {
                 ..Plan::default()
             };
             match s.mode {
-                CheckoutMode::Payment => {
+                Some(CheckoutMode::Payment) => {
                     plan.purchase = Some(PurchaseFacts {
                         checkout_session_id: Some(s.id.clone()),
                         payment_intent_id: s.payment_intent.clone(),
@@ -159,7 +161,7 @@ pub fn plan(event: &Event) -> Plan {
                         ..PurchaseFacts::default()
                     });
                 }
-                CheckoutMode::Subscription => {
+                Some(CheckoutMode::Subscription) => {
                     plan.subscription = s.subscription.as_ref().map(|id| SubscriptionFacts {
                         user_id: user_string(s.user_id.as_ref()),
                         customer_id: s.customer.clone(),
@@ -179,7 +181,7 @@ pub fn plan(event: &Event) -> Plan {
                         ..SubscriptionFacts::new(id.clone())
                     });
                 }
-                CheckoutMode::Other => {}
+                None => {}
             }
             plan
         }

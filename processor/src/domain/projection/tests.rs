@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::events::{self, Event, EventKind};
+use crate::domain::events::{self, Event, EventKind};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use shared::ids::UserId;
@@ -74,9 +74,9 @@ fn registry() -> Registry {
         amount_cents: amount,
         currency: amount.map(|_| "usd".into()),
         mode: if key.ends_with("_monthly") {
-            crate::stripe::CheckoutMode::Subscription
+            crate::domain::events::CheckoutMode::Subscription
         } else {
-            crate::stripe::CheckoutMode::Payment
+            crate::domain::events::CheckoutMode::Payment
         },
         grants: grants.iter().map(|g| (*g).to_owned()).collect(),
         feature_lookup_key: Some(format!("feature-{key}")),
@@ -110,7 +110,7 @@ struct Outcome {
     entitlements: BTreeMap<String, Vec<DerivedEntitlement>>,
 }
 
-use crate::events::SubscriptionStatus;
+use crate::domain::events::SubscriptionStatus;
 
 impl Memory {
     fn apply(&mut self, event: &Event) {

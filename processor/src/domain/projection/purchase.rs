@@ -7,7 +7,7 @@
 //! the purchase refunded.
 
 use super::min_known;
-use crate::events::DisputeStatus;
+use crate::domain::events::DisputeStatus;
 
 /// Everything learned about one purchase. A row may be known by any of its three Stripe ids
 /// before the others show up.

@@ -1,15 +1,12 @@
 //! Read-time entitlement status: what a stored entitlement means *now*.
 //!
 //! Invariant: a stored status never lapses by itself (no event may ever say so), so every reader
-//! goes through [`effective_status`]: an entitlement whose `expires_at` is not in the future reads
-//! as `expired` even while the row still says `active` or `past_due`; `revoked` always stays
-//! `revoked`. Only `active` and `past_due` (the payment grace period) grant access. Pure: the
-//! clock is a parameter.
+//! goes through [`effective_status`](super::view::effective_status): an entitlement whose
+//! `expires_at` is not in the future reads as `expired` even while the row still says `active`
+//! or `past_due`; `revoked` always stays `revoked`. Only `active` and `past_due` (the payment
+//! grace period) grant access. Pure: the clock is a parameter.
 
-use chrono::{DateTime, Utc};
-
-use crate::projection::EntitlementStatus;
-use crate::store::EntitlementView;
+use crate::domain::projection::EntitlementStatus;
 
 /// The status of one entitlement as the API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -67,40 +64,19 @@ impl AccessStatus {
     }
 }
 
-/// The status of `view` at `now`.
-#[must_use]
-pub fn effective_status(view: &EntitlementView, now: DateTime<Utc>) -> AccessStatus {
-    let stored = AccessStatus::from(view.status);
-    if stored == AccessStatus::Revoked {
-        return stored;
-    }
-    match view.expires_at {
-        // A period that ends exactly now is over: Stripe's period end is exclusive.
-        Some(expires_at) if expires_at <= now => AccessStatus::Expired,
-        _ => stored,
-    }
-}
-
-/// The status of entitlement `key` among `entitlements` at `now` (`None` when absent).
-#[must_use]
-pub fn status_of(entitlements: &[EntitlementView], key: &str, now: DateTime<Utc>) -> AccessStatus {
-    entitlements
-        .iter()
-        .find(|e| e.key == key)
-        .map_or(AccessStatus::None, |e| effective_status(e, now))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::domain::view::{EntitlementView, effective_status, status_of};
     use chrono::Duration;
+    use chrono::{DateTime, Utc};
 
     fn view(status: &str, expires_at: Option<DateTime<Utc>>) -> EntitlementView {
         EntitlementView {
             key: "pro".into(),
             status: EntitlementStatus::from_column(status).unwrap(),
-            source: crate::projection::EntitlementSource::Subscription,
+            source: crate::domain::projection::EntitlementSource::Subscription,
             source_id: "sub_1".into(),
             expires_at,
             updated_at: Utc::now(),

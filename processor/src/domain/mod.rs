@@ -1,0 +1,16 @@
+//! The domain: what Stripe's events mean for a user's access, with no I/O. Every adapter
+//! (`store`, `cache`, `stripe`, `api`, `outbox`, `worker`, `dlq`, `reconcile`, `cli`) depends on
+//! it; it depends on `shared` alone and never on an adapter (`processor/tests/layers.rs` checks
+//! the direction).
+//!
+//! - [`events`]: the raw body parsed once into typed events;
+//! - [`projection`]: the facts an event contributes, their merges and the entitlements they imply;
+//! - [`access`]: what a stored entitlement means at a given time;
+//! - [`view`]: the read model (the cache's format) and the views built from it;
+//! - [`message`]: the type-specific fields of the app's messages.
+
+pub mod access;
+pub mod events;
+pub mod message;
+pub mod projection;
+pub mod view;
