@@ -77,7 +77,7 @@ impl Broker {
         Self {
             topology: queues.topology.clone(),
             channel: queues.channel.clone(),
-            database: TestDb::empty().await,
+            database: TestDb::create().await,
             queues,
         }
     }

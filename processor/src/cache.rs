@@ -404,7 +404,7 @@ impl Cache {
     }
 
     /// The cached snapshot of `user`, or `None` on a miss, an unreadable entry or a Redis
-    /// failure (readers then go to Postgres and [`Self::refill`]).
+    /// failure (readers then go to Postgres and a refill through [`Self::refresh`]).
     pub async fn read_snapshot(&self, user: &UserId) -> Option<UserSnapshot> {
         let key = entitlements_key(user.as_str());
         let raw = self

@@ -148,7 +148,7 @@ impl LocalCache {
 
     /// The user's snapshot: from memory on a hit, else from Redis (installed in memory when no
     /// invalidation raced the read); `None` when Redis has no usable entry either (read Postgres
-    /// then, and [`Cache::refill`]).
+    /// then, and [`Cache::refresh`]).
     pub async fn read(&self, cache: &Cache, user: &UserId) -> Option<Arc<UserSnapshot>> {
         let Some(inner) = &self.inner else {
             return cache.read_snapshot(user).await.map(Arc::new);

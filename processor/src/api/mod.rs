@@ -5,6 +5,10 @@
 //! route takes its user from the verified bearer token ([`crate::auth::AuthUser`]) and never from
 //! the request, so no route reads or acts on another user's data; the route table
 //! ([`routes`]) is the single list both the router and the OpenAPI document are checked against.
+//!
+//! Direction: the API is on top; the views it answers are the domain's
+//! ([`crate::domain::view`], also the cache's format and the app's message bodies), so nothing
+//! below needs to import it.
 
 pub mod checkout;
 pub mod customers;

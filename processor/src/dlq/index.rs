@@ -18,7 +18,8 @@
 //!   consumer parks, only passes remove), so equal counts mean the same events.
 //! - The index never acts on the queue: replay and purge act on the messages themselves (the
 //!   plan's fingerprints may come from it), and the parked count always comes from the broker.
-//! - Without Postgres (unreachable, or no permission) every command works from the queue alone.
+//! - Without Postgres (unreachable, not migrated, or no permission) every command works from the
+//!   queue alone. The tables are created by the migrations (`migrations/0006_dlq_index.sql`).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -39,27 +40,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Unlogged: the index is a cache the next full pass rebuilds, so it need not cost WAL writes
 /// (Postgres empties unlogged tables after a crash, which leaves the index untrusted).
-const SCHEMA: &str = "
-    SELECT pg_advisory_xact_lock(hashtext('processor dlq index'));
-    CREATE UNLOGGED TABLE IF NOT EXISTS dlq_index (
-        queue       text   NOT NULL,
-        fingerprint uuid   NOT NULL,
-        -- queue order: rows are added in the order a pass meets them, new ones at the tail
-        seq         bigint GENERATED ALWAYS AS IDENTITY,
-        event_id    text,
-        event_type  text,
-        parked_at   timestamptz,
-        record      text   NOT NULL,
-        body        bytea  NOT NULL,
-        PRIMARY KEY (queue, fingerprint)
-    );
-    CREATE INDEX IF NOT EXISTS dlq_index_event ON dlq_index (queue, event_id);
-    CREATE INDEX IF NOT EXISTS dlq_index_order ON dlq_index (queue, seq);
-    CREATE UNLOGGED TABLE IF NOT EXISTS dlq_index_state (
-        queue   text    PRIMARY KEY,
-        trusted boolean NOT NULL
-    );";
-
 /// The index could not be read or written; the command goes on from the queue.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum IndexError {
@@ -127,7 +107,7 @@ fn uuid_of(fingerprint: Fingerprint) -> uuid::Uuid {
 }
 
 impl Index {
-    /// Connects and creates the tables if needed.
+    /// Connects (the tables are the migrations').
     ///
     /// # Errors
     /// When Postgres cannot be reached within [`CONNECT_TIMEOUT`] or refuses the schema.
@@ -141,9 +121,6 @@ impl Index {
             .await
             .map_err(IndexError::Connect)?;
         tokio::spawn(connection);
-        client
-            .batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
-            .await?;
         Ok(Self {
             client,
             queue: queue.to_owned(),

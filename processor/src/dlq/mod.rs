@@ -15,7 +15,7 @@
 //!   parked, or republished, or both (a duplicate the processor's dedupe by event id absorbs).
 //! - `replay` and `purge` print their plan and change nothing without `--yes` or an
 //!   interactive confirmation; without a terminal they exit 2 (a usage error). After a
-//!   confirmation, exactly the planned messages are acted on (by [`message::Fingerprint`]).
+//!   confirmation, exactly the planned messages are acted on (by their fingerprints).
 //! - One command at a time per queue: a second one fails at once instead of seeing a queue
 //!   half-way through a pass.
 //! - Reads that the Postgres index can answer exactly are queries (`index` module: `show` of an

@@ -5,12 +5,14 @@
 //!
 //! - [`events`]: the raw body parsed once into typed events;
 //! - [`projection`]: the facts an event contributes, their merges and the entitlements they imply;
+//! - [`fold`]: a batch's facts joined with the stored rows into the rows to write;
 //! - [`access`]: what a stored entitlement means at a given time;
 //! - [`view`]: the read model (the cache's format) and the views built from it;
 //! - [`message`]: the type-specific fields of the app's messages.
 
 pub mod access;
 pub mod events;
+pub mod fold;
 pub mod message;
 pub mod projection;
 pub mod view;

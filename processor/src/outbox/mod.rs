@@ -16,6 +16,9 @@
 //!
 //! Modules: [`relay`] (the delivery loop), [`webhook`] (Standard Webhooks signing and sending),
 //! [`admin`] (`processor outbox list|replay`).
+//!
+//! Direction: the message bodies are the domain's ([`crate::domain::message`], written by the
+//! store); this module only stores the envelope's fields and delivers, over `config` and `db`.
 
 pub mod admin;
 mod relay;

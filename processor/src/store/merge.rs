@@ -2,11 +2,9 @@
 //! with the stored rows and written back, with a fixed number of set-based statements whatever
 //! the number of events.
 //!
-//! Any grouping of events gives the same rows, because the merge is a join of facts: a row only
-//! ever holds the join of the facts that share one of its Stripe ids, so the rows after a set
-//! are the connected components (by shared checkout session, payment intent or charge id) of
-//! the stored rows and the set's facts, each folded with [`PurchaseFacts::merge`], in any
-//! order. Subscriptions are grouped by id the same way. (`tests/store_batch.rs` checks it.)
+//! Any grouping of events gives the same rows: the join itself is the domain's
+//! ([`crate::domain::fold`]); this module reads the rows it needs and writes what it returns.
+//! (`tests/store_batch.rs` checks it against Postgres.)
 //!
 //! Invariants:
 //! - All or nothing: on any error the caller rolls back to its savepoint. Nothing here commits.
@@ -17,7 +15,7 @@
 //!
 //! Round trips: dedupe and object locks; links and reads; writes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -32,6 +30,7 @@ use super::{
     purchase_from_row, snapshots_of, subscription_from_row,
 };
 use crate::domain::events::{Event, SubscriptionStatus};
+use crate::domain::fold::{self, Purchases};
 use crate::domain::projection::{
     self, FeatureFacts, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts,
 };
@@ -135,16 +134,31 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
 
     // users[i]: the users whose entitlements event i concerns.
     let mut users: Vec<BTreeSet<String>> = vec![BTreeSet::new(); events.len()];
-    let purchases = merge_purchases(&reads.purchase_rows, &purchase_deltas, &owners, &mut users)?;
-    let subscriptions = merge_subscriptions(
-        &reads.subscription_rows,
+    let stored_purchases = reads
+        .purchase_rows
+        .iter()
+        .map(purchase_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let stored_subscriptions = reads
+        .subscription_rows
+        .iter()
+        .map(subscription_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let stored_features = reads
+        .feature_rows
+        .iter()
+        .map(feature_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let purchases = fold::purchases(stored_purchases, &purchase_deltas, &owners, &mut users);
+    let subscriptions = fold::subscriptions(
+        stored_subscriptions,
         &subscription_deltas,
         &owners,
         &mut users,
-    )?;
-    let features = merge_features(&reads.feature_rows, &feature_deltas, &owners, &mut users)?;
+    );
+    let features = fold::features(stored_features, &feature_deltas, &owners, &mut users);
     count_unmatched(&purchases, &subscriptions, &reads.registry);
-    let notices = abandoned_notices(&abandoned, &owners);
+    let notices = fold::abandoned_notices(&abandoned, &owners);
     let new_links: Vec<(&str, &str)> = links
         .iter()
         .filter(|(c, _, _)| reads.new_links.contains(*c))
@@ -409,226 +423,6 @@ async fn resolve_missing_customers(
     Ok(())
 }
 
-/// One purchase row to write: the stored row it updates (`None`: a new row) and its facts.
-struct PurchaseWrite {
-    id: Option<i64>,
-    facts: PurchaseFacts,
-}
-
-/// Where a purchase node of [`merge_purchases`] comes from.
-enum Origin {
-    /// A stored row, by id.
-    Stored(i64),
-    /// A delta, by its event's index in the batch.
-    Event(usize),
-}
-
-/// The merged purchase rows, and the stored rows folded into another one (to delete).
-struct Purchases {
-    writes: Vec<PurchaseWrite>,
-    deletes: Vec<i64>,
-}
-
-/// Folds the stored rows and the deltas into connected components by shared Stripe ids.
-fn merge_purchases(
-    rows: &[Row],
-    deltas: &[(usize, &PurchaseFacts)],
-    owners: &HashMap<String, String>,
-    users: &mut [BTreeSet<String>],
-) -> Result<Purchases, StoreError> {
-    // Nodes: the stored rows, then the deltas.
-    let mut nodes: Vec<(Origin, PurchaseFacts)> = Vec::with_capacity(rows.len() + deltas.len());
-    for row in rows {
-        let (id, facts) = purchase_from_row(row)?;
-        nodes.push((Origin::Stored(id), facts));
-    }
-    for (event, delta) in deltas {
-        nodes.push((Origin::Event(*event), (*delta).clone()));
-    }
-    let mut parent: Vec<usize> = (0..nodes.len()).collect();
-    fn root(parent: &mut [usize], mut n: usize) -> usize {
-        while parent[n] != n {
-            parent[n] = parent[parent[n]];
-            n = parent[n];
-        }
-        n
-    }
-    let mut seen: HashMap<(u8, &str), usize> = HashMap::new();
-    for (n, (_, facts)) in nodes.iter().enumerate() {
-        for (column, id) in [
-            (0, &facts.checkout_session_id),
-            (1, &facts.payment_intent_id),
-            (2, &facts.charge_id),
-        ] {
-            let Some(id) = id else { continue };
-            match seen.get(&(column, id.as_str())) {
-                Some(&other) => {
-                    let (a, b) = (root(&mut parent, n), root(&mut parent, other));
-                    parent[a.max(b)] = a.min(b);
-                }
-                None => {
-                    seen.insert((column, id.as_str()), n);
-                }
-            }
-        }
-    }
-    let mut components: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for n in 0..nodes.len() {
-        let r = root(&mut parent, n);
-        components.entry(r).or_default().push(n);
-    }
-    let mut out = Purchases {
-        writes: Vec::with_capacity(components.len()),
-        deletes: Vec::new(),
-    };
-    for members in components.values() {
-        let mut stored_ids: Vec<i64> = Vec::new();
-        let mut concerned: BTreeSet<String> = BTreeSet::new();
-        let mut events = Vec::new();
-        for &n in members {
-            match &nodes[n] {
-                (Origin::Stored(id), facts) => {
-                    stored_ids.push(*id);
-                    concerned.extend(facts.user_id.clone());
-                }
-                (Origin::Event(event), _) => events.push(*event),
-            }
-        }
-        // A component is never empty.
-        let Some(mut merged) = members
-            .iter()
-            .map(|&n| nodes[n].1.clone())
-            .reduce(PurchaseFacts::merge)
-        else {
-            continue;
-        };
-        resolve_user(
-            &mut merged.user_id,
-            merged.customer_id.as_ref(),
-            owners,
-            concerned,
-            &events,
-            users,
-        );
-        stored_ids.sort_unstable();
-        out.deletes.extend(stored_ids.iter().skip(1));
-        out.writes.push(PurchaseWrite {
-            id: stored_ids.first().copied(),
-            facts: merged,
-        });
-    }
-    Ok(out)
-}
-
-/// Gives a merged row without a user its customer's user, and charges the row's users (`concerned`:
-/// those of the stored rows it folds, and its own) to each of its `events`.
-fn resolve_user(
-    user: &mut Option<String>,
-    customer: Option<&String>,
-    owners: &HashMap<String, String>,
-    mut concerned: BTreeSet<String>,
-    events: &[usize],
-    users: &mut [BTreeSet<String>],
-) {
-    if user.is_none() {
-        *user = customer.and_then(|c| owners.get(c).cloned());
-    }
-    concerned.extend(user.clone());
-    for &event in events {
-        users[event].extend(concerned.iter().cloned());
-    }
-}
-
-/// Folds each subscription's stored row and deltas.
-fn merge_subscriptions(
-    rows: &[Row],
-    deltas: &[(usize, &SubscriptionFacts)],
-    owners: &HashMap<String, String>,
-    users: &mut [BTreeSet<String>],
-) -> Result<Vec<SubscriptionFacts>, StoreError> {
-    let stored = rows
-        .iter()
-        .map(subscription_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let keyed = Keyed {
-        key: |s: &SubscriptionFacts| s.id.clone(),
-        merge: SubscriptionFacts::merge,
-        owner: subscription_owner,
-    };
-    Ok(keyed.fold(stored, deltas, owners, users))
-}
-
-/// Folds each customer's stored Stripe feature row with its deltas; the row takes the
-/// customer's user.
-fn merge_features(
-    rows: &[Row],
-    deltas: &[(usize, &FeatureFacts)],
-    owners: &HashMap<String, String>,
-    users: &mut [BTreeSet<String>],
-) -> Result<Vec<FeatureFacts>, StoreError> {
-    let stored = rows
-        .iter()
-        .map(feature_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let keyed = Keyed {
-        key: |f: &FeatureFacts| f.customer_id.clone(),
-        merge: FeatureFacts::merge,
-        owner: feature_owner,
-    };
-    Ok(keyed.fold(stored, deltas, owners, users))
-}
-
-fn subscription_owner(s: &mut SubscriptionFacts) -> (&mut Option<String>, Option<String>) {
-    (&mut s.user_id, s.customer_id.clone())
-}
-
-fn feature_owner(f: &mut FeatureFacts) -> (&mut Option<String>, Option<String>) {
-    (&mut f.user_id, Some(f.customer_id.clone()))
-}
-
-/// Rows keyed by one Stripe id (a subscription, a customer's features): how to key, join and
-/// attribute them.
-struct Keyed<T> {
-    key: fn(&T) -> String,
-    merge: fn(T, T) -> T,
-    /// The row's user (to fill) and customer.
-    owner: fn(&mut T) -> (&mut Option<String>, Option<String>),
-}
-
-impl<T: Clone> Keyed<T> {
-    /// Groups the deltas by key, each group folded into the stored row of the same key (read
-    /// for exactly these keys); a merged row without a user takes its customer's, and its
-    /// users are charged to its events.
-    fn fold(
-        &self,
-        stored: Vec<T>,
-        deltas: &[(usize, &T)],
-        owners: &HashMap<String, String>,
-        users: &mut [BTreeSet<String>],
-    ) -> Vec<T> {
-        let mut grouped: BTreeMap<String, (Vec<usize>, T)> = stored
-            .into_iter()
-            .map(|row| ((self.key)(&row), (Vec::new(), row)))
-            .collect();
-        for (event, delta) in deltas {
-            let (events, merged) = grouped
-                .entry((self.key)(delta))
-                .or_insert_with(|| (Vec::new(), (*delta).clone()));
-            events.push(*event);
-            *merged = (self.merge)(merged.clone(), (*delta).clone());
-        }
-        grouped
-            .into_values()
-            .map(|(events, mut merged)| {
-                let (user, customer) = (self.owner)(&mut merged);
-                let concerned: BTreeSet<String> = user.iter().cloned().collect();
-                resolve_user(user, customer.as_ref(), owners, concerned, &events, users);
-                merged
-            })
-            .collect()
-    }
-}
-
 /// Counts, in `payments_unmatched_total{kind}`, the merged rows that took money (a paid
 /// purchase, a subscription past `incomplete`) but resolve to no registered product: recorded
 /// with their money trail, granting nothing (`GET /v1/payments/unmatched` lists them).
@@ -659,32 +453,6 @@ fn count_unmatched(
             );
         }
     }
-}
-
-/// `(user, dedupe key, payload)` of each `checkout_abandoned` notification.
-fn abandoned_notices(
-    abandoned: &[&projection::AbandonedCheckout],
-    owners: &HashMap<String, String>,
-) -> Vec<(Option<String>, String, serde_json::Value)> {
-    abandoned
-        .iter()
-        .map(|a| {
-            let user = match &a.user_id {
-                Some(user) => Some(user.as_str().to_owned()),
-                None => a.customer_id.as_ref().and_then(|c| owners.get(c).cloned()),
-            };
-            let payload = serde_json::json!({
-                "checkoutSessionId": a.session_id,
-                "productKey": a.product_key,
-                "recoveryUrl": a.recovery_url,
-            });
-            (
-                user,
-                format!("checkout_abandoned:{}", a.session_id),
-                payload,
-            )
-        })
-        .collect()
 }
 
 /// The purchase columns of the rows to write, one array per column.

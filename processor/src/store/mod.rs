@@ -7,7 +7,7 @@
 //! - Nothing here commits: the caller owns the transaction. What this module undoes, it undoes
 //!   with its own savepoints, so an event the projection refuses leaves nothing behind, its
 //!   `processed_events` row included, and the rest of the set still applies.
-//! - Rows only ever hold the join of their facts ([`projection`]), so the final rows do not
+//! - Rows only ever hold the join of their facts ([`crate::domain::projection`]), so the final rows do not
 //!   depend on the order events arrive in, nor on how they are grouped into sets;
 //!   entitlements are always recomputed from the rows.
 //! - Serialization: a transaction first takes transaction-scoped advisory locks on the Stripe
@@ -34,6 +34,10 @@
 //! per event, so the failure is charged to its own event, and the users are recomputed once
 //! after the last; if even that recomputation fails (a stored row the projection cannot read),
 //! each event is recomputed inside its own savepoint.
+//!
+//! Direction: the store is an adapter of [`crate::domain`] alone (rows ↔ facts); the message
+//! bodies it writes into the outbox come from [`crate::domain::message`], never from the API or
+//! the outbox modules above it.
 
 mod merge;
 mod recompute;

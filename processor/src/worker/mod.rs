@@ -19,6 +19,9 @@
 //! Modules: [`consume`] (broker session, dispatch to lanes), [`batch`] (claim, apply, after
 //! commit), [`settle`] (decision, republish, ack, metrics),
 //! [`heal`] (cache entries a failed write left stale), [`legacy`] (upgrade from classic delays).
+//!
+//! Direction: the worker sits on top of the adapters (`store`, `cache`, `stripe`, `dlq`'s
+//! bookkeeping) and the domain's parser; nothing below imports it.
 
 mod batch;
 mod consume;

@@ -1,6 +1,7 @@
 //! Order-independence of the projection: every permutation of a scenario's events, with
-//! duplicates, merged through the same pure functions the Postgres store uses, ends in the same
-//! rows and entitlements as the expected end state.
+//! duplicates, applied one by one and in batches of every size through the domain's fold
+//! ([`crate::domain::fold`], the one the Postgres store calls), ends in the same rows and
+//! entitlements as the expected end state. No service is needed.
 
 #![allow(clippy::unwrap_used)]
 
@@ -93,14 +94,19 @@ fn registry() -> Registry {
     ])
 }
 
-/// A tiny in-memory store applying the same pure functions as `store::apply`.
+/// A tiny in-memory store applying the same pure functions as `store::apply`: each batch's fresh
+/// events planned, folded with the stored rows by [`crate::domain::fold`], the rows written back.
 #[derive(Debug, Default)]
 struct Memory {
-    purchases: Vec<PurchaseFacts>,
-    subscriptions: BTreeMap<String, SubscriptionFacts>,
-    customers: BTreeMap<String, String>,
+    /// By row id, as the store keeps them.
+    purchases: Vec<(i64, PurchaseFacts)>,
+    next_id: i64,
+    subscriptions: Vec<SubscriptionFacts>,
+    customers: HashMap<String, String>,
     abandoned: BTreeMap<String, AbandonedCheckout>,
-    features: BTreeMap<String, FeatureFacts>,
+    features: Vec<FeatureFacts>,
+    /// `processed_events`.
+    seen: HashSet<String>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -111,56 +117,92 @@ struct Outcome {
 }
 
 use crate::domain::events::SubscriptionStatus;
+use crate::domain::fold;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 impl Memory {
     fn apply(&mut self, event: &Event) {
-        let plan = plan(event);
-        if let Some(link) = plan.link {
+        self.apply_batch(&[event]);
+    }
+
+    /// One batch, as one transaction of the store: replays skipped, links first (the first
+    /// link of a customer wins), then the fold.
+    fn apply_batch(&mut self, events: &[&Event]) {
+        let plans: Vec<Plan> = events
+            .iter()
+            .filter(|e| self.seen.insert(e.id.as_str().to_owned()))
+            .map(|e| plan(e))
+            .collect();
+        for link in plans.iter().filter_map(|p| p.link.as_ref()) {
             self.customers
-                .entry(link.customer_id)
+                .entry(link.customer_id.clone())
                 .or_insert_with(|| link.user_id.as_str().to_owned());
         }
-        if let Some(delta) = plan.purchase {
-            // Stored rows never share a key, so one pass finds every row the delta joins.
-            let (same, mut rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.purchases)
-                .into_iter()
-                .partition(|p| p.shares_key(&delta));
-            rest.push(same.into_iter().fold(delta, PurchaseFacts::merge));
-            self.purchases = rest;
+        let deltas = |f: fn(&Plan) -> Option<&PurchaseFacts>| -> Vec<(usize, &PurchaseFacts)> {
+            plans
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((i, f(p)?)))
+                .collect()
+        };
+        let purchase_deltas = deltas(|p| p.purchase.as_ref());
+        let subscription_deltas: Vec<(usize, &SubscriptionFacts)> = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.subscription.as_ref()?)))
+            .collect();
+        let feature_deltas: Vec<(usize, &FeatureFacts)> = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.features.as_ref()?)))
+            .collect();
+        let mut users = vec![BTreeSet::new(); plans.len()];
+        let purchases = fold::purchases(
+            std::mem::take(&mut self.purchases),
+            &purchase_deltas,
+            &self.customers,
+            &mut users,
+        );
+        for write in purchases.writes {
+            let id = write.id.unwrap_or_else(|| {
+                self.next_id += 1;
+                -self.next_id
+            });
+            self.purchases.push((id, write.facts));
         }
-        if let Some(delta) = plan.subscription {
-            let merged = match self.subscriptions.remove(&delta.id) {
-                Some(row) => row.merge(delta),
-                None => delta,
-            };
-            self.subscriptions.insert(merged.id.clone(), merged);
-        }
-        if let Some(delta) = plan.features {
-            let merged = match self.features.remove(&delta.customer_id) {
-                Some(row) => row.merge(delta),
-                None => delta,
-            };
-            self.features.insert(merged.customer_id.clone(), merged);
-        }
-        if let Some(abandoned) = plan.abandoned {
+        self.subscriptions = fold::subscriptions(
+            std::mem::take(&mut self.subscriptions),
+            &subscription_deltas,
+            &self.customers,
+            &mut users,
+        );
+        self.features = fold::features(
+            std::mem::take(&mut self.features),
+            &feature_deltas,
+            &self.customers,
+            &mut users,
+        );
+        for abandoned in plans.iter().filter_map(|p| p.abandoned.clone()) {
             self.abandoned
                 .entry(abandoned.session_id.clone())
                 .or_insert(abandoned);
         }
+        // A new link attaches the stored rows that waited for their customer's user.
         let customers = &self.customers;
-        let resolve = |user: &mut Option<String>, customer: &Option<String>| {
+        let resolve = |user: &mut Option<String>, customer: Option<&String>| {
             if user.is_none() {
-                *user = customer.as_ref().and_then(|c| customers.get(c)).cloned();
+                *user = customer.and_then(|c| customers.get(c)).cloned();
             }
         };
-        for p in &mut self.purchases {
-            resolve(&mut p.user_id, &p.customer_id);
+        for (_, p) in &mut self.purchases {
+            resolve(&mut p.user_id, p.customer_id.as_ref());
         }
-        for s in self.subscriptions.values_mut() {
-            resolve(&mut s.user_id, &s.customer_id);
+        for s in &mut self.subscriptions {
+            resolve(&mut s.user_id, s.customer_id.as_ref());
         }
-        for f in self.features.values_mut() {
-            resolve(&mut f.user_id, &Some(f.customer_id.clone()));
+        for f in &mut self.features {
+            let customer = f.customer_id.clone();
+            resolve(&mut f.user_id, Some(&customer));
         }
     }
 
@@ -168,24 +210,20 @@ impl Memory {
         let mut purchases: Vec<_> = self
             .purchases
             .iter()
-            .map(|p| (p.clone(), p.status()))
+            .map(|(_, p)| (p.clone(), p.status()))
             .collect();
         purchases.sort_by(|a, b| a.0.source_id().cmp(&b.0.source_id()));
         let subscriptions = self
             .subscriptions
-            .values()
+            .iter()
             .map(|s| (s.clone(), s.status()))
             .collect();
         let mut users: Vec<&String> = self
             .purchases
             .iter()
-            .filter_map(|p| p.user_id.as_ref())
-            .chain(
-                self.subscriptions
-                    .values()
-                    .filter_map(|s| s.user_id.as_ref()),
-            )
-            .chain(self.features.values().filter_map(|f| f.user_id.as_ref()))
+            .filter_map(|(_, p)| p.user_id.as_ref())
+            .chain(self.subscriptions.iter().filter_map(|s| s.user_id.as_ref()))
+            .chain(self.features.iter().filter_map(|f| f.user_id.as_ref()))
             .collect();
         users.sort();
         users.dedup();
@@ -195,18 +233,19 @@ impl Memory {
                 let ps: Vec<_> = self
                     .purchases
                     .iter()
+                    .map(|(_, p)| p)
                     .filter(|p| p.user_id.as_ref() == Some(user))
                     .cloned()
                     .collect();
                 let ss: Vec<_> = self
                     .subscriptions
-                    .values()
+                    .iter()
                     .filter(|s| s.user_id.as_ref() == Some(user))
                     .cloned()
                     .collect();
                 let fs: Vec<_> = self
                     .features
-                    .values()
+                    .iter()
                     .filter(|f| f.user_id.as_ref() == Some(user))
                     .cloned()
                     .collect();
@@ -318,10 +357,27 @@ fn subscription_scenario(with_delete: bool) -> Vec<Event> {
     events
 }
 
+/// `order`'s events applied in batches of `size` (the last one shorter), as the worker groups
+/// deliveries into transactions.
+fn run_batched(events: &[Event], order: &[usize], size: usize) -> Outcome {
+    let mut memory = Memory::default();
+    for batch in order.chunks(size) {
+        let batch: Vec<&Event> = batch.iter().map(|&i| &events[i]).collect();
+        memory.apply_batch(&batch);
+    }
+    memory.outcome()
+}
+
+/// The same end state for `order` as for the events in their own order, applied one by one
+/// and grouped into batches of every size (one batch of all included).
 fn assert_converges(events: &[Event], order: &[usize]) -> Outcome {
     let canonical = run(events, &(0..events.len()).collect::<Vec<_>>());
     let permuted = run(events, order);
     assert_eq!(permuted, canonical, "order {order:?}");
+    for size in 2..=order.len().max(2) {
+        let batched = run_batched(events, order, size);
+        assert_eq!(batched, canonical, "order {order:?} in batches of {size}");
+    }
     permuted
 }
 
