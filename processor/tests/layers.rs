@@ -2,7 +2,8 @@
 //! the crate but itself, no module below the top imports `api`, `outbox`, `worker` or the
 //! commands, and neither the top-level modules nor the files of one module import each other
 //! in a cycle. Test modules (from the first `#[cfg(test)]` of a file on) and comments are not
-//! read.
+//! read. And no source file of the workspace's crates is over [`MAX_LINES`] lines before its
+//! tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,9 @@ const TOP: &[&str] = &["api", "outbox", "worker", "cli", "reconcile", "service"]
 fn is_top(module: &str) -> bool {
     TOP.contains(&module) || module == "dlq"
 }
+
+/// Longest a source file may be before its test module (a file of tests alone is not counted).
+const MAX_LINES: usize = 800;
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
@@ -234,4 +238,30 @@ fn the_check_finds_cycles_arrows_up_and_domain_imports() {
         ],
         "{found:#?}"
     );
+}
+
+#[test]
+fn no_source_file_is_over_800_lines_before_its_tests() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for krate in ["processor", "shared", "ingress"] {
+        let root = workspace.join(krate).join("src");
+        let mut own = Vec::new();
+        sources(&root, &root, &mut own);
+        files.extend(
+            own.into_iter()
+                .map(|(path, source)| (format!("{krate}/src/{path}"), source)),
+        );
+    }
+    assert!(files.len() > 60, "read {} files", files.len());
+    let long: Vec<String> = files
+        .iter()
+        .filter(|(path, _)| !path.ends_with("/tests.rs"))
+        .filter_map(|(path, source)| {
+            let before_tests = source.split("#[cfg(test)]").next().unwrap_or_default();
+            let lines = before_tests.lines().count();
+            (lines > MAX_LINES).then(|| format!("{path}: {lines} lines before its tests"))
+        })
+        .collect();
+    assert!(long.is_empty(), "{}", long.join("\n"));
 }

@@ -39,6 +39,7 @@
 //! bodies it writes into the outbox come from [`crate::domain::message`], never from the API or
 //! the outbox modules above it.
 
+mod columns;
 mod merge;
 mod recompute;
 
