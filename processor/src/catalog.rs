@@ -29,6 +29,7 @@ use shared::config::{ConfigError, Env};
 use shared::ids::EntitlementKey;
 
 use crate::domain::events::CheckoutMode;
+use crate::domain::projection::{is_price_id, is_product_key};
 
 /// One purchasable product.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,23 +248,13 @@ fn build(
     also_grants: &[String],
 ) -> Result<Product, ConfigError> {
     let var = context_var(context);
-    let key_ok = !key.is_empty()
-        && key.len() <= 64
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if !key_ok {
+    if !is_product_key(key) {
         return Err(ConfigError::new(
             var,
             format!("{context}: product key {key:?} must be 1-64 of a-z, 0-9, _ and -"),
         ));
     }
-    let price_ok = price.len() > "price_".len()
-        && price.starts_with("price_")
-        && price
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !price_ok {
+    if !is_price_id(price) {
         return Err(ConfigError::new(
             var,
             format!(

@@ -19,7 +19,7 @@ use tokio_postgres::GenericClient;
 
 use crate::catalog::Catalog;
 use crate::domain::events::CheckoutMode;
-use crate::domain::projection::{BPS_WHOLE, Product, ProductStatus};
+use crate::domain::projection::{BPS_WHOLE, Product, ProductStatus, is_price_id, is_product_key};
 use crate::store::{PRODUCT_COLUMNS, StoreError, product_from_row};
 
 /// Where a product row comes from.
@@ -108,17 +108,12 @@ fn invalid(field: &'static str, message: impl Into<String>) -> RegistryError {
     }
 }
 
-/// A product key: 1-64 of `a-z`, `0-9`, `_`, `-` (the catalog's rule).
+/// A product key, by [`is_product_key`] (the catalog's rule too).
 ///
 /// # Errors
 /// [`RegistryError::Invalid`] for field `key`.
 pub fn validate_key(key: &str) -> Result<(), RegistryError> {
-    let ok = !key.is_empty()
-        && key.len() <= 64
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok {
+    if is_product_key(key) {
         Ok(())
     } else {
         Err(invalid("key", "must be 1-64 of a-z, 0-9, _ and -"))
@@ -142,12 +137,7 @@ impl ProductInput {
             return Err(invalid("title", "at most 200 characters"));
         }
         if let Some(price) = &self.price_id
-            && !(price.len() > "price_".len()
-                && price.len() <= 255
-                && price.starts_with("price_")
-                && price
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            && !is_price_id(price)
         {
             return Err(invalid(
                 "priceId",

@@ -23,6 +23,29 @@ use crate::domain::events::CheckoutMode;
 /// Basis points in a whole.
 pub const BPS_WHOLE: i64 = 10_000;
 
+/// Whether `key` is a product key: 1-64 of `a-z`, `0-9`, `_`, `-`. The one rule the catalog
+/// file and the admin API both apply.
+#[must_use]
+pub fn is_product_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Whether `price` looks like a Stripe price id: `price_` then 1-249 of `A-Z`, `a-z`, `0-9`,
+/// `_` (at most 255 bytes in all). The one rule the catalog file and the admin API both apply.
+#[must_use]
+pub fn is_price_id(price: &str) -> bool {
+    price.len() > "price_".len()
+        && price.len() <= 255
+        && price.starts_with("price_")
+        && price
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// Whether a product can be bought now. Unpublished products keep granting to their buyers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -293,5 +316,33 @@ mod tests {
         }
         let all = product("x", None, Some(1));
         assert_eq!(all.split(500), FeeSplit::of(500));
+    }
+
+    #[test]
+    fn keys_and_prices_follow_one_rule() {
+        for key in ["pro", "content-item_7", &"k".repeat(64)] {
+            assert!(is_product_key(key), "{key}");
+        }
+        for key in ["", "Pro", "pro plan", "pro/x", "é", &"k".repeat(65)] {
+            assert!(!is_product_key(key), "{key}");
+        }
+        for price in [
+            "price_1AbC",
+            "price_x",
+            &format!("price_{}", "a".repeat(249)),
+        ] {
+            assert!(is_price_id(price), "{price}");
+        }
+        let too_long = format!("price_{}", "a".repeat(250));
+        for price in [
+            "",
+            "price_",
+            "prod_1",
+            "price_1-2",
+            "price_1 ",
+            too_long.as_str(),
+        ] {
+            assert!(!is_price_id(price), "{price}");
+        }
     }
 }
