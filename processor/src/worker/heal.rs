@@ -38,30 +38,38 @@ pub(super) async fn run(pool: Pool, cache: Cache, mut stop: tokio::sync::watch::
         }
         // Keeps going while full rounds come back (a backlog after an outage).
         loop {
-            match round(&pool, &cache).await {
-                Ok(checked) => {
-                    if failing {
-                        tracing::info!("cache healer recovered");
-                        failing = false;
-                    }
-                    if checked < ROUND {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    metrics::counter!("entitlement_cache_heal_failures_total",
-                        "stage" => error.stage())
-                    .increment(1);
-                    // Once per outage, not once per round; the counter keeps the count.
-                    if !failing {
-                        tracing::warn!(%error, "cache healer round failed; retrying every round");
-                        failing = true;
-                    }
-                    break;
-                }
+            let result = round(&pool, &cache).await;
+            failing = report(&result, failing);
+            if !matches!(result, Ok(ROUND)) {
+                break;
             }
         }
     }
+}
+
+/// Counts and logs a round's result; returns whether the healer is now failing. A failure is
+/// logged once per outage, not once per round (the counter keeps the count).
+fn report(result: &Result<i64, HealError>, failing: bool) -> bool {
+    match result {
+        Ok(_) => {
+            if failing {
+                tracing::info!("cache healer recovered");
+            }
+            false
+        }
+        Err(error) => {
+            count_failure(error.stage());
+            if !failing {
+                tracing::warn!(%error, "cache healer round failed; retrying every round");
+            }
+            true
+        }
+    }
+}
+
+/// One failure in `entitlement_cache_heal_failures_total{stage}`.
+fn count_failure(stage: &'static str) {
+    metrics::counter!("entitlement_cache_heal_failures_total", "stage" => stage).increment(1);
 }
 
 /// Why a healer round stopped; the round is retried at the next tick.
@@ -135,8 +143,7 @@ async fn repair(client: &tokio_postgres::Client, cache: &Cache, user: &str) -> b
     let Ok(id) = UserId::parse(user) else {
         // Only the store writes cache_pending, with ids it parsed: a row that does not parse
         // is corrupt, and stays for an operator to see.
-        metrics::counter!("entitlement_cache_heal_failures_total", "stage" => "user_id")
-            .increment(1);
+        count_failure("user_id");
         tracing::error!(
             user_id = user,
             "cache_pending holds a user id that does not parse"
@@ -147,15 +154,13 @@ async fn repair(client: &tokio_postgres::Client, cache: &Cache, user: &str) -> b
         Ok(snapshot) => match cache.write_snapshot(&snapshot).await {
             Ok(_) => true,
             Err(error) => {
-                metrics::counter!("entitlement_cache_heal_failures_total", "stage" => "redis")
-                    .increment(1);
+                count_failure("redis");
                 tracing::debug!(user_id = user, %error, "healer could not rewrite the entry");
                 false
             }
         },
         Err(error) => {
-            metrics::counter!("entitlement_cache_heal_failures_total", "stage" => "postgres")
-                .increment(1);
+            count_failure("postgres");
             tracing::debug!(user_id = user, %error, "healer could not read the snapshot");
             false
         }

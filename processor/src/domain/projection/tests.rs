@@ -138,24 +138,9 @@ impl Memory {
                 .entry(link.customer_id.clone())
                 .or_insert_with(|| link.user_id.as_str().to_owned());
         }
-        let deltas = |f: fn(&Plan) -> Option<&PurchaseFacts>| -> Vec<(usize, &PurchaseFacts)> {
-            plans
-                .iter()
-                .enumerate()
-                .filter_map(|(i, p)| Some((i, f(p)?)))
-                .collect()
-        };
-        let purchase_deltas = deltas(|p| p.purchase.as_ref());
-        let subscription_deltas: Vec<(usize, &SubscriptionFacts)> = plans
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| Some((i, p.subscription.as_ref()?)))
-            .collect();
-        let feature_deltas: Vec<(usize, &FeatureFacts)> = plans
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| Some((i, p.features.as_ref()?)))
-            .collect();
+        let purchase_deltas = deltas(&plans, |p| p.purchase.as_ref());
+        let subscription_deltas = deltas(&plans, |p| p.subscription.as_ref());
+        let feature_deltas = deltas(&plans, |p| p.features.as_ref());
         let mut users = vec![BTreeSet::new(); plans.len()];
         let purchases = fold::purchases(
             std::mem::take(&mut self.purchases),
@@ -355,6 +340,15 @@ fn subscription_scenario(with_delete: bool) -> Vec<Event> {
         ));
     }
     events
+}
+
+/// One part of each plan that has it, by the plan's index in the batch (as the store's deltas).
+fn deltas<T>(plans: &[Plan], part: fn(&Plan) -> Option<&T>) -> Vec<(usize, &T)> {
+    plans
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((i, part(p)?)))
+        .collect()
 }
 
 /// `order`'s events applied in batches of `size` (the last one shorter), as the worker groups
