@@ -29,57 +29,7 @@ use shared::config::{ConfigError, Env};
 use shared::ids::EntitlementKey;
 
 use crate::domain::events::CheckoutMode;
-use crate::domain::projection::{is_price_id, is_product_key};
-
-/// One purchasable product.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Product {
-    key: String,
-    price_id: String,
-    mode: CheckoutMode,
-    entitlement: EntitlementKey,
-    also_grants: Vec<EntitlementKey>,
-    feature: Option<String>,
-}
-
-impl Product {
-    /// The Stripe Entitlements feature (`lookup_key`) that grants this product's keys.
-    #[must_use]
-    pub fn feature(&self) -> Option<&str> {
-        self.feature.as_deref()
-    }
-
-    /// The product key clients send (`{"productKey":"pro"}`).
-    #[must_use]
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// The Stripe price (`price_…`).
-    #[must_use]
-    pub fn price_id(&self) -> &str {
-        &self.price_id
-    }
-
-    #[must_use]
-    pub fn mode(&self) -> CheckoutMode {
-        self.mode
-    }
-
-    /// The entitlement a completed purchase grants.
-    #[must_use]
-    pub fn entitlement(&self) -> &EntitlementKey {
-        &self.entitlement
-    }
-
-    /// Every entitlement key the product grants: its entitlement, then `also_grants`.
-    #[must_use]
-    pub fn grants(&self) -> Vec<&EntitlementKey> {
-        std::iter::once(&self.entitlement)
-            .chain(&self.also_grants)
-            .collect()
-    }
-}
+use crate::domain::projection::{Product, ProductStatus, is_price_id, is_product_key};
 
 /// The validated set of products.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -177,7 +127,7 @@ impl Catalog {
                     &p.entitlement,
                     &p.also_grants,
                 )?;
-                product.feature = p
+                product.feature_lookup_key = p
                     .feature
                     .map(|f| f.trim().to_owned())
                     .filter(|f| !f.is_empty());
@@ -198,12 +148,13 @@ impl Catalog {
                 ),
             ));
         }
-        if let Some(other) = self.find_by_price(&product.price_id) {
+        let price = product.price_id.as_deref().unwrap_or_default();
+        if let Some(other) = self.find_by_price(price) {
             return Err(ConfigError::new(
                 var,
                 format!(
-                    "{context}: products {:?} and {:?} share price {}",
-                    other.key, product.key, product.price_id
+                    "{context}: products {:?} and {:?} share price {price}",
+                    other.key, product.key
                 ),
             ));
         }
@@ -220,7 +171,9 @@ impl Catalog {
     /// The product sold at this Stripe price, to map a paid line item back to its entitlement.
     #[must_use]
     pub fn find_by_price(&self, price_id: &str) -> Option<&Product> {
-        self.products.values().find(|p| p.price_id == price_id)
+        self.products
+            .values()
+            .find(|p| p.price_id.as_deref() == Some(price_id))
     }
 
     /// All products, in key order.
@@ -266,18 +219,27 @@ fn build(
         EntitlementKey::parse(raw)
             .map_err(|e| ConfigError::new(var, format!("{context}: product {key:?}: {e}")))
     };
-    let entitlement = parse(entitlement)?;
-    let also_grants = also_grants
-        .iter()
-        .map(|g| parse(g))
-        .collect::<Result<Vec<_>, _>>()?;
+    // The product's entitlement first, then `also_grants`, each once.
+    let mut grants: Vec<String> = Vec::with_capacity(1 + also_grants.len());
+    for raw in std::iter::once(entitlement).chain(also_grants.iter().map(String::as_str)) {
+        let grant = parse(raw)?.as_str().to_owned();
+        if !grants.contains(&grant) {
+            grants.push(grant);
+        }
+    }
     Ok(Product {
         key: key.to_owned(),
-        price_id: price.to_owned(),
+        title: None,
+        price_id: Some(price.to_owned()),
+        amount_cents: None,
+        currency: None,
         mode,
-        entitlement,
-        also_grants,
-        feature: None,
+        grants,
+        feature_lookup_key: None,
+        creator_id: None,
+        platform_fee_bps: 0,
+        organization_fee_bps: 0,
+        status: ProductStatus::Published,
     })
 }
 
@@ -303,9 +265,9 @@ mod tests {
     fn the_pro_lifetime_price_defines_the_pro_product() {
         let catalog = Catalog::from_sources(Some("price_pro123"), None).unwrap();
         let pro = catalog.get("pro").unwrap();
-        assert_eq!(pro.price_id(), "price_pro123");
-        assert_eq!(pro.mode(), CheckoutMode::Payment);
-        assert_eq!(pro.entitlement().as_str(), "pro");
+        assert_eq!(pro.price_id.as_deref(), Some("price_pro123"));
+        assert_eq!(pro.mode, CheckoutMode::Payment);
+        assert_eq!(pro.grants, ["pro"]);
         assert_eq!(catalog.products().count(), 1);
     }
 
@@ -313,15 +275,13 @@ mod tests {
     fn the_catalog_file_adds_products_next_to_pro() {
         let catalog =
             Catalog::from_sources(Some("price_pro123"), Some(("catalog.toml", FILE))).unwrap();
-        let keys: Vec<_> = catalog.products().map(Product::key).collect();
+        let keys: Vec<_> = catalog.products().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["credits", "pro", "team_monthly"]);
         let team = catalog.get("team_monthly").unwrap();
-        assert_eq!(team.mode(), CheckoutMode::Subscription);
-        assert_eq!(team.entitlement().as_str(), "team");
-        let grants: Vec<_> = team.grants().iter().map(|g| g.as_str()).collect();
-        assert_eq!(grants, ["team", "pro"]);
+        assert_eq!(team.mode, CheckoutMode::Subscription);
+        assert_eq!(team.grants, ["team", "pro"]);
         assert_eq!(
-            catalog.find_by_price("price_team1").unwrap().key(),
+            catalog.find_by_price("price_team1").unwrap().key,
             "team_monthly"
         );
         assert!(catalog.get("gold").is_none());

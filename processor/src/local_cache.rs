@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use shared::backoff::Reconnect;
 use shared::ids::UserId;
 
 use crate::cache::{Cache, ENTITLEMENTS_PREFIX};
@@ -315,20 +316,22 @@ impl Inner {
 /// Keeps a tracking connection up, and confirms it every [`HEARTBEAT`], while the layer lives.
 async fn track(inner: Weak<Inner>, client: redis::Client) {
     let mut number = 0_u64;
-    let mut pause = RECONNECT_PAUSE;
+    let mut pauses = Reconnect::new(RECONNECT_PAUSE, RECONNECT_PAUSE_MAX);
     loop {
         number += 1;
-        match connect(&inner, &client, number).await {
+        let pause = match connect(&inner, &client, number).await {
             Ok(Some(connection)) => {
-                pause = RECONNECT_PAUSE;
+                pauses.reset();
                 heartbeat(&inner, connection, number).await;
+                pauses.next_pause()
             }
             Ok(None) => return,
             Err(error) => {
+                let pause = pauses.next_pause();
                 tracing::warn!(%error, retry_in = ?pause, "cannot establish entitlement tracking");
-                pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+                pause
             }
-        }
+        };
         let Some(layer) = inner.upgrade() else {
             return;
         };

@@ -41,7 +41,7 @@ const BROKER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Confirms awaited at once within a page: throughput comes from confirms in flight.
 const IN_FLIGHT: usize = 32;
 /// Attempts per message before the run stops (an event published twice is deduped).
-const PUBLISH_ATTEMPTS: u32 = 3;
+const PUBLISH_ATTEMPTS: usize = 3;
 /// Retries of one Stripe page: a batch job can afford more patience than a user-facing call.
 const STRIPE_RETRIES: usize = 4;
 
@@ -476,23 +476,18 @@ async fn publish_one(
     exchange: &str,
     event: &Outgoing,
 ) -> Result<(), PublishError> {
-    let mut attempt = 1;
-    loop {
-        match publisher
-            .publish(exchange, &event.event_type, &event.body, event.properties())
-            .await
-        {
-            Ok(()) => return Ok(()),
-            Err(error) if attempt >= PUBLISH_ATTEMPTS => return Err(error),
-            Err(error) => {
-                tracing::warn!(event_id = %event.id, attempt, %error, "publish failed, retrying");
-                // After a lost connection the supervisor reconnects; give it the time to.
-                publisher.wait_ready(BROKER_READY_TIMEOUT).await;
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                attempt += 1;
-            }
-        }
-    }
+    publisher
+        .publish_retrying(
+            (
+                exchange,
+                &event.event_type,
+                &event.body,
+                &event.properties(),
+            ),
+            PUBLISH_ATTEMPTS,
+            BROKER_READY_TIMEOUT,
+        )
+        .await
 }
 
 /// One event as it goes to the broker.

@@ -344,7 +344,7 @@ pub async fn sync_config(pool: &Pool, catalog: &Catalog) -> Result<(), RegistryE
         &[],
     )
     .await?;
-    let mut wanted: Vec<Product> = catalog.products().map(Product::from).collect();
+    let mut wanted: Vec<Product> = catalog.products().cloned().collect();
     if catalog.get("pro").is_none() {
         wanted.push(Product {
             key: "pro".into(),
@@ -392,25 +392,6 @@ pub async fn sync_config(pool: &Pool, catalog: &Catalog) -> Result<(), RegistryE
     .await?;
     tx.commit().await?;
     Ok(())
-}
-
-impl From<&crate::catalog::Product> for Product {
-    fn from(p: &crate::catalog::Product) -> Self {
-        Self {
-            key: p.key().to_owned(),
-            title: None,
-            price_id: Some(p.price_id().to_owned()),
-            amount_cents: None,
-            currency: None,
-            mode: p.mode(),
-            grants: p.grants().iter().map(|g| g.as_str().to_owned()).collect(),
-            feature_lookup_key: p.feature().map(str::to_owned),
-            creator_id: None,
-            platform_fee_bps: 0,
-            organization_fee_bps: 0,
-            status: ProductStatus::Published,
-        }
-    }
 }
 
 /// Locks `products:{key}` for the transaction and reads the row with its origin.

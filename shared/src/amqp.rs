@@ -13,12 +13,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::backoff::Reconnect;
 use crate::topology::Topology;
 
 /// `AMQP_URL`'s default: the local broker's guest account and default virtual host.
@@ -184,6 +186,36 @@ impl Publisher {
         }
         outcome
     }
+
+    /// [`Publisher::publish`] tried up to `attempts` times, 200 ms apart and doubling, each try
+    /// first waiting up to `ready` for the supervisor to have a channel open (after a lost
+    /// connection it reconnects in between). [`PublishError::Unroutable`] is not retried: the
+    /// queue is not bound, and trying again cannot change that.
+    ///
+    /// # Errors
+    /// The last try's [`PublishError`].
+    pub async fn publish_retrying(
+        &self,
+        message: (&str, &str, &[u8], &BasicProperties),
+        attempts: usize,
+        ready: Duration,
+    ) -> Result<(), PublishError> {
+        let (exchange, routing_key, body, properties) = message;
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_times(attempts.saturating_sub(1));
+        (|| async {
+            self.wait_ready(ready).await;
+            self.publish(exchange, routing_key, body, properties.clone())
+                .await
+        })
+        .retry(policy)
+        .when(|error| !matches!(error, PublishError::Unroutable))
+        .notify(|error, after| {
+            tracing::warn!(%error, routing_key, retry_in = ?after, "publish failed; retrying");
+        })
+        .await
+    }
 }
 
 async fn supervise(
@@ -194,7 +226,7 @@ async fn supervise(
     broken: Arc<Notify>,
     stop: Arc<Notify>,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut pauses = Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let attempt = async {
             let connection = connect(&url, &name).await?;
@@ -210,17 +242,17 @@ async fn supervise(
             result = attempt => match result {
                 Ok(pair) => pair,
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "broker unavailable");
+                    let pause = pauses.next_pause();
+                    tracing::warn!(%error, retry_in = ?pause, "broker unavailable");
                     tokio::select! {
                         () = stop.notified() => return,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(pause) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             }
         };
-        backoff = Duration::from_millis(200);
+        pauses.reset();
         tracing::info!(connection = %name, "broker channel open");
         metrics::gauge!("amqp_connected", "connection" => name.clone()).set(1.0);
         tx.send_replace(Some(channel.clone()));

@@ -3,6 +3,7 @@
 //! and the HTTP listener with its limits.
 
 pub mod amqp;
+pub mod backoff;
 pub mod config;
 pub mod ids;
 pub mod samples;

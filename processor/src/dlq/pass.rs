@@ -179,7 +179,7 @@ enum Settled {
 
 /// What a pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Outcome {
+pub(crate) struct Tally {
     /// Messages read (each visited once, duplicates excluded).
     pub(crate) visited: u64,
     pub(crate) kept: u64,
@@ -385,8 +385,8 @@ impl Session {
     pub(crate) async fn pass(
         &self,
         mut visit: impl FnMut(&ParkedMessage, Fingerprint) -> Action,
-    ) -> Result<Outcome, PassError> {
-        let mut outcome = Outcome::default();
+    ) -> Result<Tally, PassError> {
+        let mut outcome = Tally::default();
         if self.depth == 0 {
             return Ok(outcome);
         }
@@ -432,7 +432,7 @@ impl Session {
         &self,
         publishing: &Connection,
         visit: &mut impl FnMut(&ParkedMessage, Fingerprint) -> Action,
-        outcome: &mut Outcome,
+        outcome: &mut Tally,
         update: &mut Option<Update<'_>>,
     ) -> Result<(), PassError> {
         let read = |e| self.read_error(e);

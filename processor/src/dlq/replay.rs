@@ -14,13 +14,13 @@ use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use indicatif::{ProgressBar, ProgressStyle};
-use shared::amqp::{PublishError, Publisher};
+use shared::amqp::Publisher;
 use shared::topology::Topology;
 
 use super::export::ExportRecord;
 use super::message::Action;
 use super::message::ParkedMessage;
-use super::pass::{Outcome, Session};
+use super::pass::{Session, Tally};
 use super::{
     Broker, ReplayArgs, Selection, Selector, UsageError, confirmed, n_events, note_duplicates,
     plan_pass, table,
@@ -33,7 +33,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the broker (at start and after a lost connection).
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Attempts per message before a file replay stops.
-const PUBLISH_ATTEMPTS: u32 = 5;
+const PUBLISH_ATTEMPTS: usize = 5;
 /// Below this many events a progress bar is noise.
 const PROGRESS_FROM: u64 = 100;
 
@@ -145,13 +145,13 @@ async fn plan_then_replay(
 
 /// The summary of a replay pass, or the error that says what happened and how to finish.
 fn finish(
-    outcome: Result<Outcome, super::PassError>,
+    outcome: Result<Tally, super::PassError>,
     selected: usize,
     topology: &Topology,
 ) -> anyhow::Result<()> {
     let (outcome, failure) = match outcome {
         Ok(o) => (o, None),
-        Err(e) => (Outcome::default(), Some(e)),
+        Err(e) => (Tally::default(), Some(e)),
     };
     note_duplicates(outcome.duplicates);
     let replayed = usize::try_from(outcome.replayed).unwrap_or(usize::MAX);
@@ -328,33 +328,14 @@ async fn replay_one(
     let message = parked.for_replay();
     let event_id = message.event_id().unwrap_or_default();
     let routing_key = message.event_type().unwrap_or_default();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = publisher
-            .publish(
-                exchange,
-                &routing_key,
-                &message.body,
-                message.properties.clone(),
-            )
-            .await;
-        match result {
-            Ok(()) => break,
-            // Unroutable means the main queue is not bound: retrying cannot help.
-            Err(e @ PublishError::Unroutable) => {
-                return Err(anyhow::Error::new(e).context(format!("replay {event_id}")));
-            }
-            Err(e) if attempt >= PUBLISH_ATTEMPTS => {
-                return Err(anyhow::Error::new(e).context(format!("replay {event_id}")));
-            }
-            Err(e) => {
-                tracing::warn!(event_id, error = %e, attempt, "republish failed; retrying");
-                publisher.wait_ready(READY_TIMEOUT).await;
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-            }
-        }
-    }
+    publisher
+        .publish_retrying(
+            (exchange, &routing_key, &message.body, &message.properties),
+            PUBLISH_ATTEMPTS,
+            READY_TIMEOUT,
+        )
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("replay {event_id}")))?;
     tracing::info!(event_id, event_type = routing_key, "replayed");
     Ok(())
 }

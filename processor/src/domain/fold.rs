@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::message::Notice;
 use super::projection::{AbandonedCheckout, FeatureFacts, PurchaseFacts, SubscriptionFacts};
 
 /// One purchase row to write: the stored row it updates (`None`: a new row) and its facts.
@@ -232,12 +233,12 @@ impl<T: Clone> Keyed<T> {
     }
 }
 
-/// `(user, dedupe key, payload)` of each `checkout_abandoned` notification.
+/// The `checkout_abandoned` notice of each abandoned checkout, to its user when known.
 #[must_use]
 pub fn abandoned_notices(
     abandoned: &[&AbandonedCheckout],
     owners: &HashMap<String, String>,
-) -> Vec<(Option<String>, String, serde_json::Value)> {
+) -> Vec<Notice> {
     abandoned
         .iter()
         .map(|a| {
@@ -245,16 +246,7 @@ pub fn abandoned_notices(
                 Some(user) => Some(user.as_str().to_owned()),
                 None => a.customer_id.as_ref().and_then(|c| owners.get(c).cloned()),
             };
-            let payload = serde_json::json!({
-                "checkoutSessionId": a.session_id,
-                "productKey": a.product_key,
-                "recoveryUrl": a.recovery_url,
-            });
-            (
-                user,
-                format!("checkout_abandoned:{}", a.session_id),
-                payload,
-            )
+            Notice::abandoned(a, user)
         })
         .collect()
 }

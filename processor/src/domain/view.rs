@@ -1,6 +1,12 @@
 //! The domain's read model: a user's entitlements as the projection derived them
 //! ([`UserSnapshot`], [`EntitlementView`]), which the Redis cache stores as they are, and the
 //! views the API answers and the app's messages carry, built from them at a given time.
+//!
+//! One entitlement, three stages: the projection derives a
+//! [`projection::Entitlement`](super::projection::Entitlement) from facts; the store writes it
+//! and reads it back as an [`EntitlementView`] (with the time it last changed), which the cache
+//! keeps; [`list_view`]/[`item_view`] turn views into [`EntitlementItem`]s, the status a
+//! client sees at a given instant.
 
 use chrono::{DateTime, Utc};
 

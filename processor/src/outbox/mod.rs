@@ -94,6 +94,7 @@ impl Message {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::domain::message::{MESSAGE_TYPES, NoticeKind};
 
     #[test]
     fn the_envelope_wraps_the_body_and_the_body_cannot_override_it() {
@@ -117,13 +118,17 @@ mod tests {
     #[test]
     fn the_asyncapi_document_names_every_message_type() {
         let doc = include_str!("../../../docs/asyncapi.yaml");
-        for kind in [
-            "entitlements.changed",
-            "notification.revoked",
-            "notification.suspended",
-            "notification.checkout_abandoned",
-        ] {
+        for kind in MESSAGE_TYPES {
             assert!(doc.contains(&format!("name: {kind}")), "{kind}");
         }
+    }
+
+    #[test]
+    fn the_migrations_trigger_writes_the_abandoned_checkouts_message_type() {
+        // The one message type spelled in SQL (a migration cannot read the domain's rule).
+        let migration = include_str!("../../../migrations/0005_outbox.sql");
+        let kind = NoticeKind::CheckoutAbandoned;
+        assert!(migration.contains(&format!("'{}'", kind.message_type())));
+        assert!(migration.contains(&format!("NEW.kind = '{}'", kind.column())));
     }
 }

@@ -26,12 +26,13 @@ use tokio_postgres::types::Type;
 
 use super::columns::{PurchaseColumns, SubscriptionColumns, purchase_unnest};
 use super::{
-    Db, FEATURE_COLUMNS, Outcome, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
-    StoreError, feature_from_row, is_violation_of, lock, opt_timestamp, product_from_row,
+    Db, FEATURE_COLUMNS, Outcome, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
+    feature_from_row, is_violation_of, lock, opt_timestamp, product_from_row, products_named_by,
     purchase_from_row, snapshots_of, subscription_from_row,
 };
 use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::fold::{self, Purchases};
+use crate::domain::message::Notice;
 use crate::domain::projection::{
     self, FeatureFacts, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts,
 };
@@ -318,13 +319,10 @@ async fn read_state(
     ]);
     // The registry entries the merged rows can resolve to: named by a delta, or by a stored
     // row the deltas fold into (read in this pipeline, so no extra round trip).
-    let products_sql = format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products
-          WHERE key = ANY($4) OR price_id = ANY($5)
-             OR key IN (SELECT product_key FROM purchases WHERE {SHARING}
-                        UNION ALL SELECT product_key FROM subscriptions WHERE id = ANY($6))
-             OR price_id IN (SELECT price_id FROM purchases WHERE {SHARING}
-                             UNION ALL SELECT price_id FROM subscriptions WHERE id = ANY($6))"
+    let products_sql = products_named_by(
+        SHARING,
+        "id = ANY($6)",
+        "key = ANY($4) OR price_id = ANY($5)",
     );
     let ((new_links, purchase_rows, subscription_rows, customer_rows, product_rows), feature_rows) =
         try_join(
@@ -464,7 +462,7 @@ struct Writes<'a> {
     purchases: &'a Purchases,
     subscriptions: &'a [SubscriptionFacts],
     features: &'a [FeatureFacts],
-    notices: &'a [(Option<String>, String, serde_json::Value)],
+    notices: &'a [Notice],
 }
 
 async fn write_state(
@@ -534,10 +532,12 @@ async fn write_state(
         (&subs.price_claim_at, Type::TIMESTAMPTZ_ARRAY),
         (&subs.quantity, Type::INT8_ARRAY),
     ];
-    let notice_users: Vec<Option<&str>> = notices.iter().map(|(u, _, _)| u.as_deref()).collect();
-    let notice_keys: Vec<&str> = notices.iter().map(|(_, k, _)| k.as_str()).collect();
-    let notice_payloads: Vec<&serde_json::Value> = notices.iter().map(|(_, _, p)| p).collect();
-    let notice_params: [Param<'_>; 3] = [
+    let notice_kinds: Vec<&str> = notices.iter().map(|n| n.kind.column()).collect();
+    let notice_users: Vec<Option<&str>> = notices.iter().map(|n| n.user_id.as_deref()).collect();
+    let notice_keys: Vec<&str> = notices.iter().map(|n| n.dedupe_key.as_str()).collect();
+    let notice_payloads: Vec<&serde_json::Value> = notices.iter().map(|n| &n.payload).collect();
+    let notice_params: [Param<'_>; 4] = [
+        (&notice_kinds, Type::TEXT_ARRAY),
         (&notice_users, Type::TEXT_ARRAY),
         (&notice_keys, Type::TEXT_ARRAY),
         (&notice_payloads, Type::JSONB_ARRAY),
@@ -632,8 +632,9 @@ async fn write_state(
     }
     if !notices.is_empty() {
         pending.push(Box::pin(db.query(
+            // The migration's trigger gives each one with a user its outbox row.
             "INSERT INTO notifications (kind, user_id, dedupe_key, payload)
-             SELECT 'checkout_abandoned', * FROM unnest($1::text[], $2::text[], $3::jsonb[])
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
              ON CONFLICT (dedupe_key) DO NOTHING",
             &notice_params,
         )));

@@ -19,14 +19,14 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 use super::{
-    Db, FEATURE_COLUMNS, PRODUCT_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS,
-    StoreError, entitlement_source, entitlement_status, feature_from_row, grant_sources,
-    opt_timestamp, product_from_row, purchase_from_row, secs, subscription_from_row,
+    Db, FEATURE_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
+    entitlement_source, entitlement_status, feature_from_row, grant_sources, opt_timestamp,
+    product_from_row, products_named_by, purchase_from_row, secs, subscription_from_row,
 };
 use crate::domain::events::Event;
+use crate::domain::message::{ENTITLEMENTS_CHANGED, Notice};
 use crate::domain::projection::{
-    self, DerivedEntitlement, EntitlementStatus, FeatureFacts, PurchaseFacts, Registry,
-    SubscriptionFacts,
+    self, Entitlement, FeatureFacts, PurchaseFacts, Registry, SubscriptionFacts,
 };
 use crate::domain::view::{EntitlementView, UserSnapshot};
 
@@ -44,9 +44,9 @@ struct Recomputed {
     user: String,
     views: Vec<EntitlementView>,
     /// Entitlements whose stored row differs (or is missing).
-    changed: Vec<DerivedEntitlement>,
-    /// `(kind, dedupe key, payload)` of the notifications to queue.
-    notices: Vec<(&'static str, String, serde_json::Value)>,
+    changed: Vec<Entitlement>,
+    /// The notifications to queue.
+    notices: Vec<Notice>,
     /// Stored keys no source grants any more (a row moved to another user).
     stale: Vec<String>,
     /// The transaction's time, at which the outbox snapshot is taken.
@@ -57,8 +57,8 @@ struct Recomputed {
 /// `updated_at`) at the server's `now`.
 fn diff_entitlements(
     user: &str,
-    derived: Vec<DerivedEntitlement>,
-    mut existing: BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)>,
+    derived: Vec<Entitlement>,
+    mut existing: BTreeMap<String, (Entitlement, DateTime<Utc>)>,
     now: DateTime<Utc>,
 ) -> Result<Recomputed, StoreError> {
     let mut views = Vec::with_capacity(derived.len());
@@ -80,31 +80,11 @@ fn diff_entitlements(
             updated_at,
             sources: entitlement.sources.clone(),
         });
-        let kind = match entitlement.status {
-            EntitlementStatus::Revoked => Some("entitlement_revoked"),
-            EntitlementStatus::Suspended => Some("entitlement_suspended"),
-            _ => None,
-        };
         let unchanged_status = before
             .as_ref()
             .is_some_and(|(stored, _)| stored.status == entitlement.status);
-        if let Some(kind) = kind.filter(|_| !unchanged_status) {
-            // Keyed by the source, so the same revocation reached through another event order
-            // (or a replay) is queued once.
-            let dedupe_key = format!(
-                "{kind}:{user}:{}:{}:{}",
-                entitlement.key,
-                entitlement.source.as_str(),
-                entitlement.source_id
-            );
-            let payload = serde_json::json!({
-                "userId": user,
-                "entitlementKey": entitlement.key,
-                "status": entitlement.status.as_str(),
-                "source": entitlement.source.as_str(),
-                "sourceId": entitlement.source_id,
-            });
-            notices.push((kind, dedupe_key, payload));
+        if !unchanged_status {
+            notices.extend(Notice::status_change(user, &entitlement));
         }
         if !matches!(&before, Some((stored, _)) if *stored == entitlement) {
             changed.push(entitlement);
@@ -120,8 +100,8 @@ fn diff_entitlements(
     })
 }
 
-fn entitlement_from_row(row: &Row) -> Result<DerivedEntitlement, StoreError> {
-    Ok(DerivedEntitlement {
+fn entitlement_from_row(row: &Row) -> Result<Entitlement, StoreError> {
+    Ok(Entitlement {
         key: row.try_get("key")?,
         status: entitlement_status(row.try_get("status")?)?,
         source: entitlement_source(row.try_get("source")?)?,
@@ -148,14 +128,11 @@ pub(super) async fn recompute(
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = ANY($1)");
     // --- product registry (catalog): the products these users' rows name, by key or price.
-    let products_sql = format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products
-          WHERE key IN (SELECT product_key FROM purchases WHERE user_id = ANY($1)
-                        UNION ALL SELECT product_key FROM subscriptions WHERE user_id = ANY($1))
-             OR price_id IN (SELECT price_id FROM purchases WHERE user_id = ANY($1)
-                             UNION ALL SELECT price_id FROM subscriptions WHERE user_id = ANY($1))
-             OR feature_lookup_key IN (SELECT unnest(lookup_keys) FROM stripe_features
-                                        WHERE user_id = ANY($1))"
+    let products_sql = products_named_by(
+        "user_id = ANY($1)",
+        "user_id = ANY($1)",
+        "feature_lookup_key IN (SELECT unnest(lookup_keys) FROM stripe_features
+                                 WHERE user_id = ANY($1))",
     );
     let features_sql =
         format!("SELECT {FEATURE_COLUMNS} FROM stripe_features WHERE user_id = ANY($1)");
@@ -205,7 +182,7 @@ pub(super) async fn recompute(
         }
     }
     let mut now: DateTime<Utc> = DateTime::UNIX_EPOCH;
-    let mut existing: BTreeMap<String, BTreeMap<String, (DerivedEntitlement, DateTime<Utc>)>> =
+    let mut existing: BTreeMap<String, BTreeMap<String, (Entitlement, DateTime<Utc>)>> =
         BTreeMap::new();
     for row in &entitlement_rows {
         now = row.try_get("now")?;
@@ -259,18 +236,19 @@ async fn write_recomputed(
     users: &BTreeMap<String, Bump<'_>>,
 ) -> Result<BTreeMap<String, i64>, StoreError> {
     let mut upsert = EntitlementColumns::default();
-    let (mut kinds, mut notice_users, mut dedupe_keys, mut payloads) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut kinds, mut types, mut notice_users, mut dedupe_keys, mut payloads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut stale_users, mut stale_keys) = (Vec::new(), Vec::new());
     for r in recomputed {
         for e in &r.changed {
             upsert.push(&r.user, e)?;
         }
-        for (kind, dedupe_key, payload) in &r.notices {
-            kinds.push(*kind);
+        for notice in &r.notices {
+            kinds.push(notice.kind.column());
+            types.push(notice.kind.message_type());
             notice_users.push(r.user.as_str());
-            dedupe_keys.push(dedupe_key.as_str());
-            payloads.push(payload);
+            dedupe_keys.push(notice.dedupe_key.as_str());
+            payloads.push(&notice.payload);
         }
         for key in &r.stale {
             stale_users.push(r.user.as_str());
@@ -335,7 +313,7 @@ async fn write_recomputed(
             (r.user.as_str(), body)
         })
         .unzip();
-    let bump_params: [Param<'_>; 9] = [
+    let bump_params: [Param<'_>; 11] = [
         (&bump_users, Type::TEXT_ARRAY),
         (&bump_counts, Type::INT8_ARRAY),
         (&causes, Type::JSONB_ARRAY),
@@ -345,6 +323,8 @@ async fn write_recomputed(
         (&payloads, Type::JSONB_ARRAY),
         (&changed_users, Type::TEXT_ARRAY),
         (&changed_bodies, Type::JSONB_ARRAY),
+        (&types, Type::TEXT_ARRAY),
+        (&ENTITLEMENTS_CHANGED, Type::TEXT),
     ];
     let bump = db.query(
         // The new versions are also marked pending for the cache healer, in this transaction:
@@ -366,15 +346,15 @@ async fn write_recomputed(
              INSERT INTO notifications (kind, user_id, dedupe_key, payload)
              SELECT * FROM unnest($4::text[], $5::text[], $6::text[], $7::jsonb[])
              ON CONFLICT (dedupe_key) DO NOTHING
-             RETURNING id, kind, user_id, payload),
+             RETURNING id, kind, user_id, dedupe_key, payload),
          messages AS (
-             SELECT m.user_id, 0 AS rank, 'entitlements.changed' AS type, m.body,
+             SELECT m.user_id, 0 AS rank, $11::text AS type, m.body,
                     NULL::bigint AS notification_id
                FROM unnest($8::text[], $9::jsonb[]) AS m(user_id, body)
              UNION ALL
-             SELECT n.user_id, 1, 'notification.' || replace(n.kind, 'entitlement_', ''),
-                    n.payload, n.id
-               FROM notified n),
+             SELECT n.user_id, 1, t.type, n.payload, n.id
+               FROM notified n
+               JOIN unnest($6::text[], $10::text[]) AS t(dedupe_key, type) USING (dedupe_key)),
          outboxed AS (
              INSERT INTO outbox (user_id, version, type, body, notification_id)
              SELECT m.user_id, b.version, m.type,
@@ -406,7 +386,7 @@ struct EntitlementColumns<'a> {
 }
 
 impl<'a> EntitlementColumns<'a> {
-    fn push(&mut self, user: &'a str, e: &'a DerivedEntitlement) -> Result<(), StoreError> {
+    fn push(&mut self, user: &'a str, e: &'a Entitlement) -> Result<(), StoreError> {
         self.users.push(user);
         self.keys.push(&e.key);
         self.statuses.push(e.status.as_str());

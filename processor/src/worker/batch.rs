@@ -12,6 +12,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures_util::future::join_all;
 use lapin::message::Delivery;
 use lapin::types::FieldTable;
+use shared::backoff::Reconnect;
 use shared::topology::headers;
 
 use super::Worker;
@@ -233,9 +234,9 @@ impl Worker {
     async fn wait_for_database(&self, error: &store::StoreError) {
         let _paused = Paused::database();
         tracing::warn!(%error, "database unavailable; holding the batch until it answers");
-        let mut backoff = Duration::from_millis(250);
+        let mut pauses = Reconnect::new(Duration::from_millis(250), Duration::from_secs(5));
         loop {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(pauses.next_pause()).await;
             let probe = async {
                 let client = self.pool.get().await.ok()?;
                 client.simple_query("SELECT 1").await.ok()
@@ -248,7 +249,6 @@ impl Worker {
             {
                 break;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         tracing::info!("database answers again; resuming");
     }

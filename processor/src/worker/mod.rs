@@ -37,6 +37,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures_util::future::FusedFuture;
 use shared::amqp::Publisher;
+use shared::backoff::Reconnect;
 use tokio::sync::OnceCell;
 
 use crate::cache::Cache;
@@ -147,7 +148,7 @@ impl Worker {
                 tracing::warn!(%error, "dead-letter index unavailable; parking without it")
             }
         }
-        let mut backoff = Duration::from_millis(200);
+        let mut pauses = Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
         // Consuming before the publishing channel is open would only requeue the first retries.
         tokio::select! {
             biased;
@@ -169,18 +170,18 @@ impl Worker {
             let mut session = match opened {
                 Ok(session) => session,
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "cannot consume; broker unavailable");
+                    let pause = pauses.next_pause();
+                    tracing::warn!(%error, retry_in = ?pause, "cannot consume; broker unavailable");
                     metrics::gauge!("amqp_connected", "connection" => "consume").set(0.0);
                     tokio::select! {
                         biased;
                         () = &mut shutdown => break,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(pause) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(200);
+            pauses.reset();
             metrics::gauge!("amqp_connected", "connection" => "consume").set(1.0);
             tracing::info!(queue = %self.config.topology.main_queue(), "consuming");
             let end = self.consume(&mut session, shutdown.as_mut()).await;

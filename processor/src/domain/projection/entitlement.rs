@@ -130,7 +130,7 @@ impl PartialEq<&str> for EntitlementSource {
 /// One derived entitlement of a user (the user is implied by the rows it came from): the best
 /// of its sources decides it; every source granting the key is listed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DerivedEntitlement {
+pub struct Entitlement {
     pub key: String,
     pub status: EntitlementStatus,
     pub source: EntitlementSource,
@@ -255,7 +255,7 @@ pub fn derive_entitlements(
     subscriptions: &[SubscriptionFacts],
     features: &[FeatureFacts],
     registry: &Registry,
-) -> Vec<DerivedEntitlement> {
+) -> Vec<Entitlement> {
     let mut by_key: BTreeMap<String, Vec<GrantSource>> = BTreeMap::new();
     let candidates = purchases
         .iter()
@@ -276,7 +276,7 @@ pub fn derive_entitlements(
             sources.sort_by(|a, b| better(b, a));
             sources.dedup();
             let best = sources.first()?.clone();
-            Some(DerivedEntitlement {
+            Some(Entitlement {
                 key,
                 status: best.status,
                 source: best.source,

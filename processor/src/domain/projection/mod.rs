@@ -16,7 +16,7 @@ mod subscription;
 mod tests;
 
 pub use entitlement::{
-    DerivedEntitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
+    Entitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
 };
 pub use feature::{FeatureClaim, FeatureFacts};
 pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact};

@@ -113,7 +113,7 @@ struct Memory {
 struct Outcome {
     purchases: Vec<(PurchaseFacts, PurchaseStatus)>,
     subscriptions: Vec<(SubscriptionFacts, SubscriptionStatus)>,
-    entitlements: BTreeMap<String, Vec<DerivedEntitlement>>,
+    entitlements: BTreeMap<String, Vec<Entitlement>>,
 }
 
 use crate::domain::events::SubscriptionStatus;
@@ -269,7 +269,7 @@ fn orders(n: usize) -> impl Strategy<Value = Vec<usize>> {
     })
 }
 
-fn only_entitlement(outcome: &Outcome, user: &str) -> DerivedEntitlement {
+fn only_entitlement(outcome: &Outcome, user: &str) -> Entitlement {
     let list = &outcome.entitlements[user];
     assert_eq!(list.len(), 1, "{list:?}");
     list[0].clone()

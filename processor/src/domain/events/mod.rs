@@ -1,15 +1,18 @@
 //! Typed Stripe events: the raw queue body parsed once, at the edge, into the few shapes the
-//! projection understands.
+//! projection understands. `wire` holds Stripe's JSON as serde derives read it; this module
+//! turns it into the domain's types and decides which fields are required.
 //!
 //! Invariant: a body that is not JSON, lacks the envelope (`id`, `type`, `created`) or lacks a
 //! field the projection cannot do without (the object id, a dispute's status…) is a permanent
 //! [`EventError`]; every event type the projection does not use becomes [`EventKind::Unhandled`]
-//! without looking at its payload. Both the pre-2025-03-31 shapes and the "basil" shapes are
+//! without reading its payload. Both the pre-2025-03-31 shapes and the "basil" shapes are
 //! read (`current_period_end` on the subscription or on its items; the invoice's subscription
-//! at `subscription` or `parent.subscription_details.subscription`), newest first.
+//! at `subscription` or `parent.subscription_details.subscription`), newest first. Checked
+//! against Stripe's published objects in `processor/tests/stripe_fixtures.rs`.
 
-use serde_json::Value;
 use shared::ids::{StripeEventId, UserId};
+
+mod wire;
 
 /// One Stripe event, envelope plus the typed part the projection uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,54 +322,57 @@ pub enum EventError {
 /// [`EventError`] when the body is not a JSON object with the event envelope, or when a handled
 /// event type lacks a field the projection requires.
 pub fn parse(body: &[u8]) -> Result<Event, EventError> {
-    let root: Value = serde_json::from_slice(body)?;
-    let id = root
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or(EventError::MissingField("id"))?;
-    let id = StripeEventId::parse(id).map_err(|_| EventError::InvalidField { field: "id" })?;
-    let event_type = root
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or(EventError::MissingField("type"))?
-        .to_owned();
-    let created = root
-        .get("created")
-        .and_then(Value::as_i64)
+    let envelope: wire::Envelope = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            // JSON, but not an object.
+            EventError::MissingField("id")
+        } else {
+            EventError::NotJson(e)
+        }
+    })?;
+    let id = envelope.id.get().ok_or(EventError::MissingField("id"))?;
+    let id = StripeEventId::parse(&id).map_err(|_| EventError::InvalidField { field: "id" })?;
+    let event_type = envelope
+        .event_type
+        .get()
+        .ok_or(EventError::MissingField("type"))?;
+    let created = envelope
+        .created
+        .get()
         .ok_or(EventError::MissingField("created"))?;
 
     let kind = match event_type.as_str() {
         "checkout.session.completed" => {
-            EventKind::CheckoutSessionCompleted(checkout_session(object(&root)?)?)
+            EventKind::CheckoutSessionCompleted(checkout_session(object(body)?)?)
         }
         "checkout.session.async_payment_succeeded" => {
-            EventKind::CheckoutSessionAsyncPaymentSucceeded(checkout_session(object(&root)?)?)
+            EventKind::CheckoutSessionAsyncPaymentSucceeded(checkout_session(object(body)?)?)
         }
         "checkout.session.async_payment_failed" => {
-            EventKind::CheckoutSessionAsyncPaymentFailed(checkout_session(object(&root)?)?)
+            EventKind::CheckoutSessionAsyncPaymentFailed(checkout_session(object(body)?)?)
         }
         "checkout.session.expired" => {
-            EventKind::CheckoutSessionExpired(checkout_session(object(&root)?)?)
+            EventKind::CheckoutSessionExpired(checkout_session(object(body)?)?)
         }
         "payment_intent.succeeded" => {
-            EventKind::PaymentIntentSucceeded(payment_intent(object(&root)?)?)
+            EventKind::PaymentIntentSucceeded(payment_intent(object(body)?)?)
         }
-        "charge.refunded" => EventKind::ChargeRefunded(charge(object(&root)?)?),
-        "charge.dispute.created" => EventKind::ChargeDisputeCreated(dispute(object(&root)?)?),
-        "charge.dispute.closed" => EventKind::ChargeDisputeClosed(dispute(object(&root)?)?),
-        "invoice.paid" => EventKind::InvoicePaid(invoice(object(&root)?)?),
-        "invoice.payment_failed" => EventKind::InvoicePaymentFailed(invoice(object(&root)?)?),
+        "charge.refunded" => EventKind::ChargeRefunded(charge(object(body)?)?),
+        "charge.dispute.created" => EventKind::ChargeDisputeCreated(dispute(object(body)?)?),
+        "charge.dispute.closed" => EventKind::ChargeDisputeClosed(dispute(object(body)?)?),
+        "invoice.paid" => EventKind::InvoicePaid(invoice(object(body)?)?),
+        "invoice.payment_failed" => EventKind::InvoicePaymentFailed(invoice(object(body)?)?),
         "customer.subscription.created" => {
-            EventKind::SubscriptionCreated(subscription(object(&root)?)?)
+            EventKind::SubscriptionCreated(subscription(object(body)?)?)
         }
         "customer.subscription.updated" => {
-            EventKind::SubscriptionUpdated(subscription(object(&root)?)?)
+            EventKind::SubscriptionUpdated(subscription(object(body)?)?)
         }
         "customer.subscription.deleted" => {
-            EventKind::SubscriptionDeleted(subscription(object(&root)?)?)
+            EventKind::SubscriptionDeleted(subscription(object(body)?)?)
         }
         "entitlements.active_entitlement_summary.updated" => {
-            EventKind::FeatureSummaryUpdated(feature_summary(object(&root)?)?)
+            EventKind::FeatureSummaryUpdated(feature_summary(object(body)?)?)
         }
         _ => EventKind::Unhandled,
     };
@@ -378,41 +384,15 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
     })
 }
 
-fn object(root: &Value) -> Result<&Value, EventError> {
-    root.get("data")
-        .and_then(|d| d.get("object"))
-        .filter(|o| o.is_object())
-        .ok_or(EventError::MissingField("data.object"))
+/// `data.object` read as `T` (a second pass over the body, taken only for handled types).
+fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, EventError> {
+    serde_json::from_slice::<wire::Body<T>>(body)
+        .map(|b| b.data.object)
+        .map_err(|_| EventError::MissingField("data.object"))
 }
 
-fn required_str(obj: &Value, field: &'static str) -> Result<String, EventError> {
-    obj.get(field)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .ok_or(EventError::MissingField(field))
-}
-
-/// A string field, or the `id` of an expanded object in its place; `null`/absent is `None`.
-fn opt_id(obj: &Value, field: &str) -> Option<String> {
-    let value = obj.get(field)?;
-    let raw = match value {
-        Value::String(s) => s.as_str(),
-        Value::Object(_) => value.get("id")?.as_str()?,
-        _ => return None,
-    };
-    (!raw.is_empty()).then(|| raw.to_owned())
-}
-
-fn opt_str(obj: &Value, field: &str) -> Option<String> {
-    obj.get(field)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-}
-
-fn metadata_str(obj: &Value, key: &str) -> Option<String> {
-    obj.get("metadata").and_then(|m| opt_str(m, key))
+fn required(value: wire::Maybe<String>, field: &'static str) -> Result<String, EventError> {
+    value.text().ok_or(EventError::MissingField(field))
 }
 
 fn user_id(raw: Option<String>, field: &'static str) -> Result<Option<UserId>, EventError> {
@@ -420,15 +400,15 @@ fn user_id(raw: Option<String>, field: &'static str) -> Result<Option<UserId>, E
         .transpose()
 }
 
-fn checkout_session(obj: &Value) -> Result<CheckoutSession, EventError> {
-    let id = required_str(obj, "id")?;
-    let mode = match obj.get("mode").and_then(Value::as_str) {
+fn checkout_session(obj: wire::CheckoutSession) -> Result<CheckoutSession, EventError> {
+    let id = required(obj.id, "id")?;
+    let mode = match obj.mode.get().as_deref() {
         Some("payment") => Some(CheckoutMode::Payment),
         Some("subscription") => Some(CheckoutMode::Subscription),
         Some(_) => None,
         None => return Err(EventError::MissingField("mode")),
     };
-    let payment_status = match obj.get("payment_status").and_then(Value::as_str) {
+    let payment_status = match obj.payment_status.get().as_deref() {
         Some("paid") => CheckoutPaymentStatus::Paid,
         Some("unpaid") => CheckoutPaymentStatus::Unpaid,
         Some("no_payment_required") => CheckoutPaymentStatus::NoPaymentRequired,
@@ -439,162 +419,133 @@ fn checkout_session(obj: &Value) -> Result<CheckoutSession, EventError> {
         }
         None => return Err(EventError::MissingField("payment_status")),
     };
-    let user = match opt_str(obj, "client_reference_id") {
+    let user = match obj.client_reference_id.text() {
         Some(raw) => user_id(Some(raw), "client_reference_id")?,
-        None => user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
+        None => user_id(obj.metadata.user_id(), "metadata.user_id")?,
     };
-    let recovery_url = obj
-        .get("after_expiration")
-        .and_then(|a| a.get("recovery"))
-        .and_then(|r| opt_str(r, "url"));
     Ok(CheckoutSession {
         id,
         mode,
         payment_status,
-        customer: opt_id(obj, "customer"),
-        payment_intent: opt_id(obj, "payment_intent"),
-        subscription: opt_id(obj, "subscription"),
+        customer: obj.customer.id(),
+        payment_intent: obj.payment_intent.id(),
+        subscription: obj.subscription.id(),
         user_id: user,
-        product_key: metadata_str(obj, "product_key"),
-        price_id: first_item(obj, "line_items").and_then(item_price),
-        amount_total: obj.get("amount_total").and_then(Value::as_i64),
-        currency: opt_str(obj, "currency"),
-        recovery_url,
+        product_key: obj.metadata.product_key(),
+        price_id: obj.line_items.items().next().and_then(wire::Item::price_id),
+        amount_total: obj.amount_total.get(),
+        currency: obj.currency.text(),
+        recovery_url: obj
+            .after_expiration
+            .get()
+            .and_then(|a| a.recovery.get())
+            .and_then(|r| r.url.text()),
     })
 }
 
-fn payment_intent(obj: &Value) -> Result<PaymentIntent, EventError> {
-    let amount = obj
-        .get("amount_received")
-        .and_then(Value::as_i64)
-        .filter(|a| *a > 0)
-        .or_else(|| obj.get("amount").and_then(Value::as_i64));
+fn payment_intent(obj: wire::PaymentIntent) -> Result<PaymentIntent, EventError> {
     Ok(PaymentIntent {
-        id: required_str(obj, "id")?,
-        customer: opt_id(obj, "customer"),
-        amount,
-        currency: opt_str(obj, "currency"),
-        user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
-        product_key: metadata_str(obj, "product_key"),
+        id: required(obj.id, "id")?,
+        customer: obj.customer.id(),
+        amount: obj
+            .amount_received
+            .get()
+            .filter(|a| *a > 0)
+            .or(obj.amount.get()),
+        currency: obj.currency.text(),
+        user_id: user_id(obj.metadata.user_id(), "metadata.user_id")?,
+        product_key: obj.metadata.product_key(),
     })
 }
 
-fn charge(obj: &Value) -> Result<Charge, EventError> {
-    let amount = obj
-        .get("amount")
-        .and_then(Value::as_i64)
-        .ok_or(EventError::MissingField("amount"))?;
+fn charge(obj: wire::Charge) -> Result<Charge, EventError> {
+    let amount = obj.amount.get().ok_or(EventError::MissingField("amount"))?;
     let amount_refunded = obj
-        .get("amount_refunded")
-        .and_then(Value::as_i64)
+        .amount_refunded
+        .get()
         .ok_or(EventError::MissingField("amount_refunded"))?;
-    // Refund lists are newest first; fall back to the highest `created` if they are not.
+    // Refund lists are newest first; take the highest `created` in case they are not.
     let latest_refund = obj
-        .get("refunds")
-        .and_then(|r| r.get("data"))
-        .and_then(Value::as_array)
-        .and_then(|list| {
-            list.iter()
-                .filter_map(|r| {
-                    let id = opt_str(r, "id")?;
-                    let created = r.get("created").and_then(Value::as_i64).unwrap_or(0);
-                    Some((created, id, opt_str(r, "reason")))
-                })
-                .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
-        })
+        .refunds
+        .items()
+        .filter_map(|r| Some((r.created.get().unwrap_or(0), r.id.text()?, r.reason.text())))
+        .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
         .map(|(_, id, reason)| Refund { id, reason });
     Ok(Charge {
-        id: required_str(obj, "id")?,
-        payment_intent: opt_id(obj, "payment_intent"),
-        customer: opt_id(obj, "customer"),
+        id: required(obj.id, "id")?,
+        payment_intent: obj.payment_intent.id(),
+        customer: obj.customer.id(),
         amount,
         amount_refunded,
-        refunded: obj
-            .get("refunded")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        currency: opt_str(obj, "currency"),
+        refunded: obj.refunded.get().unwrap_or(false),
+        currency: obj.currency.text(),
         latest_refund,
-        user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
-        product_key: metadata_str(obj, "product_key"),
+        user_id: user_id(obj.metadata.user_id(), "metadata.user_id")?,
+        product_key: obj.metadata.product_key(),
     })
 }
 
-fn dispute(obj: &Value) -> Result<Dispute, EventError> {
-    let status = match obj.get("status").and_then(Value::as_str) {
+fn dispute(obj: wire::Dispute) -> Result<Dispute, EventError> {
+    let status = match obj.status.get().as_deref() {
         Some("won") => DisputeStatus::Won,
         Some("lost") => DisputeStatus::Lost,
         Some("warning_closed") => DisputeStatus::WarningClosed,
         Some(_) => DisputeStatus::Open,
         None => return Err(EventError::MissingField("status")),
     };
-    let charge = opt_id(obj, "charge");
-    let payment_intent = opt_id(obj, "payment_intent");
+    let charge = obj.charge.id();
+    let payment_intent = obj.payment_intent.id();
     if charge.is_none() && payment_intent.is_none() {
         return Err(EventError::MissingField("charge"));
     }
     Ok(Dispute {
-        id: required_str(obj, "id")?,
+        id: required(obj.id, "id")?,
         charge,
         payment_intent,
         status,
     })
 }
 
-fn invoice(obj: &Value) -> Result<Invoice, EventError> {
-    let details_new = obj
-        .get("parent")
-        .and_then(|p| p.get("subscription_details"))
-        .filter(|d| d.is_object());
-    let details_old = obj.get("subscription_details").filter(|d| d.is_object());
-    let subscription = details_new
-        .and_then(|d| opt_id(d, "subscription"))
-        .or_else(|| opt_id(obj, "subscription"));
-    let meta = |key: &str| {
+fn invoice(obj: wire::Invoice) -> Result<Invoice, EventError> {
+    // Newest shape first: basil moved the subscription under `parent`.
+    let details_new = obj.parent.get().and_then(|p| p.subscription_details.get());
+    let details_old = obj.subscription_details.get();
+    let meta = |key: fn(&wire::Maybe<wire::Metadata>) -> Option<String>| {
         details_new
-            .and_then(|d| metadata_str(d, key))
-            .or_else(|| details_old.and_then(|d| metadata_str(d, key)))
+            .as_ref()
+            .and_then(|d| key(&d.metadata))
+            .or_else(|| details_old.as_ref().and_then(|d| key(&d.metadata)))
     };
-    let period_end = obj
-        .get("lines")
-        .and_then(|l| l.get("data"))
-        .and_then(Value::as_array)
-        .and_then(|lines| {
-            lines
-                .iter()
-                .filter_map(|line| line.get("period")?.get("end")?.as_i64())
-                .max()
-        });
+    let user = meta(wire::Maybe::user_id);
+    let product_key = meta(wire::Maybe::product_key);
+    let subscription = details_new
+        .and_then(|d| d.subscription.id())
+        .or_else(|| obj.subscription.id());
     Ok(Invoice {
-        id: required_str(obj, "id")?,
-        customer: opt_id(obj, "customer"),
+        id: required(obj.id, "id")?,
+        customer: obj.customer.id(),
         subscription,
-        billing_reason: opt_str(obj, "billing_reason"),
-        period_end,
-        user_id: user_id(meta("user_id"), "subscription_details.metadata.user_id")?,
-        product_key: meta("product_key"),
+        billing_reason: obj.billing_reason.text(),
+        period_end: obj
+            .lines
+            .items()
+            .filter_map(|line| line.period.get()?.end.get())
+            .max(),
+        user_id: user_id(user, "subscription_details.metadata.user_id")?,
+        product_key,
     })
 }
 
-fn feature_summary(obj: &Value) -> Result<FeatureSummary, EventError> {
-    let customer = opt_id(obj, "customer").ok_or(EventError::MissingField("customer"))?;
+fn feature_summary(obj: wire::FeatureSummary) -> Result<FeatureSummary, EventError> {
+    let customer = obj
+        .customer
+        .id()
+        .ok_or(EventError::MissingField("customer"))?;
     let list = obj
-        .get("entitlements")
+        .entitlements
         .ok_or(EventError::MissingField("entitlements"))?;
-    let lookup_keys = list
-        .get("data")
-        .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|e| opt_str(e, "lookup_key"))
-                .collect()
-        })
-        .unwrap_or_default();
-    let has_more = list
-        .get("has_more")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let has_more = list.as_ref().and_then(|l| l.has_more.0).unwrap_or(false);
+    let lookup_keys = list.items().filter_map(|e| e.lookup_key.text()).collect();
     Ok(FeatureSummary {
         customer,
         lookup_keys: Vec::new(),
@@ -611,55 +562,37 @@ impl FeatureSummary {
     }
 }
 
-/// The first element of the list `obj.{field}.data`.
-fn first_item<'a>(obj: &'a Value, field: &str) -> Option<&'a Value> {
-    obj.get(field)?.get("data")?.as_array()?.first()
-}
-
-/// A line or subscription item's price id: `price` (id or object), else the legacy `plan`.
-fn item_price(item: &Value) -> Option<String> {
-    opt_id(item, "price").or_else(|| opt_id(item, "plan"))
-}
-
-fn subscription(obj: &Value) -> Result<Subscription, EventError> {
-    let raw_status = obj
-        .get("status")
-        .and_then(Value::as_str)
-        .ok_or(EventError::MissingField("status"))?;
-    let status = SubscriptionStatus::from_stripe(raw_status)
+fn subscription(obj: wire::Subscription) -> Result<Subscription, EventError> {
+    let raw_status = obj.status.get().ok_or(EventError::MissingField("status"))?;
+    let status = SubscriptionStatus::from_stripe(&raw_status)
         .ok_or(EventError::InvalidField { field: "status" })?;
+    let items: Vec<wire::Item> = obj.items.items().collect();
     // Newest shape first: basil moved the period onto the items.
-    let current_period_end = obj
-        .get("items")
-        .and_then(|i| i.get("data"))
-        .and_then(Value::as_array)
-        .and_then(|items| {
-            items
-                .iter()
-                .filter_map(|item| item.get("current_period_end")?.as_i64())
-                .max()
-        })
-        .or_else(|| obj.get("current_period_end").and_then(Value::as_i64));
-    let ended_at = obj.get("ended_at").and_then(Value::as_i64).or_else(|| {
+    let current_period_end = items
+        .iter()
+        .filter_map(|item| item.current_period_end.0)
+        .max()
+        .or(obj.current_period_end.get());
+    let ended_at = obj.ended_at.get().or_else(|| {
         status
             .is_terminal()
-            .then(|| obj.get("canceled_at").and_then(Value::as_i64))
+            .then(|| obj.canceled_at.get())
             .flatten()
     });
+    let first = items.into_iter().next();
+    let quantity = first.as_ref().and_then(|item| item.quantity.0);
+    let price_id = first.and_then(wire::Item::price_id);
     Ok(Subscription {
-        id: required_str(obj, "id")?,
-        customer: opt_id(obj, "customer"),
+        id: required(obj.id, "id")?,
+        customer: obj.customer.id(),
         status,
         current_period_end,
-        cancel_at_period_end: obj
-            .get("cancel_at_period_end")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        cancel_at_period_end: obj.cancel_at_period_end.get().unwrap_or(false),
         ended_at,
-        user_id: user_id(metadata_str(obj, "user_id"), "metadata.user_id")?,
-        product_key: metadata_str(obj, "product_key"),
-        price_id: first_item(obj, "items").and_then(item_price),
-        quantity: first_item(obj, "items").and_then(|item| item.get("quantity")?.as_i64()),
+        user_id: user_id(obj.metadata.user_id(), "metadata.user_id")?,
+        product_key: obj.metadata.product_key(),
+        price_id,
+        quantity,
     })
 }
 
@@ -667,7 +600,7 @@ fn subscription(obj: &Value) -> Result<Subscription, EventError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn envelope(event_type: &str, object: &Value) -> Vec<u8> {
         serde_json::to_vec(&json!({
