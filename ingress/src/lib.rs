@@ -85,7 +85,7 @@ pub async fn serve<P: Publish>(
     };
     let app = router(&config, publisher);
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
-    let stop = shared::server::Stop::default();
+    let stop = shared::shutdown::Stop::default();
     let metrics = async {
         let Some(listener) = metrics_listener else {
             return Ok(());

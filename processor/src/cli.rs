@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use deadpool_postgres::Pool;
 use shared::amqp::Publisher;
 use shared::config::{ConfigError, Env};
-use shared::server::Stop;
+use shared::shutdown::Stop;
 use tokio::net::TcpListener;
 
 use crate::api::{ApiConfig, ApiState};

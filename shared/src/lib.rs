@@ -8,6 +8,7 @@ pub mod config;
 pub mod ids;
 pub mod samples;
 pub mod server;
+pub mod shutdown;
 pub mod signature;
 pub mod telemetry;
 pub mod topology;

@@ -30,7 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
 use crate::config::{ConfigError, Env};
 
@@ -115,34 +115,6 @@ pub fn optional_addr(env: &Env, var: &str) -> Result<Option<SocketAddr>, ConfigE
                 .map_err(|e| ConfigError::new(var, format!("cannot parse {raw:?}: {e}")))
         })
         .transpose()
-}
-
-/// A shutdown broadcast: one [`Stop::trigger`] resolves every [`Stop::wait`], earlier or later.
-#[derive(Debug, Clone)]
-pub struct Stop {
-    sender: Arc<watch::Sender<bool>>,
-}
-
-impl Default for Stop {
-    fn default() -> Self {
-        Self {
-            sender: Arc::new(watch::channel(false).0),
-        }
-    }
-}
-
-impl Stop {
-    pub fn trigger(&self) {
-        self.sender.send_replace(true);
-    }
-
-    /// Resolves once [`Stop::trigger`] has been called.
-    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut stopped = self.sender.subscribe();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    }
 }
 
 /// The error answer of the listener's own refusals.

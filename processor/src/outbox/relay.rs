@@ -27,8 +27,8 @@ use futures_util::{StreamExt as _, stream};
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use shared::amqp::{PublishError, Publisher};
+use shared::shutdown::Shutdown;
 use shared::topology::headers;
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::webhook::Sender;
@@ -71,14 +71,9 @@ enum Lead {
     Standby,
 }
 
-/// Runs the relay until `stopped` turns true (then finishes one last pass, so changes
+/// Runs the relay until `stopped` fires (then finishes one last pass, so changes
 /// committed before the stop are not left waiting for the next start).
-pub async fn run(
-    config: Config,
-    pool: Pool,
-    publisher: Publisher,
-    mut stopped: watch::Receiver<bool>,
-) {
+pub async fn run(config: Config, pool: Pool, publisher: Publisher, mut stopped: Shutdown) {
     let outbox = config.outbox.clone();
     let sender = outbox.webhook.as_ref().and_then(|target| {
         Sender::new(target, outbox.webhook_timeout)
@@ -88,7 +83,7 @@ pub async fn run(
     if outbox.amqp {
         // Publishing before the channel is open would only log failures.
         tokio::select! {
-            _ = stopped.wait_for(|s| *s) => {}
+            () = stopped.recv() => {}
             _ = publisher.wait_ready(Duration::from_secs(10)) => {}
         }
     }
@@ -103,7 +98,7 @@ pub async fn run(
         sender,
     };
     loop {
-        if *stopped.borrow() {
+        if stopped.is_shutdown() {
             break;
         }
         match relay.lead(&mut stopped).await {
@@ -113,7 +108,7 @@ pub async fn run(
         }
         metrics::gauge!("outbox_relay_leader").set(0.0);
         tokio::select! {
-            _ = stopped.wait_for(|s| *s) => break,
+            () = stopped.recv() => break,
             () = tokio::time::sleep(STANDBY_RETRY) => {}
         }
     }
@@ -135,7 +130,7 @@ struct Relay {
 
 impl Relay {
     /// Takes the leader lock on a connection of its own and delivers until stopped.
-    async fn lead(&self, stopped: &mut watch::Receiver<bool>) -> Result<Lead, RelayError> {
+    async fn lead(&self, stopped: &mut Shutdown) -> Result<Lead, RelayError> {
         let mut pg: tokio_postgres::Config = self.database_url.parse()?;
         pg.application_name("processor-outbox-relay");
         pg.connect_timeout(self.db_timeout);
@@ -163,10 +158,10 @@ impl Relay {
         }
     }
 
-    async fn deliver(&self, stopped: &mut watch::Receiver<bool>) -> Result<Lead, RelayError> {
+    async fn deliver(&self, stopped: &mut Shutdown) -> Result<Lead, RelayError> {
         let mut last_prune: Option<Instant> = None;
         loop {
-            let stopping = *stopped.borrow();
+            let stopping = stopped.is_shutdown();
             let mut busy = false;
             if self.config.amqp {
                 busy |= self.amqp_pass().await?;
@@ -183,7 +178,7 @@ impl Relay {
             }
             if !busy {
                 tokio::select! {
-                    _ = stopped.wait_for(|s| *s) => {}
+                    () = stopped.recv() => {}
                     () = tokio::time::sleep(self.config.poll_interval) => {}
                 }
             }

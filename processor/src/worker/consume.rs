@@ -6,15 +6,13 @@
 //! a delivery back only to fill a batch during a drain, never while it keeps up with live
 //! traffic.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use futures_util::future::FusedFuture;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer};
+use shared::shutdown::{Shutdown, Stop};
 
 use super::Worker;
 use super::batch::Item;
@@ -83,29 +81,28 @@ impl Worker {
     /// Dispatches deliveries to `lanes` batch processors by user: the same user always lands in
     /// the same lane, so concurrent batches of one process do not contend for (or deadlock on)
     /// the per-user locks. Returns when shutdown is requested or the connection is lost.
-    pub(super) async fn consume<S>(
+    pub(super) async fn consume(
         &self,
         session: &mut Session,
-        mut shutdown: Pin<&mut S>,
-    ) -> SessionEnd
-    where
-        S: Future<Output = ()> + FusedFuture,
-    {
+        shutdown: &mut Shutdown,
+    ) -> SessionEnd {
         let lanes = self.config.lanes.max(1);
-        let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+        // Triggered by a lane whose acks failed; also fires once every lane is gone.
+        let lost = Stop::default();
+        let mut session_lost = lost.listener();
         let mut senders = Vec::with_capacity(lanes);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..lanes {
             let (tx, rx) = tokio::sync::mpsc::channel(usize::from(self.config.prefetch));
             senders.push(tx);
-            tasks.spawn(self.clone().lane(rx, lanes, lost_tx.clone()));
+            tasks.spawn(self.clone().lane(rx, lanes, lost.clone()));
         }
-        drop(lost_tx);
+        drop(lost);
         let end = loop {
             let next = tokio::select! {
                 biased;
-                () = &mut shutdown => break SessionEnd::Shutdown,
-                _ = lost_rx.wait_for(|lost| *lost) => break SessionEnd::Lost,
+                () = shutdown.recv() => break SessionEnd::Shutdown,
+                () = session_lost.recv() => break SessionEnd::Lost,
                 next = session.consumer.next() => next,
             };
             let Some(Ok(delivery)) = next else {
@@ -150,7 +147,7 @@ impl Worker {
         self,
         mut deliveries: tokio::sync::mpsc::Receiver<Item>,
         lanes: usize,
-        lost: tokio::sync::watch::Sender<bool>,
+        lost: Stop,
     ) {
         let size = self.config.batch_size.max(1);
         let share = (usize::from(self.config.prefetch) / lanes.max(1)).clamp(1, size);
@@ -160,7 +157,7 @@ impl Worker {
             let batch = gather(first, &mut deliveries, size, wait).await;
             linger = lingers_after(batch.len(), share);
             if !self.process_batch(batch).await {
-                let _ = lost.send(true);
+                lost.trigger();
                 return;
             }
         }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use shared::ids::UserId;
+use shared::shutdown::Shutdown;
 use tokio_postgres::types::Type;
 
 use crate::cache::Cache;
@@ -27,13 +28,13 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// Users checked per round.
 const ROUND: i64 = 1_000;
 
-/// Heals until `stop` turns true.
-pub(super) async fn run(pool: Pool, cache: Cache, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Heals until `stop` fires.
+pub(super) async fn run(pool: Pool, cache: Cache, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(HEAL_INTERVAL);
     let mut failing = false;
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.recv() => break,
             _ = tick.tick() => {}
         }
         // Keeps going while full rounds come back (a backlog after an outage).

@@ -30,14 +30,13 @@ mod legacy;
 mod settle;
 
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use futures_util::future::FusedFuture;
 use shared::amqp::Publisher;
 use shared::backoff::Reconnect;
+use shared::shutdown::{Shutdown, Stop};
 use tokio::sync::OnceCell;
 
 use crate::cache::Cache;
@@ -109,37 +108,44 @@ impl Worker {
     /// The outbox relay ([`crate::outbox`]) runs inside this future (not spawned, so aborting
     /// the worker stops it as a crash would) and makes its last pass after the consumer stopped.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
-        let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
+        let stop = Stop::default();
+        let stop_relay = Stop::default();
         let relay = crate::outbox::run(
             self.config.clone(),
             self.pool.clone(),
             self.publisher.clone(),
-            relay_stopped,
+            stop_relay.listener(),
         );
-        let consume = async {
-            self.consume_until(shutdown).await;
-            let _ = stop_relay.send(true);
+        let signal = async {
+            tokio::select! {
+                () = shutdown => stop.trigger(),
+                () = stop.wait() => {}
+            }
         };
-        tokio::join!(consume, relay);
+        let consume = async {
+            self.consume_until(stop.listener()).await;
+            // Ends `signal` too if the consumer stopped on its own.
+            stop.trigger();
+            stop_relay.trigger();
+        };
+        tokio::join!(signal, consume, relay);
     }
 
-    async fn consume_until(&self, shutdown: impl Future<Output = ()> + Send) {
-        let mut shutdown = pin!(futures_util::FutureExt::fuse(shutdown));
-        let (stop_depths, stopped) = tokio::sync::watch::channel(false);
+    async fn consume_until(&self, mut shutdown: Shutdown) {
+        let stop_beside = Stop::default();
         // The queue depths and the dead-letter alert run beside the consumer and stop with it.
-        let depths = tokio::spawn({
-            let mut stopped = stopped.clone();
-            crate::dlq::monitor(
-                self.config.amqp_url.clone(),
-                self.config.topology.clone(),
-                self.config.attempts_alert_threshold,
-                self.config.queue_depth_interval,
-                async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                },
-            )
-        });
-        let healer = tokio::spawn(heal::run(self.pool.clone(), self.cache.clone(), stopped));
+        let depths = tokio::spawn(crate::dlq::monitor(
+            self.config.amqp_url.clone(),
+            self.config.topology.clone(),
+            self.config.attempts_alert_threshold,
+            self.config.queue_depth_interval,
+            stop_beside.wait(),
+        ));
+        let healer = tokio::spawn(heal::run(
+            self.pool.clone(),
+            self.cache.clone(),
+            stop_beside.listener(),
+        ));
         match ParkedIndex::open(&self.config.database_url, &self.config.topology).await {
             Ok(index) => {
                 let _ = self.parked.set(index);
@@ -152,7 +158,7 @@ impl Worker {
         // Consuming before the publishing channel is open would only requeue the first retries.
         tokio::select! {
             biased;
-            () = &mut shutdown => {}
+            () = shutdown.recv() => {}
             ready = self.publisher.wait_ready(Duration::from_secs(10)) => if !ready {
                 tracing::warn!("publishing channel not ready; consuming anyway");
             },
@@ -161,10 +167,10 @@ impl Worker {
             let (config, publisher) = (self.config.clone(), self.publisher.clone());
             tokio::spawn(async move { legacy::drain(&config, &publisher).await })
         };
-        while !shutdown.is_terminated() {
+        while !shutdown.is_shutdown() {
             let opened = tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                () = shutdown.recv() => break,
                 opened = consume::Session::open(&self.config) => opened,
             };
             let mut session = match opened {
@@ -175,7 +181,7 @@ impl Worker {
                     metrics::gauge!("amqp_connected", "connection" => "consume").set(0.0);
                     tokio::select! {
                         biased;
-                        () = &mut shutdown => break,
+                        () = shutdown.recv() => break,
                         () = tokio::time::sleep(pause) => {}
                     }
                     continue;
@@ -184,7 +190,7 @@ impl Worker {
             pauses.reset();
             metrics::gauge!("amqp_connected", "connection" => "consume").set(1.0);
             tracing::info!(queue = %self.config.topology.main_queue(), "consuming");
-            let end = self.consume(&mut session, shutdown.as_mut()).await;
+            let end = self.consume(&mut session, &mut shutdown).await;
             metrics::gauge!("amqp_connected", "connection" => "consume").set(0.0);
             session.close().await;
             match end {
@@ -195,7 +201,7 @@ impl Worker {
             }
         }
         upgrade.abort();
-        let _ = stop_depths.send(true);
+        stop_beside.trigger();
         let _ = depths.await;
         let _ = healer.await;
         tracing::info!("consumer stopped");
