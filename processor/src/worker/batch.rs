@@ -1,9 +1,14 @@
 //! One batch of deliveries, end to end: claim the fresh events in Redis, apply them through the
 //! store in one transaction, write the post-commit markers and cache, then settle.
 //!
-//! Invariant: every delivery leaves the batch with an outcome; the Redis steps around the
-//! transaction are best effort and never decide one alone (Postgres' `processed_events` is the
-//! truth, the claim only spares concurrent work).
+//! The path is a sequence of plain steps over the batch's [`Item`]s, each acting only on the
+//! items still [`Step::Pending`] and deciding some of them ([`Item::decide`], the one way an
+//! outcome is set): parse (at dispatch) → skip in-batch duplicates → complete from Stripe →
+//! claim in Redis → apply in Postgres → post-commit markers and cache → settle.
+//!
+//! Invariant: every delivery leaves the batch with an outcome (one still pending at the end is
+//! retried later); the Redis steps around the transaction are best effort and never decide one
+//! alone (Postgres' `processed_events` is the truth, the claim only spares concurrent work).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -22,17 +27,27 @@ use crate::domain::events::{self, Event};
 use crate::domain::view::UserSnapshot;
 use crate::store::{self, Failure, Outcome};
 
+/// Where a delivery stands on the path.
+enum Step {
+    /// Parsed and not decided yet: the next step acts on it.
+    Pending(Event),
+    /// Decided; the event is kept when the body parsed (the post-commit markers need its id).
+    Decided {
+        event: Option<Event>,
+        outcome: Outcome,
+    },
+}
+
 /// One delivery in a batch, with what was learned about it.
 pub(super) struct Item {
     pub(super) delivery: Delivery,
-    parsed: Result<Event, events::EventError>,
+    step: Step,
     pub(super) attempts: u32,
     pub(super) first_seen_at: String,
     pub(super) event_id: String,
     pub(super) event_type: String,
     pub(super) received: Instant,
     claim: Option<ClaimToken>,
-    pub(super) outcome: Option<Outcome>,
     /// Another delivery of the same event id came earlier in this batch: it shares that
     /// delivery's work and is acked as a replay.
     batch_duplicate: bool,
@@ -74,21 +89,62 @@ impl Item {
         );
         Self {
             delivery,
-            parsed,
             attempts,
             first_seen_at,
             event_id,
             event_type,
             received: Instant::now(),
             claim: None,
-            outcome: None,
+            step: match parsed {
+                Ok(event) => Step::Pending(event),
+                // A body that does not parse can never succeed: no transaction needed.
+                Err(error) => Step::Decided {
+                    event: None,
+                    outcome: Outcome::Rejected(short(&format!("invalid event: {error}"))),
+                },
+            },
             batch_duplicate: false,
             span,
         }
     }
 
+    /// The parsed event, decided or not.
     pub(super) fn event(&self) -> Option<&Event> {
-        self.parsed.as_ref().ok()
+        match &self.step {
+            Step::Pending(event) => Some(event),
+            Step::Decided { event, .. } => event.as_ref(),
+        }
+    }
+
+    /// The event while no step has decided it.
+    fn pending(&self) -> Option<&Event> {
+        match &self.step {
+            Step::Pending(event) => Some(event),
+            Step::Decided { .. } => None,
+        }
+    }
+
+    pub(super) fn outcome(&self) -> Option<&Outcome> {
+        match &self.step {
+            Step::Pending(_) => None,
+            Step::Decided { outcome, .. } => Some(outcome),
+        }
+    }
+
+    /// Decides the item (a pending one; a decided one keeps its first outcome).
+    fn decide(&mut self, outcome: Outcome) {
+        // The placeholder is replaced at once, never seen.
+        let placeholder = Step::Decided {
+            event: None,
+            outcome: Outcome::Busy,
+        };
+        self.step = match std::mem::replace(&mut self.step, placeholder) {
+            Step::Pending(event) => Step::Decided {
+                event: Some(event),
+                outcome,
+            },
+            decided @ Step::Decided { .. } => decided,
+        };
     }
 
     pub(super) fn headers(&self) -> FieldTable {
@@ -129,16 +185,18 @@ impl Worker {
     /// Completes the events whose payload lacks what the projection needs from Stripe
     /// ([`crate::complete`]); one that cannot be completed is retried later.
     async fn complete_from_stripe(&self, items: &mut [Item]) {
-        for item in items.iter_mut().filter(|i| i.outcome.is_none()) {
-            let Ok(event) = &item.parsed else { continue };
+        for item in items.iter_mut() {
+            let Some(event) = item.pending() else {
+                continue;
+            };
             if !crate::complete::needs_completion(event) {
                 continue;
             }
             match crate::complete::complete(self.stripe.as_ref(), event.clone()).await {
-                Ok(complete) => item.parsed = Ok(complete),
+                Ok(complete) => item.step = Step::Pending(complete),
                 Err(error) => {
                     tracing::warn!(parent: &item.span, %error, "event not completed from Stripe");
-                    item.outcome = Some(Outcome::Later(error.to_string()));
+                    item.decide(Outcome::Later(error.to_string()));
                 }
             }
         }
@@ -147,11 +205,11 @@ impl Worker {
     /// Takes the dedupe claims of the batch's fresh events concurrently.
     async fn claim_all(&self, items: &mut [Item]) {
         let pending: Vec<usize> = (0..items.len())
-            .filter(|&i| items[i].outcome.is_none() && items[i].parsed.is_ok())
+            .filter(|&i| items[i].pending().is_some())
             .collect();
         let claims = join_all(pending.iter().map(|&i| {
             let cache = &self.cache;
-            let id = items[i].event().map(|e| e.id.clone());
+            let id = items[i].pending().map(|e| e.id.clone());
             async move {
                 match id {
                     Some(id) => cache.claim(&id).await,
@@ -162,8 +220,8 @@ impl Worker {
         .await;
         for (i, claim) in pending.into_iter().zip(claims) {
             match claim {
-                Claim::Done => items[i].outcome = Some(Outcome::Replay),
-                Claim::HeldElsewhere => items[i].outcome = Some(Outcome::Busy),
+                Claim::Done => items[i].decide(Outcome::Replay),
+                Claim::HeldElsewhere => items[i].decide(Outcome::Busy),
                 Claim::Acquired(token) => items[i].claim = Some(token),
                 Claim::Unavailable => {}
             }
@@ -173,22 +231,13 @@ impl Worker {
     /// Applies the batch's fresh events in one transaction. An unavailable database is retried
     /// briefly in process, then waited for: an outage parks nothing and counts no attempt.
     async fn apply_all(&self, items: &mut [Item]) {
-        let mut todo = Vec::new();
-        for (i, item) in items.iter_mut().enumerate() {
-            match (&item.outcome, &item.parsed) {
-                (Some(_), _) => {}
-                (None, Ok(_)) => todo.push(i),
-                // A body that does not parse can never succeed: no transaction needed.
-                (None, Err(error)) => {
-                    item.outcome =
-                        Some(Outcome::Rejected(short(&format!("invalid event: {error}"))));
-                }
-            }
-        }
+        let todo: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].pending().is_some())
+            .collect();
         if todo.is_empty() {
             return;
         }
-        let events: Vec<&Event> = todo.iter().filter_map(|&i| items[i].event()).collect();
+        let events: Vec<&Event> = todo.iter().filter_map(|&i| items[i].pending()).collect();
         // In-process retries use `backon`: the `backoff` crate is unmaintained
         // (RUSTSEC-2025-0012) and pulls in `instant` (RUSTSEC-2024-0384).
         let policy = ExponentialBuilder::default()
@@ -217,13 +266,13 @@ impl Worker {
         match outcomes {
             Ok(outcomes) => {
                 for (i, outcome) in todo.into_iter().zip(outcomes) {
-                    items[i].outcome = Some(outcome);
+                    items[i].decide(outcome);
                 }
             }
             Err(error) => {
                 let reason = short(&error.reason());
                 for i in todo {
-                    items[i].outcome = Some(Outcome::Later(reason.clone()));
+                    items[i].decide(Outcome::Later(reason.clone()));
                 }
             }
         }
@@ -257,7 +306,7 @@ impl Worker {
     /// newest version of each user. All best effort.
     async fn after_commit(&self, items: &[Item]) {
         let mut latest: HashMap<&str, &UserSnapshot> = HashMap::new();
-        let snapshots = items.iter().flat_map(|item| match &item.outcome {
+        let snapshots = items.iter().flat_map(|item| match item.outcome() {
             Some(Outcome::Applied(users)) => users.as_slice(),
             _ => &[],
         });
@@ -278,7 +327,7 @@ impl Worker {
                 return None;
             }
             let cache = &self.cache;
-            match (&item.outcome, &item.claim) {
+            match (item.outcome(), &item.claim) {
                 (Some(Outcome::Applied(_) | Outcome::Replay), _) => Some(
                     futures_util::future::Either::Left(cache.mark_done(&event.id)),
                 ),
@@ -302,11 +351,11 @@ impl Worker {
 fn mark_duplicates(items: &mut [Item]) {
     let mut seen = std::collections::HashSet::new();
     for item in items {
-        let Some(id) = item.event().map(|e| e.id.as_str().to_owned()) else {
+        let Some(id) = item.pending().map(|e| e.id.as_str().to_owned()) else {
             continue;
         };
         if !seen.insert(id) {
-            item.outcome = Some(Outcome::Replay);
+            item.decide(Outcome::Replay);
             item.batch_duplicate = true;
         }
     }

@@ -88,11 +88,8 @@ impl Worker {
         let decisions: Vec<Decision> = items
             .iter()
             .map(|item| {
-                let outcome = item
-                    .outcome
-                    .clone()
-                    .unwrap_or_else(|| Outcome::Later("not processed".into()));
-                decide(&outcome, item.attempts, delays)
+                let later = Outcome::Later("not processed".into());
+                decide(item.outcome().unwrap_or(&later), item.attempts, delays)
             })
             .collect();
         let durable = join_all(
@@ -244,7 +241,7 @@ impl Worker {
 }
 /// Counts and logs what became of `item`.
 fn record(item: &Item, decision: &Decision, settled: bool) {
-    let kind = match (&item.outcome, decision) {
+    let kind = match (item.outcome(), decision) {
         (_, Decision::Retry { .. }) if !settled => "requeued",
         (_, Decision::DeadLetter { .. }) if !settled => "requeued",
         (Some(Outcome::Applied(_)), _) => "applied",
@@ -259,16 +256,16 @@ fn record(item: &Item, decision: &Decision, settled: bool) {
     metrics::histogram!("event_processing_seconds").record(item.received.elapsed().as_secs_f64());
     let _guard = item.span.enter();
     match decision {
-        Decision::Ack => match item.outcome {
+        Decision::Ack => match item.outcome() {
             Some(Outcome::Replay) => {
                 tracing::info!(event_id = %item.event_id, "skipped replay");
             }
-            Some(Outcome::Applied(ref users)) => {
+            Some(Outcome::Applied(users)) => {
                 tracing::debug!(users = users.len(), "applied");
             }
             _ => {}
         },
-        Decision::Retry { queue, after, .. } if item.outcome == Some(Outcome::Busy) => {
+        Decision::Retry { queue, after, .. } if item.outcome() == Some(&Outcome::Busy) => {
             tracing::info!(
                 queue,
                 ?after,
