@@ -1,6 +1,7 @@
 //! What `ingress` and `processor` must agree on: configuration reading, Stripe webhook
-//! signatures, domain identifiers, the RabbitMQ topology and confirmed publishing, telemetry,
-//! and the HTTP listener with its limits.
+//! signatures, domain identifiers, the RabbitMQ topology and confirmed publishing, the one
+//! reconnect backoff and the one shutdown primitive, telemetry, and the HTTP listener with its
+//! limits. It depends on no crate of the workspace.
 
 pub mod amqp;
 pub mod backoff;

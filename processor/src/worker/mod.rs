@@ -16,12 +16,15 @@
 //! - the Redis `done` marker and the cache are written after the commit, the cache only with the
 //!   newest version per user in the batch, and a Redis failure never fails an event.
 //!
-//! Modules: [`consume`] (broker session, dispatch to lanes), [`batch`] (claim, apply, after
-//! commit), [`settle`] (decision, republish, ack, metrics),
+//! Modules: [`consume`] (broker session, dispatch to lanes), [`batch`] (the path as plain steps
+//! over a typed item: skip in-batch copies, complete, claim, apply, after commit), [`settle`]
+//! (decision, republish, ack, metrics),
 //! [`heal`] (cache entries a failed write left stale), [`legacy`] (upgrade from classic delays).
 //!
 //! Direction: the worker sits on top of the adapters (`store`, `cache`, `stripe`, `dlq`'s
-//! bookkeeping) and the domain's parser; nothing below imports it.
+//! bookkeeping) and the domain's parser; nothing below imports it. It stops through
+//! `shared::shutdown` (the consumer, then the relay's last pass) and waits for a broker or a
+//! database to come back through `shared::backoff`.
 
 mod batch;
 mod consume;
