@@ -6,8 +6,10 @@
 //!   from `GET /v1/entitlements/active_entitlements` (the projection then maps each feature
 //!   `lookup_key` through the product registry, source `stripe_feature`);
 //! - a paid Checkout Session without `line_items` in the payload (webhooks never carry them):
-//!   its line items are read from `GET /v1/checkout/sessions/{id}/line_items`, so the price
-//!   paid, not only the metadata, decides the product.
+//!   a session this service created is completed from its recorded offer ([`with_offer`], no
+//!   request); any other session's line items are read from
+//!   `GET /v1/checkout/sessions/{id}/line_items`, so the price paid, not only the metadata,
+//!   decides the product.
 //!
 //! Both go through the Stripe client and its retries.
 //!
@@ -18,6 +20,7 @@
 //! our metadata, amount and currency).
 
 use crate::domain::events::{CheckoutSession, Event, EventKind};
+use crate::domain::offer::CheckoutOffer;
 use crate::stripe::{StripeClient, StripeError};
 
 /// Why a summary could not be completed.
@@ -71,6 +74,42 @@ pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Eve
     })
 }
 
+/// The session a checkout event completes, when it still needs its line items.
+#[must_use]
+pub fn session_to_complete(event: &Event) -> Option<&str> {
+    match &event.kind {
+        EventKind::CheckoutSessionCompleted(s)
+        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s)
+            if needs_completion(event) =>
+        {
+            Some(&s.id)
+        }
+        _ => None,
+    }
+}
+
+/// `event` completed from this service's own offer for its session, when there is one.
+#[must_use]
+pub fn with_offer(event: &Event, offers: &[CheckoutOffer]) -> Option<Event> {
+    let (EventKind::CheckoutSessionCompleted(session)
+    | EventKind::CheckoutSessionAsyncPaymentSucceeded(session)) = &event.kind
+    else {
+        return None;
+    };
+    let completed = offers
+        .iter()
+        .find(|o| o.session_id == session.id)?
+        .complete(session)?;
+    let kind = match event.kind {
+        EventKind::CheckoutSessionCompleted(_) => EventKind::CheckoutSessionCompleted(completed),
+        _ => EventKind::CheckoutSessionAsyncPaymentSucceeded(completed),
+    };
+    Some(Event {
+        kind,
+        ..event.clone()
+    })
+}
+
 /// True for the events [`complete`] reads Stripe for.
 #[must_use]
 pub fn needs_completion(event: &Event) -> bool {
@@ -78,7 +117,7 @@ pub fn needs_completion(event: &Event) -> bool {
         EventKind::FeatureSummaryUpdated(_) => true,
         EventKind::CheckoutSessionCompleted(s)
         | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => {
-            s.price_id.is_none() && s.mode.is_some()
+            !s.line_items_known && s.mode.is_some()
         }
         _ => false,
     }
@@ -90,7 +129,7 @@ async fn with_line_item(
     stripe: Option<&StripeClient>,
     mut session: CheckoutSession,
 ) -> Result<CheckoutSession, CompleteError> {
-    let Some(stripe) = stripe.filter(|_| session.price_id.is_none()) else {
+    let Some(stripe) = stripe.filter(|_| !session.line_items_known) else {
         return Ok(session);
     };
     match stripe.list_checkout_line_items(&session.id).await {
@@ -102,6 +141,7 @@ async fn with_line_item(
                     .or_else(|| price.get("id")?.as_str())
                     .map(str::to_owned)
             });
+            session.line_items_known = true;
             Ok(session)
         }
         Err(error) if error.is_resource_missing() => Ok(session),

@@ -103,6 +103,8 @@ pub enum Collection {
 
 #[derive(Default)]
 struct Inner {
+    /// How long every answer waits (0 unless set).
+    latency: Duration,
     requests: Vec<RecordedRequest>,
     faults: VecDeque<Fault>,
     /// key → (fingerprint of method, path and body; status; answer)
@@ -218,6 +220,12 @@ impl FakeStripe {
         for _ in 0..n {
             inner.faults.push_back(fault.clone());
         }
+    }
+
+    /// Makes every answer wait `latency` first, as Stripe's round trip does (100–400 ms from a
+    /// data centre).
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
     }
 
     /// Caps the page size of list answers, to exercise pagination with few objects.
@@ -440,11 +448,13 @@ async fn handle(
             })
             .collect(),
     };
-    let fault = {
+    let (fault, latency) = {
         let mut inner = shared.inner.lock().unwrap();
         inner.requests.push(request.clone());
-        inner.faults.pop_front()
+        (inner.faults.pop_front(), inner.latency)
     };
+    // Stripe's API from a data centre: every answer takes its round trip.
+    tokio::time::sleep(latency).await;
     match fault {
         Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
         Some(fault) => return fault_response(&fault),

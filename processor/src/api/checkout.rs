@@ -22,9 +22,11 @@ use super::customers::{customers_of, ensure_customer, mark_gone};
 use super::entitlements::load_snapshot;
 use super::error::ApiError;
 use crate::auth::AuthUser;
+use crate::domain::offer::{CheckoutOffer, OfferedPrice};
 use crate::domain::projection::{Product, ProductStatus};
 use crate::domain::view::status_of;
 use crate::registry;
+use crate::store;
 use crate::stripe::{CheckoutSessionRequest, LineItemPrice};
 
 /// Width of the idempotency bucket: clicks within it reuse one session.
@@ -153,12 +155,49 @@ pub(crate) async fn create_session(
         .url
         .ok_or_else(|| ApiError::internal("checkout session answered without a url"))?;
     tracing::info!(user_id = %user, product = %product.key, session = %session.id, "checkout session created");
+    record_offer(&state, &user, &product, &request.price, &session.id).await;
     Ok(Json(CheckoutAnswer {
         session_id: session.id,
         url,
         expires_at: DateTime::from_timestamp(session.expires_at, 0)
             .ok_or_else(|| ApiError::internal("checkout session expiry out of range"))?,
     }))
+}
+
+/// Records what `session` charges, so its completion needs no Stripe read. Best effort: a
+/// session without its offer is completed from Stripe, as a foreign one is.
+async fn record_offer(
+    state: &ApiState,
+    user: &UserId,
+    product: &Product,
+    price: &LineItemPrice,
+    session: &str,
+) {
+    let offer = CheckoutOffer {
+        session_id: session.to_owned(),
+        user_id: user.as_str().to_owned(),
+        product_key: product.key.clone(),
+        mode: product.mode,
+        price: match price {
+            LineItemPrice::Id(price) => OfferedPrice::Stripe(price.clone()),
+            LineItemPrice::Data {
+                currency,
+                unit_amount,
+                ..
+            } => OfferedPrice::Amount {
+                amount_cents: *unit_amount,
+                currency: currency.clone(),
+            },
+        },
+    };
+    let recorded = match state.pool.get().await {
+        Ok(client) => store::offers::record(&**client, &offer).await,
+        Err(error) => Err(error.into()),
+    };
+    if let Err(error) = recorded {
+        metrics::counter!("checkout_offers_unrecorded_total").increment(1);
+        tracing::warn!(%error, session, "checkout offer not recorded; its completion will be read from Stripe");
+    }
 }
 
 /// The registered product `key` if it can be bought now: 404 `unknown_product` when it is not

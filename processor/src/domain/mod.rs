@@ -8,11 +8,13 @@
 //! - [`fold`]: a batch's facts joined with the stored rows into the rows to write;
 //! - [`access`]: what a stored entitlement means at a given time;
 //! - [`view`]: the read model (the cache's format) and the views built from it;
-//! - [`message`]: the type-specific fields of the app's messages.
+//! - [`message`]: the types and fields of the app's messages;
+//! - [`offer`]: what a checkout this service created charges, known without Stripe.
 
 pub mod access;
 pub mod events;
 pub mod fold;
 pub mod message;
+pub mod offer;
 pub mod projection;
 pub mod view;

@@ -41,6 +41,7 @@
 
 mod columns;
 mod merge;
+pub mod offers;
 mod recompute;
 
 use crate::domain::events::CheckoutMode;
@@ -239,11 +240,8 @@ pub(super) fn products_named_by(purchases: &str, subscriptions: &str, also: &str
 /// # Errors
 /// [`StoreError::Db`] on a missing column, [`StoreError::Corrupt`] on an unknown mode or status.
 pub fn product_from_row(row: &Row) -> Result<Product, StoreError> {
-    let mode = match row.try_get::<_, &str>("mode")? {
-        "payment" => CheckoutMode::Payment,
-        "subscription" => CheckoutMode::Subscription,
-        _ => return Err(StoreError::Corrupt { column: "mode" }),
-    };
+    let mode = CheckoutMode::from_stripe(row.try_get("mode")?)
+        .ok_or(StoreError::Corrupt { column: "mode" })?;
     let status = ProductStatus::from_column(row.try_get("status")?)
         .ok_or(StoreError::Corrupt { column: "status" })?;
     Ok(Product {

@@ -24,6 +24,7 @@ use super::Worker;
 use super::short;
 use crate::cache::{Claim, ClaimToken};
 use crate::domain::events::{self, Event};
+use crate::domain::offer::CheckoutOffer;
 use crate::domain::view::UserSnapshot;
 use crate::store::{self, Failure, Outcome};
 
@@ -161,11 +162,12 @@ impl Worker {
     pub(super) async fn process_batch(&self, mut items: Vec<Item>) -> bool {
         metrics::histogram!("worker_batch_size").record(items.len() as f64);
         mark_duplicates(&mut items);
-        self.complete_from_stripe(&mut items).await;
         let size = items.len();
         let started = Instant::now();
+        // Claimed first: a replay is recognised before any request to Stripe.
         self.claim_all(&mut items).await;
         let claimed = started.elapsed();
+        self.complete_from_stripe(&mut items).await;
         self.apply_all(&mut items).await;
         let committed = started.elapsed();
         self.after_commit(&items).await;
@@ -185,6 +187,7 @@ impl Worker {
     /// Completes the events whose payload lacks what the projection needs from Stripe
     /// ([`crate::complete`]); one that cannot be completed is retried later.
     async fn complete_from_stripe(&self, items: &mut [Item]) {
+        let offers = self.offers_for(items).await;
         for item in items.iter_mut() {
             let Some(event) = item.pending() else {
                 continue;
@@ -192,6 +195,12 @@ impl Worker {
             if !crate::complete::needs_completion(event) {
                 continue;
             }
+            if let Some(completed) = crate::complete::with_offer(event, &offers) {
+                metrics::counter!("checkout_completions_total", "from" => "offer").increment(1);
+                item.step = Step::Pending(completed);
+                continue;
+            }
+            metrics::counter!("checkout_completions_total", "from" => "stripe").increment(1);
             match crate::complete::complete(self.stripe.as_ref(), event.clone()).await {
                 Ok(complete) => item.step = Step::Pending(complete),
                 Err(error) => {
@@ -200,6 +209,26 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The recorded offers of the batch's sessions that need their line items, in one query.
+    /// Unreadable, they are read from Stripe instead (the apply then waits for the database).
+    async fn offers_for(&self, items: &[Item]) -> Vec<CheckoutOffer> {
+        let sessions: Vec<&str> = items
+            .iter()
+            .filter_map(|i| i.pending().and_then(crate::complete::session_to_complete))
+            .collect();
+        if sessions.is_empty() {
+            return Vec::new();
+        }
+        let found = match self.pool.get().await {
+            Ok(client) => store::offers::find(&**client, &sessions).await,
+            Err(error) => Err(error.into()),
+        };
+        found.unwrap_or_else(|error| {
+            tracing::warn!(%error, "checkout offers unreadable; completing from Stripe");
+            Vec::new()
+        })
     }
 
     /// Takes the dedupe claims of the batch's fresh events concurrently.

@@ -91,6 +91,10 @@ pub struct CheckoutSession {
     pub product_key: Option<String>,
     /// The first line item's price, when the payload carries `line_items` (expanded).
     pub price_id: Option<String>,
+    /// Whether what the session charges is known: the payload carried its line items, or they
+    /// were completed from this service's own offer or from Stripe (`price_id` may still be
+    /// `None` then: an ad-hoc `price_data` price known by amount and currency).
+    pub line_items_known: bool,
     pub amount_total: Option<i64>,
     pub currency: Option<String>,
     /// `after_expiration.recovery.url` (only on expired sessions with recovery enabled).
@@ -112,6 +116,16 @@ impl CheckoutMode {
         match self {
             Self::Payment => "payment",
             Self::Subscription => "subscription",
+        }
+    }
+
+    /// Parses Stripe's (and the columns') spelling; `None` for `setup` or any other mode.
+    #[must_use]
+    pub fn from_stripe(raw: &str) -> Option<Self> {
+        match raw {
+            "payment" => Some(Self::Payment),
+            "subscription" => Some(Self::Subscription),
+            _ => None,
         }
     }
 }
@@ -402,10 +416,8 @@ fn user_id(raw: Option<String>, field: &'static str) -> Result<Option<UserId>, E
 
 fn checkout_session(obj: wire::CheckoutSession) -> Result<CheckoutSession, EventError> {
     let id = required(obj.id, "id")?;
-    let mode = match obj.mode.get().as_deref() {
-        Some("payment") => Some(CheckoutMode::Payment),
-        Some("subscription") => Some(CheckoutMode::Subscription),
-        Some(_) => None,
+    let mode = match obj.mode.get() {
+        Some(raw) => CheckoutMode::from_stripe(&raw),
         None => return Err(EventError::MissingField("mode")),
     };
     let payment_status = match obj.payment_status.get().as_deref() {
@@ -432,6 +444,7 @@ fn checkout_session(obj: wire::CheckoutSession) -> Result<CheckoutSession, Event
         subscription: obj.subscription.id(),
         user_id: user,
         product_key: obj.metadata.product_key(),
+        line_items_known: obj.line_items.as_ref().is_some(),
         price_id: obj.line_items.items().next().and_then(wire::Item::price_id),
         amount_total: obj.amount_total.get(),
         currency: obj.currency.text(),

@@ -1,0 +1,88 @@
+//! `checkout_offers`: what each Checkout Session this service created charges. The API records
+//! it once Stripe answered the creation; the worker reads it to complete a session's payment
+//! without asking Stripe ([`crate::domain::offer`]).
+
+use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
+
+use super::StoreError;
+use crate::domain::events::CheckoutMode;
+use crate::domain::offer::{CheckoutOffer, OfferedPrice};
+
+/// Records `offer`; a session already recorded (a double click answered with the same
+/// session) keeps its first row.
+///
+/// # Errors
+/// The database's error.
+pub async fn record(db: &impl GenericClient, offer: &CheckoutOffer) -> Result<(), StoreError> {
+    let (price_id, amount, currency) = match &offer.price {
+        OfferedPrice::Stripe(price) => (Some(price.as_str()), None, None),
+        OfferedPrice::Amount {
+            amount_cents,
+            currency,
+        } => (None, Some(*amount_cents), Some(currency.as_str())),
+    };
+    db.execute(
+        "INSERT INTO checkout_offers
+             (session_id, user_id, product_key, mode, price_id, amount_cents, currency)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (session_id) DO NOTHING",
+        &[
+            &offer.session_id,
+            &offer.user_id,
+            &offer.product_key,
+            &offer.mode.as_str(),
+            &price_id,
+            &amount,
+            &currency,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The recorded offers among `session_ids`, in no particular order.
+///
+/// # Errors
+/// The database's error; [`StoreError::Corrupt`] for a row no offer can be read from.
+pub async fn find(
+    db: &impl GenericClient,
+    session_ids: &[&str],
+) -> Result<Vec<CheckoutOffer>, StoreError> {
+    if session_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statement = db
+        .prepare_typed(
+            "SELECT session_id, user_id, product_key, mode, price_id, amount_cents, currency
+               FROM checkout_offers WHERE session_id = ANY($1)",
+            &[Type::TEXT_ARRAY],
+        )
+        .await?;
+    let rows = db.query(&statement, &[&session_ids]).await?;
+    rows.iter()
+        .map(|row| {
+            let mode = CheckoutMode::from_stripe(row.try_get("mode")?)
+                .ok_or(StoreError::Corrupt { column: "mode" })?;
+            let price = match (
+                row.try_get::<_, Option<String>>("price_id")?,
+                row.try_get::<_, Option<i64>>("amount_cents")?,
+                row.try_get::<_, Option<String>>("currency")?,
+            ) {
+                (Some(price), _, _) => OfferedPrice::Stripe(price),
+                (None, Some(amount_cents), Some(currency)) => OfferedPrice::Amount {
+                    amount_cents,
+                    currency,
+                },
+                _ => return Err(StoreError::Corrupt { column: "price_id" }),
+            };
+            Ok(CheckoutOffer {
+                session_id: row.try_get("session_id")?,
+                user_id: row.try_get("user_id")?,
+                product_key: row.try_get("product_key")?,
+                mode,
+                price,
+            })
+        })
+        .collect()
+}
