@@ -55,14 +55,7 @@ async fn revoked_within(api: &Api, user: &str, bound: Duration, what: &str) {
 
 /// Refunds `user`'s purchase `object` in Postgres; returns the committed snapshot.
 async fn refund(api: &Api, user: &str, object: &str) -> UserSnapshot {
-    let sample = Sample {
-        user,
-        product: "pro",
-        object,
-        amount: 4900,
-        created: chrono::Utc::now().timestamp(),
-        subscription: false,
-    };
+    let sample = Sample::pro(user, object);
     let body = event(&unique("evt"), "charge.refunded", &sample);
     let event = processor::domain::events::parse(body.to_string().as_bytes()).unwrap();
     let outcome = store::apply_and_commit(&api.pool, &[&event])

@@ -155,7 +155,7 @@ async fn an_item_registered_by_the_app_is_sold_opened_to_its_buyer_and_kept_afte
     let stripe = processor::stripe::StripeClient::new(fake.client_config()).unwrap();
     let completed = paid(&session, chrono::Utc::now().timestamp());
     let event = processor::domain::events::parse(completed.to_string().as_bytes()).unwrap();
-    assert!(processor::complete::needs_completion(&event));
+    assert!(processor::complete::needs_stripe(&event, true));
     let event = processor::complete::complete(Some(&stripe), event)
         .await
         .unwrap();

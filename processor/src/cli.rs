@@ -236,6 +236,8 @@ pub struct AppState {
     pub pool: Pool,
     pub cache: Cache,
     pub publisher: Publisher,
+    /// The consumer's view of the Stripe key, when this process consumes.
+    pub stripe_key: Option<crate::worker::completions::StripeKeyHealth>,
 }
 
 /// The long-running service without the entitlement API: prepares the database, then runs the
@@ -274,10 +276,19 @@ pub async fn serve_with_api(
         cache,
         publisher,
     } = deps;
+    let worker = with_worker.then(|| {
+        Worker::new(
+            config.clone(),
+            pool.clone(),
+            cache.clone(),
+            publisher.clone(),
+        )
+    });
     let state = AppState {
         pool: pool.clone(),
         cache: cache.clone(),
         publisher: publisher.clone(),
+        stripe_key: worker.as_ref().map(Worker::stripe_key_health),
     };
     // The entitlement API's router is merged with the operational routes here.
     let metrics_listener = match config.metrics_addr {
@@ -298,10 +309,8 @@ pub async fn serve_with_api(
     let stop = Stop::default();
     let wait = || stop.wait();
     let consumer = async {
-        if with_worker {
-            Worker::new(config.clone(), pool, cache, publisher)
-                .run(wait())
-                .await;
+        if let Some(worker) = &worker {
+            worker.run(wait()).await;
         }
     };
     let http = async {
@@ -365,14 +374,17 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        axum::Json(serde_json::json!({
-            "postgres": word(postgres),
-            "redis": word(redis),
-            "broker": word(broker),
-        })),
-    )
+    let mut body = serde_json::json!({
+        "postgres": word(postgres),
+        "redis": word(redis),
+        "broker": word(broker),
+    });
+    // Said, not counted against readiness: reads and own checkouts still work; the purchases
+    // that need Stripe wait until the key is fixed.
+    if state.stripe_key.as_ref().is_some_and(|k| k.is_refused()) {
+        body["stripe"] = serde_json::json!("key_refused");
+    }
+    (status, axum::Json(body))
 }
 
 #[cfg(test)]

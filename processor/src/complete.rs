@@ -74,13 +74,13 @@ pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Eve
     })
 }
 
-/// The session a checkout event completes, when it still needs its line items.
+/// The session a checkout event completes, when its line items are not known yet.
 #[must_use]
 pub fn session_to_complete(event: &Event) -> Option<&str> {
     match &event.kind {
         EventKind::CheckoutSessionCompleted(s)
         | EventKind::CheckoutSessionAsyncPaymentSucceeded(s)
-            if needs_completion(event) =>
+            if !s.line_items_known && s.mode.is_some() =>
         {
             Some(&s.id)
         }
@@ -110,14 +110,17 @@ pub fn with_offer(event: &Event, offers: &[CheckoutOffer]) -> Option<Event> {
     })
 }
 
-/// True for the events [`complete`] reads Stripe for.
+/// True for the events [`complete`] has to read Stripe for (or, without a key, fails for):
+/// a feature summary (its newest complete list is read when a key is set; without one, only a
+/// list cut short needs it), and, when a key is set, a paid session whose line items are not
+/// known yet. Without a key a session keeps its payload's shape.
 #[must_use]
-pub fn needs_completion(event: &Event) -> bool {
+pub fn needs_stripe(event: &Event, has_key: bool) -> bool {
     match &event.kind {
-        EventKind::FeatureSummaryUpdated(_) => true,
+        EventKind::FeatureSummaryUpdated(summary) => has_key || !summary.complete,
         EventKind::CheckoutSessionCompleted(s)
         | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => {
-            !s.line_items_known && s.mode.is_some()
+            has_key && !s.line_items_known && s.mode.is_some()
         }
         _ => false,
     }

@@ -26,6 +26,21 @@ pub struct Sample<'a> {
     pub subscription: bool,
 }
 
+impl<'a> Sample<'a> {
+    /// A one-time `pro` purchase of $49.00 by `user`, happening now.
+    #[must_use]
+    pub fn pro(user: &'a str, object: &'a str) -> Self {
+        Self {
+            user,
+            product: "pro",
+            object,
+            amount: 4900,
+            created: chrono::Utc::now().timestamp(),
+            subscription: false,
+        }
+    }
+}
+
 /// The event types of simulated customer `k` of a realistic mix, in the order Stripe typically
 /// sends them: half one-time purchases, one in ten refunded, three in ten subscriptions with
 /// checkout, invoice and update, and one in ten only types the processor ignores.

@@ -35,6 +35,8 @@ pub enum Fault {
     BadRequest,
     /// 409 `lock_timeout` without the header (retryable by status).
     Conflict,
+    /// 401 `authentication_error`: a revoked or mistyped key.
+    Unauthorized,
     /// Serve the request normally, but only after this delay.
     Slow(Duration),
 }
@@ -222,6 +224,11 @@ impl FakeStripe {
         }
     }
 
+    /// Drops the faults not served yet.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     /// Makes every answer wait `latency` first, as Stripe's round trip does (100–400 ms from a
     /// data centre).
     pub fn set_latency(&self, latency: Duration) {
@@ -378,6 +385,18 @@ fn fault_response(fault: &Fault) -> Response {
                 "api_error",
                 None,
                 "Something went wrong on Stripe's end.",
+                None,
+            )
+            .1,
+        ),
+        Fault::Unauthorized => (
+            StatusCode::UNAUTHORIZED,
+            None,
+            stripe_error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                None,
+                "Invalid API Key provided: sk_test_****",
                 None,
             )
             .1,

@@ -59,7 +59,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row, Statement, Transaction};
 
-/// What became of one event. The store yields every variant but [`Outcome::Busy`], which the
+/// What became of one event. The store yields every variant but [`Outcome::Busy`] and
+/// [`Outcome::Waiting`], which the
 /// consumer sets before asking the store.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -74,6 +75,10 @@ pub enum Outcome {
     Later(String),
     /// Another consumer holds the event's claim right now.
     Busy,
+    /// An outside service the event needs (Stripe, to read a session's line items) cannot
+    /// answer now: it waits and is tried again, never parked for it and never counting an
+    /// attempt. Nothing of it was kept.
+    Waiting(String),
 }
 
 /// How a failure is handled. [`StoreError::failure`] is the one place that decides it.

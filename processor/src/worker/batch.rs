@@ -21,6 +21,7 @@ use shared::backoff::Reconnect;
 use shared::topology::headers;
 
 use super::Worker;
+use super::completions::Admission;
 use super::short;
 use crate::cache::{Claim, ClaimToken};
 use crate::domain::events::{self, Event};
@@ -162,12 +163,18 @@ impl Worker {
     pub(super) async fn process_batch(&self, mut items: Vec<Item>) -> bool {
         metrics::histogram!("worker_batch_size").record(items.len() as f64);
         mark_duplicates(&mut items);
-        let size = items.len();
         let started = Instant::now();
         // Claimed first: a replay is recognised before any request to Stripe.
         self.claim_all(&mut items).await;
+        self.complete_from_offers(&mut items).await;
+        let items = self.hand_over_to_stripe(items);
+        self.finish(items, started).await
+    }
+
+    /// Applies, caches and settles what is left of a batch.
+    async fn finish(&self, mut items: Vec<Item>, started: Instant) -> bool {
+        let size = items.len();
         let claimed = started.elapsed();
-        self.complete_from_stripe(&mut items).await;
         self.apply_all(&mut items).await;
         let committed = started.elapsed();
         self.after_commit(&items).await;
@@ -184,29 +191,75 @@ impl Worker {
         healthy
     }
 
-    /// Completes the events whose payload lacks what the projection needs from Stripe
-    /// ([`crate::complete`]); one that cannot be completed is retried later.
-    async fn complete_from_stripe(&self, items: &mut [Item]) {
+    /// Completes the checkouts this service created from their recorded offers, with no
+    /// request to Stripe ([`crate::complete::with_offer`]).
+    async fn complete_from_offers(&self, items: &mut [Item]) {
         let offers = self.offers_for(items).await;
         for item in items.iter_mut() {
             let Some(event) = item.pending() else {
                 continue;
             };
-            if !crate::complete::needs_completion(event) {
-                continue;
-            }
             if let Some(completed) = crate::complete::with_offer(event, &offers) {
                 metrics::counter!("checkout_completions_total", "from" => "offer").increment(1);
                 item.step = Step::Pending(completed);
+            }
+        }
+    }
+
+    /// Takes the items that still need Stripe out of the batch: each is completed and applied
+    /// off the lane ([`super::completions`]), or waits when Stripe cannot be asked now. Returns
+    /// the rest.
+    fn hand_over_to_stripe(&self, items: Vec<Item>) -> Vec<Item> {
+        let mut rest = Vec::with_capacity(items.len());
+        for mut item in items {
+            let has_key = self.stripe.is_some();
+            if !item
+                .pending()
+                .is_some_and(|e| crate::complete::needs_stripe(e, has_key))
+            {
+                rest.push(item);
                 continue;
             }
-            metrics::counter!("checkout_completions_total", "from" => "stripe").increment(1);
-            match crate::complete::complete(self.stripe.as_ref(), event.clone()).await {
-                Ok(complete) => item.step = Step::Pending(complete),
-                Err(error) => {
-                    tracing::warn!(parent: &item.span, %error, "event not completed from Stripe");
-                    item.decide(Outcome::Later(error.to_string()));
+            match self.completions.admit() {
+                Admission::Wait(reason) => {
+                    item.decide(Outcome::Waiting(reason.to_owned()));
+                    rest.push(item);
                 }
+                Admission::Run(permit) => {
+                    let worker = self.clone();
+                    self.completions.spawn(async move {
+                        let started = Instant::now();
+                        worker.complete_from_stripe(&mut item).await;
+                        worker.finish(vec![item], started).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+        rest
+    }
+
+    /// Completes one event from Stripe ([`crate::complete`]): on success it stays pending;
+    /// while Stripe cannot answer (or refuses the key) it waits, otherwise it is retried later.
+    async fn complete_from_stripe(&self, item: &mut Item) {
+        let Some(event) = item.pending() else {
+            return;
+        };
+        if crate::complete::session_to_complete(event).is_some() {
+            metrics::counter!("checkout_completions_total", "from" => "stripe").increment(1);
+        }
+        match crate::complete::complete(self.stripe.as_ref(), event.clone()).await {
+            Ok(complete) => {
+                self.completions.succeeded();
+                item.step = Step::Pending(complete);
+            }
+            Err(error) if self.completions.waits(&error) => {
+                tracing::warn!(parent: &item.span, %error, "waiting for Stripe");
+                item.decide(Outcome::Waiting(short(&error.to_string())));
+            }
+            Err(error) => {
+                tracing::warn!(parent: &item.span, %error, "event not completed from Stripe");
+                item.decide(Outcome::Later(error.to_string()));
             }
         }
     }

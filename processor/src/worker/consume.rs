@@ -124,8 +124,11 @@ impl Worker {
             SessionEnd::Shutdown => self.config.shutdown_grace,
             SessionEnd::Lost => Duration::from_secs(2),
         };
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         if drained.is_err() {
             tracing::warn!(
                 ?grace,
@@ -133,6 +136,10 @@ impl Worker {
             );
             tasks.shutdown().await;
         }
+        // The completions the lanes handed over share the same grace.
+        self.completions
+            .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
         end
     }
 

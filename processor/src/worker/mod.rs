@@ -27,6 +27,7 @@
 //! database to come back through `shared::backoff`.
 
 mod batch;
+pub mod completions;
 mod consume;
 mod heal;
 mod legacy;
@@ -80,6 +81,8 @@ pub struct Worker {
     /// Completes events from Stripe ([`crate::complete`]); `None` without a usable
     /// `STRIPE_SECRET_KEY`.
     stripe: Option<crate::stripe::StripeClient>,
+    /// The events completed from Stripe off the lanes.
+    completions: completions::Completions,
 }
 
 impl Worker {
@@ -96,12 +99,19 @@ impl Worker {
         });
         Self {
             stripe,
+            completions: completions::Completions::default(),
             config,
             pool,
             cache,
             publisher,
             parked: Arc::new(OnceCell::new()),
         }
+    }
+
+    /// Whether Stripe refuses this worker's key, for `/readyz`.
+    #[must_use]
+    pub fn stripe_key_health(&self) -> completions::StripeKeyHealth {
+        self.completions.key_health()
     }
 
     /// Consumes until `shutdown` resolves. On shutdown it cancels the consumer, lets the

@@ -37,11 +37,28 @@ pub enum Decision {
     },
 }
 
+/// The first retry queue without counting an attempt: not a failure of the event.
+fn wait(delays: &[Duration], attempts: u32, reason: &str) -> Decision {
+    match delays.first() {
+        Some(after) => Decision::Retry {
+            after: *after,
+            queue: 1,
+            attempts,
+            reason: reason.to_owned(),
+        },
+        None => Decision::DeadLetter {
+            reason: format!("{reason}, and no retry queue"),
+            attempts,
+        },
+    }
+}
+
 /// Maps an outcome to a decision: the one place that chooses ack, retry or park. `attempts` is the delivery's `attempts` header (retries so far).
 ///
 /// A transient failure goes to the next retry queue; after the last one it is dead-lettered with
 /// `attempts` = the number of retries made. A busy event is put in the first retry queue without
-/// counting an attempt: it is not a failure, and the claim of a crashed worker expires.
+/// counting an attempt: it is not a failure, and the claim of a crashed worker expires. An event
+/// waiting for Stripe does the same, for as long as Stripe cannot answer.
 #[must_use]
 pub fn decide(outcome: &Outcome, attempts: u32, delays: &[Duration]) -> Decision {
     match outcome {
@@ -65,18 +82,8 @@ pub fn decide(outcome: &Outcome, attempts: u32, delays: &[Duration]) -> Decision
                 },
             }
         }
-        Outcome::Busy => match delays.first() {
-            Some(after) => Decision::Retry {
-                after: *after,
-                queue: 1,
-                attempts,
-                reason: "claimed by another worker".into(),
-            },
-            None => Decision::DeadLetter {
-                reason: "claimed by another worker and no retry queue".into(),
-                attempts,
-            },
-        },
+        Outcome::Busy => wait(delays, attempts, "claimed by another worker"),
+        Outcome::Waiting(reason) => wait(delays, attempts, reason),
     }
 }
 
@@ -247,6 +254,7 @@ fn record(item: &Item, decision: &Decision, settled: bool) {
         (Some(Outcome::Applied(_)), _) => "applied",
         (Some(Outcome::Replay), _) => "replay",
         (Some(Outcome::Busy), _) => "deferred",
+        (Some(Outcome::Waiting(_)), _) => "waiting",
         (_, Decision::Retry { .. }) => "retried",
         (_, Decision::DeadLetter { .. }) => "dead_lettered",
         (_, Decision::Ack) => "acked",

@@ -1,0 +1,346 @@
+//! Stripe on the worker's path, with `STRIPE_SECRET_KEY` set and Stripe answered by the fake at
+//! a realistic latency: a session this service created is granted from what it recorded at
+//! creation, with no request to Stripe; a session someone else created (a Payment Link, the
+//! Dashboard) has its line items read from Stripe once, off the lane; a redelivered event is
+//! recognised before any request. While Stripe fails or refuses the key, only the events that
+//! need it wait, nothing is parked, and they are applied once Stripe answers again.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use system_tests::api::Api;
+use system_tests::stripe_fake::{Collection, FakeStripe, Fault};
+use system_tests::worker::{Running, WAIT, config, publish, spawn_worker, wait_processed};
+use system_tests::{amqp::TestBroker, unique};
+
+/// A paid `checkout.session.completed` of `session` (a Checkout Session object as the fake
+/// holds it), as Stripe delivers it: no line items.
+fn completed(event_id: &str, session: &Value) -> Vec<u8> {
+    let mut object = session.clone();
+    object["status"] = json!("complete");
+    object["payment_status"] = json!("paid");
+    object["amount_total"] = json!(4900);
+    object["currency"] = json!("usd");
+    object["payment_intent"] = json!(format!("pi_{event_id}"));
+    serde_json::to_vec(&json!({
+        "id": event_id, "object": "event", "type": "checkout.session.completed",
+        "created": chrono::Utc::now().timestamp(), "livemode": false,
+        "api_version": "2025-03-31.basil", "data": { "object": object },
+    }))
+    .unwrap()
+}
+
+fn line_item_reads(fake: &FakeStripe, session: &str) -> usize {
+    fake.requests_to(&format!("/v1/checkout/sessions/{session}/line_items"))
+        .len()
+}
+
+async fn is_pro(api: &Api, user: &str) -> bool {
+    let (status, body) = api.get("/api/pro/entitlement", user).await;
+    assert_eq!(status, 200, "{body}");
+    body["isPro"] == true
+}
+
+/// The API and a worker on one database, both with Stripe answered by `fake`.
+async fn start(fake: &FakeStripe) -> (Api, TestBroker, Running) {
+    let api = Api::start(Some(fake)).await;
+    let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
+    let mut worker_config = config(&api.db.url, &broker);
+    worker_config.stripe = Some(fake.client_config());
+    // The worker writes its configured products at start: the API's.
+    worker_config.catalog = system_tests::api::catalog();
+    let worker = spawn_worker(worker_config);
+    (api, broker, worker)
+}
+
+/// The session the fake holds under `id`.
+fn session_of(fake: &FakeStripe, id: &str) -> Value {
+    fake.objects(Collection::CheckoutSessions)
+        .into_iter()
+        .find(|s| s["id"] == id)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_sessions_are_granted_without_stripe_and_foreign_ones_are_read_once() {
+    let fake = FakeStripe::start().await;
+    let (api, broker, worker) = start(&fake).await;
+    fake.set_latency(Duration::from_millis(150));
+
+    // Bought through this service: the offer was recorded at creation.
+    let own_user = unique("u");
+    let (status, answer) = api.checkout(&own_user, "pro").await;
+    assert_eq!(status, 200, "{answer}");
+    let own_session = answer["sessionId"].as_str().unwrap().to_owned();
+    let session = session_of(&fake, &own_session);
+    let own_event = unique("evt");
+    publish(
+        &broker,
+        &completed(&own_event, &session),
+        &own_event,
+        "checkout.session.completed",
+    )
+    .await;
+
+    // Sold by a Payment Link: the same product's price, a session this service never saw.
+    let foreign_user = unique("u");
+    let foreign_session = unique("cs_link");
+    fake.seed(
+        Collection::CheckoutSessions,
+        json!({ "id": foreign_session, "object": "checkout.session", "mode": "payment",
+                "client_reference_id": foreign_user, "customer": null, "metadata": {} }),
+    );
+    fake.seed(
+        Collection::CheckoutLineItems,
+        json!({ "id": unique("li"), "object": "item", "session": foreign_session,
+                "price": { "id": "price_pro", "object": "price" }, "quantity": 1 }),
+    );
+    let foreign = json!({ "id": foreign_session, "object": "checkout.session",
+        "mode": "payment", "client_reference_id": foreign_user, "customer": null,
+        "metadata": {} });
+    let foreign_event = unique("evt");
+    let body = completed(&foreign_event, &foreign);
+    publish(&broker, &body, &foreign_event, "checkout.session.completed").await;
+
+    let direct = system_tests::worker::pg(&api.db.url).await;
+    wait_processed(&direct, &own_event).await;
+    wait_processed(&direct, &foreign_event).await;
+    system_tests::eventually(WAIT, "both buyers are Pro", || async {
+        (is_pro(&api, &own_user).await && is_pro(&api, &foreign_user).await).then_some(())
+    })
+    .await;
+    assert_eq!(
+        line_item_reads(&fake, &own_session),
+        0,
+        "a session this service created is completed from its offer"
+    );
+    assert_eq!(line_item_reads(&fake, &foreign_session), 1);
+
+    // Stripe redelivers the foreign event: recognised before any request. A later event of
+    // the same user goes through the same lane after it.
+    publish(&broker, &body, &foreign_event, "checkout.session.completed").await;
+    let sentinel = unique("evt");
+    let object = unique("o");
+    let later = shared::samples::event(
+        &sentinel,
+        "payment_intent.succeeded",
+        &shared::samples::Sample::pro(&foreign_user, &object),
+    );
+    publish(
+        &broker,
+        later.to_string().as_bytes(),
+        &sentinel,
+        "payment_intent.succeeded",
+    )
+    .await;
+    wait_processed(&direct, &sentinel).await;
+    assert_eq!(
+        line_item_reads(&fake, &foreign_session),
+        1,
+        "no second read"
+    );
+    assert_eq!(line_item_reads(&fake, &own_session), 0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_completes_only_its_own_session_for_its_own_user() {
+    let fake = FakeStripe::start().await;
+    let (api, broker, worker) = start(&fake).await;
+
+    let buyer = unique("u");
+    let (status, answer) = api.checkout(&buyer, "pro").await;
+    assert_eq!(status, 200, "{answer}");
+    let session_id = answer["sessionId"].as_str().unwrap().to_owned();
+    let mut session = session_of(&fake, &session_id);
+    // The same session id under another user: not the offer's, so Stripe is asked.
+    let other = unique("u");
+    session["client_reference_id"] = json!(other);
+    session["metadata"]["user_id"] = json!(other);
+    let event = unique("evt");
+    publish(
+        &broker,
+        &completed(&event, &session),
+        &event,
+        "checkout.session.completed",
+    )
+    .await;
+    let direct = system_tests::worker::pg(&api.db.url).await;
+    wait_processed(&direct, &event).await;
+    assert_eq!(line_item_reads(&fake, &session_id), 1);
+    worker.stop().await;
+}
+
+/// A session of `user` created elsewhere (a Payment Link) for the `pro` price: the fake holds
+/// it and its line item; returns the object as its webhook carries it.
+fn foreign_session(fake: &FakeStripe, user: &str) -> Value {
+    let session = json!({ "id": unique("cs_link"), "object": "checkout.session",
+        "mode": "payment", "client_reference_id": user, "customer": null, "metadata": {} });
+    fake.seed(Collection::CheckoutSessions, session.clone());
+    fake.seed(
+        Collection::CheckoutLineItems,
+        json!({ "id": unique("li"), "object": "item", "session": session["id"],
+                "price": { "id": "price_pro", "object": "price" }, "quantity": 1 }),
+    );
+    session
+}
+
+/// A sample event of `user` (no checkout session: it needs no Stripe read).
+fn sample_event(event_id: &str, event_type: &str, user: &str, object: &str) -> Vec<u8> {
+    let sample = shared::samples::Sample::pro(user, object);
+    shared::samples::event(event_id, event_type, &sample)
+        .to_string()
+        .into_bytes()
+}
+
+async fn publish_body(broker: &TestBroker, body: &[u8]) -> String {
+    let value: Value = serde_json::from_slice(body).unwrap();
+    let id = value["id"].as_str().unwrap().to_owned();
+    publish(broker, body, &id, value["type"].as_str().unwrap()).await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_stripe_fails_only_the_purchases_that_need_it_wait_and_none_is_parked() {
+    let fake = FakeStripe::start().await;
+    let (api, broker, worker) = start(&fake).await;
+    fake.set_latency(Duration::from_millis(150));
+    let direct = system_tests::worker::pg(&api.db.url).await;
+
+    // Before the outage: a checkout through this service, and a buyer who will be refunded.
+    let own_user = unique("u");
+    let (status, answer) = api.checkout(&own_user, "pro").await;
+    assert_eq!(status, 200, "{answer}");
+    let own = session_of(&fake, answer["sessionId"].as_str().unwrap());
+    let refunded_user = unique("u");
+    let refunded_object = unique("o");
+    let bought = publish_body(
+        &broker,
+        &sample_event(
+            &unique("evt"),
+            "payment_intent.succeeded",
+            &refunded_user,
+            &refunded_object,
+        ),
+    )
+    .await;
+    wait_processed(&direct, &bought).await;
+    system_tests::eventually(WAIT, "the refunded user was Pro", || async {
+        is_pro(&api, &refunded_user).await.then_some(())
+    })
+    .await;
+
+    // Stripe answers 500 to everything, for as long as it takes.
+    fake.inject(Fault::ServerErrorShouldRetry, 100_000);
+    let foreign_users: Vec<String> = (0..5).map(|_| unique("u")).collect();
+    for user in &foreign_users {
+        let event = unique("evt");
+        publish_body(&broker, &completed(&event, &foreign_session(&fake, user))).await;
+    }
+    let own_event = unique("evt");
+    publish_body(&broker, &completed(&own_event, &own)).await;
+    let refund = publish_body(
+        &broker,
+        &sample_event(
+            &unique("evt"),
+            "charge.refunded",
+            &refunded_user,
+            &refunded_object,
+        ),
+    )
+    .await;
+    let sent = std::time::Instant::now();
+    wait_processed(&direct, &refund).await;
+    wait_processed(&direct, &own_event).await;
+    let applied_in = sent.elapsed();
+    assert!(
+        applied_in < Duration::from_secs(2),
+        "the refund and the own purchase wait for no one: {applied_in:?}"
+    );
+    assert!(is_pro(&api, &own_user).await);
+    assert!(!is_pro(&api, &refunded_user).await);
+    // The foreign purchases are tried, wait, and are tried again.
+    system_tests::eventually(WAIT, "the foreign purchases were retried", || async {
+        (fake.requests().len() > 3 * foreign_users.len()).then_some(())
+    })
+    .await;
+    for user in &foreign_users {
+        assert!(!is_pro(&api, user).await, "not granted while Stripe fails");
+    }
+    assert_eq!(broker.dead_letter_depth().await, 0, "nothing parked");
+
+    // Stripe is back: every waiting purchase is granted by itself.
+    fake.clear_faults();
+    system_tests::eventually(WAIT, "every foreign buyer is Pro", || async {
+        for user in &foreign_users {
+            if !is_pro(&api, user).await {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert_eq!(broker.dead_letter_depth().await, 0, "nothing parked");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_parks_nothing_says_so_on_readyz_and_resumes_once_accepted() {
+    let fake = FakeStripe::start().await;
+    let api = Api::start(Some(&fake)).await;
+    let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
+    let mut service_config = config(&api.db.url, &broker);
+    service_config.stripe = Some(fake.client_config());
+    service_config.catalog = system_tests::api::catalog();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(processor::cli::serve(
+        service_config,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        true,
+    ));
+    let http = reqwest::Client::new();
+    let readyz = || async {
+        let response = http.get(format!("{base}/readyz")).send().await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json::<Value>().await.ok()?))
+    };
+    system_tests::eventually(WAIT, "ready", || async {
+        let (status, body) = readyz().await?;
+        (status == 200 && body.get("stripe").is_none()).then_some(())
+    })
+    .await;
+
+    fake.inject(Fault::Unauthorized, 100_000);
+    let user = unique("u");
+    let event = unique("evt");
+    publish_body(&broker, &completed(&event, &foreign_session(&fake, &user))).await;
+    let body = system_tests::eventually(WAIT, "readyz names the refused key", || async {
+        let (status, body) = readyz().await?;
+        (status == 200 && body["stripe"] == "key_refused").then_some(body)
+    })
+    .await;
+    assert_eq!(body["postgres"], "ok", "{body}");
+    // Paused: a few seconds later Stripe was asked about once, not once per retry.
+    let asked = fake.requests().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(fake.requests().len() <= asked + 1, "paused while refused");
+    assert_eq!(broker.dead_letter_depth().await, 0, "nothing parked");
+    assert!(!is_pro(&api, &user).await);
+
+    fake.clear_faults();
+    system_tests::eventually(WAIT, "granted once the key is accepted", || async {
+        is_pro(&api, &user).await.then_some(())
+    })
+    .await;
+    let (_, body) = readyz().await.unwrap();
+    assert!(body.get("stripe").is_none(), "{body}");
+    assert_eq!(broker.dead_letter_depth().await, 0);
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+}
