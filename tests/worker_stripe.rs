@@ -44,10 +44,17 @@ async fn is_pro(api: &Api, user: &str) -> bool {
 
 /// The API and a worker on one database, both with Stripe answered by `fake`.
 async fn start(fake: &FakeStripe) -> (Api, TestBroker, Running) {
+    start_with_budget(fake, processor::stripe::budget::DEFAULT_PER_SECOND).await
+}
+
+/// [`start`] with the worker held to `per_second` Stripe requests.
+async fn start_with_budget(fake: &FakeStripe, per_second: u32) -> (Api, TestBroker, Running) {
     let api = Api::start(Some(fake)).await;
     let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
     let mut worker_config = config(&api.db.url, &broker);
-    worker_config.stripe = Some(fake.client_config());
+    let mut stripe = fake.client_config();
+    stripe.budget = processor::stripe::budget::Budget::new(per_second);
+    worker_config.stripe = Some(stripe);
     // The worker writes its configured products at start: the API's.
     worker_config.catalog = system_tests::api::catalog();
     let worker = spawn_worker(worker_config);
@@ -343,4 +350,40 @@ async fn a_refused_key_parks_nothing_says_so_on_readyz_and_resumes_once_accepted
     assert_eq!(broker.dead_letter_depth().await, 0);
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_sessions_are_read_within_the_stripe_budget_and_near_it() {
+    let fake = FakeStripe::start().await;
+    let (api, broker, worker) = start_with_budget(&fake, 5).await;
+    fake.set_latency(Duration::from_millis(150));
+    let users: Vec<String> = (0..15).map(|_| unique("u")).collect();
+    let started = std::time::Instant::now();
+    for user in &users {
+        let event = unique("evt");
+        publish_body(&broker, &completed(&event, &foreign_session(&fake, user))).await;
+    }
+    system_tests::eventually(WAIT, "every foreign buyer is Pro", || async {
+        for user in &users {
+            if !is_pro(&api, user).await {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let elapsed = started.elapsed();
+    // 15 reads at 5/s with a burst of 5: at least 2 s; at 80 % of the budget, at most 3.75 s
+    // (plus the fake's latency and the applies).
+    assert_eq!(fake.requests().len(), 15, "one read per session");
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "the budget holds: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(4500),
+        "the budget is used: {elapsed:?}"
+    );
+    assert_eq!(broker.dead_letter_depth().await, 0);
+    worker.stop().await;
 }

@@ -12,6 +12,7 @@
 //!   otherwise 409, 429, 5xx, timeouts and connection errors retry, with exponential backoff and
 //!   jitter, a bounded number of times.
 
+pub mod budget;
 mod error;
 pub mod form;
 mod types;
@@ -60,6 +61,8 @@ pub struct StripeConfig {
     pub max_retries: usize,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// The process' request budget (`STRIPE_MAX_REQUESTS_PER_SECOND`), shared by every clone.
+    pub budget: budget::Budget,
 }
 
 impl StripeConfig {
@@ -79,6 +82,7 @@ impl StripeConfig {
             max_retries: 2,
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
+            budget: budget::Budget::default(),
         })
     }
 
@@ -92,7 +96,8 @@ impl StripeConfig {
             .transpose()
     }
 
-    /// Reads `STRIPE_SECRET_KEY` (required), `STRIPE_API_BASE` and `STRIPE_API_VERSION`.
+    /// Reads `STRIPE_SECRET_KEY` (required), `STRIPE_API_BASE`, `STRIPE_API_VERSION` and
+    /// `STRIPE_MAX_REQUESTS_PER_SECOND`.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the variable that is missing or malformed.
@@ -111,6 +116,15 @@ impl StripeConfig {
         if let Some(version) = env.get("STRIPE_API_VERSION") {
             config.api_version = version.trim().to_owned();
         }
+        let per_second =
+            env.parse_or("STRIPE_MAX_REQUESTS_PER_SECOND", budget::DEFAULT_PER_SECOND)?;
+        if per_second == 0 {
+            return Err(ConfigError::new(
+                "STRIPE_MAX_REQUESTS_PER_SECOND",
+                "must be at least 1",
+            ));
+        }
+        config.budget = budget::Budget::new(per_second);
         Ok(config)
     }
 }
@@ -512,6 +526,8 @@ impl StripeClient {
         headers: HeaderMap,
         body: Option<String>,
     ) -> Result<Value, Attempt> {
+        // Every attempt, retries included, counts against the process' budget.
+        self.config.budget.take().await;
         let mut request = self.http.request(method, url).headers(headers);
         if let Some(body) = body {
             request = request.body(body);
@@ -817,5 +833,14 @@ mod tests {
         .unwrap();
         assert_eq!(config.api_base, DEFAULT_API_BASE);
         assert_eq!(config.api_version, "2024-06-20");
+
+        for bad in ["0", "-3", "fast"] {
+            let err = StripeConfig::from_env(&Env::from_pairs([
+                ("STRIPE_SECRET_KEY", "sk_test_abc"),
+                ("STRIPE_MAX_REQUESTS_PER_SECOND", bad),
+            ]))
+            .unwrap_err();
+            assert_eq!(err.var, "STRIPE_MAX_REQUESTS_PER_SECOND", "{bad}");
+        }
     }
 }
