@@ -179,6 +179,19 @@ async fn an_offer_completes_only_its_own_session_for_its_own_user() {
     worker.stop().await;
 }
 
+/// Waits until every one of `users` is Pro.
+async fn all_pro(api: &Api, users: &[String]) {
+    system_tests::eventually(WAIT, "every buyer is Pro", || async {
+        for user in users {
+            if !is_pro(api, user).await {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
 /// A session of `user` created elsewhere (a Payment Link) for the `pro` price: the fake holds
 /// it and its line item; returns the object as its webhook carries it.
 fn foreign_session(fake: &FakeStripe, user: &str) -> Value {
@@ -279,15 +292,7 @@ async fn while_stripe_fails_only_the_purchases_that_need_it_wait_and_none_is_par
 
     // Stripe is back: every waiting purchase is granted by itself.
     fake.clear_faults();
-    system_tests::eventually(WAIT, "every foreign buyer is Pro", || async {
-        for user in &foreign_users {
-            if !is_pro(&api, user).await {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
+    all_pro(&api, &foreign_users).await;
     assert_eq!(broker.dead_letter_depth().await, 0, "nothing parked");
     worker.stop().await;
 }
@@ -363,15 +368,7 @@ async fn foreign_sessions_are_read_within_the_stripe_budget_and_near_it() {
         let event = unique("evt");
         publish_body(&broker, &completed(&event, &foreign_session(&fake, user))).await;
     }
-    system_tests::eventually(WAIT, "every foreign buyer is Pro", || async {
-        for user in &users {
-            if !is_pro(&api, user).await {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
+    all_pro(&api, &users).await;
     let elapsed = started.elapsed();
     // 15 reads at 5/s with a burst of 5: at least 2 s; at 80 % of the budget, at most 3.75 s
     // (plus the fake's latency and the applies).
