@@ -16,3 +16,12 @@ CREATE TABLE IF NOT EXISTS checkout_offers (
     CHECK (price_id IS NOT NULL OR (amount_cents IS NOT NULL AND currency IS NOT NULL))
 );
 CREATE INDEX IF NOT EXISTS checkout_offers_created_at_idx ON checkout_offers (created_at);
+
+-- The price each Payment Link sells, learned from the first of its sessions whose line items
+-- were read from Stripe. A Payment Link's line items cannot change price (an update may only
+-- change quantities), so later sessions of the link need no read.
+CREATE TABLE IF NOT EXISTS payment_link_prices (
+    payment_link text PRIMARY KEY,
+    price_id     text NOT NULL,
+    learned_at   timestamptz NOT NULL DEFAULT now()
+);

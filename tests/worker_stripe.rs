@@ -384,3 +384,35 @@ async fn foreign_sessions_are_read_within_the_stripe_budget_and_near_it() {
     assert_eq!(broker.dead_letter_depth().await, 0);
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_links_price_is_read_once_for_all_its_sessions() {
+    let fake = FakeStripe::start().await;
+    let (api, broker, worker) = start(&fake).await;
+    let direct = system_tests::worker::pg(&api.db.url).await;
+    let link = unique("plink");
+    let users: Vec<String> = (0..3).map(|_| unique("u")).collect();
+    let mut sessions = Vec::new();
+    for user in &users {
+        let mut session = foreign_session(&fake, user);
+        session["payment_link"] = json!(link);
+        sessions.push(session);
+    }
+    // The first session teaches the link's price; the others need no read.
+    let first = unique("evt");
+    publish_body(&broker, &completed(&first, &sessions[0])).await;
+    wait_processed(&direct, &first).await;
+    for session in &sessions[1..] {
+        let event = unique("evt");
+        publish_body(&broker, &completed(&event, session)).await;
+        wait_processed(&direct, &event).await;
+    }
+    all_pro(&api, &users).await;
+    let reads = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/line_items"))
+        .count();
+    assert_eq!(reads, 1, "one read for the link, not one per session");
+    worker.stop().await;
+}

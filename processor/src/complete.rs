@@ -6,8 +6,9 @@
 //!   from `GET /v1/entitlements/active_entitlements` (the projection then maps each feature
 //!   `lookup_key` through the product registry, source `stripe_feature`);
 //! - a paid Checkout Session without `line_items` in the payload (webhooks never carry them):
-//!   a session this service created is completed from its recorded offer ([`with_offer`], no
-//!   request); any other session's line items are read from
+//!   a session this service created is completed from its recorded offer, and a Payment
+//!   Link's session from the link's learned price ([`without_stripe`], no request); any other
+//!   session's line items are read from
 //!   `GET /v1/checkout/sessions/{id}/line_items`, so the price paid, not only the metadata,
 //!   decides the product.
 //!
@@ -20,7 +21,7 @@
 //! our metadata, amount and currency).
 
 use crate::domain::events::{CheckoutSession, Event, EventKind};
-use crate::domain::offer::CheckoutOffer;
+use crate::domain::offer::{CheckoutOffer, LinkPrice};
 use crate::stripe::{StripeClient, StripeError};
 
 /// Why a summary could not be completed.
@@ -88,9 +89,29 @@ pub fn session_to_complete(event: &Event) -> Option<&str> {
     }
 }
 
-/// `event` completed from this service's own offer for its session, when there is one.
+/// The Payment Link a checkout event's session was opened from, when its line items are not
+/// known yet.
 #[must_use]
-pub fn with_offer(event: &Event, offers: &[CheckoutOffer]) -> Option<Event> {
+pub fn link_to_complete(event: &Event) -> Option<&str> {
+    match &event.kind {
+        EventKind::CheckoutSessionCompleted(s)
+        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s)
+            if !s.line_items_known && s.mode.is_some() =>
+        {
+            s.payment_link.as_deref()
+        }
+        _ => None,
+    }
+}
+
+/// `event` completed without Stripe: from this service's own offer for its session, else from
+/// its Payment Link's learned price; `None` when neither is known.
+#[must_use]
+pub fn without_stripe(
+    event: &Event,
+    offers: &[CheckoutOffer],
+    links: &[LinkPrice],
+) -> Option<Event> {
     let (EventKind::CheckoutSessionCompleted(session)
     | EventKind::CheckoutSessionAsyncPaymentSucceeded(session)) = &event.kind
     else {
@@ -98,8 +119,9 @@ pub fn with_offer(event: &Event, offers: &[CheckoutOffer]) -> Option<Event> {
     };
     let completed = offers
         .iter()
-        .find(|o| o.session_id == session.id)?
-        .complete(session)?;
+        .find(|o| o.session_id == session.id)
+        .and_then(|o| o.complete(session))
+        .or_else(|| links.iter().find_map(|l| l.complete(session)))?;
     let kind = match event.kind {
         EventKind::CheckoutSessionCompleted(_) => EventKind::CheckoutSessionCompleted(completed),
         _ => EventKind::CheckoutSessionAsyncPaymentSucceeded(completed),
@@ -108,6 +130,16 @@ pub fn with_offer(event: &Event, offers: &[CheckoutOffer]) -> Option<Event> {
         kind,
         ..event.clone()
     })
+}
+
+/// What a session completed from Stripe teaches about its Payment Link's price.
+#[must_use]
+pub fn learned_link_price(event: &Event) -> Option<LinkPrice> {
+    match &event.kind {
+        EventKind::CheckoutSessionCompleted(s)
+        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => LinkPrice::learned_from(s),
+        _ => None,
+    }
 }
 
 /// True for the events [`complete`] has to read Stripe for (or, without a key, fails for):

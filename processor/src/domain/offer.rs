@@ -49,6 +49,45 @@ impl CheckoutOffer {
     }
 }
 
+/// The price a Payment Link sells, learned from the first of its sessions read from Stripe. A
+/// link's line items cannot change price (an update may change only quantities), so it stands
+/// for every later session of the link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkPrice {
+    pub payment_link: String,
+    pub price_id: String,
+}
+
+impl LinkPrice {
+    /// `session` with this price as its line item's, when it was opened from this link.
+    #[must_use]
+    pub fn complete(&self, session: &CheckoutSession) -> Option<CheckoutSession> {
+        (session.payment_link.as_deref() == Some(self.payment_link.as_str())).then(|| {
+            CheckoutSession {
+                price_id: Some(self.price_id.clone()),
+                line_items_known: true,
+                ..session.clone()
+            }
+        })
+    }
+
+    /// What `session`, once its line items were read, teaches about its Payment Link.
+    #[must_use]
+    pub fn learned_from(session: &CheckoutSession) -> Option<Self> {
+        match (
+            &session.payment_link,
+            &session.price_id,
+            session.line_items_known,
+        ) {
+            (Some(link), Some(price), true) => Some(Self {
+                payment_link: link.clone(),
+                price_id: price.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -118,5 +157,25 @@ mod tests {
         let mut subscription = offer(&s, "u_1", by_amount);
         subscription.mode = CheckoutMode::Subscription;
         assert!(subscription.complete(&s).is_none());
+    }
+
+    #[test]
+    fn a_links_price_completes_its_sessions_once_learned() {
+        let mut s = session("u_1", "l1");
+        assert_eq!(LinkPrice::learned_from(&s), None, "nothing read yet");
+        s.payment_link = Some("plink_1".into());
+        let link = LinkPrice {
+            payment_link: "plink_1".into(),
+            price_id: "price_pro".into(),
+        };
+        let completed = link.complete(&s).unwrap();
+        assert_eq!(completed.price_id.as_deref(), Some("price_pro"));
+        assert!(completed.line_items_known);
+        assert_eq!(LinkPrice::learned_from(&completed), Some(link.clone()));
+        let mut other = s.clone();
+        other.payment_link = Some("plink_2".into());
+        assert!(link.complete(&other).is_none());
+        other.payment_link = None;
+        assert!(link.complete(&other).is_none());
     }
 }

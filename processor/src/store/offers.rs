@@ -1,13 +1,14 @@
-//! `checkout_offers`: what each Checkout Session this service created charges. The API records
-//! it once Stripe answered the creation; the worker reads it to complete a session's payment
-//! without asking Stripe ([`crate::domain::offer`]).
+//! What a session charges, known without asking Stripe ([`crate::domain::offer`]):
+//! `checkout_offers`, what each Checkout Session this service created charges (recorded by the
+//! API once Stripe answered the creation), and `payment_link_prices`, the price each Payment
+//! Link sells (learned by the worker from the first of its sessions it read).
 
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
 
 use super::StoreError;
 use crate::domain::events::CheckoutMode;
-use crate::domain::offer::{CheckoutOffer, OfferedPrice};
+use crate::domain::offer::{CheckoutOffer, LinkPrice, OfferedPrice};
 
 /// Records `offer`; a session already recorded (a double click answered with the same
 /// session) keeps its first row.
@@ -85,4 +86,46 @@ pub async fn find(
             })
         })
         .collect()
+}
+
+/// The learned prices of `links`.
+///
+/// # Errors
+/// The database's error.
+pub async fn find_link_prices(
+    db: &impl GenericClient,
+    links: &[&str],
+) -> Result<Vec<LinkPrice>, StoreError> {
+    if links.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statement = db
+        .prepare_typed(
+            "SELECT payment_link, price_id FROM payment_link_prices WHERE payment_link = ANY($1)",
+            &[Type::TEXT_ARRAY],
+        )
+        .await?;
+    let rows = db.query(&statement, &[&links]).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(LinkPrice {
+                payment_link: row.try_get(0)?,
+                price_id: row.try_get(1)?,
+            })
+        })
+        .collect()
+}
+
+/// Keeps what was learned about a Payment Link's price (the first reading stays).
+///
+/// # Errors
+/// The database's error.
+pub async fn learn_link_price(db: &impl GenericClient, link: &LinkPrice) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO payment_link_prices (payment_link, price_id) VALUES ($1, $2)
+         ON CONFLICT (payment_link) DO NOTHING",
+        &[&link.payment_link, &link.price_id],
+    )
+    .await?;
+    Ok(())
 }

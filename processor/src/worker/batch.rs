@@ -25,7 +25,7 @@ use super::completions::Admission;
 use super::short;
 use crate::cache::{Claim, ClaimToken};
 use crate::domain::events::{self, Event};
-use crate::domain::offer::CheckoutOffer;
+use crate::domain::offer::{CheckoutOffer, LinkPrice};
 use crate::domain::view::UserSnapshot;
 use crate::store::{self, Failure, Outcome};
 
@@ -166,7 +166,7 @@ impl Worker {
         let started = Instant::now();
         // Claimed first: a replay is recognised before any request to Stripe.
         self.claim_all(&mut items).await;
-        self.complete_from_offers(&mut items).await;
+        self.complete_without_stripe(&mut items).await;
         let items = self.hand_over_to_stripe(items);
         self.finish(items, started).await
     }
@@ -191,16 +191,20 @@ impl Worker {
         healthy
     }
 
-    /// Completes the checkouts this service created from their recorded offers, with no
-    /// request to Stripe ([`crate::complete::with_offer`]).
-    async fn complete_from_offers(&self, items: &mut [Item]) {
-        let offers = self.offers_for(items).await;
+    /// Completes what can be completed without Stripe: the checkouts this service created, from
+    /// their recorded offers, and Payment Links' sessions, from the link's learned price
+    /// ([`crate::complete::without_stripe`]).
+    async fn complete_without_stripe(&self, items: &mut [Item]) {
+        let (offers, links) = self.known_prices(items).await;
         for item in items.iter_mut() {
             let Some(event) = item.pending() else {
                 continue;
             };
-            if let Some(completed) = crate::complete::with_offer(event, &offers) {
-                metrics::counter!("checkout_completions_total", "from" => "offer").increment(1);
+            let own = crate::complete::session_to_complete(event)
+                .is_some_and(|id| offers.iter().any(|o| o.session_id == id));
+            if let Some(completed) = crate::complete::without_stripe(event, &offers, &links) {
+                let from = if own { "offer" } else { "payment_link" };
+                metrics::counter!("checkout_completions_total", "from" => from).increment(1);
                 item.step = Step::Pending(completed);
             }
         }
@@ -251,6 +255,9 @@ impl Worker {
         match crate::complete::complete(self.stripe.as_ref(), event.clone()).await {
             Ok(complete) => {
                 self.completions.succeeded();
+                if let Some(link) = crate::complete::learned_link_price(&complete) {
+                    self.learn(&link).await;
+                }
                 item.step = Step::Pending(complete);
             }
             Err(error) if self.completions.waits(&error) => {
@@ -264,24 +271,44 @@ impl Worker {
         }
     }
 
-    /// The recorded offers of the batch's sessions that need their line items, in one query.
-    /// Unreadable, they are read from Stripe instead (the apply then waits for the database).
-    async fn offers_for(&self, items: &[Item]) -> Vec<CheckoutOffer> {
-        let sessions: Vec<&str> = items
-            .iter()
-            .filter_map(|i| i.pending().and_then(crate::complete::session_to_complete))
+    /// The recorded offers and learned Payment Link prices of the batch's sessions that need
+    /// their line items. Unreadable, those sessions are read from Stripe instead (the apply
+    /// then waits for the database).
+    async fn known_prices(&self, items: &[Item]) -> (Vec<CheckoutOffer>, Vec<LinkPrice>) {
+        let events = || items.iter().filter_map(Item::pending);
+        let sessions: Vec<&str> = events()
+            .filter_map(crate::complete::session_to_complete)
             .collect();
         if sessions.is_empty() {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
-        let found = match self.pool.get().await {
-            Ok(client) => store::offers::find(&**client, &sessions).await,
+        let links: Vec<&str> = events()
+            .filter_map(crate::complete::link_to_complete)
+            .collect();
+        let found = async {
+            let client = self.pool.get().await?;
+            let (offers, links) = futures_util::future::try_join(
+                store::offers::find(&**client, &sessions),
+                store::offers::find_link_prices(&**client, &links),
+            )
+            .await?;
+            Ok::<_, store::StoreError>((offers, links))
+        };
+        found.await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "known prices unreadable; completing from Stripe");
+            (Vec::new(), Vec::new())
+        })
+    }
+
+    /// Keeps a Payment Link's price (best effort: unkept, the next session is read again).
+    async fn learn(&self, link: &LinkPrice) {
+        let kept = match self.pool.get().await {
+            Ok(client) => store::offers::learn_link_price(&**client, link).await,
             Err(error) => Err(error.into()),
         };
-        found.unwrap_or_else(|error| {
-            tracing::warn!(%error, "checkout offers unreadable; completing from Stripe");
-            Vec::new()
-        })
+        if let Err(error) = kept {
+            tracing::warn!(%error, link = %link.payment_link, "payment link price not kept");
+        }
     }
 
     /// Takes the dedupe claims of the batch's fresh events concurrently.

@@ -85,6 +85,8 @@ pub struct CheckoutSession {
     pub customer: Option<String>,
     pub payment_intent: Option<String>,
     pub subscription: Option<String>,
+    /// The Payment Link it was opened from (`plink_…`).
+    pub payment_link: Option<String>,
     /// `client_reference_id`, else `metadata.user_id`.
     pub user_id: Option<UserId>,
     /// `metadata.product_key`.
@@ -442,6 +444,7 @@ fn checkout_session(obj: wire::CheckoutSession) -> Result<CheckoutSession, Event
         customer: obj.customer.id(),
         payment_intent: obj.payment_intent.id(),
         subscription: obj.subscription.id(),
+        payment_link: obj.payment_link.id(),
         user_id: user,
         product_key: obj.metadata.product_key(),
         line_items_known: obj.line_items.as_ref().is_some(),

@@ -153,6 +153,8 @@ pub(super) struct CheckoutSession {
     pub customer: Maybe<Expandable>,
     pub payment_intent: Maybe<Expandable>,
     pub subscription: Maybe<Expandable>,
+    /// The Payment Link the session was opened from (`plink_…`), if any.
+    pub payment_link: Maybe<Expandable>,
     pub client_reference_id: Maybe<String>,
     pub metadata: Maybe<Metadata>,
     /// Present only when the event was fetched with `expand[]=line_items`.
