@@ -4,6 +4,13 @@
 # same server in the same run, with the processor's RSS sampled every half second.
 # Usage: bench/processor.sh [events=50000]   (PROCESSOR_BIN: the processor binary to measure,
 # default the fresh release build, for an A/B against another build)
+#
+# As production runs it: with STRIPE_SECRET_KEY set, against the Stripe-shaped fake
+# (examples/stripe_fake.rs) answering in STRIPE_LATENCY_MS (default 150). The mix's own checkout
+# sessions are recorded as the API records them; one customer in FOREIGN_EVERY (default 10)
+# buys through a session created elsewhere, whose line items are read from the fake.
+# STRIPE_MAX_REQUESTS_PER_SECOND (default 100, live mode's limit) is the worker's budget.
+# STRIPE=off measures without a key (the figures before this mode existed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-50000}
@@ -18,9 +25,11 @@ psqlq() { psql -h 127.0.0.1 -U postgres -Atq "$@"; }
 
 cargo build --release -q -p processor --bin processor --example fill_queue
 PROCESSOR_BIN=${PROCESSOR_BIN:-$bin/processor}
+STRIPE=${STRIPE:-on}
 work=$(mktemp -d)
 cleanup() {
   [ -n "${WORKER_PID:-}" ] && kill "$WORKER_PID" 2>/dev/null || true
+  [ -n "${FAKE_PID:-}" ] && kill "$FAKE_PID" 2>/dev/null || true
   psqlq -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
   psqlq -d postgres -c "DROP DATABASE IF EXISTS pgbench_$RUN WITH (FORCE)" || true
   scripts/delete-queues.sh "$BASE" || true
@@ -29,8 +38,24 @@ cleanup() {
 trap cleanup EXIT
 
 "$PROCESSOR_BIN" migrate >/dev/null
+fill_args=()
+if [ "$STRIPE" != off ]; then
+  cargo build --release -q -p system-tests --example stripe_fake
+  "$bin/examples/stripe_fake" --latency-ms "${STRIPE_LATENCY_MS:-150}" \
+    --unknown-session-price price_pro >"$work/stripe.out" 2>"$work/stripe.err" &
+  FAKE_PID=$!
+  for _ in $(seq 1 50); do grep -q STRIPE_SECRET_KEY "$work/stripe.out" && break; sleep 0.1; done
+  export $(grep -E '^STRIPE_(API_BASE|SECRET_KEY)=' "$work/stripe.out" | xargs)
+  export STRIPE_MAX_REQUESTS_PER_SECOND=${STRIPE_MAX_REQUESTS_PER_SECOND:-100}
+  # The registry the checkouts were sold from: pro at price_pro, pro_monthly at its price.
+  printf '[products.pro_monthly]\nprice = "price_pro_monthly"\nmode = "subscription"\nentitlement = "pro"\n' \
+    >"$work/catalog.toml"
+  export STRIPE_PRICE_PRO_LIFETIME=price_pro CATALOG_FILE=$work/catalog.toml
+  fill_args=(--offers-db "$DATABASE_URL" --foreign-every "${FOREIGN_EVERY:-10}")
+  echo "== Stripe: the fake at ${STRIPE_LATENCY_MS:-150} ms, budget ${STRIPE_MAX_REQUESTS_PER_SECOND}/s, one customer in ${FOREIGN_EVERY:-10} foreign"
+fi
 echo "== filling $BASE.q with $N mixed events"
-"$bin/examples/fill_queue" --base "$BASE" --count "$N" --run "$RUN"
+"$bin/examples/fill_queue" --base "$BASE" --count "$N" --run "$RUN" "${fill_args[@]}"
 
 echo "== draining with one processor worker (PROCESSOR_PREFETCH=${PROCESSOR_PREFETCH:-64})"
 "$PROCESSOR_BIN" worker >"$work/worker.log" 2>&1 &
@@ -65,6 +90,13 @@ q=len(s)//4
 print(f"rss_mb first_quarter_max={max(s[:q] or s)} last_quarter_max={max(s[-q:] or s)} overall_max={max(s)} samples={len(s)}")
 PY
 echo "processor_peak_rss_mb=$((peak_kb / 1024))"
+if [ -n "${FAKE_PID:-}" ]; then
+  kill -TERM "$FAKE_PID"; wait "$FAKE_PID" 2>/dev/null || true; FAKE_PID=
+  grep '^stripe_requests' "$work/stripe.out" || true
+  requests=$(sed -n 's/^stripe_requests=//p' "$work/stripe.out")
+  purchases=$(psqlq -d "$DB" -c "select count(*) from purchases where checkout_session_id is not null")
+  echo "stripe_requests_per_purchase=$(python3 -c "print(f'{${requests:-0}/max(1,$purchases):.3f}')") purchases_with_session=$purchases"
+fi
 
 echo "== pgbench -N -c 8 -j 2 on the same server"
 psqlq -d postgres -c "CREATE DATABASE pgbench_$RUN"

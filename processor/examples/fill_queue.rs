@@ -3,7 +3,13 @@
 //! refunded), subscriptions with invoices and updates, and event types the processor ignores.
 //! Every event has its own id.
 //!
-//! `fill_queue --base bench.processor --count 50000 [--url amqp://…]`
+//! With `--offers-db`, the checkout sessions of the mix are recorded in that database's
+//! `checkout_offers` as `POST /api/checkout/session` records them (one-time `pro` at
+//! `price_pro`, subscriptions `pro_monthly` at `price_pro_monthly`), except every
+//! `--foreign-every`-th customer's (the fifth of each ten by default): those are sessions created
+//! elsewhere, whose line items the worker reads from Stripe.
+//!
+//! `fill_queue --base bench.processor --count 50000 [--url amqp://…] [--offers-db postgres://…]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -28,6 +34,54 @@ struct Args {
     /// Distinguishes the ids of one run from another's.
     #[arg(long, default_value = "r")]
     run: String,
+    /// Records the mix's own checkout sessions in this database's `checkout_offers`.
+    #[arg(long)]
+    offers_db: Option<String>,
+    /// One customer in this many buys through a session created elsewhere (0: none).
+    #[arg(long, default_value_t = 10)]
+    foreign_every: usize,
+}
+
+/// Whether customer `k` of the mix buys through a session this service did not create.
+fn foreign(k: usize, every: usize) -> bool {
+    every > 0 && k % every == 4 % every
+}
+
+/// Records the own checkout sessions of customers `0..customers` as the API would.
+async fn record_offers(url: &str, run: &str, customers: usize, every: usize) -> usize {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the offers database");
+    tokio::spawn(connection);
+    let (mut ids, mut users, mut products, mut modes, mut prices) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for k in 0..customers {
+        let has_checkout = samples::mix_scenario(k).contains(&"checkout.session.completed");
+        if !has_checkout || foreign(k, every) {
+            continue;
+        }
+        let subscription = (6..=8).contains(&(k % 10));
+        ids.push(format!("cs_{run}_{k}"));
+        users.push(format!("u_{run}_{k}"));
+        let (product, mode, price) = if subscription {
+            ("pro_monthly", "subscription", "price_pro_monthly")
+        } else {
+            ("pro", "payment", "price_pro")
+        };
+        products.push(product);
+        modes.push(mode);
+        prices.push(price);
+    }
+    client
+        .execute(
+            "INSERT INTO checkout_offers (session_id, user_id, product_key, mode, price_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+             ON CONFLICT (session_id) DO NOTHING",
+            &[&ids, &users, &products, &modes, &prices],
+        )
+        .await
+        .expect("record the offers");
+    ids.len()
 }
 
 #[tokio::main]
@@ -37,6 +91,8 @@ async fn main() {
         base,
         count,
         run,
+        offers_db,
+        foreign_every,
     } = Args::parse();
 
     let topology = Topology::new(base, shared::config::parse_duration_list("5s,30s").unwrap());
@@ -93,4 +149,13 @@ async fn main() {
     }
     task.shutdown().await;
     println!("filled {count} events for {k} customers");
+    if let Some(db) = offers_db {
+        let recorded = record_offers(&db, &run, k, foreign_every).await;
+        let sessions = (0..k)
+            .filter(|&k| samples::mix_scenario(k).contains(&"checkout.session.completed"))
+            .count();
+        println!(
+            "recorded {recorded} own checkout sessions of {sessions} (the others created elsewhere)"
+        );
+    }
 }

@@ -107,6 +107,9 @@ pub enum Collection {
 struct Inner {
     /// How long every answer waits (0 unless set).
     latency: Duration,
+    /// The price of the one line item of any session the fake does not hold (as a Payment
+    /// Link's or the Dashboard's); unset, such a session is `resource_missing`.
+    unknown_session_price: Option<String>,
     requests: Vec<RecordedRequest>,
     faults: VecDeque<Fault>,
     /// key → (fingerprint of method, path and body; status; answer)
@@ -222,6 +225,12 @@ impl FakeStripe {
         for _ in 0..n {
             inner.faults.push_back(fault.clone());
         }
+    }
+
+    /// Answers the line items of any session the fake does not hold with one item at `price`,
+    /// as for sessions created elsewhere (a Payment Link, the Dashboard).
+    pub fn sell_unknown_sessions_at(&self, price: &str) {
+        self.lock().unknown_session_price = Some(price.to_owned());
     }
 
     /// Drops the faults not served yet.
@@ -604,6 +613,15 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
                 .objects
                 .get(&Collection::CheckoutSessions)
                 .is_some_and(|all| all.iter().any(|s| s["id"] == session.as_str()));
+            if let (false, Some(price)) = (known, inner.unknown_session_price.clone()) {
+                let item = json!({ "id": format!("li_{session}"), "object": "item",
+                    "price": { "id": price, "object": "price" }, "quantity": 1 });
+                return (
+                    StatusCode::OK,
+                    json!({ "object": "list", "data": [item], "has_more": false,
+                            "url": format!("/v1/checkout/sessions/{session}/line_items") }),
+                );
+            }
             if !known {
                 return stripe_error(
                     StatusCode::NOT_FOUND,

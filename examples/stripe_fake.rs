@@ -1,0 +1,62 @@
+//! The Stripe-shaped fake of the system tests as a process of its own, for the benchmarks:
+//! every answer waits `--latency-ms` (Stripe's API from a data centre takes 100–400 ms), and
+//! the line items of a session it does not hold are one item at `--unknown-session-price`, as
+//! for a Payment Link's or the Dashboard's sessions.
+//!
+//! Prints `STRIPE_API_BASE=…` and `STRIPE_SECRET_KEY=…` on two lines, then serves until SIGTERM
+//! or Ctrl-C, when it prints `stripe_requests=N` and `stripe_requests{path}=N` per path.
+//!
+//! `stripe_fake [--latency-ms 150] [--unknown-session-price price_pro]`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::time::Duration;
+
+use system_tests::stripe_fake::FakeStripe;
+
+#[tokio::main]
+async fn main() {
+    let mut latency_ms = 150_u64;
+    let mut price = "price_pro".to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--latency-ms" => {
+                latency_ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--latency-ms N")
+            }
+            "--unknown-session-price" => {
+                price = args.next().expect("--unknown-session-price PRICE")
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let fake = FakeStripe::start().await;
+    fake.set_latency(Duration::from_millis(latency_ms));
+    fake.sell_unknown_sessions_at(&price);
+    println!("STRIPE_API_BASE={}", fake.base_url());
+    println!("STRIPE_SECRET_KEY={}", fake.secret_key());
+    std::io::stdout().flush().unwrap();
+    shared::shutdown_signal().await;
+    let requests = fake.requests();
+    let mut by_path: BTreeMap<String, usize> = BTreeMap::new();
+    for request in &requests {
+        // Ids out of the path: one line per endpoint.
+        let path: Vec<&str> = request
+            .path
+            .split('/')
+            .map(|part| {
+                let id = part.contains('_') && part.bytes().any(|b| b.is_ascii_digit());
+                if id { "{id}" } else { part }
+            })
+            .collect();
+        *by_path.entry(path.join("/")).or_default() += 1;
+    }
+    println!("stripe_requests={}", requests.len());
+    for (path, n) in by_path {
+        println!("stripe_requests{{path=\"{path}\"}}={n}");
+    }
+}
