@@ -211,8 +211,8 @@ impl Worker {
     }
 
     /// Takes the items that still need Stripe out of the batch: each is completed and applied
-    /// off the lane ([`super::completions`]), or waits when Stripe cannot be asked now. Returns
-    /// the rest.
+    /// off the lane ([`super::completions`]), or waits when Stripe cannot be asked now. The
+    /// running slot is held for the Stripe read only, not for the apply. Returns the rest.
     fn hand_over_to_stripe(&self, items: Vec<Item>) -> Vec<Item> {
         let mut rest = Vec::with_capacity(items.len());
         for mut item in items {
@@ -233,7 +233,9 @@ impl Worker {
                     let worker = self.clone();
                     self.completions.spawn(async move {
                         let started = Instant::now();
+                        let running = worker.completions.slot().await;
                         worker.complete_from_stripe(&mut item).await;
+                        drop(running);
                         worker.finish(vec![item], started).await;
                         drop(permit);
                     });
@@ -249,6 +251,11 @@ impl Worker {
         let Some(event) = item.pending() else {
             return;
         };
+        // The key may have been refused while this one waited for its slot.
+        if let Some(reason) = self.completions.paused() {
+            item.decide(Outcome::Waiting(reason.to_owned()));
+            return;
+        }
         if crate::complete::session_to_complete(event).is_some() {
             metrics::counter!("checkout_completions_total", "from" => "stripe").increment(1);
         }

@@ -4,8 +4,9 @@
 //! back no other event.
 //!
 //! Invariants:
-//! - at most [`IN_FLIGHT`] completions run at once per process; beyond that an item waits in
-//!   the first delay queue (durably, no attempt counted) rather than holding a prefetch slot;
+//! - at most [`IN_FLIGHT`] completions run at once per process and [`QUEUED`] more wait here
+//!   for a slot (so the Stripe pipe stays full); beyond that an item waits in the first delay
+//!   queue (durably, no attempt counted) rather than holding more of the prefetch window;
 //! - Stripe unavailable (timeouts, 5xx, 429 past the client's retries): the item waits the
 //!   same way and resumes by itself; nothing is parked for it;
 //! - Stripe refusing the key (401, 403): a configuration error. Every item that needs Stripe
@@ -25,13 +26,19 @@ use crate::complete::CompleteError;
 /// Completions running at once per process.
 pub const IN_FLIGHT: usize = 16;
 
+/// Completions admitted beyond those running, waiting here for a slot.
+pub const QUEUED: usize = 16;
+
 /// How long a refused key keeps every completion from asking Stripe.
 pub const REFUSED_PAUSE: Duration = Duration::from_secs(5);
 
 /// The shared state of the process' completions.
 #[derive(Debug, Clone)]
 pub struct Completions {
+    /// Running ones.
     permits: Arc<Semaphore>,
+    /// Admitted ones: running or waiting for a running slot.
+    admitted: Arc<Semaphore>,
     tasks: Arc<Mutex<JoinSet<()>>>,
     refused: StripeKeyHealth,
 }
@@ -40,6 +47,7 @@ impl Default for Completions {
     fn default() -> Self {
         Self {
             permits: Arc::new(Semaphore::new(IN_FLIGHT)),
+            admitted: Arc::new(Semaphore::new(IN_FLIGHT + QUEUED)),
             tasks: Arc::new(Mutex::new(JoinSet::new())),
             refused: StripeKeyHealth::default(),
         }
@@ -88,7 +96,8 @@ impl StripeKeyHealth {
 
 /// What to do with an item that needs Stripe.
 pub(super) enum Admission {
-    /// Run it off the lane, holding this permit.
+    /// Run it off the lane: it holds this admission, then waits for a running slot
+    /// ([`Completions::slot`]).
     Run(OwnedSemaphorePermit),
     /// Do not ask Stripe now: the item waits, for this reason.
     Wait(&'static str),
@@ -100,13 +109,25 @@ impl Completions {
     }
 
     pub(super) fn admit(&self) -> Admission {
-        if self.refused.paused() {
-            return Admission::Wait("Stripe refuses STRIPE_SECRET_KEY (401/403)");
+        if let Some(reason) = self.paused() {
+            return Admission::Wait(reason);
         }
-        match Arc::clone(&self.permits).try_acquire_owned() {
+        match Arc::clone(&self.admitted).try_acquire_owned() {
             Ok(permit) => Admission::Run(permit),
             Err(_) => Admission::Wait("Stripe completions at capacity"),
         }
+    }
+
+    /// Why no request should be tried now, if so.
+    pub(super) fn paused(&self) -> Option<&'static str> {
+        self.refused
+            .paused()
+            .then_some("Stripe refuses STRIPE_SECRET_KEY (401/403)")
+    }
+
+    /// Waits for one of the [`IN_FLIGHT`] running slots.
+    pub(super) async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.permits).acquire_owned().await.ok()
     }
 
     /// Runs `task` beside the lanes.
