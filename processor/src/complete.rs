@@ -39,22 +39,12 @@ pub enum CompleteError {
 /// # Errors
 /// [`CompleteError`] when the list cannot be read (retry later).
 pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Event, CompleteError> {
+    if let Some(session) = event.paid_session() {
+        let session = with_line_item(stripe, session.clone()).await?;
+        return Ok(event.with_paid_session(session));
+    }
     let summary = match event.kind {
         EventKind::FeatureSummaryUpdated(summary) => summary,
-        EventKind::CheckoutSessionCompleted(session) => {
-            let session = with_line_item(stripe, session).await?;
-            return Ok(Event {
-                kind: EventKind::CheckoutSessionCompleted(session),
-                ..event
-            });
-        }
-        EventKind::CheckoutSessionAsyncPaymentSucceeded(session) => {
-            let session = with_line_item(stripe, session).await?;
-            return Ok(Event {
-                kind: EventKind::CheckoutSessionAsyncPaymentSucceeded(session),
-                ..event
-            });
-        }
         _ => return Ok(event),
     };
     let summary = match stripe {
@@ -75,71 +65,52 @@ pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Eve
     })
 }
 
+/// The paid session of a checkout event whose line items are not known yet.
+fn incomplete_session(event: &Event) -> Option<&CheckoutSession> {
+    event.paid_session().filter(|s| s.line_items_missing())
+}
+
 /// The session a checkout event completes, when its line items are not known yet.
 #[must_use]
 pub fn session_to_complete(event: &Event) -> Option<&str> {
-    match &event.kind {
-        EventKind::CheckoutSessionCompleted(s)
-        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s)
-            if !s.line_items_known && s.mode.is_some() =>
-        {
-            Some(&s.id)
-        }
-        _ => None,
-    }
+    incomplete_session(event).map(|s| s.id.as_str())
 }
 
 /// The Payment Link a checkout event's session was opened from, when its line items are not
 /// known yet.
 #[must_use]
 pub fn link_to_complete(event: &Event) -> Option<&str> {
-    match &event.kind {
-        EventKind::CheckoutSessionCompleted(s)
-        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s)
-            if !s.line_items_known && s.mode.is_some() =>
-        {
-            s.payment_link.as_deref()
-        }
-        _ => None,
-    }
+    incomplete_session(event).and_then(|s| s.payment_link.as_deref())
 }
 
-/// `event` completed without Stripe: from this service's own offer for its session, else from
-/// its Payment Link's learned price; `None` when neither is known.
+/// `event` completed without Stripe, with what completed it (the metric's `from`): this
+/// service's own offer for its session, else its Payment Link's learned price; `None` when
+/// neither is known.
 #[must_use]
 pub fn without_stripe(
     event: &Event,
     offers: &[CheckoutOffer],
     links: &[LinkPrice],
-) -> Option<Event> {
-    let (EventKind::CheckoutSessionCompleted(session)
-    | EventKind::CheckoutSessionAsyncPaymentSucceeded(session)) = &event.kind
-    else {
-        return None;
-    };
-    let completed = offers
+) -> Option<(Event, &'static str)> {
+    let session = incomplete_session(event)?;
+    let (completed, from) = offers
         .iter()
         .find(|o| o.session_id == session.id)
         .and_then(|o| o.complete(session))
-        .or_else(|| links.iter().find_map(|l| l.complete(session)))?;
-    let kind = match event.kind {
-        EventKind::CheckoutSessionCompleted(_) => EventKind::CheckoutSessionCompleted(completed),
-        _ => EventKind::CheckoutSessionAsyncPaymentSucceeded(completed),
-    };
-    Some(Event {
-        kind,
-        ..event.clone()
-    })
+        .map(|s| (s, "offer"))
+        .or_else(|| {
+            links
+                .iter()
+                .find_map(|l| l.complete(session))
+                .map(|s| (s, "payment_link"))
+        })?;
+    Some((event.clone().with_paid_session(completed), from))
 }
 
 /// What a session completed from Stripe teaches about its Payment Link's price.
 #[must_use]
 pub fn learned_link_price(event: &Event) -> Option<LinkPrice> {
-    match &event.kind {
-        EventKind::CheckoutSessionCompleted(s)
-        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => LinkPrice::learned_from(s),
-        _ => None,
-    }
+    event.paid_session().and_then(LinkPrice::learned_from)
 }
 
 /// True for the events [`complete`] has to read Stripe for (or, without a key, fails for):
@@ -150,11 +121,7 @@ pub fn learned_link_price(event: &Event) -> Option<LinkPrice> {
 pub fn needs_stripe(event: &Event, has_key: bool) -> bool {
     match &event.kind {
         EventKind::FeatureSummaryUpdated(summary) => has_key || !summary.complete,
-        EventKind::CheckoutSessionCompleted(s)
-        | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => {
-            has_key && !s.line_items_known && s.mode.is_some()
-        }
-        _ => false,
+        _ => has_key && incomplete_session(event).is_some(),
     }
 }
 
@@ -181,5 +148,75 @@ async fn with_line_item(
         }
         Err(error) if error.is_resource_missing() => Ok(session),
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::domain::events::{self, CheckoutMode};
+    use crate::domain::offer::OfferedPrice;
+    use shared::samples::{self, Sample};
+
+    fn paid(event_type: &str, link: Option<&str>) -> Event {
+        let mut body = samples::event("evt_c", event_type, &Sample::pro("u_1", "c1"));
+        if let Some(link) = link {
+            body["data"]["object"]["payment_link"] = serde_json::json!(link);
+        }
+        events::parse(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn offer(price: &str) -> CheckoutOffer {
+        CheckoutOffer {
+            session_id: "cs_c1".into(),
+            user_id: "u_1".into(),
+            product_key: "pro".into(),
+            mode: CheckoutMode::Payment,
+            price: OfferedPrice::Stripe(price.into()),
+        }
+    }
+
+    fn link(price: &str) -> LinkPrice {
+        LinkPrice {
+            payment_link: "plink_1".into(),
+            price_id: price.into(),
+        }
+    }
+
+    #[test]
+    fn both_paid_kinds_are_completed_without_stripe_the_offer_first() {
+        for event_type in [
+            "checkout.session.completed",
+            "checkout.session.async_payment_succeeded",
+        ] {
+            let event = paid(event_type, Some("plink_1"));
+            assert!(needs_stripe(&event, true), "{event_type}");
+            assert!(
+                !needs_stripe(&event, false),
+                "without a key the payload decides"
+            );
+            let (done, from) =
+                without_stripe(&event, &[offer("price_offer")], &[link("price_link")]).unwrap();
+            assert_eq!(from, "offer");
+            assert_eq!(done.event_type, event_type);
+            let session = done.paid_session().unwrap();
+            assert_eq!(session.price_id.as_deref(), Some("price_offer"));
+            assert!(!needs_stripe(&done, true), "completed once");
+            assert_eq!(without_stripe(&done, &[offer("price_offer")], &[]), None);
+
+            let (done, from) = without_stripe(&event, &[], &[link("price_link")]).unwrap();
+            assert_eq!(from, "payment_link");
+            assert_eq!(
+                done.paid_session().unwrap().price_id.as_deref(),
+                Some("price_link")
+            );
+            assert_eq!(learned_link_price(&done), Some(link("price_link")));
+            assert_eq!(
+                without_stripe(&event, &[], &[]),
+                None,
+                "unknown: read from Stripe"
+            );
+        }
     }
 }

@@ -49,7 +49,7 @@ impl NoticeKind {
     /// The message `type` the app receives (also the routing key), as `docs/asyncapi.yaml`
     /// names it.
     #[must_use]
-    pub fn message_type(self) -> &'static str {
+    pub const fn message_type(self) -> &'static str {
         match self {
             Self::Revoked => "notification.revoked",
             Self::Suspended => "notification.suspended",
@@ -64,9 +64,9 @@ pub const ENTITLEMENTS_CHANGED: &str = "entitlements.changed";
 /// Every message type the app can receive.
 pub const MESSAGE_TYPES: [&str; 4] = [
     ENTITLEMENTS_CHANGED,
-    "notification.revoked",
-    "notification.suspended",
-    "notification.checkout_abandoned",
+    NoticeKind::Revoked.message_type(),
+    NoticeKind::Suspended.message_type(),
+    NoticeKind::CheckoutAbandoned.message_type(),
 ];
 
 /// One notification to queue: stored in `notifications` once per `dedupe_key` (the same event

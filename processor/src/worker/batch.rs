@@ -200,10 +200,8 @@ impl Worker {
             let Some(event) = item.pending() else {
                 continue;
             };
-            let own = crate::complete::session_to_complete(event)
-                .is_some_and(|id| offers.iter().any(|o| o.session_id == id));
-            if let Some(completed) = crate::complete::without_stripe(event, &offers, &links) {
-                let from = if own { "offer" } else { "payment_link" };
+            if let Some((completed, from)) = crate::complete::without_stripe(event, &offers, &links)
+            {
                 metrics::counter!("checkout_completions_total", "from" => from).increment(1);
                 item.step = Step::Pending(completed);
             }
@@ -215,8 +213,8 @@ impl Worker {
     /// running slot is held for the Stripe read only, not for the apply. Returns the rest.
     fn hand_over_to_stripe(&self, items: Vec<Item>) -> Vec<Item> {
         let mut rest = Vec::with_capacity(items.len());
+        let has_key = self.stripe.is_some();
         for mut item in items {
-            let has_key = self.stripe.is_some();
             if !item
                 .pending()
                 .is_some_and(|e| crate::complete::needs_stripe(e, has_key))

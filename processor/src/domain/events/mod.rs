@@ -52,6 +52,33 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The session of a paid checkout (`checkout.session.completed` or
+    /// `async_payment_succeeded`): the events whose line items decide what is granted.
+    #[must_use]
+    pub fn paid_session(&self) -> Option<&CheckoutSession> {
+        match &self.kind {
+            EventKind::CheckoutSessionCompleted(s)
+            | EventKind::CheckoutSessionAsyncPaymentSucceeded(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// This event with `session` in place of its paid checkout's session; any other event
+    /// unchanged.
+    #[must_use]
+    pub fn with_paid_session(self, session: CheckoutSession) -> Self {
+        let kind = match self.kind {
+            EventKind::CheckoutSessionCompleted(_) => EventKind::CheckoutSessionCompleted(session),
+            EventKind::CheckoutSessionAsyncPaymentSucceeded(_) => {
+                EventKind::CheckoutSessionAsyncPaymentSucceeded(session)
+            }
+            other => other,
+        };
+        Self { kind, ..self }
+    }
+}
+
 /// The event types the projection acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
@@ -101,6 +128,15 @@ pub struct CheckoutSession {
     pub currency: Option<String>,
     /// `after_expiration.recovery.url` (only on expired sessions with recovery enabled).
     pub recovery_url: Option<String>,
+}
+
+impl CheckoutSession {
+    /// Whether what the session charges is still to be learned (a `setup` session, or one of a
+    /// mode this code does not know, charges nothing).
+    #[must_use]
+    pub fn line_items_missing(&self) -> bool {
+        !self.line_items_known && self.mode.is_some()
+    }
 }
 
 /// Checkout `mode`: a one-time payment or a subscription (a product's mode, and a session's
