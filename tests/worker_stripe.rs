@@ -51,14 +51,24 @@ async fn start(fake: &FakeStripe) -> (Api, TestBroker, Running) {
 async fn start_with_budget(fake: &FakeStripe, per_second: u32) -> (Api, TestBroker, Running) {
     let api = Api::start(Some(fake)).await;
     let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
-    let mut worker_config = config(&api.db.url, &broker);
+    let worker = spawn_worker(worker_config(fake, &api, &broker, per_second));
+    (api, broker, worker)
+}
+
+/// A worker's configuration over `api`'s database, with Stripe answered by `fake`.
+fn worker_config(
+    fake: &FakeStripe,
+    api: &Api,
+    broker: &TestBroker,
+    per_second: u32,
+) -> processor::config::Config {
+    let mut worker_config = config(&api.db.url, broker);
     let mut stripe = fake.client_config();
     stripe.budget = processor::stripe::budget::Budget::new(per_second);
     worker_config.stripe = Some(stripe);
     // The worker writes its configured products at start: the API's.
     worker_config.catalog = system_tests::api::catalog();
-    let worker = spawn_worker(worker_config);
-    (api, broker, worker)
+    worker_config
 }
 
 /// The session the fake holds under `id`.
@@ -415,4 +425,71 @@ async fn a_payment_links_price_is_read_once_for_all_its_sessions() {
         .count();
     assert_eq!(reads, 1, "one read for the link, not one per session");
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_stripe_is_slow_and_failing_loses_and_doubles_nothing() {
+    let fake = FakeStripe::start().await;
+    let api = Api::start(Some(&fake)).await;
+    let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
+    let direct = system_tests::worker::pg(&api.db.url).await;
+    let budget = processor::stripe::budget::DEFAULT_PER_SECOND;
+    // Own checkouts first (the API needs Stripe for them), then Stripe turns slow and failing.
+    let own_users: Vec<String> = (0..3).map(|_| unique("u")).collect();
+    let mut own = Vec::new();
+    for user in &own_users {
+        let (status, answer) = api.checkout(user, "pro").await;
+        assert_eq!(status, 200, "{answer}");
+        own.push(session_of(&fake, answer["sessionId"].as_str().unwrap()));
+    }
+    fake.set_latency(Duration::from_millis(400));
+    fake.inject(Fault::ServerErrorShouldRetry, 12);
+    let first = spawn_worker(worker_config(&fake, &api, &broker, budget));
+    let foreign_users: Vec<String> = (0..10).map(|_| unique("u")).collect();
+    let mut bodies = Vec::new();
+    for user in &foreign_users {
+        bodies.push(completed(&unique("evt"), &foreign_session(&fake, user)));
+    }
+    for session in &own {
+        bodies.push(completed(&unique("evt"), session));
+    }
+    for body in &bodies {
+        publish_body(&broker, body).await;
+    }
+    // Killed mid-flight: completions waiting on Stripe, retries in the delay queue.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    first.kill();
+    let second = spawn_worker(worker_config(&fake, &api, &broker, budget));
+    // Every event delivered again (a duplicate of each) on top.
+    for body in &bodies {
+        publish_body(&broker, body).await;
+    }
+    let everyone: Vec<String> = foreign_users.iter().chain(&own_users).cloned().collect();
+    all_pro(&api, &everyone).await;
+    for user in &everyone {
+        let rows = direct
+            .query_one("SELECT count(*) FROM purchases WHERE user_id = $1", &[user])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        assert_eq!(rows, 1, "{user}: one purchase, applied once");
+    }
+    let processed = direct
+        .query_one("SELECT count(*) FROM processed_events", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(processed, i64::try_from(bodies.len()).unwrap());
+    assert_eq!(broker.dead_letter_depth().await, 0, "nothing parked");
+    for session in &own {
+        let path = format!(
+            "/v1/checkout/sessions/{}/line_items",
+            session["id"].as_str().unwrap()
+        );
+        assert!(
+            fake.requests_to(&path).is_empty(),
+            "own sessions need no read"
+        );
+    }
+    second.stop().await;
 }
