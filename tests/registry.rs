@@ -618,3 +618,68 @@ async fn link_customer(fake: &FakeStripe, api: &Api, customer: &str, user: &str)
     fake.seed_customer_with_id(customer, user, None);
     api.map_customer(customer, user).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_kept_in_memory_follows_every_write_to_products() {
+    let api = Api::start(None).await;
+    let key = format!("kit_{}", unique("k").replace('-', "_"));
+    let (status, _) = put_product(
+        &api,
+        &key,
+        json!({ "amountCents": 700, "currency": "usd", "grants": ["content:one"] }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let buy = |user: &str| {
+        let o = unique("o");
+        envelope(
+            &unique("evt"),
+            "checkout.session.completed",
+            chrono::Utc::now().timestamp(),
+            json!({ "id": format!("cs_{o}"), "object": "checkout.session", "mode": "payment",
+                "payment_status": "paid", "customer": format!("cus_{o}"),
+                "payment_intent": format!("pi_{o}"), "client_reference_id": user,
+                "amount_total": 700, "currency": "usd",
+                "metadata": { "user_id": user, "product_key": key } }),
+        )
+    };
+    let grants = |user: String| {
+        let api = &api;
+        async move {
+            api.cache.invalidate(&user).await;
+            let (_, list) = api.get("/api/entitlements", &user).await;
+            list["entitlements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["key"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let first = unique("u");
+    api.apply(&buy(&first)).await;
+    assert_eq!(grants(first.clone()).await, ["content:one"]);
+
+    // Written by hand on another connection, not through the registry's code: the next batch
+    // resolves against the new row, not the one it kept.
+    let client = api.pool.get().await.unwrap();
+    client
+        .execute(
+            "UPDATE products SET grants = ARRAY['content:two'] WHERE key = $1",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    let second = unique("u");
+    api.apply(&buy(&second)).await;
+    assert_eq!(grants(second).await, ["content:two"]);
+
+    // And a product removed by hand grants nothing to the next buyer.
+    client
+        .execute("DELETE FROM products WHERE key = $1", &[&key])
+        .await
+        .unwrap();
+    let third = unique("u");
+    api.apply(&buy(&third)).await;
+    assert!(grants(third).await.is_empty());
+}

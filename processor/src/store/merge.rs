@@ -18,6 +18,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::{try_join, try_join_all, try_join5};
@@ -27,8 +28,7 @@ use tokio_postgres::types::Type;
 use super::columns::{PurchaseColumns, SubscriptionColumns, purchase_unnest};
 use super::{
     Db, FEATURE_COLUMNS, Outcome, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
-    feature_from_row, is_violation_of, lock, opt_timestamp, product_from_row, products_named_by,
-    purchase_from_row, snapshots_of, subscription_from_row,
+    feature_from_row, is_violation_of, lock, opt_timestamp, purchase_from_row, registry, snapshots_of, subscription_from_row,
 };
 use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::fold::{self, Purchases};
@@ -240,8 +240,8 @@ struct State {
     subscription_rows: Vec<Row>,
     /// customer → user, after the batch's links.
     customer_users: HashMap<String, String>,
-    /// The products the deltas and the rows they touch name (by key or price).
-    registry: Registry,
+    /// The product registry.
+    registry: Arc<Registry>,
     /// The stored Stripe feature rows of the deltas' customers.
     feature_rows: Vec<Row>,
 }
@@ -298,33 +298,7 @@ async fn read_state(
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) FOR UPDATE");
     let customer_params: [Param<'_>; 1] = [(&customer_ids, Type::TEXT_ARRAY)];
-    let mut product_keys: Vec<&str> = Vec::new();
-    let mut prices: Vec<&str> = Vec::new();
-    for (_, d) in purchase_deltas {
-        product_keys.extend(d.product_key.as_deref());
-        prices.extend(d.price_id.as_deref());
-    }
-    for (_, d) in subscription_deltas {
-        product_keys.extend(d.product_key.as_deref());
-        prices.extend(d.price.as_ref().map(|c| c.price_id.as_str()));
-    }
-    let mut product_params: Vec<Param<'_>> = purchase_params.to_vec();
-    product_params.extend([
-        (
-            &product_keys as &(dyn tokio_postgres::types::ToSql + Sync),
-            Type::TEXT_ARRAY,
-        ),
-        (&prices, Type::TEXT_ARRAY),
-        (&subscription_ids, Type::TEXT_ARRAY),
-    ]);
-    // The registry entries the merged rows can resolve to: named by a delta, or by a stored
-    // row the deltas fold into (read in this pipeline, so no extra round trip).
-    let products_sql = products_named_by(
-        SHARING,
-        "id = ANY($6)",
-        "key = ANY($4) OR price_id = ANY($5)",
-    );
-    let ((new_links, purchase_rows, subscription_rows, customer_rows, product_rows), feature_rows) =
+    let ((new_links, purchase_rows, subscription_rows, customer_rows, generation), feature_rows) =
         try_join(
             try_join5(
                 when(!links.is_empty(), async {
@@ -350,10 +324,7 @@ async fn read_state(
                     )
                     .await
                 }),
-                when(
-                    !purchase_deltas.is_empty() || !subscription_deltas.is_empty(),
-                    async { db.query(&products_sql, &product_params).await },
-                ),
+                db.query(registry::GENERATION_SQL, &[]),
             ),
             when(!feature_deltas.is_empty(), async {
                 db.query(&features_sql, &feature_params).await
@@ -371,12 +342,7 @@ async fn read_state(
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<Result<_, tokio_postgres::Error>>()?,
-        registry: Registry::new(
-            product_rows
-                .iter()
-                .map(product_from_row)
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        registry: registry::at(db, &registry::Stamp::from_rows(&generation)?).await?,
         feature_rows,
     })
 }

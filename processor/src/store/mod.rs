@@ -43,6 +43,7 @@ mod columns;
 mod merge;
 pub mod offers;
 mod recompute;
+mod registry;
 
 use crate::domain::events::CheckoutMode;
 use crate::domain::events::{Event, SubscriptionStatus};
@@ -224,21 +225,6 @@ fn feature_from_row(row: &Row) -> Result<FeatureFacts, StoreError> {
 /// The `products` columns [`product_from_row`] reads.
 pub const PRODUCT_COLUMNS: &str = "key, title, price_id, amount_cents, currency, mode, \
      grants, feature_lookup_key, creator_id, platform_fee_bps, organization_fee_bps, status";
-
-/// The registry entries a set of stored rows can resolve to: those named by the key or the
-/// price of a purchase matching `purchases` or a subscription matching `subscriptions` (SQL
-/// conditions over those tables), or matching `also`. The one rule the merge and the
-/// recomputation both read the registry by.
-pub(super) fn products_named_by(purchases: &str, subscriptions: &str, also: &str) -> String {
-    format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products
-          WHERE key IN (SELECT product_key FROM purchases WHERE {purchases}
-                        UNION ALL SELECT product_key FROM subscriptions WHERE {subscriptions})
-             OR price_id IN (SELECT price_id FROM purchases WHERE {purchases}
-                             UNION ALL SELECT price_id FROM subscriptions WHERE {subscriptions})
-             OR {also}"
-    )
-}
 
 /// A `products` row (selected with [`PRODUCT_COLUMNS`]).
 ///

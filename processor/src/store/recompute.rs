@@ -21,12 +21,12 @@ use tokio_postgres::types::Type;
 use super::{
     Db, FEATURE_COLUMNS, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
     entitlement_source, entitlement_status, feature_from_row, grant_sources, opt_timestamp,
-    product_from_row, products_named_by, purchase_from_row, secs, subscription_from_row,
+    purchase_from_row, secs, subscription_from_row,
 };
 use crate::domain::events::Event;
 use crate::domain::message::{ENTITLEMENTS_CHANGED, Notice};
 use crate::domain::projection::{
-    self, Entitlement, FeatureFacts, PurchaseFacts, Registry, SubscriptionFacts,
+    self, Entitlement, FeatureFacts, PurchaseFacts, SubscriptionFacts,
 };
 use crate::domain::view::{EntitlementView, UserSnapshot};
 
@@ -127,16 +127,9 @@ pub(super) async fn recompute(
     let purchases_sql = format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = ANY($1)");
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = ANY($1)");
-    // --- product registry (catalog): the products these users' rows name, by key or price.
-    let products_sql = products_named_by(
-        "user_id = ANY($1)",
-        "user_id = ANY($1)",
-        "feature_lookup_key IN (SELECT unnest(lookup_keys) FROM stripe_features
-                                 WHERE user_id = ANY($1))",
-    );
     let features_sql =
         format!("SELECT {FEATURE_COLUMNS} FROM stripe_features WHERE user_id = ANY($1)");
-    let ((purchase_rows, subscription_rows, entitlement_rows, product_rows), feature_rows) =
+    let ((purchase_rows, subscription_rows, entitlement_rows, generation), feature_rows) =
         try_join(
             try_join4(
                 db.query(&purchases_sql, &by_users),
@@ -148,7 +141,7 @@ pub(super) async fn recompute(
                LEFT JOIN entitlements e ON e.user_id = ANY($1)",
                     &by_users,
                 ),
-                db.query(&products_sql, &by_users),
+                db.query(super::registry::GENERATION_SQL, &[]),
             ),
             db.query(&features_sql, &by_users),
         )
@@ -160,13 +153,8 @@ pub(super) async fn recompute(
             features.entry(user).or_default().push(facts);
         }
     }
-    let registry = Registry::new(
-        product_rows
-            .iter()
-            .map(product_from_row)
-            .collect::<Result<Vec<_>, _>>()?,
-    );
-    // --- end product registry
+    let registry =
+        super::registry::at(db, &super::registry::Stamp::from_rows(&generation)?).await?;
     let mut purchases: BTreeMap<String, Vec<PurchaseFacts>> = BTreeMap::new();
     for row in &purchase_rows {
         let (_, facts) = purchase_from_row(row)?;
