@@ -493,3 +493,45 @@ async fn a_worker_killed_while_stripe_is_slow_and_failing_loses_and_doubles_noth
     }
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_foreign_sessions_than_the_completions_hold_wait_in_the_stripe_queue_not_the_delays() {
+    let fake = FakeStripe::start().await;
+    let api = Api::start(Some(&fake)).await;
+    // A delay as long as production's first one: an event sent through it would show.
+    let broker = TestBroker::new(vec![Duration::from_secs(5)]).await;
+    let worker = spawn_worker(worker_config(&fake, &api, &broker, 50));
+    fake.set_latency(Duration::from_millis(150));
+    let sessions = 3 * usize::from(processor::worker::completions::PREFETCH);
+    let buyers: Vec<String> = (0..sessions).map(|_| unique("u")).collect();
+    let others: Vec<String> = (0..20).map(|_| unique("u")).collect();
+    let started = std::time::Instant::now();
+    for (n, user) in buyers.iter().enumerate() {
+        let event = unique("evt");
+        publish_body(&broker, &completed(&event, &foreign_session(&fake, user))).await;
+        // Other users' purchases, which need no Stripe read, arrive among them.
+        if n % 5 == 0 {
+            let other = &others[n / 5];
+            let body = sample_event(&unique("evt"), "payment_intent.succeeded", other, &unique("o"));
+            publish_body(&broker, &body).await;
+        }
+    }
+    all_pro(&api, &others).await;
+    let others_done = started.elapsed();
+    all_pro(&api, &buyers).await;
+    let elapsed = started.elapsed();
+    assert_eq!(fake.requests().len(), sessions, "one read per session");
+    // 96 reads at 50/s with a burst of 50: about 1 s, and far below the 5 s delay that any
+    // session overflowing into the delay queue would have waited.
+    assert!(
+        elapsed < Duration::from_millis(4000),
+        "the sessions waited in the Stripe queue, read at the budget: {elapsed:?}"
+    );
+    assert!(
+        others_done < elapsed,
+        "other users' events did not wait for the reads: {others_done:?} against {elapsed:?}"
+    );
+    assert_eq!(broker.depth(&broker.topology.stripe_queue()).await, 0);
+    assert_eq!(broker.dead_letter_depth().await, 0);
+    worker.stop().await;
+}

@@ -8,6 +8,8 @@
 //!                                   ▼                       │   at least once
 //!                        stripe.events.delay.<delay> (quorum, x-message-ttl) ──┘
 //!                        processor: give up ──▶ stripe.events.dlq (classic, parked)
+//!                        processor: needs a Stripe read ──▶ stripe.events.stripe (quorum),
+//!                                   consumed at the rate Stripe allows
 //!   processor outbox relay ──publish──▶ stripe.events.out (topic; routing key = message type;
 //!                                        the app binds its own queues)
 //! ```
@@ -15,9 +17,9 @@
 //! Invariants: delay queues hold one delay each (per-message TTL only expires at the head, so
 //! delays never mix in a queue) and are named by it (`stripe.events.delay.30s`), so a changed
 //! `RETRY_DELAYS` declares new queues instead of clashing with old ones; every queue that
-//! dead-letters (the main queue and the delay queues) is a quorum queue with the
+//! dead-letters (the main queue, the Stripe queue and the delay queues) is a quorum queue with the
 //! `at-least-once` strategy and `reject-publish` overflow, because classic queues dead-letter
-//! at most once and lose what they hold across a broker restart; the main queue's delivery
+//! at most once and lose what they hold across a broker restart; the consumed queues' delivery
 //! limit is a crash-loop backstop, not the retry policy.
 
 use std::time::Duration;
@@ -182,6 +184,13 @@ impl Topology {
         format!("{}.q", self.base)
     }
 
+    /// The queue of events waiting for a Stripe read (`<base>.stripe`): sessions created
+    /// elsewhere, whose line items the processor's completions read at the rate Stripe allows.
+    #[must_use]
+    pub fn stripe_queue(&self) -> String {
+        format!("{}.stripe", self.base)
+    }
+
     /// The delay queue holding messages for their `n`-th retry (1-based), named by its delay:
     /// `<base>.delay.<delay>`, e.g. `stripe.events.delay.30s`.
     ///
@@ -222,7 +231,7 @@ impl Topology {
         &self.retry_delays
     }
 
-    /// Declares exchange, main queue, retry queues and dead-letter queue. Safe to call any number
+    /// Declares exchange, main queue, Stripe queue, retry queues and dead-letter queue. Safe to call any number
     /// of times from any number of processes, as long as they agree on `RETRY_DELAYS`.
     ///
     /// # Errors
@@ -261,23 +270,27 @@ impl Topology {
             )
             .await?;
 
-        let mut main_args = FieldTable::default();
-        insert_str(&mut main_args, "x-queue-type", "quorum");
-        main_args.insert(
+        // The main queue and the Stripe queue: consumed, and parked by the broker itself only
+        // in a crash loop.
+        let mut work_args = FieldTable::default();
+        insert_str(&mut work_args, "x-queue-type", "quorum");
+        work_args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(MAIN_QUEUE_DELIVERY_LIMIT),
         );
-        insert_str(&mut main_args, "x-dead-letter-exchange", "");
+        insert_str(&mut work_args, "x-dead-letter-exchange", "");
         insert_str(
-            &mut main_args,
+            &mut work_args,
             "x-dead-letter-routing-key",
             &self.dead_letter_queue(),
         );
-        insert_str(&mut main_args, "x-dead-letter-strategy", "at-least-once");
-        insert_str(&mut main_args, "x-overflow", "reject-publish");
-        channel
-            .queue_declare(self.main_queue().as_str().into(), durable_queue, main_args)
-            .await?;
+        insert_str(&mut work_args, "x-dead-letter-strategy", "at-least-once");
+        insert_str(&mut work_args, "x-overflow", "reject-publish");
+        for queue in [self.main_queue(), self.stripe_queue()] {
+            channel
+                .queue_declare(queue.as_str().into(), durable_queue, work_args.clone())
+                .await?;
+        }
         channel
             .queue_bind(
                 self.main_queue().as_str().into(),
@@ -312,7 +325,11 @@ impl Topology {
     /// # Errors
     /// The broker's error.
     pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let mut queues = vec![self.main_queue(), self.dead_letter_queue()];
+        let mut queues = vec![
+            self.main_queue(),
+            self.stripe_queue(),
+            self.dead_letter_queue(),
+        ];
         queues.extend((1..=self.retry_delays.len()).map(|n| self.retry_queue(n)));
         for queue in queues {
             channel
@@ -355,6 +372,7 @@ mod tests {
         let t = Topology::default();
         assert_eq!(t.exchange(), "stripe.events");
         assert_eq!(t.main_queue(), "stripe.events.q");
+        assert_eq!(t.stripe_queue(), "stripe.events.stripe");
         assert_eq!(t.retry_queue(1), "stripe.events.delay.5s");
         assert_eq!(t.retry_queue(3), "stripe.events.delay.2m");
         assert_eq!(t.retry_queue(5), "stripe.events.delay.1h");

@@ -291,7 +291,7 @@ async fn apply_all(state: &ApiState, events: &[Event]) -> Result<usize, ApiError
                 tracing::warn!(event_id = %event.id, event_type = %event.event_type, %reason,
                     "restore event refused by the projection");
             }
-            Outcome::Replay | Outcome::Busy | Outcome::Waiting(_) => {}
+            Outcome::Replay | Outcome::Busy | Outcome::Waiting(_) | Outcome::NeedsStripe => {}
         }
     }
     Ok(applied)

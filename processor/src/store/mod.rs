@@ -60,9 +60,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row, Statement, Transaction};
 
-/// What became of one event. The store yields every variant but [`Outcome::Busy`] and
-/// [`Outcome::Waiting`], which the
-/// consumer sets before asking the store.
+/// What became of one event. The store yields every variant but [`Outcome::Busy`],
+/// [`Outcome::Waiting`] and [`Outcome::NeedsStripe`], which the consumer sets before asking the
+/// store.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Applied now (its effects, possibly none), with the snapshots of the users whose
@@ -80,6 +80,10 @@ pub enum Outcome {
     /// answer now: it waits and is tried again, never parked for it and never counting an
     /// attempt. Nothing of it was kept.
     Waiting(String),
+    /// Needs a Stripe read before it can be applied (a session created elsewhere): moved to the
+    /// Stripe queue, which the completions consume at the rate Stripe allows. Nothing of it was
+    /// kept.
+    NeedsStripe,
 }
 
 /// How a failure is handled. [`StoreError::failure`] is the one place that decides it.

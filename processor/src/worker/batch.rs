@@ -3,8 +3,9 @@
 //!
 //! The path is a sequence of plain steps over the batch's [`Item`]s, each acting only on the
 //! items still [`Step::Pending`] and deciding some of them ([`Item::decide`], the one way an
-//! outcome is set): parse (at dispatch) → skip in-batch duplicates → complete from Stripe →
-//! claim in Redis → apply in Postgres → post-commit markers and cache → settle.
+//! outcome is set): parse (at dispatch) → skip in-batch duplicates → claim in Redis → complete
+//! from the recorded offers → hand what needs Stripe to the Stripe queue → apply in Postgres →
+//! post-commit markers and cache → settle.
 //!
 //! Invariant: every delivery leaves the batch with an outcome (one still pending at the end is
 //! retried later); the Redis steps around the transaction are best effort and never decide one
@@ -21,7 +22,6 @@ use shared::backoff::Reconnect;
 use shared::topology::headers;
 
 use super::Worker;
-use super::completions::Admission;
 use super::short;
 use crate::cache::{Claim, ClaimToken};
 use crate::domain::events::{self, Event};
@@ -167,7 +167,7 @@ impl Worker {
         // Claimed first: a replay is recognised before any request to Stripe.
         self.claim_all(&mut items).await;
         self.complete_without_stripe(&mut items).await;
-        let items = self.hand_over_to_stripe(items);
+        self.hand_over_to_stripe(&mut items);
         self.finish(items, started).await
     }
 
@@ -208,39 +208,36 @@ impl Worker {
         }
     }
 
-    /// Takes the items that still need Stripe out of the batch: each is completed and applied
-    /// off the lane ([`super::completions`]), or waits when Stripe cannot be asked now. The
-    /// running slot is held for the Stripe read only, not for the apply. Returns the rest.
-    fn hand_over_to_stripe(&self, items: Vec<Item>) -> Vec<Item> {
-        let mut rest = Vec::with_capacity(items.len());
+    /// Moves the items that still need Stripe to the Stripe queue, where the completions take
+    /// them ([`Worker::complete_off_lane`]): the rest of the batch goes on without them.
+    fn hand_over_to_stripe(&self, items: &mut [Item]) {
         let has_key = self.stripe.is_some();
-        for mut item in items {
-            if !item
+        for item in items {
+            if item
                 .pending()
                 .is_some_and(|e| crate::complete::needs_stripe(e, has_key))
             {
-                rest.push(item);
-                continue;
-            }
-            match self.completions.admit() {
-                Admission::Wait(reason) => {
-                    item.decide(Outcome::Waiting(reason.to_owned()));
-                    rest.push(item);
-                }
-                Admission::Run(permit) => {
-                    let worker = self.clone();
-                    self.completions.spawn(async move {
-                        let started = Instant::now();
-                        let running = worker.completions.slot().await;
-                        worker.complete_from_stripe(&mut item).await;
-                        drop(running);
-                        worker.finish(vec![item], started).await;
-                        drop(permit);
-                    });
-                }
+                item.decide(Outcome::NeedsStripe);
             }
         }
-        rest
+    }
+
+    /// Completes a delivery of the Stripe queue from Stripe and applies it, beside the lanes:
+    /// claimed first (a replay costs no request), then read within one of the
+    /// [`super::completions::IN_FLIGHT`] slots, then applied, cached and settled alone.
+    pub(super) fn complete_off_lane(&self, item: Item) {
+        let worker = self.clone();
+        self.completions.spawn(async move {
+            let started = Instant::now();
+            let mut items = vec![item];
+            worker.claim_all(&mut items).await;
+            if items[0].pending().is_some() {
+                let running = worker.completions.slot().await;
+                worker.complete_from_stripe(&mut items[0]).await;
+                drop(running);
+            }
+            worker.finish(items, started).await;
+        });
     }
 
     /// Completes one event from Stripe ([`crate::complete`]): on success it stays pending;

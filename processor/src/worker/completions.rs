@@ -1,15 +1,17 @@
 //! Events that need Stripe before they can be applied (a session created elsewhere, whose line
-//! items must be read; a feature summary cut short), completed off the lanes: the lane hands
-//! such an item over and goes on with the rest of its batch, so a slow or failing Stripe holds
-//! back no other event.
+//! items must be read; a feature summary cut short), completed off the lanes: the lane moves
+//! such an event to the Stripe queue (`<base>.stripe`) and goes on with the rest of its batch,
+//! so a slow or failing Stripe holds back no other event. The completions consume that queue on
+//! a channel of their own.
 //!
 //! Invariants:
-//! - at most [`IN_FLIGHT`] completions run at once per process and [`QUEUED`] more wait here
-//!   for a slot (so the Stripe pipe stays full); beyond that an item waits in the first delay
-//!   queue (durably, no attempt counted) rather than holding more of the prefetch window;
-//! - Stripe unavailable (timeouts, 5xx, 429 past the client's retries): the item waits the
-//!   same way and resumes by itself; nothing is parked for it;
-//! - Stripe refusing the key (401, 403): a configuration error. Every item that needs Stripe
+//! - at most [`IN_FLIGHT`] completions run at once per process, and the Stripe queue's channel
+//!   holds [`PREFETCH`] deliveries (the running ones and [`QUEUED`] waiting here for a slot, so
+//!   the Stripe pipe stays full); the rest wait in the queue, durably, and none takes any of the
+//!   main queue's prefetch window;
+//! - Stripe unavailable (timeouts, 5xx, 429 past the client's retries): the event waits in the
+//!   first delay queue (no attempt counted) and resumes by itself; nothing is parked for it;
+//! - Stripe refusing the key (401, 403): a configuration error. Every event that needs Stripe
 //!   waits without a request for [`REFUSED_PAUSE`], then one is tried again; the
 //!   `stripe_key_refused` gauge and `/readyz` say so meanwhile;
 //! - the tasks are drained within the shutdown grace, then aborted (their deliveries return to
@@ -26,8 +28,12 @@ use crate::complete::CompleteError;
 /// Completions running at once per process.
 pub const IN_FLIGHT: usize = 16;
 
-/// Completions admitted beyond those running, waiting here for a slot.
+/// Deliveries of the Stripe queue held beyond those running, waiting here for a slot.
 pub const QUEUED: usize = 16;
+
+/// The Stripe queue's prefetch: the running completions and the queued ones.
+#[allow(clippy::cast_possible_truncation)]
+pub const PREFETCH: u16 = (IN_FLIGHT + QUEUED) as u16;
 
 /// How long a refused key keeps every completion from asking Stripe.
 pub const REFUSED_PAUSE: Duration = Duration::from_secs(5);
@@ -37,8 +43,6 @@ pub const REFUSED_PAUSE: Duration = Duration::from_secs(5);
 pub struct Completions {
     /// Running ones.
     permits: Arc<Semaphore>,
-    /// Admitted ones: running or waiting for a running slot.
-    admitted: Arc<Semaphore>,
     tasks: Arc<Mutex<JoinSet<()>>>,
     refused: StripeKeyHealth,
 }
@@ -47,7 +51,6 @@ impl Default for Completions {
     fn default() -> Self {
         Self {
             permits: Arc::new(Semaphore::new(IN_FLIGHT)),
-            admitted: Arc::new(Semaphore::new(IN_FLIGHT + QUEUED)),
             tasks: Arc::new(Mutex::new(JoinSet::new())),
             refused: StripeKeyHealth::default(),
         }
@@ -94,28 +97,9 @@ impl StripeKeyHealth {
     }
 }
 
-/// What to do with an item that needs Stripe.
-pub(super) enum Admission {
-    /// Run it off the lane: it holds this admission, then waits for a running slot
-    /// ([`Completions::slot`]).
-    Run(OwnedSemaphorePermit),
-    /// Do not ask Stripe now: the item waits, for this reason.
-    Wait(&'static str),
-}
-
 impl Completions {
     pub fn key_health(&self) -> StripeKeyHealth {
         self.refused.clone()
-    }
-
-    pub(super) fn admit(&self) -> Admission {
-        if let Some(reason) = self.paused() {
-            return Admission::Wait(reason);
-        }
-        match Arc::clone(&self.admitted).try_acquire_owned() {
-            Ok(permit) => Admission::Run(permit),
-            Err(_) => Admission::Wait("Stripe completions at capacity"),
-        }
     }
 
     /// Why no request should be tried now, if so.

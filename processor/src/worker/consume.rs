@@ -16,14 +16,18 @@ use shared::shutdown::{Shutdown, Stop};
 
 use super::Worker;
 use super::batch::Item;
+use super::completions;
 use crate::config::Config;
 use crate::domain::events::Event;
 
-/// An open consuming connection.
+/// An open consuming connection: the main queue, and the Stripe queue on a channel of its own
+/// (so what waits for Stripe never takes the main queue's prefetch window).
 pub(super) struct Session {
     connection: Connection,
     channel: Channel,
     consumer: Consumer,
+    stripe_channel: Channel,
+    stripe_consumer: Consumer,
 }
 
 /// Why [`Worker::consume`] returned.
@@ -41,40 +45,57 @@ impl Session {
         channel
             .basic_qos(config.prefetch, BasicQosOptions::default())
             .await?;
-        let consumer = channel
-            .basic_consume(
-                config.topology.main_queue().as_str().into(),
-                ShortString::from(format!("processor-{}", uuid::Uuid::new_v4().simple())),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let consumer = consume(&channel, &config.topology.main_queue()).await?;
+        let stripe_channel = connection.create_channel().await?;
+        stripe_channel
+            .basic_qos(completions::PREFETCH, BasicQosOptions::default())
             .await?;
+        let stripe_consumer = consume(&stripe_channel, &config.topology.stripe_queue()).await?;
         Ok(Self {
             connection,
             channel,
             consumer,
+            stripe_channel,
+            stripe_consumer,
         })
     }
 
     /// Closes the channel and the connection (bounded), returning unacked deliveries.
     pub(super) async fn close(self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.stripe_channel.close(200, "closing".into()).await;
             let _ = self.channel.close(200, "closing".into()).await;
             let _ = self.connection.close(200, "closing".into()).await;
         })
         .await;
     }
 
-    /// Stops deliveries to this consumer; those already prefetched return on close.
+    /// Stops deliveries to both consumers; those already prefetched return on close.
     async fn cancel(&self) {
-        let tag = self.consumer.tag();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.channel
-                .basic_cancel(tag, BasicCancelOptions::default()),
-        )
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self
+                .stripe_channel
+                .basic_cancel(self.stripe_consumer.tag(), BasicCancelOptions::default())
+                .await;
+            let _ = self
+                .channel
+                .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+                .await;
+        })
         .await;
     }
+}
+
+/// Starts consuming `queue` on `channel`, under a tag of its own.
+async fn consume(channel: &Channel, queue: &str) -> Result<Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            ShortString::from(format!("processor-{}", uuid::Uuid::new_v4().simple())),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 impl Worker {
@@ -99,17 +120,24 @@ impl Worker {
         }
         drop(lost);
         let end = loop {
-            let next = tokio::select! {
+            // The Stripe queue first: its own prefetch bounds it, and it must not starve.
+            let (next, from_stripe_queue) = tokio::select! {
                 biased;
                 () = shutdown.recv() => break SessionEnd::Shutdown,
                 () = session_lost.recv() => break SessionEnd::Lost,
-                next = session.consumer.next() => next,
+                next = session.stripe_consumer.next() => (next, true),
+                next = session.consumer.next() => (next, false),
             };
             let Some(Ok(delivery)) = next else {
                 break SessionEnd::Lost;
             };
             // Parsed once, here: the lane gets the parsed event with the delivery.
             let item = Item::new(delivery);
+            // Without a key (removed since), what waited for Stripe is applied in the lanes.
+            if from_stripe_queue && self.stripe.is_some() {
+                self.complete_off_lane(item);
+                continue;
+            }
             let lane = lane_of(&item, lanes);
             if senders[lane].send(item).await.is_err() {
                 break SessionEnd::Lost;

@@ -23,6 +23,8 @@ use crate::store::Outcome;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Ack,
+    /// Republish to the Stripe queue unchanged (no attempt counted), then ack.
+    Handover,
     /// Republish to retry queue `queue` (1-based) with header `attempts`, then ack.
     Retry {
         after: Duration,
@@ -84,6 +86,7 @@ pub fn decide(outcome: &Outcome, attempts: u32, delays: &[Duration]) -> Decision
         }
         Outcome::Busy => wait(delays, attempts, "claimed by another worker"),
         Outcome::Waiting(reason) => wait(delays, attempts, reason),
+        Outcome::NeedsStripe => Decision::Handover,
     }
 }
 
@@ -137,6 +140,10 @@ impl Worker {
         let topology = &self.config.topology;
         let result = match decision {
             Decision::Ack => return true,
+            Decision::Handover => {
+                self.republish(&topology.stripe_queue(), item, item.headers())
+                    .await
+            }
             Decision::Retry {
                 queue,
                 attempts,
@@ -250,14 +257,15 @@ impl Worker {
 fn record(item: &Item, decision: &Decision, settled: bool) {
     let kind = match (item.outcome(), decision) {
         (_, Decision::Retry { .. }) if !settled => "requeued",
-        (_, Decision::DeadLetter { .. }) if !settled => "requeued",
+        (_, Decision::DeadLetter { .. } | Decision::Handover) if !settled => "requeued",
         (Some(Outcome::Applied(_)), _) => "applied",
         (Some(Outcome::Replay), _) => "replay",
         (Some(Outcome::Busy), _) => "deferred",
         (Some(Outcome::Waiting(_)), _) => "waiting",
+        (Some(Outcome::NeedsStripe), _) => "to_stripe",
         (_, Decision::Retry { .. }) => "retried",
         (_, Decision::DeadLetter { .. }) => "dead_lettered",
-        (_, Decision::Ack) => "acked",
+        (_, Decision::Ack | Decision::Handover) => "acked",
     };
     let event_type = item.event_type.clone();
     metrics::counter!("events_total", "type" => event_type, "outcome" => kind).increment(1);
@@ -298,6 +306,7 @@ fn record(item: &Item, decision: &Decision, settled: bool) {
             }
             tracing::error!(attempts, reason = %reason, settled, "dead-lettered");
         }
+        Decision::Handover => tracing::debug!(settled, "moved to the Stripe queue"),
     }
 }
 
