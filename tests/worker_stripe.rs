@@ -512,7 +512,12 @@ async fn more_foreign_sessions_than_the_completions_hold_wait_in_the_stripe_queu
         // Other users' purchases, which need no Stripe read, arrive among them.
         if n % 5 == 0 {
             let other = &others[n / 5];
-            let body = sample_event(&unique("evt"), "payment_intent.succeeded", other, &unique("o"));
+            let body = sample_event(
+                &unique("evt"),
+                "payment_intent.succeeded",
+                other,
+                &unique("o"),
+            );
             publish_body(&broker, &body).await;
         }
     }

@@ -9,6 +9,10 @@
 //! `--foreign-every`-th customer's (the fifth of each ten by default): those are sessions created
 //! elsewhere, whose line items the worker reads from Stripe.
 //!
+//! Prints `foreign_completions=N`: the queued events that complete a session created elsewhere
+//! (their event ids are `evt_<run>_<customer>_<step>`, the customer `k` with
+//! `k % foreign_every == 4 % foreign_every`).
+//!
 //! `fill_queue --base bench.processor --count 50000 [--url amqp://…] [--offers-db postgres://…]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -110,7 +114,7 @@ async fn main() {
     let limit = Arc::new(Semaphore::new(256));
     let mut handles = Vec::with_capacity(count);
     let created0 = chrono::Utc::now().timestamp() - 86_400;
-    let (mut produced, mut k) = (0usize, 0usize);
+    let (mut produced, mut k, mut foreign_completions) = (0usize, 0usize, 0usize);
     while produced < count {
         let created = created0 + i64::try_from(k).unwrap();
         for event in samples::mix_customer(&run, k, created) {
@@ -121,6 +125,13 @@ async fn main() {
                 event["id"].as_str().unwrap(),
                 event["type"].as_str().unwrap(),
             );
+            let completes = matches!(
+                event_type,
+                "checkout.session.completed" | "checkout.session.async_payment_succeeded"
+            );
+            if offers_db.is_some() && completes && foreign(k, foreign_every) {
+                foreign_completions += 1;
+            }
             let props = BasicProperties::default()
                 .with_message_id(id.into())
                 .with_type(event_type.into())
@@ -157,5 +168,6 @@ async fn main() {
         println!(
             "recorded {recorded} own checkout sessions of {sessions} (the others created elsewhere)"
         );
+        println!("foreign_completions={foreign_completions}");
     }
 }

@@ -33,6 +33,13 @@ impl std::str::FromStr for LogFormat {
 pub fn init_tracing(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // lapin logs every message the broker returns, body included, at WARN: an outbox message
+    // nobody's queue is bound for would log its whole body each time. The processor counts
+    // those itself (`outbox_unroutable_total`); lapin's own line stays for errors only.
+    let filter = match "lapin::returned_messages=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     // Colour codes only for a person at a terminal, never in a file, a pipe or a journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -85,7 +85,11 @@ pub async fn monitor(
     shutdown: impl Future,
 ) {
     let queue = topology.dead_letter_queue();
-    let mut queues = vec![queue.clone(), topology.main_queue(), topology.stripe_queue()];
+    let mut queues = vec![
+        queue.clone(),
+        topology.main_queue(),
+        topology.stripe_queue(),
+    ];
     queues.extend((1..=topology.retry_delays().len()).map(|n| topology.retry_queue(n)));
     queues.dedup();
     metrics::gauge!("events_attempts_threshold").set(f64::from(attempts_threshold));

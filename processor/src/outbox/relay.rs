@@ -73,7 +73,23 @@ enum Lead {
 
 /// Runs the relay until `stopped` fires (then finishes one last pass, so changes
 /// committed before the stop are not left waiting for the next start).
-pub async fn run(config: Config, pool: Pool, publisher: Publisher, mut stopped: Shutdown) {
+///
+/// The relay publishes on a connection of its own: a message nobody's queue is bound for comes
+/// back from the broker, and on a channel shared with other publishes the broker's separate
+/// return and confirm frames cannot be paired safely (a worker's republish could be reported
+/// unroutable for the relay's return).
+pub async fn run(config: Config, pool: Pool, stopped: Shutdown) {
+    let (publisher, publisher_task) = Publisher::start(
+        config.amqp_url.clone(),
+        "processor-outbox".into(),
+        config.topology.clone(),
+        config.publish_confirm_timeout,
+    );
+    relay(config, pool, publisher, stopped).await;
+    publisher_task.shutdown().await;
+}
+
+async fn relay(config: Config, pool: Pool, publisher: Publisher, mut stopped: Shutdown) {
     let outbox = config.outbox.clone();
     let sender = outbox.webhook.as_ref().and_then(|target| {
         Sender::new(target, outbox.webhook_timeout)

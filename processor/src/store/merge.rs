@@ -28,7 +28,8 @@ use tokio_postgres::types::Type;
 use super::columns::{PurchaseColumns, SubscriptionColumns, purchase_unnest};
 use super::{
     Db, FEATURE_COLUMNS, Outcome, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
-    feature_from_row, is_violation_of, lock, opt_timestamp, purchase_from_row, registry, snapshots_of, subscription_from_row,
+    feature_from_row, is_violation_of, lock, opt_timestamp, purchase_from_row, registry,
+    snapshots_of, subscription_from_row,
 };
 use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::fold::{self, Purchases};

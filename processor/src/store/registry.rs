@@ -39,8 +39,11 @@ impl Stamp {
     }
 }
 
+/// A registry loaded at a generation.
+type Loaded = (i64, Arc<Registry>);
+
 /// The registries loaded in this process, by database token.
-static LOADED: Mutex<Option<HashMap<String, (i64, Arc<Registry>)>>> = Mutex::new(None);
+static LOADED: Mutex<Option<HashMap<String, Loaded>>> = Mutex::new(None);
 
 fn loaded(stamp: &Stamp) -> Option<Arc<Registry>> {
     let held = LOADED.lock().unwrap_or_else(PoisonError::into_inner);

@@ -53,6 +53,9 @@ pub(super) struct Item {
     /// Another delivery of the same event id came earlier in this batch: it shares that
     /// delivery's work and is acked as a replay.
     batch_duplicate: bool,
+    /// Completed off the lane already ([`Worker::complete_off_lane`]): whatever Stripe answered
+    /// is final, it is not handed over again.
+    completed_off_lane: bool,
     pub(super) span: tracing::Span,
 }
 
@@ -106,6 +109,7 @@ impl Item {
                 },
             },
             batch_duplicate: false,
+            completed_off_lane: false,
             span,
         }
     }
@@ -168,7 +172,27 @@ impl Worker {
         self.claim_all(&mut items).await;
         self.complete_without_stripe(&mut items).await;
         self.hand_over_to_stripe(&mut items);
-        self.finish(items, started).await
+        // What moves to the Stripe queue is published while the rest is applied.
+        let (handed, rest): (Vec<Item>, Vec<Item>) = items
+            .into_iter()
+            .partition(|item| item.outcome() == Some(&Outcome::NeedsStripe));
+        let (moved, finished) =
+            futures_util::future::join(self.pass_on(handed), self.finish(rest, started)).await;
+        moved && finished
+    }
+
+    /// Releases the claims of the items moved to the Stripe queue (their completion claims them
+    /// again), then publishes and acks them.
+    async fn pass_on(&self, handed: Vec<Item>) -> bool {
+        if handed.is_empty() {
+            return true;
+        }
+        let releases = handed.iter().filter_map(|item| {
+            let (event, token) = (item.event()?, item.claim.as_ref()?);
+            Some(self.cache.release(&event.id, token))
+        });
+        join_all(releases).await;
+        self.settle(handed).await
     }
 
     /// Applies, caches and settles what is left of a batch.
@@ -213,30 +237,33 @@ impl Worker {
     fn hand_over_to_stripe(&self, items: &mut [Item]) {
         let has_key = self.stripe.is_some();
         for item in items {
-            if item
-                .pending()
-                .is_some_and(|e| crate::complete::needs_stripe(e, has_key))
+            if !item.completed_off_lane
+                && item
+                    .pending()
+                    .is_some_and(|e| crate::complete::needs_stripe(e, has_key))
             {
                 item.decide(Outcome::NeedsStripe);
             }
         }
     }
 
-    /// Completes a delivery of the Stripe queue from Stripe and applies it, beside the lanes:
-    /// claimed first (a replay costs no request), then read within one of the
-    /// [`super::completions::IN_FLIGHT`] slots, then applied, cached and settled alone.
-    pub(super) fn complete_off_lane(&self, item: Item) {
+    /// Completes a delivery of the Stripe queue from Stripe, beside the lanes, then hands it to
+    /// its user's `lane`, which applies it batched with the rest: claimed first (a replay costs
+    /// no request), then read within one of the [`super::completions::IN_FLIGHT`] slots. A lane
+    /// gone (the session ended) drops it unacked: the delivery returns to the queue.
+    pub(super) fn complete_off_lane(&self, item: Item, lane: tokio::sync::mpsc::Sender<Item>) {
         let worker = self.clone();
         self.completions.spawn(async move {
-            let started = Instant::now();
             let mut items = vec![item];
             worker.claim_all(&mut items).await;
-            if items[0].pending().is_some() {
+            let Some(mut item) = items.pop() else { return };
+            item.completed_off_lane = true;
+            if item.pending().is_some() {
                 let running = worker.completions.slot().await;
-                worker.complete_from_stripe(&mut items[0]).await;
+                worker.complete_from_stripe(&mut item).await;
                 drop(running);
             }
-            worker.finish(items, started).await;
+            let _ = lane.send(item).await;
         });
     }
 
@@ -313,10 +340,11 @@ impl Worker {
         }
     }
 
-    /// Takes the dedupe claims of the batch's fresh events concurrently.
+    /// Takes the dedupe claims of the batch's fresh events concurrently (but for those that hold
+    /// theirs already: completed from Stripe, back in a lane).
     async fn claim_all(&self, items: &mut [Item]) {
         let pending: Vec<usize> = (0..items.len())
-            .filter(|&i| items[i].pending().is_some())
+            .filter(|&i| items[i].pending().is_some() && items[i].claim.is_none())
             .collect();
         let claims = join_all(pending.iter().map(|&i| {
             let cache = &self.cache;

@@ -133,12 +133,13 @@ impl Worker {
             };
             // Parsed once, here: the lane gets the parsed event with the delivery.
             let item = Item::new(delivery);
-            // Without a key (removed since), what waited for Stripe is applied in the lanes.
+            let lane = lane_of(&item, lanes);
+            // Read from Stripe first, then applied in its lane. Without a key (removed since),
+            // what waited for Stripe is applied in the lanes as it is.
             if from_stripe_queue && self.stripe.is_some() {
-                self.complete_off_lane(item);
+                self.complete_off_lane(item, senders[lane].clone());
                 continue;
             }
-            let lane = lane_of(&item, lanes);
             if senders[lane].send(item).await.is_err() {
                 break SessionEnd::Lost;
             }

@@ -126,7 +126,6 @@ impl Worker {
         let relay = crate::outbox::run(
             self.config.clone(),
             self.pool.clone(),
-            self.publisher.clone(),
             stop_relay.listener(),
         );
         let signal = async {
