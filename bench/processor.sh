@@ -65,7 +65,8 @@ echo "== filling $BASE.q with $N mixed events"
 FOREIGN=$(sed -n 's/^foreign_completions=//p' "$work/fill.out")
 FOREIGN=${FOREIGN:-0}
 every=${FOREIGN_EVERY:-10}
-rest_sql="select count(*) from processed_events where not (event_type in
+# When the last of the rest was applied (its transaction's time), read after the drain.
+rest_sql="select extract(epoch from max(processed_at)) from processed_events where not (event_type in
   ('checkout.session.completed', 'checkout.session.async_payment_succeeded')
   and $FOREIGN > 0 and split_part(event_id, '_', 3)::int % $every = 4 % $every)"
 
@@ -74,19 +75,15 @@ echo "== draining with one processor worker (PROCESSOR_PREFETCH=${PROCESSOR_PREF
 WORKER_PID=$!
 start=$(date +%s.%N)
 rss_samples=()
-rest_end=
 while :; do
   done_count=$(psqlq -d "$DB" -c "select count(*) from processed_events")
   rss_samples+=("$(awk '/VmRSS/ {print $2}' /proc/$WORKER_PID/status 2>/dev/null || echo 0)")
-  if [ -z "$rest_end" ] && [ "$(psqlq -d "$DB" -c "$rest_sql")" -ge $((N - FOREIGN)) ]; then
-    rest_end=$(date +%s.%N)
-  fi
   [ "$done_count" -ge "$N" ] && break
   kill -0 $WORKER_PID 2>/dev/null || { echo "worker died"; tail -20 "$work/worker.log"; exit 1; }
-  sleep 0.1
+  sleep 0.5
 done
 end=$(date +%s.%N)
-rest_end=${rest_end:-$end}
+rest_end=$(psqlq -d "$DB" -c "$rest_sql")
 # Acks follow the commit and the cache refresh: the queue must be empty, nothing dead-lettered.
 for _ in $(seq 1 20); do
   depth=$(rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$BASE.q" '$1 == q {print $2}')

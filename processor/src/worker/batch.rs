@@ -168,9 +168,15 @@ impl Worker {
         metrics::histogram!("worker_batch_size").record(items.len() as f64);
         mark_duplicates(&mut items);
         let started = Instant::now();
-        // Claimed first: a replay is recognised before any request to Stripe.
-        self.claim_all(&mut items).await;
-        self.complete_without_stripe(&mut items).await;
+        // Claimed before any request to Stripe, so a replay is recognised first; the recorded
+        // offers are read meanwhile.
+        let (sessions, links) = sessions_to_complete(&items);
+        let (prices, ()) = futures_util::future::join(
+            self.known_prices(&sessions, &links),
+            self.claim_all(&mut items),
+        )
+        .await;
+        complete_without_stripe(&mut items, &prices);
         self.hand_over_to_stripe(&mut items);
         // What moves to the Stripe queue is published while the rest is applied.
         let (handed, rest): (Vec<Item>, Vec<Item>) = items
@@ -213,23 +219,6 @@ impl Worker {
             "batch done"
         );
         healthy
-    }
-
-    /// Completes what can be completed without Stripe: the checkouts this service created, from
-    /// their recorded offers, and Payment Links' sessions, from the link's learned price
-    /// ([`crate::complete::without_stripe`]).
-    async fn complete_without_stripe(&self, items: &mut [Item]) {
-        let (offers, links) = self.known_prices(items).await;
-        for item in items.iter_mut() {
-            let Some(event) = item.pending() else {
-                continue;
-            };
-            if let Some((completed, from)) = crate::complete::without_stripe(event, &offers, &links)
-            {
-                metrics::counter!("checkout_completions_total", "from" => from).increment(1);
-                item.step = Step::Pending(completed);
-            }
-        }
     }
 
     /// Moves the items that still need Stripe to the Stripe queue, where the completions take
@@ -300,20 +289,14 @@ impl Worker {
         }
     }
 
-    /// The recorded offers and learned Payment Link prices of the batch's sessions that need
-    /// their line items. Unreadable, those sessions are read from Stripe instead (the apply
-    /// then waits for the database).
-    async fn known_prices(&self, items: &[Item]) -> (Vec<CheckoutOffer>, Vec<LinkPrice>) {
-        let events = || items.iter().filter_map(Item::pending);
-        let sessions: Vec<&str> = events()
-            .filter_map(crate::complete::session_to_complete)
-            .collect();
+    /// The recorded offers and learned Payment Link prices of `sessions` and `links`. Unreadable,
+    /// those sessions are read from Stripe instead (the apply then waits for the database).
+    async fn known_prices(&self, sessions: &[String], links: &[String]) -> KnownPrices {
         if sessions.is_empty() {
-            return (Vec::new(), Vec::new());
+            return KnownPrices::default();
         }
-        let links: Vec<&str> = events()
-            .filter_map(crate::complete::link_to_complete)
-            .collect();
+        let sessions: Vec<&str> = sessions.iter().map(String::as_str).collect();
+        let links: Vec<&str> = links.iter().map(String::as_str).collect();
         let found = async {
             let client = self.pool.get().await?;
             let (offers, links) = futures_util::future::try_join(
@@ -321,11 +304,11 @@ impl Worker {
                 store::offers::find_link_prices(&**client, &links),
             )
             .await?;
-            Ok::<_, store::StoreError>((offers, links))
+            Ok::<_, store::StoreError>(KnownPrices { offers, links })
         };
         found.await.unwrap_or_else(|error| {
             tracing::warn!(%error, "known prices unreadable; completing from Stripe");
-            (Vec::new(), Vec::new())
+            KnownPrices::default()
         })
     }
 
@@ -482,6 +465,44 @@ impl Worker {
         // The cache writes first: they are what a reader waits for (the markers only spare a
         // redelivery some work), and the commands go out on one connection in this order.
         futures_util::future::join(join_all(refreshes), join_all(markers)).await;
+    }
+}
+
+/// What the batch knows of the prices its sessions were sold at.
+#[derive(Default)]
+struct KnownPrices {
+    offers: Vec<CheckoutOffer>,
+    links: Vec<LinkPrice>,
+}
+
+/// The batch's sessions that need their line items, and the Payment Links among them.
+fn sessions_to_complete(items: &[Item]) -> (Vec<String>, Vec<String>) {
+    let events = || items.iter().filter_map(Item::pending);
+    let sessions = events()
+        .filter_map(crate::complete::session_to_complete)
+        .map(str::to_owned)
+        .collect();
+    let links = events()
+        .filter_map(crate::complete::link_to_complete)
+        .map(str::to_owned)
+        .collect();
+    (sessions, links)
+}
+
+/// Completes what can be completed without Stripe: the checkouts this service created, from
+/// their recorded offers, and Payment Links' sessions, from the link's learned price
+/// ([`crate::complete::without_stripe`]).
+fn complete_without_stripe(items: &mut [Item], prices: &KnownPrices) {
+    for item in items.iter_mut() {
+        let Some(event) = item.pending() else {
+            continue;
+        };
+        if let Some((completed, from)) =
+            crate::complete::without_stripe(event, &prices.offers, &prices.links)
+        {
+            metrics::counter!("checkout_completions_total", "from" => from).increment(1);
+            item.step = Step::Pending(completed);
+        }
     }
 }
 
