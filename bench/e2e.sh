@@ -9,6 +9,12 @@
 #   to measure (default: the fresh release build), for an A/B against another build; E2E_LOGS=DIR
 #   keeps the services' logs there (with RUST_LOG=warn,processor::worker=debug the worker logs
 #   each batch's size and timings).
+#   As production runs it: with STRIPE_SECRET_KEY set, against the Stripe-shaped fake
+#   (examples/stripe_fake.rs) answering in STRIPE_LATENCY_MS (default 150); each probe opens its
+#   checkout through the API (untimed), the background's own sessions are recorded as the API
+#   records them, one customer in FOREIGN_EVERY (default 10) buys through a session created
+#   elsewhere. It reports the Stripe reads of the probes' sessions per probe purchase (0 is
+#   right). STRIPE=off measures without a key (the figures before this mode existed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-20}
@@ -35,9 +41,12 @@ depth() {
 
 cargo build --release -q -p ingress --bin ingress -p processor --bin processor --example e2e_load
 PROCESSOR_BIN=${PROCESSOR_BIN:-$bin/processor}
+STRIPE=${STRIPE:-on}
 work=$(mktemp -d)
 PIDS=()
+FAKE_PID=
 cleanup() {
+  [ -n "$FAKE_PID" ] && kill "$FAKE_PID" 2>/dev/null || true
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   psqlq -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
@@ -52,6 +61,26 @@ cleanup() {
 trap cleanup EXIT
 
 "$PROCESSOR_BIN" migrate >/dev/null
+load_args=()
+if [ "$STRIPE" != off ]; then
+  # As production: a Stripe key, Stripe answered by the Stripe-shaped fake after
+  # STRIPE_LATENCY_MS; the background's own checkouts recorded as the API records them, one
+  # customer in FOREIGN_EVERY buying through a session created elsewhere; each probe opens its
+  # checkout through the API first.
+  cargo build --release -q -p system-tests --example stripe_fake
+  "$bin/examples/stripe_fake" --latency-ms "${STRIPE_LATENCY_MS:-150}" \
+    --unknown-session-price price_pro >"$work/stripe.out" 2>"$work/stripe.err" &
+  FAKE_PID=$!
+  for _ in $(seq 1 50); do grep -q STRIPE_SECRET_KEY "$work/stripe.out" && break; sleep 0.1; done
+  export $(grep -E '^STRIPE_(API_BASE|SECRET_KEY)=' "$work/stripe.out" | xargs)
+  export STRIPE_MAX_REQUESTS_PER_SECOND=${STRIPE_MAX_REQUESTS_PER_SECOND:-100}
+  printf '[products.pro_monthly]\nprice = "price_pro_monthly"\nmode = "subscription"\nentitlement = "pro"\n' \
+    >"$work/catalog.toml"
+  export STRIPE_PRICE_PRO_LIFETIME=price_pro CATALOG_FILE=$work/catalog.toml
+  export CHECKOUT_SUCCESS_URL=https://app.example/paid CHECKOUT_CANCEL_URL=https://app.example/pricing
+  load_args=(--offers-db "$DATABASE_URL" --foreign-every "${FOREIGN_EVERY:-10}")
+  echo "== Stripe: the fake at ${STRIPE_LATENCY_MS:-150} ms, budget ${STRIPE_MAX_REQUESTS_PER_SECOND}/s, one background customer in ${FOREIGN_EVERY:-10} foreign"
+fi
 "$bin/ingress" >"$work/ingress.log" 2>&1 &
 PIDS+=($!)
 API_ADDR=127.0.0.1:$WORKER_PORT "$PROCESSOR_BIN" worker >"$work/worker.log" 2>&1 &
@@ -75,7 +104,7 @@ for rate in ${RATES//,/ }; do
   echo "== background $rate webhooks/s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
   "$bin/examples/e2e_load" --rate "$rate" --seconds "$SECS" --probes-per-second "${PROBES_PER_SEC:-20}" \
     --ingress "http://$INGRESS_ADDR" --api "http://$API_ADDR" --webhook-secret "$WEBHOOK_SECRET" \
-    --jwt-secret "$JWT_SECRET" --run "${RUN}r$rate" | tee -a "$work/results.txt"
+    --jwt-secret "$JWT_SECRET" --run "${RUN}r$rate" "${load_args[@]}" | tee -a "$work/results.txt"
   for pid in "${PIDS[@]}"; do
     kill -0 "$pid" 2>/dev/null || { echo "a service died"; tail -20 "$work"/*.log; exit 1; }
   done
@@ -86,3 +115,10 @@ for rate in ${RATES//,/ }; do
 done
 echo "== summary (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 cat "$work/results.txt"
+if [ -n "$FAKE_PID" ]; then
+  kill -TERM "$FAKE_PID"; wait "$FAKE_PID" 2>/dev/null || true; FAKE_PID=
+  grep '^stripe_' "$work/stripe.out" || true
+  own=$(sed -n 's/^stripe_line_item_reads_of_created_sessions=//p' "$work/stripe.out")
+  probes=$(psqlq -d "$DB" -c "select count(*) from purchases where user_id like 'p\_%' and status = 'completed'")
+  echo "probe_purchases=$probes stripe_reads_per_probe_purchase=$(python3 -c "print(f'{${own:-0}/max(1,$probes):.3f}')")"
+fi

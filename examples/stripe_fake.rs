@@ -4,7 +4,8 @@
 //! for a Payment Link's or the Dashboard's sessions.
 //!
 //! Prints `STRIPE_API_BASE=…` and `STRIPE_SECRET_KEY=…` on two lines, then serves until SIGTERM
-//! or Ctrl-C, when it prints `stripe_requests=N` and `stripe_requests{path}=N` per path.
+//! or Ctrl-C, when it prints `stripe_requests=N`, `stripe_requests{path}=N` per path, and
+//! `stripe_line_item_reads_of_created_sessions=N` (reads of sessions it created itself).
 //!
 //! `stripe_fake [--latency-ms 150] [--unknown-session-price price_pro]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -55,7 +56,16 @@ async fn main() {
             .collect();
         *by_path.entry(path.join("/")).or_default() += 1;
     }
+    // Line items read of the sessions this fake created (through `POST /v1/checkout/sessions`,
+    // as the service's checkouts are): the service should never need them.
+    let created_sessions_read = requests
+        .iter()
+        .filter(|r| {
+            r.path.starts_with("/v1/checkout/sessions/cs_test") && r.path.ends_with("/line_items")
+        })
+        .count();
     println!("stripe_requests={}", requests.len());
+    println!("stripe_line_item_reads_of_created_sessions={created_sessions_read}");
     for (path, n) in by_path {
         println!("stripe_requests{{path=\"{path}\"}}={n}");
     }

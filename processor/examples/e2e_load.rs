@@ -10,6 +10,11 @@
 //! own HS256 token) that answers `isPro: true`, polled every `--poll-ms`. Each probe's time is
 //! also split into POST → 200 (ingress and the broker's confirm) and 200 → visible.
 //!
+//! With `--offers-db` it runs as production does with a Stripe key: the background's own
+//! checkout sessions are recorded as the API records them (one customer in `--foreign-every`
+//! buys through a session created elsewhere, read from Stripe), and each probe first opens its
+//! checkout through `POST /api/checkout/session`, untimed: the time runs from the webhook.
+//!
 //! Prints one `RESULT` line: probes, p50/p90/p99/max, the split, the achieved background rate
 //! and the load average at the start and the end.
 //!
@@ -23,6 +28,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use processor::devtoken::{DevTokenArgs, token};
+use processor::domain::events::CheckoutMode;
+use processor::domain::offer::{CheckoutOffer, OfferedPrice};
 use secrecy::SecretString;
 use shared::samples::{self, Sample};
 use tokio::time::Instant;
@@ -62,6 +69,15 @@ struct Args {
     /// Distinguishes the users and event ids of one run (and rate) from another's.
     #[arg(long)]
     run: String,
+    /// As production runs with a Stripe key: the background's own checkout sessions are
+    /// recorded in this database's `checkout_offers` as the API records them, and each probe
+    /// first opens its checkout through `POST /api/checkout/session`.
+    #[arg(long)]
+    offers_db: Option<String>,
+    /// With `--offers-db`, one background customer in this many buys through a session created
+    /// elsewhere, whose line items the worker reads from Stripe (0: none).
+    #[arg(long, default_value_t = 10)]
+    foreign_every: usize,
 }
 
 /// What the background sender counts.
@@ -91,7 +107,18 @@ async fn main() {
     let entitlement_url = format!("{}/api/pro/entitlement", args.api.trim_end_matches('/'));
 
     let total = Duration::from_secs(args.warmup + args.seconds);
-    let bodies = background_bodies(&args.run, (args.rate * total.as_secs_f64()).ceil() as usize);
+    let (bodies, customers) =
+        background_bodies(&args.run, (args.rate * total.as_secs_f64()).ceil() as usize);
+    if let Some(db) = &args.offers_db {
+        let recorded = record_offers(
+            db,
+            &format!("bg_{}", args.run),
+            customers,
+            args.foreign_every,
+        )
+        .await;
+        eprintln!("recorded {recorded} own checkout sessions of the background");
+    }
     let counts = Arc::new(Background::default());
     let start = Instant::now();
 
@@ -154,8 +181,32 @@ async fn main() {
     report(&args, &counts, elapsed, late, &results, errors, load_start);
 }
 
-/// The background's bodies, customer after customer of the mix, `count` events in all.
-fn background_bodies(run: &str, count: usize) -> Vec<String> {
+/// Records the own checkout sessions of the background's `customers` as the API would.
+async fn record_offers(url: &str, run: &str, customers: usize, every: usize) -> usize {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the offers database");
+    tokio::spawn(connection);
+    let offers: Vec<CheckoutOffer> = (0..customers)
+        .filter_map(|k| samples::mix_offer(run, k, every))
+        .map(
+            |(session_id, user_id, product, mode, price)| CheckoutOffer {
+                session_id,
+                user_id,
+                product_key: product.to_owned(),
+                mode: CheckoutMode::from_stripe(mode).expect("a mode of the mix"),
+                price: OfferedPrice::Stripe(price.to_owned()),
+            },
+        )
+        .collect();
+    processor::store::offers::record_priced(&client, &offers)
+        .await
+        .expect("record the offers")
+}
+
+/// The background's bodies, customer after customer of the mix, `count` events in all, and the
+/// number of customers.
+fn background_bodies(run: &str, count: usize) -> (Vec<String>, usize) {
     let created = unix_now();
     let mut bodies = Vec::with_capacity(count);
     let mut k = 0;
@@ -167,7 +218,7 @@ fn background_bodies(run: &str, count: usize) -> Vec<String> {
         }
         k += 1;
     }
-    bodies
+    (bodies, k)
 }
 
 /// POSTs `body` signed now, as Stripe does.
@@ -222,12 +273,18 @@ async fn probe(
         created: unix_now(),
         subscription: false,
     };
-    let body = samples::event(
+    let mut event = samples::event(
         &format!("evt_{object}"),
         "checkout.session.completed",
         &sample,
-    )
-    .to_string();
+    );
+    if args.offers_db.is_some() {
+        // The checkout the app opens for its user (the API asks Stripe, and records the offer);
+        // Stripe's event then carries that session.
+        let session = open_checkout(client, &args.api, &bearer).await?;
+        event["data"]["object"]["id"] = serde_json::Value::String(session);
+    }
+    let body = event.to_string();
 
     let sent = Instant::now();
     let post = tokio::spawn({
@@ -258,6 +315,31 @@ async fn probe(
         Ok(status) if status == reqwest::StatusCode::OK => Ok(Probe { answered, visible }),
         Ok(status) => Err(format!("purchase of {user} answered {status}")),
         Err(error) => Err(format!("purchase of {user}: {error}")),
+    }
+}
+
+/// `POST /api/checkout/session` for `pro` as the user: the session's id.
+async fn open_checkout(
+    client: &reqwest::Client,
+    api: &str,
+    bearer: &str,
+) -> Result<String, String> {
+    let response = client
+        .post(format!(
+            "{}/api/checkout/session",
+            api.trim_end_matches('/')
+        ))
+        .bearer_auth(bearer)
+        .json(&serde_json::json!({ "productKey": "pro" }))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    let body: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+    match body.as_ref().and_then(|b| b["sessionId"].as_str()) {
+        Some(session) if status == reqwest::StatusCode::OK => Ok(session.to_owned()),
+        _ => Err(format!("checkout answered {status}: {text}")),
     }
 }
 

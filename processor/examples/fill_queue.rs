@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use lapin::BasicProperties;
+use processor::domain::events::CheckoutMode;
+use processor::domain::offer::{CheckoutOffer, OfferedPrice};
 use shared::amqp::Publisher;
 use shared::samples;
 use shared::topology::Topology;
@@ -46,46 +48,27 @@ struct Args {
     foreign_every: usize,
 }
 
-/// Whether customer `k` of the mix buys through a session this service did not create.
-fn foreign(k: usize, every: usize) -> bool {
-    every > 0 && k % every == 4 % every
-}
-
 /// Records the own checkout sessions of customers `0..customers` as the API would.
 async fn record_offers(url: &str, run: &str, customers: usize, every: usize) -> usize {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("connect to the offers database");
     tokio::spawn(connection);
-    let (mut ids, mut users, mut products, mut modes, mut prices) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for k in 0..customers {
-        let has_checkout = samples::mix_scenario(k).contains(&"checkout.session.completed");
-        if !has_checkout || foreign(k, every) {
-            continue;
-        }
-        let subscription = (6..=8).contains(&(k % 10));
-        ids.push(format!("cs_{run}_{k}"));
-        users.push(format!("u_{run}_{k}"));
-        let (product, mode, price) = if subscription {
-            ("pro_monthly", "subscription", "price_pro_monthly")
-        } else {
-            ("pro", "payment", "price_pro")
-        };
-        products.push(product);
-        modes.push(mode);
-        prices.push(price);
-    }
-    client
-        .execute(
-            "INSERT INTO checkout_offers (session_id, user_id, product_key, mode, price_id)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-             ON CONFLICT (session_id) DO NOTHING",
-            &[&ids, &users, &products, &modes, &prices],
+    let offers: Vec<CheckoutOffer> = (0..customers)
+        .filter_map(|k| samples::mix_offer(run, k, every))
+        .map(
+            |(session_id, user_id, product, mode, price)| CheckoutOffer {
+                session_id,
+                user_id,
+                product_key: product.to_owned(),
+                mode: CheckoutMode::from_stripe(mode).expect("a mode of the mix"),
+                price: OfferedPrice::Stripe(price.to_owned()),
+            },
         )
+        .collect();
+    processor::store::offers::record_priced(&client, &offers)
         .await
-        .expect("record the offers");
-    ids.len()
+        .expect("record the offers")
 }
 
 #[tokio::main]
@@ -129,7 +112,7 @@ async fn main() {
                 event_type,
                 "checkout.session.completed" | "checkout.session.async_payment_succeeded"
             );
-            if offers_db.is_some() && completes && foreign(k, foreign_every) {
+            if offers_db.is_some() && completes && samples::mix_foreign(k, foreign_every) {
                 foreign_completions += 1;
             }
             let props = BasicProperties::default()

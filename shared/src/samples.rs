@@ -63,6 +63,41 @@ pub fn mix_scenario(k: usize) -> &'static [&'static str] {
     }
 }
 
+/// Whether customer `k` of the mix buys through a session created elsewhere (a Payment Link, the
+/// Dashboard): the fifth of each `every` customers (`0`: none).
+#[must_use]
+pub fn mix_foreign(k: usize, every: usize) -> bool {
+    every > 0 && k % every == 4 % every
+}
+
+/// The checkout this service created for customer `k` of the mix of run `run`, as the API
+/// records it: `(session id, user, product key, mode, price id)`. `None` when the customer's
+/// scenario has no checkout, or it bought through a session created elsewhere
+/// ([`mix_foreign`]). Subscriptions sell `pro_monthly` at `price_pro_monthly`, one-time
+/// purchases `pro` at `price_pro`.
+#[must_use]
+pub fn mix_offer(
+    run: &str,
+    k: usize,
+    foreign_every: usize,
+) -> Option<(String, String, &'static str, &'static str, &'static str)> {
+    if !mix_scenario(k).contains(&"checkout.session.completed") || mix_foreign(k, foreign_every) {
+        return None;
+    }
+    let (product, mode, price) = if (6..=8).contains(&(k % 10)) {
+        ("pro_monthly", "subscription", "price_pro_monthly")
+    } else {
+        ("pro", "payment", "price_pro")
+    };
+    Some((
+        format!("cs_{run}_{k}"),
+        format!("u_{run}_{k}"),
+        product,
+        mode,
+        price,
+    ))
+}
+
 /// The events of customer `k` of the mix ([`mix_scenario`]) of run `run`: user `u_{run}_{k}`,
 /// objects `{run}_{k}`, ids `evt_{run}_{k}_{step}`, created `created + step`. Each customer is
 /// a distinct user.

@@ -42,6 +42,36 @@ pub async fn record(db: &impl GenericClient, offer: &CheckoutOffer) -> Result<()
     Ok(())
 }
 
+/// Records every offer of `offers` sold at a Stripe price, in one statement (the benchmarks
+/// record their mix's checkouts so, as the API would have one by one); returns how many.
+///
+/// # Errors
+/// The database's error.
+pub async fn record_priced(
+    db: &impl GenericClient,
+    offers: &[CheckoutOffer],
+) -> Result<usize, StoreError> {
+    let (mut ids, mut users, mut products, mut modes, mut prices) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for offer in offers {
+        if let OfferedPrice::Stripe(price) = &offer.price {
+            ids.push(offer.session_id.as_str());
+            users.push(offer.user_id.as_str());
+            products.push(offer.product_key.as_str());
+            modes.push(offer.mode.as_str());
+            prices.push(price.as_str());
+        }
+    }
+    db.execute(
+        "INSERT INTO checkout_offers (session_id, user_id, product_key, mode, price_id)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+         ON CONFLICT (session_id) DO NOTHING",
+        &[&ids, &users, &products, &modes, &prices],
+    )
+    .await?;
+    Ok(ids.len())
+}
+
 /// The recorded offers among `session_ids`, in no particular order.
 ///
 /// # Errors
