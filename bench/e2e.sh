@@ -17,6 +17,7 @@
 #   right). STRIPE=off measures without a key (the figures before this mode existed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib/stripe_fake.sh
 SECS=${1:-20}
 RATES=${2:-300,1000}
 RUN=$$
@@ -67,19 +68,9 @@ if [ "$STRIPE" != off ]; then
   # STRIPE_LATENCY_MS; the background's own checkouts recorded as the API records them, one
   # customer in FOREIGN_EVERY buying through a session created elsewhere; each probe opens its
   # checkout through the API first.
-  cargo build --release -q -p system-tests --example stripe_fake
-  "$bin/examples/stripe_fake" --latency-ms "${STRIPE_LATENCY_MS:-150}" \
-    --unknown-session-price price_pro >"$work/stripe.out" 2>"$work/stripe.err" &
-  FAKE_PID=$!
-  for _ in $(seq 1 50); do grep -q STRIPE_SECRET_KEY "$work/stripe.out" && break; sleep 0.1; done
-  export $(grep -E '^STRIPE_(API_BASE|SECRET_KEY)=' "$work/stripe.out" | xargs)
-  export STRIPE_MAX_REQUESTS_PER_SECOND=${STRIPE_MAX_REQUESTS_PER_SECOND:-100}
-  printf '[products.pro_monthly]\nprice = "price_pro_monthly"\nmode = "subscription"\nentitlement = "pro"\n' \
-    >"$work/catalog.toml"
-  export STRIPE_PRICE_PRO_LIFETIME=price_pro CATALOG_FILE=$work/catalog.toml
+  start_stripe_fake
   export CHECKOUT_SUCCESS_URL=https://app.example/paid CHECKOUT_CANCEL_URL=https://app.example/pricing
   load_args=(--offers-db "$DATABASE_URL" --foreign-every "${FOREIGN_EVERY:-10}")
-  echo "== Stripe: the fake at ${STRIPE_LATENCY_MS:-150} ms, budget ${STRIPE_MAX_REQUESTS_PER_SECOND}/s, one background customer in ${FOREIGN_EVERY:-10} foreign"
 fi
 "$bin/ingress" >"$work/ingress.log" 2>&1 &
 PIDS+=($!)

@@ -16,6 +16,7 @@
 # lanes' rate: those wait for their reads, at the budget's rate, which it reports too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib/stripe_fake.sh
 N=${1:-50000}
 RUN=$$
 DB=bench_processor_$RUN
@@ -44,19 +45,8 @@ trap cleanup EXIT
 "$PROCESSOR_BIN" migrate >/dev/null
 fill_args=()
 if [ "$STRIPE" != off ]; then
-  cargo build --release -q -p system-tests --example stripe_fake
-  "$bin/examples/stripe_fake" --latency-ms "${STRIPE_LATENCY_MS:-150}" \
-    --unknown-session-price price_pro >"$work/stripe.out" 2>"$work/stripe.err" &
-  FAKE_PID=$!
-  for _ in $(seq 1 50); do grep -q STRIPE_SECRET_KEY "$work/stripe.out" && break; sleep 0.1; done
-  export $(grep -E '^STRIPE_(API_BASE|SECRET_KEY)=' "$work/stripe.out" | xargs)
-  export STRIPE_MAX_REQUESTS_PER_SECOND=${STRIPE_MAX_REQUESTS_PER_SECOND:-100}
-  # The registry the checkouts were sold from: pro at price_pro, pro_monthly at its price.
-  printf '[products.pro_monthly]\nprice = "price_pro_monthly"\nmode = "subscription"\nentitlement = "pro"\n' \
-    >"$work/catalog.toml"
-  export STRIPE_PRICE_PRO_LIFETIME=price_pro CATALOG_FILE=$work/catalog.toml
+  start_stripe_fake
   fill_args=(--offers-db "$DATABASE_URL" --foreign-every "${FOREIGN_EVERY:-10}")
-  echo "== Stripe: the fake at ${STRIPE_LATENCY_MS:-150} ms, budget ${STRIPE_MAX_REQUESTS_PER_SECOND}/s, one customer in ${FOREIGN_EVERY:-10} foreign"
 fi
 echo "== filling $BASE.q with $N mixed events"
 "$bin/examples/fill_queue" --base "$BASE" --count "$N" --run "$RUN" "${fill_args[@]}" | tee "$work/fill.out"

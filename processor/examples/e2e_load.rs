@@ -22,14 +22,15 @@
 //!  --webhook-secret whsec_… --jwt-secret … --run r1`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/mix_offers.rs"]
+mod mix_offers;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use processor::devtoken::{DevTokenArgs, token};
-use processor::domain::events::CheckoutMode;
-use processor::domain::offer::{CheckoutOffer, OfferedPrice};
 use secrecy::SecretString;
 use shared::samples::{self, Sample};
 use tokio::time::Instant;
@@ -110,7 +111,7 @@ async fn main() {
     let (bodies, customers) =
         background_bodies(&args.run, (args.rate * total.as_secs_f64()).ceil() as usize);
     if let Some(db) = &args.offers_db {
-        let recorded = record_offers(
+        let recorded = mix_offers::record(
             db,
             &format!("bg_{}", args.run),
             customers,
@@ -179,29 +180,6 @@ async fn main() {
     }
     let (elapsed, late) = background.await.unwrap();
     report(&args, &counts, elapsed, late, &results, errors, load_start);
-}
-
-/// Records the own checkout sessions of the background's `customers` as the API would.
-async fn record_offers(url: &str, run: &str, customers: usize, every: usize) -> usize {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the offers database");
-    tokio::spawn(connection);
-    let offers: Vec<CheckoutOffer> = (0..customers)
-        .filter_map(|k| samples::mix_offer(run, k, every))
-        .map(
-            |(session_id, user_id, product, mode, price)| CheckoutOffer {
-                session_id,
-                user_id,
-                product_key: product.to_owned(),
-                mode: CheckoutMode::from_stripe(mode).expect("a mode of the mix"),
-                price: OfferedPrice::Stripe(price.to_owned()),
-            },
-        )
-        .collect();
-    processor::store::offers::record_priced(&client, &offers)
-        .await
-        .expect("record the offers")
 }
 
 /// The background's bodies, customer after customer of the mix, `count` events in all, and the
@@ -318,6 +296,16 @@ async fn probe(
     }
 }
 
+/// A response's status, text and JSON body (when it is JSON).
+async fn answer(
+    response: reqwest::Response,
+) -> Result<(reqwest::StatusCode, String, Option<serde_json::Value>), String> {
+    let status = response.status();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    let body = serde_json::from_str(&text).ok();
+    Ok((status, text, body))
+}
+
 /// `POST /api/checkout/session` for `pro` as the user: the session's id.
 async fn open_checkout(
     client: &reqwest::Client,
@@ -334,9 +322,7 @@ async fn open_checkout(
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let text = response.text().await.map_err(|e| e.to_string())?;
-    let body: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+    let (status, text, body) = answer(response).await?;
     match body.as_ref().and_then(|b| b["sessionId"].as_str()) {
         Some(session) if status == reqwest::StatusCode::OK => Ok(session.to_owned()),
         _ => Err(format!("checkout answered {status}: {text}")),
@@ -351,9 +337,7 @@ async fn is_pro(client: &reqwest::Client, url: &str, bearer: &str) -> Result<boo
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let text = response.text().await.map_err(|e| e.to_string())?;
-    let body: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+    let (status, text, body) = answer(response).await?;
     match body {
         Some(body) if status == reqwest::StatusCode::OK => {
             Ok(body["isPro"] == serde_json::Value::Bool(true))

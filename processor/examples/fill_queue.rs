@@ -16,13 +16,14 @@
 //! `fill_queue --base bench.processor --count 50000 [--url amqp://…] [--offers-db postgres://…]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/mix_offers.rs"]
+mod mix_offers;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use lapin::BasicProperties;
-use processor::domain::events::CheckoutMode;
-use processor::domain::offer::{CheckoutOffer, OfferedPrice};
 use shared::amqp::Publisher;
 use shared::samples;
 use shared::topology::Topology;
@@ -46,29 +47,6 @@ struct Args {
     /// One customer in this many buys through a session created elsewhere (0: none).
     #[arg(long, default_value_t = 10)]
     foreign_every: usize,
-}
-
-/// Records the own checkout sessions of customers `0..customers` as the API would.
-async fn record_offers(url: &str, run: &str, customers: usize, every: usize) -> usize {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the offers database");
-    tokio::spawn(connection);
-    let offers: Vec<CheckoutOffer> = (0..customers)
-        .filter_map(|k| samples::mix_offer(run, k, every))
-        .map(
-            |(session_id, user_id, product, mode, price)| CheckoutOffer {
-                session_id,
-                user_id,
-                product_key: product.to_owned(),
-                mode: CheckoutMode::from_stripe(mode).expect("a mode of the mix"),
-                price: OfferedPrice::Stripe(price.to_owned()),
-            },
-        )
-        .collect();
-    processor::store::offers::record_priced(&client, &offers)
-        .await
-        .expect("record the offers")
 }
 
 #[tokio::main]
@@ -144,7 +122,7 @@ async fn main() {
     task.shutdown().await;
     println!("filled {count} events for {k} customers");
     if let Some(db) = offers_db {
-        let recorded = record_offers(&db, &run, k, foreign_every).await;
+        let recorded = mix_offers::record(&db, &run, k, foreign_every).await;
         let sessions = (0..k)
             .filter(|&k| samples::mix_scenario(k).contains(&"checkout.session.completed"))
             .count();
