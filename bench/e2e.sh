@@ -15,6 +15,11 @@
 #   records them, one customer in FOREIGN_EVERY (default 10) buys through a session created
 #   elsewhere. It reports the Stripe reads of the probes' sessions per probe purchase (0 is
 #   right). STRIPE=off measures without a key (the figures before this mode existed).
+#   PROBE=refund times a Pro user's refund (→ not Pro) instead of a purchase; OUTAGE_AT=N makes
+#   the fake answer 500 through the N-th rate of the list (and no longer after it), so
+#   `PROBE=refund OUTAGE_AT=2 bench/e2e.sh 60 300,300` compares refunds while Stripe fails for
+#   a minute with refunds just before; after each rate the script waits until every background
+#   checkout is granted and reports what is parked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/stripe_fake.sh
@@ -91,18 +96,38 @@ curl -sf "http://$API_ADDR/readyz" >/dev/null || { echo "api not ready"; tail -5
 
 echo "== paid → Pro: ${SECS}s of probes per rate (after a 2 s warm-up), ${PROBES_PER_SEC:-20} probes/s, background rates $RATES"
 echo "== processor: $PROCESSOR_BIN (PROCESSOR_PREFETCH=${PROCESSOR_PREFETCH:-64})"
+n=0
+checkouts=0
 for rate in ${RATES//,/ }; do
+  n=$((n + 1))
+  outage=
+  if [ "$n" = "${OUTAGE_AT:-0}" ] && [ -n "$FAKE_PID" ]; then
+    outage=1
+    kill -USR1 "$FAKE_PID"
+    echo "== Stripe answers 500 from now on"
+  fi
   echo "== background $rate webhooks/s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
   "$bin/examples/e2e_load" --rate "$rate" --seconds "$SECS" --probes-per-second "${PROBES_PER_SEC:-20}" \
     --ingress "http://$INGRESS_ADDR" --api "http://$API_ADDR" --webhook-secret "$WEBHOOK_SECRET" \
-    --jwt-secret "$JWT_SECRET" --run "${RUN}r$rate" "${load_args[@]}" | tee -a "$work/results.txt"
+    --jwt-secret "$JWT_SECRET" --run "${RUN}r${rate}n$n" --probe "${PROBE:-purchase}" "${load_args[@]}" \
+    2>"$work/load.err" | sed "s/^RESULT /RESULT${outage:+ stripe=500} /" | tee -a "$work/results.txt"
+  grep -v '^background_checkouts=' "$work/load.err" >&2 || true
+  checkouts=$((checkouts + $(sed -n 's/^background_checkouts=//p' "$work/load.err")))
+  if [ -n "$outage" ]; then
+    kill -USR2 "$FAKE_PID"
+    echo "== Stripe answers again"
+  fi
   for pid in "${PIDS[@]}"; do
     kill -0 "$pid" 2>/dev/null || { echo "a service died"; tail -20 "$work"/*.log; exit 1; }
   done
-  # The next rate starts on an empty queue; the time this takes is the backlog left behind.
+  # The next rate starts on an empty queue and every background checkout granted (those that
+  # waited for Stripe included); the time this takes is the backlog left behind.
   waited=0
-  while [ "$(depth q)" != 0 ] && [ $waited -lt 120 ]; do sleep 1; waited=$((waited + 1)); done
-  echo "backlog drained after ${waited}s; main queue: $(depth q), parked: $(depth dlq)"
+  granted() { psqlq -d "$DB" -c "select count(*) from purchases where checkout_session_id like 'cs\_bg\_%'"; }
+  while { [ "$(depth q)" != 0 ] || [ "$(granted)" -lt "$checkouts" ]; } && [ $waited -lt 180 ]; do
+    sleep 1; waited=$((waited + 1))
+  done
+  echo "backlog drained after ${waited}s; main queue: $(depth q), Stripe queue: $(depth stripe), parked: $(depth dlq); background checkouts granted: $(granted) of $checkouts"
 done
 echo "== summary (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 cat "$work/results.txt"

@@ -7,6 +7,8 @@
 //! or Ctrl-C, when it prints `stripe_requests=N`, `stripe_requests{path}=N` per path, and
 //! `stripe_line_item_reads_of_created_sessions=N` (reads of sessions it created itself).
 //!
+//! SIGUSR1 starts an outage (every answer 500, `Stripe-Should-Retry: true`), SIGUSR2 ends it.
+//!
 //! `stripe_fake [--latency-ms 150] [--unknown-session-price price_pro]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
-use system_tests::stripe_fake::FakeStripe;
+use system_tests::stripe_fake::{Fault, FakeStripe};
 
 #[tokio::main]
 async fn main() {
@@ -35,13 +37,32 @@ async fn main() {
             other => panic!("unknown argument {other}"),
         }
     }
-    let fake = FakeStripe::start().await;
+    let fake = std::sync::Arc::new(FakeStripe::start().await);
     fake.set_latency(Duration::from_millis(latency_ms));
     fake.sell_unknown_sessions_at(&price);
     println!("STRIPE_API_BASE={}", fake.base_url());
     println!("STRIPE_SECRET_KEY={}", fake.secret_key());
     std::io::stdout().flush().unwrap();
+    // SIGUSR1: an outage begins (every answer 500 `api_error`, `Stripe-Should-Retry: true`);
+    // SIGUSR2: it ends.
+    let outages = {
+        let fake = std::sync::Arc::clone(&fake);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (mut begin, mut end) = (
+                signal(SignalKind::user_defined1()).unwrap(),
+                signal(SignalKind::user_defined2()).unwrap(),
+            );
+            loop {
+                tokio::select! {
+                    _ = begin.recv() => fake.inject(Fault::ServerErrorShouldRetry, 1_000_000),
+                    _ = end.recv() => fake.clear_faults(),
+                }
+            }
+        })
+    };
     shared::shutdown_signal().await;
+    outages.abort();
     let requests = fake.requests();
     let mut by_path: BTreeMap<String, usize> = BTreeMap::new();
     for request in &requests {

@@ -79,6 +79,17 @@ struct Args {
     /// elsewhere, whose line items the worker reads from Stripe (0: none).
     #[arg(long, default_value_t = 10)]
     foreign_every: usize,
+    /// What a probe times: `purchase` (paid → Pro) or `refund` (a Pro user's refund → not Pro;
+    /// the purchase before it is a `payment_intent.succeeded`, untimed, which needs no Stripe
+    /// call, so refunds can be timed while Stripe fails).
+    #[arg(long, default_value = "purchase")]
+    probe: ProbeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProbeKind {
+    Purchase,
+    Refund,
 }
 
 /// What the background sender counts.
@@ -110,6 +121,11 @@ async fn main() {
     let total = Duration::from_secs(args.warmup + args.seconds);
     let (bodies, customers) =
         background_bodies(&args.run, (args.rate * total.as_secs_f64()).ceil() as usize);
+    let checkouts = bodies
+        .iter()
+        .filter(|b| b.contains(r#""type":"checkout.session.completed""#))
+        .count();
+    eprintln!("background_checkouts={checkouts}");
     if let Some(db) = &args.offers_db {
         let recorded = mix_offers::record(
             db,
@@ -251,18 +267,45 @@ async fn probe(
         created: unix_now(),
         subscription: false,
     };
-    let mut event = samples::event(
-        &format!("evt_{object}"),
-        "checkout.session.completed",
-        &sample,
-    );
-    if args.offers_db.is_some() {
-        // The checkout the app opens for its user (the API asks Stripe, and records the offer);
-        // Stripe's event then carries that session.
-        let session = open_checkout(client, &args.api, &bearer).await?;
-        event["data"]["object"]["id"] = serde_json::Value::String(session);
-    }
-    let body = event.to_string();
+    let (body, want_pro) = match args.probe {
+        ProbeKind::Purchase => {
+            let mut event = samples::event(
+                &format!("evt_{object}"),
+                "checkout.session.completed",
+                &sample,
+            );
+            if args.offers_db.is_some() {
+                // The checkout the app opens for its user (the API asks Stripe, and records the
+                // offer); Stripe's event then carries that session.
+                let session = open_checkout(client, &args.api, &bearer).await?;
+                event["data"]["object"]["id"] = serde_json::Value::String(session);
+            }
+            (event.to_string(), true)
+        }
+        ProbeKind::Refund => {
+            let paid = samples::event(
+                &format!("evt_{object}_paid"),
+                "payment_intent.succeeded",
+                &sample,
+            );
+            let status = post_signed(client, webhook_url, &args.webhook_secret, paid.to_string())
+                .await
+                .map_err(|e| e.to_string())?;
+            if status != reqwest::StatusCode::OK {
+                return Err(format!("purchase of {user} answered {status}"));
+            }
+            let deadline = Instant::now() + Duration::from_secs(args.timeout_seconds);
+            while !is_pro(client, entitlement_url, &bearer).await? {
+                if Instant::now() > deadline {
+                    return Err(format!("{user} not Pro before the refund"));
+                }
+                tokio::time::sleep(Duration::from_millis(args.poll_ms)).await;
+            }
+            let refund =
+                samples::event(&format!("evt_{object}_refund"), "charge.refunded", &sample);
+            (refund.to_string(), false)
+        }
+    };
 
     let sent = Instant::now();
     let post = tokio::spawn({
@@ -280,7 +323,7 @@ async fn probe(
     let deadline = sent + Duration::from_secs(args.timeout_seconds);
     let visible = loop {
         let asked = Instant::now();
-        if is_pro(client, entitlement_url, &bearer).await? {
+        if is_pro(client, entitlement_url, &bearer).await? == want_pro {
             break Some(sent.elapsed());
         }
         if Instant::now() > deadline {
@@ -371,11 +414,12 @@ fn report(
         percentiles(after_200),
     );
     println!(
-        "RESULT rate={} probes={} p50_ms={:.1} p90_ms={:.1} p99_ms={:.1} max_ms={:.1} \
+        "RESULT probe={:?} rate={} probes={} p50_ms={:.1} p90_ms={:.1} p99_ms={:.1} max_ms={:.1} \
          post_to_200_p50_ms={:.1} post_to_200_p99_ms={:.1} \
          after_200_to_visible_p50_ms={:.1} after_200_to_visible_p99_ms={:.1} \
          achieved_rate={:.0} accepted={accepted} refused={} failed={} timeouts={timeouts} \
          probe_errors={errors} send_lag_max_ms={:.1} load_start={load_start} load_end={}",
+        args.probe,
         args.rate,
         visible.len(),
         total[0],

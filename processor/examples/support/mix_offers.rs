@@ -7,7 +7,7 @@ use shared::samples;
 
 /// Records the own checkout sessions of customers `0..customers` of run `run`
 /// ([`samples::mix_offer`]) in the database at `url`; returns how many.
-pub async fn record(url: &str, run: &str, customers: usize, foreign_every: usize) -> usize {
+pub(crate) async fn record(url: &str, run: &str, customers: usize, foreign_every: usize) -> usize {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("connect to the offers database");
