@@ -120,14 +120,18 @@ for rate in ${RATES//,/ }; do
   for pid in "${PIDS[@]}"; do
     kill -0 "$pid" 2>/dev/null || { echo "a service died"; tail -20 "$work"/*.log; exit 1; }
   done
-  # The next rate starts on an empty queue and every background checkout granted (those that
+  # The next rate starts on an empty queue and every background checkout applied (those that
   # waited for Stripe included); the time this takes is the backlog left behind.
   waited=0
-  granted() { psqlq -d "$DB" -c "select count(*) from purchases where checkout_session_id like 'cs\_bg\_%'"; }
-  while { [ "$(depth q)" != 0 ] || [ "$(granted)" -lt "$checkouts" ]; } && [ $waited -lt 180 ]; do
+  granted() {
+    psqlq -d "$DB" -c "select count(*) from processed_events
+      where event_type = 'checkout.session.completed' and event_id like 'evt\_bg\_%'"
+  }
+  while { [ "$(depth q)" != 0 ] || [ "$(depth stripe)" != 0 ] || [ "$(granted)" -lt "$checkouts" ]; } &&
+    [ $waited -lt 180 ]; do
     sleep 1; waited=$((waited + 1))
   done
-  echo "backlog drained after ${waited}s; main queue: $(depth q), Stripe queue: $(depth stripe), parked: $(depth dlq); background checkouts granted: $(granted) of $checkouts"
+  echo "backlog drained after ${waited}s; main queue: $(depth q), Stripe queue: $(depth stripe), parked: $(depth dlq); background checkouts applied: $(granted) of $checkouts"
 done
 echo "== summary (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 cat "$work/results.txt"

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
-use system_tests::stripe_fake::{Fault, FakeStripe};
+use system_tests::stripe_fake::{FakeStripe, Fault};
 
 #[tokio::main]
 async fn main() {

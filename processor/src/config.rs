@@ -237,6 +237,11 @@ impl Config {
         redis::Client::open(redis_url.as_str())
             .map_err(|e| ConfigError::new("REDIS_URL", format!("not a Redis URL: {e}")))?;
 
+        // One Stripe budget for the account, in the Redis every process uses.
+        let stripe = StripeConfig::optional_from_env(env)?
+            .map(|stripe| stripe.with_shared_budget(&redis_url))
+            .transpose()?;
+
         let topology = Topology::from_env(env)?;
         if topology.retry_delays().is_empty() {
             return Err(ConfigError::new("RETRY_DELAYS", "needs at least one delay"));
@@ -258,7 +263,7 @@ impl Config {
                 &ServerLimits::with_request_timeout(DEFAULT_API_REQUEST_TIMEOUT),
             )?,
             metrics_addr: optional_addr(env, "PROCESSOR_METRICS_ADDR")?,
-            stripe: StripeConfig::optional_from_env(env)?,
+            stripe,
             catalog: Catalog::from_env(env)?,
             batch_size: usize::from(prefetch).min(64),
             // A set-based batch costs about the same few round trips at 8 events as at 64, so

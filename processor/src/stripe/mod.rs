@@ -127,6 +127,19 @@ impl StripeConfig {
         config.budget = budget::Budget::new(per_second);
         Ok(config)
     }
+
+    /// This configuration with its budget kept in the Redis at `redis_url`, one for the
+    /// account, shared by every process of the service ([`budget::Budget::shared_in`]).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] for `REDIS_URL` when it is not a Redis URL.
+    pub fn with_shared_budget(mut self, redis_url: &str) -> Result<Self, ConfigError> {
+        self.budget = self
+            .budget
+            .shared_in(redis_url, &self.secret_key)
+            .map_err(|e| ConfigError::new("REDIS_URL", format!("not a Redis URL: {e}")))?;
+        Ok(self)
+    }
 }
 
 fn parse_base(raw: &str) -> Result<String, String> {
