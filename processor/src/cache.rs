@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 use shared::ids::{StripeEventId, UserId};
 use tokio::sync::Mutex;
@@ -174,17 +174,12 @@ impl Cache {
         {
             return Err(CacheError::Unavailable);
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(REDIS_TIMEOUT)
-            .set_response_timeout(REDIS_TIMEOUT)
-            .set_number_of_retries(1);
-        let connected = tokio::time::timeout(
-            REDIS_TIMEOUT * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| CacheError::Timeout(REDIS_TIMEOUT * 2))
-        .and_then(|r| r.map_err(CacheError::from));
+        let connected = crate::redis_link::open(&self.client, REDIS_TIMEOUT)
+            .await
+            .map_err(|error| match error {
+                crate::redis_link::OpenError::Timeout(after) => CacheError::Timeout(after),
+                crate::redis_link::OpenError::Redis(error) => CacheError::from(error),
+            });
         match connected {
             Ok(manager) => {
                 slot.connected = Some(manager.clone());

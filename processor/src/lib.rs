@@ -16,6 +16,7 @@ pub mod domain;
 pub mod local_cache;
 pub mod outbox;
 pub mod reconcile;
+pub mod redis_link;
 pub mod registry;
 pub mod service;
 pub mod store;

@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -191,17 +191,8 @@ impl Shared {
             metrics::counter!("stripe_budget_fallbacks_total").increment(1);
             return None;
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(REDIS_TIMEOUT)
-            .set_response_timeout(REDIS_TIMEOUT)
-            .set_number_of_retries(1);
-        let connected = tokio::time::timeout(
-            REDIS_TIMEOUT * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await;
-        match connected {
-            Ok(Ok(connection)) => {
+        match crate::redis_link::open(&self.client, REDIS_TIMEOUT).await {
+            Ok(connection) => {
                 *slot = (Some(connection.clone()), None);
                 Some(connection)
             }
