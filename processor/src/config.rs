@@ -12,6 +12,7 @@
 //!
 //! Secrets are [`SecretString`]s and `Debug` never prints them or URL passwords.
 
+use crate::domain::scope::{Scope, StripeMode};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -64,6 +65,9 @@ pub struct Config {
     /// worker then completes nothing from Stripe, the API's Stripe routes answer 503 and
     /// `reconcile` refuses to run).
     pub stripe: Option<StripeConfig>,
+    /// `STRIPE_MODE` (or the key's prefix) and `STRIPE_ACCOUNTS`: the events that are this
+    /// service's ([`Scope`]).
+    pub scope: Scope,
     /// `STRIPE_PRICE_PRO_LIFETIME` and `CATALOG_FILE`: the configured products.
     pub catalog: Catalog,
 
@@ -241,6 +245,7 @@ impl Config {
         let stripe = StripeConfig::optional_from_env(env)?
             .map(|stripe| stripe.with_shared_budget(&redis_url))
             .transpose()?;
+        let scope = scope_from_env(env, stripe.as_ref())?;
 
         let topology = Topology::from_env(env)?;
         if topology.retry_delays().is_empty() {
@@ -264,6 +269,7 @@ impl Config {
             )?,
             metrics_addr: optional_addr(env, "PROCESSOR_METRICS_ADDR")?,
             stripe,
+            scope,
             catalog: Catalog::from_env(env)?,
             batch_size: usize::from(prefetch).min(64),
             // A set-based batch costs about the same few round trips at 8 events as at 64, so
@@ -286,6 +292,53 @@ impl Config {
             outbox: OutboxConfig::from_env(env)?,
         })
     }
+}
+
+/// The events this service takes: the mode of `STRIPE_SECRET_KEY`, or `STRIPE_MODE` (`live` or
+/// `test`) when there is no key (both must agree when both are set), and the Connect accounts
+/// of `STRIPE_ACCOUNTS` (comma-separated `acct_…`).
+fn scope_from_env(env: &Env, stripe: Option<&StripeConfig>) -> Result<Scope, ConfigError> {
+    use secrecy::ExposeSecret as _;
+    let keyed = stripe.and_then(|s| StripeMode::of_key(s.secret_key.expose_secret()));
+    let set = match opt(env, "STRIPE_MODE").filter(|raw| !raw.is_empty()) {
+        None => None,
+        Some(raw) => Some(StripeMode::parse(&raw).ok_or_else(|| {
+            ConfigError::new("STRIPE_MODE", format!("{raw:?} is neither live nor test"))
+        })?),
+    };
+    if let (Some(keyed), Some(set)) = (keyed, set)
+        && keyed != set
+    {
+        return Err(ConfigError::new(
+            "STRIPE_MODE",
+            format!(
+                "says {} but STRIPE_SECRET_KEY is a {} key",
+                set.as_str(),
+                keyed.as_str()
+            ),
+        ));
+    }
+    let mut accounts = Vec::new();
+    for raw in opt(env, "STRIPE_ACCOUNTS").unwrap_or_default().split(',') {
+        let account = raw.trim();
+        if account.is_empty() {
+            continue;
+        }
+        let valid = account.strip_prefix("acct_").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        if !valid {
+            return Err(ConfigError::new(
+                "STRIPE_ACCOUNTS",
+                format!("{account:?} is not a Stripe account id (acct_…)"),
+            ));
+        }
+        accounts.push(account.to_owned());
+    }
+    Ok(Scope {
+        mode: keyed.or(set),
+        accounts,
+    })
 }
 
 /// Batch lanes for a prefetch window: one per 64 deliveries, at least two (while the window
@@ -415,6 +468,33 @@ mod tests {
             Duration::from_secs(10)
         );
         assert_eq!(config.metrics_addr, None);
+    }
+
+    #[test]
+    fn the_mode_served_is_the_keys_or_stripe_mode_and_both_must_agree() {
+        let scope = |pairs: &[(&str, &str)]| {
+            Config::from_env(&Env::from_pairs(pairs.iter().copied())).map(|c| c.scope)
+        };
+        assert_eq!(
+            scope(&[]).unwrap(),
+            Scope::default(),
+            "both modes without either"
+        );
+        let live = scope(&[("STRIPE_SECRET_KEY", "sk_live_abc")]).unwrap();
+        assert_eq!(live.mode, Some(StripeMode::Live));
+        let test = scope(&[("STRIPE_MODE", "test")]).unwrap();
+        assert_eq!(test.mode, Some(StripeMode::Test));
+        let err = scope(&[
+            ("STRIPE_SECRET_KEY", "sk_live_abc"),
+            ("STRIPE_MODE", "test"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("STRIPE_MODE"), "{err}");
+        assert!(scope(&[("STRIPE_MODE", "prod")]).is_err());
+        let accounts = scope(&[("STRIPE_ACCOUNTS", "acct_1A, acct_2B")]).unwrap();
+        assert_eq!(accounts.accounts, ["acct_1A", "acct_2B"]);
+        let err = scope(&[("STRIPE_ACCOUNTS", "acct_1A,cus_2")]).unwrap_err();
+        assert!(err.to_string().contains("STRIPE_ACCOUNTS"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`access`]: what a stored entitlement means at a given time;
 //! - [`view`]: the read model (the cache's format) and the views built from it;
 //! - [`message`]: the types and fields of the app's messages;
-//! - [`offer`]: what a checkout this service created charges, known without Stripe.
+//! - [`offer`]: what a checkout this service created charges, known without Stripe;
+//! - [`scope`]: which events are this service's (its Stripe mode and accounts).
 
 pub mod access;
 pub mod events;
@@ -17,4 +18,5 @@ pub mod fold;
 pub mod message;
 pub mod offer;
 pub mod projection;
+pub mod scope;
 pub mod view;

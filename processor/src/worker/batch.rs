@@ -3,7 +3,8 @@
 //!
 //! The path is a sequence of plain steps over the batch's [`Item`]s, each acting only on the
 //! items still [`Step::Pending`] and deciding some of them ([`Item::decide`], the one way an
-//! outcome is set): parse (at dispatch) → skip in-batch duplicates → claim in Redis → complete
+//! outcome is set): parse (at dispatch) → skip in-batch duplicates → park what is not this
+//! service's (another Stripe mode or account) → claim in Redis → complete
 //! from the recorded offers → hand what needs Stripe to the Stripe queue → apply in Postgres →
 //! post-commit markers and cache → settle.
 //!
@@ -26,6 +27,7 @@ use super::short;
 use crate::cache::{Claim, ClaimToken};
 use crate::domain::events::{self, Event};
 use crate::domain::offer::{CheckoutOffer, LinkPrice};
+use crate::domain::scope::Refusal;
 use crate::domain::view::UserSnapshot;
 use crate::store::{self, Failure, Outcome};
 
@@ -167,6 +169,7 @@ impl Worker {
     pub(super) async fn process_batch(&self, mut items: Vec<Item>) -> bool {
         metrics::histogram!("worker_batch_size").record(items.len() as f64);
         mark_duplicates(&mut items);
+        self.refuse_out_of_scope(&mut items);
         let started = Instant::now();
         // Claimed before any request to Stripe, so a replay is recognised first; the recorded
         // offers are read meanwhile.
@@ -185,6 +188,28 @@ impl Worker {
         let (moved, finished) =
             futures_util::future::join(self.pass_on(handed), self.finish(rest, started)).await;
         moved && finished
+    }
+
+    /// Parks what is not this service's, before any other step: an event of the other Stripe
+    /// mode, or of a Connect account not served ([`crate::domain::scope`]). It changes nothing;
+    /// `events_out_of_scope_total{reason}` counts it and the dead-letter queue shows it.
+    fn refuse_out_of_scope(&self, items: &mut [Item]) {
+        let scope = &self.config.scope;
+        for item in items.iter_mut() {
+            let Some(refusal) = item.pending().and_then(|e| scope.refusal(&e.origin)) else {
+                continue;
+            };
+            metrics::counter!("events_out_of_scope_total", "reason" => refusal.as_str())
+                .increment(1);
+            let reason = match (refusal, scope.mode) {
+                (Refusal::Mode, Some(mode)) => format!(
+                    "an event of the other Stripe mode: this service serves {} mode",
+                    mode.as_str()
+                ),
+                _ => "an event of a Connect account not in STRIPE_ACCOUNTS".to_owned(),
+            };
+            item.decide(Outcome::Rejected(reason));
+        }
     }
 
     /// Releases the claims of the items moved to the Stripe queue (their completion claims them

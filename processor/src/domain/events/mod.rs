@@ -22,6 +22,17 @@ pub struct Event {
     /// Unix seconds; Stripe's only ordering signal (several events often share a second).
     pub created: i64,
     pub kind: EventKind,
+    /// Where the event comes from: its mode and Connect account.
+    pub origin: Origin,
+}
+
+/// The mode and account an event says it comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// `livemode`; `None` when the payload does not say.
+    pub livemode: Option<bool>,
+    /// The Connect `account`; `None` for the platform's own events.
+    pub account: Option<String>,
 }
 
 impl Event {
@@ -393,6 +404,10 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
         .get()
         .ok_or(EventError::MissingField("created"))?;
 
+    let origin = Origin {
+        livemode: envelope.livemode.get(),
+        account: envelope.account.text(),
+    };
     let kind = match event_type.as_str() {
         "checkout.session.completed" => {
             EventKind::CheckoutSessionCompleted(checkout_session(object(body)?)?)
@@ -433,6 +448,7 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
         event_type,
         created,
         kind,
+        origin,
     })
 }
 

@@ -77,6 +77,9 @@ pub(super) struct Envelope {
     #[serde(rename = "type")]
     pub event_type: Maybe<String>,
     pub created: Maybe<i64>,
+    pub livemode: Maybe<bool>,
+    /// The Connect account the event comes from (absent for the platform's own).
+    pub account: Maybe<String>,
 }
 
 /// `{"data": {"object": T}}`, the rest of the envelope skipped.
