@@ -136,8 +136,7 @@ done
 echo "== summary (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 cat "$work/results.txt"
 if [ -n "$FAKE_PID" ]; then
-  kill -TERM "$FAKE_PID"; wait "$FAKE_PID" 2>/dev/null || true; FAKE_PID=
-  grep '^stripe_' "$work/stripe.out" || true
+  stop_stripe_fake
   own=$(sed -n 's/^stripe_line_item_reads_of_created_sessions=//p' "$work/stripe.out")
   probes=$(psqlq -d "$DB" -c "select count(*) from purchases where user_id like 'p\_%' and status = 'completed'")
   echo "probe_purchases=$probes stripe_reads_per_probe_purchase=$(python3 -c "print(f'{${own:-0}/max(1,$probes):.3f}')")"

@@ -95,8 +95,7 @@ print(f"rss_mb first_quarter_max={max(s[:q] or s)} last_quarter_max={max(s[-q:] 
 PY
 echo "processor_peak_rss_mb=$((peak_kb / 1024))"
 if [ -n "${FAKE_PID:-}" ]; then
-  kill -TERM "$FAKE_PID"; wait "$FAKE_PID" 2>/dev/null || true; FAKE_PID=
-  grep '^stripe_requests' "$work/stripe.out" || true
+  stop_stripe_fake
   requests=$(sed -n 's/^stripe_requests=//p' "$work/stripe.out")
   purchases=$(psqlq -d "$DB" -c "select count(*) from purchases where checkout_session_id is not null")
   echo "stripe_requests_per_purchase=$(python3 -c "print(f'{${requests:-0}/max(1,$purchases):.3f}')") purchases_with_session=$purchases"

@@ -468,20 +468,7 @@ async fn recompute_re_derives_entitlements_after_a_mapping_change() {
     )
     .await;
     assert_eq!(status, 200);
-    let keys = |user: String| {
-        let api = &api;
-        async move {
-            api.cache.invalidate(&user).await;
-            let (_, list) = api.get("/api/entitlements", &user).await;
-            list["entitlements"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["key"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
-    assert_eq!(keys(buyer.clone()).await, ["content:a"]);
+    assert_eq!(entitlement_keys(&api, &buyer).await, ["content:a"]);
     let one = shared::ids::UserId::parse(&buyer).unwrap();
     assert_eq!(
         processor::store::recompute_stored(&api.pool, Some(&one))
@@ -489,12 +476,19 @@ async fn recompute_re_derives_entitlements_after_a_mapping_change() {
             .unwrap(),
         1
     );
-    assert_eq!(keys(buyer.clone()).await, ["content:a", "content:b"]);
+    assert_eq!(
+        entitlement_keys(&api, &buyer).await,
+        ["content:a", "content:b"]
+    );
     let everyone = processor::store::recompute_stored(&api.pool, None)
         .await
         .unwrap();
     assert_eq!(everyone, 2, "every user with a row");
-    assert_eq!(keys(bystander.clone()).await, ["pro"], "unchanged");
+    assert_eq!(
+        entitlement_keys(&api, &bystander).await,
+        ["pro"],
+        "unchanged"
+    );
 }
 
 /// `entitlements.active_entitlement_summary.updated` for `customer` listing the first ten of
@@ -604,6 +598,18 @@ async fn stripe_features_beyond_the_first_ten_are_read_in_full_and_granted_throu
     assert_eq!(access(&api, &user, "team").await, 200);
 }
 
+/// The keys `GET /api/entitlements` lists for `user`, read past the cache.
+async fn entitlement_keys(api: &Api, user: &str) -> Vec<String> {
+    api.cache.invalidate(user).await;
+    let (_, list) = api.get("/api/entitlements", user).await;
+    list["entitlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Applies `event` through the store and drops `user`'s cache entry (the worker would
 /// refresh it after its commit).
 async fn apply_event(api: &Api, user: &str, event: processor::domain::events::Event) {
@@ -643,22 +649,9 @@ async fn the_registry_kept_in_memory_follows_every_write_to_products() {
                 "metadata": { "user_id": user, "product_key": key } }),
         )
     };
-    let grants = |user: String| {
-        let api = &api;
-        async move {
-            api.cache.invalidate(&user).await;
-            let (_, list) = api.get("/api/entitlements", &user).await;
-            list["entitlements"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["key"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
     let first = unique("u");
     api.apply(&buy(&first)).await;
-    assert_eq!(grants(first.clone()).await, ["content:one"]);
+    assert_eq!(entitlement_keys(&api, &first).await, ["content:one"]);
 
     // Written by hand on another connection, not through the registry's code: the next batch
     // resolves against the new row, not the one it kept.
@@ -672,7 +665,7 @@ async fn the_registry_kept_in_memory_follows_every_write_to_products() {
         .unwrap();
     let second = unique("u");
     api.apply(&buy(&second)).await;
-    assert_eq!(grants(second).await, ["content:two"]);
+    assert_eq!(entitlement_keys(&api, &second).await, ["content:two"]);
 
     // And a product removed by hand grants nothing to the next buyer.
     client
@@ -681,5 +674,5 @@ async fn the_registry_kept_in_memory_follows_every_write_to_products() {
         .unwrap();
     let third = unique("u");
     api.apply(&buy(&third)).await;
-    assert!(grants(third).await.is_empty());
+    assert!(entitlement_keys(&api, &third).await.is_empty());
 }

@@ -83,14 +83,14 @@ pub async fn find(
     if session_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let statement = db
-        .prepare_typed(
+    // One round trip (typed, unprepared): this runs on every batch with a session.
+    let rows = db
+        .query_typed(
             "SELECT session_id, user_id, product_key, mode, price_id, amount_cents, currency
                FROM checkout_offers WHERE session_id = ANY($1)",
-            &[Type::TEXT_ARRAY],
+            &[(&session_ids, Type::TEXT_ARRAY)],
         )
         .await?;
-    let rows = db.query(&statement, &[&session_ids]).await?;
     rows.iter()
         .map(|row| {
             let mode = CheckoutMode::from_stripe(row.try_get("mode")?)
@@ -129,13 +129,12 @@ pub async fn find_link_prices(
     if links.is_empty() {
         return Ok(Vec::new());
     }
-    let statement = db
-        .prepare_typed(
+    let rows = db
+        .query_typed(
             "SELECT payment_link, price_id FROM payment_link_prices WHERE payment_link = ANY($1)",
-            &[Type::TEXT_ARRAY],
+            &[(&links, Type::TEXT_ARRAY)],
         )
         .await?;
-    let rows = db.query(&statement, &[&links]).await?;
     rows.iter()
         .map(|row| {
             Ok(LinkPrice {
