@@ -265,7 +265,7 @@ async fn admin_routes_validate_and_refuse_what_would_break_buyers() {
     let answer = api.checkout(&user, "free-item").await;
     assert_eq!(code(&answer), (422, Some("free_product")));
 
-    // A price live subscriptions are on cannot be taken away.
+    // A price another product is sold at cannot be given to a second one.
     let (status, _) = put_product(
         &api,
         "gold-monthly",
@@ -273,26 +273,208 @@ async fn admin_routes_validate_and_refuse_what_would_break_buyers() {
     )
     .await;
     assert_eq!(status, 201);
-    api.apply(&Sub::new(&user, "gold-monthly").event(
+    let answer = put_product(
+        &api,
+        "silver-monthly",
+        json!({ "priceId": "price_gold", "mode": "subscription", "grants": ["silver"] }),
+    )
+    .await;
+    assert_eq!(code(&answer), (409, Some("price_taken")));
+    let (status, list) = admin_send(&api, reqwest::Method::GET, "/v1/products?limit=2", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    assert!(list["nextAfter"].is_string());
+}
+
+/// A paid one-time session of `user` at `amount` `currency`, with `extra` fields merged in.
+fn session_paid(user: &str, amount: i64, currency: &str, created: i64, extra: Value) -> Value {
+    let o = unique("o");
+    let mut object = json!({ "id": format!("cs_{o}"), "object": "checkout.session",
+        "mode": "payment", "payment_status": "paid", "status": "complete",
+        "customer": format!("cus_{o}"), "payment_intent": format!("pi_{o}"),
+        "client_reference_id": user, "amount_total": amount, "currency": currency,
+        "metadata": {} });
+    for (field, value) in extra.as_object().unwrap() {
+        object[field] = value.clone();
+    }
+    envelope(
+        &unique("evt"),
+        "checkout.session.completed",
+        created,
+        object,
+    )
+}
+
+/// A paid Payment Link session of `user` at `price` (its line items expanded, as the worker reads
+/// them), without our metadata.
+fn link_paid(user: &str, price: &str, amount: i64, created: i64) -> Value {
+    let items = json!({ "object": "list", "has_more": false,
+        "data": [ { "object": "item", "quantity": 1, "price": { "id": price } } ] });
+    session_paid(user, amount, "usd", created, json!({ "line_items": items }))
+}
+
+/// A paid session of our checkout for the item `key` at `amount` `currency` (`price_data`).
+fn item_paid(user: &str, key: &str, amount: i64, currency: &str, created: i64) -> Value {
+    let metadata = json!({ "user_id": user, "product_key": key });
+    session_paid(
+        user,
+        amount,
+        currency,
+        created,
+        json!({ "metadata": metadata }),
+    )
+}
+
+async fn recompute_all(api: &Api) {
+    processor::store::recompute_stored(&api.pool, None)
+        .await
+        .unwrap();
+}
+
+/// `processor` start-up with `STRIPE_PRICE_PRO_LIFETIME=price` (and the tests' `team`).
+async fn configure_pro_price(
+    api: &Api,
+    price: &str,
+) -> Result<(), processor::registry::RegistryError> {
+    let file = "[products.team]\nprice = \"price_team\"\nmode = \"subscription\"\nentitlement = \"team\"\n";
+    let catalog =
+        processor::catalog::Catalog::from_sources(Some(price), Some(("catalog.toml", file)))
+            .unwrap();
+    processor::registry::sync_config(&api.pool, &catalog).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_sold_stays_sold_through_price_changes_retired_prices_and_new_amounts() {
+    let api = Api::start(None).await;
+    let now = chrono::Utc::now().timestamp();
+    let buyers: Vec<String> = (0..3).map(|_| unique("u")).collect();
+    for buyer in &buyers {
+        api.apply(&link_paid(buyer, "price_pro", 4900, now - DAY))
+            .await;
+        assert_eq!(access(&api, buyer, "pro").await, 200);
+    }
+
+    // The price is raised: STRIPE_PRICE_PRO_LIFETIME moves to a new price, as it must.
+    configure_pro_price(&api, "price_pro_raised").await.unwrap();
+    recompute_all(&api).await;
+    for buyer in &buyers {
+        api.cache.invalidate(buyer).await;
+        let (_, pro) = api.get("/api/pro/entitlement", buyer).await;
+        assert_eq!(
+            pro["isPro"], true,
+            "{buyer} paid what was asked at the time"
+        );
+    }
+    let (_, pro) = on_product(&api, reqwest::Method::GET, "pro").await;
+    assert_eq!(pro["priceId"], "price_pro_raised");
+    assert_eq!(pro["retiredPriceIds"], json!(["price_pro"]));
+    // An old Payment Link still sells at the old price; the new price sells too.
+    let (late, new) = (unique("u"), unique("u"));
+    api.apply(&link_paid(&late, "price_pro", 4900, now)).await;
+    api.apply(&link_paid(&new, "price_pro_raised", 9900, now))
+        .await;
+    for user in [&late, &new] {
+        assert_eq!(access(&api, user, "pro").await, 200, "{user}");
+    }
+    // Retired is not free: no other product, configured or registered, may take the price.
+    assert_eq!(
+        code(
+            &put_product(
+                &api,
+                "pro-copy",
+                json!({ "priceId": "price_pro", "grants": ["pro"] })
+            )
+            .await
+        ),
+        (409, Some("price_taken"))
+    );
+    let err = processor::registry::sync_config(
+        &api.pool,
+        &processor::catalog::Catalog::from_sources(
+            Some("price_pro_raised"),
+            Some((
+                "catalog.toml",
+                "[products.team]\nprice = \"price_pro\"\nmode = \"subscription\"\nentitlement = \"team\"\n",
+            )),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("price_pro"), "{err}");
+
+    // An item's amount, then its currency, change; its buyer keeps it.
+    let item = unique("item").replace('_', "-");
+    let key = format!("content:{item}");
+    let (status, _) = put_product(
+        &api,
+        &item,
+        json!({ "amountCents": 1500, "currency": "usd" }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (reader, slow, cheap) = (unique("u"), unique("u"), unique("u"));
+    api.apply(&item_paid(&reader, &item, 1500, "usd", now))
+        .await;
+    for change in [
+        json!({ "amountCents": 2000, "currency": "usd" }),
+        json!({ "amountCents": 1800, "currency": "eur" }),
+    ] {
+        let (status, body) = put_product(&api, &item, change).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    recompute_all(&api).await;
+    api.cache.invalidate(&reader).await;
+    assert_eq!(access(&api, &reader, &key).await, 200);
+    let (_, product) = on_product(&api, reqwest::Method::GET, &item).await;
+    assert_eq!(
+        product["retiredAmounts"],
+        json!([{ "amountCents": 1500, "currency": "usd" }, { "amountCents": 2000, "currency": "usd" }])
+    );
+    // A checkout opened at the old amount and paid after the change still grants; an amount
+    // the item was never sold at does not.
+    api.apply(&item_paid(&slow, &item, 1500, "usd", now + 1))
+        .await;
+    api.apply(&item_paid(&cheap, &item, 1000, "usd", now + 1))
+        .await;
+    assert_eq!(access(&api, &slow, &key).await, 200);
+    assert_eq!(access(&api, &cheap, &key).await, 403);
+
+    // A subscription plan's price changes: its subscribers stay on the old price and keep it.
+    let (status, _) = put_product(
+        &api,
+        "gold-monthly",
+        json!({ "priceId": "price_gold", "mode": "subscription", "grants": ["gold"] }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let subscriber = unique("u");
+    let sub = Sub::new(&subscriber, "gold-monthly");
+    api.apply(&sub.event(
         "customer.subscription.created",
         t0(),
         "active",
         "price_gold",
     ))
     .await;
-    let answer = put_product(
+    let (status, body) = put_product(
         &api,
         "gold-monthly",
         json!({ "priceId": "price_gold2", "mode": "subscription", "grants": ["gold"] }),
     )
     .await;
-    assert_eq!(code(&answer), (409, Some("price_in_use")));
-    let message = answer.1["message"].as_str().unwrap();
-    assert!(message.contains("price_gold"), "{message}");
-    let (status, list) = admin_send(&api, reqwest::Method::GET, "/v1/products?limit=2", None).await;
-    assert_eq!(status, 200);
-    assert_eq!(list["data"].as_array().unwrap().len(), 2);
-    assert!(list["nextAfter"].is_string());
+    assert_eq!(status, 200, "{body}");
+    recompute_all(&api).await;
+    // Its renewal on the old price, after the change.
+    api.apply(&sub.event(
+        "customer.subscription.updated",
+        t0() + DAY,
+        "active",
+        "price_gold",
+    ))
+    .await;
+    api.cache.invalidate(&subscriber).await;
+    assert_eq!(access(&api, &subscriber, "gold").await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

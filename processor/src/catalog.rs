@@ -240,6 +240,8 @@ fn build(
         platform_fee_bps: 0,
         organization_fee_bps: 0,
         status: ProductStatus::Published,
+        retired_price_ids: Vec::new(),
+        retired_amounts: Vec::new(),
     })
 }
 

@@ -7,10 +7,12 @@
 //!
 //! Invariants:
 //! - A product row is never deleted: unpublishing stops sales, and buyers keep what they bought.
-//! - A price is never taken away from a product while a subscription that has not ended is on
-//!   it (that subscriber would silently lose access): such a change is refused with
-//!   [`RegistryError::PriceInUse`] naming the price. After any other mapping change,
-//!   `processor recompute` re-derives entitlements through the same projection.
+//! - A product's prices and amounts have a history (`product_prices`, `product_amounts`, written
+//!   by a trigger on every write of `products`): a new price or amount sells from then on, and
+//!   every earlier one still resolves to the product, so no registry change takes access from
+//!   those who paid what was asked at the time. A price belongs to one product for good: giving
+//!   it to another is refused with [`RegistryError::PriceTaken`]. After a change of what a
+//!   product grants, `processor recompute` re-derives entitlements through the same projection.
 //! - Configured products belong to the configuration: the admin API cannot overwrite them.
 //! - Writes to one product serialize on a transaction-scoped advisory lock of its key.
 
@@ -54,18 +56,8 @@ pub enum RegistryError {
         "product {0:?} is defined by the configuration (STRIPE_PRICE_PRO_LIFETIME or CATALOG_FILE)"
     )]
     Configured(String),
-    /// The price would be taken away from a product while live subscriptions are on it.
-    #[error(
-        "price {price} of product {product:?} is still used by {subscriptions} active subscription(s); \
-         move them to another price before removing it"
-    )]
-    PriceInUse {
-        product: String,
-        price: String,
-        subscriptions: i64,
-    },
-    /// Another product is already sold at this price.
-    #[error("price {price} is already sold as product {other:?}")]
+    /// Another product is, or was ever, sold at this price.
+    #[error("price {price} is (or was) sold as product {other:?}; a price belongs to one product")]
     PriceTaken { price: String, other: String },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -231,6 +223,8 @@ impl ProductInput {
             platform_fee_bps,
             organization_fee_bps,
             status: self.status.unwrap_or(ProductStatus::Published),
+            retired_price_ids: Vec::new(),
+            retired_amounts: Vec::new(),
         })
     }
 }
@@ -267,9 +261,8 @@ pub async fn list(
 /// Registers or replaces an admin product. Returns the stored product and whether it was new.
 ///
 /// # Errors
-/// [`RegistryError::Configured`] for a configured key, [`RegistryError::PriceInUse`] when the
-/// change takes a live subscription's price away, [`RegistryError::PriceTaken`] when another
-/// product sells the price, [`RegistryError::Store`] on a database failure.
+/// [`RegistryError::Configured`] for a configured key, [`RegistryError::PriceTaken`] when
+/// another product is or was sold at the price, [`RegistryError::Store`] on a database failure.
 pub async fn put(pool: &Pool, product: &Product) -> Result<bool, RegistryError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -279,25 +272,7 @@ pub async fn put(pool: &Pool, product: &Product) -> Result<bool, RegistryError> 
     {
         return Err(RegistryError::Configured(product.key.clone()));
     }
-    if let Some(price) = &product.price_id {
-        let other: Option<String> = tx
-            .query_opt(
-                "SELECT key FROM products WHERE price_id = $1 AND key <> $2",
-                &[price, &product.key],
-            )
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
-        if let Some(other) = other {
-            return Err(RegistryError::PriceTaken {
-                price: price.clone(),
-                other,
-            });
-        }
-    }
-    if let Some((_, old)) = &before {
-        refuse_price_removal(&tx, old, product.price_id.as_deref()).await?;
-    }
+    refuse_taken_price(&tx, &product.key, product.price_id.as_deref()).await?;
     upsert(&tx, product, Origin::Admin).await?;
     tx.commit().await?;
     Ok(before.is_none())
@@ -332,9 +307,9 @@ pub async fn unpublish(pool: &Pool, key: &str) -> Result<Option<Product>, Regist
 /// `pro` always exists and loses only its price when `STRIPE_PRICE_PRO_LIFETIME` is unset.
 ///
 /// # Errors
-/// [`RegistryError::PriceInUse`] when the new configuration takes a price away from live
-/// subscriptions (start-up stops and names it), [`RegistryError::Configured`] when a catalog key
-/// is already registered through the admin API, [`RegistryError::Store`] otherwise.
+/// [`RegistryError::PriceTaken`] when the configuration gives a product a price another one is
+/// or was sold at (start-up stops and names it), [`RegistryError::Configured`] when a catalog
+/// key is already registered through the admin API, [`RegistryError::Store`] otherwise.
 pub async fn sync_config(pool: &Pool, catalog: &Catalog) -> Result<(), RegistryError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -359,28 +334,15 @@ pub async fn sync_config(pool: &Pool, catalog: &Catalog) -> Result<(), RegistryE
             platform_fee_bps: 0,
             organization_fee_bps: 0,
             status: ProductStatus::Published,
+            retired_price_ids: Vec::new(),
+            retired_amounts: Vec::new(),
         });
     }
     for product in &wanted {
-        let before = lock_and_get(&tx, &product.key).await?;
-        match &before {
-            Some((Origin::Admin, _)) => {
-                return Err(RegistryError::Configured(product.key.clone()));
-            }
-            Some((Origin::Config, old)) => {
-                refuse_price_removal(&tx, old, product.price_id.as_deref()).await?;
-            }
-            None => {}
+        if let Some((Origin::Admin, _)) = lock_and_get(&tx, &product.key).await? {
+            return Err(RegistryError::Configured(product.key.clone()));
         }
-        // A price moving from one configured product to another: free it first.
-        if let Some(price) = &product.price_id {
-            tx.execute(
-                "UPDATE products SET price_id = NULL WHERE price_id = $1 AND key <> $2
-                   AND origin = 'config'",
-                &[price, &product.key],
-            )
-            .await?;
-        }
+        refuse_taken_price(&tx, &product.key, product.price_id.as_deref()).await?;
         upsert(&tx, product, Origin::Config).await?;
     }
     let keys: Vec<&str> = wanted.iter().map(|p| p.key.as_str()).collect();
@@ -413,31 +375,31 @@ async fn lock_and_get(
     Ok(Some((origin, product_from_row(&row)?)))
 }
 
-/// Refuses a change that takes `old`'s price away while subscriptions that have not ended are
-/// on it.
-async fn refuse_price_removal(
+/// Refuses `price` for `key` when another product is or was ever sold at it (a price belongs to
+/// one product for good, so its earlier buyers keep resolving to it).
+async fn refuse_taken_price(
     tx: &tokio_postgres::Transaction<'_>,
-    old: &Product,
-    new_price: Option<&str>,
+    key: &str,
+    price: Option<&str>,
 ) -> Result<(), RegistryError> {
-    let Some(price) = old.price_id.as_deref().filter(|p| Some(*p) != new_price) else {
+    let Some(price) = price else {
         return Ok(());
     };
-    let live: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM subscriptions WHERE price_id = $1 AND terminal_status IS NULL",
-            &[&price],
+    let other: Option<String> = tx
+        .query_opt(
+            "SELECT product_key FROM product_prices WHERE price_id = $1 AND product_key <> $2",
+            &[&price, &key],
         )
         .await?
-        .try_get(0)?;
-    if live > 0 {
-        return Err(RegistryError::PriceInUse {
-            product: old.key.clone(),
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    match other {
+        Some(other) => Err(RegistryError::PriceTaken {
             price: price.to_owned(),
-            subscriptions: live,
-        });
+            other,
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 async fn upsert(

@@ -158,7 +158,7 @@ pub fn document() -> Value {
                         "200": ok("Product"), "201": ok("Product"),
                         "401": error("Missing or wrong admin token"),
                         "404": error("Admin API not enabled"),
-                        "409": error("configured_product, price_in_use or price_taken"),
+                        "409": error("configured_product or price_taken"),
                         "422": error("validation_failed (with `field`)"),
                     },
                 },
@@ -245,7 +245,13 @@ fn schemas() -> Value {
             "mode": {"type": "string", "enum": ["payment", "subscription"]},
             "grants": {"type": "array", "items": {"type": "string"}}, "creatorId": nullable_str,
             "platformFeeBps": {"type": "integer"}, "organizationFeeBps": {"type": "integer"},
-            "status": {"type": "string", "enum": ["published", "unpublished"]}}},
+            "status": {"type": "string", "enum": ["published", "unpublished"]},
+            "retiredPriceIds": {"type": "array", "items": {"type": "string"},
+                "description": "Prices it was sold at before priceId; they still resolve to it"},
+            "retiredAmounts": {"type": "array", "items": {"type": "object",
+                "required": ["amountCents", "currency"], "properties": {
+                    "amountCents": {"type": "integer"}, "currency": {"type": "string"}}},
+                "description": "Amounts it was sold at before amountCents; they still resolve to it"}}},
         "ProductList": {"type": "object", "required": ["data", "nextAfter"], "properties": {
             "data": {"type": "array", "items": {"$ref": "#/components/schemas/Product"}},
             "nextAfter": nullable_str}},

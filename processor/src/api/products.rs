@@ -29,10 +29,6 @@ impl From<RegistryError> for ApiError {
                 code: "configured_product",
                 message: e.to_string(),
             },
-            RegistryError::PriceInUse { .. } => Self::Conflict {
-                code: "price_in_use",
-                message: e.to_string(),
-            },
             RegistryError::PriceTaken { .. } => Self::Conflict {
                 code: "price_taken",
                 message: e.to_string(),

@@ -49,7 +49,8 @@ use crate::domain::events::CheckoutMode;
 use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::projection::{
     DisputeState, EntitlementSource, EntitlementStatus, FeatureClaim, FeatureFacts, GrantSource,
-    PriceClaim, Product, ProductStatus, PurchaseFacts, RefundFact, StatusClaim, SubscriptionFacts,
+    PriceClaim, Product, ProductStatus, PurchaseFacts, RefundFact, SoldAmount, StatusClaim,
+    SubscriptionFacts,
 };
 use crate::domain::view::{EntitlementView, UserSnapshot};
 use chrono::{DateTime, Utc};
@@ -227,8 +228,21 @@ fn feature_from_row(row: &Row) -> Result<FeatureFacts, StoreError> {
 }
 
 /// The `products` columns [`product_from_row`] reads.
+/// The retired prices and amounts are those of its history (`product_prices`, `product_amounts`)
+/// other than the current ones.
 pub const PRODUCT_COLUMNS: &str = "key, title, price_id, amount_cents, currency, mode, \
-     grants, feature_lookup_key, creator_id, platform_fee_bps, organization_fee_bps, status";
+     grants, feature_lookup_key, creator_id, platform_fee_bps, organization_fee_bps, status, \
+     ARRAY(SELECT h.price_id FROM product_prices h WHERE h.product_key = products.key \
+            AND h.price_id IS DISTINCT FROM products.price_id ORDER BY h.price_id) \
+       AS retired_price_ids, \
+     ARRAY(SELECT a.amount_cents FROM product_amounts a WHERE a.product_key = products.key \
+            AND (a.amount_cents, a.currency) IS DISTINCT FROM \
+                (products.amount_cents, products.currency) \
+            ORDER BY a.amount_cents, a.currency) AS retired_amounts_cents, \
+     ARRAY(SELECT a.currency FROM product_amounts a WHERE a.product_key = products.key \
+            AND (a.amount_cents, a.currency) IS DISTINCT FROM \
+                (products.amount_cents, products.currency) \
+            ORDER BY a.amount_cents, a.currency) AS retired_amounts_currency";
 
 /// A `products` row (selected with [`PRODUCT_COLUMNS`]).
 ///
@@ -252,6 +266,16 @@ pub fn product_from_row(row: &Row) -> Result<Product, StoreError> {
         platform_fee_bps: i64::from(row.try_get::<_, i32>("platform_fee_bps")?),
         organization_fee_bps: i64::from(row.try_get::<_, i32>("organization_fee_bps")?),
         status,
+        retired_price_ids: row.try_get("retired_price_ids")?,
+        retired_amounts: row
+            .try_get::<_, Vec<i64>>("retired_amounts_cents")?
+            .into_iter()
+            .zip(row.try_get::<_, Vec<String>>("retired_amounts_currency")?)
+            .map(|(amount_cents, currency)| SoldAmount {
+                amount_cents,
+                currency,
+            })
+            .collect(),
     })
 }
 

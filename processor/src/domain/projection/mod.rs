@@ -20,7 +20,9 @@ pub use entitlement::{
 };
 pub use feature::{FeatureClaim, FeatureFacts};
 pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact};
-pub use registry::{BPS_WHOLE, Product, ProductStatus, Registry, is_price_id, is_product_key};
+pub use registry::{
+    BPS_WHOLE, Product, ProductStatus, Registry, SoldAmount, is_price_id, is_product_key,
+};
 pub use subscription::{PriceClaim, StatusClaim, SubscriptionFacts};
 
 use crate::domain::events::{

@@ -9,6 +9,10 @@
 //!   when the product is sold by amount (`price_data`), the amount and currency must be its own.
 //!   A row nothing resolves (a Payment Link's `client_reference_id` alone, a price outside the
 //!   registry, a $1 "Pro") grants nothing.
+//! - A product's prices have a history: it sells at its current price (or amount), and every
+//!   price and amount it was sold at before still resolves to it ([`Product::retired_price_ids`],
+//!   [`Product::retired_amounts`]), so a price change never takes access from earlier buyers. A
+//!   price belongs to one product for good (the database refuses to reuse it).
 //! - A subscription's newest price decides its product (a plan change in the billing portal
 //!   changes the price, not the metadata); the metadata key is only a fallback while no event
 //!   has reported a price.
@@ -97,6 +101,20 @@ pub struct Product {
     pub platform_fee_bps: i64,
     pub organization_fee_bps: i64,
     pub status: ProductStatus,
+    /// Stripe prices it was sold at before `price_id`: they sell no more and still resolve to it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retired_price_ids: Vec<String>,
+    /// Amounts it was sold at (through `price_data`) before `amount_cents`: the same.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retired_amounts: Vec<SoldAmount>,
+}
+
+/// An amount a product was sold at, with its lower-case ISO currency.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SoldAmount {
+    pub amount_cents: i64,
+    pub currency: String,
 }
 
 impl Product {
@@ -118,16 +136,29 @@ impl Product {
         }
     }
 
-    /// True when the product is sold by amount and `amount`/`currency` are its own.
+    /// Every amount the product is or was sold at, current first.
+    fn amounts(&self) -> impl Iterator<Item = (i64, &str)> {
+        let current = self.amount_cents.zip(self.currency.as_deref());
+        current.into_iter().chain(
+            self.retired_amounts
+                .iter()
+                .map(|a| (a.amount_cents, a.currency.as_str())),
+        )
+    }
+
+    /// True when the product is or was sold by amount.
+    fn sold_by_amount(&self) -> bool {
+        self.amounts().next().is_some()
+    }
+
+    /// True when `amount`/`currency` is one the product is or was sold at, or when it was only
+    /// ever sold at Stripe prices (the metadata our checkout set names it).
     fn amount_matches(&self, amount: Option<i64>, currency: Option<&str>) -> bool {
-        match (self.amount_cents, self.currency.as_deref()) {
-            (Some(expected), Some(expected_currency)) => {
+        !self.sold_by_amount()
+            || self.amounts().any(|(expected, expected_currency)| {
                 amount == Some(expected)
                     && currency.is_some_and(|c| c.eq_ignore_ascii_case(expected_currency))
-            }
-            // Sold at a Stripe price only: the metadata our checkout set names it.
-            _ => true,
-        }
+            })
     }
 }
 
@@ -141,20 +172,31 @@ pub struct Registry {
 
 impl Registry {
     /// A registry of `products` (a later product with the same key or price replaces an
-    /// earlier one; the database keeps both unique).
+    /// earlier one, and a current price wins over a retired one; the database keeps prices to
+    /// one product).
     #[must_use]
     pub fn new(products: impl IntoIterator<Item = Product>) -> Self {
         let mut registry = Self::default();
+        let mut retired = Vec::new();
         for product in products {
             if let Some(price) = &product.price_id {
                 registry.by_price.insert(price.clone(), product.key.clone());
             }
+            retired.extend(
+                product
+                    .retired_price_ids
+                    .iter()
+                    .map(|price| (price.clone(), product.key.clone())),
+            );
             if let Some(feature) = &product.feature_lookup_key {
                 registry
                     .by_feature
                     .insert(feature.clone(), product.key.clone());
             }
             registry.products.insert(product.key.clone(), product);
+        }
+        for (price, key) in retired {
+            registry.by_price.entry(price).or_insert(key);
         }
         registry
     }
@@ -165,7 +207,7 @@ impl Registry {
         self.products.get(key)
     }
 
-    /// The product sold at this Stripe price.
+    /// The product sold at this Stripe price, now or before.
     #[must_use]
     pub fn by_price(&self, price_id: &str) -> Option<&Product> {
         self.products.get(self.by_price.get(price_id)?)
@@ -192,11 +234,10 @@ impl Registry {
                     .is_none_or(|k| *k == product.key)
                     .then_some(product),
                 // An ad-hoc price (what Checkout `price_data` creates): only an item sold by
-                // amount, named by our metadata, at its own amount and currency.
+                // amount, named by our metadata, at an amount and currency it was sold at.
                 None => {
                     let product = self.get(key.as_ref()?)?;
-                    (product.price_id.is_none()
-                        && product.amount_cents.is_some()
+                    (product.sold_by_amount()
                         && product.amount_matches(p.amount_cents, p.currency.as_deref()))
                     .then_some(product)
                 }
@@ -251,6 +292,8 @@ mod tests {
             platform_fee_bps: 0,
             organization_fee_bps: 0,
             status: ProductStatus::Published,
+            retired_price_ids: Vec::new(),
+            retired_amounts: Vec::new(),
         }
     }
 
@@ -296,6 +339,46 @@ mod tests {
         eur.currency = Some("eur".into());
         assert_eq!(key(&eur), None);
         assert_eq!(key(&paid(Some("gold"), None, 100)), None);
+    }
+
+    #[test]
+    fn every_price_and_amount_a_product_was_sold_at_still_resolves_to_it() {
+        let mut pro = product("pro", Some("price_b"), None);
+        pro.retired_price_ids = vec!["price_a".into()];
+        let mut video = product("video", None, Some(2000));
+        video.retired_amounts = vec![SoldAmount {
+            amount_cents: 1500,
+            currency: "usd".into(),
+        }];
+        // A retired price some other product claims now: the current one wins.
+        let mut other = product("other", Some("price_c"), None);
+        other.retired_price_ids = vec!["price_b".into()];
+        let registry = Registry::new([pro, video, other]);
+        let key = |p: &PurchaseFacts| registry.purchase_product(p).map(|p| p.key.as_str());
+        assert_eq!(key(&paid(None, Some("price_a"), 4900)), Some("pro"));
+        assert_eq!(key(&paid(None, Some("price_b"), 9900)), Some("pro"));
+        assert_eq!(key(&paid(Some("video"), None, 1500)), Some("video"));
+        assert_eq!(key(&paid(Some("video"), None, 2000)), Some("video"));
+        assert_eq!(
+            key(&paid(Some("video"), Some("price_adhoc"), 1500)),
+            Some("video")
+        );
+        assert_eq!(key(&paid(Some("video"), None, 1000)), None);
+        let mut eur = paid(Some("video"), None, 1500);
+        eur.currency = Some("eur".into());
+        assert_eq!(key(&eur), None);
+        let sub = SubscriptionFacts {
+            price: Some(super::super::PriceClaim {
+                at: 1,
+                price_id: "price_a".into(),
+                quantity: None,
+            }),
+            ..SubscriptionFacts::new("sub_1".into())
+        };
+        assert_eq!(
+            registry.subscription_product(&sub).map(|p| p.key.as_str()),
+            Some("pro")
+        );
     }
 
     #[test]

@@ -85,6 +85,8 @@ fn registry() -> Registry {
         platform_fee_bps: 0,
         organization_fee_bps: 0,
         status: ProductStatus::Published,
+        retired_price_ids: Vec::new(),
+        retired_amounts: Vec::new(),
     };
     Registry::new([
         product("pro", Some("price_pro"), None, &["pro"]),
