@@ -424,7 +424,7 @@ mod tests {
         let events = parse_all(ObjectKind::Dispute, &dispute);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].event_type, "charge.dispute.created");
-        let EventKind::ChargeDisputeCreated(parsed) = &events[0].kind else {
+        let EventKind::ChargeDispute(parsed) = &events[0].kind else {
             panic!("{:?}", events[0].kind);
         };
         assert_eq!(parsed.charge.as_deref(), Some("ch_1"));

@@ -5,8 +5,12 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::Type;
 
 use super::{Param, StoreError, opt_timestamp};
+use crate::domain::events::DisputeStatus;
 use crate::domain::events::SubscriptionStatus;
-use crate::domain::projection::{PurchaseFacts, Registry, SubscriptionFacts};
+use crate::domain::projection::{
+    DisputeClaim, DisputeFacts, PurchaseFacts, Registry, SubscriptionFacts,
+};
+use std::collections::BTreeMap;
 
 /// The purchase columns of the rows to write, one array per column.
 #[derive(Default)]
@@ -30,6 +34,7 @@ pub(super) struct PurchaseColumns {
     pub(super) fully_refunded: Vec<bool>,
     pub(super) dispute: Vec<&'static str>,
     pub(super) dispute_id: Vec<Option<String>>,
+    pub(super) disputes: Vec<serde_json::Value>,
     pub(super) purchased_at: Vec<Option<DateTime<Utc>>>,
     pub(super) refunded_at: Vec<Option<DateTime<Utc>>>,
     pub(super) refund_reason: Vec<Option<String>>,
@@ -65,8 +70,10 @@ impl PurchaseColumns {
         self.paid.push(f.paid);
         self.failed.push(f.failed);
         self.fully_refunded.push(f.fully_refunded);
-        self.dispute.push(f.dispute.as_str());
-        self.dispute_id.push(f.dispute_id.clone());
+        self.dispute.push(f.dispute().as_str());
+        self.dispute_id
+            .push(f.latest_dispute_id().map(str::to_owned));
+        self.disputes.push(disputes_column(&f.disputes));
         self.purchased_at.push(opt_timestamp(f.paid_at)?);
         self.refunded_at.push(opt_timestamp(f.refunded_at)?);
         self.refund_reason
@@ -78,7 +85,7 @@ impl PurchaseColumns {
         Ok(())
     }
 
-    /// The 23 data columns ($1…$23), for both the insert and the update.
+    /// The 24 data columns ($1…$24), for both the insert and the update.
     pub(super) fn params(&self) -> Vec<Param<'_>> {
         vec![
             (&self.user_id, Type::TEXT_ARRAY),
@@ -104,15 +111,16 @@ impl PurchaseColumns {
             (&self.refund_amount, Type::INT8_ARRAY),
             (&self.refund_id, Type::TEXT_ARRAY),
             (&self.price_id, Type::TEXT_ARRAY),
+            (&self.disputes, Type::JSONB_ARRAY),
         ]
     }
 }
 
-/// `unnest` of the 23 purchase data columns (`$1…$23`) as `u(...)`, with the row id as `$24`
+/// `unnest` of the 24 purchase data columns (`$1…$24`) as `u(...)`, with the row id as `$25`
 /// when `with_id`.
 pub(super) fn purchase_unnest(with_id: bool) -> String {
     let (id_param, id_column) = if with_id {
-        (", $24::int8[]", ", id")
+        (", $25::int8[]", ", id")
     } else {
         ("", "")
     };
@@ -121,12 +129,12 @@ pub(super) fn purchase_unnest(with_id: bool) -> String {
          $7::int8[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
          $13::bool[], $14::bool[], $15::bool[], $16::text[], $17::text[], \
          $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[], \
-         $23::text[]{id_param}) \
+         $23::text[], $24::jsonb[]{id_param}) \
          AS u(user_id, customer_id, product_key, checkout_session_id, payment_intent_id, \
          charge_id, amount_paid_cents, currency, platform_fee_cents, organization_fee_cents, \
          creator_payout_cents, status, paid, payment_failed, fully_refunded, dispute_status, \
          dispute_id, purchased_at, refunded_at, refund_reason, refund_amount_cents, \
-         stripe_refund_id, price_id{id_column})"
+         stripe_refund_id, price_id, disputes{id_column})"
     )
 }
 
@@ -171,4 +179,50 @@ impl SubscriptionColumns {
         self.ended_at.push(opt_timestamp(s.ended_at)?);
         Ok(())
     }
+}
+
+/// `purchases.disputes`: `{"<dispute id>": {"status", "at", "known", "knownAt"}}`.
+pub(super) fn disputes_column(disputes: &BTreeMap<String, DisputeFacts>) -> serde_json::Value {
+    disputes
+        .iter()
+        .map(|(id, d)| {
+            let mut o =
+                serde_json::json!({ "status": d.latest.status.as_str(), "at": d.latest.at });
+            if let Some(known) = &d.known {
+                o["known"] = known.status.as_str().into();
+                o["knownAt"] = known.at.into();
+            }
+            (id.clone(), o)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Reads `purchases.disputes` back.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when the value is not what [`disputes_column`] writes.
+pub(super) fn disputes_from_column(
+    value: &serde_json::Value,
+) -> Result<BTreeMap<String, DisputeFacts>, StoreError> {
+    let corrupt = || StoreError::Corrupt { column: "disputes" };
+    let claim = |status: Option<&serde_json::Value>, at: Option<&serde_json::Value>| {
+        Some(DisputeClaim {
+            status: DisputeStatus::from_stripe(status?.as_str()?),
+            at: at?.as_i64()?,
+        })
+    };
+    value
+        .as_object()
+        .ok_or_else(corrupt)?
+        .iter()
+        .map(|(id, d)| {
+            let latest = claim(d.get("status"), d.get("at")).ok_or_else(corrupt)?;
+            let known = match d.get("known") {
+                None => None,
+                Some(_) => Some(claim(d.get("known"), d.get("knownAt")).ok_or_else(corrupt)?),
+            };
+            Ok((id.clone(), DisputeFacts { latest, known }))
+        })
+        .collect()
 }

@@ -521,7 +521,8 @@ async fn write_state(
              dispute_status = u.dispute_status, dispute_id = u.dispute_id,
              purchased_at = u.purchased_at, refunded_at = u.refunded_at,
              refund_reason = u.refund_reason, refund_amount_cents = u.refund_amount_cents,
-             stripe_refund_id = u.stripe_refund_id, price_id = u.price_id, updated_at = now()
+             stripe_refund_id = u.stripe_refund_id, price_id = u.price_id,
+             disputes = u.disputes, updated_at = now()
            FROM {}
           WHERE p.id = u.id",
         purchase_unnest(true)
@@ -531,7 +532,7 @@ async fn write_state(
              payment_intent_id, charge_id, amount_paid_cents, currency, platform_fee_cents,
              organization_fee_cents, creator_payout_cents, status, paid, payment_failed,
              fully_refunded, dispute_status, dispute_id, purchased_at, refunded_at,
-             refund_reason, refund_amount_cents, stripe_refund_id, price_id)
+             refund_reason, refund_amount_cents, stripe_refund_id, price_id, disputes)
          SELECT * FROM {}",
         purchase_unnest(false)
     );

@@ -48,9 +48,8 @@ mod registry;
 use crate::domain::events::CheckoutMode;
 use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::projection::{
-    DisputeState, EntitlementSource, EntitlementStatus, FeatureClaim, FeatureFacts, GrantSource,
-    PriceClaim, Product, ProductStatus, PurchaseFacts, RefundFact, SoldAmount, StatusClaim,
-    SubscriptionFacts,
+    EntitlementSource, EntitlementStatus, FeatureClaim, FeatureFacts, GrantSource, PriceClaim,
+    Product, ProductStatus, PurchaseFacts, RefundFact, SoldAmount, StatusClaim, SubscriptionFacts,
 };
 use crate::domain::view::{EntitlementView, UserSnapshot};
 use chrono::{DateTime, Utc};
@@ -191,7 +190,7 @@ const LOCK_CLASS: i32 = 0x454e_5431;
 pub const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
      checkout_session_id, payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
      payment_failed, refund_amount_cents, stripe_refund_id, refund_reason, fully_refunded, \
-     refunded_at, dispute_status, dispute_id";
+     refunded_at, disputes";
 
 /// The `subscriptions` columns [`subscription_facts`] reads.
 pub const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
@@ -683,7 +682,7 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
             refund_id,
             reason,
         });
-    let dispute: String = row.try_get("dispute_status")?;
+    let disputes: serde_json::Value = row.try_get("disputes")?;
     Ok((
         row.try_get("id")?,
         PurchaseFacts {
@@ -702,10 +701,7 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
             refund,
             fully_refunded: row.try_get("fully_refunded")?,
             refunded_at: secs(row.try_get("refunded_at")?),
-            dispute: DisputeState::from_column(&dispute).ok_or(StoreError::Corrupt {
-                column: "dispute_status",
-            })?,
-            dispute_id: row.try_get("dispute_id")?,
+            disputes: columns::disputes_from_column(&disputes)?,
         },
     ))
 }

@@ -25,7 +25,7 @@ use shared::topology::headers;
 use super::Worker;
 use super::short;
 use crate::cache::{Claim, ClaimToken};
-use crate::domain::events::{self, Event};
+use crate::domain::events::{self, DisputeStatus, Event, EventKind};
 use crate::domain::offer::{CheckoutOffer, LinkPrice};
 use crate::domain::scope::Refusal;
 use crate::domain::view::UserSnapshot;
@@ -170,6 +170,7 @@ impl Worker {
         metrics::histogram!("worker_batch_size").record(items.len() as f64);
         mark_duplicates(&mut items);
         self.refuse_out_of_scope(&mut items);
+        note_unknown_dispute_statuses(&items);
         let started = Instant::now();
         // Claimed before any request to Stripe, so a replay is recognised first; the recorded
         // offers are read meanwhile.
@@ -559,5 +560,20 @@ impl Paused {
 impl Drop for Paused {
     fn drop(&mut self) {
         metrics::gauge!("worker_paused", "reason" => self.0).decrement(1.0);
+    }
+}
+
+/// A dispute status this code does not know is applied as a record only (the dispute keeps the
+/// effect of its last known status); it is logged and counted in
+/// `dispute_status_unknown_total`, which the `DisputeStatusUnknown` alert watches.
+fn note_unknown_dispute_statuses(items: &[Item]) {
+    for event in items.iter().filter_map(Item::pending) {
+        if let EventKind::ChargeDispute(dispute) = &event.kind
+            && let DisputeStatus::Unknown(status) = &dispute.status
+        {
+            tracing::warn!(event_id = %event.id, dispute_id = %dispute.id, status = %status,
+                "a dispute status this service does not know: recorded, access unchanged");
+            metrics::counter!("dispute_status_unknown_total").increment(1);
+        }
     }
 }

@@ -75,11 +75,18 @@ pub fn refund(id: &str, created: i64, refunded: i64) -> Value {
 /// intent.
 #[must_use]
 pub fn dispute(id: &str, event_type: &str, created: i64, status: &str) -> Value {
+    dispute_on(id, event_type, created, "dp_1", status)
+}
+
+/// An event of dispute `dispute` of the purchase's charge (a later chargeback on the same charge
+/// is a new dispute).
+#[must_use]
+pub fn dispute_on(id: &str, event_type: &str, created: i64, dispute: &str, status: &str) -> Value {
     event(
         id,
         event_type,
         created,
-        json!({ "id": "dp_1", "object": "dispute", "charge": "ch_1",
+        json!({ "id": dispute, "object": "dispute", "charge": "ch_1",
             "payment_intent": "pi_1", "amount": 4900, "status": status }),
     )
 }

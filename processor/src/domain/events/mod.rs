@@ -55,9 +55,7 @@ impl Event {
             | EventKind::SubscriptionUpdated(o)
             | EventKind::SubscriptionDeleted(o) => (&o.user_id, &o.customer),
             EventKind::FeatureSummaryUpdated(o) => return Some(o.customer.as_str()),
-            EventKind::ChargeDisputeCreated(_)
-            | EventKind::ChargeDisputeClosed(_)
-            | EventKind::Unhandled => return None,
+            EventKind::ChargeDispute(_) | EventKind::Unhandled => return None,
         };
         user.as_ref().map(UserId::as_str).or(customer.as_deref())
     }
@@ -99,8 +97,9 @@ pub enum EventKind {
     CheckoutSessionExpired(CheckoutSession),
     PaymentIntentSucceeded(PaymentIntent),
     ChargeRefunded(Charge),
-    ChargeDisputeCreated(Dispute),
-    ChargeDisputeClosed(Dispute),
+    /// `charge.dispute.created`, `.updated`, `.closed`, `.funds_withdrawn` and
+    /// `.funds_reinstated`: each carries the dispute with its status at that moment.
+    ChargeDispute(Dispute),
     InvoicePaid(Invoice),
     InvoicePaymentFailed(Invoice),
     SubscriptionCreated(Subscription),
@@ -249,14 +248,94 @@ pub struct Dispute {
     pub status: DisputeStatus,
 }
 
-/// A dispute's `status`, reduced to what matters for access.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A dispute's `status`, as Stripe spells it. Inquiries (`warning_*`) move no money; a
+/// chargeback (`needs_response`, `under_review`) has withdrawn the funds until it closes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum DisputeStatus {
-    /// `needs_response`, `under_review`, `warning_needs_response`, `warning_under_review`, …
-    Open,
-    Won,
+    WarningNeedsResponse,
+    WarningUnderReview,
     WarningClosed,
+    NeedsResponse,
+    UnderReview,
+    Won,
     Lost,
+    /// Resolved by a dispute-prevention network (the charge was refunded instead).
+    Prevented,
+    /// A status this code does not know: recorded and alerted on, never acted upon.
+    Unknown(String),
+}
+
+impl DisputeStatus {
+    /// Every status Stripe documents, in lifecycle order.
+    pub const KNOWN: [&str; 8] = [
+        "warning_needs_response",
+        "warning_under_review",
+        "needs_response",
+        "under_review",
+        "warning_closed",
+        "prevented",
+        "won",
+        "lost",
+    ];
+
+    /// Parses Stripe's spelling; anything else is [`DisputeStatus::Unknown`].
+    #[must_use]
+    pub fn from_stripe(raw: &str) -> Self {
+        match raw {
+            "warning_needs_response" => Self::WarningNeedsResponse,
+            "warning_under_review" => Self::WarningUnderReview,
+            "warning_closed" => Self::WarningClosed,
+            "needs_response" => Self::NeedsResponse,
+            "under_review" => Self::UnderReview,
+            "won" => Self::Won,
+            "lost" => Self::Lost,
+            "prevented" => Self::Prevented,
+            other => Self::Unknown(other.to_owned()),
+        }
+    }
+
+    /// Stripe's spelling.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::WarningNeedsResponse => "warning_needs_response",
+            Self::WarningUnderReview => "warning_under_review",
+            Self::WarningClosed => "warning_closed",
+            Self::NeedsResponse => "needs_response",
+            Self::UnderReview => "under_review",
+            Self::Won => "won",
+            Self::Lost => "lost",
+            Self::Prevented => "prevented",
+            Self::Unknown(raw) => raw,
+        }
+    }
+
+    /// True once the dispute is over: Stripe never moves a closed dispute again (a later
+    /// chargeback on the same charge is a new dispute).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        matches!(
+            self,
+            Self::WarningClosed | Self::Won | Self::Lost | Self::Prevented
+        )
+    }
+
+    /// Where the status stands in a dispute's lifecycle (an inquiry escalates to a chargeback,
+    /// which closes): orders two statuses reported in the same second.
+    #[must_use]
+    pub fn stage(&self) -> u8 {
+        match self {
+            Self::Unknown(_) => 0,
+            Self::WarningNeedsResponse => 1,
+            Self::WarningUnderReview => 2,
+            Self::NeedsResponse => 3,
+            Self::UnderReview => 4,
+            Self::WarningClosed => 5,
+            Self::Prevented => 6,
+            Self::Won => 7,
+            Self::Lost => 8,
+        }
+    }
 }
 
 /// `invoice.*`'s `data.object`.
@@ -425,8 +504,11 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
             EventKind::PaymentIntentSucceeded(payment_intent(object(body)?)?)
         }
         "charge.refunded" => EventKind::ChargeRefunded(charge(object(body)?)?),
-        "charge.dispute.created" => EventKind::ChargeDisputeCreated(dispute(object(body)?)?),
-        "charge.dispute.closed" => EventKind::ChargeDisputeClosed(dispute(object(body)?)?),
+        "charge.dispute.created"
+        | "charge.dispute.updated"
+        | "charge.dispute.closed"
+        | "charge.dispute.funds_withdrawn"
+        | "charge.dispute.funds_reinstated" => EventKind::ChargeDispute(dispute(object(body)?)?),
         "invoice.paid" => EventKind::InvoicePaid(invoice(object(body)?)?),
         "invoice.payment_failed" => EventKind::InvoicePaymentFailed(invoice(object(body)?)?),
         "customer.subscription.created" => {
@@ -554,11 +636,8 @@ fn charge(obj: wire::Charge) -> Result<Charge, EventError> {
 }
 
 fn dispute(obj: wire::Dispute) -> Result<Dispute, EventError> {
-    let status = match obj.status.get().as_deref() {
-        Some("won") => DisputeStatus::Won,
-        Some("lost") => DisputeStatus::Lost,
-        Some("warning_closed") => DisputeStatus::WarningClosed,
-        Some(_) => DisputeStatus::Open,
+    let status = match obj.status.text() {
+        Some(raw) => DisputeStatus::from_stripe(&raw),
         None => return Err(EventError::MissingField("status")),
     };
     let charge = obj.charge.id();
@@ -814,18 +893,34 @@ mod tests {
     }
 
     #[test]
-    fn dispute_statuses_map_to_open_won_warning_closed_and_lost() {
+    fn every_dispute_event_reads_its_status_as_stripe_spells_it_and_keeps_unknown_ones() {
         for (event_type, raw, expected) in [
             (
                 "charge.dispute.created",
                 "needs_response",
-                DisputeStatus::Open,
+                DisputeStatus::NeedsResponse,
             ),
             (
                 "charge.dispute.created",
                 "warning_needs_response",
-                DisputeStatus::Open,
+                DisputeStatus::WarningNeedsResponse,
             ),
+            (
+                "charge.dispute.updated",
+                "warning_under_review",
+                DisputeStatus::WarningUnderReview,
+            ),
+            (
+                "charge.dispute.updated",
+                "under_review",
+                DisputeStatus::UnderReview,
+            ),
+            (
+                "charge.dispute.funds_withdrawn",
+                "needs_response",
+                DisputeStatus::NeedsResponse,
+            ),
+            ("charge.dispute.funds_reinstated", "won", DisputeStatus::Won),
             ("charge.dispute.closed", "won", DisputeStatus::Won),
             ("charge.dispute.closed", "lost", DisputeStatus::Lost),
             (
@@ -833,17 +928,27 @@ mod tests {
                 "warning_closed",
                 DisputeStatus::WarningClosed,
             ),
+            (
+                "charge.dispute.closed",
+                "prevented",
+                DisputeStatus::Prevented,
+            ),
+            (
+                "charge.dispute.updated",
+                "escalated_to_arbitration",
+                DisputeStatus::Unknown("escalated_to_arbitration".into()),
+            ),
         ] {
             let kind = parsed(
                 event_type,
                 &json!({ "id": "dp_6", "object": "dispute", "charge": "ch_6",
                     "payment_intent": "pi_6", "status": raw, "amount": 4900 }),
             );
-            let d = match kind {
-                EventKind::ChargeDisputeCreated(d) | EventKind::ChargeDisputeClosed(d) => d,
-                other => panic!("wrong kind {other:?}"),
+            let EventKind::ChargeDispute(d) = kind else {
+                panic!("wrong kind {kind:?}")
             };
             assert_eq!(d.status, expected);
+            assert_eq!(d.status.as_str(), raw);
             assert_eq!(d.charge.as_deref(), Some("ch_6"));
             assert_eq!(d.payment_intent.as_deref(), Some("pi_6"));
         }

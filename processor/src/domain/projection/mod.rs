@@ -19,7 +19,9 @@ pub use entitlement::{
     Entitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
 };
 pub use feature::{FeatureClaim, FeatureFacts};
-pub use purchase::{DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact};
+pub use purchase::{
+    DisputeClaim, DisputeFacts, DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact,
+};
 pub use registry::{
     BPS_WHOLE, Product, ProductStatus, Registry, SoldAmount, is_price_id, is_product_key,
 };
@@ -247,12 +249,11 @@ pub fn plan(event: &Event) -> Plan {
                 ..Plan::default()
             }
         }
-        EventKind::ChargeDisputeCreated(d) | EventKind::ChargeDisputeClosed(d) => Plan {
+        EventKind::ChargeDispute(d) => Plan {
             purchase: Some(PurchaseFacts {
                 payment_intent_id: d.payment_intent.clone(),
                 charge_id: d.charge.clone(),
-                dispute: DisputeState::from(d.status),
-                dispute_id: Some(d.id.clone()),
+                disputes: [(d.id.clone(), DisputeFacts::of(at, d.status.clone()))].into(),
                 ..PurchaseFacts::default()
             }),
             ..Plan::default()

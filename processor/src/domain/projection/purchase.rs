@@ -1,10 +1,20 @@
 //! One-time purchases as a join of monotone facts.
 //!
 //! Invariant: [`PurchaseFacts::merge`] is commutative, associative and idempotent (flags are
-//! OR-ed, the refund register and the dispute state take their maximum, timestamps their
+//! OR-ed, the refund register takes its maximum, each dispute its newest claim, timestamps their
 //! earliest value, ids and amounts the known one), and [`PurchaseFacts::status`] is a function
 //! of the facts alone. So a refund or lost dispute merged before the completion still leaves
 //! the purchase refunded.
+//!
+//! Disputes by their lifecycle: each dispute of a payment is tracked on its own (by id) with
+//! its newest status, ordered by (closed, event time, lifecycle stage), so an inquiry, its
+//! escalation, its closure and a later chargeback (a new dispute) each count for what they
+//! are. Access is suspended while any chargeback is open, revoked once one is lost, and back
+//! when every chargeback is won or closed; an inquiry moves no money and suspends nothing. A
+//! status this code does not know is recorded and never acted upon: the dispute keeps the
+//! effect of its newest known status.
+
+use std::collections::BTreeMap;
 
 use super::min_known;
 use crate::domain::events::DisputeStatus;
@@ -32,8 +42,90 @@ pub struct PurchaseFacts {
     pub refund: Option<RefundFact>,
     pub fully_refunded: bool,
     pub refunded_at: Option<i64>,
-    pub dispute: DisputeState,
-    pub dispute_id: Option<String>,
+    /// Every dispute of the payment, by dispute id.
+    pub disputes: BTreeMap<String, DisputeFacts>,
+}
+
+/// A dispute's status as reported by one event, at its `created`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DisputeClaim {
+    pub at: i64,
+    pub status: DisputeStatus,
+}
+
+impl DisputeClaim {
+    /// The register's order: a closed status wins (a closed dispute never moves again), then
+    /// the newer event, then the later lifecycle stage, then the spelling (a total order).
+    fn rank(&self) -> (bool, i64, u8, &str) {
+        (
+            self.status.is_closed(),
+            self.at,
+            self.status.stage(),
+            self.status.as_str(),
+        )
+    }
+}
+
+impl Ord for DisputeClaim {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
+    }
+}
+
+impl PartialOrd for DisputeClaim {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One dispute: its newest status, and its newest status this code knows (what decides its
+/// effect; an unknown one is only recorded).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DisputeFacts {
+    pub latest: DisputeClaim,
+    pub known: Option<DisputeClaim>,
+}
+
+impl DisputeFacts {
+    /// What one event says of a dispute.
+    #[must_use]
+    pub fn of(at: i64, status: DisputeStatus) -> Self {
+        let claim = DisputeClaim { at, status };
+        let known = (!matches!(claim.status, DisputeStatus::Unknown(_))).then(|| claim.clone());
+        Self {
+            latest: claim,
+            known,
+        }
+    }
+
+    /// The join of two fact sets about the same dispute.
+    #[must_use]
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            latest: self.latest.max(other.latest),
+            known: self.known.max(other.known),
+        }
+    }
+
+    /// What the dispute means for the payment.
+    #[must_use]
+    pub fn state(&self) -> DisputeState {
+        let Some(known) = &self.known else {
+            return DisputeState::Unknown;
+        };
+        match known.status {
+            DisputeStatus::WarningNeedsResponse | DisputeStatus::WarningUnderReview => {
+                DisputeState::Inquiry
+            }
+            DisputeStatus::NeedsResponse | DisputeStatus::UnderReview => DisputeState::Open,
+            DisputeStatus::WarningClosed => DisputeState::WarningClosed,
+            DisputeStatus::Prevented => DisputeState::Prevented,
+            DisputeStatus::Won => DisputeState::Won,
+            DisputeStatus::Lost => DisputeState::Lost,
+            // `known` never holds an unknown status.
+            DisputeStatus::Unknown(_) => DisputeState::Unknown,
+        }
+    }
 }
 
 /// Cumulative refund of a charge, ordered by amount so the latest state wins.
@@ -44,27 +136,25 @@ pub struct RefundFact {
     pub reason: Option<String>,
 }
 
-/// Dispute progress. `Open` < closed outcomes; a closed dispute never reopens, and among
-/// outcomes `Lost` has the highest precedence.
+/// What a payment's disputes mean for it, summed up: the most severe of its disputes' states
+/// (`Lost` > `Open` > `Inquiry` > `Unknown` > `Won` > `Prevented` > `WarningClosed` > `None`).
+/// Only `Open` (suspends) and `Lost` (takes the money back) change access.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DisputeState {
     #[default]
     None,
-    Open,
+    /// An inquiry closed without a chargeback.
     WarningClosed,
+    /// Resolved by a prevention network (the charge was refunded).
+    Prevented,
     Won,
+    /// Only statuses this code does not know were reported.
+    Unknown,
+    /// An inquiry is open: no money moved.
+    Inquiry,
+    /// A chargeback is open: the funds are withdrawn.
+    Open,
     Lost,
-}
-
-impl From<DisputeStatus> for DisputeState {
-    fn from(status: DisputeStatus) -> Self {
-        match status {
-            DisputeStatus::Open => Self::Open,
-            DisputeStatus::WarningClosed => Self::WarningClosed,
-            DisputeStatus::Won => Self::Won,
-            DisputeStatus::Lost => Self::Lost,
-        }
-    }
 }
 
 impl DisputeState {
@@ -73,24 +163,14 @@ impl DisputeState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
-            Self::Open => "open",
             Self::WarningClosed => "warning_closed",
+            Self::Prevented => "prevented",
             Self::Won => "won",
+            Self::Unknown => "unknown",
+            Self::Inquiry => "inquiry",
+            Self::Open => "open",
             Self::Lost => "lost",
         }
-    }
-
-    /// Parses the column spelling.
-    #[must_use]
-    pub fn from_column(raw: &str) -> Option<Self> {
-        Some(match raw {
-            "none" => Self::None,
-            "open" => Self::Open,
-            "warning_closed" => Self::WarningClosed,
-            "won" => Self::Won,
-            "lost" => Self::Lost,
-            _ => return None,
-        })
     }
 }
 
@@ -175,18 +255,37 @@ impl PurchaseFacts {
             refund: self.refund.max(other.refund),
             fully_refunded: self.fully_refunded || other.fully_refunded,
             refunded_at: min_known(self.refunded_at, other.refunded_at),
-            dispute: self.dispute.max(other.dispute),
-            dispute_id: self.dispute_id.max(other.dispute_id),
+            disputes: merge_disputes(self.disputes, other.disputes),
         }
+    }
+
+    /// What the payment's disputes mean for it: the most severe of their states.
+    #[must_use]
+    pub fn dispute(&self) -> DisputeState {
+        self.disputes
+            .values()
+            .map(DisputeFacts::state)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// The dispute reported last (the newest claim; ties by id), for display.
+    #[must_use]
+    pub fn latest_dispute_id(&self) -> Option<&str> {
+        self.disputes
+            .iter()
+            .max_by(|a, b| (a.1.latest.at, a.0).cmp(&(b.1.latest.at, b.0)))
+            .map(|(id, _)| id.as_str())
     }
 
     /// Derived status: money taken back (full refund, lost dispute) beats an open dispute,
     /// which beats payment; a failure only shows when nothing was paid.
     #[must_use]
     pub fn status(&self) -> PurchaseStatus {
-        if self.fully_refunded || self.dispute == DisputeState::Lost {
+        let dispute = self.dispute();
+        if self.fully_refunded || dispute == DisputeState::Lost {
             PurchaseStatus::Refunded
-        } else if self.dispute == DisputeState::Open {
+        } else if dispute == DisputeState::Open {
             PurchaseStatus::Disputed
         } else if self.paid {
             PurchaseStatus::Completed
@@ -212,4 +311,19 @@ impl PurchaseFacts {
             .or(self.checkout_session_id.as_deref())
             .or(self.charge_id.as_deref())
     }
+}
+
+/// The union of two dispute maps, joining the facts of a dispute both know.
+fn merge_disputes(
+    mut a: BTreeMap<String, DisputeFacts>,
+    b: BTreeMap<String, DisputeFacts>,
+) -> BTreeMap<String, DisputeFacts> {
+    for (id, facts) in b {
+        let merged = match a.remove(&id) {
+            Some(known) => known.merge(facts),
+            None => facts,
+        };
+        a.insert(id, merged);
+    }
+    a
 }

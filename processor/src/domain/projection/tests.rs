@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::domain::events::{self, Event, EventKind};
+use crate::domain::events::{self, DisputeStatus, Event, EventKind};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use shared::ids::UserId;
@@ -41,6 +41,7 @@ mod fx {
         payment_intent_succeeded(id: &str, created: i64, user: &str);
         refund(id: &str, created: i64, refunded: i64);
         dispute(id: &str, event_type: &str, created: i64, status: &str);
+        dispute_on(id: &str, event_type: &str, created: i64, dispute: &str, status: &str);
         subscription(id: &str, event_type: &str, created: i64, status: &str, period_end: i64);
         invoice(id: &str, event_type: &str, created: i64, reason: &str, period_end: i64);
         subscription_checkout(id: &str, created: i64, user: &str);
@@ -423,7 +424,7 @@ proptest! {
         let outcome = assert_converges(&events, &order);
         let (purchase, status) = &outcome.purchases[0];
         prop_assert_eq!(*status, PurchaseStatus::Completed);
-        prop_assert_eq!(purchase.dispute, DisputeState::Won);
+        prop_assert_eq!(purchase.dispute(), DisputeState::Won);
         prop_assert_eq!(purchase.charge_id.as_deref(), Some("ch_1"));
         prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Active);
     }
@@ -438,6 +439,90 @@ proptest! {
         prop_assert_eq!(outcome.purchases.len(), 1);
         prop_assert_eq!(outcome.purchases[0].1, PurchaseStatus::Refunded);
         prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Revoked);
+    }
+
+    #[test]
+    fn an_inquiry_closed_then_a_chargeback_won_restores_access_in_any_order(order in orders(7)) {
+        let events = purchase_scenario(vec![
+            fx::dispute_on("evt_i1", "charge.dispute.created", T0 + DAY, "dp_i", "warning_needs_response"),
+            fx::dispute_on("evt_i2", "charge.dispute.updated", T0 + 2 * DAY, "dp_i", "warning_under_review"),
+            fx::dispute_on("evt_i3", "charge.dispute.closed", T0 + 3 * DAY, "dp_i", "warning_closed"),
+            fx::dispute_on("evt_c1", "charge.dispute.created", T0 + 4 * DAY, "dp_c", "needs_response"),
+            fx::dispute_on("evt_c2", "charge.dispute.funds_reinstated", T0 + 9 * DAY, "dp_c", "won"),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        let (purchase, status) = &outcome.purchases[0];
+        prop_assert_eq!(*status, PurchaseStatus::Completed);
+        prop_assert_eq!(purchase.dispute(), DisputeState::Won);
+        prop_assert_eq!(purchase.disputes.len(), 2);
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Active);
+    }
+
+    #[test]
+    fn a_chargeback_opened_after_a_closed_inquiry_suspends_in_any_order(order in orders(5)) {
+        let events = purchase_scenario(vec![
+            fx::dispute_on("evt_i1", "charge.dispute.created", T0 + DAY, "dp_i", "warning_needs_response"),
+            fx::dispute_on("evt_i3", "charge.dispute.closed", T0 + 3 * DAY, "dp_i", "warning_closed"),
+            fx::dispute_on("evt_c1", "charge.dispute.funds_withdrawn", T0 + 4 * DAY, "dp_c", "needs_response"),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(outcome.purchases[0].1, PurchaseStatus::Disputed);
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Suspended);
+    }
+
+    #[test]
+    fn an_open_inquiry_suspends_nothing_and_its_escalation_lost_revokes_in_any_order(
+        order in orders(5),
+        lost in any::<bool>(),
+    ) {
+        let mut tail = vec![
+            fx::dispute_on("evt_i1", "charge.dispute.created", T0 + DAY, "dp_i", "warning_needs_response"),
+        ];
+        // The first three events alone, in the same order.
+        let first: Vec<usize> = order.iter().copied().filter(|i| *i < 3).collect();
+        let inquiry = assert_converges(&purchase_scenario(tail.clone()), &first);
+        prop_assert_eq!(inquiry.purchases[0].0.dispute(), DisputeState::Inquiry);
+        prop_assert_eq!(only_entitlement(&inquiry, "u1").status, EntitlementStatus::Active);
+        // The same dispute escalates to a chargeback, then closes.
+        tail.push(fx::dispute_on("evt_i2", "charge.dispute.updated", T0 + 2 * DAY, "dp_i", "needs_response"));
+        tail.push(fx::dispute_on(
+            "evt_i3", "charge.dispute.closed", T0 + 9 * DAY, "dp_i", if lost { "lost" } else { "won" },
+        ));
+        let outcome = assert_converges(&purchase_scenario(tail), &order);
+        let expected = if lost { EntitlementStatus::Revoked } else { EntitlementStatus::Active };
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, expected);
+    }
+
+    #[test]
+    fn one_chargeback_lost_of_two_revokes_in_any_order(order in orders(6)) {
+        let events = purchase_scenario(vec![
+            fx::dispute_on("evt_a1", "charge.dispute.created", T0 + DAY, "dp_a", "needs_response"),
+            fx::dispute_on("evt_a2", "charge.dispute.closed", T0 + 5 * DAY, "dp_a", "won"),
+            fx::dispute_on("evt_b1", "charge.dispute.created", T0 + 6 * DAY, "dp_b", "needs_response"),
+            fx::dispute_on("evt_b2", "charge.dispute.closed", T0 + 9 * DAY, "dp_b", "lost"),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        prop_assert_eq!(outcome.purchases[0].1, PurchaseStatus::Refunded);
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Revoked);
+    }
+
+    #[test]
+    fn an_unknown_dispute_status_is_recorded_and_keeps_the_disputes_known_effect(
+        order in orders(5),
+    ) {
+        let events = purchase_scenario(vec![
+            fx::dispute_on("evt_c1", "charge.dispute.created", T0 + DAY, "dp_c", "needs_response"),
+            fx::dispute_on("evt_c2", "charge.dispute.updated", T0 + 2 * DAY, "dp_c", "escalated_to_arbitration"),
+            fx::dispute_on("evt_u1", "charge.dispute.created", T0 + 3 * DAY, "dp_u", "brand_new_status"),
+        ]);
+        let outcome = assert_converges(&events, &order);
+        let purchase = &outcome.purchases[0].0;
+        prop_assert_eq!(
+            purchase.disputes["dp_c"].latest.status.as_str(), "escalated_to_arbitration"
+        );
+        prop_assert_eq!(purchase.disputes["dp_u"].state(), DisputeState::Unknown);
+        // The chargeback's last known status still suspends; the unknown dispute adds nothing.
+        prop_assert_eq!(only_entitlement(&outcome, "u1").status, EntitlementStatus::Suspended);
     }
 
     #[test]
@@ -644,19 +729,23 @@ fn arbitrary_purchase() -> impl Strategy<Value = PurchaseFacts> {
         (any::<bool>(), time(), any::<bool>(), any::<bool>(), time()),
         (
             prop::option::of((0i64..3, id(), id())),
-            prop::sample::select(vec![
-                DisputeState::None,
-                DisputeState::Open,
-                DisputeState::Won,
-                DisputeState::Lost,
-            ]),
+            prop::collection::btree_map(
+                prop::sample::select(vec!["dp_a", "dp_b"]).prop_map(String::from),
+                (
+                    0i64..3,
+                    arbitrary_dispute_status(),
+                    0i64..3,
+                    arbitrary_dispute_status(),
+                ),
+                0..3,
+            ),
         ),
     )
         .prop_map(
             |(
                 (session, intent, user, product, amount),
                 (paid, paid_at, failed, full, refunded_at),
-                (refund, dispute),
+                (refund, disputes),
             )| PurchaseFacts {
                 checkout_session_id: session,
                 payment_intent_id: intent,
@@ -673,10 +762,24 @@ fn arbitrary_purchase() -> impl Strategy<Value = PurchaseFacts> {
                     refund_id,
                     reason,
                 }),
-                dispute,
+                disputes: disputes
+                    .into_iter()
+                    .map(|(id, (at, status, later, next))| {
+                        (
+                            id,
+                            DisputeFacts::of(at, status).merge(DisputeFacts::of(later, next)),
+                        )
+                    })
+                    .collect(),
                 ..PurchaseFacts::default()
             },
         )
+}
+
+fn arbitrary_dispute_status() -> impl Strategy<Value = DisputeStatus> {
+    let mut statuses = DisputeStatus::KNOWN.to_vec();
+    statuses.push("charge_refunded_someday");
+    prop::sample::select(statuses).prop_map(DisputeStatus::from_stripe)
 }
 
 #[test]

@@ -1,0 +1,188 @@
+//! What a Stripe account does in its first year, through the real services: events published
+//! to the broker in a shuffled order with duplicates, consumed by a worker, read back through
+//! the entitlement API. Each situation runs for several users, each in an order of its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde_json::{Value, json};
+use shared::samples::{self, Sample};
+use system_tests::amqp::TestBroker;
+use system_tests::api::Api;
+use system_tests::unique;
+use system_tests::worker::*;
+
+/// Orders tried per situation (one user each).
+const ROUNDS: u64 = 4;
+
+/// A worker and an API over one database.
+struct Stack {
+    api: Api,
+    broker: TestBroker,
+    direct: tokio_postgres::Client,
+    worker: Option<Running>,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let api = Api::start(None).await;
+        let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
+        let worker = spawn_worker(config(&api.db.url, &broker));
+        let direct = pg(&api.db.url).await;
+        Self {
+            api,
+            broker,
+            direct,
+            worker: Some(worker),
+        }
+    }
+
+    /// Publishes `events` in an order drawn from `seed`, a third of them twice, and waits
+    /// until each is processed.
+    async fn deliver(&self, events: &[Value], seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut order: Vec<&Value> = events.iter().collect();
+        order.extend(events.iter().step_by(3));
+        order.shuffle(&mut rng);
+        for event in order {
+            let id = event["id"].as_str().unwrap();
+            let event_type = event["type"].as_str().unwrap();
+            publish(&self.broker, event.to_string().as_bytes(), id, event_type).await;
+        }
+        for event in events {
+            wait_processed(&self.direct, event["id"].as_str().unwrap()).await;
+        }
+    }
+
+    async fn pro(&self, user: &str) -> Value {
+        let (status, body) = self.api.get("/api/pro/entitlement", user).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn stop(mut self) {
+        wait_depth(&self.broker, &self.broker.topology.dead_letter_queue(), 0).await;
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await;
+        }
+    }
+}
+
+/// The events of one user's Pro purchase (`object` names its Stripe objects), at `created`.
+fn purchase(user: &str, object: &str, created: i64) -> Vec<Value> {
+    let sample = Sample {
+        created,
+        ..Sample::pro(user, object)
+    };
+    ["checkout.session.completed", "payment_intent.succeeded"]
+        .iter()
+        .map(|t| samples::event(&unique("evt"), t, &sample))
+        .collect()
+}
+
+/// An event of dispute `dispute` of `object`'s charge in `status`.
+fn dispute(object: &str, event_type: &str, created: i64, dispute: &str, status: &str) -> Value {
+    json!({ "id": unique("evt"), "object": "event", "type": event_type, "created": created,
+        "livemode": false, "data": { "object": {
+            "id": dispute, "object": "dispute", "amount": 4900, "currency": "usd",
+            "charge": format!("ch_{object}"), "payment_intent": format!("pi_{object}"),
+            "status": status, "reason": "fraudulent" } } })
+}
+
+/// A dispute event of a history: its type, its day, the dispute (a suffix), its status.
+type DisputeStep = (&'static str, i64, &'static str, &'static str);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disputes_count_for_what_each_is_in_any_order_with_duplicates() {
+    let stack = Stack::start().await;
+    let t0 = chrono::Utc::now().timestamp() - 30 * 86_400;
+    let day = 86_400;
+    // (situation, its disputes, expected status).
+    let situations: [(&str, Vec<DisputeStep>, &str); 6] = [
+        (
+            "an inquiry closed, then a chargeback won",
+            vec![
+                ("charge.dispute.created", 1, "i", "warning_needs_response"),
+                ("charge.dispute.closed", 3, "i", "warning_closed"),
+                ("charge.dispute.created", 4, "c", "needs_response"),
+                ("charge.dispute.funds_withdrawn", 4, "c", "needs_response"),
+                ("charge.dispute.updated", 5, "c", "under_review"),
+                ("charge.dispute.funds_reinstated", 9, "c", "won"),
+                ("charge.dispute.closed", 9, "c", "won"),
+            ],
+            "active",
+        ),
+        (
+            "an inquiry closed, then a chargeback open",
+            vec![
+                ("charge.dispute.created", 1, "i", "warning_needs_response"),
+                ("charge.dispute.closed", 3, "i", "warning_closed"),
+                ("charge.dispute.created", 4, "c", "needs_response"),
+            ],
+            "suspended",
+        ),
+        (
+            "an open inquiry",
+            vec![
+                ("charge.dispute.created", 1, "i", "warning_needs_response"),
+                ("charge.dispute.updated", 2, "i", "warning_under_review"),
+            ],
+            "active",
+        ),
+        (
+            "an inquiry escalated on the same dispute, then lost",
+            vec![
+                ("charge.dispute.created", 1, "i", "warning_needs_response"),
+                ("charge.dispute.updated", 2, "i", "needs_response"),
+                ("charge.dispute.closed", 9, "i", "lost"),
+            ],
+            "revoked",
+        ),
+        (
+            "a chargeback won, a second one lost",
+            vec![
+                ("charge.dispute.created", 1, "a", "needs_response"),
+                ("charge.dispute.closed", 5, "a", "won"),
+                ("charge.dispute.created", 6, "b", "needs_response"),
+                ("charge.dispute.closed", 9, "b", "lost"),
+            ],
+            "revoked",
+        ),
+        (
+            "a status nobody knows, alone and after a chargeback",
+            vec![
+                ("charge.dispute.created", 1, "u", "a_status_from_the_future"),
+                ("charge.dispute.created", 2, "c", "needs_response"),
+                ("charge.dispute.updated", 3, "c", "another_new_status"),
+            ],
+            "suspended",
+        ),
+    ];
+    for (n, (what, disputes, expected)) in situations.iter().enumerate() {
+        for round in 0..ROUNDS {
+            let (user, object) = (unique("u"), unique("o"));
+            let mut events = purchase(&user, &object, t0);
+            for (event_type, at, id, status) in disputes {
+                let id = format!("dp_{object}_{id}");
+                events.push(dispute(&object, event_type, t0 + at * day, &id, status));
+            }
+            stack.deliver(&events, n as u64 * 100 + round).await;
+            let pro = stack.pro(&user).await;
+            assert_eq!(pro["status"], *expected, "{what}, order {round}: {pro}");
+            assert_eq!(pro["isPro"], *expected == "active", "{what}: {pro}");
+        }
+    }
+    // The unknown statuses are recorded as Stripe sent them.
+    let recorded = stack
+        .api
+        .count(
+            "SELECT count(*) FROM purchases p, jsonb_each(p.disputes) d
+              WHERE d.value->>'status' IN ('a_status_from_the_future', 'another_new_status')",
+        )
+        .await;
+    assert_eq!(recorded, 2 * ROUNDS as i64);
+    stack.stop().await;
+}
