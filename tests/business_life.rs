@@ -186,3 +186,97 @@ async fn disputes_count_for_what_each_is_in_any_order_with_duplicates() {
     assert_eq!(recorded, 2 * ROUNDS as i64);
     stack.stop().await;
 }
+
+/// `charge.refunded` of `object`'s payment, in full.
+fn refund(user: &str, object: &str, created: i64) -> Value {
+    let sample = Sample {
+        created,
+        ..Sample::pro(user, object)
+    };
+    samples::event(&unique("evt"), "charge.refunded", &sample)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_payment_is_recorded_flagged_and_refunding_one_of_two_keeps_access() {
+    let stack = Stack::start().await;
+    let t0 = chrono::Utc::now().timestamp() - 86_400;
+    for round in 0..ROUNDS {
+        let user = unique("u");
+        let (first, second) = (unique("o"), unique("o"));
+        // Two sessions opened apart, both paid; the first payment is refunded later.
+        let mut events = purchase(&user, &first, t0);
+        events.extend(purchase(&user, &second, t0 + 900));
+        events.push(refund(&user, &first, t0 + 3_600));
+        stack.deliver(&events, 1_000 + round).await;
+        let pro = stack.pro(&user).await;
+        assert_eq!(pro["isPro"], true, "one payment of two still stands: {pro}");
+
+        let (_, purchases) = stack.api.get("/api/purchases", &user).await;
+        let mut rows: Vec<(String, String, bool)> = purchases["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["paymentIntentId"].as_str().unwrap().to_owned(),
+                    p["status"].as_str().unwrap().to_owned(),
+                    p["duplicate"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        rows.sort();
+        let mut expected = vec![
+            (format!("pi_{first}"), "refunded".to_owned(), false),
+            (format!("pi_{second}"), "completed".to_owned(), true),
+        ];
+        expected.sort();
+        assert_eq!(rows, expected, "order {round}");
+
+        // Operators see the second payment until its money goes back.
+        let listed = stack.duplicates().await;
+        assert!(listed.contains(&(user.clone(), format!("pi_{second}"))));
+        stack
+            .deliver(&[refund(&user, &second, t0 + 7_200)], 2_000 + round)
+            .await;
+        let pro = stack.pro(&user).await;
+        assert_eq!(
+            (pro["isPro"].as_bool(), pro["status"].as_str()),
+            (Some(false), Some("revoked")),
+            "both refunded: {pro}"
+        );
+        assert!(
+            !stack
+                .duplicates()
+                .await
+                .contains(&(user, format!("pi_{second}")))
+        );
+    }
+    stack.stop().await;
+}
+
+impl Stack {
+    /// `GET /v1/payments/duplicates` as (user, payment intent) pairs.
+    async fn duplicates(&self) -> Vec<(String, String)> {
+        let response = self
+            .api
+            .http
+            .get(format!("{}/v1/payments/duplicates", self.api.base))
+            .bearer_auth(system_tests::api::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let listed: Value = response.json().await.unwrap();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["userId"].as_str().unwrap().to_owned(),
+                    d["paymentIntentId"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}

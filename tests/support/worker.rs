@@ -133,6 +133,26 @@ pub async fn register_product_of(client: &tokio_postgres::Client, body: &[u8]) {
         .expect("register the product");
 }
 
+/// Makes the database refuse every write of a purchase of `user` with an error that is neither
+/// an outage nor refused data (SQLSTATE P0001, as an operator's trigger or a lock might): the
+/// store charges it to the event, to be retried later.
+pub async fn refuse_purchases_of(client: &tokio_postgres::Client, user: &str) {
+    client
+        .batch_execute(&format!(
+            "CREATE OR REPLACE FUNCTION refuse_purchases() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.user_id = '{user}' THEN
+                 RAISE EXCEPTION 'purchases of {user} refused by the test' USING ERRCODE = 'P0001';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_purchases BEFORE INSERT OR UPDATE ON purchases
+               FOR EACH ROW EXECUTE FUNCTION refuse_purchases();"
+        ))
+        .await
+        .expect("install the refusing trigger");
+}
+
 /// Publishes `body` to the test exchange as ingress does.
 pub async fn publish(broker: &TestBroker, body: &[u8], message_id: &str, event_type: &str) {
     let mut headers = FieldTable::default();

@@ -257,6 +257,11 @@ pub fn routes() -> Vec<Route> {
             "/v1/payments/unmatched",
             get(products::unmatched),
         ),
+        route(
+            Method::GET,
+            "/v1/payments/duplicates",
+            get(purchases::duplicates),
+        ),
         route(Method::GET, "/openapi.json", get(openapi::serve_document)),
     ]
 }

@@ -201,6 +201,19 @@ pub fn document() -> Value {
                     {"type": "array", "items": {"$ref": "#/components/schemas/UnmatchedPayment"}}}}},
                               "401": error("Missing or wrong admin token")},
             }},
+            "/v1/payments/duplicates": {"get": {
+                "operationId": "listDuplicatePayments",
+                "summary": "The newest 200 second payments for something the user already owned, \
+                            whose money has not come back: each a purchase of its own, to refund \
+                            (ADMIN_API_TOKEN).",
+                "security": admin,
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema":
+                    {"type": "array", "items": {"allOf": [
+                        {"$ref": "#/components/schemas/Purchase"},
+                        {"type": "object", "required": ["userId"],
+                         "properties": {"userId": {"type": "string"}}}]}}}}},
+                              "401": error("Missing or wrong admin token")},
+            }},
             "/openapi.json": {"get": {
                 "operationId": "openapi",
                 "summary": "This document.",
@@ -299,7 +312,9 @@ fn schemas() -> Value {
             "creatorPayoutCents": nullable_int, "checkoutSessionId": nullable_str,
             "paymentIntentId": nullable_str, "purchasedAt": nullable_time,
             "refundedAt": nullable_time, "refundAmountCents": {"type": "integer"},
-            "refundReason": nullable_str, "createdAt": time}},
+            "refundReason": nullable_str, "createdAt": time,
+            "duplicate": {"type": "boolean", "description": "A second payment for something the \
+                user already owned when it was paid: a purchase of its own"}}},
         "PurchasePage": {"type": "object", "required": ["data", "pagination"], "properties": {
             "data": {"type": "array", "items": {"$ref": "#/components/schemas/Purchase"}},
             "pagination": {"type": "object",

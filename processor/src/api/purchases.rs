@@ -13,7 +13,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::ApiState;
 use super::error::ApiError;
-use crate::auth::AuthUser;
+use crate::auth::{AdminToken, AuthUser};
 
 /// The purchase statuses of the schema.
 pub const STATUSES: [&str; 5] = ["pending", "completed", "refunded", "failed", "disputed"];
@@ -22,15 +22,17 @@ pub const MAX_PAGE_SIZE: i64 = 100;
 const DEFAULT_PAGE_SIZE: i64 = 20;
 
 /// The product key is the one our checkout wrote, else the registry's product sold at the
-/// price paid; the title is that product's.
+/// price paid, now or before (its price history); the title is that product's.
 const COLUMNS: &str = "id,
-    COALESCE(product_key, (SELECT r.key FROM products r WHERE r.price_id = purchases.price_id)),
+    COALESCE(product_key,
+             (SELECT h.product_key FROM product_prices h WHERE h.price_id = purchases.price_id)),
     status, amount_paid_cents, currency, platform_fee_cents,
     organization_fee_cents, creator_payout_cents, checkout_session_id, payment_intent_id,
     purchased_at, refunded_at, refund_amount_cents, refund_reason, created_at,
     (SELECT r.title FROM products r
-      WHERE r.key = purchases.product_key
-         OR (purchases.product_key IS NULL AND r.price_id = purchases.price_id) LIMIT 1)";
+      WHERE r.key = COALESCE(purchases.product_key,
+             (SELECT h.product_key FROM product_prices h WHERE h.price_id = purchases.price_id))),
+    duplicate";
 
 /// One purchase as the API shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -53,6 +55,9 @@ pub struct Purchase {
     pub refund_amount_cents: i64,
     pub refund_reason: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// A second payment for something the user already owned when it was paid: a purchase
+    /// of its own, which an operator may refund.
+    pub duplicate: bool,
 }
 
 impl TryFrom<&Row> for Purchase {
@@ -76,6 +81,7 @@ impl TryFrom<&Row> for Purchase {
             refund_amount_cents: row.try_get(12)?,
             refund_reason: row.try_get(13)?,
             created_at: row.try_get(14)?,
+            duplicate: row.try_get(16)?,
         })
     }
 }
@@ -217,6 +223,45 @@ pub(crate) async fn one(
         .map_err(ApiError::internal)?
         .ok_or_else(not_found)?;
     Ok(Json(Purchase::try_from(&row).map_err(ApiError::internal)?))
+}
+
+/// One duplicate payment, as operators see it: whose, and the purchase.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DuplicatePayment {
+    pub user_id: String,
+    #[serde(flatten)]
+    pub purchase: Purchase,
+}
+
+/// `GET /v1/payments/duplicates` (admin): the newest 200 second payments for something already
+/// owned whose money has not come back (not fully refunded, no dispute lost), to refund.
+pub(crate) async fn duplicates(
+    State(state): State<ApiState>,
+    _admin: AdminToken,
+) -> Result<Json<Vec<DuplicatePayment>>, ApiError> {
+    let client = state.pool.get().await.map_err(ApiError::database)?;
+    let rows = client
+        .query_typed(
+            &format!(
+                "SELECT {COLUMNS}, user_id FROM purchases
+                  WHERE duplicate AND status <> 'refunded'
+                  ORDER BY purchased_at DESC, id DESC LIMIT 200"
+            ),
+            &[],
+        )
+        .await
+        .map_err(ApiError::database)?;
+    rows.iter()
+        .map(|row| {
+            Ok(DuplicatePayment {
+                user_id: row.try_get(17)?,
+                purchase: Purchase::try_from(row)?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+        .map(Json)
+        .map_err(ApiError::internal)
 }
 
 #[cfg(test)]

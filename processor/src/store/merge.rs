@@ -28,14 +28,14 @@ use tokio_postgres::types::Type;
 use super::columns::{PurchaseColumns, SubscriptionColumns, purchase_unnest};
 use super::{
     Db, FEATURE_COLUMNS, Outcome, PURCHASE_COLUMNS, Param, SUBSCRIPTION_COLUMNS, StoreError,
-    feature_from_row, is_violation_of, lock, opt_timestamp, purchase_from_row, registry,
-    snapshots_of, subscription_from_row,
+    feature_from_row, lock, opt_timestamp, purchase_from_row, registry, snapshots_of,
+    subscription_from_row,
 };
 use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::fold::{self, Purchases};
 use crate::domain::message::Notice;
 use crate::domain::projection::{
-    self, FeatureFacts, Plan, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts,
+    self, FeatureFacts, Plan, PurchaseFacts, Registry, SubscriptionFacts,
 };
 use crate::domain::view::UserSnapshot;
 
@@ -607,9 +607,7 @@ async fn write_state(
             &notice_params,
         )));
     }
-    let results = try_join_all(pending)
-        .await
-        .map_err(|error| refused_purchase(error, purchases))?;
+    let results = try_join_all(pending).await?;
     let attached = if new_links.is_empty() {
         HashSet::new()
     } else {
@@ -619,19 +617,4 @@ async fn write_state(
             .collect::<Result<_, _>>()?
     };
     Ok(attached)
-}
-
-/// A second completed purchase of one product by one user, refused by the partial unique
-/// index, as [`StoreError::DuplicatePurchase`]; any other error unchanged.
-fn refused_purchase(error: tokio_postgres::Error, purchases: &Purchases) -> StoreError {
-    if !is_violation_of(&error, "purchases_one_completed_per_user_product") {
-        return error.into();
-    }
-    let product_key = purchases
-        .writes
-        .iter()
-        .find(|w| w.facts.status() == PurchaseStatus::Completed)
-        .and_then(|w| w.facts.product_key.clone())
-        .unwrap_or_default();
-    StoreError::DuplicatePurchase { product_key }
 }

@@ -92,8 +92,8 @@ pub enum Failure {
     /// The database is unreachable, or gave up on the transaction (connection loss, timeout,
     /// deadlock, serialization failure, shutdown): the whole set must be applied again later.
     Unavailable,
-    /// This event cannot be applied yet ([`StoreError::DuplicatePurchase`], or an error the
-    /// server reported that is neither an outage nor refused data): retry it later.
+    /// This event cannot be applied yet (an error the server reported that is neither an
+    /// outage nor refused data): retry it later.
     Later,
     /// This event can never be applied: data the database or the projection refuses.
     Rejected,
@@ -109,12 +109,6 @@ pub enum StoreError {
     /// No connection could be had from the pool in time.
     #[error("postgres unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    /// The user already owns a completed purchase of this product (the partial unique index
-    /// refused a second one). Usually the refund of the earlier purchase is still on its way
-    /// (a repurchase after a refund, delivered out of order), so this is worth retrying with a
-    /// delay; if the retries run out it is a real double payment for an operator to refund.
-    #[error("user already owns a completed purchase of product `{product_key}`")]
-    DuplicatePurchase { product_key: String },
     /// The event carries a timestamp Postgres cannot store.
     #[error("timestamp {0} is out of range")]
     InvalidTimestamp(i64),
@@ -134,7 +128,7 @@ impl StoreError {
             // Anything else the server says (an aborted transaction reported by a pipelined
             // statement instead of the one that failed, a schema mismatch…) is charged to the
             // event, to be retried: the set is redone event by event.
-            Self::Db(_) | Self::DuplicatePurchase { .. } => Failure::Later,
+            Self::Db(_) => Failure::Later,
             Self::InvalidTimestamp(_) | Self::Corrupt { .. } => Failure::Rejected,
         }
     }
@@ -190,7 +184,7 @@ const LOCK_CLASS: i32 = 0x454e_5431;
 pub const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
      checkout_session_id, payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
      payment_failed, refund_amount_cents, stripe_refund_id, refund_reason, fully_refunded, \
-     refunded_at, disputes";
+     refunded_at, disputes, duplicate";
 
 /// The `subscriptions` columns [`subscription_facts`] reads.
 pub const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
@@ -704,13 +698,6 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
             disputes: columns::disputes_from_column(&disputes)?,
         },
     ))
-}
-
-fn is_violation_of(error: &tokio_postgres::Error, constraint: &str) -> bool {
-    error.as_db_error().is_some_and(|db| {
-        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-            && db.constraint() == Some(constraint)
-    })
 }
 
 fn subscription_status(raw: &str, column: &'static str) -> Result<SubscriptionStatus, StoreError> {

@@ -156,12 +156,19 @@ pub(super) async fn recompute(
     let registry =
         super::registry::at(db, &super::registry::Stamp::from_rows(&generation)?).await?;
     let mut purchases: BTreeMap<String, Vec<PurchaseFacts>> = BTreeMap::new();
+    // Each purchase's row id and stored `duplicate` flag, in the same order.
+    let mut flags: BTreeMap<String, Vec<(i64, bool)>> = BTreeMap::new();
     for row in &purchase_rows {
-        let (_, facts) = purchase_from_row(row)?;
+        let (id, facts) = purchase_from_row(row)?;
         if let Some(user) = facts.user_id.clone() {
+            flags
+                .entry(user.clone())
+                .or_default()
+                .push((id, row.try_get("duplicate")?));
             purchases.entry(user).or_default().push(facts);
         }
     }
+    let duplicates = flag_duplicates(&purchases, &flags, &registry);
     let mut subscriptions: BTreeMap<String, Vec<SubscriptionFacts>> = BTreeMap::new();
     for row in &subscription_rows {
         let facts = subscription_from_row(row)?;
@@ -200,7 +207,11 @@ pub(super) async fn recompute(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let versions = write_recomputed(db, &recomputed, users).await?;
+    let (versions, ()) = try_join(
+        write_recomputed(db, &recomputed, users),
+        write_duplicates(db, &duplicates),
+    )
+    .await?;
     recomputed
         .into_iter()
         .map(|r| {
@@ -215,6 +226,47 @@ pub(super) async fn recompute(
             })
         })
         .collect()
+}
+
+/// The purchases whose `duplicate` flag changes (row id, new flag), from each user's purchases
+/// (`flags`: row ids and stored flags, in the same order). A purchase newly found to be a
+/// second payment is counted in `purchases_duplicate_total`.
+fn flag_duplicates(
+    purchases: &BTreeMap<String, Vec<PurchaseFacts>>,
+    flags: &BTreeMap<String, Vec<(i64, bool)>>,
+    registry: &crate::domain::projection::Registry,
+) -> Vec<(i64, bool)> {
+    let mut changes = Vec::new();
+    for (user, rows) in purchases {
+        let derived = projection::duplicate_payments(rows, registry);
+        let stored = flags.get(user).map_or(&[][..], Vec::as_slice);
+        for (&(id, before), now) in stored.iter().zip(derived) {
+            if before != now {
+                if now {
+                    metrics::counter!("purchases_duplicate_total").increment(1);
+                    tracing::warn!(user_id = %user, purchase_id = id,
+                        "a second payment for something the user already owns; recorded as a purchase of its own");
+                }
+                changes.push((id, now));
+            }
+        }
+    }
+    changes
+}
+
+/// Writes the changed `duplicate` flags.
+async fn write_duplicates(db: Db<'_>, changes: &[(i64, bool)]) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let (ids, flags): (Vec<i64>, Vec<bool>) = changes.iter().copied().unzip();
+    db.execute(
+        "UPDATE purchases p SET duplicate = d.f FROM unnest($1::int8[], $2::bool[]) AS d(id, f)
+          WHERE p.id = d.id",
+        &[(&ids, Type::INT8_ARRAY), (&flags, Type::BOOL_ARRAY)],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Writes recomputations in one pipeline; returns each user's new version.

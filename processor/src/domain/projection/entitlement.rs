@@ -246,6 +246,39 @@ fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
         .then_with(|| a.quantity.cmp(&b.quantity))
 }
 
+/// Which of one user's purchases are second payments for something already owned: paid while
+/// an earlier paid purchase of the same product (by payment time, then id) still held it (its
+/// money had not come back). Each is a purchase of its own and grants like the first, so
+/// refunding one of two keeps access and refunding both ends it; the flag tells operators which
+/// payment to refund. A function of the rows alone: `result[i]` belongs to `purchases[i]`.
+#[must_use]
+pub fn duplicate_payments(purchases: &[PurchaseFacts], registry: &Registry) -> Vec<bool> {
+    let paid: Vec<Option<(&str, (i64, &str))>> = purchases
+        .iter()
+        .map(|p| {
+            let product = registry.purchase_product(p).filter(|_| p.paid)?;
+            Some((
+                product.key.as_str(),
+                (p.paid_at.unwrap_or(i64::MAX), p.source_id()?),
+            ))
+        })
+        .collect();
+    paid.iter()
+        .map(|this| {
+            let Some((key, order)) = this else {
+                return false;
+            };
+            purchases.iter().zip(&paid).any(|(earlier, other)| {
+                other.is_some_and(|(k, o)| {
+                    k == *key
+                        && o < *order
+                        && earlier.taken_back_at().is_none_or(|back| back > order.0)
+                })
+            })
+        })
+        .collect()
+}
+
 /// The user's entitlements implied by their rows and the products they resolve to in
 /// `registry`, one per key, sorted by key. Rows are expected to belong to one user; rows that
 /// grant nothing are skipped.

@@ -17,6 +17,7 @@ mod tests;
 
 pub use entitlement::{
     Entitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
+    duplicate_payments,
 };
 pub use feature::{FeatureClaim, FeatureFacts};
 pub use purchase::{

@@ -296,6 +296,22 @@ impl PurchaseFacts {
         }
     }
 
+    /// When the money came back to the buyer (a full refund, a lost dispute), if it did.
+    #[must_use]
+    pub fn taken_back_at(&self) -> Option<i64> {
+        let refunded = self
+            .fully_refunded
+            .then_some(self.refunded_at.unwrap_or(i64::MIN));
+        let lost = self
+            .disputes
+            .values()
+            .filter_map(|d| d.known.as_ref())
+            .filter(|k| k.status == DisputeStatus::Lost)
+            .map(|k| k.at)
+            .min();
+        min_known(refunded, lost)
+    }
+
     /// Amount refunded so far (partial or full).
     #[must_use]
     pub fn refunded_cents(&self) -> i64 {

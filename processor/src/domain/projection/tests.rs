@@ -526,6 +526,43 @@ proptest! {
     }
 
     #[test]
+    fn a_second_payment_is_a_duplicate_and_refunding_one_of_two_keeps_access_in_any_order(
+        order in orders(5),
+        refund_both in any::<bool>(),
+    ) {
+        let second = |id: &str, event_type: &str, created: i64, object: Value| {
+            fx::event(id, event_type, created, object)
+        };
+        let mut events = purchase_scenario(vec![
+            second("evt_done2", "checkout.session.completed", T0 + 900, json!({
+                "id": "cs_2", "object": "checkout.session", "mode": "payment",
+                "payment_status": "paid", "customer": "cus_1", "payment_intent": "pi_2",
+                "client_reference_id": "u1", "amount_total": 4900, "currency": "usd",
+                "metadata": { "product_key": "pro" } })),
+            fx::refund("evt_rf1", T0 + 3_600, 4900),
+        ]);
+        events.push(second("evt_rf2", "charge.refunded", T0 + 7_200, json!({
+            "id": "ch_2", "object": "charge", "amount": 4900,
+            "amount_refunded": if refund_both { 4900 } else { 0 }, "refunded": refund_both,
+            "payment_intent": "pi_2", "customer": "cus_1", "currency": "usd" })));
+        let outcome = assert_converges(&events, &order);
+        let purchases: Vec<PurchaseFacts> =
+            outcome.purchases.iter().map(|(p, _)| p.clone()).collect();
+        let flags: Vec<(Option<&str>, bool)> = purchases
+            .iter()
+            .map(|p| p.payment_intent_id.as_deref())
+            .zip(duplicate_payments(&purchases, &registry()))
+            .collect();
+        prop_assert_eq!(flags, vec![(Some("pi_1"), false), (Some("pi_2"), true)]);
+        let pro = only_entitlement(&outcome, "u1");
+        if refund_both {
+            prop_assert_eq!(pro.status, EntitlementStatus::Revoked);
+        } else {
+            prop_assert_eq!((pro.status, pro.source_id.as_str()), (EntitlementStatus::Active, "pi_2"));
+        }
+    }
+
+    #[test]
     fn delayed_payment_then_async_success_grants_in_any_order(order in orders(3)) {
         let events = vec![
             fx::checkout("evt_done", "checkout.session.completed", T0, "unpaid", "u1"),
