@@ -280,3 +280,93 @@ impl Stack {
             .collect()
     }
 }
+
+/// `checkout.session.expired` of session `cs_{object}` with `fields` merged into the object.
+fn expired(object: &str, fields: Value) -> Value {
+    let mut session = json!({ "id": format!("cs_{object}"), "object": "checkout.session",
+        "mode": "payment", "payment_status": "unpaid", "status": "expired",
+        "customer": null, "metadata": {},
+        "after_expiration": { "recovery": { "enabled": true,
+            "url": format!("https://buy.stripe.com/r/{object}") } } });
+    for (field, value) in fields.as_object().unwrap() {
+        session[field] = value.clone();
+    }
+    json!({ "id": unique("evt"), "object": "event", "type": "checkout.session.expired",
+        "created": chrono::Utc::now().timestamp(), "livemode": false,
+        "data": { "object": session } })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_checkout_notices_only_for_what_was_offered_and_once_per_session() {
+    let stack = Stack::start().await;
+    let (ours, by_metadata, link, unknown, nobody) = (
+        unique("o"),
+        unique("o"),
+        unique("o"),
+        unique("o"),
+        unique("o"),
+    );
+    let (buyer, reader, victim) = (unique("u"), unique("u"), unique("u"));
+    // A session this service created: its offer names the user and the product, whatever
+    // the expired session says.
+    processor::store::offers::record(
+        &stack.direct,
+        &processor::domain::offer::CheckoutOffer {
+            session_id: format!("cs_{ours}"),
+            user_id: buyer.clone(),
+            product_key: "pro".into(),
+            mode: processor::domain::events::CheckoutMode::Payment,
+            price: processor::domain::offer::OfferedPrice::Stripe("price_pro".into()),
+        },
+    )
+    .await
+    .unwrap();
+    let events = vec![
+        expired(&ours, json!({ "client_reference_id": buyer })),
+        // Our metadata, a registered product, a known user.
+        expired(
+            &by_metadata,
+            json!({ "client_reference_id": reader,
+                "metadata": { "user_id": reader, "product_key": "team" } }),
+        ),
+        // A Payment Link opened with ?client_reference_id=<someone>: no product of ours.
+        expired(
+            &link,
+            json!({ "client_reference_id": victim,
+            "payment_link": "plink_1" }),
+        ),
+        // A product nobody registered.
+        expired(
+            &unknown,
+            json!({ "client_reference_id": victim,
+                "metadata": { "product_key": "not-registered" } }),
+        ),
+        // A registered product, but no user to tell.
+        expired(&nobody, json!({ "metadata": { "product_key": "pro" } })),
+    ];
+    // Each delivered twice or more, in any order.
+    let mut twice = events.clone();
+    twice.extend(events.iter().cloned());
+    stack.deliver(&twice, 7).await;
+    let rows = stack
+        .direct
+        .query(
+            "SELECT user_id, payload->>'checkoutSessionId', payload->>'productKey'
+               FROM notifications WHERE kind = 'checkout_abandoned' ORDER BY user_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut notices: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    notices.sort();
+    let mut expected = vec![
+        (buyer, format!("cs_{ours}"), "pro".to_owned()),
+        (reader, format!("cs_{by_metadata}"), "team".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(notices, expected);
+    stack.stop().await;
+}

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::message::Notice;
-use super::projection::{AbandonedCheckout, FeatureFacts, PurchaseFacts, SubscriptionFacts};
+use super::projection::{
+    AbandonedCheckout, FeatureFacts, PurchaseFacts, Registry, SubscriptionFacts,
+};
 
 /// One purchase row to write: the stored row it updates (`None`: a new row) and its facts.
 #[derive(Debug, Clone, PartialEq)]
@@ -233,20 +235,41 @@ impl<T: Clone> Keyed<T> {
     }
 }
 
-/// The `checkout_abandoned` notice of each abandoned checkout, to its user when known.
+/// What this service offered at a Checkout Session it created: its user and product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offered {
+    pub user_id: String,
+    pub product_key: String,
+}
+
+/// The `checkout_abandoned` notice of each abandoned checkout this service offered: a session
+/// it created (`offers`, by session id: that user and product), or one whose metadata names a
+/// registered product and whose user is known (named by the session, or its customer's). A
+/// Payment Link's session (no product of ours, a `client_reference_id` anyone can set) gets
+/// none. At most one per session (the notice's dedupe key).
 #[must_use]
 pub fn abandoned_notices(
     abandoned: &[&AbandonedCheckout],
     owners: &HashMap<String, String>,
+    offers: &HashMap<String, Offered>,
+    registry: &Registry,
 ) -> Vec<Notice> {
     abandoned
         .iter()
-        .map(|a| {
+        .filter_map(|a| {
+            if let Some(offer) = offers.get(&a.session_id) {
+                return Some(Notice::abandoned(
+                    a,
+                    offer.user_id.clone(),
+                    &offer.product_key,
+                ));
+            }
+            let product = registry.get(a.product_key.as_deref()?)?;
             let user = match &a.user_id {
-                Some(user) => Some(user.as_str().to_owned()),
-                None => a.customer_id.as_ref().and_then(|c| owners.get(c).cloned()),
+                Some(user) => user.as_str().to_owned(),
+                None => owners.get(a.customer_id.as_ref()?)?.clone(),
             };
-            Notice::abandoned(a, user)
+            Some(Notice::abandoned(a, user, &product.key))
         })
         .collect()
 }

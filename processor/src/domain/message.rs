@@ -114,14 +114,14 @@ impl Notice {
 
     /// `checkout` expired unpaid; `user_id` is its user when known.
     #[must_use]
-    pub fn abandoned(checkout: &AbandonedCheckout, user_id: Option<String>) -> Self {
+    pub fn abandoned(checkout: &AbandonedCheckout, user_id: String, product_key: &str) -> Self {
         Self {
             kind: NoticeKind::CheckoutAbandoned,
-            user_id,
+            user_id: Some(user_id),
             dedupe_key: format!("checkout_abandoned:{}", checkout.session_id),
             payload: json!({
                 "checkoutSessionId": checkout.session_id,
-                "productKey": checkout.product_key,
+                "productKey": product_key,
                 "recoveryUrl": checkout.recovery_url,
             }),
         }

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join, try_join_all, try_join5};
+use futures_util::future::{try_join, try_join_all, try_join3, try_join5};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
@@ -35,7 +35,7 @@ use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::fold::{self, Purchases};
 use crate::domain::message::Notice;
 use crate::domain::projection::{
-    self, FeatureFacts, Plan, PurchaseFacts, Registry, SubscriptionFacts,
+    self, AbandonedCheckout, FeatureFacts, Plan, PurchaseFacts, Registry, SubscriptionFacts,
 };
 use crate::domain::view::UserSnapshot;
 
@@ -117,6 +117,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
         &purchase_deltas,
         &subscription_deltas,
         &feature_deltas,
+        &abandoned,
         &customers,
     )
     .await?;
@@ -161,7 +162,7 @@ pub(super) async fn merge(db: Db<'_>, events: &[&Event]) -> Result<Merged, Store
     );
     let features = fold::features(stored_features, &feature_deltas, &owners, &mut users);
     count_unmatched(&purchases, &subscriptions, &reads.registry);
-    let notices = fold::abandoned_notices(&abandoned, &owners);
+    let notices = fold::abandoned_notices(&abandoned, &owners, &reads.offers, &reads.registry);
     let new_links: Vec<(&str, &str)> = links
         .iter()
         .filter(|(c, _, _)| reads.new_links.contains(*c))
@@ -245,6 +246,8 @@ struct State {
     registry: Arc<Registry>,
     /// The stored Stripe feature rows of the deltas' customers.
     feature_rows: Vec<Row>,
+    /// What this service offered at the abandoned sessions it created, by session id.
+    offers: HashMap<String, fold::Offered>,
 }
 
 /// One pipeline: the links inserted first (so the customer lookup sees them), then the purchase
@@ -255,8 +258,11 @@ async fn read_state(
     purchase_deltas: &[(usize, &PurchaseFacts)],
     subscription_deltas: &[(usize, &SubscriptionFacts)],
     feature_deltas: &[(usize, &FeatureFacts)],
+    abandoned: &[&AbandonedCheckout],
     customers: &BTreeSet<&str>,
 ) -> Result<State, StoreError> {
+    let abandoned_sessions: Vec<&str> = abandoned.iter().map(|a| a.session_id.as_str()).collect();
+    let abandoned_params: [Param<'_>; 1] = [(&abandoned_sessions, Type::TEXT_ARRAY)];
     let feature_customers: Vec<&str> = feature_deltas
         .iter()
         .map(|(_, d)| d.customer_id.as_str())
@@ -299,39 +305,50 @@ async fn read_state(
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) FOR UPDATE");
     let customer_params: [Param<'_>; 1] = [(&customer_ids, Type::TEXT_ARRAY)];
-    let ((new_links, purchase_rows, subscription_rows, customer_rows, generation), feature_rows) =
-        try_join(
-            try_join5(
-                when(!links.is_empty(), async {
-                    db.query(
-                        "INSERT INTO customers (customer_id, user_id)
+    let (
+        (new_links, purchase_rows, subscription_rows, customer_rows, generation),
+        feature_rows,
+        offer_rows,
+    ) = try_join3(
+        try_join5(
+            when(!links.is_empty(), async {
+                db.query(
+                    "INSERT INTO customers (customer_id, user_id)
                  SELECT * FROM unnest($1::text[], $2::text[])
                  ON CONFLICT (customer_id) DO NOTHING
                  RETURNING customer_id",
-                        &link_params,
-                    )
-                    .await
-                }),
-                when(!purchase_deltas.is_empty(), async {
-                    db.query(&purchases_sql, &purchase_params).await
-                }),
-                when(!subscription_deltas.is_empty(), async {
-                    db.query(&subscriptions_sql, &subscription_params).await
-                }),
-                when(!customer_ids.is_empty(), async {
-                    db.query(
-                        "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
-                        &customer_params,
-                    )
-                    .await
-                }),
-                db.query(registry::GENERATION_SQL, &[]),
-            ),
-            when(!feature_deltas.is_empty(), async {
-                db.query(&features_sql, &feature_params).await
+                    &link_params,
+                )
+                .await
             }),
-        )
-        .await?;
+            when(!purchase_deltas.is_empty(), async {
+                db.query(&purchases_sql, &purchase_params).await
+            }),
+            when(!subscription_deltas.is_empty(), async {
+                db.query(&subscriptions_sql, &subscription_params).await
+            }),
+            when(!customer_ids.is_empty(), async {
+                db.query(
+                    "SELECT customer_id, user_id FROM customers WHERE customer_id = ANY($1)",
+                    &customer_params,
+                )
+                .await
+            }),
+            db.query(registry::GENERATION_SQL, &[]),
+        ),
+        when(!feature_deltas.is_empty(), async {
+            db.query(&features_sql, &feature_params).await
+        }),
+        when(!abandoned.is_empty(), async {
+            db.query(
+                "SELECT session_id, user_id, product_key FROM checkout_offers
+                      WHERE session_id = ANY($1)",
+                &abandoned_params,
+            )
+            .await
+        }),
+    )
+    .await?;
     Ok(State {
         new_links: new_links
             .iter()
@@ -345,6 +362,18 @@ async fn read_state(
             .collect::<Result<_, tokio_postgres::Error>>()?,
         registry: registry::at(db, &registry::Stamp::from_rows(&generation)?).await?,
         feature_rows,
+        offers: offer_rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    fold::Offered {
+                        user_id: r.try_get(1)?,
+                        product_key: r.try_get(2)?,
+                    },
+                ))
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()?,
     })
 }
 

@@ -33,10 +33,6 @@ use crate::domain::events::{
 };
 use shared::ids::UserId;
 
-/// The product key an abandoned-checkout notification names when the session's metadata names
-/// none. It never grants anything: grants come from the [`Registry`] only.
-pub const DEFAULT_PRODUCT_KEY: &str = "pro";
-
 /// What one event contributes. Every part is optional; an empty plan changes nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
@@ -65,7 +61,9 @@ pub struct AbandonedCheckout {
     pub session_id: String,
     pub user_id: Option<UserId>,
     pub customer_id: Option<String>,
-    pub product_key: String,
+    /// `metadata.product_key` (set by this service's checkout); a Payment Link's session has
+    /// none.
+    pub product_key: Option<String>,
     pub recovery_url: Option<String>,
 }
 
@@ -196,10 +194,7 @@ pub fn plan(event: &Event) -> Plan {
                 session_id: s.id.clone(),
                 user_id: s.user_id.clone(),
                 customer_id: s.customer.clone(),
-                product_key: s
-                    .product_key
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_PRODUCT_KEY.to_owned()),
+                product_key: s.product_key.clone(),
                 recovery_url: s.recovery_url.clone(),
             }),
             ..Plan::default()
