@@ -216,12 +216,16 @@ fn foreign_session(fake: &FakeStripe, user: &str) -> Value {
     session
 }
 
-/// A sample event of `user` (no checkout session: it needs no Stripe read).
+/// A sample event of `user`'s Pro purchase `object` that needs no Stripe read: a paid checkout
+/// carries its line items (price `price_pro`), as a session expanded by its sender does.
 fn sample_event(event_id: &str, event_type: &str, user: &str, object: &str) -> Vec<u8> {
     let sample = shared::samples::Sample::pro(user, object);
-    shared::samples::event(event_id, event_type, &sample)
-        .to_string()
-        .into_bytes()
+    let mut event = shared::samples::event(event_id, event_type, &sample);
+    if event_type == "checkout.session.completed" {
+        event["data"]["object"]["line_items"] =
+            serde_json::json!({ "object": "list", "data": [ { "price": { "id": "price_pro" } } ] });
+    }
+    event.to_string().into_bytes()
 }
 
 async fn publish_body(broker: &TestBroker, body: &[u8]) -> String {
@@ -249,7 +253,7 @@ async fn while_stripe_fails_only_the_purchases_that_need_it_wait_and_none_is_par
         &broker,
         &sample_event(
             &unique("evt"),
-            "payment_intent.succeeded",
+            "checkout.session.completed",
             &refunded_user,
             &refunded_object,
         ),
@@ -516,7 +520,7 @@ async fn more_foreign_sessions_than_the_completions_hold_wait_in_the_stripe_queu
             let other = &others[n / 5];
             let body = sample_event(
                 &unique("evt"),
-                "payment_intent.succeeded",
+                "checkout.session.completed",
                 other,
                 &unique("o"),
             );
@@ -545,5 +549,62 @@ async fn more_foreign_sessions_than_the_completions_hold_wait_in_the_stripe_queu
     );
     assert_eq!(broker.depth(&broker.topology.stripe_queue()).await, 0);
     assert_eq!(broker.dead_letter_depth().await, 0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stripe_does_not_know_and_a_lone_payment_intent_grant_nothing() {
+    let fake = FakeStripe::start().await;
+    let (api, broker, worker) = start(&fake).await;
+    let direct = system_tests::worker::pg(&api.db.url).await;
+    // A session of another account or mode: Stripe answers resource_missing for it, whatever
+    // its metadata claims.
+    let (stranger, lone, control) = (unique("u"), unique("u"), unique("u"));
+    let session = json!({ "id": unique("cs_other_account"), "object": "checkout.session",
+        "mode": "payment", "client_reference_id": stranger, "customer": null,
+        "metadata": { "user_id": stranger, "product_key": "pro" } });
+    let unknown = unique("evt");
+    // A payment intent with our metadata naming Pro, at a dollar, with no session.
+    let mut intent: Value = serde_json::from_slice(&sample_event(
+        &unique("evt"),
+        "payment_intent.succeeded",
+        &lone,
+        &unique("o"),
+    ))
+    .unwrap();
+    intent["data"]["object"]["amount"] = json!(100);
+    intent["data"]["object"]["amount_received"] = json!(100);
+    let intent = intent.to_string().into_bytes();
+    let granted = sample_event(
+        &unique("evt"),
+        "checkout.session.completed",
+        &control,
+        &unique("o"),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(publish_body(&broker, &completed(&unknown, &session)).await);
+        ids.push(publish_body(&broker, &intent).await);
+        ids.push(publish_body(&broker, &granted).await);
+    }
+    for id in &ids {
+        wait_processed(&direct, id).await;
+    }
+    assert!(is_pro(&api, &control).await, "the control purchase grants");
+    for user in [&stranger, &lone] {
+        assert!(!is_pro(&api, user).await, "{user} was granted");
+    }
+    // Both payments are recorded, with their money trail, and grant nothing.
+    let recorded = api
+        .count(&format!(
+            "SELECT count(*) FROM purchases WHERE paid AND user_id IN ('{stranger}', '{lone}')"
+        ))
+        .await;
+    assert_eq!(recorded, 2);
+    assert_eq!(
+        line_item_reads(&fake, session["id"].as_str().unwrap()),
+        1,
+        "read once, its redelivery recognised"
+    );
     worker.stop().await;
 }

@@ -126,7 +126,8 @@ pub fn needs_stripe(event: &Event, has_key: bool) -> bool {
 }
 
 /// `session` with the price of its first line item, read from Stripe when the payload had none.
-/// A session Stripe does not know (another account or mode) keeps its payload's shape.
+/// A session Stripe does not know (another account or mode) is marked so: it grants nothing,
+/// whatever its metadata says.
 async fn with_line_item(
     stripe: Option<&StripeClient>,
     mut session: CheckoutSession,
@@ -146,7 +147,11 @@ async fn with_line_item(
             session.line_items_known = true;
             Ok(session)
         }
-        Err(error) if error.is_resource_missing() => Ok(session),
+        Err(error) if error.is_resource_missing() => {
+            session.line_items_known = true;
+            session.unknown_to_stripe = true;
+            Ok(session)
+        }
         Err(error) => Err(error.into()),
     }
 }

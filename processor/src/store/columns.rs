@@ -35,6 +35,7 @@ pub(super) struct PurchaseColumns {
     pub(super) dispute: Vec<&'static str>,
     pub(super) dispute_id: Vec<Option<String>>,
     pub(super) disputes: Vec<serde_json::Value>,
+    pub(super) unknown_to_stripe: Vec<bool>,
     pub(super) purchased_at: Vec<Option<DateTime<Utc>>>,
     pub(super) refunded_at: Vec<Option<DateTime<Utc>>>,
     pub(super) refund_reason: Vec<Option<String>>,
@@ -74,6 +75,7 @@ impl PurchaseColumns {
         self.dispute_id
             .push(f.latest_dispute_id().map(str::to_owned));
         self.disputes.push(disputes_column(&f.disputes));
+        self.unknown_to_stripe.push(f.unknown_to_stripe);
         self.purchased_at.push(opt_timestamp(f.paid_at)?);
         self.refunded_at.push(opt_timestamp(f.refunded_at)?);
         self.refund_reason
@@ -85,7 +87,7 @@ impl PurchaseColumns {
         Ok(())
     }
 
-    /// The 24 data columns ($1…$24), for both the insert and the update.
+    /// The 25 data columns ($1…$25), for both the insert and the update.
     pub(super) fn params(&self) -> Vec<Param<'_>> {
         vec![
             (&self.user_id, Type::TEXT_ARRAY),
@@ -112,15 +114,16 @@ impl PurchaseColumns {
             (&self.refund_id, Type::TEXT_ARRAY),
             (&self.price_id, Type::TEXT_ARRAY),
             (&self.disputes, Type::JSONB_ARRAY),
+            (&self.unknown_to_stripe, Type::BOOL_ARRAY),
         ]
     }
 }
 
-/// `unnest` of the 24 purchase data columns (`$1…$24`) as `u(...)`, with the row id as `$25`
+/// `unnest` of the 25 purchase data columns (`$1…$25`) as `u(...)`, with the row id as `$26`
 /// when `with_id`.
 pub(super) fn purchase_unnest(with_id: bool) -> String {
     let (id_param, id_column) = if with_id {
-        (", $25::int8[]", ", id")
+        (", $26::int8[]", ", id")
     } else {
         ("", "")
     };
@@ -129,12 +132,12 @@ pub(super) fn purchase_unnest(with_id: bool) -> String {
          $7::int8[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
          $13::bool[], $14::bool[], $15::bool[], $16::text[], $17::text[], \
          $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[], \
-         $23::text[], $24::jsonb[]{id_param}) \
+         $23::text[], $24::jsonb[], $25::bool[]{id_param}) \
          AS u(user_id, customer_id, product_key, checkout_session_id, payment_intent_id, \
          charge_id, amount_paid_cents, currency, platform_fee_cents, organization_fee_cents, \
          creator_payout_cents, status, paid, payment_failed, fully_refunded, dispute_status, \
          dispute_id, purchased_at, refunded_at, refund_reason, refund_amount_cents, \
-         stripe_refund_id, price_id, disputes{id_column})"
+         stripe_refund_id, price_id, disputes, unknown_to_stripe{id_column})"
     )
 }
 

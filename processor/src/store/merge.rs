@@ -551,7 +551,8 @@ async fn write_state(
              purchased_at = u.purchased_at, refunded_at = u.refunded_at,
              refund_reason = u.refund_reason, refund_amount_cents = u.refund_amount_cents,
              stripe_refund_id = u.stripe_refund_id, price_id = u.price_id,
-             disputes = u.disputes, updated_at = now()
+             disputes = u.disputes, unknown_to_stripe = u.unknown_to_stripe,
+             updated_at = now()
            FROM {}
           WHERE p.id = u.id",
         purchase_unnest(true)
@@ -561,7 +562,8 @@ async fn write_state(
              payment_intent_id, charge_id, amount_paid_cents, currency, platform_fee_cents,
              organization_fee_cents, creator_payout_cents, status, paid, payment_failed,
              fully_refunded, dispute_status, dispute_id, purchased_at, refunded_at,
-             refund_reason, refund_amount_cents, stripe_refund_id, price_id, disputes)
+             refund_reason, refund_amount_cents, stripe_refund_id, price_id, disputes,
+             unknown_to_stripe)
          SELECT * FROM {}",
         purchase_unnest(false)
     );

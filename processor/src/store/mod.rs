@@ -184,7 +184,7 @@ const LOCK_CLASS: i32 = 0x454e_5431;
 pub const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
      checkout_session_id, payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
      payment_failed, refund_amount_cents, stripe_refund_id, refund_reason, fully_refunded, \
-     refunded_at, disputes, duplicate";
+     refunded_at, disputes, duplicate, unknown_to_stripe";
 
 /// The `subscriptions` columns [`subscription_facts`] reads.
 pub const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
@@ -696,6 +696,7 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
             fully_refunded: row.try_get("fully_refunded")?,
             refunded_at: secs(row.try_get("refunded_at")?),
             disputes: columns::disputes_from_column(&disputes)?,
+            unknown_to_stripe: row.try_get("unknown_to_stripe")?,
         },
     ))
 }

@@ -134,6 +134,9 @@ pub struct CheckoutSession {
     /// were completed from this service's own offer or from Stripe (`price_id` may still be
     /// `None` then: an ad-hoc `price_data` price known by amount and currency).
     pub line_items_known: bool,
+    /// Stripe answered `resource_missing` for the session (another account or mode): nothing
+    /// it says can be checked, so it grants nothing.
+    pub unknown_to_stripe: bool,
     pub amount_total: Option<i64>,
     pub currency: Option<String>,
     /// `after_expiration.recovery.url` (only on expired sessions with recovery enabled).
@@ -582,6 +585,7 @@ fn checkout_session(obj: wire::CheckoutSession) -> Result<CheckoutSession, Event
         user_id: user,
         product_key: obj.metadata.product_key(),
         line_items_known: obj.line_items.as_ref().is_some(),
+        unknown_to_stripe: false,
         price_id: obj.line_items.items().next().and_then(wire::Item::price_id),
         amount_total: obj.amount_total.get(),
         currency: obj.currency.text(),

@@ -161,6 +161,7 @@ pub fn plan(event: &Event) -> Plan {
                         paid,
                         paid_at: paid.then_some(at),
                         failed,
+                        unknown_to_stripe: s.unknown_to_stripe,
                         ..PurchaseFacts::default()
                     });
                 }

@@ -44,6 +44,9 @@ pub struct PurchaseFacts {
     pub refunded_at: Option<i64>,
     /// Every dispute of the payment, by dispute id.
     pub disputes: BTreeMap<String, DisputeFacts>,
+    /// Stripe answered `resource_missing` for its Checkout Session (another account or mode):
+    /// it grants nothing.
+    pub unknown_to_stripe: bool,
 }
 
 /// A dispute's status as reported by one event, at its `created`.
@@ -256,6 +259,7 @@ impl PurchaseFacts {
             fully_refunded: self.fully_refunded || other.fully_refunded,
             refunded_at: min_known(self.refunded_at, other.refunded_at),
             disputes: merge_disputes(self.disputes, other.disputes),
+            unknown_to_stripe: self.unknown_to_stripe || other.unknown_to_stripe,
         }
     }
 

@@ -227,6 +227,9 @@ impl Registry {
     /// The product a purchase paid for, if what was paid matches one (module invariants).
     #[must_use]
     pub fn purchase_product(&self, p: &PurchaseFacts) -> Option<&Product> {
+        if p.unknown_to_stripe {
+            return None;
+        }
         match (&p.price_id, &p.product_key) {
             (Some(price), key) => match self.by_price(price) {
                 Some(product) => key
@@ -242,10 +245,13 @@ impl Registry {
                     .then_some(product)
                 }
             },
+            // Our metadata alone: an item sold by amount at an amount it was sold at; a product
+            // sold at a Stripe price only with its Checkout Session (the price paid is that
+            // session's: a payment intent alone says nothing of it).
             (None, Some(key)) => {
                 let product = self.get(key)?;
-                product
-                    .amount_matches(p.amount_cents, p.currency.as_deref())
+                let priced = product.sold_by_amount() || p.checkout_session_id.is_some();
+                (priced && product.amount_matches(p.amount_cents, p.currency.as_deref()))
                     .then_some(product)
             }
             (None, None) => None,
@@ -297,8 +303,10 @@ mod tests {
         }
     }
 
+    /// A paid purchase known through its Checkout Session.
     fn paid(key: Option<&str>, price: Option<&str>, amount: i64) -> PurchaseFacts {
         PurchaseFacts {
+            checkout_session_id: Some("cs_1".into()),
             product_key: key.map(str::to_owned),
             price_id: price.map(str::to_owned),
             amount_cents: Some(amount),
@@ -322,6 +330,23 @@ mod tests {
         );
         assert_eq!(key(&paid(Some("pro"), None, 4900)), Some("pro"));
         assert_eq!(key(&paid(Some("video"), None, 1500)), Some("video"));
+        // A payment intent alone: the amount decides an item; a product sold at a Stripe
+        // price needs its session (the price paid is the session's).
+        let intent = |key: &str, amount: i64| PurchaseFacts {
+            checkout_session_id: None,
+            payment_intent_id: Some("pi_1".into()),
+            ..paid(Some(key), None, amount)
+        };
+        assert_eq!(key(&intent("pro", 4900)), None);
+        assert_eq!(key(&intent("pro", 50)), None);
+        assert_eq!(key(&intent("video", 1500)), Some("video"));
+        assert_eq!(key(&intent("video", 50)), None);
+        // A session Stripe does not know grants nothing, whatever it says.
+        let unknown = PurchaseFacts {
+            unknown_to_stripe: true,
+            ..paid(Some("pro"), Some("price_pro"), 4900)
+        };
+        assert_eq!(key(&unknown), None);
         // The ad-hoc price Checkout creates for price_data.
         assert_eq!(
             key(&paid(Some("video"), Some("price_adhoc"), 1500)),

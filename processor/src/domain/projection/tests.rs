@@ -930,6 +930,7 @@ fn expired_checkout_plans_an_abandoned_notification_with_its_recovery_url() {
 #[test]
 fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
     let purchase = PurchaseFacts {
+        checkout_session_id: Some("cs".into()),
         payment_intent_id: Some("pi".into()),
         product_key: Some("pro".into()),
         paid: true,
@@ -942,6 +943,7 @@ fn lifetime_purchase_outranks_an_expired_subscription_for_the_same_key() {
         ..SubscriptionFacts::new("sub".into())
     };
     let refunded = PurchaseFacts {
+        checkout_session_id: Some("cs_old".into()),
         payment_intent_id: Some("pi_old".into()),
         fully_refunded: true,
         ..purchase.clone()
