@@ -370,3 +370,187 @@ async fn abandoned_checkout_notices_only_for_what_was_offered_and_once_per_sessi
     assert_eq!(notices, expected);
     stack.stop().await;
 }
+
+/// A sample event of `user`'s `team` subscription `object` (invoice `in_{object}`, paid by
+/// `pi_{object}` with charge `ch_{object}`), at `created`.
+fn team_event(user: &str, object: &str, event_type: &str, created: i64) -> Value {
+    let sample = Sample {
+        user,
+        product: "team",
+        object,
+        amount: 1900,
+        created,
+        subscription: true,
+    };
+    samples::event(&unique("evt"), event_type, &sample)
+}
+
+/// `invoice_payment.paid`: `payment_intent` paid `invoice`, as API versions since basil tie them.
+fn invoice_payment(invoice: &str, payment_intent: &str, created: i64) -> Value {
+    json!({ "id": unique("evt"), "object": "event", "type": "invoice_payment.paid",
+        "created": created, "livemode": false, "data": { "object": {
+            "id": format!("inpay_{invoice}"), "object": "invoice_payment", "invoice": invoice,
+            "status": "paid", "amount_paid": 1900, "currency": "usd",
+            "payment": { "type": "payment_intent", "payment_intent": payment_intent } } } })
+}
+
+/// The events of `user`'s `team` subscription `object`, paid by invoice `in_{object}` whose
+/// payment is tied to it by an `invoice_payment.paid`.
+fn team_subscription(user: &str, object: &str, created: i64) -> Vec<Value> {
+    let mut events: Vec<Value> = [
+        "customer.subscription.created",
+        "checkout.session.completed",
+        "invoice.paid",
+    ]
+    .iter()
+    .map(|t| team_event(user, object, t, created))
+    .collect();
+    events.push(invoice_payment(
+        &format!("in_{object}"),
+        &format!("pi_{object}"),
+        created,
+    ));
+    events
+}
+
+async fn team_status(stack: &Stack, user: &str) -> String {
+    let (status, body) = stack.api.get("/api/entitlements", user).await;
+    assert_eq!(status, 200, "{body}");
+    body["entitlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "team")
+        .map_or_else(
+            || "none".to_owned(),
+            |e| e["status"].as_str().unwrap().to_owned(),
+        )
+}
+
+/// A subscription chargeback history: what it is, its dispute statuses by day, whether a later
+/// renewal is paid, the status expected.
+type Situation = (
+    &'static str,
+    &'static [(i64, &'static str)],
+    bool,
+    &'static str,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chargeback_on_a_subscription_payment_decides_the_subscription_in_any_order() {
+    let stack = Stack::start().await;
+    let t0 = chrono::Utc::now().timestamp() - 20 * 86_400;
+    let day = 86_400;
+    // (situation, dispute statuses by day, a later renewal paid, expected status).
+    let situations: [Situation; 5] = [
+        (
+            "a chargeback open",
+            &[(2, "needs_response")],
+            false,
+            "suspended",
+        ),
+        (
+            "a chargeback won",
+            &[(2, "needs_response"), (9, "won")],
+            false,
+            "active",
+        ),
+        (
+            "a chargeback lost",
+            &[(2, "needs_response"), (9, "lost")],
+            false,
+            "revoked",
+        ),
+        (
+            "an inquiry",
+            &[(2, "warning_needs_response")],
+            false,
+            "active",
+        ),
+        (
+            "a chargeback lost, then the next renewal paid",
+            &[(2, "needs_response"), (9, "lost")],
+            true,
+            "active",
+        ),
+    ];
+    for (n, (what, statuses, renewed, expected)) in situations.iter().enumerate() {
+        for round in 0..ROUNDS {
+            let (user, object) = (unique("u"), unique("o"));
+            let mut events = team_subscription(&user, &object, t0);
+            for (at, status) in *statuses {
+                let event_type = if ["won", "lost"].contains(status) {
+                    "charge.dispute.closed"
+                } else {
+                    "charge.dispute.created"
+                };
+                events.push(dispute(
+                    &object,
+                    event_type,
+                    t0 + at * day,
+                    &format!("dp_{object}"),
+                    status,
+                ));
+            }
+            if *renewed {
+                // The next period's invoice, paid after the loss (another invoice, another payment).
+                let next = format!("{object}_next");
+                let mut paid = team_event(&user, &object, "invoice.paid", t0 + 12 * day);
+                paid["data"]["object"]["id"] = json!(format!("in_{next}"));
+                events.push(paid);
+                events.push(invoice_payment(
+                    &format!("in_{next}"),
+                    &format!("pi_{next}"),
+                    t0 + 12 * day,
+                ));
+            }
+            stack.deliver(&events, 3_000 + n as u64 * 100 + round).await;
+            assert_eq!(
+                team_status(&stack, &user).await,
+                *expected,
+                "{what}, order {round}"
+            );
+            // Its payments are the subscription's, not purchases of their own.
+            let (_, purchases) = stack.api.get("/api/purchases", &user).await;
+            assert_eq!(purchases["pagination"]["totalCount"], 0, "{purchases}");
+        }
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_refund_of_a_subscriptions_latest_payment_ends_its_access_by_default() {
+    let stack = Stack::start().await;
+    let t0 = chrono::Utc::now().timestamp() - 5 * 86_400;
+    for round in 0..ROUNDS {
+        let (user, object) = (unique("u"), unique("o"));
+        let mut events = team_subscription(&user, &object, t0);
+        events.push(team_event(&user, &object, "charge.refunded", t0 + 86_400));
+        stack.deliver(&events, 4_000 + round).await;
+        assert_eq!(team_status(&stack, &user).await, "revoked", "order {round}");
+        let (_, purchases) = stack.api.get("/api/purchases", &user).await;
+        assert_eq!(
+            purchases["pagination"]["totalCount"], 0,
+            "a subscription's payment is not a purchase: {purchases}"
+        );
+    }
+    // SUBSCRIPTION_REFUND_POLICY=keep_until_period_end, written as start-up writes it: every
+    // process resolves with it from then on.
+    let keep = processor::domain::projection::SubscriptionPolicy {
+        refund: processor::domain::projection::RefundPolicy::KeepUntilPeriodEnd,
+        past_due_grace: None,
+    };
+    processor::registry::sync_policy(&stack.api.pool, keep)
+        .await
+        .unwrap();
+    let (user, object) = (unique("u"), unique("o"));
+    let mut events = team_subscription(&user, &object, t0);
+    events.push(team_event(&user, &object, "charge.refunded", t0 + 86_400));
+    stack.deliver(&events, 5_000).await;
+    assert_eq!(
+        team_status(&stack, &user).await,
+        "active",
+        "kept to the period's end"
+    );
+    stack.stop().await;
+}

@@ -175,7 +175,7 @@ async fn state(client: &Client) -> State {
         purchases: rows(
             client,
             "SELECT to_jsonb(p) - 'id' - 'created_at' - 'updated_at' FROM purchases p
-              ORDER BY payment_intent_id, checkout_session_id",
+              ORDER BY payment_intent_id, checkout_session_id, charge_id, invoice_id",
         )
         .await,
         subscriptions: rows(

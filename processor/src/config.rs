@@ -26,6 +26,7 @@ use shared::telemetry::LogFormat;
 use shared::topology::Topology;
 
 use crate::catalog::Catalog;
+use crate::domain::projection::{RefundPolicy, SubscriptionPolicy};
 use crate::stripe::StripeConfig;
 
 pub use shared::amqp::DEFAULT_AMQP_URL;
@@ -70,6 +71,9 @@ pub struct Config {
     pub scope: Scope,
     /// `STRIPE_PRICE_PRO_LIFETIME` and `CATALOG_FILE`: the configured products.
     pub catalog: Catalog,
+    /// `SUBSCRIPTION_REFUND_POLICY` and `SUBSCRIPTION_GRACE`: how subscriptions answer for
+    /// their payments, written beside the products at start-up.
+    pub subscription_policy: SubscriptionPolicy,
 
     /// Most deliveries processed in one Postgres transaction.
     pub batch_size: usize,
@@ -271,6 +275,7 @@ impl Config {
             stripe,
             scope,
             catalog: Catalog::from_env(env)?,
+            subscription_policy: subscription_policy_from_env(env)?,
             batch_size: usize::from(prefetch).min(64),
             // A set-based batch costs about the same few round trips at 8 events as at 64, so
             // lanes get full batches: one lane per 64 prefetched deliveries, at most 8
@@ -292,6 +297,35 @@ impl Config {
             outbox: OutboxConfig::from_env(env)?,
         })
     }
+}
+
+/// `SUBSCRIPTION_REFUND_POLICY` (`end_access`, the default, or `keep_until_period_end`) and
+/// `SUBSCRIPTION_GRACE` (`period`, the default: a past-due subscription keeps access until the
+/// end of its period; or a duration such as `0s` or `3d`: that long after it fell past due).
+fn subscription_policy_from_env(env: &Env) -> Result<SubscriptionPolicy, ConfigError> {
+    let refund = match env.get("SUBSCRIPTION_REFUND_POLICY") {
+        None | Some("") => RefundPolicy::default(),
+        Some(raw) => RefundPolicy::parse(raw.trim()).ok_or_else(|| {
+            ConfigError::new(
+                "SUBSCRIPTION_REFUND_POLICY",
+                "must be end_access or keep_until_period_end",
+            )
+        })?,
+    };
+    let past_due_grace = match env.get("SUBSCRIPTION_GRACE").map(str::trim) {
+        None | Some("" | "period") => None,
+        Some(raw) => {
+            let grace = shared::config::parse_duration(raw)
+                .map_err(|e| ConfigError::new("SUBSCRIPTION_GRACE", format!("{e}, or period")))?;
+            Some(i64::try_from(grace.as_secs()).map_err(|_| {
+                ConfigError::new("SUBSCRIPTION_GRACE", "is longer than anyone can wait")
+            })?)
+        }
+    };
+    Ok(SubscriptionPolicy {
+        refund,
+        past_due_grace,
+    })
 }
 
 /// The events this service takes: the mode of `STRIPE_SECRET_KEY`, or `STRIPE_MODE` (`live` or
@@ -402,6 +436,7 @@ impl fmt::Debug for Config {
             .field("metrics_addr", &self.metrics_addr)
             .field("stripe", &self.stripe)
             .field("catalog", &self.catalog)
+            .field("subscription_policy", &self.subscription_policy)
             .field("batch_size", &self.batch_size)
             .field("lanes", &self.lanes)
             .field("claim_ttl", &self.claim_ttl)
@@ -570,5 +605,36 @@ mod tests {
         assert_eq!(lanes_for(256), 4);
         assert_eq!(lanes_for(512), 8);
         assert_eq!(lanes_for(u16::MAX), 8);
+    }
+
+    #[test]
+    fn the_subscription_policy_is_read_and_a_bad_value_names_its_variable() {
+        let base = [("DATABASE_URL", "postgres://postgres@127.0.0.1/x")];
+        let config = Config::from_env(&Env::from_pairs(base)).unwrap();
+        assert_eq!(config.subscription_policy, SubscriptionPolicy::default());
+        assert_eq!(config.subscription_policy.refund, RefundPolicy::EndAccess);
+        assert_eq!(config.subscription_policy.past_due_grace, None);
+        let env = Env::from_pairs([
+            ("SUBSCRIPTION_REFUND_POLICY", "keep_until_period_end"),
+            ("SUBSCRIPTION_GRACE", "3d"),
+        ]);
+        let policy = Config::from_env(&env).unwrap().subscription_policy;
+        assert_eq!(policy.refund, RefundPolicy::KeepUntilPeriodEnd);
+        assert_eq!(policy.past_due_grace, Some(3 * 86_400));
+        let zero = Env::from_pairs([("SUBSCRIPTION_GRACE", "0s")]);
+        assert_eq!(
+            Config::from_env(&zero)
+                .unwrap()
+                .subscription_policy
+                .past_due_grace,
+            Some(0)
+        );
+        for (var, bad) in [
+            ("SUBSCRIPTION_REFUND_POLICY", "sometimes"),
+            ("SUBSCRIPTION_GRACE", "a while"),
+        ] {
+            let err = Config::from_env(&Env::from_pairs([(var, bad)])).unwrap_err();
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 }

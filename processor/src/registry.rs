@@ -21,7 +21,9 @@ use tokio_postgres::GenericClient;
 
 use crate::catalog::Catalog;
 use crate::domain::events::CheckoutMode;
-use crate::domain::projection::{BPS_WHOLE, Product, ProductStatus, is_price_id, is_product_key};
+use crate::domain::projection::{
+    BPS_WHOLE, Product, ProductStatus, SubscriptionPolicy, is_price_id, is_product_key,
+};
 use crate::store::{PRODUCT_COLUMNS, StoreError, product_from_row};
 
 /// Where a product row comes from.
@@ -256,6 +258,26 @@ pub async fn list(
         .iter()
         .map(product_from_row)
         .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Writes the subscription policy beside the products (one per deployment: the last process
+/// started with a different one sets it), bumping the registry's generation when it changes so
+/// every process resolves with it.
+///
+/// # Errors
+/// [`RegistryError::Store`] on a database failure.
+pub async fn sync_policy(pool: &Pool, policy: SubscriptionPolicy) -> Result<(), RegistryError> {
+    let client = pool.get().await.map_err(StoreError::from)?;
+    client
+        .execute(
+            "UPDATE registry_generation
+                SET refund_policy = $1, past_due_grace_seconds = $2, generation = generation + 1
+              WHERE (refund_policy, past_due_grace_seconds) IS DISTINCT FROM ($1, $2)",
+            &[&policy.refund.as_str(), &policy.past_due_grace],
+        )
+        .await
+        .map_err(StoreError::from)?;
+    Ok(())
 }
 
 /// Registers or replaces an admin product. Returns the stored product and whether it was new.

@@ -27,14 +27,17 @@ pub enum StartError {
     Registry(String),
 }
 
-/// Writes the configured products (`STRIPE_PRICE_PRO_LIFETIME`, `CATALOG_FILE`) into the
-/// product registry.
+/// Writes the configured products (`STRIPE_PRICE_PRO_LIFETIME`, `CATALOG_FILE`) and the
+/// subscription policy (`SUBSCRIPTION_REFUND_POLICY`, `SUBSCRIPTION_GRACE`) into the registry.
 ///
 /// # Errors
 /// [`StartError::Registry`] when the catalog is invalid or the change is refused (a price still
 /// used by live subscriptions; the message names it).
 pub async fn sync_catalog(config: &Config, pool: &Pool) -> Result<(), StartError> {
     registry::sync_config(pool, &config.catalog)
+        .await
+        .map_err(|e| StartError::Registry(e.to_string()))?;
+    registry::sync_policy(pool, config.subscription_policy)
         .await
         .map_err(|e| StartError::Registry(e.to_string()))
 }

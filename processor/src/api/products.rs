@@ -185,7 +185,7 @@ pub(crate) async fn unmatched(
     let mut out = Vec::new();
     for row in &purchase_rows {
         let p = store::purchase_facts(row).map_err(ApiError::internal)?;
-        if registry.purchase_product(&p).is_none() {
+        if !p.is_invoice_payment() && registry.purchase_product(&p).is_none() {
             out.push(Unmatched {
                 kind: "purchase",
                 id: p.source_id().unwrap_or_default().to_owned(),

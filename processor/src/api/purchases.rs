@@ -167,7 +167,10 @@ pub(crate) async fn list(
     let client = state.pool.get().await.map_err(ApiError::database)?;
     let user = user.as_str();
     let status = query.status.as_deref();
-    let filter = "user_id = $1 AND ($2::text IS NULL OR status = $2)";
+    let filter = format!(
+        "user_id = $1 AND ($2::text IS NULL OR status = $2) AND {}",
+        crate::store::A_PURCHASE
+    );
     let count_sql = format!("SELECT count(*) FROM purchases WHERE {filter}");
     let page_sql = format!(
         "SELECT {COLUMNS} FROM purchases WHERE {filter}
@@ -216,7 +219,10 @@ pub(crate) async fn one(
     let client = state.pool.get().await.map_err(ApiError::database)?;
     let row = client
         .query_typed_opt(
-            &format!("SELECT {COLUMNS} FROM purchases WHERE id = $1 AND user_id = $2"),
+            &format!(
+                "SELECT {COLUMNS} FROM purchases WHERE id = $1 AND user_id = $2 AND {}",
+                crate::store::A_PURCHASE
+            ),
             &[(&id, Type::INT8), (&user.as_str(), Type::TEXT)],
         )
         .await

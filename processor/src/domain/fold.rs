@@ -4,7 +4,7 @@
 //!
 //! Invariant: a row only ever holds the join of the facts that share one of its Stripe ids, so
 //! the rows after a batch are the connected components (by shared checkout session, payment
-//! intent or charge id) of the stored rows and the batch's facts, each folded with
+//! intent, charge or invoice id) of the stored rows and the batch's facts, each folded with
 //! [`PurchaseFacts::merge`], in any order; subscriptions and a customer's features are grouped
 //! by id the same way. Any grouping or order of events gives the same rows.
 
@@ -71,6 +71,7 @@ pub fn purchases(
             (0, &facts.checkout_session_id),
             (1, &facts.payment_intent_id),
             (2, &facts.charge_id),
+            (3, &facts.invoice_id),
         ] {
             let Some(id) = id else { continue };
             match seen.get(&(column, id.as_str())) {

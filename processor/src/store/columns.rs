@@ -36,6 +36,8 @@ pub(super) struct PurchaseColumns {
     pub(super) dispute_id: Vec<Option<String>>,
     pub(super) disputes: Vec<serde_json::Value>,
     pub(super) unknown_to_stripe: Vec<bool>,
+    pub(super) invoice_id: Vec<Option<String>>,
+    pub(super) subscription_id: Vec<Option<String>>,
     pub(super) purchased_at: Vec<Option<DateTime<Utc>>>,
     pub(super) refunded_at: Vec<Option<DateTime<Utc>>>,
     pub(super) refund_reason: Vec<Option<String>>,
@@ -76,6 +78,8 @@ impl PurchaseColumns {
             .push(f.latest_dispute_id().map(str::to_owned));
         self.disputes.push(disputes_column(&f.disputes));
         self.unknown_to_stripe.push(f.unknown_to_stripe);
+        self.invoice_id.push(f.invoice_id.clone());
+        self.subscription_id.push(f.subscription_id.clone());
         self.purchased_at.push(opt_timestamp(f.paid_at)?);
         self.refunded_at.push(opt_timestamp(f.refunded_at)?);
         self.refund_reason
@@ -87,7 +91,7 @@ impl PurchaseColumns {
         Ok(())
     }
 
-    /// The 25 data columns ($1…$25), for both the insert and the update.
+    /// The 27 data columns ($1…$27), for both the insert and the update.
     pub(super) fn params(&self) -> Vec<Param<'_>> {
         vec![
             (&self.user_id, Type::TEXT_ARRAY),
@@ -115,15 +119,17 @@ impl PurchaseColumns {
             (&self.price_id, Type::TEXT_ARRAY),
             (&self.disputes, Type::JSONB_ARRAY),
             (&self.unknown_to_stripe, Type::BOOL_ARRAY),
+            (&self.invoice_id, Type::TEXT_ARRAY),
+            (&self.subscription_id, Type::TEXT_ARRAY),
         ]
     }
 }
 
-/// `unnest` of the 25 purchase data columns (`$1…$25`) as `u(...)`, with the row id as `$26`
+/// `unnest` of the 27 purchase data columns (`$1…$27`) as `u(...)`, with the row id as `$28`
 /// when `with_id`.
 pub(super) fn purchase_unnest(with_id: bool) -> String {
     let (id_param, id_column) = if with_id {
-        (", $26::int8[]", ", id")
+        (", $28::int8[]", ", id")
     } else {
         ("", "")
     };
@@ -132,12 +138,12 @@ pub(super) fn purchase_unnest(with_id: bool) -> String {
          $7::int8[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
          $13::bool[], $14::bool[], $15::bool[], $16::text[], $17::text[], \
          $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int8[], $22::text[], \
-         $23::text[], $24::jsonb[], $25::bool[]{id_param}) \
+         $23::text[], $24::jsonb[], $25::bool[], $26::text[], $27::text[]{id_param}) \
          AS u(user_id, customer_id, product_key, checkout_session_id, payment_intent_id, \
          charge_id, amount_paid_cents, currency, platform_fee_cents, organization_fee_cents, \
          creator_payout_cents, status, paid, payment_failed, fully_refunded, dispute_status, \
          dispute_id, purchased_at, refunded_at, refund_reason, refund_amount_cents, \
-         stripe_refund_id, price_id, disputes, unknown_to_stripe{id_column})"
+         stripe_refund_id, price_id, disputes, unknown_to_stripe, invoice_id, subscription_id{id_column})"
     )
 }
 
@@ -158,6 +164,10 @@ pub(super) struct SubscriptionColumns {
     pub(super) period_end: Vec<Option<DateTime<Utc>>>,
     pub(super) cancel_at_period_end: Vec<bool>,
     pub(super) ended_at: Vec<Option<DateTime<Utc>>>,
+    pub(super) recovered_at: Vec<Option<DateTime<Utc>>>,
+    /// Each row's past-due claims, as a JSON array of unix seconds (Postgres has no arrays of
+    /// arrays of varying length to unnest).
+    pub(super) past_due_claims: Vec<serde_json::Value>,
 }
 
 impl SubscriptionColumns {
@@ -180,6 +190,9 @@ impl SubscriptionColumns {
         self.period_end.push(opt_timestamp(s.current_period_end)?);
         self.cancel_at_period_end.push(s.cancel_at_period_end());
         self.ended_at.push(opt_timestamp(s.ended_at)?);
+        self.recovered_at.push(opt_timestamp(s.recovered_at)?);
+        self.past_due_claims
+            .push(s.past_due_claims.iter().copied().collect());
         Ok(())
     }
 }

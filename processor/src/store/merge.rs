@@ -282,6 +282,7 @@ async fn read_state(
     let sessions = ids(|d| d.checkout_session_id.as_ref());
     let intents = ids(|d| d.payment_intent_id.as_ref());
     let charges = ids(|d| d.charge_id.as_ref());
+    let invoices = ids(|d| d.invoice_id.as_ref());
     let subscription_ids: Vec<&str> = subscription_deltas
         .iter()
         .map(|(_, d)| d.id.as_str())
@@ -291,14 +292,16 @@ async fn read_state(
         (&link_customers, Type::TEXT_ARRAY),
         (&link_users, Type::TEXT_ARRAY),
     ];
-    let purchase_params: [Param<'_>; 3] = [
+    let purchase_params: [Param<'_>; 4] = [
         (&sessions, Type::TEXT_ARRAY),
         (&intents, Type::TEXT_ARRAY),
         (&charges, Type::TEXT_ARRAY),
+        (&invoices, Type::TEXT_ARRAY),
     ];
-    // The stored purchases sharing an id with a delta ($1 sessions, $2 intents, $3 charges).
-    const SHARING: &str =
-        "checkout_session_id = ANY($1) OR payment_intent_id = ANY($2) OR charge_id = ANY($3)";
+    // The stored purchases sharing an id with a delta ($1 sessions, $2 intents, $3 charges,
+    // $4 invoices).
+    const SHARING: &str = "checkout_session_id = ANY($1) OR payment_intent_id = ANY($2) \
+         OR charge_id = ANY($3) OR invoice_id = ANY($4)";
     let purchases_sql =
         format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE {SHARING} ORDER BY id FOR UPDATE");
     let subscription_params: [Param<'_>; 1] = [(&subscription_ids, Type::TEXT_ARRAY)];
@@ -429,7 +432,11 @@ fn count_unmatched(
     let purchases = purchases
         .writes
         .iter()
-        .filter(|w| w.facts.paid && registry.purchase_product(&w.facts).is_none())
+        .filter(|w| {
+            w.facts.paid
+                && !w.facts.is_invoice_payment()
+                && registry.purchase_product(&w.facts).is_none()
+        })
         .count();
     let subscriptions = subscriptions
         .iter()
@@ -512,7 +519,7 @@ async fn write_state(
     for s in subscriptions {
         subs.push(s)?;
     }
-    let subscription_params: [Param<'_>; 14] = [
+    let subscription_params: [Param<'_>; 16] = [
         (&subs.id, Type::TEXT_ARRAY),
         (&subs.user_id, Type::TEXT_ARRAY),
         (&subs.customer_id, Type::TEXT_ARRAY),
@@ -527,6 +534,8 @@ async fn write_state(
         (&subs.price_id, Type::TEXT_ARRAY),
         (&subs.price_claim_at, Type::TIMESTAMPTZ_ARRAY),
         (&subs.quantity, Type::INT8_ARRAY),
+        (&subs.recovered_at, Type::TIMESTAMPTZ_ARRAY),
+        (&subs.past_due_claims, Type::JSONB_ARRAY),
     ];
     let notice_kinds: Vec<&str> = notices.iter().map(|n| n.kind.column()).collect();
     let notice_users: Vec<Option<&str>> = notices.iter().map(|n| n.user_id.as_deref()).collect();
@@ -552,6 +561,7 @@ async fn write_state(
              refund_reason = u.refund_reason, refund_amount_cents = u.refund_amount_cents,
              stripe_refund_id = u.stripe_refund_id, price_id = u.price_id,
              disputes = u.disputes, unknown_to_stripe = u.unknown_to_stripe,
+             invoice_id = u.invoice_id, subscription_id = u.subscription_id,
              updated_at = now()
            FROM {}
           WHERE p.id = u.id",
@@ -563,7 +573,7 @@ async fn write_state(
              organization_fee_cents, creator_payout_cents, status, paid, payment_failed,
              fully_refunded, dispute_status, dispute_id, purchased_at, refunded_at,
              refund_reason, refund_amount_cents, stripe_refund_id, price_id, disputes,
-             unknown_to_stripe)
+             unknown_to_stripe, invoice_id, subscription_id)
          SELECT * FROM {}",
         purchase_unnest(false)
     );
@@ -600,10 +610,16 @@ async fn write_state(
         pending.push(Box::pin(db.query(
             "INSERT INTO subscriptions AS s (id, user_id, customer_id, product_key, status,
                  status_claim, status_claim_at, terminal_status, current_period_end,
-                 cancel_at_period_end, ended_at, price_id, price_claim_at, quantity)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 cancel_at_period_end, ended_at, price_id, price_claim_at, quantity,
+                 recovered_at, past_due_claims)
+             SELECT x.id, x.u, x.c, x.p, x.st, x.cl, x.cl_at, x.t, x.pe, x.cape, x.ended,
+                    x.price, x.price_at, x.q, x.rec,
+                    ARRAY(SELECT to_timestamp(j::float8) FROM jsonb_array_elements_text(x.pd) j)
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                  $6::text[], $7::timestamptz[], $8::text[], $9::timestamptz[], $10::bool[],
-                 $11::timestamptz[], $12::text[], $13::timestamptz[], $14::int8[])
+                 $11::timestamptz[], $12::text[], $13::timestamptz[], $14::int8[],
+                 $15::timestamptz[], $16::jsonb[])
+                 AS x(id, u, c, p, st, cl, cl_at, t, pe, cape, ended, price, price_at, q, rec, pd)
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                  customer_id = EXCLUDED.customer_id, product_key = EXCLUDED.product_key,
                  status = EXCLUDED.status, status_claim = EXCLUDED.status_claim,
@@ -613,6 +629,7 @@ async fn write_state(
                  cancel_at_period_end = EXCLUDED.cancel_at_period_end,
                  ended_at = EXCLUDED.ended_at, price_id = EXCLUDED.price_id,
                  price_claim_at = EXCLUDED.price_claim_at, quantity = EXCLUDED.quantity,
+                 recovered_at = EXCLUDED.recovered_at, past_due_claims = EXCLUDED.past_due_claims,
                  updated_at = now()",
             &subscription_params,
         )));

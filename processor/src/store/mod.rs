@@ -184,11 +184,17 @@ const LOCK_CLASS: i32 = 0x454e_5431;
 pub const PURCHASE_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
      checkout_session_id, payment_intent_id, charge_id, amount_paid_cents, currency, paid, purchased_at, \
      payment_failed, refund_amount_cents, stripe_refund_id, refund_reason, fully_refunded, \
-     refunded_at, disputes, duplicate, unknown_to_stripe";
+     refunded_at, disputes, duplicate, unknown_to_stripe, invoice_id, subscription_id";
+
+/// The `purchases` rows that are purchases of their own: not a subscription's payment (the SQL
+/// twin of [`PurchaseFacts::is_invoice_payment`]).
+pub const A_PURCHASE: &str =
+    "subscription_id IS NULL AND (invoice_id IS NULL OR checkout_session_id IS NOT NULL)";
 
 /// The `subscriptions` columns [`subscription_facts`] reads.
 pub const SUBSCRIPTION_COLUMNS: &str = "id, user_id, customer_id, product_key, price_id, \
-     price_claim_at, quantity, status_claim, status_claim_at, cancel_at_period_end, terminal_status, current_period_end, ended_at";
+     price_claim_at, quantity, status_claim, status_claim_at, cancel_at_period_end, terminal_status, current_period_end, ended_at, \
+     recovered_at, past_due_claims";
 
 /// The facts of a `purchases` row (selected with [`PURCHASE_COLUMNS`]).
 ///
@@ -697,6 +703,8 @@ fn purchase_from_row(row: &Row) -> Result<(i64, PurchaseFacts), StoreError> {
             refunded_at: secs(row.try_get("refunded_at")?),
             disputes: columns::disputes_from_column(&disputes)?,
             unknown_to_stripe: row.try_get("unknown_to_stripe")?,
+            invoice_id: row.try_get("invoice_id")?,
+            subscription_id: row.try_get("subscription_id")?,
         },
     ))
 }
@@ -739,6 +747,12 @@ fn subscription_from_row(row: &Row) -> Result<SubscriptionFacts, StoreError> {
             .transpose()?,
         current_period_end: secs(row.try_get("current_period_end")?),
         ended_at: secs(row.try_get("ended_at")?),
+        recovered_at: secs(row.try_get("recovered_at")?),
+        past_due_claims: row
+            .try_get::<_, Vec<DateTime<Utc>>>("past_due_claims")?
+            .iter()
+            .map(DateTime::timestamp)
+            .collect(),
     })
 }
 

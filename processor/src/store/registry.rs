@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio_postgres::Row;
 
 use super::{Db, PRODUCT_COLUMNS, StoreError, product_from_row};
-use crate::domain::projection::Registry;
+use crate::domain::projection::{RefundPolicy, Registry, SubscriptionPolicy};
 
 /// The generation row; its result is read by [`Stamp::from_rows`].
 pub(super) const GENERATION_SQL: &str = "SELECT token, generation FROM registry_generation";
@@ -69,7 +69,8 @@ pub(super) async fn at(db: Db<'_>, stamp: &Stamp) -> Result<Arc<Registry>, Store
     let rows = db
         .query(
             &format!(
-                "SELECT g.token, g.generation, p.key IS NOT NULL AS present, p.*
+                "SELECT g.token, g.generation, g.refund_policy, g.past_due_grace_seconds,
+                        p.key IS NOT NULL AS present, p.*
                    FROM registry_generation g
                    LEFT JOIN (SELECT {PRODUCT_COLUMNS} FROM products) p ON true"
             ),
@@ -83,7 +84,18 @@ pub(super) async fn at(db: Db<'_>, stamp: &Stamp) -> Result<Arc<Registry>, Store
             products.push(product_from_row(row)?);
         }
     }
-    let registry = Arc::new(Registry::new(products));
+    let policy = match rows.first() {
+        Some(row) => SubscriptionPolicy {
+            refund: RefundPolicy::parse(row.try_get("refund_policy")?).ok_or(
+                StoreError::Corrupt {
+                    column: "refund_policy",
+                },
+            )?,
+            past_due_grace: row.try_get("past_due_grace_seconds")?,
+        },
+        None => SubscriptionPolicy::default(),
+    };
+    let registry = Arc::new(Registry::new(products).with_policy(policy));
     keep(loaded_at.token, loaded_at.generation, &registry);
     Ok(registry)
 }

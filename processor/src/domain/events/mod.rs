@@ -12,7 +12,10 @@
 
 use shared::ids::{StripeEventId, UserId};
 
+mod dispute;
 mod wire;
+
+pub use dispute::DisputeStatus;
 
 /// One Stripe event, envelope plus the typed part the projection uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +58,9 @@ impl Event {
             | EventKind::SubscriptionUpdated(o)
             | EventKind::SubscriptionDeleted(o) => (&o.user_id, &o.customer),
             EventKind::FeatureSummaryUpdated(o) => return Some(o.customer.as_str()),
-            EventKind::ChargeDispute(_) | EventKind::Unhandled => return None,
+            EventKind::ChargeDispute(_)
+            | EventKind::InvoicePaymentPaid(_)
+            | EventKind::Unhandled => return None,
         };
         user.as_ref().map(UserId::as_str).or(customer.as_deref())
     }
@@ -102,6 +107,9 @@ pub enum EventKind {
     ChargeDispute(Dispute),
     InvoicePaid(Invoice),
     InvoicePaymentFailed(Invoice),
+    /// `invoice_payment.paid`: links a payment to its invoice (and so a dispute or refund of
+    /// the payment to the invoice's subscription).
+    InvoicePaymentPaid(InvoicePayment),
     SubscriptionCreated(Subscription),
     SubscriptionUpdated(Subscription),
     SubscriptionDeleted(Subscription),
@@ -251,96 +259,6 @@ pub struct Dispute {
     pub status: DisputeStatus,
 }
 
-/// A dispute's `status`, as Stripe spells it. Inquiries (`warning_*`) move no money; a
-/// chargeback (`needs_response`, `under_review`) has withdrawn the funds until it closes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum DisputeStatus {
-    WarningNeedsResponse,
-    WarningUnderReview,
-    WarningClosed,
-    NeedsResponse,
-    UnderReview,
-    Won,
-    Lost,
-    /// Resolved by a dispute-prevention network (the charge was refunded instead).
-    Prevented,
-    /// A status this code does not know: recorded and alerted on, never acted upon.
-    Unknown(String),
-}
-
-impl DisputeStatus {
-    /// Every status Stripe documents, in lifecycle order.
-    pub const KNOWN: [&str; 8] = [
-        "warning_needs_response",
-        "warning_under_review",
-        "needs_response",
-        "under_review",
-        "warning_closed",
-        "prevented",
-        "won",
-        "lost",
-    ];
-
-    /// Parses Stripe's spelling; anything else is [`DisputeStatus::Unknown`].
-    #[must_use]
-    pub fn from_stripe(raw: &str) -> Self {
-        match raw {
-            "warning_needs_response" => Self::WarningNeedsResponse,
-            "warning_under_review" => Self::WarningUnderReview,
-            "warning_closed" => Self::WarningClosed,
-            "needs_response" => Self::NeedsResponse,
-            "under_review" => Self::UnderReview,
-            "won" => Self::Won,
-            "lost" => Self::Lost,
-            "prevented" => Self::Prevented,
-            other => Self::Unknown(other.to_owned()),
-        }
-    }
-
-    /// Stripe's spelling.
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::WarningNeedsResponse => "warning_needs_response",
-            Self::WarningUnderReview => "warning_under_review",
-            Self::WarningClosed => "warning_closed",
-            Self::NeedsResponse => "needs_response",
-            Self::UnderReview => "under_review",
-            Self::Won => "won",
-            Self::Lost => "lost",
-            Self::Prevented => "prevented",
-            Self::Unknown(raw) => raw,
-        }
-    }
-
-    /// True once the dispute is over: Stripe never moves a closed dispute again (a later
-    /// chargeback on the same charge is a new dispute).
-    #[must_use]
-    pub fn is_closed(&self) -> bool {
-        matches!(
-            self,
-            Self::WarningClosed | Self::Won | Self::Lost | Self::Prevented
-        )
-    }
-
-    /// Where the status stands in a dispute's lifecycle (an inquiry escalates to a chargeback,
-    /// which closes): orders two statuses reported in the same second.
-    #[must_use]
-    pub fn stage(&self) -> u8 {
-        match self {
-            Self::Unknown(_) => 0,
-            Self::WarningNeedsResponse => 1,
-            Self::WarningUnderReview => 2,
-            Self::NeedsResponse => 3,
-            Self::UnderReview => 4,
-            Self::WarningClosed => 5,
-            Self::Prevented => 6,
-            Self::Won => 7,
-            Self::Lost => 8,
-        }
-    }
-}
-
 /// `invoice.*`'s `data.object`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Invoice {
@@ -351,9 +269,27 @@ pub struct Invoice {
     pub billing_reason: Option<String>,
     /// The latest `lines.data[].period.end`: the end of the period this invoice pays for.
     pub period_end: Option<i64>,
+    pub amount_paid: Option<i64>,
+    pub currency: Option<String>,
+    /// The payment that paid it: `payment_intent` / `charge` before basil, else its first
+    /// expanded `payments` entry (a basil invoice names its payments only through
+    /// `InvoicePayment`s).
+    pub payment_intent: Option<String>,
+    pub charge: Option<String>,
     /// From the subscription metadata copied onto the invoice (`subscription_details.metadata`).
     pub user_id: Option<UserId>,
     pub product_key: Option<String>,
+}
+
+/// `invoice_payment.paid`'s `data.object`: which payment paid which invoice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvoicePayment {
+    pub id: String,
+    pub invoice: String,
+    pub payment_intent: Option<String>,
+    pub charge: Option<String>,
+    pub amount_paid: Option<i64>,
+    pub currency: Option<String>,
 }
 
 /// `customer.subscription.*`'s `data.object`.
@@ -514,6 +450,7 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
         | "charge.dispute.funds_reinstated" => EventKind::ChargeDispute(dispute(object(body)?)?),
         "invoice.paid" => EventKind::InvoicePaid(invoice(object(body)?)?),
         "invoice.payment_failed" => EventKind::InvoicePaymentFailed(invoice(object(body)?)?),
+        "invoice_payment.paid" => EventKind::InvoicePaymentPaid(invoice_payment(object(body)?)?),
         "customer.subscription.created" => {
             EventKind::SubscriptionCreated(subscription(object(body)?)?)
         }
@@ -658,6 +595,12 @@ fn dispute(obj: wire::Dispute) -> Result<Dispute, EventError> {
 }
 
 fn invoice(obj: wire::Invoice) -> Result<Invoice, EventError> {
+    // The payment that paid it, when basil's `payments` list was expanded.
+    let paid_by = obj
+        .payments
+        .items()
+        .find_map(|p| p.payment.get())
+        .unwrap_or_default();
     // Newest shape first: basil moved the subscription under `parent`.
     let details_new = obj.parent.get().and_then(|p| p.subscription_details.get());
     let details_old = obj.subscription_details.get();
@@ -684,6 +627,30 @@ fn invoice(obj: wire::Invoice) -> Result<Invoice, EventError> {
             .max(),
         user_id: user_id(user, "subscription_details.metadata.user_id")?,
         product_key,
+        amount_paid: obj.amount_paid.get(),
+        currency: obj.currency.text(),
+        payment_intent: obj.payment_intent.id().or(paid_by.payment_intent.id()),
+        charge: obj.charge.id().or(paid_by.charge.id()),
+    })
+}
+
+fn invoice_payment(obj: wire::InvoicePayment) -> Result<InvoicePayment, EventError> {
+    let payment = obj.payment.get().unwrap_or_default();
+    let payment_intent = payment.payment_intent.id();
+    let charge = payment.charge.id();
+    if payment_intent.is_none() && charge.is_none() {
+        return Err(EventError::MissingField("payment.payment_intent"));
+    }
+    Ok(InvoicePayment {
+        id: required(obj.id, "id")?,
+        invoice: obj
+            .invoice
+            .id()
+            .ok_or(EventError::MissingField("invoice"))?,
+        payment_intent,
+        charge,
+        amount_paid: obj.amount_paid.get(),
+        currency: obj.currency.text(),
     })
 }
 

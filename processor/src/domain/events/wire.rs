@@ -240,6 +240,33 @@ pub(super) struct Invoice {
     pub parent: Maybe<InvoiceParent>,
     pub billing_reason: Maybe<String>,
     pub lines: Maybe<List<InvoiceLine>>,
+    pub amount_paid: Maybe<i64>,
+    pub currency: Maybe<String>,
+    /// Before basil: the payment that paid it.
+    pub payment_intent: Maybe<Expandable>,
+    pub charge: Maybe<Expandable>,
+    /// Since basil, when expanded: its `InvoicePayment`s.
+    pub payments: Maybe<List<InvoicePayment>>,
+}
+
+/// `invoice_payment` (basil): the link between an invoice and a payment.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct InvoicePayment {
+    pub id: Maybe<String>,
+    pub invoice: Maybe<Expandable>,
+    pub payment: Maybe<PaymentRef>,
+    pub status: Maybe<String>,
+    pub amount_paid: Maybe<i64>,
+    pub currency: Maybe<String>,
+}
+
+/// `invoice_payment.payment`: `{type, payment_intent | charge}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct PaymentRef {
+    pub payment_intent: Maybe<Expandable>,
+    pub charge: Maybe<Expandable>,
 }
 
 #[derive(Debug, Default, Deserialize)]

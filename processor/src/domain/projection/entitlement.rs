@@ -8,14 +8,21 @@
 //!
 //! Status mapping. Purchases: completed → active (lifetime); disputed → suspended; refunded
 //! (full refund or lost dispute) → revoked; pending/failed → nothing. Subscriptions:
-//! trialing/active → active and past_due → past_due (grace), both until `current_period_end`;
-//! unpaid/paused → suspended (payment is owed or collection is paused: the user had access and
+//! trialing/active → active until `current_period_end`; past_due → past_due (grace) until the
+//! period's end, or for [`SubscriptionPolicy::past_due_grace`](super::SubscriptionPolicy) after
+//! it fell past due (suspended when the grace is zero); unpaid/paused → suspended (payment is owed or collection is paused: the user had access and
 //! will get it back on payment); incomplete → nothing (the first payment never succeeded, there
-//! was never access to suspend); canceled/incomplete_expired → expired at `ended_at`. A lapsed
+//! was never access to suspend); canceled/incomplete_expired → expired at `ended_at`. A
+//! subscription answers for its payments: an open chargeback on one suspends it, a lost one
+//! revokes it unless a later payment stands, and a full refund of its latest payment revokes
+//! it under [`RefundPolicy::EndAccess`] (the default). A lapsed
 //! `expires_at` is for readers to compare with their clock; the projection stays clock-free so
 //! replays converge.
 
-use super::{FeatureFacts, Product, PurchaseFacts, PurchaseStatus, Registry, SubscriptionFacts};
+use super::{
+    DisputeState, FeatureFacts, Product, PurchaseFacts, PurchaseStatus, RefundPolicy, Registry,
+    SubscriptionFacts,
+};
 use crate::domain::events::SubscriptionStatus;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -156,6 +163,10 @@ pub struct GrantSource {
 }
 
 fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
+    // A subscription's payment grants through its subscription only.
+    if p.is_invoice_payment() {
+        return Vec::new();
+    }
     let status = match p.status() {
         PurchaseStatus::Completed => EntitlementStatus::Active,
         PurchaseStatus::Disputed => EntitlementStatus::Suspended,
@@ -184,15 +195,62 @@ fn for_each_grant(product: &Product, source: &GrantSource) -> Vec<(String, Grant
         .collect()
 }
 
-fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
+/// What a subscription's payments (`payments`: the rows whose `subscription_id` is its) say of
+/// its access, if anything: a chargeback lost and not followed by a payment that stands ends
+/// it, as does a full refund of its latest payment under [`RefundPolicy::EndAccess`]; an open
+/// chargeback suspends it.
+fn payments_verdict(
+    payments: &[&PurchaseFacts],
+    policy: RefundPolicy,
+) -> Option<EntitlementStatus> {
+    let standing = |p: &&&PurchaseFacts| p.paid && p.taken_back_at().is_none();
+    let last_standing = payments
+        .iter()
+        .filter(standing)
+        .filter_map(|p| p.paid_at)
+        .max();
+    let lost = payments
+        .iter()
+        .filter_map(|p| p.lost_at())
+        .any(|lost| last_standing.is_none_or(|paid| paid <= lost));
+    let latest = payments
+        .iter()
+        .filter(|p| p.paid)
+        .max_by_key(|p| (p.paid_at, p.source_id()));
+    let refunded = latest.is_some_and(|p| p.fully_refunded) && policy == RefundPolicy::EndAccess;
+    if lost || refunded {
+        Some(EntitlementStatus::Revoked)
+    } else if payments.iter().any(|p| p.dispute() == DisputeState::Open) {
+        Some(EntitlementStatus::Suspended)
+    } else {
+        None
+    }
+}
+
+fn from_subscription(
+    s: &SubscriptionFacts,
+    payments: &[&PurchaseFacts],
+    registry: &Registry,
+) -> Vec<(String, GrantSource)> {
     let Some(product) = registry.subscription_product(s) else {
         return Vec::new();
     };
-    let (status, expires_at) = match s.status() {
+    let policy = registry.policy();
+    let (mut status, expires_at) = match s.status() {
         SubscriptionStatus::Trialing | SubscriptionStatus::Active => {
             (EntitlementStatus::Active, s.current_period_end)
         }
-        SubscriptionStatus::PastDue => (EntitlementStatus::PastDue, s.current_period_end),
+        SubscriptionStatus::PastDue => match policy.past_due_grace {
+            None => (EntitlementStatus::PastDue, s.current_period_end),
+            Some(0) => (EntitlementStatus::Suspended, s.current_period_end),
+            Some(grace) => {
+                let since = s.past_due_since().or(s.claim.map(|c| c.at));
+                (
+                    EntitlementStatus::PastDue,
+                    since.map(|at| at.saturating_add(grace)),
+                )
+            }
+        },
         SubscriptionStatus::Unpaid | SubscriptionStatus::Paused => {
             (EntitlementStatus::Suspended, s.current_period_end)
         }
@@ -202,6 +260,18 @@ fn from_subscription(s: &SubscriptionFacts, registry: &Registry) -> Vec<(String,
             s.ended_at.or(s.current_period_end),
         ),
     };
+    match payments_verdict(payments, policy.refund) {
+        Some(EntitlementStatus::Revoked) => status = EntitlementStatus::Revoked,
+        Some(EntitlementStatus::Suspended)
+            if matches!(
+                status,
+                EntitlementStatus::Active | EntitlementStatus::PastDue
+            ) =>
+        {
+            status = EntitlementStatus::Suspended;
+        }
+        _ => {}
+    }
     let source = GrantSource {
         source: EntitlementSource::Subscription,
         source_id: s.id.clone(),
@@ -293,11 +363,13 @@ pub fn derive_entitlements(
     let candidates = purchases
         .iter()
         .flat_map(|p| from_purchase(p, registry))
-        .chain(
-            subscriptions
+        .chain(subscriptions.iter().flat_map(|s| {
+            let payments: Vec<&PurchaseFacts> = purchases
                 .iter()
-                .flat_map(|s| from_subscription(s, registry)),
-        )
+                .filter(|p| p.subscription_id.as_deref() == Some(s.id.as_str()))
+                .collect();
+            from_subscription(s, &payments, registry)
+        }))
         .chain(features.iter().flat_map(|f| from_features(f, registry)));
     for (key, source) in candidates {
         by_key.entry(key).or_default().push(source);

@@ -24,7 +24,8 @@ pub use purchase::{
     DisputeClaim, DisputeFacts, DisputeState, FeeSplit, PurchaseFacts, PurchaseStatus, RefundFact,
 };
 pub use registry::{
-    BPS_WHOLE, Product, ProductStatus, Registry, SoldAmount, is_price_id, is_product_key,
+    BPS_WHOLE, Product, ProductStatus, RefundPolicy, Registry, SoldAmount, SubscriptionPolicy,
+    is_price_id, is_product_key,
 };
 pub use subscription::{PriceClaim, StatusClaim, SubscriptionFacts};
 
@@ -97,6 +98,7 @@ impl Plan {
             push("checkout", p.checkout_session_id.as_ref());
             push("payment_intent", p.payment_intent_id.as_ref());
             push("charge", p.charge_id.as_ref());
+            push("invoice", p.invoice_id.as_ref());
         }
         if let Some(s) = &self.subscription {
             push("customer", s.customer_id.as_ref());
@@ -129,6 +131,16 @@ fn link(customer: Option<&String>, user: Option<&UserId>) -> Option<CustomerLink
 /// Decides what an event contributes. Pure: the same event always yields the same plan.
 #[must_use]
 pub fn plan(event: &Event) -> Plan {
+    let mut plan = facts_of(event);
+    // A status claim also says whether the subscription was paid up or past due at its time.
+    plan.subscription = plan.subscription.map(|s| {
+        let claim = s.claim;
+        s.with_dunning(claim.as_ref())
+    });
+    plan
+}
+
+fn facts_of(event: &Event) -> Plan {
     let at = event.created;
     match &event.kind {
         EventKind::CheckoutSessionCompleted(s)
@@ -260,6 +272,21 @@ pub fn plan(event: &Event) -> Plan {
                 return Plan::default();
             };
             let paid = matches!(event.kind, EventKind::InvoicePaid(_));
+            // A paid invoice is its subscription's payment: what later befalls the payment (a
+            // dispute, a refund) reaches the subscription through it.
+            let payment = paid.then(|| PurchaseFacts {
+                invoice_id: Some(inv.id.clone()),
+                subscription_id: Some(sub_id.clone()),
+                payment_intent_id: inv.payment_intent.clone(),
+                charge_id: inv.charge.clone(),
+                user_id: user_string(inv.user_id.as_ref()),
+                customer_id: inv.customer.clone(),
+                amount_cents: inv.amount_paid,
+                currency: inv.currency.clone(),
+                paid: true,
+                paid_at: Some(at),
+                ..PurchaseFacts::default()
+            });
             // A failed FIRST invoice leaves the subscription `incomplete` (no grace period), so
             // only renewal failures claim past_due.
             let claim_status = if paid {
@@ -283,9 +310,23 @@ pub fn plan(event: &Event) -> Plan {
                     current_period_end: if paid { inv.period_end } else { None },
                     ..SubscriptionFacts::new(sub_id.clone())
                 }),
+                purchase: payment,
                 ..Plan::default()
             }
         }
+        EventKind::InvoicePaymentPaid(p) => Plan {
+            purchase: Some(PurchaseFacts {
+                invoice_id: Some(p.invoice.clone()),
+                payment_intent_id: p.payment_intent.clone(),
+                charge_id: p.charge.clone(),
+                amount_cents: p.amount_paid,
+                currency: p.currency.clone(),
+                paid: true,
+                paid_at: Some(at),
+                ..PurchaseFacts::default()
+            }),
+            ..Plan::default()
+        },
         EventKind::SubscriptionCreated(s)
         | EventKind::SubscriptionUpdated(s)
         | EventKind::SubscriptionDeleted(s) => {

@@ -26,6 +26,12 @@ pub struct PurchaseFacts {
     pub checkout_session_id: Option<String>,
     pub payment_intent_id: Option<String>,
     pub charge_id: Option<String>,
+    /// The invoice it paid (`invoice.paid`, `invoice_payment.paid`): a fourth id the row is
+    /// known by.
+    pub invoice_id: Option<String>,
+    /// The subscription whose invoice it paid: the row is that subscription's payment, and its
+    /// disputes and refunds decide the subscription's access (never a purchase's).
+    pub subscription_id: Option<String>,
     pub user_id: Option<String>,
     pub customer_id: Option<String>,
     /// Set by our checkout (or our payment metadata); a row without it is a payment we only
@@ -237,6 +243,7 @@ impl PurchaseFacts {
             self.payment_intent_id.as_ref(),
             other.payment_intent_id.as_ref(),
         ) || same(self.charge_id.as_ref(), other.charge_id.as_ref())
+            || same(self.invoice_id.as_ref(), other.invoice_id.as_ref())
     }
 
     /// The join of two fact sets about the same payment.
@@ -246,6 +253,8 @@ impl PurchaseFacts {
             checkout_session_id: self.checkout_session_id.max(other.checkout_session_id),
             payment_intent_id: self.payment_intent_id.max(other.payment_intent_id),
             charge_id: self.charge_id.max(other.charge_id),
+            invoice_id: self.invoice_id.max(other.invoice_id),
+            subscription_id: self.subscription_id.max(other.subscription_id),
             user_id: self.user_id.max(other.user_id),
             customer_id: self.customer_id.max(other.customer_id),
             product_key: self.product_key.max(other.product_key),
@@ -300,20 +309,33 @@ impl PurchaseFacts {
         }
     }
 
+    /// True for a payment known only as an invoice's (a subscription's, or an invoice payment
+    /// not yet tied to anything): never a purchase of its own. (`store::A_PURCHASE` is the same
+    /// rule in SQL.)
+    #[must_use]
+    pub fn is_invoice_payment(&self) -> bool {
+        self.subscription_id.is_some()
+            || (self.invoice_id.is_some() && self.checkout_session_id.is_none())
+    }
+
+    /// When a lost dispute took the money back, if one did.
+    #[must_use]
+    pub fn lost_at(&self) -> Option<i64> {
+        self.disputes
+            .values()
+            .filter_map(|d| d.known.as_ref())
+            .filter(|k| k.status == DisputeStatus::Lost)
+            .map(|k| k.at)
+            .min()
+    }
+
     /// When the money came back to the buyer (a full refund, a lost dispute), if it did.
     #[must_use]
     pub fn taken_back_at(&self) -> Option<i64> {
         let refunded = self
             .fully_refunded
             .then_some(self.refunded_at.unwrap_or(i64::MIN));
-        let lost = self
-            .disputes
-            .values()
-            .filter_map(|d| d.known.as_ref())
-            .filter(|k| k.status == DisputeStatus::Lost)
-            .map(|k| k.at)
-            .min();
-        min_known(refunded, lost)
+        min_known(refunded, self.lost_at())
     }
 
     /// Amount refunded so far (partial or full).
@@ -330,6 +352,7 @@ impl PurchaseFacts {
             .as_deref()
             .or(self.checkout_session_id.as_deref())
             .or(self.charge_id.as_deref())
+            .or(self.invoice_id.as_deref())
     }
 }
 

@@ -162,15 +162,73 @@ impl Product {
     }
 }
 
-/// The products the projection resolves rows against (all of them, or those the rows name).
+/// What a full refund of a subscription's latest payment does to its access
+/// (`SUBSCRIPTION_REFUND_POLICY`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefundPolicy {
+    /// The money for the current period went back: access ends (revoked) at once.
+    #[default]
+    EndAccess,
+    /// A goodwill refund: access stays until the period's end, as paid.
+    KeepUntilPeriodEnd,
+}
+
+impl RefundPolicy {
+    /// The configuration and column spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EndAccess => "end_access",
+            Self::KeepUntilPeriodEnd => "keep_until_period_end",
+        }
+    }
+
+    /// Parses [`RefundPolicy::as_str`]'s spelling.
+    #[must_use]
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "end_access" => Some(Self::EndAccess),
+            "keep_until_period_end" => Some(Self::KeepUntilPeriodEnd),
+            _ => None,
+        }
+    }
+}
+
+/// How subscriptions answer for their payments, beside the products: one policy for every
+/// process of a deployment (written at start-up, kept with the registry).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriptionPolicy {
+    pub refund: RefundPolicy,
+    /// How long a past-due subscription keeps access after it fell past due, in seconds; `None`
+    /// until the end of the period it is in (`SUBSCRIPTION_GRACE=period`), `Some(0)` not at
+    /// all (suspended at once).
+    pub past_due_grace: Option<i64>,
+}
+
+/// The products the projection resolves rows against (all of them, or those the rows name),
+/// and the subscription policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     products: BTreeMap<String, Product>,
     by_price: BTreeMap<String, String>,
     by_feature: BTreeMap<String, String>,
+    policy: SubscriptionPolicy,
 }
 
 impl Registry {
+    /// This registry under `policy`.
+    #[must_use]
+    pub fn with_policy(mut self, policy: SubscriptionPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How subscriptions answer for their payments.
+    #[must_use]
+    pub fn policy(&self) -> SubscriptionPolicy {
+        self.policy
+    }
+
     /// A registry of `products` (a later product with the same key or price replaces an
     /// earlier one, and a current price wins over a retired one; the database keeps prices to
     /// one product).

@@ -4,7 +4,12 @@
 //! precedence, `cancel_at_period_end`) — a total order, so a stale event never overrides a newer
 //! one and two events of the same second resolve the same way in any order. The price is a
 //! register of the same kind ([`PriceClaim`]), so plan changes converge too. Ending is terminal
-//! (`terminal` only grows), the period end only extends.
+//! (`terminal` only grows), the period end only extends. When it fell past due is a join too:
+//! the newest time it was paid up (`recovered_at`, a maximum) and the past-due claims after it
+//! (a set, pruned of those before), so [`SubscriptionFacts::past_due_since`] is the start of the
+//! current lapse in any order, however many failed retries claimed it again meanwhile.
+
+use std::collections::BTreeSet;
 
 use super::min_known;
 use crate::domain::events::SubscriptionStatus;
@@ -47,6 +52,10 @@ pub struct SubscriptionFacts {
     pub terminal: Option<SubscriptionStatus>,
     pub current_period_end: Option<i64>,
     pub ended_at: Option<i64>,
+    /// The newest time an event said it was paid up (`active`/`trialing`).
+    pub recovered_at: Option<i64>,
+    /// The times events said it was past due, after `recovered_at`.
+    pub past_due_claims: BTreeSet<i64>,
 }
 
 impl SubscriptionFacts {
@@ -63,12 +72,36 @@ impl SubscriptionFacts {
             terminal: None,
             current_period_end: None,
             ended_at: None,
+            recovered_at: None,
+            past_due_claims: BTreeSet::new(),
         }
+    }
+
+    /// What one event's status claim says of the dunning: paid up, or past due, at its time.
+    #[must_use]
+    pub fn with_dunning(mut self, claim: Option<&StatusClaim>) -> Self {
+        match claim.map(|c| (c.status, c.at)) {
+            Some((SubscriptionStatus::Active | SubscriptionStatus::Trialing, at)) => {
+                self.recovered_at = Some(at);
+            }
+            Some((SubscriptionStatus::PastDue, at)) => {
+                self.past_due_claims.insert(at);
+            }
+            _ => {}
+        }
+        self
+    }
+
+    /// When the current lapse began: the first past-due claim after it was last paid up.
+    #[must_use]
+    pub fn past_due_since(&self) -> Option<i64> {
+        self.past_due_claims.first().copied()
     }
 
     /// The join of two fact sets about the same subscription (same `id`).
     #[must_use]
     pub fn merge(self, other: Self) -> Self {
+        let recovered_at = self.recovered_at.max(other.recovered_at);
         Self {
             id: self.id.max(other.id),
             user_id: self.user_id.max(other.user_id),
@@ -79,6 +112,13 @@ impl SubscriptionFacts {
             terminal: self.terminal.max(other.terminal),
             current_period_end: self.current_period_end.max(other.current_period_end),
             ended_at: min_known(self.ended_at, other.ended_at),
+            recovered_at,
+            past_due_claims: self
+                .past_due_claims
+                .into_iter()
+                .chain(other.past_due_claims)
+                .filter(|at| recovered_at.is_none_or(|r| *at >= r))
+                .collect(),
         }
     }
 

@@ -615,6 +615,211 @@ proptest! {
     }
 }
 
+/// `invoice_payment.paid`: `payment_intent` (charge `ch_` of the same suffix) paid `invoice`.
+fn invoice_payment(id: &str, created: i64, invoice: &str, payment_intent: &str) -> Event {
+    fx::event(
+        id,
+        "invoice_payment.paid",
+        created,
+        json!({ "id": format!("inpay_{id}"), "object": "invoice_payment", "invoice": invoice,
+            "status": "paid", "amount_paid": 1900, "currency": "usd",
+            "payment": { "type": "payment_intent", "payment_intent": payment_intent } }),
+    )
+}
+
+/// A dispute of the subscription payment `payment_intent` (its charge `ch_…` of the same suffix).
+fn payment_dispute(
+    id: &str,
+    event_type: &str,
+    created: i64,
+    payment_intent: &str,
+    status: &str,
+) -> Event {
+    let suffix = payment_intent.trim_start_matches("pi_");
+    fx::event(
+        id,
+        event_type,
+        created,
+        json!({ "id": format!("dp_{suffix}"), "object": "dispute", "amount": 1900,
+            "charge": format!("ch_{suffix}"), "payment_intent": payment_intent, "status": status }),
+    )
+}
+
+/// The full refund of the subscription payment `payment_intent`.
+fn payment_refund(id: &str, created: i64, payment_intent: &str) -> Event {
+    let suffix = payment_intent.trim_start_matches("pi_");
+    fx::event(
+        id,
+        "charge.refunded",
+        created,
+        json!({ "id": format!("ch_{suffix}"), "object": "charge", "amount": 1900,
+            "amount_refunded": 1900, "refunded": true, "payment_intent": payment_intent,
+            "currency": "usd" }),
+    )
+}
+
+/// How a chargeback on a subscription's renewal payment ends.
+#[derive(Debug, Clone, Copy)]
+enum Chargeback {
+    Open,
+    Won,
+    Lost,
+    LostThenPaidAgain,
+}
+
+fn chargebacks() -> impl Strategy<Value = Chargeback> {
+    prop::sample::select(vec![
+        Chargeback::Open,
+        Chargeback::Won,
+        Chargeback::Lost,
+        Chargeback::LostThenPaidAgain,
+    ])
+}
+
+/// The subscription of [`subscription_scenario`] (renewed at `T0 + 33 days` by invoice
+/// `in_evt_i3`), its renewal's payment tied to the invoice, and a chargeback on that payment.
+fn subscription_chargeback_scenario(outcome: Chargeback) -> Vec<Event> {
+    let p1 = T0 + 30 * DAY;
+    let mut events = subscription_scenario(false);
+    events.push(invoice_payment("evt_ip", p1 + 3 * DAY, "in_evt_i3", "pi_r"));
+    events.push(payment_dispute(
+        "evt_d1",
+        "charge.dispute.created",
+        p1 + 5 * DAY,
+        "pi_r",
+        "needs_response",
+    ));
+    let closed = |status| {
+        payment_dispute(
+            "evt_d2",
+            "charge.dispute.closed",
+            p1 + 20 * DAY,
+            "pi_r",
+            status,
+        )
+    };
+    match outcome {
+        Chargeback::Open => {}
+        Chargeback::Won => events.push(closed("won")),
+        Chargeback::Lost => events.push(closed("lost")),
+        Chargeback::LostThenPaidAgain => {
+            events.push(closed("lost"));
+            // The next renewal is paid after the loss.
+            events.push(fx::invoice(
+                "evt_i4",
+                "invoice.paid",
+                T0 + 60 * DAY,
+                "subscription_cycle",
+                T0 + 90 * DAY,
+            ));
+            events.push(invoice_payment(
+                "evt_ip4",
+                T0 + 60 * DAY,
+                "in_evt_i4",
+                "pi_next",
+            ));
+        }
+    }
+    events
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn a_chargeback_on_a_subscription_payment_decides_the_subscription_in_any_order(
+        outcome in chargebacks(),
+        seed in any::<prop::sample::Index>(),
+    ) {
+        let events = subscription_chargeback_scenario(outcome);
+        // One order of many, drawn from the seed, with a duplicate.
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        let n = order.len();
+        order.rotate_left(seed.index(n));
+        order.swap(0, seed.index(n));
+        order.push(seed.index(n));
+        let result = assert_converges(&events, &order);
+        let e = only_entitlement(&result, "u2");
+        let expected = match outcome {
+            Chargeback::Open => EntitlementStatus::Suspended,
+            Chargeback::Won | Chargeback::LostThenPaidAgain => EntitlementStatus::Active,
+            Chargeback::Lost => EntitlementStatus::Revoked,
+        };
+        prop_assert_eq!(e.status, expected, "{:?}", outcome);
+        // The payment is the subscription's: never a purchase of its own.
+        let payment = result
+            .purchases
+            .iter()
+            .find(|(p, _)| p.payment_intent_id.as_deref() == Some("pi_r"))
+            .map(|(p, _)| p.clone())
+            .unwrap();
+        prop_assert_eq!(payment.subscription_id.as_deref(), Some("sub_1"));
+        prop_assert_eq!(payment.invoice_id.as_deref(), Some("in_evt_i3"));
+        prop_assert!(payment.is_invoice_payment());
+    }
+
+    #[test]
+    fn a_refund_of_the_latest_subscription_payment_follows_the_policy_in_any_order(
+        order in orders(10),
+        latest in any::<bool>(),
+    ) {
+        let p1 = T0 + 30 * DAY;
+        let mut events = subscription_scenario(false);
+        // The renewal's payment (latest) or the first one's, refunded in full.
+        let (invoice, intent) = if latest { ("in_evt_i3", "pi_r") } else { ("in_evt_i1", "pi_f") };
+        events.push(invoice_payment("evt_ip", p1 + 3 * DAY, invoice, intent));
+        events.push(payment_refund("evt_rf", p1 + 6 * DAY, intent));
+        let result = assert_converges(&events, &order);
+        let rows = |r: &Outcome| -> (Vec<PurchaseFacts>, Vec<SubscriptionFacts>) {
+            (
+                r.purchases.iter().map(|(p, _)| p.clone()).collect(),
+                r.subscriptions.iter().map(|(s, _)| s.clone()).collect(),
+            )
+        };
+        let (purchases, subscriptions) = rows(&result);
+        for (policy, expected) in [
+            (RefundPolicy::EndAccess, if latest { EntitlementStatus::Revoked } else { EntitlementStatus::Active }),
+            (RefundPolicy::KeepUntilPeriodEnd, EntitlementStatus::Active),
+        ] {
+            let registry = registry().with_policy(SubscriptionPolicy { refund: policy, past_due_grace: None });
+            let derived = derive_entitlements(&purchases, &subscriptions, &[], &registry);
+            prop_assert_eq!(derived[0].status, expected, "{:?}, latest {}", policy, latest);
+            if expected == EntitlementStatus::Active {
+                prop_assert_eq!(derived[0].expires_at, Some(T0 + 60 * DAY), "to the period's end");
+            }
+        }
+    }
+
+    #[test]
+    fn past_due_grace_counts_from_the_first_failure_whatever_the_retries_and_order(
+        order in orders(9),
+    ) {
+        let p1 = T0 + 30 * DAY;
+        let p2 = T0 + 60 * DAY;
+        let mut events = subscription_scenario(false);
+        // Keep the first payment and the failed renewal; drop the late payment (evt_i3, evt_s4).
+        events.truncate(6);
+        for (id, day) in [("evt_r1", 3), ("evt_r2", 5), ("evt_r3", 7)] {
+            events.push(fx::invoice(id, "invoice.payment_failed", p1 + day * DAY, "subscription_cycle", p2));
+        }
+        let result = assert_converges(&events, &order);
+        let purchases: Vec<PurchaseFacts> = result.purchases.iter().map(|(p, _)| p.clone()).collect();
+        let subscriptions: Vec<SubscriptionFacts> =
+            result.subscriptions.iter().map(|(s, _)| s.clone()).collect();
+        prop_assert_eq!(subscriptions[0].past_due_since(), Some(p1));
+        for (grace, status, expires) in [
+            (None, EntitlementStatus::PastDue, Some(p2)),
+            (Some(3 * DAY), EntitlementStatus::PastDue, Some(p1 + 3 * DAY)),
+            (Some(0), EntitlementStatus::Suspended, Some(p2)),
+        ] {
+            let registry = registry().with_policy(SubscriptionPolicy { refund: RefundPolicy::EndAccess, past_due_grace: grace });
+            let derived = derive_entitlements(&purchases, &subscriptions, &[], &registry);
+            prop_assert_eq!((derived[0].status, derived[0].expires_at), (status, expires), "grace {:?}", grace);
+        }
+    }
+
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
@@ -741,19 +946,24 @@ fn arbitrary_subscription() -> impl Strategy<Value = SubscriptionFacts> {
         (prop::option::of(0i64..3), prop::option::of(0i64..3)),
     )
         .prop_map(
-            |((user, customer, product), claim, terminal, (end, ended))| SubscriptionFacts {
-                user_id: user,
-                customer_id: customer,
-                product_key: product,
-                claim: claim.map(|(at, status, cancel_at_period_end)| StatusClaim {
+            |((user, customer, product), claim, terminal, (end, ended))| {
+                let claim = claim.map(|(at, status, cancel_at_period_end)| StatusClaim {
                     at,
                     status,
                     cancel_at_period_end,
-                }),
-                terminal,
-                current_period_end: end,
-                ended_at: ended,
-                ..SubscriptionFacts::new("sub".into())
+                });
+                // The dunning facts a claim carries (paid up, or past due, at its time).
+                SubscriptionFacts {
+                    user_id: user,
+                    customer_id: customer,
+                    product_key: product,
+                    claim,
+                    terminal,
+                    current_period_end: end,
+                    ended_at: ended,
+                    ..SubscriptionFacts::new("sub".into())
+                }
+                .with_dunning(claim.as_ref())
             },
         )
 }
