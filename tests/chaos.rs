@@ -33,7 +33,7 @@ use serde_json::Value;
 use shared::ids::UserId;
 use system_tests::chaos::ChaosProxy;
 use system_tests::db::TestDb;
-use system_tests::scenarios::{Rng, histories, poison};
+use system_tests::scenarios::{KINDS, REPURCHASE, Rng, histories, poison};
 use system_tests::servers::{PrivatePostgres, PrivateRabbit, PrivateRedis, Process, free_port};
 use tokio::sync::Mutex;
 
@@ -43,6 +43,10 @@ const DATABASE: &str = "entitlements";
 /// The catalog of the histories' subscriptions (their price is `price_team`).
 const CATALOG: &str =
     "[products.team]\nprice = \"price_team\"\nmode = \"subscription\"\nentitlement = \"team\"\n";
+/// The same catalog after a price change (Stripe prices cannot be edited: a new price), deployed
+/// with the serving worker's restart in the middle of a round: every earlier subscriber, on
+/// `price_team`, keeps `team`.
+const CATALOG_RAISED: &str = "[products.team]\nprice = \"price_team_raised\"\nmode = \"subscription\"\nentitlement = \"team\"\n";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -155,6 +159,44 @@ impl System {
         )
     }
 
+    /// Makes the database refuse every write of `users`' purchases (an error that is neither an
+    /// outage nor refused data, as a lock or an operator's trigger gives) until
+    /// [`System::release`]: their events are retried through the delay queues meanwhile.
+    async fn hold(&self, users: &[String]) {
+        let client = connect(&self.pg.url(DATABASE)).await;
+        client
+            .batch_execute(
+                "CREATE TABLE chaos_held (user_id text PRIMARY KEY);
+                 CREATE FUNCTION chaos_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                   IF EXISTS (SELECT 1 FROM chaos_held WHERE user_id = NEW.user_id) THEN
+                     RAISE EXCEPTION 'held by the chaos suite' USING ERRCODE = 'P0001';
+                   END IF;
+                   RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER chaos_hold BEFORE INSERT OR UPDATE ON purchases
+                   FOR EACH ROW EXECUTE FUNCTION chaos_hold();",
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO chaos_held SELECT unnest($1::text[])",
+                &[&users],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Lets the held users' purchases through.
+    async fn release(&self) {
+        connect(&self.pg.url(DATABASE))
+            .await
+            .execute("DELETE FROM chaos_held", &[])
+            .await
+            .unwrap();
+    }
+
     async fn wait_http(&self, url: &str) {
         let client = reqwest::Client::new();
         let start = Instant::now();
@@ -165,14 +207,16 @@ impl System {
     }
 }
 
-/// Long enough that an event waiting for another (a repurchase for its refund) is never parked
-/// while the other is still being delivered; the outages themselves spend no retry.
+/// Long enough that a held purchase (see [`System::hold`]) is never parked before its release;
+/// the outages themselves spend no retry.
 fn delays() -> String {
     "2s,4s,8s,16s,32s,64s".into()
 }
 
 /// What one round sends: deliveries in sending order, the distinct events, and the poison ids.
 struct Plan {
+    /// Users whose purchases the database refuses until [`System::release`].
+    held: Vec<String>,
     deliveries: Vec<Value>,
     events: Vec<Value>,
     poison: BTreeSet<String>,
@@ -182,7 +226,7 @@ struct Plan {
 fn plan(seed: u64, size: usize) -> Plan {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     // About 2.5 events per history, 30 % delivered twice, 1 % poison.
-    let users = (size * 10 / 33).max(13);
+    let users = (size * 10 / 33).max(KINDS);
     let events = histories(seed, users);
     let poison_events = poison(seed, (size / 100).max(3));
     let mut deliveries: Vec<Value> = events.iter().chain(&poison_events).cloned().collect();
@@ -192,8 +236,13 @@ fn plan(seed: u64, size: usize) -> Plan {
         deliveries.push(copy);
     }
     rng.shuffle(&mut deliveries);
-    hold_repurchases(&mut deliveries);
+    let held: Vec<String> = (0..users)
+        .filter(|k| k % KINDS == REPURCHASE)
+        .map(|k| format!("u{seed}_{k}"))
+        .collect();
+    send_held_first(&mut deliveries, &held);
     Plan {
+        held,
         deliveries,
         events,
         poison: poison_events
@@ -204,55 +253,21 @@ fn plan(seed: u64, size: usize) -> Plan {
     }
 }
 
-/// Makes sure events wait in the delay queues when the broker restarts: every repurchase after
-/// a refund (and its first purchase) is sent in the first tenth, the refund only after the
-/// first third, so the repurchase cannot apply before and is retried through the delay queues.
-fn hold_repurchases(deliveries: &mut Vec<Value>) {
-    let is = |body: &Value, suffix: &str| {
-        body["data"]["object"]["id"]
-            .as_str()
-            .is_some_and(|id| id.ends_with(suffix))
+/// Sends the held users' deliveries (see [`System::hold`]) in the first twentieth, so they are
+/// refused and wait in the delay queues when the broker restarts.
+fn send_held_first(deliveries: &mut Vec<Value>, held: &[String]) {
+    let is_held = |body: &Value| {
+        let object = &body["data"]["object"];
+        held.iter().any(|user| {
+            object["client_reference_id"] == *user.as_str()
+                || object["metadata"]["user_id"] == *user.as_str()
+        })
     };
-    let kind = |body: &Value| body["type"].as_str().unwrap_or_default().to_owned();
-    let again: Vec<Value> = deliveries
-        .iter()
-        .filter(|b| kind(b) == "checkout.session.completed" && is(b, "_again"))
-        .cloned()
-        .collect();
-    let held_sessions: Vec<String> = again
-        .iter()
-        .filter_map(|b| b["data"]["object"]["id"].as_str())
-        .map(|id| id.trim_end_matches("_again").to_owned())
-        .collect();
-    let first: Vec<Value> = deliveries
-        .iter()
-        .filter(|b| {
-            kind(b) == "checkout.session.completed"
-                && held_sessions
-                    .iter()
-                    .any(|s| b["data"]["object"]["id"] == *s)
-        })
-        .cloned()
-        .collect();
-    let refunds: Vec<Value> = deliveries
-        .iter()
-        .filter(|b| {
-            kind(b) == "charge.refunded"
-                && held_sessions.iter().any(|s| {
-                    let object = s.trim_start_matches("cs_");
-                    b["data"]["object"]["id"] == format!("ch_{object}")
-                })
-        })
-        .cloned()
-        .collect();
-    deliveries.retain(|b| !again.contains(b) && !first.contains(b) && !refunds.contains(b));
-    let early = deliveries.len() / 20;
-    for (i, body) in first.into_iter().chain(again).enumerate() {
+    let (first, rest): (Vec<Value>, Vec<Value>) = deliveries.drain(..).partition(is_held);
+    let early = rest.len() / 20;
+    *deliveries = rest;
+    for (i, body) in first.into_iter().enumerate() {
         deliveries.insert(early.min(i * 3), body);
-    }
-    let late = deliveries.len() * 2 / 5;
-    for body in refunds {
-        deliveries.insert(late, body);
     }
 }
 
@@ -316,7 +331,12 @@ async fn send_all(ingress: &str, deliveries: Vec<Value>, duration: Duration) -> 
 }
 
 /// The faults of a round, spread over `duration`; returns what happened, in order.
-async fn inject_faults(system: &System, duration: Duration, outage: Duration) -> Vec<String> {
+async fn inject_faults(
+    system: &System,
+    duration: Duration,
+    outage: Duration,
+    held: usize,
+) -> Vec<String> {
     let mut log = Vec::new();
     let at = |fraction: f64| duration.mul_f64(fraction);
     let start = Instant::now();
@@ -331,6 +351,9 @@ async fn inject_faults(system: &System, duration: Duration, outage: Duration) ->
         worker.kill();
     }
     log.push("kill -9 of the serving worker".to_owned());
+    // It comes back with the team plan's price raised.
+    std::fs::write(system.logs.join("catalog.toml"), CATALOG_RAISED).unwrap();
+    log.push("price change deployed with its restart".to_owned());
     tokio::time::sleep(Duration::from_secs(1)).await;
     *system.main_worker.lock().await = Some(system.spawn_worker("run", &system.api_addr));
 
@@ -342,6 +365,10 @@ async fn inject_faults(system: &System, duration: Duration, outage: Duration) ->
     log.push(format!(
         "broker restart ({outage:?}) with {waiting} events waiting in delay queues"
     ));
+
+    wait_until(at(0.30)).await;
+    system.release().await;
+    log.push(format!("{} users' purchases released", held));
 
     wait_until(at(0.40)).await;
     system.pg.stop();
@@ -393,11 +420,14 @@ async fn oracle(events: &[Value]) -> (TestDb, Pool) {
     let config = processor::config::Config::from_env(&env).unwrap();
     let pool = processor::db::pool(&config).unwrap();
     processor::db::prepare(&config, &pool).await.unwrap();
-    let catalog =
-        processor::catalog::Catalog::from_sources(None, Some(("catalog.toml", CATALOG))).unwrap();
-    processor::registry::sync_config(&pool, &catalog)
-        .await
-        .unwrap();
+    // The price change the round deploys: the registry's history holds both prices.
+    for file in [CATALOG, CATALOG_RAISED] {
+        let catalog =
+            processor::catalog::Catalog::from_sources(None, Some(("catalog.toml", file))).unwrap();
+        processor::registry::sync_config(&pool, &catalog)
+            .await
+            .unwrap();
+    }
     let parsed: Vec<Event> = events
         .iter()
         .map(|b| events::parse(b.to_string().as_bytes()).unwrap())
@@ -499,11 +529,12 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
     let started = Instant::now();
     let plan = plan(seed, size);
     let system = System::start(&delays()).await;
+    system.hold(&plan.held).await;
     let deliveries = plan.deliveries.len();
     let app = AppQueue::bind(&system).await;
     let (retries, faults) = tokio::join!(
         send_all(&system.ingress.addr, plan.deliveries.clone(), duration),
-        inject_faults(&system, duration, outage),
+        inject_faults(&system, duration, outage, plan.held.len()),
     );
     // The competing worker stays dead; the serving one must be up to drain.
     let expected: BTreeSet<String> = plan
@@ -529,6 +560,15 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
         parked, want,
         "seed {seed}: every poison event parked once, nothing else"
     );
+
+    // The price change was deployed: the team plan sells at the raised price, and its earlier
+    // price still resolves to it (the rows below equal the oracle's, which knows both).
+    let price: String = chaos
+        .query_one("SELECT price_id FROM products WHERE key = 'team'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(price, "price_team_raised", "seed {seed}: the price change");
 
     // Same rows as the oracle.
     let (_oracle_db, oracle_pool) = oracle(&plan.events).await;

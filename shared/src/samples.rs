@@ -174,10 +174,10 @@ pub fn object(event_type: &str, s: &Sample<'_>) -> Value {
             "customer": customer, "payment_intent": pi, "metadata": metadata,
             "refunds": {"data": [{"id": format!("re_{o}"), "amount": s.amount, "reason": "requested_by_customer"}]},
         }),
-        "charge.dispute.created" | "charge.dispute.closed" => json!({
+        t if t.starts_with("charge.dispute.") => json!({
             "id": format!("dp_{o}"), "object": "dispute", "amount": s.amount,
             "charge": format!("ch_{o}"), "payment_intent": pi, "currency": "usd",
-            "status": if event_type == "charge.dispute.closed" { "lost" } else { "needs_response" },
+            "status": if t == "charge.dispute.closed" { "lost" } else { "needs_response" },
             "reason": "fraudulent",
         }),
         "invoice.paid" | "invoice.payment_failed" => json!({

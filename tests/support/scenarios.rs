@@ -41,11 +41,18 @@ pub fn poison(seed: u64, n: usize) -> Vec<Value> {
         .collect()
 }
 
+/// How many kinds of history [`histories`] cycles through (user `k` lives kind `k % KINDS`).
+pub const KINDS: usize = 16;
+
+/// The kind of history of a repurchase after a refund.
+pub const REPURCHASE: usize = 11;
+
 /// The events of `users` simulated customers, in the order Stripe would have sent them, covering
 /// every event kind the projection acts on (and one it ignores): purchases refunded in full or in
-/// part, disputes lost and won, delayed payments, a repurchase after a refund, subscriptions
-/// renewed, failing, canceled, payments whose user is only learnt from a later checkout, and
-/// abandoned checkouts. User ids are `u{seed}_{k}`.
+/// part, disputes lost and won, an inquiry closed then a chargeback won, delayed payments, a
+/// repurchase after a refund, a double payment, subscriptions renewed, failing, canceled and
+/// charged back, payments whose user is only learnt from a later checkout, and abandoned
+/// checkouts. User ids are `u{seed}_{k}`.
 pub fn histories(seed: u64, users: usize) -> Vec<Value> {
     let t0 = 1_900_000_000;
     let mut out = Vec::new();
@@ -74,7 +81,7 @@ pub fn histories(seed: u64, users: usize) -> Vec<Value> {
             out.push(body);
         };
         let none = |_: &mut Value| {};
-        match k % 13 {
+        match k % KINDS {
             0 => {
                 push(0, "checkout.session.completed", false, &none);
                 push(1, "payment_intent.succeeded", false, &none);
@@ -137,9 +144,8 @@ pub fn histories(seed: u64, users: usize) -> Vec<Value> {
                 });
                 push(1, "checkout.session.async_payment_succeeded", false, &none);
             }
-            11 => {
-                // Bought, refunded, bought again in a second session: the second purchase waits
-                // for the refund when it comes first.
+            REPURCHASE => {
+                // Bought, refunded, bought again in a second session.
                 push(0, "checkout.session.completed", false, &none);
                 push(1, "charge.refunded", false, &none);
                 let again = |v: &mut Value| {
@@ -148,6 +154,72 @@ pub fn histories(seed: u64, users: usize) -> Vec<Value> {
                     v["payment_intent"] = json!(format!("pi_again_{id}"));
                 };
                 push(2, "checkout.session.completed", false, &again);
+            }
+            13 => {
+                // An inquiry that closed, then a real chargeback on a new dispute, won.
+                let dispute = |id: &'static str, status: &'static str| {
+                    move |d: &mut Value| {
+                        let object = d["charge"].as_str().unwrap_or_default().to_owned();
+                        d["id"] = json!(format!("dp_{object}_{id}"));
+                        d["status"] = json!(status);
+                    }
+                };
+                push(0, "checkout.session.completed", false, &none);
+                push(
+                    1,
+                    "charge.dispute.created",
+                    false,
+                    &dispute("i", "warning_needs_response"),
+                );
+                push(
+                    2,
+                    "charge.dispute.closed",
+                    false,
+                    &dispute("i", "warning_closed"),
+                );
+                push(
+                    3,
+                    "charge.dispute.created",
+                    false,
+                    &dispute("c", "needs_response"),
+                );
+                push(
+                    4,
+                    "charge.dispute.updated",
+                    false,
+                    &dispute("c", "under_review"),
+                );
+                push(5, "charge.dispute.closed", false, &dispute("c", "won"));
+            }
+            14 => {
+                // A subscription whose payment is charged back and lost: the invoice payment
+                // ties the payment to its invoice, as since API version basil.
+                push(0, "customer.subscription.created", true, &none);
+                push(1, "checkout.session.completed", true, &none);
+                push(2, "invoice.paid", true, &none);
+                push(3, "invoice_payment.paid", true, &|v| {
+                    let object = v["id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .trim_start_matches("obj_")
+                        .to_owned();
+                    *v = json!({ "id": format!("inpay_{object}"), "object": "invoice_payment",
+                        "invoice": format!("in_{object}"), "status": "paid", "amount_paid": 4900,
+                        "currency": "usd", "payment": { "type": "payment_intent",
+                            "payment_intent": format!("pi_{object}") } });
+                });
+                push(4, "charge.dispute.created", true, &none);
+                push(5, "charge.dispute.closed", true, &none);
+            }
+            15 => {
+                // Paid twice in two sessions, the first payment refunded: Pro stays.
+                push(0, "checkout.session.completed", false, &none);
+                push(1, "checkout.session.completed", false, &|v| {
+                    let id = v["id"].as_str().unwrap_or_default().to_owned();
+                    v["id"] = json!(format!("{id}_twice"));
+                    v["payment_intent"] = json!(format!("pi_twice_{id}"));
+                });
+                push(2, "charge.refunded", false, &none);
             }
             _ => {
                 // A subscription renewed, then canceled at the end.

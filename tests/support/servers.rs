@@ -56,8 +56,11 @@ impl Scratch {
 }
 
 impl Drop for Scratch {
+    /// Removed, unless a test is failing: its message names the logs kept here.
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
