@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use shared::samples::{self, Sample};
 use system_tests::amqp::TestBroker;
 use system_tests::api::Api;
+use system_tests::scenarios::team_event;
 use system_tests::unique;
 use system_tests::worker::*;
 
@@ -371,20 +372,6 @@ async fn abandoned_checkout_notices_only_for_what_was_offered_and_once_per_sessi
     stack.stop().await;
 }
 
-/// A sample event of `user`'s `team` subscription `object` (invoice `in_{object}`, paid by
-/// `pi_{object}` with charge `ch_{object}`), at `created`.
-fn team_event(user: &str, object: &str, event_type: &str, created: i64) -> Value {
-    let sample = Sample {
-        user,
-        product: "team",
-        object,
-        amount: 1900,
-        created,
-        subscription: true,
-    };
-    samples::event(&unique("evt"), event_type, &sample)
-}
-
 /// `invoice_payment.paid`: `payment_intent` paid `invoice`, as API versions since basil tie them.
 fn invoice_payment(invoice: &str, payment_intent: &str, created: i64) -> Value {
     json!({ "id": unique("evt"), "object": "event", "type": "invoice_payment.paid",
@@ -411,20 +398,6 @@ fn team_subscription(user: &str, object: &str, created: i64) -> Vec<Value> {
         created,
     ));
     events
-}
-
-async fn team_status(stack: &Stack, user: &str) -> String {
-    let (status, body) = stack.api.get("/api/entitlements", user).await;
-    assert_eq!(status, 200, "{body}");
-    body["entitlements"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["key"] == "team")
-        .map_or_else(
-            || "none".to_owned(),
-            |e| e["status"].as_str().unwrap().to_owned(),
-        )
 }
 
 /// A subscription chargeback history: what it is, its dispute statuses by day, whether a later
@@ -506,7 +479,7 @@ async fn a_chargeback_on_a_subscription_payment_decides_the_subscription_in_any_
             }
             stack.deliver(&events, 3_000 + n as u64 * 100 + round).await;
             assert_eq!(
-                team_status(&stack, &user).await,
+                stack.api.status_of(&user, "team").await,
                 *expected,
                 "{what}, order {round}"
             );
@@ -527,7 +500,11 @@ async fn a_full_refund_of_a_subscriptions_latest_payment_ends_its_access_by_defa
         let mut events = team_subscription(&user, &object, t0);
         events.push(team_event(&user, &object, "charge.refunded", t0 + 86_400));
         stack.deliver(&events, 4_000 + round).await;
-        assert_eq!(team_status(&stack, &user).await, "revoked", "order {round}");
+        assert_eq!(
+            stack.api.status_of(&user, "team").await,
+            "revoked",
+            "order {round}"
+        );
         let (_, purchases) = stack.api.get("/api/purchases", &user).await;
         assert_eq!(
             purchases["pagination"]["totalCount"], 0,
@@ -548,7 +525,7 @@ async fn a_full_refund_of_a_subscriptions_latest_payment_ends_its_access_by_defa
     events.push(team_event(&user, &object, "charge.refunded", t0 + 86_400));
     stack.deliver(&events, 5_000).await;
     assert_eq!(
-        team_status(&stack, &user).await,
+        stack.api.status_of(&user, "team").await,
         "active",
         "kept to the period's end"
     );

@@ -608,3 +608,76 @@ async fn a_session_stripe_does_not_know_and_a_lone_payment_intent_grant_nothing(
     );
     worker.stop().await;
 }
+
+/// [`system_tests::scenarios::team_event`] as a body to publish.
+fn team_body(user: &str, object: &str, event_type: &str, created: i64) -> Vec<u8> {
+    system_tests::scenarios::team_event(user, object, event_type, created)
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chargeback_reaches_its_subscription_through_stripes_invoice_payments_when_no_event_tied_them()
+ {
+    let fake = FakeStripe::start().await;
+    let (api, broker, worker) = start(&fake).await;
+    let direct = system_tests::worker::pg(&api.db.url).await;
+    let now = chrono::Utc::now().timestamp() - 86_400;
+    // A subscription paid by a basil invoice: no event names its payment.
+    let (subscriber, object) = (unique("u"), unique("o"));
+    fake.seed(
+        Collection::InvoicePayments,
+        json!({ "id": format!("inpay_{object}"), "object": "invoice_payment",
+            "invoice": format!("in_{object}"), "status": "paid",
+            "payment": { "type": "payment_intent", "payment_intent": format!("pi_{object}") } }),
+    );
+    fake.seed(
+        Collection::Invoices,
+        json!({ "id": format!("in_{object}"), "object": "invoice", "status": "paid",
+            "parent": { "type": "subscription_details",
+                "subscription_details": { "subscription": format!("sub_{object}") } } }),
+    );
+    let mut ids = Vec::new();
+    for event_type in [
+        "customer.subscription.created",
+        "checkout.session.completed",
+        "invoice.paid",
+    ] {
+        ids.push(publish_body(&broker, &team_body(&subscriber, &object, event_type, now)).await);
+    }
+    for id in &ids {
+        wait_processed(&direct, id).await;
+    }
+    assert_eq!(api.status_of(&subscriber, "team").await, "active");
+    // The chargeback, delivered twice.
+    let dispute = team_body(&subscriber, &object, "charge.dispute.created", now + 60);
+    let first = publish_body(&broker, &dispute).await;
+    publish_body(&broker, &dispute).await;
+    wait_processed(&direct, &first).await;
+    assert_eq!(api.status_of(&subscriber, "team").await, "suspended");
+    let lookups = fake.requests_to("/v1/invoice_payments").len();
+    assert_eq!(lookups, 1, "looked up once, its redelivery recognised");
+
+    // A dispute of a purchase this service holds needs no lookup.
+    let (buyer, bought) = (unique("u"), unique("o"));
+    let paid = publish_body(
+        &broker,
+        &sample_event(
+            &unique("evt"),
+            "checkout.session.completed",
+            &buyer,
+            &bought,
+        ),
+    )
+    .await;
+    wait_processed(&direct, &paid).await;
+    let disputed = publish_body(
+        &broker,
+        &sample_event(&unique("evt"), "charge.dispute.created", &buyer, &bought),
+    )
+    .await;
+    wait_processed(&direct, &disputed).await;
+    assert!(!is_pro(&api, &buyer).await, "suspended");
+    assert_eq!(fake.requests_to("/v1/invoice_payments").len(), lookups);
+    worker.stop().await;
+}

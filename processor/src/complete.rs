@@ -12,7 +12,13 @@
 //!   `GET /v1/checkout/sessions/{id}/line_items`, so the price paid, not only the metadata,
 //!   decides the product.
 //!
-//! Both go through the Stripe client and its retries.
+//! - a dispute of a payment nothing here ties to a purchase or an invoice yet: since API
+//!   version basil a charge no longer names its invoice, so a chargeback on a subscription's
+//!   payment reaches its subscription through the payment's `InvoicePayment`, read from
+//!   `GET /v1/invoice_payments` (and the invoice's subscription from `GET /v1/invoices/{id}`)
+//!   when no `invoice_payment.paid` event has tied them first.
+//!
+//! All go through the Stripe client and its retries.
 //!
 //! Invariant: a summary reaches the store with a complete list, or not at all — when Stripe
 //! cannot be read the event is retried later, never applied with a partial list (which would
@@ -20,7 +26,7 @@
 //! whose own list is complete are applied, and sessions keep the payload's shape (resolved by
 //! our metadata, amount and currency).
 
-use crate::domain::events::{CheckoutSession, Event, EventKind};
+use crate::domain::events::{CheckoutSession, Dispute, Event, EventKind, PaidFor};
 use crate::domain::offer::{CheckoutOffer, LinkPrice};
 use crate::stripe::{StripeClient, StripeError};
 
@@ -42,6 +48,13 @@ pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Eve
     if let Some(session) = event.paid_session() {
         let session = with_line_item(stripe, session.clone()).await?;
         return Ok(event.with_paid_session(session));
+    }
+    if let EventKind::ChargeDispute(dispute) = event.kind {
+        let dispute = with_invoice(stripe, dispute).await?;
+        return Ok(Event {
+            kind: EventKind::ChargeDispute(dispute),
+            ..event
+        });
     }
     let summary = match event.kind {
         EventKind::FeatureSummaryUpdated(summary) => summary,
@@ -116,13 +129,44 @@ pub fn learned_link_price(event: &Event) -> Option<LinkPrice> {
 /// True for the events [`complete`] has to read Stripe for (or, without a key, fails for):
 /// a feature summary (its newest complete list is read when a key is set; without one, only a
 /// list cut short needs it), and, when a key is set, a paid session whose line items are not
-/// known yet. Without a key a session keeps its payload's shape.
+/// known yet or a dispute whose payment nothing here ties yet. Without a key a session keeps
+/// its payload's shape and a dispute is applied as it is.
 #[must_use]
 pub fn needs_stripe(event: &Event, has_key: bool) -> bool {
     match &event.kind {
         EventKind::FeatureSummaryUpdated(summary) => has_key || !summary.complete,
+        EventKind::ChargeDispute(dispute) => has_key && dispute.needs_invoice(),
         _ => has_key && incomplete_session(event).is_some(),
     }
+}
+
+/// `dispute` with what its payment paid, read from Stripe when nothing here ties it yet. A
+/// request Stripe refuses for what it is (a 4xx other than a rate limit: an unknown payment, an
+/// endpoint a fake does not serve) settles it as paying no invoice; only an outage is retried.
+async fn with_invoice(
+    stripe: Option<&StripeClient>,
+    dispute: Dispute,
+) -> Result<Dispute, CompleteError> {
+    let (Some(stripe), Some(payment)) = (
+        stripe.filter(|_| dispute.needs_invoice()),
+        dispute.payment(),
+    ) else {
+        return Ok(dispute);
+    };
+    let paid_for = match stripe.invoice_of_payment(payment).await {
+        Ok(Some((invoice, subscription))) => PaidFor::Invoice {
+            invoice,
+            subscription,
+        },
+        Ok(None) => PaidFor::Settled,
+        Err(error) if !error.is_transient() && !matches!(error.status(), Some(401 | 403)) => {
+            tracing::warn!(%error, dispute_id = %dispute.id,
+                "the disputed payment's invoice cannot be read; applied as paying none");
+            PaidFor::Settled
+        }
+        Err(error) => return Err(error.into()),
+    };
+    Ok(dispute.with_invoice(paid_for))
 }
 
 /// `session` with the price of its first line item, read from Stripe when the payload had none.

@@ -136,6 +136,21 @@ impl Api {
         }
     }
 
+    /// The status of `user`'s entitlement `key` from `GET /api/entitlements` (`none` without one).
+    pub async fn status_of(&self, user: &str, key: &str) -> String {
+        let (status, body) = self.get("/api/entitlements", user).await;
+        assert_eq!(status, 200, "{body}");
+        body["entitlements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["key"] == key)
+            .map_or_else(
+                || "none".to_owned(),
+                |e| e["status"].as_str().unwrap().to_owned(),
+            )
+    }
+
     /// GET with a user token; returns status and JSON body.
     pub async fn get(&self, path: &str, user: &str) -> (u16, Value) {
         self.send(reqwest::Method::GET, path, Some(&token(user)), None)

@@ -235,3 +235,17 @@ pub fn histories(seed: u64, users: usize) -> Vec<Value> {
     }
     out
 }
+
+/// A sample event of `user`'s `team` subscription `object` (invoice `in_{object}`, paid by
+/// `pi_{object}` with charge `ch_{object}`), at `created`, under a fresh event id.
+pub fn team_event(user: &str, object: &str, event_type: &str, created: i64) -> Value {
+    let sample = Sample {
+        user,
+        product: "team",
+        object,
+        amount: 1900,
+        created,
+        subscription: true,
+    };
+    event(&crate::unique("evt"), event_type, &sample)
+}

@@ -101,6 +101,9 @@ pub enum Collection {
     ActiveEntitlements,
     /// Line items of the Checkout Sessions the fake created, with a `session` member.
     CheckoutLineItems,
+    /// `InvoicePayment`s (`{invoice, payment: {type, payment_intent | charge}}`).
+    InvoicePayments,
+    Invoices,
 }
 
 #[derive(Default)]
@@ -661,6 +664,30 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
             };
             matches("charge") && matches("payment_intent")
         }),
+        ("GET", "/v1/invoice_payments") => list(inner, req, Collection::InvoicePayments, |o, r| {
+            let payment = &o["payment"];
+            let kind = r.param("payment[type]").unwrap_or("payment_intent");
+            payment["type"].as_str() == Some(kind)
+                && r.param(&format!("payment[{kind}]"))
+                    .is_some_and(|id| payment[kind].as_str() == Some(id))
+        }),
+        ("GET", path) if path.starts_with("/v1/invoices/") => {
+            let id = &path["/v1/invoices/".len()..];
+            let found = inner
+                .objects
+                .get(&Collection::Invoices)
+                .and_then(|all| all.iter().find(|i| i["id"].as_str() == Some(id)).cloned());
+            match found {
+                Some(invoice) => (StatusCode::OK, invoice),
+                None => stripe_error(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    &format!("No such invoice: '{id}'"),
+                    Some("id"),
+                ),
+            }
+        }
         ("DELETE", path) if path.starts_with("/v1/customers/") => {
             delete_customer(inner, &path["/v1/customers/".len()..])
         }

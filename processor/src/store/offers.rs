@@ -158,3 +158,30 @@ pub async fn learn_link_price(db: &impl GenericClient, link: &LinkPrice) -> Resu
     .await?;
     Ok(())
 }
+
+/// Which of `payments` (payment intent or charge ids) this service already holds tied to a
+/// purchase or an invoice: their disputes need no lookup of what they paid.
+///
+/// # Errors
+/// [`StoreError::Db`] when the query fails.
+pub async fn tied_payments(
+    db: &impl GenericClient,
+    payments: &[&str],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    if payments.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let rows = db
+        .query(
+            "SELECT p.id FROM unnest($1::text[]) AS p(id)
+              WHERE EXISTS (SELECT 1 FROM purchases
+                             WHERE (payment_intent_id = p.id OR charge_id = p.id)
+                               AND (checkout_session_id IS NOT NULL OR invoice_id IS NOT NULL
+                                    OR product_key IS NOT NULL))",
+            &[&payments],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get(0).map_err(StoreError::from))
+        .collect()
+}

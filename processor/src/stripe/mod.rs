@@ -362,6 +362,45 @@ impl StripeClient {
         self.list_all("/v1/disputes", &form).await
     }
 
+    /// The invoice a payment paid, and the invoice's subscription: the first `InvoicePayment`
+    /// of the payment (`GET /v1/invoice_payments?payment[type]=…`, by payment intent `pi_…` or
+    /// charge `ch_…`), then its invoice (`GET /v1/invoices/{id}`, its subscription at
+    /// `parent.subscription_details.subscription` since basil, at `subscription` before).
+    /// `None` when the payment paid no invoice.
+    ///
+    /// # Errors
+    /// Any [`StripeError`].
+    pub async fn invoice_of_payment(
+        &self,
+        payment: &str,
+    ) -> Result<Option<(String, Option<String>)>, StripeError> {
+        let kind = if payment.starts_with("ch_") {
+            "charge"
+        } else {
+            "payment_intent"
+        };
+        let mut form = Form::new();
+        form.push("payment[type]", kind)
+            .push(format!("payment[{kind}]"), payment)
+            .push("limit", "1");
+        let page: ListPage<Value> = self.get("/v1/invoice_payments", &form).await?;
+        let Some(invoice) = page
+            .data
+            .iter()
+            .find_map(|p| expandable_id(p.get("invoice")?))
+        else {
+            return Ok(None);
+        };
+        let found: Value = self
+            .get(&format!("/v1/invoices/{invoice}"), &Form::new())
+            .await?;
+        let subscription = found
+            .pointer("/parent/subscription_details/subscription")
+            .and_then(expandable_id)
+            .or_else(|| found.get("subscription").and_then(expandable_id));
+        Ok(Some((invoice, subscription)))
+    }
+
     /// All subscriptions of `customer` including canceled ones (`status=all`), as raw objects.
     ///
     /// # Errors
@@ -729,6 +768,15 @@ fn event_form(query: &EventQuery) -> Form {
         query.delivery_success.map(|b| b.to_string()),
     );
     form
+}
+
+/// The id of an expandable field: the string, or the expanded object's `id`.
+fn expandable_id(value: &Value) -> Option<String> {
+    value
+        .as_str()
+        .or_else(|| value.get("id")?.as_str())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use shared::topology::headers;
 use super::Worker;
 use super::short;
 use crate::cache::{Claim, ClaimToken};
-use crate::domain::events::{self, DisputeStatus, Event, EventKind};
+use crate::domain::events::{self, DisputeStatus, Event, EventKind, PaidFor};
 use crate::domain::offer::{CheckoutOffer, LinkPrice};
 use crate::domain::scope::Refusal;
 use crate::domain::view::UserSnapshot;
@@ -181,6 +181,7 @@ impl Worker {
         )
         .await;
         complete_without_stripe(&mut items, &prices);
+        self.settle_tied_disputes(&mut items).await;
         self.hand_over_to_stripe(&mut items);
         // What moves to the Stripe queue is published while the rest is applied.
         let (handed, rest): (Vec<Item>, Vec<Item>) = items
@@ -336,6 +337,57 @@ impl Worker {
             tracing::warn!(%error, "known prices unreadable; completing from Stripe");
             KnownPrices::default()
         })
+    }
+
+    /// Settles the disputes whose payment this service already holds tied to a purchase or an
+    /// invoice, so only a payment nothing ties yet is looked up in Stripe (with a key; without
+    /// one nothing is looked up). Unreadable, they are looked up.
+    async fn settle_tied_disputes(&self, items: &mut [Item]) {
+        if self.stripe.is_none() {
+            return;
+        }
+        let payments: Vec<String> = items
+            .iter()
+            .filter_map(Item::pending)
+            .filter_map(|e| match &e.kind {
+                EventKind::ChargeDispute(d) if d.needs_invoice() => d.payment().map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        if payments.is_empty() {
+            return;
+        }
+        let ids: Vec<&str> = payments.iter().map(String::as_str).collect();
+        let tied = async {
+            let client = self.pool.get().await?;
+            store::offers::tied_payments(&**client, &ids).await
+        };
+        let tied = tied.await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "tied payments unreadable; looking the disputes up in Stripe");
+            std::collections::HashSet::new()
+        });
+        for item in items.iter_mut() {
+            let settled = match item.pending() {
+                Some(Event {
+                    kind: EventKind::ChargeDispute(d),
+                    ..
+                }) if d.payment().is_some_and(|p| tied.contains(p)) => {
+                    let mut event = item.pending().cloned();
+                    if let Some(Event {
+                        kind: EventKind::ChargeDispute(d),
+                        ..
+                    }) = &mut event
+                    {
+                        d.paid_for = PaidFor::Settled;
+                    }
+                    event
+                }
+                _ => None,
+            };
+            if let Some(event) = settled {
+                item.step = Step::Pending(event);
+            }
+        }
     }
 
     /// Keeps a Payment Link's price (best effort: unkept, the next session is read again).

@@ -232,6 +232,8 @@ pub struct Charge {
     pub latest_refund: Option<Refund>,
     pub user_id: Option<UserId>,
     pub product_key: Option<String>,
+    /// The invoice it paid (`invoice`, before basil; since basil a charge no longer names it).
+    pub invoice: Option<String>,
 }
 
 impl Charge {
@@ -257,6 +259,47 @@ pub struct Dispute {
     pub charge: Option<String>,
     pub payment_intent: Option<String>,
     pub status: DisputeStatus,
+    /// What the disputed payment paid, when it is a subscription's: a dispute names only its
+    /// charge and payment intent, so this is learnt from Stripe's invoice payments
+    /// ([`Dispute::with_invoice`]) when nothing this service holds ties the payment yet.
+    pub paid_for: PaidFor,
+}
+
+/// Whether a disputed payment is known to have paid an invoice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PaidFor {
+    /// Not looked up: the payment may be a subscription's that nothing ties yet.
+    #[default]
+    Unknown,
+    /// Known: this service holds the payment as a purchase or an invoice's, or Stripe said it
+    /// paid no invoice.
+    Settled,
+    /// Stripe said it paid this invoice of this subscription.
+    Invoice {
+        invoice: String,
+        subscription: Option<String>,
+    },
+}
+
+impl Dispute {
+    /// True while the disputed payment may be a subscription's that nothing ties yet.
+    #[must_use]
+    pub fn needs_invoice(&self) -> bool {
+        self.paid_for == PaidFor::Unknown
+    }
+
+    /// The dispute with what its payment paid settled.
+    #[must_use]
+    pub fn with_invoice(mut self, paid_for: PaidFor) -> Self {
+        self.paid_for = paid_for;
+        self
+    }
+
+    /// The payment's id to look it up by: its payment intent, else its charge.
+    #[must_use]
+    pub fn payment(&self) -> Option<&str> {
+        self.payment_intent.as_deref().or(self.charge.as_deref())
+    }
 }
 
 /// `invoice.*`'s `data.object`.
@@ -573,6 +616,7 @@ fn charge(obj: wire::Charge) -> Result<Charge, EventError> {
         latest_refund,
         user_id: user_id(obj.metadata.user_id(), "metadata.user_id")?,
         product_key: obj.metadata.product_key(),
+        invoice: obj.invoice.id(),
     })
 }
 
@@ -591,6 +635,7 @@ fn dispute(obj: wire::Dispute) -> Result<Dispute, EventError> {
         charge,
         payment_intent,
         status,
+        paid_for: PaidFor::Unknown,
     })
 }
 

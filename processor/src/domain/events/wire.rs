@@ -205,6 +205,8 @@ pub(super) struct Charge {
     /// Included (newest first) on charges delivered in events.
     pub refunds: Maybe<List<Refund>>,
     pub metadata: Maybe<Metadata>,
+    /// Before basil: the invoice the charge paid.
+    pub invoice: Maybe<Expandable>,
 }
 
 /// `refund`.

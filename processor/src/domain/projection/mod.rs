@@ -30,7 +30,7 @@ pub use registry::{
 pub use subscription::{PriceClaim, StatusClaim, SubscriptionFacts};
 
 use crate::domain::events::{
-    CheckoutMode, CheckoutPaymentStatus, Event, EventKind, SubscriptionStatus,
+    CheckoutMode, CheckoutPaymentStatus, Event, EventKind, PaidFor, SubscriptionStatus,
 };
 use shared::ids::UserId;
 
@@ -241,6 +241,7 @@ fn facts_of(event: &Event) -> Plan {
                 purchase: Some(PurchaseFacts {
                     payment_intent_id: ch.payment_intent.clone(),
                     charge_id: Some(ch.id.clone()),
+                    invoice_id: ch.invoice.clone(),
                     user_id: user_string(ch.user_id.as_ref()),
                     customer_id: ch.customer.clone(),
                     product_key: ch.product_key.clone(),
@@ -262,6 +263,14 @@ fn facts_of(event: &Event) -> Plan {
             purchase: Some(PurchaseFacts {
                 payment_intent_id: d.payment_intent.clone(),
                 charge_id: d.charge.clone(),
+                invoice_id: match &d.paid_for {
+                    PaidFor::Invoice { invoice, .. } => Some(invoice.clone()),
+                    _ => None,
+                },
+                subscription_id: match &d.paid_for {
+                    PaidFor::Invoice { subscription, .. } => subscription.clone(),
+                    _ => None,
+                },
                 disputes: [(d.id.clone(), DisputeFacts::of(at, d.status.clone()))].into(),
                 ..PurchaseFacts::default()
             }),
