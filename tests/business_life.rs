@@ -531,3 +531,98 @@ async fn a_full_refund_of_a_subscriptions_latest_payment_ends_its_access_by_defa
     );
     stack.stop().await;
 }
+
+/// A paid Pro checkout of `user` through a Payment Link at `price` (its line items in the
+/// payload, as an expanded session carries them), at `created`.
+fn link_purchase(user: &str, object: &str, price: &str, amount: i64, created: i64) -> Vec<Value> {
+    let mut events = purchase(user, object, created);
+    for event in &mut events {
+        let paid = event["type"] == "checkout.session.completed";
+        let object = &mut event["data"]["object"];
+        object["metadata"] = json!({});
+        if paid {
+            object["payment_link"] = json!("plink_old");
+            object["amount_total"] = json!(amount);
+            object["line_items"] =
+                json!({ "object": "list", "data": [ { "price": { "id": price } } ] });
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_change_takes_access_from_no_earlier_buyer_in_any_order() {
+    let stack = Stack::start().await;
+    let t0 = chrono::Utc::now().timestamp() - 86_400;
+    let earlier: Vec<String> = (0..3).map(|_| unique("u")).collect();
+    let mut events = Vec::new();
+    for user in &earlier {
+        events.extend(link_purchase(user, &unique("o"), "price_pro", 4900, t0));
+    }
+    stack.deliver(&events, 6_000).await;
+
+    // Pro's price is raised: STRIPE_PRICE_PRO_LIFETIME moves to a new price (Stripe prices
+    // cannot be edited), and `processor recompute --all` runs with it, as after any mapping
+    // change (it writes the configuration first, as start-up does).
+    let catalog = std::env::temp_dir().join(format!("{}.toml", unique("catalog")));
+    std::fs::write(
+        &catalog,
+        "[products.team]\nprice = \"price_team\"\nmode = \"subscription\"\nentitlement = \"team\"\n",
+    )
+    .unwrap();
+    let recompute = tokio::process::Command::new(system_tests::binary("processor"))
+        .args(["recompute", "--all"])
+        .env_clear()
+        .env("DATABASE_URL", &stack.api.db.url)
+        .env("STRIPE_PRICE_PRO_LIFETIME", "price_pro_raised")
+        .env("CATALOG_FILE", &catalog)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&catalog);
+    assert!(recompute.status.success(), "{recompute:?}");
+    let pro: Value = stack
+        .api
+        .http
+        .get(format!("{}/v1/products/pro", stack.api.base))
+        .bearer_auth(system_tests::api::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pro["priceId"], "price_pro_raised");
+    assert_eq!(pro["retiredPriceIds"], json!(["price_pro"]));
+    for user in &earlier {
+        stack.api.cache.invalidate(user).await;
+        assert_eq!(
+            stack.pro(user).await["isPro"],
+            true,
+            "{user} paid what was asked"
+        );
+    }
+    // After the change, in any order with duplicates: an old Payment Link still sells at the
+    // old price, the new price sells, and an earlier buyer's later refund still counts.
+    let (late, new) = (unique("u"), unique("u"));
+    let mut after = link_purchase(&late, &unique("o"), "price_pro", 4900, t0 + 3_600);
+    after.extend(link_purchase(
+        &new,
+        &unique("o"),
+        "price_pro_raised",
+        9900,
+        t0 + 3_600,
+    ));
+    for round in 0..ROUNDS {
+        stack.deliver(&after, 6_100 + round).await;
+        for user in [&late, &new] {
+            assert_eq!(
+                stack.pro(user).await["isPro"],
+                true,
+                "{user}, order {round}"
+            );
+        }
+    }
+    stack.stop().await;
+}

@@ -511,4 +511,43 @@ mod tests {
             assert!(!is_price_id(price), "{price}");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever the history of a product's prices and amounts, and whatever other products
+        /// hold, every price and amount it was ever sold at resolves to it, and nothing else does.
+        #[test]
+        fn any_price_history_keeps_every_earlier_sale_resolving(
+            prices in proptest::collection::vec(0u8..6, 1..5),
+            amounts in proptest::collection::vec(1i64..5, 1..4),
+            probe in 0u8..8,
+            spent in 1i64..6,
+        ) {
+            let price = |n: u8| format!("price_{n}");
+            let mut pro = product("pro", prices.last().map(|n| price(*n)).as_deref(), None);
+            pro.retired_price_ids = prices[..prices.len() - 1].iter().map(|n| price(*n)).collect();
+            let mut item = product("item", None, amounts.last().map(|a| a * 100));
+            item.retired_amounts = amounts[..amounts.len() - 1]
+                .iter()
+                .map(|a| SoldAmount { amount_cents: a * 100, currency: "usd".into() })
+                .collect();
+            // Another product sells at a price outside the history.
+            let other = product("other", Some("price_7"), None);
+            let registry = Registry::new([pro, item, other]);
+            let key = |p: &PurchaseFacts| registry.purchase_product(p).map(|p| p.key.clone());
+            let sold = prices.contains(&probe);
+            let expected = if sold {
+                Some("pro".to_owned())
+            } else if probe == 7 {
+                Some("other".to_owned())
+            } else {
+                None
+            };
+            proptest::prop_assert_eq!(key(&paid(None, Some(&price(probe)), 4900)), expected);
+            let item_sold = amounts.contains(&spent);
+            proptest::prop_assert_eq!(
+                key(&paid(Some("item"), None, spent * 100)),
+                item_sold.then(|| "item".to_owned())
+            );
+        }
+    }
 }
