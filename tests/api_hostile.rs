@@ -137,3 +137,94 @@ async fn a_body_over_the_api_limit_is_answered_413() {
         .await;
     assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
 }
+
+/// The lines of `metric` in a Prometheus text scrape.
+fn series<'a>(scrape: &'a str, metric: &str) -> Vec<&'a str> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_methods_and_paths_add_no_metric_series() {
+    use system_tests::servers::{Process, free_port};
+    let seed = Api::start(None).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let api = Process::spawn(
+        "processor",
+        &["api"],
+        &[
+            ("API_ADDR", addr.clone()),
+            ("DATABASE_URL", seed.db.url.clone()),
+            ("REDIS_URL", system_tests::redis_url()),
+            ("AMQP_URL", system_tests::amqp_url()),
+            ("AUTH_JWT_SECRET", SECRET.to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ],
+        std::env::temp_dir().join(format!("{}-api.log", unique("hostile"))),
+    );
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    system_tests::eventually(Duration::from_secs(30), "the api answers", || async {
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(drop)
+    })
+    .await;
+    // One request of every shape a client may send, to settle the series the API has.
+    let scrape = || async {
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    for path in ["/api/pro/entitlement", "/no/such/route"] {
+        for method in ["GET", "X1Z"] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            http.request(method, format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    let before = scrape().await;
+    // 200 requests, each with a method and a path of its own.
+    for n in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("X{n}Z").as_bytes()).unwrap();
+        let path = if n % 2 == 0 {
+            format!("/api/pro/entitlement?n={n}")
+        } else {
+            format!("/u_{n}/{}", unique("p"))
+        };
+        let answer = http
+            .request(method, format!("{base}{path}"))
+            .header("authorization", token("u_hostile"))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_client_error(), "{}", answer.status());
+    }
+    let after = scrape().await;
+    for metric in ["api_requests_total", "api_request_duration_seconds_count"] {
+        assert!(!series(&before, metric).is_empty(), "{metric} is exported");
+        assert_eq!(
+            series(&after, metric).len(),
+            series(&before, metric).len(),
+            "{metric}: {:#?}",
+            series(&after, metric)
+        );
+    }
+    assert!(
+        !after.contains("X7Z") && !after.contains("/u_"),
+        "no raw method or path"
+    );
+    assert!(after.contains(r#"method="other""#));
+    drop(api);
+}

@@ -3,6 +3,9 @@
 //! Logs go to stderr, `pretty` by default or one JSON object per line with `LOG_FORMAT=json`,
 //! filtered by `RUST_LOG`. Metrics go to one process-wide Prometheus recorder, rendered by each
 //! service's `/metrics` route.
+//!
+//! Invariant: every label value comes from a closed set, so no request can add series: a
+//! route is its template, a method one of the standard ones or `other` ([`method_label`]).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -92,4 +95,22 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The `method` label of a request: the standard HTTP methods by name, any other `other` (a
+/// client may send any token as a method; each would be a new series).
+#[must_use]
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    match *method {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::PATCH => "PATCH",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        axum::http::Method::TRACE => "TRACE",
+        axum::http::Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
 }

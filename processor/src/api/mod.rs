@@ -278,17 +278,18 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// `api_requests_total{route,method,status}` and `api_request_duration_seconds{route,method}`,
-/// labelled by the route template (never the raw path, which carries user ids).
+/// labelled by the route template (never the raw path, which carries user ids) and a method
+/// of a closed set ([`shared::telemetry::method_label`]).
 async fn record_metrics(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = shared::telemetry::method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("api_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+    metrics::counter!("api_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!("api_request_duration_seconds", "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());

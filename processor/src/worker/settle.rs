@@ -267,7 +267,7 @@ fn record(item: &Item, decision: &Decision, settled: bool) {
         (_, Decision::DeadLetter { .. }) => "dead_lettered",
         (_, Decision::Ack | Decision::Handover) => "acked",
     };
-    let event_type = item.event_type.clone();
+    let event_type = crate::domain::events::type_label(&item.event_type);
     metrics::counter!("events_total", "type" => event_type, "outcome" => kind).increment(1);
     metrics::histogram!("event_processing_seconds").record(item.received.elapsed().as_secs_f64());
     let _guard = item.span.enter();

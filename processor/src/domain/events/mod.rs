@@ -429,6 +429,40 @@ impl SubscriptionStatus {
     }
 }
 
+/// Every event type the projection acts on; any other is [`EventKind::Unhandled`].
+pub const HANDLED_TYPES: [&str; 19] = [
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "checkout.session.expired",
+    "payment_intent.succeeded",
+    "charge.refunded",
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
+    "invoice.paid",
+    "invoice.payment_failed",
+    "invoice_payment.paid",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "entitlements.active_entitlement_summary.updated",
+    "other",
+];
+
+/// The `type` label of an event's metrics: a handled type by name, any other `other` (a
+/// delivery's type is whatever its sender wrote; each would be a new series).
+#[must_use]
+pub fn type_label(event_type: &str) -> &'static str {
+    HANDLED_TYPES
+        .iter()
+        .find(|t| **t == event_type)
+        .copied()
+        .unwrap_or("other")
+}
+
 /// Why a body can never be projected (dead-letter it; retrying cannot help).
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -1067,6 +1101,19 @@ mod tests {
         let done = summary.completed(vec!["b".into(), "a".into(), "a".into()]);
         assert_eq!(done.lookup_keys, ["a", "b"]);
         assert!(done.complete);
+    }
+
+    #[test]
+    fn the_handled_types_are_exactly_those_parsed_and_label_everything_else_other() {
+        for event_type in HANDLED_TYPES.iter().filter(|t| **t != "other") {
+            let body = format!(r#"{{"id":"evt_t","type":"{event_type}","created":1}}"#);
+            // Handled: the missing object is an error, never `Unhandled`.
+            assert!(parse(body.as_bytes()).is_err(), "{event_type} is parsed");
+            assert_eq!(type_label(event_type), *event_type);
+        }
+        for other in ["customer.created", "X1Z", "", "charge.dispute"] {
+            assert_eq!(type_label(other), "other");
+        }
     }
 
     #[test]
