@@ -77,23 +77,8 @@ fn event_object() -> impl Strategy<Value = Value> {
 }
 
 fn event_type() -> impl Strategy<Value = Value> {
-    const TYPES: &[&str] = &[
-        "checkout.session.completed",
-        "checkout.session.async_payment_succeeded",
-        "checkout.session.async_payment_failed",
-        "checkout.session.expired",
-        "payment_intent.succeeded",
-        "charge.refunded",
-        "charge.dispute.created",
-        "charge.dispute.closed",
-        "invoice.paid",
-        "invoice.payment_failed",
-        "customer.subscription.created",
-        "customer.subscription.updated",
-        "customer.subscription.deleted",
-    ];
     prop_oneof![
-        4 => proptest::sample::select(TYPES).prop_map(Value::from),
+        4 => proptest::sample::select(&processor::domain::events::HANDLED_TYPES[..]).prop_map(Value::from),
         1 => json_value(),
     ]
 }
