@@ -4,7 +4,9 @@
 //! - only HS256 is accepted: `alg: none`, other HMAC sizes and asymmetric algorithms are refused
 //!   before any claim is trusted; `exp` is required; `nbf`, when present, is honoured (a token
 //!   is refused until then, with the same leeway as `exp`); `iss`/`aud` are checked when
-//!   configured, and `AUTH_JWT_REQUIRE_AUDIENCE` refuses to start without an audience;
+//!   configured, and `AUTH_JWT_REQUIRE_AUDIENCE` refuses to start without an audience; with
+//!   `AUTH_JWT_MAX_LIFETIME`, `iat` is required and `exp - iat` bounded; the skew tolerated is
+//!   `AUTH_JWT_LEEWAY`;
 //! - a route that takes [`AuthUser`] only ever sees the user id of a token that passed all of
 //!   that, so it cannot act for anyone else;
 //! - the admin token is compared in constant time (over SHA-256 digests, so neither content nor
@@ -29,8 +31,9 @@ use shared::config::{ConfigError, Env};
 use shared::ids::UserId;
 use subtle::ConstantTimeEq;
 
-/// Clock skew tolerated on `exp` (and `nbf` when present), in seconds.
-const LEEWAY_SECONDS: u64 = 30;
+/// Clock skew tolerated on `exp` (and `nbf` when present) unless `AUTH_JWT_LEEWAY` says
+/// otherwise, in seconds.
+pub const DEFAULT_LEEWAY_SECONDS: u64 = 30;
 
 /// Authentication settings of the API.
 #[derive(Debug, Clone)]
@@ -44,6 +47,26 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// `ADMIN_API_TOKEN`: when unset, admin routes answer 404.
     pub admin_token: Option<SecretString>,
+    /// `AUTH_JWT_MAX_LIFETIME`: when set, tokens must carry `iat`, and `exp - iat` may not
+    /// exceed it (a token minted to live for a year is refused, whoever signed it).
+    pub max_lifetime: Option<u64>,
+    /// `AUTH_JWT_LEEWAY`: the clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
+    pub leeway: u64,
+}
+
+impl AuthConfig {
+    /// Settings with `jwt_secret` and every other setting at its default.
+    #[must_use]
+    pub fn with_secret(jwt_secret: SecretString) -> Self {
+        Self {
+            jwt_secret,
+            issuer: None,
+            audience: None,
+            admin_token: None,
+            max_lifetime: None,
+            leeway: DEFAULT_LEEWAY_SECONDS,
+        }
+    }
 }
 
 impl AuthConfig {
@@ -68,11 +91,37 @@ impl AuthConfig {
                 "is required because AUTH_JWT_REQUIRE_AUDIENCE is true",
             ));
         }
+        let seconds = |var: &str| -> Result<Option<u64>, ConfigError> {
+            env.get(var)
+                .filter(|raw| !raw.trim().is_empty())
+                .map(|raw| {
+                    shared::config::parse_duration(raw)
+                        .map(|d| d.as_secs())
+                        .map_err(|e| ConfigError::new(var, e))
+                })
+                .transpose()
+        };
+        let max_lifetime = seconds("AUTH_JWT_MAX_LIFETIME")?;
+        if max_lifetime == Some(0) {
+            return Err(ConfigError::new(
+                "AUTH_JWT_MAX_LIFETIME",
+                "must be positive",
+            ));
+        }
+        let leeway = seconds("AUTH_JWT_LEEWAY")?.unwrap_or(DEFAULT_LEEWAY_SECONDS);
+        if leeway > 600 {
+            return Err(ConfigError::new(
+                "AUTH_JWT_LEEWAY",
+                "must be at most 10m (clocks that far apart are a fault to fix)",
+            ));
+        }
         Ok(Self {
             jwt_secret: SecretString::from(secret.to_owned()),
             issuer: env.get("AUTH_JWT_ISSUER").map(|s| s.trim().to_owned()),
             audience,
             admin_token: env.secret("ADMIN_API_TOKEN"),
+            max_lifetime,
+            leeway,
         })
     }
 }
@@ -107,6 +156,10 @@ struct Claims {
     // Optional here so a token without `sub` reads as bad claims, not as malformed JSON.
     #[serde(default)]
     sub: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    iat: Option<u64>,
 }
 
 /// Verifies user tokens and the admin token. Cheap to clone; put it in the router state and let
@@ -120,6 +173,7 @@ struct Inner {
     key: DecodingKey,
     validation: Validation,
     admin_digest: Option<[u8; 32]>,
+    max_lifetime: Option<u64>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -136,10 +190,13 @@ impl Authenticator {
     #[must_use]
     pub fn new(config: &AuthConfig) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECONDS;
+        validation.leeway = config.leeway;
         // jsonwebtoken leaves `nbf` unchecked by default; it is checked when the token has one.
         validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
+        if config.max_lifetime.is_some() {
+            required.push("iat");
+        }
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
             required.push("iss");
@@ -162,6 +219,7 @@ impl Authenticator {
                     .admin_token
                     .as_ref()
                     .map(|t| digest(t.expose_secret())),
+                max_lifetime: config.max_lifetime,
             }),
         }
     }
@@ -183,6 +241,18 @@ impl Authenticator {
             | ErrorKind::MissingRequiredClaim(_) => AuthError::Claims,
             _ => AuthError::Malformed,
         })?;
+        if let Some(max) = self.inner.max_lifetime {
+            let (Some(exp), Some(iat)) = (data.claims.exp, data.claims.iat) else {
+                return Err(AuthError::Claims);
+            };
+            let now = jsonwebtoken::get_current_timestamp();
+            // Minted in the future (beyond the skew), or to live longer than allowed.
+            if iat > now.saturating_add(self.inner.validation.leeway)
+                || exp.saturating_sub(iat) > max
+            {
+                return Err(AuthError::Claims);
+            }
+        }
         let sub = data.claims.sub.ok_or(AuthError::Claims)?;
         UserId::parse(&sub).map_err(|_| AuthError::Claims)
     }
@@ -291,10 +361,8 @@ mod tests {
 
     fn config() -> AuthConfig {
         AuthConfig {
-            jwt_secret: SecretString::from(SECRET),
-            issuer: None,
-            audience: None,
             admin_token: Some(SecretString::from("admin-token-1")),
+            ..AuthConfig::with_secret(SecretString::from(SECRET))
         }
     }
 
@@ -614,5 +682,54 @@ mod tests {
         let (status, body) = call(&unconfigured, true, Some("Bearer admin-token-1")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(body.contains("not_found"));
+    }
+
+    #[test]
+    fn a_maximum_lifetime_needs_iat_and_refuses_longer_or_future_tokens() {
+        let env = Env::from_pairs([
+            ("AUTH_JWT_SECRET", SECRET),
+            ("AUTH_JWT_MAX_LIFETIME", "1h"),
+            ("AUTH_JWT_LEEWAY", "5s"),
+        ]);
+        let config = AuthConfig::from_env(&env).unwrap();
+        assert_eq!((config.max_lifetime, config.leeway), (Some(3600), 5));
+        let auth = Authenticator::new(&config);
+        let token = |claims: serde_json::Value| token(&claims);
+        let t = now();
+        assert!(
+            auth.verify(&token(json!({"sub": "u1", "iat": t, "exp": t + 3600})))
+                .is_ok()
+        );
+        for (what, claims) in [
+            ("without iat", json!({"sub": "u1", "exp": t + 60})),
+            (
+                "living a day",
+                json!({"sub": "u1", "iat": t, "exp": t + 86_400}),
+            ),
+            (
+                "minted in the future",
+                json!({"sub": "u1", "iat": t + 600, "exp": t + 900}),
+            ),
+        ] {
+            assert_eq!(
+                auth.verify(&token(claims)),
+                Err(AuthError::Claims),
+                "{what}"
+            );
+        }
+        // The leeway is the configured one: 10 s late is past a 5 s skew.
+        assert_eq!(
+            auth.verify(&token(json!({"sub": "u1", "iat": t - 100, "exp": t - 10}))),
+            Err(AuthError::Expired)
+        );
+        for (var, bad) in [
+            ("AUTH_JWT_MAX_LIFETIME", "0s"),
+            ("AUTH_JWT_MAX_LIFETIME", "soon"),
+            ("AUTH_JWT_LEEWAY", "1h"),
+        ] {
+            let env = Env::from_pairs([("AUTH_JWT_SECRET", SECRET), (var, bad)]);
+            let err = AuthConfig::from_env(&env).unwrap_err();
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 }

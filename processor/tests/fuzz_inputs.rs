@@ -89,6 +89,7 @@ fn jwt_authenticator() -> Authenticator {
         issuer: Some("https://auth.fuzz".into()),
         audience: Some("entitlements".into()),
         admin_token: Some(SecretString::from("fuzz-admin")),
+        ..AuthConfig::with_secret(SecretString::from(JWT_SECRET))
     })
 }
 

@@ -110,12 +110,7 @@ impl ApiConfig {
     #[must_use]
     pub fn with_jwt_secret(secret: &str) -> Self {
         Self {
-            auth: AuthConfig {
-                jwt_secret: SecretString::from(secret.to_owned()),
-                issuer: None,
-                audience: None,
-                admin_token: None,
-            },
+            auth: AuthConfig::with_secret(SecretString::from(secret.to_owned())),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             stripe: None,
             urls: ReturnUrls::default(),
