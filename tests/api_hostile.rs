@@ -228,3 +228,97 @@ async fn hostile_methods_and_paths_add_no_metric_series() {
     assert!(after.contains(r#"method="other""#));
     drop(api);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_spend_the_accounts_stripe_budget_through_checkout_or_the_portal() {
+    let (fake, api, user, _) = with_customer().await;
+    let other = unique("u");
+    // 40 rapid checkouts, then 40 portal sessions, from one user.
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        answers.push(api.checkout(&user, "pro").await);
+    }
+    for _ in 0..40 {
+        answers.push(api.post("/api/billing/portal", &user, None).await);
+    }
+    let created = |path: &str| {
+        fake.requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == path)
+            .count()
+    };
+    assert_eq!(
+        created("/v1/checkout/sessions"),
+        10,
+        "10 checkouts reached Stripe"
+    );
+    assert_eq!(
+        created("/v1/billing_portal/sessions"),
+        10,
+        "10 portal sessions"
+    );
+    let limited: Vec<&(u16, serde_json::Value)> = answers
+        .iter()
+        .filter(|(status, _)| *status == 429)
+        .collect();
+    assert_eq!(limited.len(), 60, "{answers:?}");
+    assert!(
+        limited
+            .iter()
+            .all(|(_, body)| body["error"] == "rate_limited")
+    );
+    // Another user is not held back by the first.
+    let (status, body) = api.checkout(&other, "pro").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_limits_answer_429_with_retry_after_and_hold_across_api_processes() {
+    let (fake, api, user, _) = with_customer().await;
+    let beside = api.beside_with_stripe(&fake).await;
+    for n in 0..10 {
+        let server = if n % 2 == 0 { &api } else { &beside };
+        let (status, body) = server.post("/api/billing/portal", &user, None).await;
+        assert_eq!(status, 200, "{n}: {body}");
+    }
+    let response = api
+        .http
+        .post(format!("{}/api/billing/portal", beside.base))
+        .header("authorization", token(&user))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_limits_fail_closed_when_redis_is_away() {
+    let fake = FakeStripe::start().await;
+    // Redis at a port nothing listens on.
+    let api = Api::start_with_redis(
+        Some(&fake),
+        &format!("redis://127.0.0.1:{}", system_tests::servers::free_port()),
+    )
+    .await;
+    let user = unique("u");
+    let customer = format!("cus_{}", unique("o"));
+    fake.seed_customer_with_id(&customer, &user, None);
+    api.map_customer(&customer, &user).await;
+    let (status, body) = api.post("/api/billing/portal", &user, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    assert!(
+        fake.requests()
+            .iter()
+            .all(|r| r.path != "/v1/billing_portal/sessions")
+    );
+}

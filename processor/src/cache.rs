@@ -219,37 +219,38 @@ impl Cache {
             .map(drop)
     }
 
-    /// `SET key 1 NX EX ttl`: `Ok(true)` when this call set the key, `Ok(false)` when it already
-    /// existed (rate limits), with the remaining TTL in that case.
+    /// Counts one more call in the fixed window at `key` (`SET key 0 NX PX window`, `INCR`,
+    /// `PTTL`, in one transaction): the calls counted in the window so far, this one included,
+    /// and the time left until it closes (rate limits).
     ///
     /// # Errors
     /// [`CacheError`] when Redis fails.
-    pub async fn set_once(
+    pub async fn count_in_window(
         &self,
         key: &str,
-        ttl: Duration,
-    ) -> Result<(bool, Option<Duration>), CacheError> {
-        let secs = ttl.as_secs().max(1);
-        let set = self
+        window: Duration,
+    ) -> Result<(u64, Duration), CacheError> {
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        let (count, left): (u64, i64) = self
             .run(|mut c| async move {
-                redis::cmd("SET")
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("SET")
                     .arg(key)
-                    .arg(1)
+                    .arg(0)
                     .arg("NX")
-                    .arg("EX")
-                    .arg(secs)
-                    .query_async::<Option<String>>(&mut c)
-                    .await
+                    .arg("PX")
+                    .arg(ms)
+                    .ignore()
+                    .cmd("INCR")
+                    .arg(key)
+                    .cmd("PTTL")
+                    .arg(key);
+                pipe.query_async(&mut c).await
             })
             .await?;
-        if set.is_some() {
-            return Ok((true, None));
-        }
-        let remaining = self
-            .run(|mut c| async move { redis::cmd("TTL").arg(key).query_async::<i64>(&mut c).await })
-            .await?;
-        let remaining = u64::try_from(remaining).ok().map(Duration::from_secs);
-        Ok((false, remaining))
+        let left = u64::try_from(left).map_or(window, Duration::from_millis);
+        Ok((count, left))
     }
 
     /// Takes the short-lived `processing` claim on `event`. Never fails: an unreachable Redis

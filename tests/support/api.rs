@@ -80,6 +80,11 @@ impl Api {
         Self::serve(Arc::clone(&self.db), None, redis, None).await
     }
 
+    /// [`Api::beside`] with Stripe answered by `stripe`.
+    pub async fn beside_with_stripe(&self, stripe: &FakeStripe) -> Self {
+        Self::serve(Arc::clone(&self.db), Some(stripe), &redis_url(), None).await
+    }
+
     async fn serve(
         db: Arc<TestDb>,
         stripe: Option<&FakeStripe>,

@@ -107,6 +107,7 @@ pub(crate) async fn create_session(
         _ => return Err(ApiError::UnknownProduct(product.key.clone())),
     };
     let stripe = state.stripe()?;
+    super::limits::take(&state, &super::limits::CHECKOUT, &user).await?;
     let success_url = state
         .urls
         .checkout_success
@@ -225,6 +226,7 @@ pub(crate) async fn portal(
         return Err(ApiError::NoBillingAccount);
     }
     let stripe = state.stripe()?;
+    super::limits::take(&state, &super::limits::PORTAL, &user).await?;
     let return_url = state
         .urls
         .portal_return

@@ -14,6 +14,7 @@ pub mod checkout;
 pub mod customers;
 pub mod entitlements;
 pub mod error;
+pub mod limits;
 pub mod openapi;
 pub mod products;
 pub mod purchases;

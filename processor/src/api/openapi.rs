@@ -113,8 +113,9 @@ pub fn document() -> Value {
                     "409": error("already_entitled"),
                     "413": error("payload_too_large (over API_MAX_BODY_BYTES)"),
                     "422": error("free_product"),
+                    "429": error("rate_limited (10 checkouts a minute per user; Retry-After)"),
                     "502": error("Stripe failed"),
-                    "503": error("Checkout not configured"),
+                    "503": error("Checkout not configured, or the per-user limit cannot be counted (Retry-After)"),
                 },
             }},
             "/api/billing/portal": {"post": {
@@ -125,8 +126,9 @@ pub fn document() -> Value {
                     "200": ok("PortalSession"),
                     "401": error("Missing or invalid token"),
                     "404": error("no_billing_account"),
+                    "429": error("rate_limited (10 portal sessions a minute per user; Retry-After)"),
                     "502": error("Stripe failed"),
-                    "503": error("Billing portal not configured"),
+                    "503": error("Billing portal not configured, or the per-user limit cannot be counted (Retry-After)"),
                 },
             }},
             "/api/pro/restore": {"post": {

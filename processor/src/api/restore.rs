@@ -41,7 +41,7 @@ use crate::store::{self, Outcome};
 use crate::stripe::{StripeClient, StripeError};
 
 /// The minimum interval between two restores of one user.
-pub const RESTORE_INTERVAL: Duration = Duration::from_secs(10);
+pub const RESTORE_INTERVAL: Duration = super::limits::RESTORE.window;
 
 /// Most pages (of 100 objects) read from each Stripe list by one restore.
 pub const RESTORE_MAX_PAGES: usize = 5;
@@ -55,7 +55,7 @@ pub const RESTORE_CONCURRENCY: usize = 4;
 /// Redis key of the per-user restore rate limit.
 #[must_use]
 pub fn rate_limit_key(user: &UserId) -> String {
-    format!("restore:v1:{user}")
+    super::limits::key(&super::limits::RESTORE, user)
 }
 
 /// The answer of `POST /api/pro/restore`.
@@ -302,26 +302,9 @@ pub(crate) async fn restore(
     AuthUser(user): AuthUser,
 ) -> Result<Json<RestoreAnswer>, ApiError> {
     let stripe = state.stripe()?;
-    match state
-        .cache
-        .set_once(&rate_limit_key(&user), RESTORE_INTERVAL)
-        .await
-    {
-        Ok((true, _)) => {}
-        Ok((false, remaining)) => {
-            return Err(ApiError::RateLimited {
-                retry_after: Some(remaining.unwrap_or(RESTORE_INTERVAL)),
-            });
-        }
-        // Without Redis the limit cannot be enforced, and an unlimited restore lets one user
-        // drive the Stripe fan-out below at will: refuse instead.
-        Err(error) => {
-            tracing::warn!(%error, "restore rate limit unavailable; refusing the restore");
-            return Err(ApiError::Unavailable {
-                retry_after: RESTORE_INTERVAL,
-            });
-        }
-    }
+    // Without Redis the limit cannot be counted, and an unlimited restore lets one user drive
+    // the Stripe fan-out below at will: it fails closed.
+    super::limits::take(&state, &super::limits::RESTORE, &user).await?;
     let stripe = stripe.with_max_pages(RESTORE_MAX_PAGES);
     let stripe = &stripe;
     let now = Utc::now().timestamp();
