@@ -31,7 +31,7 @@ BASE=bench.e2e.$RUN
 INGRESS_PORT=${E2E_INGRESS_PORT:-$((20000 + RUN % 20000 * 2))}
 API_PORT=$((INGRESS_PORT + 1))
 WORKER_PORT=$((INGRESS_PORT + 2)) # the worker's operational routes (healthz, metrics)
-WEBHOOK_SECRET=whsec_bench_e2e_$RUN
+WEBHOOK_SECRET=whsec_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 JWT_SECRET=bench_e2e_jwt_secret_that_is_at_least_32_bytes_$RUN
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB AMQP_TOPOLOGY_BASE=$BASE

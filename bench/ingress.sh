@@ -43,7 +43,7 @@ WRK_THREADS=${WRK_THREADS:-2}
 PORT=${BENCH_PORT:-18080}
 NO_BROKER_PORT=${BENCH_NO_BROKER_PORT:-18088}
 BASE="bench.ingress.$$"
-SECRET=whsec_bench_secret
+SECRET=whsec_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export RUST_LOG=${RUST_LOG:-info}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 

@@ -33,7 +33,7 @@ cleanup() {
 trap cleanup EXIT
 
 rand() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-sed -e "s/^STRIPE_WEBHOOK_SECRET=.*/STRIPE_WEBHOOK_SECRET=whsec_dev_$(rand)/" \
+sed -e "s/^STRIPE_WEBHOOK_SECRET=.*/STRIPE_WEBHOOK_SECRET=whsec_$(rand)/" \
     -e "s/^AUTH_JWT_SECRET=.*/AUTH_JWT_SECRET=dev_$(rand)/" \
     -e "s/^ADMIN_API_TOKEN=.*/ADMIN_API_TOKEN=admin_$(rand)/" \
     -e "s|^DATABASE_URL=.*|DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db|" \

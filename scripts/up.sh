@@ -13,12 +13,13 @@ scripts/services.sh
 # A .env with fresh development secrets on first run; later runs keep it.
 if [ ! -f .env ]; then
   rand() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-  sed -e "s/^STRIPE_WEBHOOK_SECRET=.*/STRIPE_WEBHOOK_SECRET=whsec_dev_$(rand)/" \
+  # Readable by its owner only: it holds every secret of the deployment.
+  (umask 077 && sed -e "s/^STRIPE_WEBHOOK_SECRET=.*/STRIPE_WEBHOOK_SECRET=whsec_$(rand)/" \
       -e "s/^AUTH_JWT_SECRET=.*/AUTH_JWT_SECRET=dev_$(rand)/" \
       -e "s/^ADMIN_API_TOKEN=.*/ADMIN_API_TOKEN=admin_$(rand)/" \
       -e "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$(rand)/" \
-      -e "s/^RABBITMQ_PASSWORD=.*/RABBITMQ_PASSWORD=$(rand)/" .env.example > .env
-  echo "created .env with development secrets"
+      -e "s/^RABBITMQ_PASSWORD=.*/RABBITMQ_PASSWORD=$(rand)/" .env.example > .env)
+  echo "created .env with development secrets (mode 0600)"
 fi
 set -a; . ./.env; set +a
 

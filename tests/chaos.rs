@@ -37,8 +37,8 @@ use system_tests::scenarios::{KINDS, REPURCHASE, Rng, histories, poison};
 use system_tests::servers::{PrivatePostgres, PrivateRabbit, PrivateRedis, Process, free_port};
 use tokio::sync::Mutex;
 
-const SECRET: &str = "whsec_chaos_suite_secret";
-const ADMIN: &str = "chaos-admin-token";
+const SECRET: &str = "whsec_Cs7uT2kR9vWq4mYx1NpL8bZd3fHg6JeA";
+const ADMIN: &str = "chaos_admin_9f3b7c2e1d8a4065b7e9c1f2a3d4";
 const DATABASE: &str = "entitlements";
 /// The catalog of the histories' subscriptions (their price is `price_team`).
 const CATALOG: &str =

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use shared::config::{ConfigError, Env};
 use shared::server::{ServerLimits, optional_addr};
 use shared::signature::Verifier;
@@ -58,6 +58,9 @@ impl Config {
                 "holds no secret (expected whsec_…, comma-separated during rotation)",
             ));
         }
+        for secret in &secrets {
+            shared::secrets::check_webhook_secret("STRIPE_WEBHOOK_SECRET", secret.expose_secret())?;
+        }
         let tolerance_var = if env.get("STRIPE_WEBHOOK_TOLERANCE_SECONDS").is_none()
             && env.get("BILLING_WEBHOOK_TOLERANCE_SECONDS").is_some()
         {
@@ -97,6 +100,10 @@ impl Config {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    /// Signing secrets shaped as Stripe issues them.
+    const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const SECRET_B: &str = "whsec_4f1c9a7e02b85d3c6e91a0f47b2d8c53b1d90e6a";
+
     use super::*;
 
     #[test]
@@ -112,7 +119,7 @@ mod tests {
     fn defaults_follow_the_contract() {
         let c = Config::from_env(&Env::from_pairs([(
             "STRIPE_WEBHOOK_SECRET",
-            "whsec_a,whsec_b",
+            format!("{SECRET_A},{SECRET_B}").as_str(),
         )]))
         .unwrap();
         assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
@@ -131,7 +138,7 @@ mod tests {
     #[test]
     fn listener_limits_and_the_metrics_address_are_read_and_named() {
         let c = Config::from_env(&Env::from_pairs([
-            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("STRIPE_WEBHOOK_SECRET", SECRET_A),
             ("INGRESS_MAX_CONNECTIONS", "64"),
             ("INGRESS_METRICS_ADDR", "127.0.0.1:9180"),
         ]))
@@ -139,7 +146,7 @@ mod tests {
         assert_eq!(c.limits.max_connections, 64);
         assert_eq!(c.metrics_addr.map(|a| a.port()), Some(9180));
         let env = Env::from_pairs([
-            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("STRIPE_WEBHOOK_SECRET", SECRET_A),
             ("INGRESS_HEADER_READ_TIMEOUT", "0s"),
         ]);
         assert_eq!(
@@ -151,7 +158,7 @@ mod tests {
     #[test]
     fn tolerance_alias_and_bad_values_are_named() {
         let env = Env::from_pairs([
-            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("STRIPE_WEBHOOK_SECRET", SECRET_A),
             ("BILLING_WEBHOOK_TOLERANCE_SECONDS", "soon"),
         ]);
         assert_eq!(
@@ -159,7 +166,7 @@ mod tests {
             "BILLING_WEBHOOK_TOLERANCE_SECONDS"
         );
         let env = Env::from_pairs([
-            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("STRIPE_WEBHOOK_SECRET", SECRET_A),
             ("INGRESS_ADDR", "not an address"),
         ]);
         assert_eq!(Config::from_env(&env).unwrap_err().var, "INGRESS_ADDR");

@@ -82,6 +82,11 @@ impl AuthConfig {
                 "must be at least 32 bytes long",
             ));
         }
+        shared::secrets::check("AUTH_JWT_SECRET", secret)?;
+        let admin_token = env.secret("ADMIN_API_TOKEN");
+        if let Some(token) = &admin_token {
+            shared::secrets::check("ADMIN_API_TOKEN", token.expose_secret())?;
+        }
         let audience = env.get("AUTH_JWT_AUDIENCE").map(|s| s.trim().to_owned());
         // A shared signing key may also sign tokens meant for other services; requiring an
         // audience is how a deployment makes sure only tokens minted for this one are taken.
@@ -119,7 +124,7 @@ impl AuthConfig {
             jwt_secret: SecretString::from(secret.to_owned()),
             issuer: env.get("AUTH_JWT_ISSUER").map(|s| s.trim().to_owned()),
             audience,
-            admin_token: env.secret("ADMIN_API_TOKEN"),
+            admin_token,
             max_lifetime,
             leeway,
         })
@@ -584,20 +589,24 @@ mod tests {
         let err =
             AuthConfig::from_env(&Env::from_pairs([("AUTH_JWT_SECRET", "short")])).unwrap_err();
         assert_eq!(err.var, "AUTH_JWT_SECRET");
+        let admin = "q7Zr2kX9mB4tYw1LpN8sVd0cHe6JuAf3";
+        let err = AuthConfig::from_env(&Env::from_pairs([
+            ("AUTH_JWT_SECRET", SECRET),
+            ("ADMIN_API_TOKEN", "adm"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "ADMIN_API_TOKEN", "too short to be a token");
         let cfg = AuthConfig::from_env(&Env::from_pairs([
             ("AUTH_JWT_SECRET", SECRET),
             ("AUTH_JWT_ISSUER", "iss"),
-            ("ADMIN_API_TOKEN", "adm"),
+            ("ADMIN_API_TOKEN", admin),
         ]))
         .unwrap();
         assert_eq!(cfg.issuer.as_deref(), Some("iss"));
         assert!(cfg.audience.is_none());
         let auth = Authenticator::new(&cfg);
         let shown = format!("{cfg:?} {auth:?}");
-        assert!(
-            !shown.contains(SECRET) && !shown.contains("adm\""),
-            "{shown}"
-        );
+        assert!(!shown.contains(SECRET) && !shown.contains(admin), "{shown}");
     }
 
     /// Runs one extractor on a request carrying `auth`, rendering a rejection as axum would.

@@ -176,6 +176,7 @@ impl OutboxConfig {
                 })?;
                 signing_key(&secret)
                     .map_err(|e| ConfigError::new("APP_WEBHOOK_SECRET", e.to_string()))?;
+                shared::secrets::check("APP_WEBHOOK_SECRET", secret.expose_secret())?;
                 Some(WebhookTarget { url, secret })
             }
         };

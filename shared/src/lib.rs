@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod config;
 pub mod ids;
 pub mod samples;
+pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod signature;

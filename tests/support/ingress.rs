@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use crate::amqp::TestBroker;
 use crate::eventually;
 
-pub const SECRET: &str = "whsec_ingress_test";
+pub const SECRET: &str = "whsec_Jv3kQp8ZrT2mWx6sLd9bHn4cFy7gAe1u";
 
 pub struct Ingress {
     pub addr: SocketAddr,
