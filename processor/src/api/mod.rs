@@ -160,7 +160,15 @@ impl ApiState {
     /// # Errors
     /// [`StripeError::Transport`] when the Stripe HTTP client cannot be built.
     pub fn new(config: ApiConfig, pool: Pool, cache: Cache) -> Result<Self, StripeError> {
-        let stripe = config.stripe.map(StripeClient::new).transpose()?;
+        // Every request of the API is user-triggered: it takes from the users' share of the
+        // account's budget first, so the worker's reads always find the rest.
+        let stripe = config
+            .stripe
+            .map(|mut stripe| {
+                stripe.budget = stripe.budget.for_users();
+                StripeClient::new(stripe)
+            })
+            .transpose()?;
         let local = LocalCache::start(&cache, config.local_cache_entries);
         Ok(Self(Arc::new(ApiParts {
             pool,

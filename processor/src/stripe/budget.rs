@@ -9,6 +9,11 @@
 //! same one. While Redis cannot answer, each process falls back to its own bucket of the same
 //! size (`stripe_budget_fallbacks_total`): the account may then see up to one budget per
 //! process, and Stripe's 429 is what remains.
+//!
+//! Precedence: user-triggered requests (checkout, portal, restore: the API's) draw from
+//! [`Budget::for_users`], a share of [`USER_SHARE`] of the budget kept beside it, before the
+//! budget itself; the worker's reads draw from the budget alone. However many users call,
+//! they never take more than the share, so the worker always finds the rest.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -42,12 +47,17 @@ return 0
 /// The default budget: below test mode's limit, a fifth of live mode's.
 pub const DEFAULT_PER_SECOND: u32 = 20;
 
+/// The share of the budget user-triggered requests may take; the rest is the worker's.
+pub const USER_SHARE: f64 = 0.75;
+
 /// Requests per second, with a burst of one second's worth. Clones share the bucket.
 #[derive(Debug, Clone)]
 pub struct Budget {
     per_second: f64,
     bucket: Arc<Mutex<(f64, Instant)>>,
     shared: Option<Arc<Shared>>,
+    /// The share a request takes from first (user-triggered requests: [`Budget::for_users`]).
+    share: Option<Arc<Budget>>,
 }
 
 /// The account's budget in Redis.
@@ -81,6 +91,28 @@ impl Budget {
             per_second,
             bucket: Arc::new(Mutex::new((per_second, Instant::now()))),
             shared: None,
+            share: None,
+        }
+    }
+
+    /// This budget as user-triggered requests draw from it: from a share of [`USER_SHARE`] of
+    /// it first (kept beside it, in Redis when it is shared), then from it. Clones share both.
+    #[must_use]
+    pub fn for_users(&self) -> Self {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let rate = (self.per_second * USER_SHARE).floor().max(1.0) as u32;
+        let mut share = Self::new(rate);
+        share.shared = self.shared.as_ref().map(|s| {
+            Arc::new(Shared {
+                client: s.client.clone(),
+                key: format!("{}:users", s.key),
+                script: redis::Script::new(GCRA),
+                connection: tokio::sync::Mutex::new((None, None)),
+            })
+        });
+        Self {
+            share: Some(Arc::new(share)),
+            ..self.clone()
         }
     }
 
@@ -106,19 +138,28 @@ impl Budget {
         Ok(self)
     }
 
-    /// Waits until a request may be sent, and takes it from the budget.
+    /// Waits until a request may be sent, and takes it from the budget (from its share first,
+    /// for user-triggered requests).
     pub async fn take(&self) {
         let started = Instant::now();
+        if let Some(share) = &self.share {
+            share.take_one().await;
+        }
+        self.take_one().await;
+        let waited = started.elapsed();
+        if waited > Duration::from_millis(1) {
+            metrics::histogram!("stripe_budget_wait_seconds").record(waited.as_secs_f64());
+        }
+    }
+
+    /// Takes a request from this budget alone: the account's in Redis, else this process'.
+    async fn take_one(&self) {
         let taken = match &self.shared {
             Some(shared) => shared.take(self.per_second).await,
             None => false,
         };
         if !taken {
             self.take_here().await;
-        }
-        let waited = started.elapsed();
-        if waited > Duration::from_millis(1) {
-            metrics::histogram!("stripe_budget_wait_seconds").record(waited.as_secs_f64());
         }
     }
 
@@ -277,6 +318,47 @@ mod tests {
         assert!(
             elapsed >= Duration::from_millis(180) && elapsed < Duration::from_secs(2),
             "the burst of 50 then 10 at 50/s: {elapsed:?}"
+        );
+    }
+
+    /// Users hammering the API take at most their share: the worker's reads, drawing from the
+    /// same account budget in Redis, still get through at the rest of it.
+    #[tokio::test]
+    async fn the_workers_reads_find_the_budget_however_many_users_call() {
+        let account = SecretString::from(format!("sk_test_{}", uuid::Uuid::new_v4().simple()));
+        let url = "redis://127.0.0.1:6379";
+        let worker = Budget::new(20).shared_in(url, &account).unwrap();
+        // Another process: the API, its requests user-triggered.
+        let users = Budget::new(20)
+            .shared_in(url, &account)
+            .unwrap()
+            .for_users();
+        let hammer = {
+            let users = users.clone();
+            tokio::spawn(async move {
+                let calls = (0..8).map(|_| {
+                    let users = users.clone();
+                    async move {
+                        for _ in 0..20 {
+                            users.take().await;
+                        }
+                    }
+                });
+                futures_util::future::join_all(calls).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The worker's 20 reads while 160 user requests queue: they go at the worker's part
+        // of the rate (at least 5/s), not behind the users' queue (about 8 s at 20/s).
+        let started = Instant::now();
+        for _ in 0..20 {
+            worker.take().await;
+        }
+        let elapsed = started.elapsed();
+        hammer.abort();
+        assert!(
+            elapsed < Duration::from_millis(4500),
+            "the worker's reads took {elapsed:?}"
         );
     }
 }
