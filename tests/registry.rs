@@ -284,6 +284,26 @@ async fn admin_routes_validate_and_refuse_what_would_break_buyers() {
     assert_eq!(status, 200);
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
     assert!(list["nextAfter"].is_string());
+    // A cursor that is no product key (a NUL byte was a 500) and a malformed limit: 400 JSON.
+    for query in [
+        "after=%00",
+        "after=%C3%B2%00",
+        "limit=null",
+        "limit=null&limit=null",
+    ] {
+        let (status, body) = admin_send(
+            &api,
+            reqwest::Method::GET,
+            &format!("/v1/products?{query}"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_request")),
+            "{query}: {body}"
+        );
+    }
 }
 
 /// A paid one-time session of `user` at `amount` `currency`, with `extra` fields merged in.

@@ -168,7 +168,13 @@ async fn the_api_listener_cuts_stalled_heads_caps_connections_and_serves_metrics
         let _ = stream.read_to_end(&mut sink).await;
     }
     assert!(started.elapsed() < Duration::from_secs(3));
-    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    // A new connection is served (not the client's pooled one, which the server may have
+    // closed while its slots were full).
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let health = fresh.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
 
     stop.send(()).unwrap();

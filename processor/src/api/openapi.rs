@@ -66,6 +66,7 @@ pub fn document() -> Value {
                                 "schema": {"type": "string"}}],
                 "responses": {
                     "200": ok("EntitlementList"),
+                    "400": error("bad_request: not a user id"),
                     "401": error("Missing or wrong admin token"),
                     "404": error("Admin API not enabled"),
                 },
@@ -158,6 +159,7 @@ pub fn document() -> Value {
                         {"schema": {"$ref": "#/components/schemas/ProductInput"}}}},
                     "responses": {
                         "200": ok("Product"), "201": ok("Product"),
+                        "400": error("bad_request: a body that is not a JSON product"),
                         "401": error("Missing or wrong admin token"),
                         "404": error("Admin API not enabled"),
                         "409": error("configured_product or price_taken"),
@@ -187,7 +189,8 @@ pub fn document() -> Value {
                 "summary": "The registry's products in key order (ADMIN_API_TOKEN).",
                 "security": admin,
                 "parameters": [
-                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {"name": "after", "in": "query", "schema": {"type": "string",
+                        "pattern": "^[a-z0-9_-]{1,64}$"}},
                     {"name": "limit", "in": "query",
                      "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
                 ],

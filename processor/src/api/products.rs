@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use super::ApiState;
 use super::error::ApiError;
 use crate::auth::AdminToken;
-use crate::domain::projection::{Product, Registry};
+use crate::domain::projection::{Product, Registry, is_product_key};
 use crate::registry::{self, ProductInput, RegistryError};
 use crate::store::{self, PRODUCT_COLUMNS};
 
@@ -111,8 +111,12 @@ pub struct ProductList {
 pub(crate) async fn list(
     State(state): State<ApiState>,
     _admin: AdminToken,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ProductList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if query.after.as_deref().is_some_and(|a| !is_product_key(a)) {
+        return Err(ApiError::BadRequest("after must be a product key".into()));
+    }
     let limit = query.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest(
