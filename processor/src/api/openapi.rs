@@ -63,7 +63,7 @@ pub fn document() -> Value {
                 "summary": "Any user's entitlements (operators; ADMIN_API_TOKEN).",
                 "security": admin,
                 "parameters": [{"name": "userId", "in": "path", "required": true,
-                                "schema": {"type": "string"}}],
+                                "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"}}],
                 "responses": {
                     "200": ok("EntitlementList"),
                     "400": error("bad_request: not a user id"),
