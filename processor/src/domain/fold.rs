@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::message::Notice;
+use super::offer::CheckoutOffer;
 use super::projection::{
     AbandonedCheckout, FeatureFacts, PurchaseFacts, Registry, SubscriptionFacts,
 };
@@ -236,29 +237,22 @@ impl<T: Clone> Keyed<T> {
     }
 }
 
-/// What this service offered at a Checkout Session it created: its user and product.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offered {
-    pub user_id: String,
-    pub product_key: String,
-}
-
 /// The `checkout_abandoned` notice of each abandoned checkout this service offered: a session
-/// it created (`offers`, by session id: that user and product), or one whose metadata names a
-/// registered product and whose user is known (named by the session, or its customer's). A
+/// it created (its recorded offer among `offers`: that user and product), or one whose
+/// metadata names a registered product and whose user is known (named by the session, or its customer's). A
 /// Payment Link's session (no product of ours, a `client_reference_id` anyone can set) gets
 /// none. At most one per session (the notice's dedupe key).
 #[must_use]
 pub fn abandoned_notices(
     abandoned: &[&AbandonedCheckout],
     owners: &HashMap<String, String>,
-    offers: &HashMap<String, Offered>,
+    offers: &[CheckoutOffer],
     registry: &Registry,
 ) -> Vec<Notice> {
     abandoned
         .iter()
         .filter_map(|a| {
-            if let Some(offer) = offers.get(&a.session_id) {
+            if let Some(offer) = offers.iter().find(|o| o.session_id == a.session_id) {
                 return Some(Notice::abandoned(
                     a,
                     offer.user_id.clone(),

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{try_join, try_join_all, try_join3, try_join5};
+use futures_util::future::{try_join, try_join_all, try_join5};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
@@ -34,6 +34,7 @@ use super::{
 use crate::domain::events::{Event, SubscriptionStatus};
 use crate::domain::fold::{self, Purchases};
 use crate::domain::message::Notice;
+use crate::domain::offer::CheckoutOffer;
 use crate::domain::projection::{
     self, AbandonedCheckout, FeatureFacts, Plan, PurchaseFacts, Registry, SubscriptionFacts,
 };
@@ -247,7 +248,7 @@ struct State {
     /// The stored Stripe feature rows of the deltas' customers.
     feature_rows: Vec<Row>,
     /// What this service offered at the abandoned sessions it created, by session id.
-    offers: HashMap<String, fold::Offered>,
+    offers: Vec<CheckoutOffer>,
 }
 
 /// One pipeline: the links inserted first (so the customer lookup sees them), then the purchase
@@ -262,7 +263,6 @@ async fn read_state(
     customers: &BTreeSet<&str>,
 ) -> Result<State, StoreError> {
     let abandoned_sessions: Vec<&str> = abandoned.iter().map(|a| a.session_id.as_str()).collect();
-    let abandoned_params: [Param<'_>; 1] = [(&abandoned_sessions, Type::TEXT_ARRAY)];
     let feature_customers: Vec<&str> = feature_deltas
         .iter()
         .map(|(_, d)| d.customer_id.as_str())
@@ -308,11 +308,7 @@ async fn read_state(
     let subscriptions_sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) FOR UPDATE");
     let customer_params: [Param<'_>; 1] = [(&customer_ids, Type::TEXT_ARRAY)];
-    let (
-        (new_links, purchase_rows, subscription_rows, customer_rows, generation),
-        feature_rows,
-        offer_rows,
-    ) = try_join3(
+    let rows = try_join(
         try_join5(
             when(!links.is_empty(), async {
                 db.query(
@@ -342,14 +338,13 @@ async fn read_state(
         when(!feature_deltas.is_empty(), async {
             db.query(&features_sql, &feature_params).await
         }),
-        when(!abandoned.is_empty(), async {
-            db.query(
-                "SELECT session_id, user_id, product_key FROM checkout_offers
-                      WHERE session_id = ANY($1)",
-                &abandoned_params,
-            )
-            .await
-        }),
+    );
+    let (
+        ((new_links, purchase_rows, subscription_rows, customer_rows, generation), feature_rows),
+        offers,
+    ) = try_join(
+        async { rows.await.map_err(StoreError::from) },
+        super::offers::find(db.tx, &abandoned_sessions),
     )
     .await?;
     Ok(State {
@@ -365,18 +360,7 @@ async fn read_state(
             .collect::<Result<_, tokio_postgres::Error>>()?,
         registry: registry::at(db, &registry::Stamp::from_rows(&generation)?).await?,
         feature_rows,
-        offers: offer_rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get(0)?,
-                    fold::Offered {
-                        user_id: r.try_get(1)?,
-                        product_key: r.try_get(2)?,
-                    },
-                ))
-            })
-            .collect::<Result<_, tokio_postgres::Error>>()?,
+        offers,
     })
 }
 

@@ -102,14 +102,10 @@ impl Budget {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let rate = (self.per_second * USER_SHARE).floor().max(1.0) as u32;
         let mut share = Self::new(rate);
-        share.shared = self.shared.as_ref().map(|s| {
-            Arc::new(Shared {
-                client: s.client.clone(),
-                key: format!("{}:users", s.key),
-                script: redis::Script::new(GCRA),
-                connection: tokio::sync::Mutex::new((None, None)),
-            })
-        });
+        share.shared = self
+            .shared
+            .as_ref()
+            .map(|s| Arc::new(Shared::new(s.client.clone(), format!("{}:users", s.key))));
         Self {
             share: Some(Arc::new(share)),
             ..self.clone()
@@ -129,12 +125,10 @@ impl Budget {
     ) -> Result<Self, redis::RedisError> {
         let digest = Sha256::digest(secret_key.expose_secret().as_bytes());
         let account: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        self.shared = Some(Arc::new(Shared {
-            client: redis::Client::open(redis_url)?,
-            key: format!("stripe_budget:v1:{account}"),
-            script: redis::Script::new(GCRA),
-            connection: tokio::sync::Mutex::new((None, None)),
-        }));
+        self.shared = Some(Arc::new(Shared::new(
+            redis::Client::open(redis_url)?,
+            format!("stripe_budget:v1:{account}"),
+        )));
         Ok(self)
     }
 
@@ -189,6 +183,16 @@ impl Budget {
 }
 
 impl Shared {
+    /// The budget at `key` in the Redis of `client`, not connected yet.
+    fn new(client: redis::Client, key: String) -> Self {
+        Self {
+            client,
+            key,
+            script: redis::Script::new(GCRA),
+            connection: tokio::sync::Mutex::new((None, None)),
+        }
+    }
+
     /// Takes a request from the account's budget, waiting as it says. False when Redis could
     /// not answer (the caller's own bucket decides).
     async fn take(&self, per_second: f64) -> bool {

@@ -132,6 +132,14 @@ impl Item {
         }
     }
 
+    /// [`Item::pending`], for a step that completes the event in place.
+    fn pending_mut(&mut self) -> Option<&mut Event> {
+        match &mut self.step {
+            Step::Pending(event) => Some(event),
+            Step::Decided { .. } => None,
+        }
+    }
+
     pub(super) fn outcome(&self) -> Option<&Outcome> {
         match &self.step {
             Step::Pending(_) => None,
@@ -367,25 +375,13 @@ impl Worker {
             std::collections::HashSet::new()
         });
         for item in items.iter_mut() {
-            let settled = match item.pending() {
-                Some(Event {
-                    kind: EventKind::ChargeDispute(d),
-                    ..
-                }) if d.payment().is_some_and(|p| tied.contains(p)) => {
-                    let mut event = item.pending().cloned();
-                    if let Some(Event {
-                        kind: EventKind::ChargeDispute(d),
-                        ..
-                    }) = &mut event
-                    {
-                        d.paid_for = PaidFor::Settled;
-                    }
-                    event
-                }
-                _ => None,
-            };
-            if let Some(event) = settled {
-                item.step = Step::Pending(event);
+            if let Some(Event {
+                kind: EventKind::ChargeDispute(d),
+                ..
+            }) = item.pending_mut()
+                && d.payment().is_some_and(|p| tied.contains(p))
+            {
+                d.paid_for = PaidFor::Settled;
             }
         }
     }
