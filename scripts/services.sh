@@ -18,6 +18,9 @@ missing=()
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql postgresql-client)
 command -v redis-server >/dev/null || missing+=(redis-server redis-tools)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+# The TLS suite (tests/tls_only.rs) makes its certificates and trusts its CA with these.
+command -v openssl >/dev/null || missing+=(openssl)
+command -v update-ca-certificates >/dev/null || missing+=(ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

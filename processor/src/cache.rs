@@ -136,10 +136,8 @@ impl Cache {
     /// # Errors
     /// [`CacheError::Redis`] when `REDIS_URL` is not a Redis URL.
     pub fn new(config: &Config) -> Result<Self, CacheError> {
-        // `rediss://` builds its TLS client from the process's rustls provider.
-        crate::tls::install_provider();
         Ok(Self {
-            client: redis::Client::open(config.redis_url.as_str())?,
+            client: crate::redis_link::client(config.redis_url.as_str())?,
             manager: Arc::new(Mutex::new(Slot::default())),
             entitlement_ttl: config.entitlement_cache_ttl,
             dedupe_ttl: config.dedupe_ttl,
@@ -158,7 +156,7 @@ impl Cache {
     pub fn tracking_client(&self) -> Result<redis::Client, CacheError> {
         let mut info = self.client.get_connection_info().clone();
         info.redis.protocol = redis::ProtocolVersion::RESP3;
-        Ok(redis::Client::open(info)?)
+        Ok(crate::redis_link::client(info)?)
     }
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {

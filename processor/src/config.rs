@@ -243,7 +243,7 @@ impl Config {
             .parse::<tokio_postgres::Config>()
             .map_err(|e| ConfigError::new("DATABASE_URL", format!("not a Postgres URL: {e}")))?;
         let redis_url = env.string_or("REDIS_URL", DEFAULT_REDIS_URL);
-        redis::Client::open(redis_url.as_str())
+        crate::redis_link::client(redis_url.as_str())
             .map_err(|e| ConfigError::new("REDIS_URL", format!("not a Redis URL: {e}")))?;
 
         // One Stripe budget for the account, in the Redis every process uses.

@@ -1,5 +1,7 @@
-//! How the processor's Redis users that must keep their pace without Redis (the cache, the
-//! shared Stripe budget) open their connection: answers within a timeout or fail, one retry.
+//! How the processor reaches Redis: [`client`] is the one way a client is made (so `rediss://`
+//! always finds the process's TLS provider), and [`open`] is how the users that must keep their
+//! pace without Redis (the cache, the shared Stripe budget) open their connection: answers within
+//! a timeout or fail, one retry.
 
 use std::time::Duration;
 
@@ -12,6 +14,16 @@ pub enum OpenError {
     Timeout(Duration),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+}
+
+/// A client for `url` (`redis://`, or `rediss://` for TLS verified against the system trust
+/// store, see [`crate::tls`]). Connects lazily.
+///
+/// # Errors
+/// A [`redis::RedisError`] when `url` is not a Redis URL.
+pub fn client<T: redis::IntoConnectionInfo>(url: T) -> redis::RedisResult<redis::Client> {
+    crate::tls::install_provider();
+    redis::Client::open(url)
 }
 
 /// A connection manager to `client` whose commands answer within `timeout` or fail, opened

@@ -119,10 +119,9 @@ mod tests {
     fn a_rediss_url_is_accepted_and_connects_over_tls() {
         let env = Env::from_pairs([("REDIS_URL", "rediss://:pw@cache.example:6380/0")]);
         let config = Config::from_env(&env).unwrap();
-        install_provider();
-        let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+        let client = crate::redis_link::client(config.redis_url.as_str()).unwrap();
         assert!(redis_uses_tls(&client));
-        let plain = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+        let plain = crate::redis_link::client("redis://127.0.0.1:6379").unwrap();
         assert!(!redis_uses_tls(&plain));
     }
 }

@@ -1,7 +1,11 @@
-//! Private PostgreSQL, Redis and RabbitMQ servers for the chaos suite: started from the
-//! machine's installed packages on free loopback ports, with their data in a temporary
+//! Private PostgreSQL, Redis and RabbitMQ servers for the chaos suite and the TLS suite: started
+//! from the machine's installed packages on free loopback ports, with their data in a temporary
 //! directory, so a test can stop, kill and restart them without touching the shared instances
 //! every other test uses. Dropping a server stops it and removes its data.
+//!
+//! With a [`TestCa`], each server accepts TLS only (its clear-text port is closed or refused),
+//! presenting a certificate for `127.0.0.1` signed by a private CA that the test has added to
+//! the system trust store.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -36,6 +40,171 @@ fn run(command: &mut Command, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A private certificate authority in the system trust store (`/usr/local/share/ca-certificates`
+/// and `update-ca-certificates`, as an operator adds a company CA), and a server certificate it
+/// signed for `127.0.0.1` and `localhost`. Dropping it takes the CA out of the store again.
+pub struct TestCa {
+    dir: Scratch,
+    installed: PathBuf,
+}
+
+/// The PEM files a TLS server is configured with, copied where its user can read them.
+pub struct ServerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TestCa {
+    /// Creates the CA and the server certificate (EC P-256, valid two days) and trusts the CA
+    /// system-wide. Needs root, as `update-ca-certificates` does.
+    pub fn install() -> Self {
+        let dir = Scratch::new("tls-ca", "root");
+        let path = &dir.path;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("scratch name")
+            .to_owned();
+        std::fs::write(
+            path.join("ca.cnf"),
+            format!(
+                "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = {name}\n\
+                 [v3_ca]\nbasicConstraints = critical,CA:TRUE\n\
+                 keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n"
+            ),
+        )
+        .expect("ca.cnf");
+        std::fs::write(
+            path.join("server.ext"),
+            "subjectAltName = DNS:localhost,IP:127.0.0.1\nextendedKeyUsage = serverAuth\n\
+             basicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n",
+        )
+        .expect("server.ext");
+        let openssl = |args: &[&str], what: &str| {
+            run(
+                Command::new("openssl")
+                    .current_dir(path)
+                    .args(args)
+                    .stderr(Stdio::piped()),
+                what,
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-config",
+                    "ca.cnf",
+                    "-extensions",
+                    "v3_ca",
+                ],
+            ]
+            .concat(),
+            "openssl: the CA",
+        );
+        openssl(
+            &[
+                &["req"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+            "openssl: the server key",
+        );
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+            "openssl: the server certificate",
+        );
+        let installed =
+            PathBuf::from("/usr/local/share/ca-certificates").join(format!("{name}.crt"));
+        std::fs::create_dir_all("/usr/local/share/ca-certificates").expect("CA directory");
+        std::fs::copy(path.join("ca.crt"), &installed).expect("install the CA");
+        run(
+            Command::new("update-ca-certificates").stdout(Stdio::null()),
+            "update-ca-certificates",
+        );
+        Self { dir, installed }
+    }
+
+    /// The server's certificate, key and the CA, copied into `dir` and owned by `owner` (the
+    /// key readable by it alone, as PostgreSQL demands).
+    pub fn server_files(&self, dir: &Path, owner: &str) -> ServerCert {
+        let files = ServerCert {
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            ca: dir.join("ca.crt"),
+        };
+        for (from, to) in [
+            ("server.crt", &files.cert),
+            ("server.key", &files.key),
+            ("ca.crt", &files.ca),
+        ] {
+            std::fs::copy(self.dir.path.join(from), to).expect("copy a TLS file");
+        }
+        run(
+            Command::new("chown")
+                .arg(owner)
+                .arg(&files.cert)
+                .arg(&files.key)
+                .arg(&files.ca),
+            "chown the TLS files",
+        );
+        run(
+            Command::new("chmod").arg("600").arg(&files.key),
+            "chmod the server key",
+        );
+        files
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.installed);
+        let _ = Command::new("update-ca-certificates")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// A directory owned by `user` (the servers drop root privileges), removed on drop.
@@ -78,10 +247,22 @@ fn pg_bin() -> PathBuf {
 pub struct PrivatePostgres {
     pub port: u16,
     dir: Scratch,
+    /// Server options for TLS only (set by [`PrivatePostgres::start_tls`]).
+    tls: Option<String>,
 }
 
 impl PrivatePostgres {
     pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// A cluster that accepts TCP connections over TLS only: `hostssl` is its one TCP rule, so a
+    /// clear-text connection is refused (`no pg_hba.conf entry … no encryption`).
+    pub fn start_tls(ca: &TestCa) -> Self {
+        Self::launch(Some(ca))
+    }
+
+    fn launch(ca: Option<&TestCa>) -> Self {
         let dir = Scratch::new("chaos-pg", "postgres");
         let data = dir.path.join("data");
         run(
@@ -94,9 +275,29 @@ impl PrivatePostgres {
                 .stdout(Stdio::null()),
             "initdb",
         );
+        let tls = ca.map(|ca| {
+            let files = ca.server_files(&dir.path, "postgres");
+            let hba = dir.path.join("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+            run(
+                Command::new("chown").arg("postgres").arg(&hba),
+                "chown pg_hba.conf",
+            );
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c hba_file={}",
+                files.cert.display(),
+                files.key.display(),
+                hba.display()
+            )
+        });
         let server = Self {
             port: free_port(),
             dir,
+            tls,
         };
         server.start_again();
         server
@@ -106,8 +307,17 @@ impl PrivatePostgres {
         self.dir.path.join("data")
     }
 
+    /// The URL of `database`; `?sslmode=require` on a TLS-only cluster.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        let tls = if self.tls.is_some() {
+            "?sslmode=require"
+        } else {
+            ""
+        };
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{database}{tls}",
+            self.port
+        )
     }
 
     /// `pg_ctl` as the `postgres` user on this cluster's data directory.
@@ -126,9 +336,10 @@ impl PrivatePostgres {
     /// Starts the stopped cluster and waits until it accepts connections.
     pub fn start_again(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{}",
             self.port,
-            self.dir.path.display()
+            self.dir.path.display(),
+            self.tls.as_deref().unwrap_or_default()
         );
         let log = self.dir.path.join("log");
         let log = log.to_string_lossy();
@@ -161,6 +372,8 @@ impl Drop for PrivatePostgres {
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
+    /// The TLS files of a TLS-only server, and the directory holding them.
+    tls: Option<(ServerCert, Scratch)>,
 }
 
 impl PrivateRedis {
@@ -168,18 +381,59 @@ impl PrivateRedis {
         let mut server = Self {
             port: free_port(),
             child: None,
+            tls: None,
         };
         server.start_again();
         server
     }
 
+    /// A server listening with TLS only (`--port 0 --tls-port …`); clients need no certificate.
+    pub fn start_tls(ca: &TestCa) -> Self {
+        let dir = Scratch::new("tls-redis", "root");
+        let files = ca.server_files(&dir.path, "root");
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            tls: Some((files, dir)),
+        };
+        server.start_again();
+        server
+    }
+
+    /// `redis://`, or `rediss://` on a TLS-only server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn start_again(&mut self) {
+        let port = self.port.to_string();
+        let listen: Vec<String> = match &self.tls {
+            None => vec!["--port".into(), port],
+            Some((files, _)) => [
+                [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ]
+                .map(String::from)
+                .to_vec(),
+                vec!["--tls-cert-file".into(), files.cert.display().to_string()],
+                vec!["--tls-key-file".into(), files.key.display().to_string()],
+                vec!["--tls-ca-cert-file".into(), files.ca.display().to_string()],
+            ]
+            .concat(),
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&listen)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(std::env::temp_dir())
             .stdout(Stdio::null())
@@ -211,16 +465,41 @@ pub struct PrivateRabbit {
     pub port: u16,
     node: String,
     dir: Scratch,
+    tls: bool,
 }
 
 impl PrivateRabbit {
     pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// A node whose one AMQP listener is TLS (`listeners.tcp = none`); clients need no
+    /// certificate.
+    pub fn start_tls(ca: &TestCa) -> Self {
+        Self::launch(Some(ca))
+    }
+
+    fn launch(ca: Option<&TestCa>) -> Self {
         let dir = Scratch::new("chaos-rabbit", "rabbitmq:rabbitmq");
         let port = free_port();
         let node = format!("chaos{port}@localhost");
         let conf = dir.path.join("rabbitmq.conf");
-        std::fs::write(&conf, format!("listeners.tcp.local = 127.0.0.1:{port}\n"))
-            .expect("rabbitmq.conf");
+        let listeners = match ca {
+            None => format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+            Some(ca) => {
+                let files = ca.server_files(&dir.path, "rabbitmq:rabbitmq");
+                format!(
+                    "listeners.tcp = none\nlisteners.ssl.local = 127.0.0.1:{port}\n\
+                     ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                     ssl_options.keyfile = {}\nssl_options.verify = verify_none\n\
+                     ssl_options.fail_if_no_peer_cert = false\n",
+                    files.ca.display(),
+                    files.cert.display(),
+                    files.key.display()
+                )
+            }
+        };
+        std::fs::write(&conf, listeners).expect("rabbitmq.conf");
         std::fs::write(
             dir.path.join("rabbitmq-env.conf"),
             format!("NODENAME={node}\nERL_EPMD_ADDRESS=127.0.0.1\n"),
@@ -236,13 +515,21 @@ impl PrivateRabbit {
                 .arg(&dir.path),
             "chown rabbit dir",
         );
-        let server = Self { port, node, dir };
+        let server = Self {
+            port,
+            node,
+            dir,
+            tls: ca.is_some(),
+        };
         let path = &server.dir.path;
+        let mut command = Command::new("rabbitmq-server");
+        if !server.tls {
+            command.env("RABBITMQ_NODE_PORT", port.to_string());
+        }
         run(
-            Command::new("rabbitmq-server")
+            command
                 .arg("-detached")
                 .env("RABBITMQ_NODENAME", &server.node)
-                .env("RABBITMQ_NODE_PORT", port.to_string())
                 .env("RABBITMQ_DIST_PORT", free_port().to_string())
                 .env("RABBITMQ_CONFIG_FILE", path.join("rabbitmq.conf"))
                 .env("RABBITMQ_CONF_ENV_FILE", path.join("rabbitmq-env.conf"))
@@ -264,8 +551,10 @@ impl PrivateRabbit {
         server
     }
 
+    /// `amqp://`, or `amqps://` on a TLS-only node.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
     fn ctl(&self, args: &[&str]) -> bool {

@@ -126,7 +126,7 @@ impl Budget {
         let digest = Sha256::digest(secret_key.expose_secret().as_bytes());
         let account: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         self.shared = Some(Arc::new(Shared::new(
-            redis::Client::open(redis_url)?,
+            crate::redis_link::client(redis_url)?,
             format!("stripe_budget:v1:{account}"),
         )));
         Ok(self)
