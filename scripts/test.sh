@@ -54,6 +54,8 @@ else
   cargo test --workspace --no-fail-fast "$@" || status=$?
   cargo test --test chaos -- --ignored --nocapture --test-threads=1 "$@" || status=$?
 fi
+# The OpenAPI document against the served API (Schemathesis, user and admin tokens).
+scripts/api-contract.sh || status=$?
 # The README's quick start, run as printed against a stack of its own.
 scripts/quickstart-check.sh || status=$?
 exit $status

@@ -77,22 +77,60 @@ impl From<deadpool_postgres::PoolError> for RegistryError {
     }
 }
 
-/// The body of `PUT /v1/products/{key}`, before validation.
+/// The body of `PUT /v1/products/{key}`, before validation. Read as its OpenAPI schema states
+/// it: a field is absent or of its type (`null` is no value), and an `integer` is any number
+/// without a fraction (`7.0` as `7`).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProductInput {
+    #[serde(default, deserialize_with = "present")]
     pub title: Option<String>,
+    #[serde(default, deserialize_with = "integer")]
     pub amount_cents: Option<i64>,
+    #[serde(default, deserialize_with = "present")]
     pub currency: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub price_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub mode: Option<CheckoutMode>,
+    #[serde(default, deserialize_with = "present")]
     pub grants: Option<Vec<String>>,
     /// A Stripe Entitlements feature `lookup_key` granting this product's keys.
+    #[serde(default, deserialize_with = "present")]
     pub feature_lookup_key: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub creator_id: Option<String>,
+    #[serde(default, deserialize_with = "integer")]
     pub platform_fee_bps: Option<i64>,
+    #[serde(default, deserialize_with = "integer")]
     pub organization_fee_bps: Option<i64>,
+    #[serde(default, deserialize_with = "present")]
     pub status: Option<ProductStatus>,
+}
+
+/// A field that is there: `null` is refused (an absent field is `None` by `default`).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// JSON Schema's `integer`: a number without a fraction, whether written `7` or `7.0`.
+fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::Deserialize as _;
+    let number = serde_json::Number::deserialize(d)?;
+    if let Some(n) = number.as_i64() {
+        return Ok(Some(n));
+    }
+    match number.as_f64() {
+        #[allow(clippy::cast_possible_truncation)] // integral and within ±2^53
+        Some(f) if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 => Ok(Some(f as i64)),
+        _ => Err(serde::de::Error::custom(format!(
+            "{number} is not an integer"
+        ))),
+    }
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> RegistryError {
@@ -123,13 +161,13 @@ impl ProductInput {
     /// [`RegistryError::Invalid`] naming the first invalid field.
     pub fn validate(self, key: &str) -> Result<Product, RegistryError> {
         validate_key(key)?;
+        if self.title.as_ref().is_some_and(|t| t.chars().count() > 200) {
+            return Err(invalid("title", "at most 200 characters"));
+        }
         let title = self
             .title
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty());
-        if title.as_ref().is_some_and(|t| t.chars().count() > 200) {
-            return Err(invalid("title", "at most 200 characters"));
-        }
         if let Some(price) = &self.price_id
             && !is_price_id(price)
         {
@@ -200,13 +238,11 @@ impl ProductInput {
             ));
         }
         if let Some(feature) = &self.feature_lookup_key
-            && (feature.is_empty()
-                || feature.len() > 80
-                || feature.chars().any(char::is_whitespace))
+            && !((1..=80).contains(&feature.len()) && feature.bytes().all(|b| b.is_ascii_graphic()))
         {
             return Err(invalid(
                 "featureLookupKey",
-                "1-80 characters without spaces",
+                "1-80 printable ASCII characters without spaces",
             ));
         }
         if let Some(creator) = &self.creator_id {
@@ -493,6 +529,28 @@ mod tests {
         assert_eq!(product.currency.as_deref(), Some("usd"));
         assert_eq!(product.title.as_deref(), Some("Lesson 1"));
         assert_eq!(product.split(999).creator_payout_cents, 900);
+    }
+
+    #[test]
+    fn the_body_reads_as_its_schema_states_integral_numbers_yes_nulls_no() {
+        let read = |body: &str| serde_json::from_str::<ProductInput>(body);
+        let input =
+            read(r#"{"amountCents": 738.0, "currency": "usd", "platformFeeBps": 5}"#).unwrap();
+        assert_eq!(
+            (input.amount_cents, input.platform_fee_bps),
+            (Some(738), Some(5))
+        );
+        assert_eq!(read("{}").unwrap().title, None);
+        for refused in [
+            r#"{"amountCents": 738.5}"#,
+            r#"{"amountCents": 1e300}"#,
+            r#"{"title": null}"#,
+            r#"{"grants": null}"#,
+            r#"{"platformFeeBps": null}"#,
+            r#"{"amountCents": "738"}"#,
+        ] {
+            assert!(read(refused).is_err(), "{refused}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::purchases::STATUSES;
 #[must_use]
 pub fn document() -> Value {
     let bearer = json!([{"bearerAuth": []}]);
+    let empty = json!({"type": "string", "maxLength": 0});
     let admin = json!([{"adminToken": []}]);
     let product_key = json!({"name": "key", "in": "path", "required": true,
                              "schema": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}});
@@ -76,10 +77,14 @@ pub fn document() -> Value {
                 "summary": "The caller's purchases, newest first.",
                 "security": bearer,
                 "parameters": [
-                    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
-                    {"name": "pageSize", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
-                    {"name": "status", "in": "query", "schema": {"type": "string", "enum": STATUSES}},
+                    // An empty value is the default (`?page=&status=`), as the contract's
+                    // example `status=` shows.
+                    {"name": "page", "in": "query", "schema": {"default": 1, "anyOf": [
+                        {"type": "integer", "minimum": 1, "maximum": 1_000_000_000}, empty]}},
+                    {"name": "pageSize", "in": "query", "schema": {"default": 20, "anyOf": [
+                        {"type": "integer", "minimum": 1, "maximum": 100}, empty]}},
+                    {"name": "status", "in": "query", "schema": {"anyOf": [
+                        {"type": "string", "enum": STATUSES}, empty]}},
                 ],
                 "responses": {
                     "200": ok("PurchasePage"),
@@ -248,15 +253,32 @@ fn schemas() -> Value {
         "Error": {"type": "object", "required": ["error", "message"],
                   "properties": {"error": {"type": "string"}, "message": {"type": "string"},
                                  "field": {"type": "string"}}},
-        "ProductInput": {"type": "object", "additionalProperties": false, "properties": {
-            "title": {"type": "string"}, "amountCents": {"type": "integer", "minimum": 0},
-            "currency": {"type": "string"}, "priceId": {"type": "string"},
-            "mode": {"type": "string", "enum": ["payment", "subscription"]},
-            "grants": {"type": "array", "items": {"type": "string"}},
-            "creatorId": {"type": "string"},
-            "platformFeeBps": {"type": "integer", "minimum": 0, "maximum": 10000},
-            "organizationFeeBps": {"type": "integer", "minimum": 0, "maximum": 10000},
-            "status": {"type": "string", "enum": ["published", "unpublished"]}}},
+        // `registry::ProductInput::validate`'s rules, each one here: an amount with its currency,
+        // or a price, or both; a subscription needs a price. The fees' sum (at most
+        // 10000) is the one rule JSON Schema cannot state; the description says it.
+        "ProductInput": {"type": "object", "additionalProperties": false,
+            "description": "platformFeeBps + organizationFeeBps may not exceed 10000 (422, field organizationFeeBps).",
+            "properties": {
+                "title": {"type": "string", "maxLength": 200},
+                "amountCents": {"type": "integer", "minimum": 0, "maximum": 99_999_999},
+                "currency": {"type": "string", "pattern": "^[A-Za-z]{3}$"},
+                "priceId": {"type": "string", "pattern": "^price_[A-Za-z0-9_]{1,249}$"},
+                "mode": {"type": "string", "enum": ["payment", "subscription"]},
+                "grants": {"type": "array", "minItems": 1, "maxItems": 20,
+                           "items": {"type": "string", "pattern": "^[!-~]{1,100}$"}},
+                "featureLookupKey": {"type": "string", "pattern": "^[!-~]{1,80}$"},
+                "creatorId": {"type": "string", "pattern": "^[!-~]{1,200}$"},
+                "platformFeeBps": {"type": "integer", "minimum": 0, "maximum": 10000},
+                "organizationFeeBps": {"type": "integer", "minimum": 0, "maximum": 10000},
+                "status": {"type": "string", "enum": ["published", "unpublished"]}},
+            "allOf": [
+                {"anyOf": [
+                    {"required": ["amountCents", "currency"]},
+                    {"required": ["priceId"],
+                     "not": {"anyOf": [{"required": ["amountCents"]}, {"required": ["currency"]}]}}]},
+                {"anyOf": [
+                    {"required": ["priceId"]},
+                    {"not": {"required": ["mode"], "properties": {"mode": {"const": "subscription"}}}}]}]},
         "Product": {"type": "object", "required": ["key", "mode", "grants", "status"], "properties": {
             "key": {"type": "string"}, "title": nullable_str, "amountCents": nullable_int,
             "currency": nullable_str, "priceId": nullable_str,

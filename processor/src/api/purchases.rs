@@ -113,7 +113,7 @@ impl RawListQuery {
             let Some(raw) = raw.filter(|r| !r.is_empty()) else {
                 return Ok(default);
             };
-            match raw.trim().parse::<i64>() {
+            match raw.parse::<i64>() {
                 Ok(n) if (1..=max).contains(&n) => Ok(n),
                 _ => Err(ApiError::BadRequest(format!(
                     "{name} must be an integer between 1 and {max}"
