@@ -165,7 +165,24 @@ struct Claims {
     exp: Option<u64>,
     #[serde(default)]
     iat: Option<u64>,
+    /// The organisation the app says the user acts for, and their role in it (`org_role`
+    /// `admin`, `owner` or `billing` may buy for it and open its billing portal).
+    #[serde(default)]
+    org_id: Option<String>,
+    #[serde(default)]
+    org_role: Option<String>,
 }
+
+/// A verified user token: its subject and the organisation it names, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user: UserId,
+    /// `org_id` when `org_role` is one that may buy for it (`admin`, `owner`, `billing`).
+    pub billing_for: Option<String>,
+}
+
+/// The `org_role` values that may buy for the organisation and open its portal.
+pub const BILLING_ROLES: [&str; 3] = ["admin", "owner", "billing"];
 
 /// Verifies user tokens and the admin token. Cheap to clone; put it in the router state and let
 /// the state implement `FromRef` for it.
@@ -234,6 +251,15 @@ impl Authenticator {
     /// # Errors
     /// An [`AuthError`] saying why the token is refused.
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        self.verify_caller(token).map(|caller| caller.user)
+    }
+
+    /// Verifies an HS256 token and returns its subject and organisation claims. A subject
+    /// shaped as an organisation's (`org:…`) is refused: no token speaks as one.
+    ///
+    /// # Errors
+    /// An [`AuthError`] saying why the token is refused.
+    pub fn verify_caller(&self, token: &str) -> Result<Caller, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.inner.key, &self.inner.validation)
             .map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -259,7 +285,17 @@ impl Authenticator {
             }
         }
         let sub = data.claims.sub.ok_or(AuthError::Claims)?;
-        UserId::parse(&sub).map_err(|_| AuthError::Claims)
+        if crate::domain::organization::is_organization_subject(&sub) {
+            return Err(AuthError::Claims);
+        }
+        let user = UserId::parse(&sub).map_err(|_| AuthError::Claims)?;
+        let billing_for = data.claims.org_id.filter(|_| {
+            data.claims
+                .org_role
+                .as_deref()
+                .is_some_and(|role| BILLING_ROLES.contains(&role))
+        });
+        Ok(Caller { user, billing_for })
     }
 
     /// Checks an `Authorization` header value as a user bearer token.
@@ -329,6 +365,27 @@ where
             tracing::debug!(reason = %e, "bearer token refused");
         })?;
         Ok(Self(user))
+    }
+}
+
+/// The authenticated caller of a request, with their organisation claims. Rejects as
+/// [`AuthUser`] does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthCaller(pub Caller);
+
+impl<S> axum::extract::FromRequestParts<S> for AuthCaller
+where
+    S: Send + Sync,
+    Authenticator: FromRef<S>,
+{
+    type Rejection = AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth = Authenticator::from_ref(state);
+        let caller = auth
+            .verify_caller(bearer(authorization(parts)?)?)
+            .inspect_err(|e| tracing::debug!(reason = %e, "bearer token refused"))?;
+        Ok(Self(caller))
     }
 }
 

@@ -1,6 +1,8 @@
 //! The processor: consumes Stripe events from RabbitMQ, dedupes them, projects purchases,
 //! subscriptions and entitlements into Postgres, refreshes the Redis entitlement cache, serves
 //! the entitlement API and hosts the operator commands.
+// The OpenAPI document (api::openapi) is one `json!` literal, deeper than the default limit.
+#![recursion_limit = "256"]
 
 pub mod api;
 pub mod auth;

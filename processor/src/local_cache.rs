@@ -432,6 +432,7 @@ mod tests {
             user_id: user.into(),
             version,
             entitlements: Vec::new(),
+            organizations: Vec::new(),
         })
     }
 

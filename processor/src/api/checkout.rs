@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use chrono::{DateTime, Utc};
@@ -19,9 +20,10 @@ use shared::ids::UserId;
 
 use super::ApiState;
 use super::customers::{customers_of, ensure_customer, mark_gone};
-use super::entitlements::load_snapshot;
+use super::entitlements::{load_access, load_snapshot};
 use super::error::ApiError;
-use crate::auth::AuthUser;
+use super::organizations::payer;
+use crate::auth::AuthCaller;
 use crate::domain::offer::{CheckoutOffer, OfferedPrice};
 use crate::domain::projection::{Product, ProductStatus};
 use crate::domain::view::status_of;
@@ -39,6 +41,18 @@ const SESSION_LIFETIME_SECONDS: i64 = 3600;
 #[serde(rename_all = "camelCase")]
 pub struct CheckoutBody {
     pub product_key: String,
+    /// Buy for this organisation (the caller must be allowed to bill for it).
+    #[serde(default)]
+    pub organization_id: Option<String>,
+}
+
+/// The request body of `POST /api/billing/portal` (optional).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortalBody {
+    /// Open the portal of this organisation's Stripe customer.
+    #[serde(default)]
+    pub organization_id: Option<String>,
 }
 
 /// The answer of `POST /api/checkout/session`.
@@ -78,12 +92,18 @@ pub fn checkout_identity(user: &UserId, product: &str, customer: &str, now: i64)
 
 pub(crate) async fn create_session(
     State(state): State<ApiState>,
-    AuthUser(user): AuthUser,
+    AuthCaller(caller): AuthCaller,
     body: Result<Json<CheckoutBody>, JsonRejection>,
 ) -> Result<Json<CheckoutAnswer>, ApiError> {
     let Json(body) = body?;
+    // Whom the session is for: the caller, or the organisation they bill for.
+    let user = payer(&state, &caller, body.organization_id.as_deref()).await?;
     let product = sellable_product(&state, &body.product_key).await?;
-    let snapshot = load_snapshot(&state, &user).await?;
+    let snapshot = if user == caller.user {
+        load_access(&state, &user).await?
+    } else {
+        load_snapshot(&state, &user).await?
+    };
     let now = Utc::now();
     if product
         .grants
@@ -107,7 +127,7 @@ pub(crate) async fn create_session(
         _ => return Err(ApiError::UnknownProduct(product.key.clone())),
     };
     let stripe = state.stripe()?;
-    super::limits::take(&state, &super::limits::CHECKOUT, &user).await?;
+    super::limits::take(&state, &super::limits::CHECKOUT, &caller.user).await?;
     let success_url = state
         .urls
         .checkout_success
@@ -219,14 +239,21 @@ async fn sellable_product(state: &ApiState, key: &str) -> Result<Product, ApiErr
 
 pub(crate) async fn portal(
     State(state): State<ApiState>,
-    AuthUser(user): AuthUser,
+    AuthCaller(caller): AuthCaller,
+    body: Bytes,
 ) -> Result<Json<PortalAnswer>, ApiError> {
+    let body: PortalBody = if body.iter().all(u8::is_ascii_whitespace) {
+        PortalBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?
+    };
+    let user = payer(&state, &caller, body.organization_id.as_deref()).await?;
     let customers = customers_of(&state, &user).await?;
     if customers.is_empty() {
         return Err(ApiError::NoBillingAccount);
     }
     let stripe = state.stripe()?;
-    super::limits::take(&state, &super::limits::PORTAL, &user).await?;
+    super::limits::take(&state, &super::limits::PORTAL, &caller.user).await?;
     let return_url = state
         .urls
         .portal_return

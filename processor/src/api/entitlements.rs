@@ -19,6 +19,7 @@ use shared::ids::UserId;
 use super::ApiState;
 use super::error::ApiError;
 use crate::auth::{AdminToken, AuthUser};
+use crate::domain::organization::{Membership, OrganizationId, member_view};
 use crate::domain::view::{
     EntitlementList, ProEntitlement, UserSnapshot, list_view, pro_view, status_of,
 };
@@ -47,6 +48,32 @@ pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<Arc<UserSn
     Ok(snapshot)
 }
 
+/// What `user` may use: their snapshot merged with those of the organisations they belong to
+/// ([`member_view`]), each read as [`load_snapshot`] reads (memory first). A user in no
+/// organisation costs exactly one snapshot read; the merge keeps the user's version.
+///
+/// # Errors
+/// As [`load_snapshot`].
+pub async fn load_access(state: &ApiState, user: &UserId) -> Result<Arc<UserSnapshot>, ApiError> {
+    let own = load_snapshot(state, user).await?;
+    if own.organizations.is_empty() {
+        return Ok(own);
+    }
+    let mut organizations = Vec::with_capacity(own.organizations.len());
+    for membership in &own.organizations {
+        let Ok(organization) = OrganizationId::parse(&membership.organization_id) else {
+            continue;
+        };
+        organizations.push((
+            membership,
+            load_snapshot(state, &organization.subject()).await?,
+        ));
+    }
+    let pairs: Vec<(&Membership, &UserSnapshot)> =
+        organizations.iter().map(|(m, s)| (*m, &**s)).collect();
+    Ok(Arc::new(member_view(&own, &pairs)))
+}
+
 /// The user's snapshot straight from Postgres (for callers that just wrote it).
 ///
 /// # Errors
@@ -63,7 +90,7 @@ pub(crate) async fn pro_entitlement(
     State(state): State<ApiState>,
     AuthUser(user): AuthUser,
 ) -> Result<Json<ProEntitlement>, ApiError> {
-    let snapshot = load_snapshot(&state, &user).await?;
+    let snapshot = load_access(&state, &user).await?;
     Ok(Json(pro_view(&snapshot, Utc::now())))
 }
 
@@ -71,7 +98,7 @@ pub(crate) async fn my_entitlements(
     State(state): State<ApiState>,
     AuthUser(user): AuthUser,
 ) -> Result<Json<EntitlementList>, ApiError> {
-    let snapshot = load_snapshot(&state, &user).await?;
+    let snapshot = load_access(&state, &user).await?;
     Ok(Json(list_view(&snapshot, Utc::now())))
 }
 
@@ -80,7 +107,7 @@ pub(crate) async fn access(
     AuthUser(user): AuthUser,
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
-    let snapshot = load_snapshot(&state, &user).await?;
+    let snapshot = load_access(&state, &user).await?;
     let status = status_of(&snapshot.entitlements, &key, Utc::now());
     Ok(match status.denial_reason() {
         None => Json(serde_json::json!({"allowed": true})).into_response(),
@@ -98,6 +125,6 @@ pub(crate) async fn admin_entitlements(
     Path(user): Path<String>,
 ) -> Result<Json<EntitlementList>, ApiError> {
     let user = UserId::parse(&user).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let snapshot = load_snapshot(&state, &user).await?;
+    let snapshot = load_access(&state, &user).await?;
     Ok(Json(list_view(&snapshot, Utc::now())))
 }

@@ -25,6 +25,9 @@ pub enum ApiError {
     /// that it exists).
     #[error("{0}")]
     NotFound(String),
+    /// The caller may not act for what they named (an organisation they do not bill for).
+    #[error("{0}")]
+    Forbidden(String),
     /// The user already holds what they are trying to buy.
     #[error("you already have this entitlement")]
     AlreadyEntitled,
@@ -96,6 +99,7 @@ impl ApiError {
         match self {
             Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
+            Self::Forbidden(_) => "forbidden",
             Self::AlreadyEntitled => "already_entitled",
             Self::NoBillingAccount => "no_billing_account",
             Self::RateLimited { .. } => "rate_limited",
@@ -116,6 +120,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) | Self::NoBillingAccount | Self::UnknownProduct(_) => {
                 StatusCode::NOT_FOUND
             }

@@ -16,6 +16,7 @@ pub mod entitlements;
 pub mod error;
 pub mod limits;
 pub mod openapi;
+pub mod organizations;
 pub mod products;
 pub mod purchases;
 pub mod restore;
@@ -265,6 +266,21 @@ pub fn routes() -> Vec<Route> {
             Method::GET,
             "/v1/payments/duplicates",
             get(purchases::duplicates),
+        ),
+        route(
+            Method::PUT,
+            "/v1/organizations/{organizationId}/members/{userId}",
+            axum::routing::put(organizations::put_member),
+        ),
+        route(
+            Method::DELETE,
+            "/v1/organizations/{organizationId}/members/{userId}",
+            axum::routing::delete(organizations::remove_member),
+        ),
+        route(
+            Method::GET,
+            "/v1/organizations/{organizationId}",
+            get(organizations::organization),
         ),
         route(Method::GET, "/openapi.json", get(openapi::serve_document)),
     ]

@@ -25,6 +25,62 @@ pub fn document() -> Value {
         json!({"description": "OK",
                "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
     };
+    let organization_id = json!({"type": "string", "pattern": "^[!-~]{1,196}$"});
+    let organization_param = json!({"name": "organizationId", "in": "path", "required": true,
+                                    "schema": organization_id});
+    let member_param = json!({"name": "userId", "in": "path", "required": true,
+        "schema": {"type": "string", "pattern": "^(?!org:)[!-~]{1,200}$"}});
+    // The organisation routes.
+    let member_path = json!({
+        "put": {
+            "operationId": "putMember",
+            "summary": "Add a member to an organisation, or change their role (ADMIN_API_TOKEN).",
+            "description": "Lands only with a `version` above the stored one (a late write never \
+                            undoes a newer one); the same write again changes nothing. Seats go \
+                            to members by `joinedAt` (now when absent), then user id.",
+            "security": admin,
+            "parameters": [organization_param.clone(), member_param.clone()],
+            "requestBody": {"required": true, "content": {"application/json":
+                {"schema": {"$ref": "#/components/schemas/MemberInput"}}}},
+            "responses": {
+                "200": ok("Member"),
+                "400": error("bad_request: a body that is not JSON"),
+                "401": error("Missing or wrong admin token"),
+                "404": error("Admin API not enabled"),
+                "409": error("stale_version: a higher or different version is stored"),
+                "413": error("payload_too_large"),
+                "422": error("validation_failed (with `field`)"),
+            },
+        },
+        "delete": {
+            "operationId": "removeMember",
+            "summary": "Remove a member (ADMIN_API_TOKEN); kept as a tombstone at `version`.",
+            "security": admin,
+            "parameters": [organization_param.clone(), member_param,
+                {"name": "version", "in": "query", "required": true,
+                 "schema": {"type": "integer", "minimum": 0, "maximum": i64::MAX}}],
+            "responses": {
+                "200": ok("Member"),
+                "400": error("bad_request: version missing or not an integer"),
+                "401": error("Missing or wrong admin token"),
+                "404": error("Admin API not enabled"),
+                "409": error("stale_version"),
+                "422": error("validation_failed (with `field`)"),
+            },
+        },
+    });
+    let organization_path = json!({"get": {
+        "operationId": "getOrganization",
+        "summary": "An organisation's members by seat and its own entitlements (ADMIN_API_TOKEN).",
+        "security": admin,
+        "parameters": [organization_param],
+        "responses": {
+            "200": ok("Organization"),
+            "401": error("Missing or wrong admin token"),
+            "404": error("Admin API not enabled"),
+            "422": error("validation_failed (organizationId)"),
+        },
+    }});
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -42,7 +98,8 @@ pub fn document() -> Value {
             }},
             "/api/entitlements": {"get": {
                 "operationId": "listEntitlements",
-                "summary": "All of the caller's entitlements.",
+                "summary": "All of the caller's entitlements, their organisations' included (each \
+                            source held through one names it).",
                 "security": bearer,
                 "responses": {"200": ok("EntitlementList"), "401": error("Missing or invalid token")},
             }},
@@ -108,17 +165,23 @@ pub fn document() -> Value {
                 "operationId": "createCheckoutSession",
                 "summary": "A Stripe Checkout Session for a registered, published product.",
                 "security": bearer,
+                "description": "With `organizationId`, the session is the organisation's (its \
+                                Stripe customer, its entitlements): the token must carry `org_id` \
+                                equal to it with `org_role` admin, owner or billing, or the caller \
+                                must be one of its admins (`PUT /v1/organizations/…/members/…`).",
                 "requestBody": {"required": true, "content": {"application/json": {"schema":
                     {"type": "object", "required": ["productKey"],
-                     "properties": {"productKey": {"type": "string"}}}}}},
+                     "properties": {"productKey": {"type": "string"},
+                                    "organizationId": organization_id.clone()}}}}},
                 "responses": {
                     "200": ok("CheckoutSession"),
                     "400": error("Malformed body"),
                     "401": error("Missing or invalid token"),
+                    "403": error("forbidden: the caller may not bill for the organisation"),
                     "404": error("unknown_product"),
                     "409": error("already_entitled"),
                     "413": error("payload_too_large (over API_MAX_BODY_BYTES)"),
-                    "422": error("free_product"),
+                    "422": error("free_product, or validation_failed (organizationId)"),
                     "429": error("rate_limited (10 checkouts a minute per user; Retry-After)"),
                     "502": error("Stripe failed"),
                     "503": error("Checkout not configured, or the per-user limit cannot be counted (Retry-After)"),
@@ -126,11 +189,18 @@ pub fn document() -> Value {
             }},
             "/api/billing/portal": {"post": {
                 "operationId": "createBillingPortalSession",
-                "summary": "A Stripe billing portal URL for the caller's customer.",
+                "summary": "A Stripe billing portal URL for the caller's customer, or an \
+                            organisation's.",
                 "security": bearer,
+                "requestBody": {"required": false, "content": {"application/json": {"schema":
+                    {"type": "object", "additionalProperties": false,
+                     "properties": {"organizationId": organization_id.clone()}}}}},
                 "responses": {
                     "200": ok("PortalSession"),
+                    "400": error("Malformed body"),
                     "401": error("Missing or invalid token"),
+                    "403": error("forbidden: the caller may not bill for the organisation"),
+                    "422": error("validation_failed (organizationId)"),
                     "404": error("no_billing_account"),
                     "429": error("rate_limited (10 portal sessions a minute per user; Retry-After)"),
                     "502": error("Stripe failed"),
@@ -189,6 +259,8 @@ pub fn document() -> Value {
                                   "409": error("configured_product")},
                 },
             },
+            "/v1/organizations/{organizationId}/members/{userId}": member_path,
+            "/v1/organizations/{organizationId}": organization_path,
             "/v1/products": {"get": {
                 "operationId": "listProducts",
                 "summary": "The registry's products in key order (ADMIN_API_TOKEN).",
@@ -315,7 +387,27 @@ fn schemas() -> Value {
                 "sourceId": {"type": "string"},
                 "status": {"type": "string",
                            "enum": ["active", "past_due", "suspended", "revoked", "expired"]},
-                "expiresAt": nullable_time, "quantity": {"type": "integer"}}},
+                "expiresAt": nullable_time, "quantity": {"type": "integer"},
+                "organizationId": {"type": "string",
+                    "description": "The organisation through which the caller holds this source"}}},
+        "MemberInput": {"type": "object", "additionalProperties": false, "required": ["version"],
+            "properties": {
+                "role": {"type": "string", "enum": ["admin", "member"], "default": "member"},
+                "version": {"type": "integer", "minimum": 0, "maximum": i64::MAX},
+                "joinedAt": {"type": "string", "format": "date-time"}}},
+        "Member": {"type": "object",
+            "required": ["organizationId", "userId", "role", "joinedAt", "version", "removed", "seat"],
+            "properties": {
+                "organizationId": {"type": "string"}, "userId": {"type": "string"},
+                "role": {"type": "string", "enum": ["admin", "member"]}, "joinedAt": time,
+                "version": {"type": "integer"}, "removed": {"type": "boolean"},
+                "seat": {"type": ["integer", "null"],
+                         "description": "Place among the members by join time, from 0 (null once removed)"}}},
+        "Organization": {"type": "object", "required": ["organizationId", "members", "entitlements"],
+            "properties": {
+                "organizationId": {"type": "string"},
+                "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
+                "entitlements": {"type": "array", "items": {"$ref": "#/components/schemas/Entitlement"}}}},
         "Entitlement": {"type": "object",
             "required": ["key", "status", "active", "source", "expiresAt", "updatedAt"],
             "properties": {

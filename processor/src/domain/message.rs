@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::events::Event;
+use super::organization::{Role, SUBJECT_PREFIX};
 use super::projection::{AbandonedCheckout, Entitlement, EntitlementStatus};
 use super::view::{EntitlementView, item_view};
 
@@ -22,6 +23,31 @@ pub fn cause(event: &Event) -> Value {
 pub fn entitlements_body(views: &[EntitlementView], now: DateTime<Utc>) -> Value {
     let items: Vec<_> = views.iter().map(|e| item_view(e, now)).collect();
     json!({ "entitlements": items })
+}
+
+/// One member of an organisation, as its messages list them (by seat).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    pub user_id: String,
+    pub role: Role,
+    pub seat: i64,
+}
+
+/// The body of an organisation's `entitlements.changed` (`subject` is `org:{id}`): its
+/// entitlements, its id and its members by seat. Sent when its entitlements or its members
+/// change; a member's access is theirs and the organisation's for the seats they hold.
+#[must_use]
+pub fn organization_body(
+    views: &[EntitlementView],
+    now: DateTime<Utc>,
+    subject: &str,
+    members: &[Member],
+) -> Value {
+    let mut body = entitlements_body(views, now);
+    body["organizationId"] = json!(subject.strip_prefix(SUBJECT_PREFIX).unwrap_or(subject));
+    body["members"] = json!(members);
+    body
 }
 
 /// What a notification is about: its `notifications.kind` and its message's `type`.

@@ -17,6 +17,7 @@ pub mod events;
 pub mod fold;
 pub mod message;
 pub mod offer;
+pub mod organization;
 pub mod projection;
 pub mod scope;
 pub mod view;

@@ -11,6 +11,7 @@
 use chrono::{DateTime, Utc};
 
 use super::access::AccessStatus;
+use super::organization::Membership;
 use super::projection::{EntitlementSource, EntitlementStatus, GrantSource};
 
 /// A user's entitlements as cached in Redis and served by the API.
@@ -22,6 +23,11 @@ pub struct UserSnapshot {
     pub version: i64,
     /// Sorted by key.
     pub entitlements: Vec<EntitlementView>,
+    /// The organisations the user belongs to (none for an organisation), sorted by id; the
+    /// API merges their entitlements into the user's
+    /// ([`member_view`](super::organization::member_view)).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub organizations: Vec<Membership>,
 }
 
 /// One entitlement row.
@@ -94,6 +100,9 @@ pub struct SourceItem {
     pub expires_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantity: Option<i64>,
+    /// The organisation through which a member holds this source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub organization_id: Option<String>,
 }
 
 fn source_items(view: Option<&EntitlementView>) -> Vec<SourceItem> {
@@ -106,6 +115,7 @@ fn source_items(view: Option<&EntitlementView>) -> Vec<SourceItem> {
             status: s.status,
             expires_at: s.expires_at.and_then(|t| DateTime::from_timestamp(t, 0)),
             quantity: s.quantity,
+            organization_id: s.organization_id.clone(),
         })
         .collect()
 }
@@ -187,6 +197,7 @@ mod tests {
             user_id: "u1".into(),
             version: 3,
             entitlements,
+            organizations: Vec::new(),
         }
     }
 

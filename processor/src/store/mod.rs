@@ -40,6 +40,7 @@
 //! the outbox modules above it.
 
 mod columns;
+pub mod members;
 mod merge;
 pub mod offers;
 mod recompute;
@@ -450,16 +451,44 @@ async fn recompute_users<'u>(
         let bump = bumps.entry(user.clone()).or_insert(recompute::Bump {
             count: 0,
             cause: event,
+            announce: false,
         });
         bump.count += 1;
         bump.cause = event;
     }
+    lock_and_recompute(db, &bumps).await
+}
+
+/// Locks and recomputes `users` and the organisation `subject` after a change of its members
+/// (no event caused it: each version grows by one, and the organisation announces its members
+/// even though its entitlements did not change).
+async fn recompute_subjects(
+    db: Db<'_>,
+    users: &[String],
+    subject: &str,
+) -> Result<Vec<UserSnapshot>, StoreError> {
+    let bump = |announce| recompute::Bump {
+        count: 1,
+        cause: None,
+        announce,
+    };
+    let mut bumps: BTreeMap<String, recompute::Bump<'_>> =
+        users.iter().map(|u| (u.clone(), bump(false))).collect();
+    bumps.insert(subject.to_owned(), bump(true));
+    lock_and_recompute(db, &bumps).await
+}
+
+/// Takes the user locks of `bumps` and recomputes them.
+async fn lock_and_recompute(
+    db: Db<'_>,
+    bumps: &BTreeMap<String, recompute::Bump<'_>>,
+) -> Result<Vec<UserSnapshot>, StoreError> {
     if bumps.is_empty() {
         return Ok(Vec::new());
     }
     let user_keys = bumps.keys().map(|u| format!("user:{u}")).collect();
     // The lock statement goes first in the pipeline: every read runs under the locks.
-    let ((), snapshots) = try_join(lock(db, user_keys), recompute::recompute(db, &bumps)).await?;
+    let ((), snapshots) = try_join(lock(db, user_keys), recompute::recompute(db, bumps)).await?;
     Ok(snapshots)
 }
 
@@ -519,10 +548,14 @@ fn snapshots_of(
 
 /// A user's version and entitlement rows. One statement, one MVCC snapshot: the version always
 /// matches the entitlements read.
-const SNAPSHOT_SQL: &str = "SELECT v.version, e.key, e.status, e.source, e.source_id, e.expires_at,
-        e.updated_at, e.sources
+const SNAPSHOT_SQL: &str = "SELECT v.version, v.organizations, e.key, e.status, e.source,
+        e.source_id, e.expires_at, e.updated_at, e.sources
    FROM (SELECT COALESCE((SELECT version FROM user_entitlement_versions
-                           WHERE user_id = $1), 0) AS version) v
+                           WHERE user_id = $1), 0) AS version,
+                (SELECT COALESCE(jsonb_agg(jsonb_build_object('organizationId', organization_id,
+                            'role', role, 'seat', seat) ORDER BY organization_id), '[]')
+                   FROM organization_members WHERE user_id = $1 AND NOT removed)
+                    AS organizations) v
    LEFT JOIN entitlements e ON e.user_id = $1
   ORDER BY e.key";
 
@@ -564,18 +597,23 @@ fn snapshot_of_rows(
         user_id: user.as_str().to_owned(),
         version: 0,
         entitlements: Vec::new(),
+        organizations: Vec::new(),
     };
     for row in rows {
         snapshot.version = row.try_get(0)?;
-        if let Some(key) = row.try_get::<_, Option<String>>(1)? {
+        snapshot.organizations =
+            serde_json::from_value(row.try_get(1)?).map_err(|_| StoreError::Corrupt {
+                column: "organization_members",
+            })?;
+        if let Some(key) = row.try_get::<_, Option<String>>(2)? {
             snapshot.entitlements.push(EntitlementView {
                 key,
-                status: entitlement_status(row.try_get(2)?)?,
-                source: entitlement_source(row.try_get(3)?)?,
-                source_id: row.try_get(4)?,
-                expires_at: row.try_get(5)?,
-                updated_at: row.try_get(6)?,
-                sources: grant_sources(row.try_get(7)?)?,
+                status: entitlement_status(row.try_get(3)?)?,
+                source: entitlement_source(row.try_get(4)?)?,
+                source_id: row.try_get(5)?,
+                expires_at: row.try_get(6)?,
+                updated_at: row.try_get(7)?,
+                sources: grant_sources(row.try_get(8)?)?,
             });
         }
     }

@@ -24,7 +24,10 @@ use super::{
     purchase_from_row, secs, subscription_from_row,
 };
 use crate::domain::events::Event;
-use crate::domain::message::{ENTITLEMENTS_CHANGED, Notice};
+use crate::domain::message::{self, ENTITLEMENTS_CHANGED, Member, Notice};
+use crate::domain::organization::{
+    Membership, OrganizationId, Role, SUBJECT_PREFIX, is_organization_subject,
+};
 use crate::domain::projection::{
     self, Entitlement, FeatureFacts, PurchaseFacts, SubscriptionFacts,
 };
@@ -35,8 +38,11 @@ use crate::domain::view::{EntitlementView, UserSnapshot};
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Bump<'e> {
     pub(super) count: i64,
-    /// `None` when no event caused it (`processor recompute`).
+    /// `None` when no event caused it (`processor recompute`, a membership change).
     pub(super) cause: Option<&'e Event>,
+    /// Write the `entitlements.changed` message even if the entitlements are unchanged (an
+    /// organisation whose members changed).
+    pub(super) announce: bool,
 }
 
 /// One user's recomputation, before it is written.
@@ -51,6 +57,9 @@ struct Recomputed {
     stale: Vec<String>,
     /// The transaction's time, at which the outbox snapshot is taken.
     now: DateTime<Utc>,
+    /// A user's organisations; an organisation's members (`Some`, for its messages).
+    organizations: Vec<Membership>,
+    members: Option<Vec<Member>>,
 }
 
 /// Compares `derived` with the user's stored entitlements (`existing`: key → row and its
@@ -97,6 +106,8 @@ fn diff_entitlements(
         notices,
         stale: existing.into_keys().collect(),
         now,
+        organizations: Vec::new(),
+        members: None,
     })
 }
 
@@ -129,23 +140,62 @@ pub(super) async fn recompute(
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = ANY($1)");
     let features_sql =
         format!("SELECT {FEATURE_COLUMNS} FROM stripe_features WHERE user_id = ANY($1)");
-    let ((purchase_rows, subscription_rows, entitlement_rows, generation), feature_rows) =
-        try_join(
-            try_join4(
-                db.query(&purchases_sql, &by_users),
-                db.query(&subscriptions_sql, &by_users),
-                db.query(
-                    "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
+    // The memberships of the users, and the members of the organisations, among `ids`.
+    let organizations: Vec<String> = ids
+        .iter()
+        .filter_map(|s| OrganizationId::of_subject(s))
+        .map(|o| o.as_str().to_owned())
+        .collect();
+    let by_members: [Param<'_>; 2] = [(&ids, Type::TEXT_ARRAY), (&organizations, Type::TEXT_ARRAY)];
+    let (
+        (purchase_rows, subscription_rows, entitlement_rows, generation),
+        feature_rows,
+        member_rows,
+    ) = try_join3(
+        try_join4(
+            db.query(&purchases_sql, &by_users),
+            db.query(&subscriptions_sql, &by_users),
+            db.query(
+                "SELECT n.now, e.user_id, e.key, e.status, e.source, e.source_id, e.expires_at,
                     e.updated_at, e.sources
                FROM (SELECT now() AS now) n
                LEFT JOIN entitlements e ON e.user_id = ANY($1)",
-                    &by_users,
-                ),
-                db.query(super::registry::GENERATION_SQL, &[]),
+                &by_users,
             ),
-            db.query(&features_sql, &by_users),
-        )
-        .await?;
+            db.query(super::registry::GENERATION_SQL, &[]),
+        ),
+        db.query(&features_sql, &by_users),
+        db.query(
+            "SELECT organization_id, user_id, role, seat FROM organization_members
+                  WHERE NOT removed AND (user_id = ANY($1) OR organization_id = ANY($2))
+                  ORDER BY organization_id, seat",
+            &by_members,
+        ),
+    )
+    .await?;
+    let mut memberships: BTreeMap<String, Vec<Membership>> = BTreeMap::new();
+    let mut members: BTreeMap<String, Vec<Member>> = BTreeMap::new();
+    for row in &member_rows {
+        let organization: String = row.try_get(0)?;
+        let member = Member {
+            user_id: row.try_get(1)?,
+            role: Role::from_column(row.try_get(2)?)
+                .ok_or(StoreError::Corrupt { column: "role" })?,
+            seat: i64::from(row.try_get::<_, i32>(3)?),
+        };
+        memberships
+            .entry(member.user_id.clone())
+            .or_default()
+            .push(Membership {
+                organization_id: organization.clone(),
+                role: member.role,
+                seat: member.seat,
+            });
+        members
+            .entry(format!("{SUBJECT_PREFIX}{organization}"))
+            .or_default()
+            .push(member);
+    }
     let mut features: BTreeMap<String, Vec<FeatureFacts>> = BTreeMap::new();
     for row in &feature_rows {
         let facts = feature_from_row(row)?;
@@ -199,12 +249,18 @@ pub(super) async fn recompute(
                 features.get(user).map_or(&[], Vec::as_slice),
                 &registry,
             );
-            diff_entitlements(
+            let mut recomputed = diff_entitlements(
                 user,
                 derived,
                 existing.remove(user).unwrap_or_default(),
                 now,
-            )
+            )?;
+            if is_organization_subject(user) {
+                recomputed.members = Some(members.remove(user).unwrap_or_default());
+            } else {
+                recomputed.organizations = memberships.remove(user).unwrap_or_default();
+            }
+            Ok::<_, StoreError>(recomputed)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let (versions, ()) = try_join(
@@ -223,6 +279,7 @@ pub(super) async fn recompute(
                 user_id: r.user,
                 version,
                 entitlements: r.views,
+                organizations: r.organizations,
             })
         })
         .collect()
@@ -344,12 +401,20 @@ async fn write_recomputed(
                 .map_or(serde_json::Value::Null, crate::domain::message::cause)
         })
         .collect();
-    // An `entitlements.changed` message for each user whose stored entitlements change.
+    // An `entitlements.changed` message for each user whose stored entitlements change, and
+    // for each organisation whose members changed.
     let (changed_users, changed_bodies): (Vec<&str>, Vec<serde_json::Value>) = recomputed
         .iter()
-        .filter(|r| !r.changed.is_empty() || !r.stale.is_empty())
+        .filter(|r| {
+            !r.changed.is_empty()
+                || !r.stale.is_empty()
+                || users.get(&r.user).is_some_and(|b| b.announce)
+        })
         .map(|r| {
-            let body = crate::domain::message::entitlements_body(&r.views, r.now);
+            let body = match &r.members {
+                None => message::entitlements_body(&r.views, r.now),
+                Some(members) => message::organization_body(&r.views, r.now, &r.user, members),
+            };
             (r.user.as_str(), body)
         })
         .unzip();

@@ -160,6 +160,10 @@ pub struct GrantSource {
     /// Seats of a subscription (its item's quantity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantity: Option<i64>,
+    /// The organisation the source belongs to, when a member holds it through one (set by
+    /// [`member_view`](crate::domain::organization::member_view), never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization_id: Option<String>,
 }
 
 fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<(String, GrantSource)> {
@@ -182,6 +186,7 @@ fn from_purchase(p: &PurchaseFacts, registry: &Registry) -> Vec<(String, GrantSo
         status,
         expires_at: None,
         quantity: None,
+        organization_id: None,
     };
     for_each_grant(product, &source)
 }
@@ -278,6 +283,7 @@ fn from_subscription(
         status,
         expires_at,
         quantity: s.price.as_ref().and_then(|c| c.quantity),
+        organization_id: None,
     };
     for_each_grant(product, &source)
 }
@@ -291,6 +297,7 @@ fn from_features(f: &FeatureFacts, registry: &Registry) -> Vec<(String, GrantSou
         status: EntitlementStatus::Active,
         expires_at: None,
         quantity: None,
+        organization_id: None,
     };
     f.lookup_keys()
         .iter()
@@ -300,8 +307,10 @@ fn from_features(f: &FeatureFacts, registry: &Registry) -> Vec<(String, GrantSou
 }
 
 /// Total order on candidates for one key: better status, then lifetime before dated, then the
-/// later expiry, then purchase before subscription, then the smaller source id.
-fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
+/// later expiry, then purchase before subscription, then the smaller source id (then a user's
+/// own source before an organisation's, then the smaller organisation id).
+#[must_use]
+pub fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
     a.status
         .rank()
         .cmp(&b.status.rank())
@@ -314,6 +323,7 @@ fn better(a: &GrantSource, b: &GrantSource) -> Ordering {
         .then_with(|| b.source.cmp(&a.source))
         .then_with(|| b.source_id.cmp(&a.source_id))
         .then_with(|| a.quantity.cmp(&b.quantity))
+        .then_with(|| b.organization_id.cmp(&a.organization_id))
 }
 
 /// Which of one user's purchases are second payments for something already owned: paid while

@@ -16,7 +16,7 @@ mod subscription;
 mod tests;
 
 pub use entitlement::{
-    Entitlement, EntitlementSource, EntitlementStatus, GrantSource, derive_entitlements,
+    Entitlement, EntitlementSource, EntitlementStatus, GrantSource, better, derive_entitlements,
     duplicate_payments,
 };
 pub use feature::{FeatureClaim, FeatureFacts};
