@@ -3,7 +3,8 @@
 # cache hit (served from process memory), next to `redis-benchmark -t get -c 64` in the same run;
 # then the cache-miss path (every request a different user, served from Postgres and refilling
 # the cache). Prints the load average beside the figures, and what share of the hits came from
-# memory (the API's own metrics).
+# memory (the API's own metrics). Then the same hit for a member of an organisation that holds
+# `pro` (their answer merges the organisation's snapshot), in the same run as the user's.
 # Usage: bench/api.sh [seconds=15]   (needs wrk, redis-benchmark, the local Postgres and Redis)
 # ENTITLEMENT_LOCAL_CACHE_ENTRIES=0 bench/api.sh measures hits served by Redis instead;
 # PERF=1 also records the API process with `perf` during each run and prints its hottest symbols.
@@ -28,6 +29,7 @@ cleanup() {
   [ -n "${API_PID:-}" ] && kill "$API_PID" 2>/dev/null || true
   psqlq -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
   redis-cli --scan --pattern 'entitlements:v1:ub_*' | xargs -r -n 1000 redis-cli del >/dev/null
+  redis-cli del 'entitlements:v1:org:ub_org' >/dev/null
   scripts/delete-queues.sh "bench.api.$RUN" || true
   rm -rf "$work"
 }
@@ -38,6 +40,12 @@ psqlq -d "$DB" <<SQL
 INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at, updated_at)
 SELECT 'ub_' || i, 'pro', 'active', 'purchase', 'pi_bench_' || i, NULL, now() FROM generate_series(1, $USERS) i;
 INSERT INTO user_entitlement_versions (user_id, version) SELECT 'ub_' || i, 1 FROM generate_series(1, $USERS) i;
+-- An organisation holding pro, and a member of it who holds nothing of their own.
+INSERT INTO entitlements (user_id, key, status, source, source_id, expires_at, updated_at)
+VALUES ('org:ub_org', 'pro', 'active', 'purchase', 'pi_bench_org', NULL, now());
+INSERT INTO user_entitlement_versions (user_id, version) VALUES ('org:ub_org', 1), ('ub_member', 1);
+INSERT INTO organization_members (organization_id, user_id, role, joined_at, version, seat)
+VALUES ('ub_org', 'ub_member', 'member', now(), 1, 0);
 SQL
 
 "$bin/processor" api >"$work/api.log" 2>&1 &
@@ -63,6 +71,8 @@ end
 '''
 with open(f"{work}/hit.lua", "w") as f:
     f.write(f'wrk.headers["Authorization"] = "Bearer {token("ub_1")}"\n' + report)
+with open(f"{work}/member.lua", "w") as f:
+    f.write(f'wrk.headers["Authorization"] = "Bearer {token("ub_member")}"\n' + report)
 with open(f"{work}/miss.lua", "w") as f:
     f.write("tokens = {\n" + ",\n".join(f'"{token(f"ub_{i}")}"' for i in range(2, users + 1)) + "\n}\n")
     f.write('''
@@ -94,6 +104,11 @@ local_reads() { curl -sf "http://127.0.0.1:$PORT/metrics" | awk -v o="$1" '$0 ~ 
 curl -sf -o /dev/null -H "Authorization: Bearer $(sed -n 's/.*Bearer \(.*\)".*/\1/p' "$work/hit.lua")" "$url"
 curl -sf -H "Authorization: Bearer $(sed -n 's/.*Bearer \(.*\)".*/\1/p' "$work/hit.lua")" "$url" >"$work/one.json"
 grep -q '"isPro":true' "$work/one.json" || { echo "unexpected answer: $(cat "$work/one.json")"; exit 1; }
+member_token=$(sed -n 's/.*Bearer \(.*\)".*/\1/p' "$work/member.lua")
+curl -sf -o /dev/null -H "Authorization: Bearer $member_token" "$url"
+curl -sf -H "Authorization: Bearer $member_token" "$url" >"$work/member.json"
+grep -q '"isPro":true' "$work/member.json" && grep -q '"organizationId":"ub_org"' "$work/member.json" \
+  || { echo "unexpected member answer: $(cat "$work/member.json")"; exit 1; }
 
 echo "== load before the runs: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"
 echo "== redis-benchmark -t get -c 64 (same machine, same run)"
@@ -105,6 +120,9 @@ wrk -t2 -c64 -d"${SECS}s" --latency -s "$work/hit.lua" "$url" | grep RESULT | te
 report hit
 memory_hits=$(( $(local_reads hit) - memory_before ))
 load_hit=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== GET /api/pro/entitlement for an organisation's member, cache hit, 64 connections"
+wrk -t2 -c64 -d"${SECS}s" --latency -s "$work/member.lua" "$url" | grep RESULT | tee "$work/member.txt"
+load_member=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== GET /api/pro/entitlement, cache miss (a different user each request), 64 connections"
 redis-cli --scan --pattern 'entitlements:v1:ub_*' | xargs -r -n 1000 redis-cli del >/dev/null
 profile miss 5
@@ -120,5 +138,7 @@ hit_requests=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' "$work/hit.txt")
 p99() { sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' "$1"; }
 echo "== summary ($(nproc) CPUs; load average at the end of each run)"
 echo "hit:  $(sed 's/RESULT //' "$work/hit.txt") from_memory=$memory_hits/$hit_requests load=$load_hit"
+member_rps=$(sed -n 's/.*rps=\([0-9]*\).*/\1/p' "$work/member.txt")
+echo "member hit: $(sed 's/RESULT //' "$work/member.txt") load=$load_member member/user=$(python3 -c "print(f'{$member_rps/$hit_rps:.2f}')")"
 echo "miss: $(sed 's/RESULT //' "$work/miss.txt") load=$load_miss"
-echo "RESULT api_hit_rps=$hit_rps redis_get_rps=$redis_rps ratio=$ratio hit_p99_ms=$(p99 "$work/hit.txt") miss_p99_ms=$(p99 "$work/miss.txt") api_peak_rss_mb=$((rss_kb / 1024)) load=\"$load_miss\""
+echo "RESULT api_hit_rps=$hit_rps member_hit_rps=$member_rps member_p99_ms=$(p99 "$work/member.txt") redis_get_rps=$redis_rps ratio=$ratio hit_p99_ms=$(p99 "$work/hit.txt") miss_p99_ms=$(p99 "$work/miss.txt") api_peak_rss_mb=$((rss_kb / 1024)) load=\"$load_miss\""

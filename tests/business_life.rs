@@ -3,74 +3,14 @@
 //! the entitlement API. Each situation runs for several users, each in an order of its own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 use shared::samples::{self, Sample};
-use system_tests::amqp::TestBroker;
-use system_tests::api::Api;
 use system_tests::scenarios::team_event;
+use system_tests::stack::Stack;
 use system_tests::unique;
-use system_tests::worker::*;
 
 /// Orders tried per situation (one user each).
 const ROUNDS: u64 = 4;
-
-/// A worker and an API over one database.
-struct Stack {
-    api: Api,
-    broker: TestBroker,
-    direct: tokio_postgres::Client,
-    worker: Option<Running>,
-}
-
-impl Stack {
-    async fn start() -> Self {
-        let api = Api::start(None).await;
-        let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
-        let worker = spawn_worker(config(&api.db.url, &broker));
-        let direct = pg(&api.db.url).await;
-        Self {
-            api,
-            broker,
-            direct,
-            worker: Some(worker),
-        }
-    }
-
-    /// Publishes `events` in an order drawn from `seed`, a third of them twice, and waits
-    /// until each is processed.
-    async fn deliver(&self, events: &[Value], seed: u64) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut order: Vec<&Value> = events.iter().collect();
-        order.extend(events.iter().step_by(3));
-        order.shuffle(&mut rng);
-        for event in order {
-            let id = event["id"].as_str().unwrap();
-            let event_type = event["type"].as_str().unwrap();
-            publish(&self.broker, event.to_string().as_bytes(), id, event_type).await;
-        }
-        for event in events {
-            wait_processed(&self.direct, event["id"].as_str().unwrap()).await;
-        }
-    }
-
-    async fn pro(&self, user: &str) -> Value {
-        let (status, body) = self.api.get("/api/pro/entitlement", user).await;
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    async fn stop(mut self) {
-        wait_depth(&self.broker, &self.broker.topology.dead_letter_queue(), 0).await;
-        if let Some(worker) = self.worker.take() {
-            worker.stop().await;
-        }
-    }
-}
 
 /// The events of one user's Pro purchase (`object` names its Stripe objects), at `created`.
 fn purchase(user: &str, object: &str, created: i64) -> Vec<Value> {
@@ -98,7 +38,7 @@ type DisputeStep = (&'static str, i64, &'static str, &'static str);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disputes_count_for_what_each_is_in_any_order_with_duplicates() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(None).await;
     let t0 = chrono::Utc::now().timestamp() - 30 * 86_400;
     let day = 86_400;
     // (situation, its disputes, expected status).
@@ -199,7 +139,7 @@ fn refund(user: &str, object: &str, created: i64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_payment_is_recorded_flagged_and_refunding_one_of_two_keeps_access() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(None).await;
     let t0 = chrono::Utc::now().timestamp() - 86_400;
     for round in 0..ROUNDS {
         let user = unique("u");
@@ -234,7 +174,7 @@ async fn a_second_payment_is_recorded_flagged_and_refunding_one_of_two_keeps_acc
         assert_eq!(rows, expected, "order {round}");
 
         // Operators see the second payment until its money goes back.
-        let listed = stack.duplicates().await;
+        let listed = duplicates(&stack).await;
         assert!(listed.contains(&(user.clone(), format!("pi_{second}"))));
         stack
             .deliver(&[refund(&user, &second, t0 + 7_200)], 2_000 + round)
@@ -246,8 +186,7 @@ async fn a_second_payment_is_recorded_flagged_and_refunding_one_of_two_keeps_acc
             "both refunded: {pro}"
         );
         assert!(
-            !stack
-                .duplicates()
+            !duplicates(&stack)
                 .await
                 .contains(&(user, format!("pi_{second}")))
         );
@@ -255,31 +194,29 @@ async fn a_second_payment_is_recorded_flagged_and_refunding_one_of_two_keeps_acc
     stack.stop().await;
 }
 
-impl Stack {
-    /// `GET /v1/payments/duplicates` as (user, payment intent) pairs.
-    async fn duplicates(&self) -> Vec<(String, String)> {
-        let response = self
-            .api
-            .http
-            .get(format!("{}/v1/payments/duplicates", self.api.base))
-            .bearer_auth(system_tests::api::ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let listed: Value = response.json().await.unwrap();
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                (
-                    d["userId"].as_str().unwrap().to_owned(),
-                    d["paymentIntentId"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    }
+/// `GET /v1/payments/duplicates` of the stack's API as (user, payment intent) pairs.
+async fn duplicates(stack: &Stack) -> Vec<(String, String)> {
+    let response = stack
+        .api
+        .http
+        .get(format!("{}/v1/payments/duplicates", stack.api.base))
+        .bearer_auth(system_tests::api::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let listed: Value = response.json().await.unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["userId"].as_str().unwrap().to_owned(),
+                d["paymentIntentId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// `checkout.session.expired` of session `cs_{object}` with `fields` merged into the object.
@@ -299,7 +236,7 @@ fn expired(object: &str, fields: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_checkout_notices_only_for_what_was_offered_and_once_per_session() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(None).await;
     let (ours, by_metadata, link, unknown, nobody) = (
         unique("o"),
         unique("o"),
@@ -411,7 +348,7 @@ type Situation = (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chargeback_on_a_subscription_payment_decides_the_subscription_in_any_order() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(None).await;
     let t0 = chrono::Utc::now().timestamp() - 20 * 86_400;
     let day = 86_400;
     // (situation, dispute statuses by day, a later renewal paid, expected status).
@@ -493,7 +430,7 @@ async fn a_chargeback_on_a_subscription_payment_decides_the_subscription_in_any_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_refund_of_a_subscriptions_latest_payment_ends_its_access_by_default() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(None).await;
     let t0 = chrono::Utc::now().timestamp() - 5 * 86_400;
     for round in 0..ROUNDS {
         let (user, object) = (unique("u"), unique("o"));
@@ -552,7 +489,7 @@ fn link_purchase(user: &str, object: &str, price: &str, amount: i64, created: i6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_price_change_takes_access_from_no_earlier_buyer_in_any_order() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(None).await;
     let t0 = chrono::Utc::now().timestamp() - 86_400;
     let earlier: Vec<String> = (0..3).map(|_| unique("u")).collect();
     let mut events = Vec::new();

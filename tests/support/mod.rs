@@ -15,6 +15,7 @@ pub mod db;
 pub mod ingress;
 pub mod scenarios;
 pub mod servers;
+pub mod stack;
 pub mod stripe_fake;
 pub mod worker;
 

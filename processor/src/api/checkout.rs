@@ -22,7 +22,7 @@ use super::ApiState;
 use super::customers::{customers_of, ensure_customer, mark_gone};
 use super::entitlements::{load_access, load_snapshot};
 use super::error::ApiError;
-use super::organizations::payer;
+use super::organizations::{OrganizationBody, payer};
 use crate::auth::AuthCaller;
 use crate::domain::offer::{CheckoutOffer, OfferedPrice};
 use crate::domain::projection::{Product, ProductStatus};
@@ -42,15 +42,6 @@ const SESSION_LIFETIME_SECONDS: i64 = 3600;
 pub struct CheckoutBody {
     pub product_key: String,
     /// Buy for this organisation (the caller must be allowed to bill for it).
-    #[serde(default)]
-    pub organization_id: Option<String>,
-}
-
-/// The request body of `POST /api/billing/portal` (optional).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PortalBody {
-    /// Open the portal of this organisation's Stripe customer.
     #[serde(default)]
     pub organization_id: Option<String>,
 }
@@ -242,12 +233,8 @@ pub(crate) async fn portal(
     AuthCaller(caller): AuthCaller,
     body: Bytes,
 ) -> Result<Json<PortalAnswer>, ApiError> {
-    let body: PortalBody = if body.iter().all(u8::is_ascii_whitespace) {
-        PortalBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?
-    };
-    let user = payer(&state, &caller, body.organization_id.as_deref()).await?;
+    let organization = OrganizationBody::read(&body)?.organization_id;
+    let user = payer(&state, &caller, organization.as_deref()).await?;
     let customers = customers_of(&state, &user).await?;
     if customers.is_empty() {
         return Err(ApiError::NoBillingAccount);

@@ -209,11 +209,18 @@ pub fn document() -> Value {
             }},
             "/api/pro/restore": {"post": {
                 "operationId": "restorePurchases",
-                "summary": "Re-read the caller's state from Stripe and re-project it.",
+                "summary": "Re-read the caller's state from Stripe (or an organisation's they bill \
+                            for) and re-project it.",
                 "security": bearer,
+                "requestBody": {"required": false, "content": {"application/json": {"schema":
+                    {"type": "object", "additionalProperties": false,
+                     "properties": {"organizationId": organization_id.clone()}}}}},
                 "responses": {
                     "200": ok("RestoreResult"),
+                    "400": error("Malformed body"),
                     "401": error("Missing or invalid token"),
+                    "403": error("forbidden: the caller may not bill for the organisation"),
+                    "422": error("validation_failed (organizationId)"),
                     "429": error("rate_limited (one restore per 10 s)"),
                     "502": error("Stripe failed, or a list longer than restore reads"),
                     "503": error("unavailable: the rate limit cannot be checked (Redis down); see Retry-After"),

@@ -55,6 +55,28 @@ pub async fn payer(
     }
 }
 
+/// The optional body of `POST /api/billing/portal` and `POST /api/pro/restore`: act for this
+/// organisation instead of the caller.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrganizationBody {
+    #[serde(default)]
+    pub organization_id: Option<String>,
+}
+
+impl OrganizationBody {
+    /// An empty body is none; anything else must be this object.
+    ///
+    /// # Errors
+    /// 400 `bad_request` for a body that is not one.
+    pub fn read(body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(e.to_string()))
+    }
+}
+
 fn parse_organization(raw: &str) -> Result<OrganizationId, ApiError> {
     OrganizationId::parse(raw).map_err(|e| ApiError::Invalid {
         field: "organizationId".into(),

@@ -34,7 +34,8 @@ use super::ApiState;
 use super::customers::{customers_of, mark_gone};
 use super::entitlements::read_from_postgres;
 use super::error::ApiError;
-use crate::auth::AuthUser;
+use super::organizations::{OrganizationBody, payer};
+use crate::auth::AuthCaller;
 use crate::domain::events::{self, Event, EventKind};
 use crate::domain::view::{ProEntitlement, pro_view};
 use crate::store::{self, Outcome};
@@ -299,12 +300,16 @@ async fn apply_all(state: &ApiState, events: &[Event]) -> Result<usize, ApiError
 
 pub(crate) async fn restore(
     State(state): State<ApiState>,
-    AuthUser(user): AuthUser,
+    AuthCaller(caller): AuthCaller,
+    body: axum::body::Bytes,
 ) -> Result<Json<RestoreAnswer>, ApiError> {
+    // The caller's own state, or the organisation's they bill for.
+    let organization = OrganizationBody::read(&body)?.organization_id;
+    let user = payer(&state, &caller, organization.as_deref()).await?;
     let stripe = state.stripe()?;
     // Without Redis the limit cannot be counted, and an unlimited restore lets one user drive
     // the Stripe fan-out below at will: it fails closed.
-    super::limits::take(&state, &super::limits::RESTORE, &user).await?;
+    super::limits::take(&state, &super::limits::RESTORE, &caller.user).await?;
     let stripe = stripe.with_max_pages(RESTORE_MAX_PAGES);
     let stripe = &stripe;
     let now = Utc::now().timestamp();

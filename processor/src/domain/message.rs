@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::events::Event;
-use super::organization::{Role, SUBJECT_PREFIX};
+use super::organization::SUBJECT_PREFIX;
 use super::projection::{AbandonedCheckout, Entitlement, EntitlementStatus};
-use super::view::{EntitlementView, item_view};
+use super::view::{EntitlementView, Role, item_view};
 
 /// The `cause` of a message: the event whose commit it announces.
 #[must_use]

@@ -23,6 +23,7 @@ use shared::ids::UserId;
 
 use super::projection::{EntitlementSource, GrantSource, better};
 use super::view::{EntitlementView, UserSnapshot};
+pub use super::view::{Membership, Role};
 
 /// The prefix of an organisation's subject; user ids may not start with it.
 pub const SUBJECT_PREFIX: &str = "org:";
@@ -77,45 +78,6 @@ impl OrganizationId {
 #[must_use]
 pub fn is_organization_subject(subject: &str) -> bool {
     subject.starts_with(SUBJECT_PREFIX)
-}
-
-/// A member's role: an admin may buy for the organisation and open its billing portal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Admin,
-    Member,
-}
-
-impl Role {
-    /// The column spelling.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::Member => "member",
-        }
-    }
-
-    /// Parses the column spelling.
-    #[must_use]
-    pub fn from_column(raw: &str) -> Option<Self> {
-        match raw {
-            "admin" => Some(Self::Admin),
-            "member" => Some(Self::Member),
-            _ => None,
-        }
-    }
-}
-
-/// One organisation a user belongs to, as the user's snapshot carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Membership {
-    pub organization_id: String,
-    pub role: Role,
-    /// The member's place among the organisation's members by join time, from 0.
-    pub seat: i64,
 }
 
 /// Whether the member in `seat` holds what `source` (one of the organisation's) grants.

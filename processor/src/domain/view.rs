@@ -11,7 +11,6 @@
 use chrono::{DateTime, Utc};
 
 use super::access::AccessStatus;
-use super::organization::Membership;
 use super::projection::{EntitlementSource, EntitlementStatus, GrantSource};
 
 /// A user's entitlements as cached in Redis and served by the API.
@@ -28,6 +27,45 @@ pub struct UserSnapshot {
     /// ([`member_view`](super::organization::member_view)).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub organizations: Vec<Membership>,
+}
+
+/// A member's role: an admin may buy for the organisation and open its billing portal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Member,
+}
+
+impl Role {
+    /// The column spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Member => "member",
+        }
+    }
+
+    /// Parses the column spelling.
+    #[must_use]
+    pub fn from_column(raw: &str) -> Option<Self> {
+        match raw {
+            "admin" => Some(Self::Admin),
+            "member" => Some(Self::Member),
+            _ => None,
+        }
+    }
+}
+
+/// One organisation a user belongs to, as the user's snapshot carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Membership {
+    pub organization_id: String,
+    pub role: Role,
+    /// The member's place among the organisation's members by join time, from 0.
+    pub seat: i64,
 }
 
 /// One entitlement row.

@@ -13,11 +13,13 @@
 //!   locks. A membership lock per organisation, taken first and by membership writes only,
 //!   serializes them without ever waiting on a user lock in another order.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use shared::ids::UserId;
 use tokio_postgres::types::Type;
 
-use super::{Db, StoreError, lock};
+use super::{Db, StoreError, lock, lock_and_recompute, recompute};
 use crate::domain::organization::{OrganizationId, Role};
 use crate::domain::view::UserSnapshot;
 
@@ -168,7 +170,7 @@ pub async fn write(
         .collect::<Result<_, _>>()?;
     changed.push(write.user.as_str().to_owned());
     let subject = write.organization.subject();
-    let snapshots = super::recompute_subjects(db, &changed, subject.as_str()).await?;
+    let snapshots = recompute_subjects(db, &changed, subject.as_str()).await?;
     // The written member's seat as it now stands.
     let seat = snapshots
         .iter()
@@ -181,6 +183,25 @@ pub async fn write(
         .map(|m| m.seat);
     tx.commit().await?;
     Ok(Written::Applied(MemberRow { seat, ..written }, snapshots))
+}
+
+/// Locks and recomputes `users` and the organisation `subject` after a change of its members
+/// (no event caused it: each version grows by one, and the organisation announces its members
+/// even though its entitlements did not change).
+async fn recompute_subjects(
+    db: Db<'_>,
+    users: &[String],
+    subject: &str,
+) -> Result<Vec<UserSnapshot>, StoreError> {
+    let bump = |announce| recompute::Bump {
+        count: 1,
+        cause: None,
+        announce,
+    };
+    let mut bumps: BTreeMap<String, recompute::Bump<'_>> =
+        users.iter().map(|u| (u.clone(), bump(false))).collect();
+    bumps.insert(subject.to_owned(), bump(true));
+    lock_and_recompute(db, &bumps).await
 }
 
 /// The organisation's current members, by seat.

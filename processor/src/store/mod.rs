@@ -459,25 +459,6 @@ async fn recompute_users<'u>(
     lock_and_recompute(db, &bumps).await
 }
 
-/// Locks and recomputes `users` and the organisation `subject` after a change of its members
-/// (no event caused it: each version grows by one, and the organisation announces its members
-/// even though its entitlements did not change).
-async fn recompute_subjects(
-    db: Db<'_>,
-    users: &[String],
-    subject: &str,
-) -> Result<Vec<UserSnapshot>, StoreError> {
-    let bump = |announce| recompute::Bump {
-        count: 1,
-        cause: None,
-        announce,
-    };
-    let mut bumps: BTreeMap<String, recompute::Bump<'_>> =
-        users.iter().map(|u| (u.clone(), bump(false))).collect();
-    bumps.insert(subject.to_owned(), bump(true));
-    lock_and_recompute(db, &bumps).await
-}
-
 /// Takes the user locks of `bumps` and recomputes them.
 async fn lock_and_recompute(
     db: Db<'_>,
