@@ -5,7 +5,8 @@
 # the cache). Prints the load average beside the figures, and what share of the hits came from
 # memory (the API's own metrics). Then the same hit for a member of an organisation that holds
 # `pro` (their answer merges the organisation's snapshot), in the same run as the user's.
-# Usage: bench/api.sh [seconds=15]   (needs wrk, redis-benchmark, the local Postgres and Redis)
+# Usage: bench/api.sh [seconds=15]   (installs wrk and redis-benchmark when absent; needs the
+# local Postgres and Redis)
 # ENTITLEMENT_LOCAL_CACHE_ENTRIES=0 bench/api.sh measures hits served by Redis instead;
 # PERF=1 also records the API process with `perf` during each run and prints its hottest symbols.
 set -euo pipefail
@@ -21,7 +22,9 @@ export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB AUTH_JWT_SECRET=$SECR
 export API_ADDR=127.0.0.1:$PORT RUST_LOG=warn AMQP_TOPOLOGY_BASE=bench.api.$RUN
 bin=$CARGO_TARGET_DIR/release
 psqlq() { psql -h 127.0.0.1 -U postgres -Atq "$@"; }
-command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 2; }
+source bench/lib/tools.sh
+need wrk
+need redis-benchmark redis-tools
 
 cargo build --release -q -p processor --bin processor
 work=$(mktemp -d)

@@ -47,7 +47,8 @@ SECRET=whsec_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export RUST_LOG=${RUST_LOG:-info}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 2; }
+source bench/lib/tools.sh
+need wrk
 cargo build --release -q -p ingress --bin ingress --example broker_limit --example no_broker
 
 work=$(mktemp -d)

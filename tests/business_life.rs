@@ -519,17 +519,8 @@ async fn a_price_change_takes_access_from_no_earlier_buyer_in_any_order() {
         .unwrap();
     let _ = std::fs::remove_file(&catalog);
     assert!(recompute.status.success(), "{recompute:?}");
-    let pro: Value = stack
-        .api
-        .http
-        .get(format!("{}/v1/products/pro", stack.api.base))
-        .bearer_auth(system_tests::api::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = format!("{}/v1/products/pro", stack.api.base);
+    let pro = system_tests::get_json(&stack.api.http, &url, system_tests::api::ADMIN_TOKEN).await;
     assert_eq!(pro["priceId"], "price_pro_raised");
     assert_eq!(pro["retiredPriceIds"], json!(["price_pro"]));
     for user in &earlier {

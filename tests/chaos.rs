@@ -33,7 +33,7 @@ use serde_json::Value;
 use shared::ids::UserId;
 use system_tests::chaos::ChaosProxy;
 use system_tests::db::TestDb;
-use system_tests::scenarios::{KINDS, REPURCHASE, Rng, histories, poison};
+use system_tests::scenarios::{KINDS, REPURCHASE, Rng, histories, poison, subject};
 use system_tests::servers::{PrivatePostgres, PrivateRabbit, PrivateRedis, Process, free_port};
 use tokio::sync::Mutex;
 
@@ -238,7 +238,7 @@ fn plan(seed: u64, size: usize) -> Plan {
     rng.shuffle(&mut deliveries);
     let held: Vec<String> = (0..users)
         .filter(|k| k % KINDS == REPURCHASE)
-        .map(|k| format!("u{seed}_{k}"))
+        .map(|k| subject(seed, k))
         .collect();
     send_held_first(&mut deliveries, &held);
     Plan {
@@ -249,7 +249,7 @@ fn plan(seed: u64, size: usize) -> Plan {
             .iter()
             .map(|e| e["id"].as_str().unwrap().to_owned())
             .collect(),
-        users: (0..users).map(|k| format!("u{seed}_{k}")).collect(),
+        users: (0..users).map(|k| subject(seed, k)).collect(),
     }
 }
 
@@ -532,9 +532,11 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
     system.hold(&plan.held).await;
     let deliveries = plan.deliveries.len();
     let app = AppQueue::bind(&system).await;
-    let (retries, faults) = tokio::join!(
+    let members = MemberWrite::for_round(&plan.users);
+    let (retries, faults, ()) = tokio::join!(
         send_all(&system.ingress.addr, plan.deliveries.clone(), duration),
         inject_faults(&system, duration, outage, plan.held.len()),
+        name_members(&system, &members, duration),
     );
     // The competing worker stays dead; the serving one must be up to drain.
     let expected: BTreeSet<String> = plan
@@ -624,15 +626,8 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
                 ));
             }
         }
-        let answer: Value = api
-            .get(format!("http://{}/v1/entitlements/{user}", system.api_addr))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!("http://{}/v1/entitlements/{user}", system.api_addr);
+        let answer = system_tests::get_json(&api, &url, ADMIN).await;
         let want =
             serde_json::to_value(processor::domain::view::list_view(&expected, now)).unwrap();
         assert_eq!(
@@ -646,6 +641,7 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
         stale.is_empty(),
         "seed {seed}: stale cache entries {stale:#?}"
     );
+    check_members(&system, &reference, &members, seed).await;
     let changes = app.check(&system, &chaos, &finals, seed).await;
     drop(reference);
     format!(
@@ -655,6 +651,148 @@ async fn round(seed: u64, size: usize, outage: Duration, duration: Duration) -> 
         faults.join(", "),
         started.elapsed()
     )
+}
+
+/// One membership write the app sends during a round (through the admin API, under the faults).
+#[derive(Debug, Clone)]
+struct MemberWrite {
+    organization: String,
+    user: String,
+    /// `Some(seat)` joins (the seat it ends in), `None` removes.
+    seat: Option<i64>,
+    version: i64,
+}
+
+impl MemberWrite {
+    /// For each organisation among `subjects`: `_m0` and `_m1` join (seats 0 and 1 by join
+    /// time), `_m2` joins at version 1 and is removed at version 2, the two writes sent in
+    /// either order.
+    fn for_round(subjects: &[String]) -> Vec<Self> {
+        let mut writes = Vec::new();
+        for (k, subject) in subjects.iter().enumerate() {
+            let Some(organization) = subject.strip_prefix("org:") else {
+                continue;
+            };
+            let write = |suffix: &str, seat, version| Self {
+                organization: organization.to_owned(),
+                user: format!("{organization}_{suffix}"),
+                seat,
+                version,
+            };
+            writes.push(write("m0", Some(0), 1));
+            writes.push(write("m1", Some(1), 1));
+            let (join, leave) = (write("m2", Some(2), 1), write("m2", None, 2));
+            if k % 2 == 0 {
+                writes.extend([join, leave]);
+            } else {
+                writes.extend([leave, join]);
+            }
+        }
+        writes
+    }
+}
+
+/// Sends `writes` spread over `duration`, each retried (the API restarts with its worker, and
+/// answers 503 while Postgres is away) until it is answered 200, or 409 for a write older than
+/// the stored one.
+async fn name_members(system: &System, writes: &[MemberWrite], duration: Duration) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let t0 = chrono::DateTime::from_timestamp(1_900_000_000, 0).unwrap();
+    for (i, write) in writes.iter().enumerate() {
+        let slot = duration.mul_f64(i as f64 / writes.len().max(1) as f64);
+        tokio::time::sleep(slot.saturating_sub(start.elapsed())).await;
+        let url = format!(
+            "http://{}/v1/organizations/{}/members/{}",
+            system.api_addr, write.organization, write.user
+        );
+        loop {
+            let request = match write.seat {
+                Some(seat) => client.put(&url).json(&serde_json::json!({
+                    "version": write.version,
+                    "joinedAt": t0 + chrono::Duration::seconds(seat),
+                })),
+                None => client.delete(format!("{url}?version={}", write.version)),
+            };
+            match request
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+            {
+                Ok(200 | 409) => break,
+                Ok(status) if status < 500 => panic!("{write:?} answered {status}"),
+                _ => {
+                    assert!(
+                        start.elapsed() < duration + Duration::from_secs(180),
+                        "{write:?} never answered"
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Every member named during the round answers, through the API, their organisation's
+/// entitlements as the oracle derived them, within their seat; a removed member nothing.
+async fn check_members(
+    system: &System,
+    reference: &tokio_postgres::Client,
+    writes: &[MemberWrite],
+    seed: u64,
+) {
+    use processor::domain::organization::{Membership, Role, member_view};
+    let api = reqwest::Client::new();
+    let now = chrono::Utc::now();
+    let finals: BTreeMap<(&str, &str), Option<i64>> = writes
+        .iter()
+        .map(|w| {
+            (
+                (w.organization.as_str(), w.user.as_str()),
+                (w.version, w.seat),
+            )
+        })
+        .fold(BTreeMap::new(), |mut newest, (key, (version, seat))| {
+            let entry = newest.entry(key).or_insert((version, seat));
+            if version > entry.0 {
+                *entry = (version, seat);
+            }
+            newest
+        })
+        .into_iter()
+        .map(|(key, (_, seat))| (key, seat))
+        .collect();
+    for ((organization, user), seat) in finals {
+        let subject = UserId::parse(&format!("org:{organization}")).unwrap();
+        let theirs = store::user_snapshot(reference, &subject).await.unwrap();
+        let own = UserSnapshot {
+            user_id: user.to_owned(),
+            version: 0,
+            entitlements: Vec::new(),
+            organizations: seat
+                .map(|seat| Membership {
+                    organization_id: organization.to_owned(),
+                    role: Role::Member,
+                    seat,
+                })
+                .into_iter()
+                .collect(),
+        };
+        let pairs: Vec<(&Membership, &UserSnapshot)> =
+            own.organizations.iter().map(|m| (m, &theirs)).collect();
+        let want = processor::domain::view::list_view(&member_view(&own, &pairs), now);
+        let url = format!("http://{}/v1/entitlements/{user}", system.api_addr);
+        let answer = system_tests::get_json(&api, &url, ADMIN).await;
+        assert_eq!(
+            without_times(&answer),
+            without_times(&serde_json::to_value(want).unwrap()),
+            "seed {seed}: member {user} of {organization}"
+        );
+    }
 }
 
 /// The app's side: a queue bound to the outbox exchange `stripe.events.out`, as an app would

@@ -72,3 +72,15 @@ pub fn amqp_url() -> String {
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
+
+/// `GET url` with bearer `token`, answered as JSON (for the admin routes).
+pub async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> serde_json::Value {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the request is answered")
+        .json()
+        .await
+        .expect("a JSON answer")
+}

@@ -44,6 +44,21 @@ pub fn poison(seed: u64, n: usize) -> Vec<Value> {
 /// How many kinds of history [`histories`] cycles through (user `k` lives kind `k % KINDS`).
 pub const KINDS: usize = 16;
 
+/// Every how many subjects one is an organisation ([`subject`]).
+pub const ORGANIZATION_EVERY: usize = 5;
+
+/// The subject of history `k` of round `seed`: user `u{seed}_{k}`, or, for every
+/// [`ORGANIZATION_EVERY`]th history, organisation `o{seed}_{k}` (subject `org:o{seed}_{k}`),
+/// which lives the same kinds of history as a user does.
+#[must_use]
+pub fn subject(seed: u64, k: usize) -> String {
+    if k % ORGANIZATION_EVERY == ORGANIZATION_EVERY - 1 {
+        format!("org:o{seed}_{k}")
+    } else {
+        format!("u{seed}_{k}")
+    }
+}
+
 /// The kind of history of a repurchase after a refund.
 pub const REPURCHASE: usize = 11;
 
@@ -52,12 +67,12 @@ pub const REPURCHASE: usize = 11;
 /// part, disputes lost and won, an inquiry closed then a chargeback won, delayed payments, a
 /// repurchase after a refund, a double payment, subscriptions renewed, failing, canceled and
 /// charged back, payments whose user is only learnt from a later checkout, and abandoned
-/// checkouts. User ids are `u{seed}_{k}`.
+/// checkouts. Subjects are named by [`subject`].
 pub fn histories(seed: u64, users: usize) -> Vec<Value> {
     let t0 = 1_900_000_000;
     let mut out = Vec::new();
     for k in 0..users {
-        let user = format!("u{seed}_{k}");
+        let user = subject(seed, k);
         let o = format!("{seed}_{k}");
         let sample = |created: i64, subscription: bool, product: &'static str| Sample {
             user: "",

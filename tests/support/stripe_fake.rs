@@ -638,6 +638,23 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
                 o["session"] == session.as_str()
             })
         }
+        ("GET", path) if path.starts_with("/v1/checkout/sessions/") => {
+            let id = &path["/v1/checkout/sessions/".len()..];
+            let found = inner
+                .objects
+                .get(&Collection::CheckoutSessions)
+                .and_then(|all| all.iter().find(|s| s["id"].as_str() == Some(id)).cloned());
+            match found {
+                Some(session) => (StatusCode::OK, session),
+                None => stripe_error(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    &format!("No such checkout.session: '{id}'"),
+                    Some("id"),
+                ),
+            }
+        }
         ("POST", "/v1/billing_portal/sessions") => create_portal_session(inner, req),
         ("GET", "/v1/payment_intents") => list(inner, req, Collection::PaymentIntents, by_customer),
         ("GET", "/v1/charges") => list(inner, req, Collection::Charges, by_customer),

@@ -55,7 +55,26 @@ pub async fn load_snapshot(state: &ApiState, user: &UserId) -> Result<Arc<UserSn
 /// # Errors
 /// As [`load_snapshot`].
 pub async fn load_access(state: &ApiState, user: &UserId) -> Result<Arc<UserSnapshot>, ApiError> {
-    let own = load_snapshot(state, user).await?;
+    access_with(state, user, None).await
+}
+
+/// [`load_access`], with `fresh` (a snapshot just read from Postgres) standing in for the
+/// cached one of its subject, the user's or an organisation's.
+///
+/// # Errors
+/// As [`load_snapshot`].
+pub async fn access_with(
+    state: &ApiState,
+    user: &UserId,
+    fresh: Option<&Arc<UserSnapshot>>,
+) -> Result<Arc<UserSnapshot>, ApiError> {
+    let load = |subject: UserId| async move {
+        match fresh.filter(|f| f.user_id == subject.as_str()) {
+            Some(fresh) => Ok(Arc::clone(fresh)),
+            None => load_snapshot(state, &subject).await,
+        }
+    };
+    let own = load(user.clone()).await?;
     if own.organizations.is_empty() {
         return Ok(own);
     }
@@ -64,10 +83,7 @@ pub async fn load_access(state: &ApiState, user: &UserId) -> Result<Arc<UserSnap
         let Ok(organization) = OrganizationId::parse(&membership.organization_id) else {
             continue;
         };
-        organizations.push((
-            membership,
-            load_snapshot(state, &organization.subject()).await?,
-        ));
+        organizations.push((membership, load(organization.subject()).await?));
     }
     let pairs: Vec<(&Membership, &UserSnapshot)> =
         organizations.iter().map(|(m, s)| (*m, &**s)).collect();

@@ -20,6 +20,7 @@ pub mod organizations;
 pub mod products;
 pub mod purchases;
 pub mod restore;
+pub mod success;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -242,6 +243,11 @@ pub fn routes() -> Vec<Route> {
             Method::POST,
             "/api/checkout/session",
             post(checkout::create_session),
+        ),
+        route(
+            Method::GET,
+            "/api/checkout/session/{sessionId}",
+            get(success::outcome),
         ),
         route(Method::POST, "/api/billing/portal", post(checkout::portal)),
         route(Method::POST, "/api/pro/restore", post(restore::restore)),

@@ -187,6 +187,30 @@ pub fn document() -> Value {
                     "503": error("Checkout not configured, or the per-user limit cannot be counted (Retry-After)"),
                 },
             }},
+            "/api/checkout/session/{sessionId}": {"get": {
+                "operationId": "getCheckoutOutcome",
+                "summary": "The success page's answer: the session's outcome and the caller's \
+                            entitlements, applied from Stripe when the webhook has not been yet.",
+                "description": "Only a session this service created for the caller (or for an \
+                                organisation they bill for); any other is a 404. With `wait`, the \
+                                answer waits up to that many seconds (at most 10) for the session \
+                                to be paid and applied.",
+                "security": bearer,
+                "parameters": [
+                    {"name": "sessionId", "in": "path", "required": true,
+                     "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}},
+                    {"name": "wait", "in": "query", "schema": {"anyOf": [
+                        {"type": "integer", "minimum": 0, "maximum": 10}, empty]}},
+                ],
+                "responses": {
+                    "200": ok("CheckoutOutcome"),
+                    "400": error("bad_request: wait out of range"),
+                    "401": error("Missing or invalid token"),
+                    "404": error("not_found: no such session of the caller"),
+                    "502": error("Stripe failed"),
+                    "503": error("Stripe not configured, or Postgres unavailable (Retry-After)"),
+                },
+            }},
             "/api/billing/portal": {"post": {
                 "operationId": "createBillingPortalSession",
                 "summary": "A Stripe billing portal URL for the caller's customer, or an \
@@ -397,6 +421,14 @@ fn schemas() -> Value {
                 "expiresAt": nullable_time, "quantity": {"type": "integer"},
                 "organizationId": {"type": "string",
                     "description": "The organisation through which the caller holds this source"}}},
+        "CheckoutOutcome": {"type": "object",
+            "required": ["sessionId", "productKey", "payer", "status", "granted", "entitlements"],
+            "properties": {
+                "sessionId": {"type": "string"}, "productKey": {"type": "string"},
+                "payer": {"type": "string"},
+                "status": {"type": "string", "enum": ["open", "complete", "expired"]},
+                "granted": {"type": "boolean"},
+                "entitlements": {"type": "array", "items": {"$ref": "#/components/schemas/Entitlement"}}}},
         "MemberInput": {"type": "object", "additionalProperties": false, "required": ["version"],
             "properties": {
                 "role": {"type": "string", "enum": ["admin", "member"], "default": "member"},

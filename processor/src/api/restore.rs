@@ -279,7 +279,7 @@ async fn read_customer(
 
 /// Applies `events` through the processor's own apply path, in one transaction; returns how
 /// many were new. An event the projection refuses is rolled back alone and logged.
-async fn apply_all(state: &ApiState, events: &[Event]) -> Result<usize, ApiError> {
+pub(super) async fn apply_all(state: &ApiState, events: &[Event]) -> Result<usize, ApiError> {
     let refs: Vec<&Event> = events.iter().collect();
     let outcomes = store::apply_and_commit(&state.pool, &refs)
         .await

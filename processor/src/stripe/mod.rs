@@ -331,6 +331,15 @@ impl StripeClient {
             .await
     }
 
+    /// One Checkout Session as Stripe holds it now, as a raw object.
+    ///
+    /// # Errors
+    /// Any [`StripeError`] (`resource_missing` for a session Stripe does not know).
+    pub async fn get_checkout_session(&self, session: &str) -> Result<Value, StripeError> {
+        self.get(&format!("/v1/checkout/sessions/{session}"), &Form::new())
+            .await
+    }
+
     /// The line items of a Checkout Session (webhook payloads never carry them).
     ///
     /// # Errors
