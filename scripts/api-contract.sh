@@ -60,7 +60,7 @@ export SCHEMATHESIS_HOOKS=$PWD/scripts/schemathesis_hooks.py
 run() { # label, token, path regex
   echo "== schemathesis: $1" >&2
   schemathesis run "$base/openapi.json" --url "$base" \
-    --checks all --max-examples "${MAX_EXAMPLES:-40}" --workers 2 \
+    --checks all --max-examples "${MAX_EXAMPLES:-40}" --workers 1 \
     --include-path-regex "$3" -H "Authorization: Bearer $2" \
     --generation-deterministic --suppress-health-check all \
     --report-dir "$work/report" --no-color

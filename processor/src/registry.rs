@@ -83,54 +83,29 @@ impl From<deadpool_postgres::PoolError> for RegistryError {
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProductInput {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub title: Option<String>,
-    #[serde(default, deserialize_with = "integer")]
+    #[serde(default, deserialize_with = "shared::json::optional_integer")]
     pub amount_cents: Option<i64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub currency: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub price_id: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub mode: Option<CheckoutMode>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub grants: Option<Vec<String>>,
     /// A Stripe Entitlements feature `lookup_key` granting this product's keys.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub feature_lookup_key: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub creator_id: Option<String>,
-    #[serde(default, deserialize_with = "integer")]
+    #[serde(default, deserialize_with = "shared::json::optional_integer")]
     pub platform_fee_bps: Option<i64>,
-    #[serde(default, deserialize_with = "integer")]
+    #[serde(default, deserialize_with = "shared::json::optional_integer")]
     pub organization_fee_bps: Option<i64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub status: Option<ProductStatus>,
-}
-
-/// A field that is there: `null` is refused (an absent field is `None` by `default`).
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: serde::Deserialize<'de>,
-{
-    T::deserialize(d).map(Some)
-}
-
-/// JSON Schema's `integer`: a number without a fraction, whether written `7` or `7.0`.
-fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    use serde::Deserialize as _;
-    let number = serde_json::Number::deserialize(d)?;
-    if let Some(n) = number.as_i64() {
-        return Ok(Some(n));
-    }
-    match number.as_f64() {
-        #[allow(clippy::cast_possible_truncation)] // integral and within ±2^53
-        Some(f) if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 => Ok(Some(f as i64)),
-        _ => Err(serde::de::Error::custom(format!(
-            "{number} is not an integer"
-        ))),
-    }
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> RegistryError {

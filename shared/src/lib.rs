@@ -7,6 +7,7 @@ pub mod amqp;
 pub mod backoff;
 pub mod config;
 pub mod ids;
+pub mod json;
 pub mod samples;
 pub mod secrets;
 pub mod server;

@@ -42,7 +42,7 @@ const SESSION_LIFETIME_SECONDS: i64 = 3600;
 pub struct CheckoutBody {
     pub product_key: String,
     /// Buy for this organisation (the caller must be allowed to bill for it).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub organization_id: Option<String>,
 }
 

@@ -60,7 +60,7 @@ pub async fn payer(
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrganizationBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub organization_id: Option<String>,
 }
 
@@ -101,12 +101,13 @@ fn parse_member(organization: &str, user: &str) -> Result<(OrganizationId, UserI
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MemberBody {
     /// `member` when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub role: Option<Role>,
     /// The app's version of this membership; a write lands only above the stored one.
+    #[serde(deserialize_with = "shared::json::integer")]
     pub version: i64,
     /// When the member joined (their place in the seat order); now when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shared::json::present")]
     pub joined_at: Option<DateTime<Utc>>,
 }
 
