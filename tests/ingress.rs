@@ -77,6 +77,40 @@ async fn signed_webhook_ends_as_exactly_one_persistent_message_with_the_same_byt
 }
 
 #[tokio::test]
+async fn a_thin_event_is_accepted_at_the_same_endpoint_with_the_same_signature() {
+    let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
+    let ingress = Ingress::start(&broker, &amqp_url(), &[]).await;
+    ingress.wait_ready().await;
+    let body = json!({
+        "id": "evt_thin_accepted", "object": "v2.core.event",
+        "type": "v1.checkout.session.completed", "livemode": false,
+        "created": "2026-12-05T04:20:52.246Z", "context": null,
+        "related_object": {"id": "cs_1", "type": "checkout.session",
+                           "url": "/v1/checkout/sessions/cs_1"},
+    })
+    .to_string();
+    let (status, _, _) = ingress.post(&body, Some("t=1,v1=00".into())).await;
+    assert_eq!(status, 400, "a thin event is verified as any other");
+    let (status, json, _) = ingress.post(&body, signed(&body)).await;
+    assert_eq!((status, json), (200, json!({"received": true})));
+    let message = broker
+        .get(&broker.topology.main_queue())
+        .await
+        .expect("the thin event is stored");
+    assert_eq!(message.delivery.data, body.as_bytes());
+    let props = &message.delivery.properties;
+    assert_eq!(
+        props.message_id().as_ref().unwrap().as_str(),
+        "evt_thin_accepted"
+    );
+    assert_eq!(
+        props.kind().as_ref().unwrap().as_str(),
+        "v1.checkout.session.completed"
+    );
+    ingress.stop().await;
+}
+
+#[tokio::test]
 async fn rejected_webhooks_publish_nothing() {
     let broker = TestBroker::new(vec![Duration::from_secs(1)]).await;
     let ingress = Ingress::start(&broker, &amqp_url(), &[("INGRESS_MAX_BODY_BYTES", "4096")]).await;

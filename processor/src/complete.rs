@@ -18,6 +18,12 @@
 //!   `GET /v1/invoice_payments` (and the invoice's subscription from `GET /v1/invoices/{id}`)
 //!   when no `invoice_payment.paid` event has tied them first.
 //!
+//! - a thin event (`v1.<type>` from an event destination): its related object is read
+//!   (`GET /v1/<collection>/<id>`, the path built from the object's type, never taken from the
+//!   payload) and the event becomes its snapshot twin: the same id, type and `created`, the
+//!   object as Stripe holds it now (never older than the event), then completed as that twin
+//!   would be. So it is deduplicated, ordered and applied exactly as the snapshot event.
+//!
 //! All go through the Stripe client and its retries.
 //!
 //! Invariant: a summary reaches the store with a complete list, or not at all — when Stripe
@@ -37,6 +43,12 @@ pub enum CompleteError {
     Stripe(#[from] StripeError),
     #[error("the summary lists more than 10 features and STRIPE_SECRET_KEY is not set")]
     NotConfigured,
+    #[error("a thin event's object is read from Stripe, and STRIPE_SECRET_KEY is not set")]
+    ThinWithoutKey,
+    #[error("a thin event names a {0} object, which this service does not read")]
+    ThinObject(String),
+    #[error("the object read for a thin event does not make its snapshot twin: {0}")]
+    ThinTwin(#[from] crate::domain::events::EventError),
 }
 
 /// `event` with its feature summary replaced by the customer's complete list; any other event
@@ -45,6 +57,21 @@ pub enum CompleteError {
 /// # Errors
 /// [`CompleteError`] when the list cannot be read (retry later).
 pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Event, CompleteError> {
+    if let EventKind::Thin(thin) = &event.kind {
+        let stripe = stripe.ok_or(CompleteError::ThinWithoutKey)?;
+        let path = thin
+            .object_path()
+            .ok_or_else(|| CompleteError::ThinObject(thin.object_type.clone()))?;
+        let object = stripe.get_object(&path).await?;
+        let twin = serde_json::json!({
+            "id": event.id.as_str(), "object": "event", "type": thin.snapshot_type,
+            "created": event.created, "livemode": event.origin.livemode,
+            "account": event.origin.account, "data": {"object": object},
+        });
+        let twin = crate::domain::events::parse(twin.to_string().as_bytes())?;
+        // The twin may itself need Stripe (a session's line items, a dispute's invoice).
+        return Box::pin(complete(Some(stripe), twin)).await;
+    }
     if let Some(session) = event.paid_session() {
         let session = with_line_item(stripe, session.clone()).await?;
         return Ok(event.with_paid_session(session));
@@ -134,6 +161,8 @@ pub fn learned_link_price(event: &Event) -> Option<LinkPrice> {
 #[must_use]
 pub fn needs_stripe(event: &Event, has_key: bool) -> bool {
     match &event.kind {
+        // Read from Stripe; without a key the completion fails and says why.
+        EventKind::Thin(_) => true,
         EventKind::FeatureSummaryUpdated(summary) => has_key || !summary.complete,
         EventKind::ChargeDispute(dispute) => has_key && dispute.needs_invoice(),
         _ => has_key && incomplete_session(event).is_some(),

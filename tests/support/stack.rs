@@ -24,12 +24,14 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// The stack, the worker's catalog the API's (so start-up publishes the same products).
+    /// The stack, the worker's catalog the API's (so start-up publishes the same products);
+    /// with a fake, the worker holds its key too.
     pub async fn start(stripe: Option<FakeStripe>) -> Self {
         let api = Api::start(stripe.as_ref()).await;
         let broker = TestBroker::new(vec![Duration::from_millis(200)]).await;
         let mut worker_config = config(&api.db.url, &broker);
         worker_config.catalog = crate::api::catalog();
+        worker_config.stripe = stripe.as_ref().map(FakeStripe::client_config);
         let worker = spawn_worker(worker_config);
         let direct = pg(&api.db.url).await;
         Self {

@@ -594,6 +594,22 @@ async fn forward(
     }
 }
 
+/// The collection, object name and id of a `GET /v1/<collection>/<id>` the fake answers.
+fn retrievable(path: &str) -> Option<(Collection, &'static str, &str)> {
+    let (prefix, id) = path.rsplit_once('/')?;
+    let (collection, what) = match prefix {
+        "/v1/checkout/sessions" => (Collection::CheckoutSessions, "checkout.session"),
+        "/v1/payment_intents" => (Collection::PaymentIntents, "payment_intent"),
+        "/v1/charges" => (Collection::Charges, "charge"),
+        "/v1/disputes" => (Collection::Disputes, "dispute"),
+        "/v1/invoices" => (Collection::Invoices, "invoice"),
+        "/v1/invoice_payments" => (Collection::InvoicePayments, "invoice_payment"),
+        "/v1/subscriptions" => (Collection::Subscriptions, "subscription"),
+        _ => return None,
+    };
+    (!id.is_empty()).then_some((collection, what, id))
+}
+
 fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/v1/customers") => create_customer(inner, req),
@@ -638,23 +654,6 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
                 o["session"] == session.as_str()
             })
         }
-        ("GET", path) if path.starts_with("/v1/checkout/sessions/") => {
-            let id = &path["/v1/checkout/sessions/".len()..];
-            let found = inner
-                .objects
-                .get(&Collection::CheckoutSessions)
-                .and_then(|all| all.iter().find(|s| s["id"].as_str() == Some(id)).cloned());
-            match found {
-                Some(session) => (StatusCode::OK, session),
-                None => stripe_error(
-                    StatusCode::NOT_FOUND,
-                    "invalid_request_error",
-                    Some("resource_missing"),
-                    &format!("No such checkout.session: '{id}'"),
-                    Some("id"),
-                ),
-            }
-        }
         ("POST", "/v1/billing_portal/sessions") => create_portal_session(inner, req),
         ("GET", "/v1/payment_intents") => list(inner, req, Collection::PaymentIntents, by_customer),
         ("GET", "/v1/charges") => list(inner, req, Collection::Charges, by_customer),
@@ -688,19 +687,19 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
                 && r.param(&format!("payment[{kind}]"))
                     .is_some_and(|id| payment[kind].as_str() == Some(id))
         }),
-        ("GET", path) if path.starts_with("/v1/invoices/") => {
-            let id = &path["/v1/invoices/".len()..];
+        ("GET", path) if retrievable(path).is_some() => {
+            let (collection, what, id) = retrievable(path).unwrap_or_else(|| unreachable!());
             let found = inner
                 .objects
-                .get(&Collection::Invoices)
-                .and_then(|all| all.iter().find(|i| i["id"].as_str() == Some(id)).cloned());
+                .get(&collection)
+                .and_then(|all| all.iter().find(|o| o["id"].as_str() == Some(id)).cloned());
             match found {
-                Some(invoice) => (StatusCode::OK, invoice),
+                Some(object) => (StatusCode::OK, object),
                 None => stripe_error(
                     StatusCode::NOT_FOUND,
                     "invalid_request_error",
                     Some("resource_missing"),
-                    &format!("No such invoice: '{id}'"),
+                    &format!("No such {what}: '{id}'"),
                     Some("id"),
                 ),
             }

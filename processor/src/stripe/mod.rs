@@ -336,8 +336,16 @@ impl StripeClient {
     /// # Errors
     /// Any [`StripeError`] (`resource_missing` for a session Stripe does not know).
     pub async fn get_checkout_session(&self, session: &str) -> Result<Value, StripeError> {
-        self.get(&format!("/v1/checkout/sessions/{session}"), &Form::new())
+        self.get_object(&format!("/v1/checkout/sessions/{session}"))
             .await
+    }
+
+    /// One object as Stripe holds it now (`path`: `/v1/<collection>/<id>`), as a raw object.
+    ///
+    /// # Errors
+    /// Any [`StripeError`] (`resource_missing` for an object Stripe does not know).
+    pub async fn get_object(&self, path: &str) -> Result<Value, StripeError> {
+        self.get(path, &Form::new()).await
     }
 
     /// The line items of a Checkout Session (webhook payloads never carry them).

@@ -13,7 +13,13 @@
 use shared::ids::{StripeEventId, UserId};
 
 mod dispute;
+mod thin;
+mod types;
 mod wire;
+
+pub use thin::ThinEvent;
+use thin::thin_kind;
+pub use types::{HANDLED_TYPES, type_label};
 
 pub use dispute::DisputeStatus;
 
@@ -60,6 +66,7 @@ impl Event {
             EventKind::FeatureSummaryUpdated(o) => return Some(o.customer.as_str()),
             EventKind::ChargeDispute(_)
             | EventKind::InvoicePaymentPaid(_)
+            | EventKind::Thin(_)
             | EventKind::Unhandled => return None,
         };
         user.as_ref().map(UserId::as_str).or(customer.as_deref())
@@ -116,6 +123,10 @@ pub enum EventKind {
     /// `entitlements.active_entitlement_summary.updated`: this customer's Stripe features
     /// changed.
     FeatureSummaryUpdated(FeatureSummary),
+    /// A thin event (`object: "v2.core.event"`) of a handled v1 type (`v1.<type>`): its object
+    /// is read from Stripe before it is applied as its snapshot twin would be
+    /// ([`crate::complete`]).
+    Thin(ThinEvent),
     /// Any other type: acknowledged and ignored.
     Unhandled,
 }
@@ -429,39 +440,6 @@ impl SubscriptionStatus {
     }
 }
 
-/// Every event type the projection acts on; any other is [`EventKind::Unhandled`].
-pub const HANDLED_TYPES: [&str; 18] = [
-    "checkout.session.completed",
-    "checkout.session.async_payment_succeeded",
-    "checkout.session.async_payment_failed",
-    "checkout.session.expired",
-    "payment_intent.succeeded",
-    "charge.refunded",
-    "charge.dispute.created",
-    "charge.dispute.updated",
-    "charge.dispute.closed",
-    "charge.dispute.funds_withdrawn",
-    "charge.dispute.funds_reinstated",
-    "invoice.paid",
-    "invoice.payment_failed",
-    "invoice_payment.paid",
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "entitlements.active_entitlement_summary.updated",
-];
-
-/// The `type` label of an event's metrics: a handled type by name, any other `other` (a
-/// delivery's type is whatever its sender wrote; each would be a new series).
-#[must_use]
-pub fn type_label(event_type: &str) -> &'static str {
-    HANDLED_TYPES
-        .iter()
-        .find(|t| **t == event_type)
-        .copied()
-        .unwrap_or("other")
-}
-
 /// Why a body can never be projected (dead-letter it; retrying cannot help).
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -493,15 +471,31 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
         .event_type
         .get()
         .ok_or(EventError::MissingField("type"))?;
-    let created = envelope
-        .created
-        .get()
-        .ok_or(EventError::MissingField("created"))?;
-
+    let created = match envelope.created.get() {
+        Some(wire::Created::Unix(seconds)) => seconds,
+        Some(wire::Created::Text(text)) => chrono::DateTime::parse_from_rfc3339(&text)
+            .map_err(|_| EventError::InvalidField { field: "created" })?
+            .timestamp(),
+        None => return Err(EventError::MissingField("created")),
+    };
+    let thin = envelope.object.get().as_deref() == Some("v2.core.event");
     let origin = Origin {
         livemode: envelope.livemode.get(),
-        account: envelope.account.text(),
+        account: if thin {
+            envelope.context.text()
+        } else {
+            envelope.account.text()
+        },
     };
+    if thin {
+        return Ok(Event {
+            kind: thin_kind(&event_type, envelope.related_object.get())?,
+            id,
+            event_type,
+            created,
+            origin,
+        });
+    }
     let kind = match event_type.as_str() {
         "checkout.session.completed" => {
             EventKind::CheckoutSessionCompleted(checkout_session(object(body)?)?)
@@ -1226,5 +1220,64 @@ mod routing_hint_tests {
         assert_eq!(dispute.routing_hint(), None);
         let ignored = sample_event("customer.updated", "u_hint");
         assert_eq!(ignored.routing_hint(), None);
+    }
+
+    #[test]
+    fn a_thin_event_of_a_v1_type_names_its_twin_and_the_object_to_read() {
+        // The shape of an event destination's thin event (`v2.core.event`).
+        let body = br#"{"id": "evt_test_65R9Ijk8dJz2Lwbn6RX16ScS1b5eSQa9rgfVdGqJ0pA",
+            "object": "v2.core.event", "type": "v1.customer.subscription.updated",
+            "livemode": false, "created": "2026-09-30T06:20:52.246Z", "context": "acct_1",
+            "reason": {"type": "request", "request": {"id": "req_1", "idempotency_key": null}},
+            "related_object": {"id": "sub_1QxYz", "type": "subscription",
+                               "url": "/v1/subscriptions/sub_1QxYz"}}"#;
+        let event = parse(body).unwrap();
+        assert_eq!(event.created, 1_790_749_252);
+        assert_eq!(event.origin.account.as_deref(), Some("acct_1"));
+        let EventKind::Thin(thin) = &event.kind else {
+            panic!("{:?}", event.kind)
+        };
+        assert_eq!(thin.snapshot_type, "customer.subscription.updated");
+        assert_eq!(
+            thin.object_path().as_deref(),
+            Some("/v1/subscriptions/sub_1QxYz")
+        );
+        assert_eq!(
+            type_label(&event.event_type),
+            "customer.subscription.updated"
+        );
+        // v2 events, and v1 types the projection does not use, are acknowledged and ignored.
+        for ignored in [
+            "v2.core.health.event_generation_failure.resolved",
+            "v1.customer.updated",
+        ] {
+            let body = format!(
+                r#"{{"id": "evt_2", "object": "v2.core.event", "type": "{ignored}",
+                     "created": "2026-09-30T06:20:52Z", "related_object": null}}"#
+            );
+            assert_eq!(parse(body.as_bytes()).unwrap().kind, EventKind::Unhandled);
+        }
+        // The path is built from the type and an id of letters, digits and `_`, never the url.
+        let injected = std::str::from_utf8(body).unwrap().replace(
+            "\"sub_1QxYz\", \"type\"",
+            "\"../../v1/customers\", \"type\"",
+        );
+        assert!(matches!(
+            parse(injected.as_bytes()),
+            Err(EventError::InvalidField {
+                field: "related_object.id"
+            })
+        ));
+        let other = std::str::from_utf8(body)
+            .unwrap()
+            .replace("\"subscription\",", "\"billing.meter\",");
+        let EventKind::Thin(thin) = parse(other.as_bytes()).unwrap().kind else {
+            panic!("a thin event")
+        };
+        assert_eq!(thin.object_path(), None);
+        let undated = std::str::from_utf8(body)
+            .unwrap()
+            .replace("2026-09-30T06:20:52.246Z", "soon");
+        assert!(parse(undated.as_bytes()).is_err());
     }
 }

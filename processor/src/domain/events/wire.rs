@@ -76,10 +76,33 @@ pub(super) struct Envelope {
     pub id: Maybe<String>,
     #[serde(rename = "type")]
     pub event_type: Maybe<String>,
-    pub created: Maybe<i64>,
+    pub created: Maybe<Created>,
     pub livemode: Maybe<bool>,
     /// The Connect account the event comes from (absent for the platform's own).
     pub account: Maybe<String>,
+    /// `v2.core.event` for a thin event; `event` for a snapshot event.
+    pub object: Maybe<String>,
+    /// A thin event's object, to be read from the API.
+    pub related_object: Maybe<RelatedObject>,
+    /// A thin event's Connect account.
+    pub context: Maybe<String>,
+}
+
+/// An event's `created`: unix seconds in snapshot events, RFC 3339 text in thin ones.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Created {
+    Unix(i64),
+    Text(String),
+}
+
+/// A thin event's `related_object` (its `url` is not used: the path is built from the type).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct RelatedObject {
+    pub id: Maybe<String>,
+    #[serde(rename = "type")]
+    pub object_type: Maybe<String>,
 }
 
 /// `{"data": {"object": T}}`, the rest of the envelope skipped.
