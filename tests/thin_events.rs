@@ -142,3 +142,56 @@ async fn thin_events_end_in_the_same_state_as_their_snapshot_twins_over_the_scen
         thins.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stripe_failed_to_generate_is_applied_when_the_failure_is_resolved() {
+    let fake = FakeStripe::start().await;
+    let user = system_tests::unique("missed");
+    let object = system_tests::unique("m");
+    let sample = shared::samples::Sample::pro(&user, &object);
+    // The purchase Stripe holds, whose `checkout.session.completed` was never generated.
+    let mut session = shared::samples::object("checkout.session.completed", &sample);
+    session["created"] = json!(chrono::Utc::now().timestamp());
+    fake.seed(Collection::CheckoutSessions, session);
+    fake.seed(
+        Collection::CheckoutLineItems,
+        json!({"id": format!("li_{object}"), "object": "item", "session": format!("cs_{object}"),
+               "price": {"id": "price_pro", "object": "price"}, "quantity": 1}),
+    );
+    let id = format!("evt_{}", system_tests::unique("health"));
+    fake.seed(
+        Collection::V2Events,
+        json!({"id": id, "object": "v2.core.event", "type": "v2.core.health.event_generation_failure.resolved",
+               "created": "2026-12-05T04:00:00.000Z", "livemode": false,
+               "data": {"alert_id": "alert_1", "grouping_key": "g", "summary": "events missed",
+                        "resolved_at": "2026-12-05T04:00:00.000Z",
+                        "impact": {"event_type": "checkout.session.completed", "context": null,
+                                   "related_object": {"id": format!("cs_{object}"), "type": "checkout.session",
+                                                      "url": format!("/v1/checkout/sessions/cs_{object}")}}}}),
+    );
+    let stack = Stack::start(Some(fake)).await;
+    // The notification itself is thin: no data, only what to read.
+    let notification = json!({"id": id, "object": "v2.core.event",
+        "type": "v2.core.health.event_generation_failure.resolved",
+        "created": "2026-12-05T04:00:00.000Z", "livemode": false, "context": null,
+        "related_object": null});
+    stack.deliver(&[notification], 7).await;
+    assert_eq!(
+        stack.pro(&user).await["isPro"],
+        true,
+        "the missed purchase is applied"
+    );
+    let reads: Vec<String> = stack
+        .stripe
+        .as_ref()
+        .unwrap()
+        .requests()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        reads.contains(&format!("/v2/core/events/{id}")),
+        "{reads:?}"
+    );
+    stack.stop().await;
+}

@@ -57,6 +57,17 @@ pub enum CompleteError {
 /// # Errors
 /// [`CompleteError`] when the list cannot be read (retry later).
 pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Event, CompleteError> {
+    if let EventKind::GenerationFailureResolved = &event.kind {
+        // The event Stripe failed to generate, read from the failure's own event; its object
+        // is then read as a thin event's.
+        let stripe = stripe.ok_or(CompleteError::ThinWithoutKey)?;
+        let failure = stripe
+            .get_object(&format!("/v2/core/events/{}", event.id.as_str()))
+            .await?;
+        let kind = crate::domain::events::missed_event(failure.to_string().as_bytes())?;
+        tracing::info!(event_id = %event.id, missed = ?kind, "an event Stripe failed to generate");
+        return Box::pin(complete(Some(stripe), Event { kind, ..event })).await;
+    }
     if let EventKind::Thin(thin) = &event.kind {
         let stripe = stripe.ok_or(CompleteError::ThinWithoutKey)?;
         let path = thin
@@ -162,7 +173,7 @@ pub fn learned_link_price(event: &Event) -> Option<LinkPrice> {
 pub fn needs_stripe(event: &Event, has_key: bool) -> bool {
     match &event.kind {
         // Read from Stripe; without a key the completion fails and says why.
-        EventKind::Thin(_) => true,
+        EventKind::Thin(_) | EventKind::GenerationFailureResolved => true,
         EventKind::FeatureSummaryUpdated(summary) => has_key || !summary.complete,
         EventKind::ChargeDispute(dispute) => has_key && dispute.needs_invoice(),
         _ => has_key && incomplete_session(event).is_some(),

@@ -104,6 +104,8 @@ pub enum Collection {
     /// `InvoicePayment`s (`{invoice, payment: {type, payment_intent | charge}}`).
     InvoicePayments,
     Invoices,
+    /// v2 events (`GET /v2/core/events/{id}`), as a generation failure's.
+    V2Events,
 }
 
 #[derive(Default)]
@@ -605,6 +607,7 @@ fn retrievable(path: &str) -> Option<(Collection, &'static str, &str)> {
         "/v1/invoices" => (Collection::Invoices, "invoice"),
         "/v1/invoice_payments" => (Collection::InvoicePayments, "invoice_payment"),
         "/v1/subscriptions" => (Collection::Subscriptions, "subscription"),
+        "/v2/core/events" => (Collection::V2Events, "event"),
         _ => return None,
     };
     (!id.is_empty()).then_some((collection, what, id))

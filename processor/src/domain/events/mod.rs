@@ -17,8 +17,8 @@ mod thin;
 mod types;
 mod wire;
 
-pub use thin::ThinEvent;
 use thin::thin_kind;
+pub use thin::{GENERATION_FAILURE_RESOLVED, ThinEvent, missed_event};
 pub use types::{HANDLED_TYPES, type_label};
 
 pub use dispute::DisputeStatus;
@@ -67,6 +67,7 @@ impl Event {
             EventKind::ChargeDispute(_)
             | EventKind::InvoicePaymentPaid(_)
             | EventKind::Thin(_)
+            | EventKind::GenerationFailureResolved
             | EventKind::Unhandled => return None,
         };
         user.as_ref().map(UserId::as_str).or(customer.as_deref())
@@ -127,6 +128,11 @@ pub enum EventKind {
     /// is read from Stripe before it is applied as its snapshot twin would be
     /// ([`crate::complete`]).
     Thin(ThinEvent),
+    /// `v2.core.health.event_generation_failure.resolved`: Stripe failed to generate an event
+    /// (it is in no list of events) and says which; the event is read
+    /// (`GET /v2/core/events/{id}`, its `data.impact`) and the object it names applied as the
+    /// missing event's twin ([`missed_event`]).
+    GenerationFailureResolved,
     /// Any other type: acknowledged and ignored.
     Unhandled,
 }
@@ -1247,10 +1253,7 @@ mod routing_hint_tests {
             "customer.subscription.updated"
         );
         // v2 events, and v1 types the projection does not use, are acknowledged and ignored.
-        for ignored in [
-            "v2.core.health.event_generation_failure.resolved",
-            "v1.customer.updated",
-        ] {
+        for ignored in ["v2.billing.meter_event.created", "v1.customer.updated"] {
             let body = format!(
                 r#"{{"id": "evt_2", "object": "v2.core.event", "type": "{ignored}",
                      "created": "2026-09-30T06:20:52Z", "related_object": null}}"#
@@ -1275,6 +1278,35 @@ mod routing_hint_tests {
             panic!("a thin event")
         };
         assert_eq!(thin.object_path(), None);
+        // A generation failure is read before anything is known of it; its v2 event names the
+        // missed event (with or without `v1.`) and its object.
+        let failure = br#"{"id": "evt_h", "object": "v2.core.event",
+            "type": "v2.core.health.event_generation_failure.resolved",
+            "created": "2026-12-05T04:00:00Z", "related_object": null}"#;
+        assert_eq!(
+            parse(failure).unwrap().kind,
+            EventKind::GenerationFailureResolved
+        );
+        let impact = |event_type: &str| {
+            format!(
+                r#"{{"id": "evt_h", "data": {{"impact": {{"event_type": "{event_type}",
+                   "related_object": {{"id": "pi_1", "type": "payment_intent"}}}}}}}}"#
+            )
+        };
+        for named in ["payment_intent.succeeded", "v1.payment_intent.succeeded"] {
+            let EventKind::Thin(missed) = missed_event(impact(named).as_bytes()).unwrap() else {
+                panic!("a twin to read")
+            };
+            assert_eq!(
+                missed.object_path().as_deref(),
+                Some("/v1/payment_intents/pi_1")
+            );
+        }
+        assert_eq!(
+            missed_event(impact("customer.created").as_bytes()).unwrap(),
+            EventKind::Unhandled
+        );
+        assert!(missed_event(b"{}").is_err());
         let undated = std::str::from_utf8(body)
             .unwrap()
             .replace("2026-09-30T06:20:52.246Z", "soon");

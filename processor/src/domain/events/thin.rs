@@ -1,6 +1,53 @@
 //! Thin events (`object: "v2.core.event"`): what one names, read from its envelope.
 
+use serde::Deserialize;
+
 use super::{EventError, EventKind, HANDLED_TYPES, wire};
+
+/// The event Stripe sends once it generates events again after failing to.
+pub const GENERATION_FAILURE_RESOLVED: &str = "v2.core.health.event_generation_failure.resolved";
+
+/// `GET /v2/core/events/{id}` of a generation failure: `data.impact` names the event Stripe
+/// failed to generate and its object.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FailureEvent {
+    data: FailureData,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FailureData {
+    impact: Impact,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Impact {
+    event_type: wire::Maybe<String>,
+    related_object: wire::Maybe<wire::RelatedObject>,
+}
+
+/// What a generation failure (`body`: the v2 event as `GET /v2/core/events/{id}` answers)
+/// missed: the thin twin of the event Stripe failed to generate when it is a handled type
+/// (named with or without `v1.`), else [`EventKind::Unhandled`].
+///
+/// # Errors
+/// [`EventError`] for a body that is not such an event, or an object id that is not one.
+pub fn missed_event(body: &[u8]) -> Result<EventKind, EventError> {
+    let event: FailureEvent = serde_json::from_slice(body)?;
+    let Some(missed) = event.data.impact.event_type.text() else {
+        return Err(EventError::MissingField("data.impact.event_type"));
+    };
+    let missed = missed.strip_prefix("v1.").unwrap_or(&missed);
+    if !HANDLED_TYPES.contains(&missed) {
+        return Ok(EventKind::Unhandled);
+    }
+    thin_kind(
+        &format!("v1.{missed}"),
+        event.data.impact.related_object.get(),
+    )
+}
 
 /// What a thin event names: the type its snapshot twin has, and the object to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +85,9 @@ pub(super) fn thin_kind(
     event_type: &str,
     related: Option<wire::RelatedObject>,
 ) -> Result<EventKind, EventError> {
+    if event_type == GENERATION_FAILURE_RESOLVED {
+        return Ok(EventKind::GenerationFailureResolved);
+    }
     let Some(snapshot_type) = event_type
         .strip_prefix("v1.")
         .filter(|t| HANDLED_TYPES.contains(t))

@@ -384,7 +384,9 @@ fn facts_of(event: &Event) -> Plan {
         },
         // A thin event is read from Stripe into its snapshot twin before it is applied
         // (`complete::needs_stripe` says so for every one); unread, it says nothing.
-        EventKind::Thin(_) | EventKind::Unhandled => Plan::default(),
+        EventKind::Thin(_) | EventKind::GenerationFailureResolved | EventKind::Unhandled => {
+            Plan::default()
+        }
     }
 }
 
