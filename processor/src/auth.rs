@@ -359,12 +359,8 @@ where
     type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let auth = Authenticator::from_ref(state);
-        let header = authorization(parts)?;
-        let user = auth.verify_header(header).inspect_err(|e| {
-            tracing::debug!(reason = %e, "bearer token refused");
-        })?;
-        Ok(Self(user))
+        let AuthCaller(caller) = AuthCaller::from_request_parts(parts, state).await?;
+        Ok(Self(caller.user))
     }
 }
 
@@ -382,8 +378,8 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let auth = Authenticator::from_ref(state);
-        let caller = auth
-            .verify_caller(bearer(authorization(parts)?)?)
+        let caller = bearer(authorization(parts)?)
+            .and_then(|token| auth.verify_caller(token))
             .inspect_err(|e| tracing::debug!(reason = %e, "bearer token refused"))?;
         Ok(Self(caller))
     }

@@ -62,7 +62,7 @@ pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Eve
         // is then read as a thin event's.
         let stripe = stripe.ok_or(CompleteError::ThinWithoutKey)?;
         let failure = stripe
-            .get_object(&format!("/v2/core/events/{}", event.id.as_str()))
+            .get_object(&format!("/v2/core/events/{}", event.id.as_str()), &[])
             .await?;
         let kind = crate::domain::events::missed_event(failure.to_string().as_bytes())?;
         tracing::info!(event_id = %event.id, missed = ?kind, "an event Stripe failed to generate");
@@ -73,7 +73,7 @@ pub async fn complete(stripe: Option<&StripeClient>, event: Event) -> Result<Eve
         let path = thin
             .object_path()
             .ok_or_else(|| CompleteError::ThinObject(thin.object_type.clone()))?;
-        let object = stripe.get_object(&path).await?;
+        let object = stripe.get_object(&path, thin.expand()).await?;
         let twin = serde_json::json!({
             "id": event.id.as_str(), "object": "event", "type": thin.snapshot_type,
             "created": event.created, "livemode": event.origin.livemode,

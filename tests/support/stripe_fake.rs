@@ -697,7 +697,21 @@ fn route(inner: &mut Inner, req: &RecordedRequest) -> (StatusCode, Value) {
                 .get(&collection)
                 .and_then(|all| all.iter().find(|o| o["id"].as_str() == Some(id)).cloned());
             match found {
-                Some(object) => (StatusCode::OK, object),
+                Some(mut object) => {
+                    // As Stripe: `expand[]=line_items` embeds a session's line items.
+                    if collection == Collection::CheckoutSessions
+                        && req.params_named("expand[]").contains(&"line_items")
+                    {
+                        let items: Vec<Value> = inner
+                            .objects
+                            .get(&Collection::CheckoutLineItems)
+                            .map(|all| all.iter().filter(|i| i["session"] == id).cloned().collect())
+                            .unwrap_or_default();
+                        object["line_items"] =
+                            json!({"object": "list", "data": items, "has_more": false});
+                    }
+                    (StatusCode::OK, object)
+                }
                 None => stripe_error(
                     StatusCode::NOT_FOUND,
                     "invalid_request_error",

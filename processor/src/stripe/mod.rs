@@ -331,21 +331,17 @@ impl StripeClient {
             .await
     }
 
-    /// One Checkout Session as Stripe holds it now, as a raw object.
-    ///
-    /// # Errors
-    /// Any [`StripeError`] (`resource_missing` for a session Stripe does not know).
-    pub async fn get_checkout_session(&self, session: &str) -> Result<Value, StripeError> {
-        self.get_object(&format!("/v1/checkout/sessions/{session}"))
-            .await
-    }
-
-    /// One object as Stripe holds it now (`path`: `/v1/<collection>/<id>`), as a raw object.
+    /// One object as Stripe holds it now (`path`: `/v1/<collection>/<id>`), as a raw object,
+    /// with the `expand` fields expanded in the same request.
     ///
     /// # Errors
     /// Any [`StripeError`] (`resource_missing` for an object Stripe does not know).
-    pub async fn get_object(&self, path: &str) -> Result<Value, StripeError> {
-        self.get(path, &Form::new()).await
+    pub async fn get_object(&self, path: &str, expand: &[&str]) -> Result<Value, StripeError> {
+        let mut form = Form::new();
+        for field in expand {
+            form.push("expand[]", *field);
+        }
+        self.get(path, &form).await
     }
 
     /// The line items of a Checkout Session (webhook payloads never carry them).

@@ -77,6 +77,16 @@ impl ThinEvent {
         };
         Some(format!("/v1/{collection}/{}", self.object_id))
     }
+
+    /// What the read expands, so the twin needs no second request: a session's line items
+    /// (which decide what was paid for).
+    #[must_use]
+    pub fn expand(&self) -> &'static [&'static str] {
+        match self.object_type.as_str() {
+            "checkout.session" => &["line_items"],
+            _ => &[],
+        }
+    }
 }
 
 /// A thin event's kind: [`EventKind::Thin`] for a `v1.` twin of a handled type, else
