@@ -94,6 +94,32 @@ async fn the_success_page_shows_pro_before_the_webhook_and_the_webhook_grants_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_page_polled_without_end_reads_stripe_within_the_users_limit() {
+    let stack = Stack::start(Some(FakeStripe::start().await)).await;
+    let fake = stack.stripe.as_ref().unwrap();
+    let user = unique("poller");
+    let (_, body) = stack.api.checkout(&user, "pro").await;
+    let id = body["sessionId"].as_str().unwrap().to_owned();
+    let path = format!("/api/checkout/session/{id}");
+    for _ in 0..40 {
+        let (status, answer) = stack.api.get(&path, &user).await;
+        assert_eq!(
+            (status, answer["status"].as_str()),
+            (200, Some("open")),
+            "{answer}"
+        );
+    }
+    let reads = fake
+        .requests_to(&format!("/v1/checkout/sessions/{id}"))
+        .len();
+    assert_eq!(
+        reads, 30,
+        "one read per request up to the limit, none after"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_success_page_answers_once_the_session_is_paid() {
     let stack = Stack::start(Some(FakeStripe::start().await)).await;
     let fake = stack.stripe.as_ref().unwrap();

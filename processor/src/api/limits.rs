@@ -43,6 +43,14 @@ pub const RESTORE: UserLimit = UserLimit {
     window: Duration::from_secs(10),
 };
 
+/// `GET /api/checkout/session/{id}`: 30 Stripe reads of sessions a minute per user (a success
+/// page polling or waiting reads every 2 s at most; past the limit it answers from Postgres).
+pub const CHECKOUT_OUTCOME: UserLimit = UserLimit {
+    route: "checkout_outcome",
+    max: 30,
+    window: Duration::from_secs(60),
+};
+
 /// Redis key of `user`'s count for `limit`.
 #[must_use]
 pub fn key(limit: &UserLimit, user: &UserId) -> String {

@@ -7,7 +7,9 @@
 //! as restore applies what it reads ([`super::restore::synthetic_events`] through the one apply
 //! path), so the webhook that follows changes nothing and nothing is granted twice. `wait`
 //! (seconds, at most [`MAX_WAIT_SECONDS`]) holds the answer until the session is applied,
-//! expires, or the time is up, reading Stripe at most every [`STRIPE_EVERY`].
+//! expires, or the time is up, reading Stripe at most every [`STRIPE_EVERY`], and at most
+//! [`CHECKOUT_OUTCOME`](super::limits::CHECKOUT_OUTCOME) times a minute per caller (past it,
+//! or without Redis to count, the answer comes from Postgres alone).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,7 +132,13 @@ pub(crate) async fn outcome(
                 .all(|key| status_of(&held.entitlements, key, now).is_allowed());
         if granted {
             status = "complete".into();
-        } else if stripe_read.is_none_or(|at| at.elapsed() >= STRIPE_EVERY) {
+        } else if stripe_read.is_none_or(|at| at.elapsed() >= STRIPE_EVERY)
+            // Past the caller's limit (or without Redis to count it), the page answers from
+            // Postgres alone: the webhook will bring the outcome.
+            && super::limits::take(&state, &super::limits::CHECKOUT_OUTCOME, &caller.user)
+                .await
+                .is_ok()
+        {
             stripe_read = Some(tokio::time::Instant::now());
             status = read_and_apply(&state, &offer).await?;
             if status == "complete" {
